@@ -1,0 +1,56 @@
+"""Model zoo: plain torch.nn, any input channel count, plus any user model via ``package.module:callable``."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+
+from .mobilenetv2 import mobilenet_v2
+from .resnet import resnet18, resnet20, resnet50
+from .small import small_cnn, tiny_mlp
+from .vit import vit_tiny
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "mobilenet_v2": mobilenet_v2,
+    "small_cnn": small_cnn,
+    "tiny_mlp": tiny_mlp,
+    "vit_tiny": vit_tiny,
+}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs) -> nn.Module:
+    """Build a zoo model (or ``package.module:callable``) and tag it with ``example_input_shape``.
+
+    Models on inputs under 64 px get the small-input stem (3×3, stride 1, no max-pool).
+    """
+    kwargs.setdefault("small_input", image_size < 64)
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise UnknownModelError(f"cannot import model {name!r}: {e}") from None
+        model = fn(num_classes=num_classes, in_channels=in_channels)
+    else:
+        if name not in MODELS:
+            raise UnknownModelError(f"unknown model {name!r}; accepted: {', '.join(MODELS)} or package.module:callable")
+        model = MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise UnknownModelError(f"model {name!r} did not return an nn.Module")
+    model.example_input_shape = (in_channels, image_size, image_size)
+    model.hasb_model_name = name
+    # enough to rebuild the architecture when loading an export
+    model.hasb_build = {"name": name, "num_classes": num_classes, "in_channels": in_channels,
+                        "image_size": image_size, **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, bool, str))}}
+    return model
+
+
+__all__ = ["MODELS", "build_model", "UnknownModelError"]

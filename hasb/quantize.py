@@ -1,0 +1,269 @@
+"""``quantize_model``: swap every Conv2d/Linear for its Double Rounding twin; switch configs at run time."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .config import Bit, BitConfig, BitLike, ConfigError, parse_bit
+from .modules import FP, QUANT_TYPES, QConv2d, QLinear, SwitchBatchNorm, bit_key
+from .quantizer import ROUNDINGS
+
+DEFAULT_BITS = (8, 6, 4, 2)
+
+
+@dataclass
+class QuantSpec:
+    """How a model was quantized; stored on the model as ``model.hasb_spec`` and in exports."""
+
+    bits: tuple[int, ...] = DEFAULT_BITS
+    fixed: tuple[str, ...] = ()          # module paths of fixed layers
+    fixed_bit: Optional[int] = None      # None = fp
+    rounding: str = "half_up"
+    order: tuple[str, ...] = ()          # quantized layers in execution order
+    bn_producers: dict = field(default_factory=dict)   # bn path -> [producer, predecessor]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"] = list(self.bits)
+        d["fixed"], d["order"] = list(self.fixed), list(self.order)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        return cls(bits=tuple(d["bits"]), fixed=tuple(d["fixed"]), fixed_bit=d["fixed_bit"],
+                   rounding=d["rounding"], order=tuple(d["order"]), bn_producers=dict(d["bn_producers"]))
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _trace_order(model: nn.Module, example_input, types) -> list[tuple[str, nn.Module]]:
+    calls: list[tuple[str, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append((n, mod)))
+             for n, m in model.named_modules() if isinstance(m, types)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return calls
+
+
+def _example(model: nn.Module, example_input):
+    if example_input is not None:
+        return example_input
+    shape = getattr(model, "example_input_shape", None)
+    if shape is None:
+        raise ValueError("quantize_model needs example_input (one batch, e.g. torch.randn(2, 3, 32, 32)) to find "
+                         "the execution order of layers and which layer each BatchNorm normalises")
+    p = next(model.parameters())
+    return torch.randn(2, *shape, device=p.device, dtype=p.dtype)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: Sequence[int] = DEFAULT_BITS,
+    example_input: Optional[torch.Tensor] = None,
+    *,
+    fixed: Union[str, Sequence[str]] = "first_last",
+    fixed_bits: BitLike = "fp",
+    rounding: str = "half_up",
+    act_signed: Optional[bool] = None,
+) -> nn.Module:
+    """Quantize ``model`` in place (and return it).
+
+    Every ``nn.Conv2d`` (grouped and depthwise included) and ``nn.Linear`` becomes
+    a :class:`QConv2d`/:class:`QLinear` at the same module path; every BatchNorm a
+    :class:`SwitchBatchNorm` with one private BN per bit (plus ``fp``).
+
+    Args:
+        bits: candidate bit-widths, e.g. (8, 6, 4, 2), (4, 3, 2), (8, 4).  The
+            highest is the stored integer precision h.
+        example_input: one input batch; traced once to find execution order (first
+            and last layer) and which layer feeds each BatchNorm.  Zoo models carry
+            ``example_input_shape`` and may omit it.
+        fixed: ``"first_last"`` (default, as the paper), ``"none"``, or explicit module paths.
+        fixed_bits: precision of fixed layers: ``"fp"`` (default) or an int (e.g. 8).
+        rounding: second-rounding mode, ``"half_up"`` (default) or ``"half_even"``.
+        act_signed: force signed/unsigned activation ranges; ``None`` decides per
+            layer from data (signed when its first input has negatives).
+    """
+    if getattr(model, "hasb_spec", None) is not None:
+        raise ValueError("model is already quantized (it has hasb_spec)")
+    try:
+        bit_list = tuple(sorted({int(b) for b in bits}, reverse=True))
+    except (TypeError, ValueError):
+        raise ConfigError(f"bits must be integers, got {bits!r}") from None
+    if not bit_list or any(not 1 <= b <= 8 for b in bit_list):
+        raise ConfigError(f"candidate bits must be integers in 1..8, got {list(bits)}")
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+    fbit = parse_bit(fixed_bits)
+    if fbit is not None and fbit > 8:
+        raise ConfigError(f"fixed_bits must be 'fp' or 1..8, got {fixed_bits!r}")
+    if fbit is not None and fbit > bit_list[0]:
+        raise ConfigError(f"fixed_bits {fbit} exceeds the highest candidate bit {bit_list[0]}")
+
+    ex = _example(model, example_input)
+    calls = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+    layer_order = [n for n, m in calls if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layer_order = list(dict.fromkeys(layer_order))   # a shared module called twice counts once
+    if not layer_order:
+        raise ValueError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
+
+    if fixed == "first_last":
+        fixed_set = {layer_order[0], layer_order[-1]}
+    elif fixed in ("none", None, ()):
+        fixed_set = set()
+    else:
+        fixed_set = set([fixed] if isinstance(fixed, str) else fixed)
+        unknown = fixed_set - set(layer_order)
+        if unknown:
+            raise ConfigError(f"fixed layer(s) {sorted(unknown)} are not Conv2d/Linear layers of the model")
+
+    for name in layer_order:
+        m = model.get_submodule(name)
+        cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+        q = cls.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=name in fixed_set)
+        q.train(m.training)
+        _set_submodule(model, name, q)
+
+    # BatchNorm: one per bit (+ fp), each fed by the quantized layer executed just before it
+    producers: dict[str, list[str]] = {}
+    last: list[str] = []
+    for n, m in calls:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            last = ([n] + last)[:2]
+        elif n not in producers:
+            producers[n] = list(last)
+    keys = [str(b) for b in bit_list] + [FP]
+    if fbit is not None and str(fbit) not in keys:
+        keys.append(str(fbit))
+    for n, prod in producers.items():
+        old = model.get_submodule(n)
+        sbn = SwitchBatchNorm(old, keys).train(old.training)
+        _set_submodule(model, n, sbn)
+    spec = QuantSpec(bits=bit_list, fixed=tuple(n for n in layer_order if n in fixed_set), fixed_bit=fbit,
+                     rounding=rounding, order=tuple(layer_order), bn_producers=producers)
+    model.hasb_spec = spec
+    link_batchnorms(model)
+    return model
+
+
+def link_batchnorms(model: nn.Module) -> None:
+    """(Re)attach each SwitchBatchNorm to the layers whose bits select its entry."""
+    spec = get_spec(model)
+    for n, prod in spec.bn_producers.items():
+        bn = model.get_submodule(n)
+        bn._producer = [model.get_submodule(prod[0])] if len(prod) > 0 else []
+        bn._prev = [model.get_submodule(prod[1])] if len(prod) > 1 else []
+
+
+def get_spec(model: nn.Module) -> QuantSpec:
+    spec = getattr(model, "hasb_spec", None)
+    if spec is None:
+        raise ValueError("model is not quantized: call hasb.quantize_model(model, bits=...) first")
+    return spec
+
+
+def quantized_layers(model: nn.Module) -> dict[str, Union[QConv2d, QLinear]]:
+    """All quantized layers (fixed included), in execution order."""
+    spec = get_spec(model)
+    return {n: model.get_submodule(n) for n in spec.order}
+
+
+def searchable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose bits a config may choose, in execution order."""
+    spec = get_spec(model)
+    return [n for n in spec.order if n not in spec.fixed]
+
+
+def batchnorms(model: nn.Module) -> dict[str, SwitchBatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SwitchBatchNorm)}
+
+
+def get_config(model: nn.Module) -> BitConfig:
+    """The active config of the searchable layers."""
+    layers = quantized_layers(model)
+    return BitConfig({n: (layers[n].w_bit, layers[n].a_bit) for n in searchable_layers(model)})
+
+
+def set_config(model: nn.Module, config: Union[BitConfig, dict, BitLike]) -> None:
+    """Switch the model to ``config`` (a BitConfig, a {layer: bits} dict, or one uniform bit). No weights are copied."""
+    if not isinstance(config, (BitConfig, dict)):
+        config = BitConfig.uniform(searchable_layers(model), config)
+    elif isinstance(config, dict):
+        config = BitConfig(config)
+    spec = get_spec(model)
+    layers = quantized_layers(model)
+    allowed = {n: spec.bits for n in searchable_layers(model)}
+    config.validate(allowed, fixed={n: spec.fixed_bit for n in spec.fixed}, complete=True)
+    for n, (w, a) in config.layers.items():
+        if n not in spec.fixed:
+            layers[n].set_bits(w, a)
+
+
+def set_fp(model: nn.Module) -> None:
+    """Every layer, fixed ones included, at full precision: the float model (BN 'fp' entries)."""
+    for m in quantized_layers(model).values():
+        m.w_bit = m.a_bit = None
+
+
+def restore_fixed(model: nn.Module) -> None:
+    spec = get_spec(model)
+    for n in spec.fixed:
+        m = model.get_submodule(n)
+        m.w_bit = m.a_bit = spec.fixed_bit
+
+
+@contextlib.contextmanager
+def use_config(model: nn.Module, config) -> Iterator[nn.Module]:
+    """Temporarily switch to ``config``; restores the previous bits on exit."""
+    layers = quantized_layers(model)
+    saved = {n: (m.w_bit, m.a_bit) for n, m in layers.items()}
+    try:
+        set_config(model, config)
+        yield model
+    finally:
+        for n, (w, a) in saved.items():
+            layers[n].w_bit, layers[n].a_bit = w, a
+
+
+def uniform_config(model: nn.Module, bit: BitLike) -> BitConfig:
+    return BitConfig.uniform(searchable_layers(model), bit)
+
+
+def candidate_bits(model: nn.Module) -> tuple[int, ...]:
+    return get_spec(model).bits
+
+
+def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
+    """Data-driven initialisation of every activation scale: one forward per candidate bit (eval mode, no grad)."""
+    was = model.training
+    saved = get_config(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in candidate_bits(model):
+                set_config(model, b)
+                model(batch)
+    finally:
+        set_config(model, saved)
+        model.train(was)
+
+
+__all__ = [
+    "QuantSpec", "quantize_model", "get_spec", "quantized_layers", "searchable_layers", "batchnorms",
+    "get_config", "set_config", "set_fp", "restore_fixed", "use_config", "uniform_config", "candidate_bits",
+    "init_quantizers", "link_batchnorms", "bit_key", "Bit",
+]

@@ -1,0 +1,170 @@
+"""Double Rounding quantization (arXiv 2502.01199, Sec. 3.1), as pure functions.
+
+Weights keep one per-output-channel symmetric scale ``s_h`` shared by every
+bit-width.  The stored model is the INT-h tensor
+
+    W_h = clip(round(W / s_h), -2^(h-1), 2^(h-1) - 1)                       (Eq. 1)
+
+and every lower bit l is derived from W_h alone (the second rounding):
+
+    W_l = clip(R(W_h / 2^Δ), -2^(l-1), 2^(l-1) - 1),   Δ = h - l            (Eq. 2)
+    Ŵ_l = W_l · s_h · 2^Δ                                                   (Eq. 3)
+
+``R`` is ``half_up`` (add 2^(Δ-1) then arithmetic shift right: what integer
+hardware does, and our default) or ``half_even`` (``torch.round``: what the
+reference code trains with).  Train and deploy with the same one; ties are
+frequent because W_h is an integer.
+
+Gradients are LSQ's (Esser et al. 2020), made right where the reference code is
+not: the scale gradient is kept **per channel** (the reference sums it over the
+whole tensor, so every channel moves identically), includes the chain factor
+∂s_eff/∂s_h = 2^Δ, and is multiplied by LSQ's g = 1/sqrt(N_per_channel · Qp_l).
+Weights get the straight-through estimator inside the clip range, zero outside.
+
+Activations use per-tensor LSQ with an independent scale per candidate bit,
+unsigned [0, 2^b - 1] or signed [-2^(b-1), 2^(b-1) - 1].
+
+Everything is written with detach tricks rather than a custom autograd.Function
+so that ``torch.compile`` and forward-mode AD (used by the Hessian engine) see
+plain differentiable ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Rounding = Literal["half_up", "half_even"]
+ROUNDINGS = ("half_up", "half_even")
+
+
+def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer clip range [Qn, Qp] of a ``bits``-bit code (full signed range, as the paper)."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_shift(w_int: torch.Tensor, delta: int, rounding: Rounding = "half_up") -> torch.Tensor:
+    """R(w_int / 2^delta) for integer-valued ``w_int`` (any float or int dtype).
+
+    ``half_up`` equals the integer op ``(w + 2^(delta-1)) >> delta`` (arithmetic
+    shift); ``half_even`` equals ``torch.round(w / 2^delta)``.  Exact in float32
+    for |w| < 2^24 because division by a power of two is exact.
+    """
+    if delta == 0:
+        return w_int
+    if w_int.dtype.is_floating_point:
+        x = w_int / float(2**delta)
+        if rounding == "half_up":
+            return torch.floor(x + 0.5)
+        if rounding == "half_even":
+            return torch.round(x)
+    else:
+        if rounding == "half_up":
+            return (w_int + (1 << (delta - 1))) >> delta
+        if rounding == "half_even":
+            return torch.round(w_int.double() / 2**delta).to(w_int.dtype)
+    raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+
+
+def stored_int(w: torch.Tensor, scale: torch.Tensor, high_bit: int) -> torch.Tensor:
+    """Eq. 1: the stored INT-h weights (float tensor of integers), scale broadcast per output channel."""
+    qn, qp = int_range(high_bit)
+    return torch.clamp(torch.round(w / _per_channel(scale, w)), qn, qp)
+
+
+def derive_int(w_h: torch.Tensor, bit: int, high_bit: int, rounding: Rounding = "half_up") -> torch.Tensor:
+    """Eq. 2: INT-l weights derived from INT-h weights alone (works on int tensors too)."""
+    if bit > high_bit:
+        raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
+    qn, qp = int_range(bit)
+    return torch.clamp(round_shift(w_h, high_bit - bit, rounding), qn, qp)
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value of ``x``, gradient multiplied by ``g`` (LSQ's gradient scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bit: int,
+    high_bit: int,
+    rounding: Rounding = "half_up",
+) -> torch.Tensor:
+    """Fake-quantized weight Ŵ_l (Eq. 1-3) with LSQ gradients.
+
+    Args:
+        w: float weight, shape [C_out, ...].
+        scale: per-output-channel step s_h, shape [C_out], positive.
+        bit: target bit l (≤ high_bit).
+        high_bit: h, the bit of the stored integers.
+    Returns:
+        Ŵ_l, same shape as ``w``: W_l · s_h · 2^(h-l).
+
+    Backward: ∂Ŵ/∂W = 1 inside [Qn, Qp] (in units of the effective step), 0
+    outside; ∂Ŵ/∂s_h = g · 2^Δ · (W_l - q) inside, g · 2^Δ · Qn|Qp outside,
+    summed per channel, with q = W / (s_h 2^Δ) and g = 1/sqrt(N_c · Qp_l).
+    """
+    delta = high_bit - bit
+    qn, qp = int_range(bit)
+    n_per_channel = w[0].numel()
+    g = 1.0 / math.sqrt(n_per_channel * qp)
+    s_h = _per_channel(grad_scale(scale, g), w)
+    s_eff = s_h * float(2**delta)
+    with torch.no_grad():
+        w_l = derive_int(stored_int(w, scale, high_bit), bit, high_bit, rounding)
+    q = torch.clamp(w / s_eff, qn, qp)
+    # value: W_l·s_eff; gradient: LSQ through q (STE inside, clip constant outside)
+    return (q + (w_l - q).detach()) * s_eff
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bit: int,
+    signed: bool,
+) -> torch.Tensor:
+    """Per-tensor LSQ fake quantization of an activation at ``bit`` bits.
+
+    Args:
+        x: any shape.
+        scale: scalar step s_b (0-dim or 1-element tensor), positive.
+        signed: signed range [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b - 1].
+    """
+    qn, qp = int_range(bit, signed)
+    g = 1.0 / math.sqrt(x.numel() * max(qp, 1))
+    s = grad_scale(scale, g)
+    q = torch.clamp(x / s, qn, qp)
+    return (q + (torch.round(q) - q).detach()) * s
+
+
+def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:
+    """Data-free per-channel init: max(|μ-3σ|, |μ+3σ|) / 2^(h-1) (the reference code's rule), shape [C_out]."""
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    mu = flat.mean(1)
+    sd = flat.std(1, unbiased=False) if flat.shape[1] > 1 else torch.zeros_like(mu)
+    r = torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs())
+    r = torch.where(r > 0, r, flat.abs().amax(1).clamp_min(1e-8))
+    return r / 2 ** (high_bit - 1)
+
+
+def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: int = 1 << 20) -> torch.Tensor:
+    """Data-driven init: (P99.9 - P0.1) / (Qp - Qn) over a subsample of ``x`` (the multi-precision code's rule)."""
+    flat = x.detach().reshape(-1).float()
+    if flat.numel() > max_samples:
+        idx = torch.randperm(flat.numel(), device=flat.device)[:max_samples]
+        flat = flat[idx]
+    lo, hi = torch.quantile(flat, torch.tensor([0.001, 0.999], device=flat.device))
+    qn, qp = int_range(bit, signed)
+    if not signed:
+        lo = torch.zeros_like(lo)
+    s = (hi - lo) / (qp - qn)
+    return torch.clamp(s, min=1e-6)
