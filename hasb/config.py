@@ -108,13 +108,14 @@ class BitConfig:
 
     # -- validation --------------------------------------------------------------
     def validate(self, allowed: Mapping[str, Iterable[int]], fixed: Mapping[str, Bit] = {},
-                 complete: bool = True) -> None:
+                 complete: bool = True, allow_fp: bool = True) -> None:
         """Check names and bits against a model's layers.
 
         Args:
             allowed: searchable layer name → candidate bits.
             fixed: fixed layer name → its bit (a config may list it only at that bit).
             complete: every searchable layer must be present.
+            allow_fp: a searchable layer may run at full precision (never chosen by search).
         """
         for name, (w, a) in self.layers.items():
             if name in fixed:
@@ -126,9 +127,9 @@ class BitConfig:
                 raise ConfigError(f"unknown layer {name!r}; searchable layers are: {near}{', ...' if len(allowed) > 6 else ''}")
             cands = sorted(allowed[name])
             for kind, b in (("weight", w), ("activation", a)):
-                if b is None or b not in cands:
+                if (b is None and not allow_fp) or (b is not None and b not in cands):
                     raise ConfigError(f"layer {name!r}: {kind} bit {bit_str(b)} is not a candidate; accepted: "
-                                      f"{', '.join(map(str, cands))}")
+                                      f"{', '.join(map(str, cands))}{' or fp' if allow_fp else ''}")
         if complete:
             missing = [n for n in allowed if n not in self.layers]
             if missing:

@@ -96,7 +96,7 @@ def load_dataset(name: str = "fashion-mnist", data_dir: Optional[str] = None, *,
     def tens(x, y, idx=None):
         if idx is not None:
             x, y = x[idx], y[idx]
-        xt = (torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0) - MEAN[name]) / STD[name]
+        xt = (torch.from_numpy(np.array(x, copy=True)).float().div_(255.0) - MEAN[name]) / STD[name]
         return xt.unsqueeze(1), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     return Splits(train=tens(xtr, ytr, tr_idx), val=tens(xtr, ytr, val_idx), calib=tens(xtr, ytr, calib_idx),

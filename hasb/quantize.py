@@ -111,10 +111,10 @@ def quantize_model(
     fbit = parse_bit(fixed_bits)
     if fbit is not None and fbit > 8:
         raise ConfigError(f"fixed_bits must be 'fp' or 1..8, got {fixed_bits!r}")
-    if fbit is not None and fbit > bit_list[0]:
-        raise ConfigError(f"fixed_bits {fbit} exceeds the highest candidate bit {bit_list[0]}")
 
     ex = _example(model, example_input)
+    if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
+        model.example_input_shape = tuple(ex.shape[1:])   # so later tracing (cost model) needs no input
     calls = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = [n for n, m in calls if isinstance(m, (nn.Conv2d, nn.Linear))]
     layer_order = list(dict.fromkeys(layer_order))   # a shared module called twice counts once

@@ -85,7 +85,8 @@ def derive_int(w_h: torch.Tensor, bit: int, high_bit: int, rounding: Rounding = 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """Value of ``x``, gradient multiplied by ``g`` (LSQ's gradient scaling)."""
-    return (x - x * g).detach() + x * g
+    xg = x * g
+    return x.detach() + (xg - xg.detach())   # value exactly x (no float round-off), gradient g
 
 
 def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -122,8 +123,10 @@ def quantize_weight(
     with torch.no_grad():
         w_l = derive_int(stored_int(w, scale, high_bit), bit, high_bit, rounding)
     q = torch.clamp(w / s_eff, qn, qp)
-    # value: W_l·s_eff; gradient: LSQ through q (STE inside, clip constant outside)
-    return (q + (w_l - q).detach()) * s_eff
+    # gradient path: LSQ through q (STE inside, clip constant outside) ...
+    t = (q + (w_l - q).detach()) * s_eff
+    # ... value path: exactly W_l·s_eff, so two float weights with the same integers give bit-identical outputs
+    return w_l * s_eff.detach() + (t - t.detach())
 
 
 def quantize_activation(
@@ -148,7 +151,7 @@ def quantize_activation(
 
 def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:
     """Data-free per-channel init: max(|μ-3σ|, |μ+3σ|) / 2^(h-1) (the reference code's rule), shape [C_out]."""
-    flat = w.detach().reshape(w.shape[0], -1).float()
+    flat = w.detach().reshape(w.shape[0], -1)
     mu = flat.mean(1)
     sd = flat.std(1, unbiased=False) if flat.shape[1] > 1 else torch.zeros_like(mu)
     r = torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs())

@@ -1,0 +1,425 @@
+"""Hessian-vector products of a model's loss with respect to a named parameter subset.
+
+The operator is the Hessian of the sample-weighted mean loss over a fixed list of
+batches,
+
+    L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b,        H = ∇²_θ L = Σ_b n_b H_b / N,
+
+restricted to a chosen set of parameter tensors ("blocks"; by default the
+``.weight`` of every Conv2d/Linear, which includes hasb's QConv2d/QLinear).
+
+Probes are lists with one tensor per block, each with a leading probe axis:
+``V[i]`` has shape ``[k, *params[i].shape]`` and the result has the same shapes.
+
+Backends (results agree to round-off; see tests):
+
+* ``"double_backward"``: per batch, one ``autograd.grad(create_graph=True)``
+  builds the gradient graph once; every probe of the block is one more
+  ``autograd.grad(retain_graph=True)`` through it.  Works for every op.
+* ``"func"``: ``torch.func`` forward-over-reverse ``jvp(grad(L))`` ``vmap``-ped
+  over the probe block (chunked to ``max_block`` and, on CUDA, to
+  ``memory_limit``).  Needs forward-mode AD coverage of every op.
+* ``"auto"``: times both on the first batch with a small probe block and keeps
+  the faster; falls back to double backward if forward AD fails.
+
+The model is put in **eval mode**: in train mode BatchNorm normalises with the
+statistics of the batch, so each sample's loss would depend on the whole batch
+(and the Hessian on the batch composition), and dropout would make the loss a
+random function.  The Hessian must be that of one fixed, deterministic function.
+
+hasb quantized models work as they are: the quantizers are written with detach
+tricks (straight-through), so both backends differentiate the fake-quantized
+network at its active config, the same function training differentiates.
+
+Distributed: if ``torch.distributed`` is initialised, each rank processes its
+shard ``batches[rank::world_size]`` of the (identical) batch list and the
+sample-weighted sums are all-reduced, so every rank holds the full-data result.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Probes = list[torch.Tensor]          # one [k, *shape] tensor per block
+BACKENDS = ("auto", "double_backward", "func")
+
+
+class HVPError(ValueError):
+    """Bad arguments to the HVP engine (unknown backend, empty batches, unknown parameter names)."""
+
+
+# -- parameter selection ---------------------------------------------------------------------------------
+def layer_order(model: nn.Module, example: Optional[torch.Tensor] = None) -> list[str]:
+    """Module paths of every Conv2d/Linear in execution order.
+
+    hasb quantized models carry the order in ``model.hasb_spec``; a float model is
+    traced once on ``example`` (shape [B, C, H, W]) when given, else definition
+    order is used.  A module called twice counts once.
+    """
+    spec = getattr(model, "hasb_spec", None)
+    if spec is not None:
+        return list(spec.order)
+    names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if example is None:
+        return list(names.values())
+    calls: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append(n)) for m, n in names.items()]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(example)
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen = list(dict.fromkeys(calls))
+    return seen + [n for n in names.values() if n not in seen]
+
+
+def weight_params(model: nn.Module, include_fixed: bool = True,
+                  example: Optional[torch.Tensor] = None) -> dict[str, nn.Parameter]:
+    """``{"<layer>.weight": parameter}`` of every Conv2d/Linear, execution order.
+
+    ``include_fixed=False`` drops hasb's fixed layers (first/last by default).
+    """
+    spec = getattr(model, "hasb_spec", None)
+    fixed = set(spec.fixed) if (spec is not None and not include_fixed) else set()
+    return {f"{n}.weight": model.get_submodule(n).weight for n in layer_order(model, example) if n not in fixed}
+
+
+def resolve_params(model: nn.Module, params: Union[None, Sequence[str], dict]) -> dict[str, torch.Tensor]:
+    """Named parameter subset: ``None`` (default weights), a list of parameter names, or a name→tensor dict."""
+    if params is None:
+        return weight_params(model)
+    if isinstance(params, dict):
+        return dict(params)
+    named = dict(model.named_parameters())
+    unknown = [n for n in params if n not in named]
+    if unknown:
+        raise HVPError(f"unknown parameter name(s) {unknown[:5]}; accepted: names from model.named_parameters(), "
+                       f"e.g. {list(named)[:3]}")
+    return {n: named[n] for n in params}
+
+
+# -- flat <-> block helpers --------------------------------------------------------------------------------
+def flatten(V: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Blocks [k, *shape_i] → one [k, Σ n_i] matrix."""
+    return torch.cat([v.reshape(v.shape[0], -1) for v in V], dim=1)
+
+
+def unflatten(M: torch.Tensor, shapes: Sequence[torch.Size]) -> Probes:
+    """[k, Σ n_i] → blocks [k, *shape_i]."""
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(M[:, i:i + n].reshape(M.shape[0], *s))
+        i += n
+    return out
+
+
+def rademacher(shape: Sequence[int], generator: torch.Generator, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Entries ±1 with probability ½ each (drawn on the CPU generator, so results do not depend on the device)."""
+    r = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
+    return (r.to(dtype) * 2 - 1).to(device)
+
+
+# -- distributed -----------------------------------------------------------------------------------------
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum tensors over ranks in place (one flat buffer: one collective)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+class HessianOperator:
+    """Hessian of the batch-averaged loss w.r.t. a parameter subset, applied to probe blocks.
+
+    Args:
+        model: any ``nn.Module`` mapping x → logits (float or hasb quantized); set to eval mode.
+        batches: list of (x [B, ...], y [B]) pairs; the loss is their sample-weighted mean.
+        params: parameter subset (see :func:`resolve_params`); selected tensors get ``requires_grad``.
+        loss_fn: (logits, targets) → scalar mean loss; default cross entropy.
+        backend: "auto", "double_backward" or "func".
+        max_block: most probes per ``vmap`` call (func backend).
+        memory_limit: bytes a func ``vmap`` chunk may use (CUDA only; calibrated on first use).
+        cache_graphs: keep each batch's gradient graph between calls (double backward).  Default:
+            only when this rank has a single batch (the graph of many batches may not fit).
+        distributed: shard batches over ranks and all-reduce; default: when torch.distributed is initialised.
+
+    Attributes:
+        names, shapes, numels: per block.  ``n_hvp``: probe columns applied so far (each restricted or full
+        probe counts as one HVP).  ``backend``: the resolved backend.  ``calibration``: timings of "auto".
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], params=None, loss_fn: LossFn = F.cross_entropy,
+                 backend: str = "auto", max_block: int = 8, memory_limit: Optional[int] = None,
+                 cache_graphs: Optional[bool] = None, distributed: Optional[bool] = None):
+        if backend not in BACKENDS:
+            raise HVPError(f"unknown HVP backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        batches = list(batches)
+        if not batches:
+            raise HVPError("no batches given: the Hessian needs at least one (x, y) batch")
+        if max_block < 1:
+            raise HVPError(f"max_block must be ≥ 1, got {max_block}")
+        self.model = model.eval()
+        named = resolve_params(model, params)
+        if not named:
+            raise HVPError("the parameter subset is empty")
+        self.names = list(named)
+        self.params = [p for p in named.values()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.loss_fn = loss_fn
+        self.max_block = int(max_block)
+        self.memory_limit = memory_limit
+        self.distributed = _dist_on() if distributed is None else bool(distributed and _dist_on())
+        if self.distributed:
+            r, w = dist.get_rank(), dist.get_world_size()
+            self.local = batches[r::w]
+        else:
+            self.local = batches
+        n_local = torch.tensor([float(sum(len(y) for _, y in self.local))], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(n_local)
+        self.n_total = float(n_local.item())
+        self.cache_graphs = (len(self.local) == 1) if cache_graphs is None else bool(cache_graphs)
+        self._graphs: dict[int, list[torch.Tensor]] = {}
+        self._chunk: Optional[int] = None
+        self.n_hvp = 0
+        self.calibration: dict = {}
+        self._warm_up()
+        self.backend = backend if backend != "auto" else self._calibrate()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def _batch(self, i: int) -> Batch:
+        x, y = self.local[i]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _warm_up(self) -> None:
+        # hasb layers initialise activation scales (data-dependent Python branches) on their first
+        # forward; doing it here, outside any transform, keeps the func backend's trace branch-free.
+        if getattr(self.model, "hasb_spec", None) is not None and self.local:
+            with torch.no_grad():
+                self.model(self._batch(0)[0])
+
+    # -- double backward ---------------------------------------------------------------------------------------
+    def _grads(self, i: int) -> list[torch.Tensor]:
+        """∇L_i w.r.t. every block, with the graph kept for differentiating again."""
+        if i in self._graphs:
+            return self._graphs[i]
+        x, y = self._batch(i)
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), y)
+            g = list(torch.autograd.grad(loss, self.params, create_graph=True))
+        if self.cache_graphs:
+            self._graphs[i] = g
+        return g
+
+    def _db_full(self, g: list[torch.Tensor], V: Probes) -> Probes:
+        k = V[0].shape[0]
+        cols = []
+        for j in range(k):
+            hv = torch.autograd.grad(g, self.params, grad_outputs=[v[j] for v in V], retain_graph=True,
+                                     allow_unused=True)
+            cols.append([torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)])
+        return [torch.stack([c[b] for c in cols]) for b in range(len(self.params))]
+
+    def _db_block(self, g: list[torch.Tensor], l: int, Vl: torch.Tensor) -> torch.Tensor:
+        out = []
+        for j in range(Vl.shape[0]):
+            (h,) = torch.autograd.grad(g[l], self.params[l], grad_outputs=Vl[j], retain_graph=True, allow_unused=True)
+            out.append(torch.zeros_like(self.params[l]) if h is None else h)
+        return torch.stack(out)
+
+    # -- torch.func ---------------------------------------------------------------------------------------------
+    def _func(self, i: int, idx: Sequence[int], V: Probes) -> Probes:
+        """H_SS V for the block subset S = idx (V: one [k, *shape] per block in idx)."""
+        from torch.func import functional_call, grad, jvp, vmap
+
+        x, y = self._batch(i)
+        names = [self.names[b] for b in idx]
+        primals = tuple(self.params[b].detach() for b in idx)
+
+        def loss(*ps):
+            return self.loss_fn(functional_call(self.model, dict(zip(names, ps)), (x,), strict=False), y)
+
+        g = grad(loss, argnums=tuple(range(len(idx))))
+
+        def hvp_one(*vs):
+            return jvp(g, primals, vs)[1]
+
+        k = V[0].shape[0]
+        chunk = self._func_chunk(hvp_one, V) if k > 1 else 1
+        outs: list[list[torch.Tensor]] = [[] for _ in idx]
+        # no_grad: the other parameters still require grad; without it the plain autograd tape would
+        # record the whole forward a second time (torch.func.grad and forward AD ignore it).
+        with torch.no_grad():
+            for s in range(0, k, chunk):
+                res = vmap(hvp_one)(*[v[s:s + chunk] for v in V])
+                for o, r in zip(outs, res):
+                    o.append(r)
+        return [torch.cat(o) for o in outs]
+
+    def _func_chunk(self, fn, V: Probes) -> int:
+        if self._chunk is not None:
+            return self._chunk
+        chunk = self.max_block
+        if self.memory_limit and self.device.type == "cuda":
+            from torch.func import vmap
+
+            peaks = []
+            for kk in (1, 2):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.no_grad():
+                    vmap(fn)(*[v[:1].expand(kk, *v.shape[1:]).contiguous() for v in V])
+                torch.cuda.synchronize()
+                peaks.append(torch.cuda.max_memory_allocated() - base)
+            per_probe = max(peaks[1] - peaks[0], 1)
+            fixed = max(peaks[0] - per_probe, 0)
+            chunk = int(max(1, min(self.max_block, (self.memory_limit - fixed) // per_probe)))
+        self._chunk = chunk
+        return chunk
+
+    # -- public products -------------------------------------------------------------------------------------
+    def _reduce(self, acc: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.distributed:
+            _all_reduce_(acc)
+        return [a / self.n_total for a in acc]
+
+    def hvp(self, V: Probes) -> Probes:
+        """H V for a block of k full-model probes: V[i] is [k, *shape_i]; returns the same shapes."""
+        self._check(V, range(len(self.params)))
+        acc = [torch.zeros_like(v) for v in V]
+        for i in range(len(self.local)):
+            w = float(len(self.local[i][1]))
+            if self.backend == "func":
+                hv = self._func(i, list(range(len(self.params))), V)
+            else:
+                hv = self._db_full(self._grads(i), V)
+            for a, h in zip(acc, hv):
+                a.add_(h, alpha=w)
+        self.n_hvp += V[0].shape[0]
+        return self._reduce(acc)
+
+    def block_hvp(self, V: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Block-diagonal products {l: H_ll V_l}: V_l is [k_l, *shape_l] supported on block l only.
+
+        All requested blocks share each batch's gradient graph (double backward) or forward pass
+        structure (func), so many layers' restricted probes cost one graph build per batch.
+        """
+        keys = list(V)
+        self._check([V[l] for l in keys], keys)
+        acc = {l: torch.zeros_like(V[l]) for l in keys}
+        for i in range(len(self.local)):
+            w = float(len(self.local[i][1]))
+            g = self._grads(i) if self.backend == "double_backward" else None
+            for l in keys:
+                if V[l].shape[0] == 0:
+                    continue
+                h = self._db_block(g, l, V[l]) if g is not None else self._func(i, [l], [V[l]])[0]
+                acc[l].add_(h, alpha=w)
+        self.n_hvp += sum(V[l].shape[0] for l in keys)
+        out = self._reduce([acc[l] for l in keys])
+        return dict(zip(keys, out))
+
+    def gradient(self) -> list[torch.Tensor]:
+        """∇L (no graph kept): the unit of cost the benchmarks compare an HVP with."""
+        acc = [torch.zeros_like(p) for p in self.params]
+        for i in range(len(self.local)):
+            x, y = self._batch(i)
+            with torch.enable_grad():
+                g = torch.autograd.grad(self.loss_fn(self.model(x), y), self.params)
+            for a, h in zip(acc, g):
+                a.add_(h.detach(), alpha=float(len(y)))
+        return self._reduce(acc)
+
+    def clear(self) -> None:
+        """Drop cached gradient graphs (frees their memory)."""
+        self._graphs.clear()
+
+    def _check(self, V: Sequence[torch.Tensor], blocks: Iterable[int]) -> None:
+        for v, b in zip(V, blocks):
+            if tuple(v.shape[1:]) != tuple(self.shapes[b]):
+                raise HVPError(f"probe for {self.names[b]} has shape {tuple(v.shape)}, expected [k, "
+                               f"{', '.join(map(str, self.shapes[b]))}]")
+
+    # -- backend choice ---------------------------------------------------------------------------------------
+    def _calibrate(self) -> str:
+        """Time one warm call and one timed call of each backend on the first local batch; keep the faster.
+
+        Timing uses a probe block of min(4, max_block).  If forward AD is missing for an op the
+        func backend raises and double backward is kept.  All ranks adopt rank 0's choice.
+        """
+        k = min(4, self.max_block)
+        gen = torch.Generator().manual_seed(0)
+        V = [rademacher((k, *s), gen, self.dtype, self.device) for s in self.shapes]
+        saved_local, saved_cache = self.local, self.cache_graphs
+        self.local, self.cache_graphs = self.local[:1], False
+        times: dict[str, float] = {}
+        try:
+            for b in ("double_backward", "func"):
+                self.backend = b
+                try:
+                    for rep in range(2):
+                        _sync(self.device)
+                        t0 = time.perf_counter()
+                        for i in range(1):
+                            hv = self._func(i, list(range(len(self.params))), V) if b == "func" else \
+                                self._db_full(self._grads(i), V)
+                        del hv
+                        _sync(self.device)
+                        if rep == 1:
+                            times[b] = (time.perf_counter() - t0) / k
+                except (RuntimeError, NotImplementedError) as e:   # forward AD not implemented for some op
+                    self.calibration["func_error"] = str(e).splitlines()[0][:300]
+        finally:
+            self.local, self.cache_graphs = saved_local, saved_cache
+            self._graphs.clear()
+        self.calibration.update({f"{b}_s_per_probe": t for b, t in times.items()})
+        choice = min(times, key=times.get) if "func" in times else "double_backward"
+        if self.distributed:
+            flag = torch.tensor([1.0 if choice == "func" else 0.0])
+            dist.broadcast(flag, 0)
+            choice = "func" if flag.item() > 0.5 else "double_backward"
+        self.calibration["choice"] = choice
+        return choice
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside, the previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

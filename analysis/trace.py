@@ -1,0 +1,301 @@
+"""Per-layer Hessian traces with standard errors (Hutchinson, layer-restricted, Hutch++ deflation).
+
+All estimators target t_l = Tr(H_ll), the trace of the diagonal block of the
+Hessian belonging to parameter block l, and report for every layer the running
+mean, its standard error and the HVPs spent on it.  They stop when every
+layer satisfies
+
+    n_l ≥ min_samples   and   SE_l ≤ rtol · max(|t̂_l|, floor · max_m |t̂_m|)
+
+or when ``max_hvp`` HVPs have been spent.  ``floor`` (default 0.01) keeps
+layers whose trace is ≈ 0 (< 1% of the largest) from consuming the budget:
+their *relative* error is meaningless; set ``floor=0`` for a strict rule.
+
+Estimators (Rademacher probes throughout; z denotes one sample):
+
+* ``"full"`` — Girard–Hutchinson with full-model probes v:
+  z_l = v_lᵀ(Hv)_l = v_lᵀH_ll v_l + Σ_{m≠l} v_lᵀH_lm v_m.  Unbiased, one HVP
+  serves all layers, but the variance carries every off-diagonal block:
+  Var z_l = 2(‖H_l·‖_F² − Σ_i H_ii²) over the whole row block.
+* ``"layer"`` — layer-restricted Hutchinson: probes supported on one block,
+  z_l = v_lᵀH_ll v_l, Var = 2(‖H_ll‖_F² − Σ_i (H_ll)_ii²).  One HVP per layer
+  per sample, but all layers' probes go through one graph per batch
+  (:meth:`HessianOperator.block_hvp`) and only unconverged layers get more.
+* ``"hutchpp"`` — Hutch++-style deflation per block (Meyer et al. 2021): a
+  sketch Y = H_ll S (S: s Rademacher columns), Q = orth(Y), the exact part
+  tr(QᵀH_ll Q) (s more HVPs), and layer-restricted Hutchinson on the residual
+  P H_ll P, P = I − QQᵀ (z = hᵀH_ll h with h = P g).  Unbiased for *any*
+  symmetric block, because tr(QᵀAQ) + E[hᵀAh | Q] = tr(A) for every Q: the
+  PSD assumption of Hutch++ only enters its error guarantee, and range(H S)
+  captures the large-|λ| directions of both signs.  The reported SE is the
+  residual Hutchinson SE, which is the full conditional SE given Q.
+
+``"layer"`` and ``"hutchpp"`` switch a layer to its exact trace (n_l unit
+probes, SE = 0) when the projected number of samples still needed exceeds n_l:
+small layers (first conv, classifier) are then cheaper exactly than randomly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .hvp import HessianOperator, rademacher
+
+ESTIMATORS = ("hutchpp", "layer", "full")
+DEFAULT_ESTIMATOR = "hutchpp"
+
+
+class RunningStats:
+    """Welford running mean / variance of one scalar stream per layer (float64)."""
+
+    def __init__(self, n_layers: int):
+        self.n = np.zeros(n_layers, dtype=np.int64)
+        self.mean = np.zeros(n_layers)
+        self.m2 = np.zeros(n_layers)
+
+    def update(self, l: int, samples: np.ndarray) -> None:
+        for z in np.asarray(samples, dtype=np.float64).ravel():
+            self.n[l] += 1
+            d = z - self.mean[l]
+            self.mean[l] += d / self.n[l]
+            self.m2[l] += d * (z - self.mean[l])
+
+    def stderr(self) -> np.ndarray:
+        """SE of the mean, sqrt(s²/n) with the unbiased s²; inf below 2 samples."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.where(self.n > 1, self.m2 / np.maximum(self.n - 1, 1), np.inf)
+            return np.sqrt(var / np.maximum(self.n, 1))
+
+
+@dataclass
+class TraceResult:
+    """Per-layer trace estimates.  Arrays have one entry per block, in ``names`` order."""
+
+    names: list[str]
+    n_params: list[int]
+    trace: np.ndarray           # t̂_l ≈ Tr(H_ll)
+    stderr: np.ndarray          # SE of t̂_l (0 for exact layers)
+    n_hvp: np.ndarray           # HVP columns spent on layer l (full: shared probes)
+    converged: np.ndarray       # bool: stopping rule met
+    exact: np.ndarray           # bool: trace computed exactly
+    estimator: str
+    total_hvp: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def trace_per_param(self) -> np.ndarray:
+        return self.trace / np.asarray(self.n_params, dtype=np.float64)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns: layer, n_params, trace, trace_per_param, stderr, n_hvp, converged, exact."""
+        return pd.DataFrame({
+            "layer": self.names, "n_params": self.n_params, "trace": self.trace,
+            "trace_per_param": self.trace_per_param, "stderr": self.stderr, "n_hvp": self.n_hvp,
+            "converged": self.converged, "exact": self.exact,
+        })
+
+    def to_json(self) -> dict:
+        rows = self.to_frame().to_dict(orient="records")
+        for r in rows:
+            for k, v in r.items():
+                r[k] = v.item() if hasattr(v, "item") else v
+        return {"estimator": self.estimator, "total_hvp": int(self.total_hvp), "settings": self.settings,
+                "layers": rows}
+
+    def to_json_str(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+def _converged(st: RunningStats, exact: np.ndarray, rtol: float, floor: float, min_samples: int) -> np.ndarray:
+    scale = np.maximum(np.abs(st.mean), floor * np.max(np.abs(st.mean)))
+    ok = (st.n >= min_samples) & (st.stderr() <= rtol * scale)
+    return ok | exact
+
+
+def _needed(st: RunningStats, rtol: float, floor: float) -> np.ndarray:
+    """Projected total samples per layer for SE ≤ rtol·scale: (s / (rtol·scale))²."""
+    scale = np.maximum(np.abs(st.mean), floor * np.max(np.abs(st.mean)))
+    sd = st.stderr() * np.sqrt(np.maximum(st.n, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(scale > 0, (sd / (rtol * scale)) ** 2, np.inf)
+    return np.nan_to_num(need, nan=np.inf, posinf=np.inf)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row-wise inner products of [k, ...] tensors → numpy [k] (float64)."""
+    return (a.reshape(a.shape[0], -1).double() * b.reshape(b.shape[0], -1).double()).sum(1).cpu().numpy()
+
+
+def _exact_block_trace(op: HessianOperator, l: int, chunk: int = 256) -> float:
+    """Tr(H_ll) from n_l unit-vector HVPs (Σ_i e_iᵀH_ll e_i)."""
+    n, total = op.numels[l], 0.0
+    for s in range(0, n, chunk):
+        k = min(chunk, n - s)
+        E = torch.zeros(k, n, dtype=op.dtype, device=op.device)
+        E[torch.arange(k), torch.arange(s, s + k)] = 1
+        HE = op.block_hvp({l: E.reshape(k, *op.shapes[l])})[l]
+        total += float(HE.reshape(k, -1)[torch.arange(k), torch.arange(s, s + k)].double().sum())
+    return total
+
+
+def _result(op, st, exact, conv, n_hvp, est, start, settings) -> TraceResult:
+    se = st.stderr()
+    se = np.where(exact, 0.0, se)
+    return TraceResult(names=list(op.names), n_params=list(op.numels), trace=st.mean.copy(), stderr=se,
+                       n_hvp=n_hvp.copy(), converged=conv.copy(), exact=exact.copy(), estimator=est,
+                       total_hvp=op.n_hvp - start, settings=settings)
+
+
+def hutchinson_full(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 1000, block: int = 8,
+                    seed: int = 0, floor: float = 0.01, min_samples: int = 8, progress=None) -> TraceResult:
+    """Girard–Hutchinson with full-model Rademacher probes; per-layer samples v_lᵀ(Hv)_l."""
+    gen = torch.Generator().manual_seed(seed)
+    L, start = len(op.names), op.n_hvp
+    st, exact = RunningStats(L), np.zeros(L, bool)
+    n_hvp = np.zeros(L, np.int64)
+    conv = exact.copy()
+    while op.n_hvp - start < max_hvp:
+        k = min(block, max_hvp - (op.n_hvp - start))
+        V = [rademacher((k, *s), gen, op.dtype, op.device) for s in op.shapes]
+        HV = op.hvp(V)
+        for l in range(L):
+            st.update(l, _dot(V[l], HV[l]))
+        n_hvp += k
+        _tick(progress, k)
+        conv = _converged(st, exact, rtol, floor, min_samples)
+        if conv.all():
+            break
+    return _result(op, st, exact, conv, n_hvp, "full", start,
+                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples))
+
+
+def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarray, n_hvp: np.ndarray,
+                         draw, *, rtol, max_hvp, block, floor, min_samples, start, exact_switch, progress):
+    """Shared loop of the restricted estimators: each round, every unconverged layer gets ``block`` samples.
+
+    ``draw(l, k) -> (probes [k, *shape_l], finish)`` builds layer l's probes; ``finish(HV)`` maps
+    H_ll·probes to k samples.  A layer whose projected remaining need exceeds n_l is computed exactly.
+    """
+    L = len(op.names)
+    conv = _converged(st, exact, rtol, floor, min_samples)
+    while not conv.all() and op.n_hvp - start < max_hvp:
+        budget = max_hvp - (op.n_hvp - start)
+        if exact_switch:
+            need = _needed(st, rtol, floor) - st.n
+            for l in np.flatnonzero(~conv):
+                cost = op.numels[l]
+                if st.n[l] >= min_samples and need[l] >= cost and cost <= budget:
+                    t = _exact_block_trace(op, l)
+                    st.mean[l], exact[l] = t, True
+                    n_hvp[l] += cost
+                    budget -= cost
+                    _tick(progress, cost)
+            conv = _converged(st, exact, rtol, floor, min_samples)
+            if conv.all() or budget <= 0:
+                break
+        active = list(np.flatnonzero(~conv))
+        per = max(1, min(block, budget // max(len(active), 1)))
+        active = active[:max(1, budget // per)]
+        probes, finishers = {}, {}
+        for l in active:
+            probes[int(l)], finishers[int(l)] = draw(int(l), per)
+        HV = op.block_hvp(probes)
+        for l in probes:
+            st.update(l, finishers[l](HV[l]))
+            n_hvp[l] += per
+        _tick(progress, per * len(probes))
+        conv = _converged(st, exact, rtol, floor, min_samples)
+    return conv
+
+
+def hutchinson_layer(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 1000, block: int = 8,
+                     seed: int = 0, floor: float = 0.01, min_samples: int = 8, exact_switch: bool = True,
+                     progress=None) -> TraceResult:
+    """Layer-restricted Hutchinson: z_l = v_lᵀH_ll v_l, all layers' probes batched through one graph per batch."""
+    gen = torch.Generator().manual_seed(seed)
+    L, start = len(op.names), op.n_hvp
+    st, exact, n_hvp = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)
+
+    def draw(l, k):
+        v = rademacher((k, *op.shapes[l]), gen, op.dtype, op.device)
+        return v, lambda hv: _dot(v, hv)
+
+    conv = _adaptive_restricted(op, st, exact, n_hvp, draw, rtol=rtol, max_hvp=max_hvp, block=block, floor=floor,
+                                min_samples=min_samples, start=start, exact_switch=exact_switch, progress=progress)
+    return _result(op, st, exact, conv, n_hvp, "layer", start,
+                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples,
+                        exact_switch=exact_switch))
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [n, r] of the columns of Y [n, s], dropping numerically dependent directions."""
+    Q, R = torch.linalg.qr(Y.double())
+    d = R.diagonal().abs()
+    keep = d > d.max().clamp_min(1e-300) * 1e-10 if d.numel() else d.bool()
+    return Q[:, keep]
+
+
+def hutchpp_layer(op: HessianOperator, *, sketch: int = 16, rtol: float = 0.05, max_hvp: int = 1000,
+                  block: int = 8, seed: int = 0, floor: float = 0.01, min_samples: int = 8,
+                  exact_switch: bool = True, progress=None) -> TraceResult:
+    """Hutch++ deflation on every layer block: exact tr(QᵀH_llQ) on a sketched subspace + Hutchinson on the rest.
+
+    Cost per layer: 2·min(sketch, n_l) HVPs up front (sketch and exact part), then one HVP per
+    residual sample.  Layers with n_l ≤ sketch are exact after the first phase.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    L, start = len(op.names), op.n_hvp
+    st, exact, n_hvp = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)
+    s = {l: min(sketch, op.numels[l]) for l in range(L)}
+    # phase 1: sketch Y_l = H_ll S_l for every layer at once
+    S = {l: rademacher((s[l], *op.shapes[l]), gen, op.dtype, op.device) for l in range(L)}
+    Y = op.block_hvp(S)
+    Q = {l: _orth(Y[l].reshape(s[l], -1).T) for l in range(L)}        # [n_l, r_l] float64
+    for l in range(L):
+        if Q[l].shape[1] < s[l] and s[l] == op.numels[l]:
+            Q[l] = torch.eye(op.numels[l], dtype=torch.float64, device=Q[l].device)   # rank-deficient block
+    # phase 2: the deflated part exactly
+    QT = {l: Q[l].T.to(op.dtype).reshape(Q[l].shape[1], *op.shapes[l]) for l in range(L)}
+    HQ = op.block_hvp(QT)
+    defl = {l: float(_dot(QT[l], HQ[l]).sum()) for l in range(L)}
+    for l in range(L):
+        n_hvp[l] += s[l] + Q[l].shape[1]
+        if Q[l].shape[1] >= op.numels[l]:
+            st.mean[l], exact[l] = defl[l], True
+    _tick(progress, int(n_hvp.sum()))
+
+    def draw(l, k):
+        g = rademacher((k, op.numels[l]), gen, torch.float64, op.device)
+        h = g - (g @ Q[l]) @ Q[l].T
+        h = h.to(op.dtype).reshape(k, *op.shapes[l])
+        return h, lambda hv: defl[l] + _dot(h, hv)
+
+    conv = _adaptive_restricted(op, st, exact, n_hvp, draw, rtol=rtol, max_hvp=max_hvp, block=block, floor=floor,
+                                min_samples=min_samples, start=start, exact_switch=exact_switch, progress=progress)
+    return _result(op, st, exact, conv, n_hvp, "hutchpp", start,
+                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples,
+                        sketch=sketch, exact_switch=exact_switch))
+
+
+def estimate_traces(op: HessianOperator, estimator: str = DEFAULT_ESTIMATOR, **kw) -> TraceResult:
+    """Dispatch to :func:`hutchpp_layer` (default), :func:`hutchinson_layer` or :func:`hutchinson_full`."""
+    if estimator == "hutchpp":
+        return hutchpp_layer(op, **kw)
+    kw.pop("sketch", None)
+    if estimator == "layer":
+        return hutchinson_layer(op, **kw)
+    if estimator == "full":
+        kw.pop("exact_switch", None)
+        return hutchinson_full(op, **kw)
+    raise ValueError(f"unknown trace estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
+
+
+def _tick(progress, n: int) -> None:
+    if progress is not None:
+        progress.update(n)

@@ -1,0 +1,206 @@
+"""Export / load: INT-h weights + scales + per-bit activation scales + BN state (+ the active BitConfig).
+
+The file is a plain dict of tensors, strings and numbers, written atomically
+with ``torch.save`` and read back with ``torch.load(..., weights_only=True)``.
+Float master weights are *not* stored: a loaded model's weights are
+``W_h · s_h``, which re-quantize to exactly the stored integers, so every
+config's outputs are reproduced bit for bit.
+
+``export_deployment`` writes a single-config view: the integers each layer runs
+at (W_l, derived from W_h by integer round-shift) with their effective scales.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import quantizer as Q
+from .config import BitConfig, atomic_write_bytes, bit_str
+from .modules import QUANT_TYPES, SwitchBatchNorm
+from .quantize import QuantSpec, get_config, get_spec, link_batchnorms, quantize_model, quantized_layers, use_config
+
+FORMAT = "hasb-int"
+DEPLOY_FORMAT = "hasb-deploy"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable hasb checkpoint."""
+
+
+def _save(obj: dict, path: Union[str, Path]) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path: Union[str, Path]) -> dict:
+    """``torch.load(weights_only=True)`` with one clear error for a missing or corrupt file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises several types for truncated / foreign files
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p} is not a hasb checkpoint (top level is {type(obj).__name__})")
+    return obj
+
+
+def quantized_state(model: nn.Module) -> dict:
+    """The export dict (see module docstring) of a quantized model."""
+    spec = get_spec(model)
+    layers = quantized_layers(model)
+    qparams = set()
+    out_layers = {}
+    for name, m in layers.items():
+        entry: dict[str, Any] = {
+            "act_scales": {k: v.detach().cpu().clone() for k, v in m.act_scales.items()},
+            "act_signed": m.act_signed.detach().cpu().clone(),
+            "act_init": m.act_init.detach().cpu().clone(),
+            "bias": None if m.bias is None else m.bias.detach().cpu().clone(),
+        }
+        if m.fixed and spec.fixed_bit is None:
+            entry["weight"] = m.weight.detach().cpu().clone()      # fp layer: kept as float
+        else:
+            entry["w_int"] = m.int_weight().cpu()
+        entry["w_scale"] = m.w_scale.detach().cpu().clone()
+        out_layers[name] = entry
+        for p in ("weight", "bias", "w_scale"):
+            qparams.add(f"{name}.{p}")
+        for k in m.act_scales:
+            qparams.add(f"{name}.act_scales.{k}")
+        qparams.update({f"{name}.act_signed", f"{name}.act_init"})
+    rest = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in qparams}
+    bn_modes = {n: m.mode for n, m in model.named_modules() if isinstance(m, SwitchBatchNorm)}
+    return {
+        "format": FORMAT, "version": VERSION,
+        "spec": json.dumps(spec.to_dict()),
+        "build": json.dumps(getattr(model, "hasb_build", None)),
+        "config": get_config(model).to_json(indent=None),
+        "bn_modes": json.dumps(bn_modes),
+        "layers": out_layers,
+        "rest": rest,
+    }
+
+
+def save_quantized(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+    """Write the INT-h export of ``model`` to ``path`` atomically.  ``extra`` must be JSON-serialisable."""
+    obj = quantized_state(model)
+    obj["extra"] = json.dumps(extra or {})
+    return _save(obj, path)
+
+
+def _ensure_bn_keys(model: nn.Module, rest: dict, bn_modes: dict) -> None:
+    """Create BN entries present in the file but not in a fresh model (e.g. Transitional BN pairs)."""
+    for name, bn in model.named_modules():
+        if not isinstance(bn, SwitchBatchNorm):
+            continue
+        prefix = f"{name}.bns."
+        keys = {k[len(prefix):].split(".")[0] for k in rest if k.startswith(prefix)}
+        template = next(iter(bn.bns.values()))
+        for k in sorted(keys - set(bn.bns.keys())):
+            new = type(template)(template.num_features, template.eps, template.momentum, template.affine,
+                                 template.track_running_stats)
+            bn.bns[k] = new.to(next(template.parameters(), torch.empty(0)).device).train(template.training)
+        bn.mode = bn_modes.get(name, bn.mode)
+
+
+def load_quantized_state(model: nn.Module, obj: dict) -> None:
+    """Load an export dict into an already-quantized model of the same architecture."""
+    spec = get_spec(model)
+    saved_spec = QuantSpec.from_dict(json.loads(obj["spec"]))
+    if list(saved_spec.order) != list(spec.order) or tuple(saved_spec.bits) != tuple(spec.bits):
+        raise CheckpointError("checkpoint is for another model or bit set: layers/bits differ "
+                              f"(file: {len(saved_spec.order)} layers, bits {list(saved_spec.bits)}; "
+                              f"model: {len(spec.order)} layers, bits {list(spec.bits)})")
+    layers = quantized_layers(model)
+    with torch.no_grad():
+        for name, e in obj["layers"].items():
+            m = layers[name]
+            m.w_scale.copy_(e["w_scale"])
+            if "w_int" in e:
+                m.weight.copy_(e["w_int"].to(m.weight.dtype) * Q._per_channel(e["w_scale"], m.weight).to(m.weight))
+            else:
+                m.weight.copy_(e["weight"])
+            if e["bias"] is not None:
+                m.bias.copy_(e["bias"])
+            for k, v in e["act_scales"].items():
+                m.act_scales[k].copy_(v)
+            m.act_signed.copy_(e["act_signed"])
+            m.act_init.copy_(e["act_init"])
+            m.__dict__.pop("_ready", None)
+    rest = obj["rest"]
+    _ensure_bn_keys(model, rest, json.loads(obj.get("bn_modes", "{}")))
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    qnames = set(layers)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in qnames and not any(k.startswith(n + ".") for n in qnames)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    link_batchnorms(model)
+
+
+def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> tuple[nn.Module, dict]:
+    """Rebuild (zoo or ``pkg.mod:callable`` models) or fill ``model`` from an export; returns (model, extra).
+
+    The model is left in eval mode at the config it was saved with.
+    """
+    obj = read_checkpoint(path)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a hasb export (format={obj.get('format')!r}, expected {FORMAT!r})")
+    spec = QuantSpec.from_dict(json.loads(obj["spec"]))
+    if model is None:
+        build = json.loads(obj["build"])
+        if not build:
+            raise CheckpointError(f"{path} does not record how to build its model; pass model=")
+        from .models import build_model
+        model = build_model(**build)
+    if getattr(model, "hasb_spec", None) is None:
+        fixed = list(spec.fixed) if spec.fixed else "none"
+        quantize_model(model, spec.bits, fixed=fixed, fixed_bits=bit_str(spec.fixed_bit), rounding=spec.rounding)
+    load_quantized_state(model, obj)
+    from .quantize import set_config
+    set_config(model, BitConfig.from_json(obj["config"]))
+    model.eval()
+    return model, json.loads(obj.get("extra", "{}"))
+
+
+def export_deployment(model: nn.Module, config, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+    """Single-config deployment view: per layer the integers it runs at and their effective scales.
+
+    Per layer: ``w_int`` (int8, W_l), ``w_scale`` (per-channel s_h·2^(h−l), float32), ``w_bits``,
+    ``a_bits``, ``a_scale`` (per-tensor step of the input), ``a_signed``, ``bias``; plus the BN
+    entries this config uses.  fp layers carry their float ``weight``.
+    """
+    with use_config(model, config):
+        cfg = get_config(model)
+        out = {}
+        for name, m in quantized_layers(model).items():
+            e: dict[str, Any] = {"w_bits": bit_str(m.w_bit), "a_bits": bit_str(m.a_bit),
+                                 "bias": None if m.bias is None else m.bias.detach().cpu().clone()}
+            if m.w_bit is None:
+                e["weight"] = m.weight.detach().cpu().clone()
+            else:
+                e["w_int"] = m.int_weight(m.w_bit).cpu()
+                e["w_scale"] = (m.w_scale.detach() * 2 ** (m.high_bit - m.w_bit)).cpu().clone()
+            if m.a_bit is not None:
+                e["a_scale"] = m.act_scales[str(m.a_bit)].detach().cpu().clone()
+                e["a_signed"] = bool(m.act_signed)
+            out[name] = e
+        bns = {n: {k: v.detach().cpu().clone() for k, v in bn.active.state_dict().items()}
+               for n, bn in model.named_modules() if isinstance(bn, SwitchBatchNorm)}
+        obj = {"format": DEPLOY_FORMAT, "version": VERSION, "config": cfg.to_json(indent=None),
+               "build": json.dumps(getattr(model, "hasb_build", None)), "layers": out, "batchnorm": bns,
+               "extra": json.dumps(extra or {})}
+    return _save(obj, path)
+
+
+def derive_from_export(w_int_h: torch.Tensor, bit: int, high_bit: int, rounding: str = "half_up") -> torch.Tensor:
+    """Lower-bit integers from exported INT-h integers with integer ops only (add, arithmetic shift, clamp)."""
+    return Q.derive_int(w_int_h.to(torch.int32), bit, high_bit, rounding).to(torch.int8)

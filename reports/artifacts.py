@@ -1,0 +1,304 @@
+"""Read a run directory's artifacts (written by the CLIs) for the report — no recomputation of results.
+
+Layout (artifact contract, see README): ``RUN/sensitivity.json|csv`` (analysis.sensitivity),
+``RUN[/multi|/supernet]/metrics.csv|json, train_config.json`` (hasb.train),
+``RUN/pareto.csv, candidates.csv, config.json`` (search.pareto).
+
+Each loader raises :class:`MissingArtifact` naming the file it looked for and the command that
+writes it, so the notebook can show that message and go on with the other sections.
+The only thing derived here is the cost model (MACs per layer) of the run's model, built from
+its name with ``hasb.CostModel`` — a shape trace, not a result.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pandas as pd
+
+# The command that produces each artifact; {run} is the run directory.
+COMMANDS = {
+    "sensitivity": "python -m analysis.sensitivity --model MODEL --data fashion-mnist --out {run}",
+    "multi": "python -m hasb.train --stage multi --model MODEL --data fashion-mnist --out {run}/multi",
+    "supernet": "python -m hasb.train --stage supernet --model MODEL --data fashion-mnist --out {run}/supernet",
+    "pareto": "python -m search.pareto --budget 3.5 --out {run}",
+}
+TRAIN_STAGES = ("multi", "supernet")
+
+
+class MissingArtifact(Exception):
+    """An artifact the report needs is absent; ``str()`` names the file and the command that writes it."""
+
+    def __init__(self, what: str, looked: list[Path], command: str, detail: str = ""):
+        self.what, self.looked, self.command = what, looked, command
+        where = ", ".join(str(p) for p in looked)
+        msg = f"{what} not found (looked for {where})" if not detail else f"{what}: {detail}"
+        super().__init__(f"{msg}. It is produced by: {command}")
+
+
+class ArtifactError(ValueError):
+    """An artifact exists but cannot be read (malformed JSON/CSV, missing fields)."""
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{p} is not valid JSON: {e}") from None
+
+
+def _read_csv(p: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p} is not a readable CSV: {e}") from None
+
+
+@dataclass
+class Run:
+    """A run directory and lazy access to its artifacts."""
+
+    root: Path
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @classmethod
+    def open(cls, run_dir: Union[str, Path]) -> "Run":
+        p = Path(run_dir)
+        if not p.is_dir():
+            raise FileNotFoundError(f"run directory {str(p)!r} does not exist; make one with the commands: "
+                                    + "; ".join(c.format(run=p) for c in COMMANDS.values()))
+        return cls(p)
+
+    def cmd(self, key: str) -> str:
+        return COMMANDS[key].format(run=self.root)
+
+    # -- inventory -----------------------------------------------------------------------------------
+    def inventory(self) -> pd.DataFrame:
+        """Which contract files exist, with size and the command that writes each."""
+        rows = []
+        names = [("sensitivity", "sensitivity.json"), ("sensitivity", "sensitivity.csv")]
+        for st in TRAIN_STAGES:
+            for f in ("metrics.csv", "metrics.json", "train_config.json", "model.pt"):
+                names.append((st, f"{st}/{f}"))
+        names += [("pareto", f) for f in ("pareto.csv", "candidates.csv", "config.json")]
+        for key, rel in names:
+            p = self.root / rel
+            rows.append({"artifact": rel, "present": p.is_file(),
+                         "size_kB": round(p.stat().st_size / 1e3, 1) if p.is_file() else None,
+                         "made by": self.cmd(key)})
+        return pd.DataFrame(rows)
+
+    # -- sensitivity -----------------------------------------------------------------------------------
+    def sensitivity(self) -> dict:
+        """sensitivity.json, validated by ``analysis.sensitivity.load_sensitivity`` when that is installed."""
+        if "sens" in self._cache:
+            return self._cache["sens"]
+        p = self.root / "sensitivity.json"
+        if not p.is_file():
+            raise MissingArtifact("sensitivity.json", [p], self.cmd("sensitivity"))
+        try:
+            from analysis.sensitivity import load_sensitivity   # the analysis package's own validator
+        except ImportError:
+            load_sensitivity = None
+        if load_sensitivity is not None:
+            sens = load_sensitivity(p)
+        else:
+            sens = _read_json(p)
+            for key in ("layers", "bits"):
+                if key not in sens:
+                    raise ArtifactError(f"{p} has no {key!r} entry; expected the analysis.sensitivity format")
+        self._cache["sens"] = sens
+        return sens
+
+    def traces(self) -> pd.DataFrame:
+        """Per-layer rows: layer, n_params, trace, trace_per_param, stderr, n_hvp, searchable."""
+        df = pd.DataFrame(self.sensitivity()["layers"])
+        need = {"layer", "trace", "stderr"}
+        if not need <= set(df.columns):
+            raise ArtifactError(f"sensitivity.json layers lack {sorted(need - set(df.columns))}")
+        if "searchable" not in df.columns:
+            df["searchable"] = True
+        return df
+
+    def omega(self) -> dict:
+        om = self.sensitivity().get("omega")
+        if not om:
+            raise MissingArtifact("Ω_l(b) table", [self.root / "sensitivity.json"], self.cmd("sensitivity"),
+                                  detail="sensitivity.json has no 'omega' entry")
+        return om
+
+    def spectrum(self) -> tuple[list, list, Optional[list]]:
+        s = self.sensitivity()
+        dens = s.get("density")
+        if not dens or "grid" not in dens or "density" not in dens:
+            raise MissingArtifact("spectral density", [self.root / "sensitivity.json"],
+                                  self.cmd("sensitivity") + " (with the spectral density enabled; see --help)",
+                                  detail="sensitivity.json has no 'density' entry")
+        return dens["grid"], dens["density"], s.get("eigenvalues")
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train_dir(self, stage: str) -> Path:
+        """RUN/<stage>/ if it holds metrics, else RUN/ itself when its train_config says that stage."""
+        sub = self.root / stage
+        if (sub / "metrics.csv").is_file() or (sub / "metrics.json").is_file():
+            return sub
+        cfg = self.root / "train_config.json"
+        if (self.root / "metrics.csv").is_file() and cfg.is_file():
+            try:
+                if _read_json(cfg).get("stage") == stage:
+                    return self.root
+            except (ArtifactError, AttributeError):
+                pass
+        raise MissingArtifact(f"{stage} training metrics", [sub / "metrics.csv", self.root / "metrics.csv"],
+                              self.cmd(stage))
+
+    def metrics(self, stage: str) -> pd.DataFrame:
+        d = self.train_dir(stage)
+        if (d / "metrics.csv").is_file():
+            df = _read_csv(d / "metrics.csv")
+        else:
+            raw = _read_json(d / "metrics.json")
+            rows = raw.get("epochs", raw) if isinstance(raw, dict) else raw
+            df = pd.DataFrame(rows)
+        if "epoch" not in df.columns or df.empty:
+            raise ArtifactError(f"{d}/metrics.* has no epoch rows; columns: {list(df.columns)}")
+        return df
+
+    def train_config(self, stage: str) -> dict:
+        p = self.train_dir(stage) / "train_config.json"
+        return _read_json(p) if p.is_file() else {}
+
+    def bit_probabilities(self) -> tuple[dict, Optional[list], str]:
+        """HASB p_l(b) per layer: from the supernet's train_config if it recorded them, else
+        ``hasb.sampler.HASBSampler`` on the sensitivity traces (Alg. 1; the sampler's own code)."""
+        try:
+            tc = self.train_config("supernet")
+        except MissingArtifact:
+            tc = {}
+        sampler = tc.get("sampler") if isinstance(tc.get("sampler"), dict) else {}
+        for key in ("bit_probabilities", "probabilities"):
+            sp = tc.get(key) or sampler.get(key)
+            if sp:
+                return sp, tc.get("sensitive") or sampler.get("sensitive"), "supernet/train_config.json"
+        sens = self.sensitivity()
+        df = self.traces()
+        df = df[df["searchable"].astype(bool)]
+        if "trace_per_param" not in df.columns:
+            raise ArtifactError("sensitivity.json layers lack 'trace_per_param'")
+        from hasb.sampler import HASBSampler
+        smp = HASBSampler(list(df["layer"]), [int(b) for b in sens["bits"]],
+                          dict(zip(df["layer"], df["trace_per_param"].astype(float))))
+        return smp.probabilities(), smp.sensitive(), "hasb.sampler.HASBSampler on sensitivity.json traces"
+
+    # -- search --------------------------------------------------------------------------------------------
+    def pareto(self) -> pd.DataFrame:
+        p = self.root / "pareto.csv"
+        if not p.is_file():
+            raise MissingArtifact("pareto.csv", [p], self.cmd("pareto"))
+        df = _read_csv(p)
+        if "accuracy" not in df.columns or not ({"bitops", "gbitops"} & set(df.columns)):
+            raise ArtifactError(f"{p} needs columns accuracy and bitops/gbitops; got {list(df.columns)}")
+        return df
+
+    def candidates(self) -> Optional[pd.DataFrame]:
+        p = self.root / "candidates.csv"
+        return _read_csv(p) if p.is_file() else None
+
+    def chosen(self) -> dict:
+        p = self.root / "config.json"
+        if not p.is_file():
+            raise MissingArtifact("config.json (the chosen config)", [p], self.cmd("pareto"))
+        return _read_json(p)
+
+    def model_name(self) -> str:
+        for getter in (lambda: self.chosen().get("model"), lambda: self.sensitivity().get("model"),
+                       lambda: self.train_config("supernet").get("model"),
+                       lambda: self.train_config("multi").get("model")):
+            try:
+                name = getter()
+            except (MissingArtifact, ArtifactError, AttributeError):
+                continue
+            if isinstance(name, dict):
+                name = name.get("name")
+            if name:
+                return str(name)
+        raise MissingArtifact("the model name", [self.root / "config.json", self.root / "sensitivity.json"],
+                              self.cmd("pareto"), detail="no artifact names the model")
+
+    def cost_model(self, bits: Optional[list] = None):
+        """hasb.CostModel of the run's model (MACs from one traced forward pass; no weights needed)."""
+        if "cost" in self._cache:
+            return self._cache["cost"]
+        import hasb
+        from hasb.models import build_model
+        name = self.model_name()
+        build = {}
+        for src in (self.chosen, lambda: self.train_config("supernet"), lambda: self.train_config("multi")):
+            try:
+                b = src().get("build") or src().get("hasb_build")
+            except (MissingArtifact, ArtifactError, AttributeError):
+                continue
+            if isinstance(b, dict):
+                build = {k: v for k, v in b.items() if k in ("num_classes", "in_channels", "image_size")}
+                break
+        if bits is None:
+            try:
+                bits = [int(b) for b in self.sensitivity()["bits"]]
+            except (MissingArtifact, ArtifactError, KeyError):
+                bits = list(hasb.DEFAULT_BITS)
+        model = hasb.quantize_model(build_model(name, **build), bits=tuple(bits))
+        cost = hasb.CostModel.from_model(model)
+        self._cache["cost"] = cost
+        return cost
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def config_from_record(rec: Any, names: list[str]):
+    """A hasb.BitConfig from config.json's content or a pareto.csv ``config`` short string.
+
+    Short strings are ``BitConfig.short()``: ``8-8-4-…`` (W = A) or ``w8-4…|a8-4…``, one entry per
+    searchable layer in ``names`` order.
+    """
+    from hasb import BitConfig
+    if isinstance(rec, dict):
+        inner = rec.get("config", rec)
+        if isinstance(inner, dict) and "layers" in inner:
+            return BitConfig.from_dict(inner)
+        if "bit_config" in rec and isinstance(rec["bit_config"], dict):
+            return BitConfig(rec["bit_config"])
+        raise ArtifactError("config.json holds no 'layers' / 'config' / 'bit_config' entry")
+    s = str(rec).strip()
+    if s.startswith("w") and "|a" in s:
+        ws, as_ = s[1:].split("|a", 1)
+        w, a = ws.split("-"), as_.split("-")
+    else:
+        w = a = s.split("-")
+    if len(w) != len(names) or len(a) != len(names):
+        raise ArtifactError(f"config string {s[:40]!r} has {len(w)} entries but the model has {len(names)} "
+                            "searchable layers")
+    return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a)})
+
+
+def budget_bitops(chosen: dict, cost) -> Optional[float]:
+    """The budget of config.json in BitOPs (``budget`` as text, number or {limit|bitops|text})."""
+    b = chosen.get("budget")
+    if b is None:
+        return None
+    if isinstance(b, dict):
+        for k in ("limit_bitops", "bitops", "limit"):
+            if isinstance(b.get(k), (int, float)) and (b.get("kind") in (None, "bitops", "avg_bits") or k != "limit"):
+                return float(b[k])
+        b = b.get("text") or b.get("value")
+        if b is None:
+            return None
+    try:
+        parsed = cost.parse_budget(str(b))
+    except ValueError:
+        return None
+    return parsed.limit if parsed.kind in ("bitops", "avg_bits") and math.isfinite(parsed.limit) else None

@@ -1,0 +1,104 @@
+"""Cost model exact on hand-computed nets: MACs, params, BitOPs, size, average-bit equivalent, budgets."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hasb
+from hasb.cost import BudgetError, parse_budget_text
+
+
+class Hand(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)        # 8x8 -> 4x4
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.dw(self.grouped(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+MACS = {"stem": 8 * 16 * 27, "grouped": 16 * 16 * 18, "dw": 16 * 16 * 9, "head": 16 * 10}
+
+
+def hand_model(**kw):
+    return hasb.quantize_model(Hand(), example_input=torch.randn(2, 3, 8, 8), **kw)
+
+
+def test_macs_and_params_exact():
+    m = hand_model()
+    cm = hasb.CostModel.from_model(m, torch.randn(5, 3, 8, 8))   # batch size must not matter
+    got = {l.name: l.macs for l in cm.layers}
+    assert got == MACS
+    params = {l.name: (l.weight_params, l.bias_params) for l in cm.layers}
+    assert params == {"stem": (216, 0), "grouped": (288, 0), "dw": (144, 0), "head": (160, 10)}
+    assert cm.names == ["grouped", "dw"]
+
+
+def test_bitops_size_avg_bits_exact():
+    m = hand_model()
+    cm = hasb.CostModel.from_model(m)
+    cfg = hasb.BitConfig({"grouped": 4, "dw": (2, 8)})
+    fixed = (MACS["stem"] + MACS["head"]) * 32 * 32
+    assert cm.bitops(cfg) == fixed + MACS["grouped"] * 16 + MACS["dw"] * 16
+    assert cm.size_bytes(cfg) == 216 * 4 + 160 * 4 + 10 * 4 + 288 * 4 / 8 + 144 * 2 / 8
+    expect_avg = math.sqrt((MACS["grouped"] * 16 + MACS["dw"] * 16) / (MACS["grouped"] + MACS["dw"]))
+    assert cm.avg_bit_equivalent(cfg) == pytest.approx(expect_avg, rel=1e-12)
+    assert cm.plain_avg_bits(cfg) == 3.0
+    assert cm.avg_bit_equivalent(hasb.BitConfig.uniform(cm.names, 6)) == pytest.approx(6.0)
+
+
+def test_fixed_layers_at_8_bits_counted_at_8():
+    m = hand_model(fixed_bits=8)
+    cm = hasb.CostModel.from_model(m)
+    cfg = hasb.BitConfig.uniform(cm.names, 2)
+    assert cm.bitops(cfg) == (MACS["stem"] + MACS["head"]) * 64 + (MACS["grouped"] + MACS["dw"]) * 4
+
+
+def test_attention_linear_layers_counted_per_token():
+    from hasb.models import build_model
+    m = hasb.quantize_model(build_model("vit_tiny"))
+    cm = hasb.CostModel.from_model(m)
+    macs = {l.name: l.macs for l in cm.layers}
+    tokens = (28 // 7) ** 2 + 1
+    assert macs["blocks.0.attn.qkv"] == tokens * 64 * 192
+    assert macs["blocks.0.attn.proj"] == tokens * 64 * 64
+    assert macs["blocks.0.fc1"] == tokens * 64 * 128
+    assert macs["head"] == 64 * 10
+    assert macs["patch_embed"] == 16 * 64 * 49
+
+
+@pytest.mark.parametrize("text,kind,limit", [
+    ("3.5", "avg_bits", None), ("25.1GBOPs", "bitops", 25.1e9), ("2.51e10", "bitops", 2.51e10),
+    ("4.2MB", "size", 4.2e6), ("300KiB", "size", 300 * 1024), ("7 MBOPs", "bitops", 7e6)])
+def test_budget_syntax(text, kind, limit):
+    b = parse_budget_text(text)
+    assert b.kind == kind
+    if limit is not None:
+        assert b.limit == pytest.approx(limit)
+
+
+@pytest.mark.parametrize("text", ["-3", "nan", "NaN", "abc", "3.5furlongs", "0", "inf", ""])
+def test_bad_budget_text_errors(text):
+    with pytest.raises(BudgetError) as e:
+        parse_budget_text(text)
+    assert "accepted" in str(e.value)
+
+
+def test_infeasible_budget_states_range():
+    cm = hasb.CostModel.from_model(hand_model())
+    with pytest.raises(BudgetError, match=r"infeasible.*feasible average bits range is 2–8"):
+        cm.parse_budget("1.5")
+    lo = cm.uniform_bitops(2)
+    with pytest.raises(BudgetError, match="feasible BitOPs range"):
+        cm.parse_budget(f"{lo * 0.9:.6e}")
+    b = cm.parse_budget("3.5")
+    assert b.limit == pytest.approx(cm.uniform_bitops(3.5))
+    with pytest.raises(BudgetError, match="BitOPs"):   # a bare number above 32 is read as BitOPs
+        cm.parse_budget("100")
+    big = cm.parse_budget("9999GBOPs")   # above the largest config: accepted, does not bind
+    assert cm.within(hasb.BitConfig.uniform(cm.names, 8), big)

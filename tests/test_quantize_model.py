@@ -1,0 +1,167 @@
+"""quantize_model on every zoo model; BitConfig validation and JSON; export/load round trip; data errors."""
+import json
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hasb
+from hasb.config import ConfigError
+from hasb.models import MODELS, UnknownModelError, build_model
+
+
+def _mixed(model, rng):
+    bits = hasb.candidate_bits(model)
+    return hasb.BitConfig({n: rng.choice(bits) for n in hasb.searchable_layers(model)})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_forward_backward_every_bit(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    ref = model(x)
+    hasb.quantize_model(model)
+    hasb.set_fp(model)
+    assert torch.equal(model(x), ref), "fp config must equal the float model"
+    hasb.restore_fixed(model)
+    model.train()
+    hasb.init_quantizers(model, x)
+    outs = {}
+    rng = random.Random(0)
+    for cfg in [8, 6, 4, 2, _mixed(model, rng)]:
+        hasb.set_config(model, cfg)
+        model.zero_grad()
+        y = model(x)
+        y.square().mean().backward()
+        grads = [p.grad for n, p in model.named_parameters() if n.endswith("w_scale") and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        outs[str(cfg)] = y.detach()
+    assert not torch.allclose(outs["8"], outs["2"]), "outputs must change with bits"
+
+
+def test_every_conv_and_linear_swapped_with_module_paths():
+    model = hasb.quantize_model(build_model("mobilenet_v2"))
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(isinstance(model.get_submodule(n), (hasb.QConv2d, hasb.QLinear)) for n in convs)
+    dw = model.get_submodule("features.2.conv.1.0")
+    assert dw.groups == dw.in_channels > 1
+    assert hasb.get_spec(model).fixed == ("features.0.0", "classifier.1")
+
+
+def test_torchvision_state_dict_names_kept():
+    m = build_model("resnet18")
+    names = set(dict(m.named_parameters()))
+    assert {"conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight", "fc.weight", "fc.bias"} <= names
+
+
+def test_fixed_layers_8bit_option_and_config_validation():
+    model = hasb.quantize_model(build_model("small_cnn"), bits=(4, 3, 2), fixed_bits=8)
+    assert model.conv1.w_bit == 8 and model.fc.a_bit == 8
+    names = hasb.searchable_layers(model)
+    with pytest.raises(ConfigError, match="bit 8 is not a candidate; accepted: 2, 3, 4"):
+        hasb.set_config(model, {n: 8 for n in names})
+    with pytest.raises(ConfigError, match="unknown layer 'nope'"):
+        hasb.set_config(model, {**{n: 4 for n in names}, "nope": 4})
+    with pytest.raises(ConfigError, match="misses"):
+        hasb.set_config(model, {names[0]: 4})
+    with pytest.raises(ConfigError, match="fixed at 8"):
+        hasb.set_config(model, {**{n: 4 for n in names}, "conv1": 4})
+    with pytest.raises(ConfigError, match="bad bit 'x'"):
+        hasb.BitConfig({"conv2": "x"})
+    with pytest.raises(ConfigError, match="candidate bits must be integers in 1..8"):
+        hasb.quantize_model(build_model("small_cnn"), bits=(16, 4))
+
+
+def test_bitconfig_json_round_trip(tmp_path):
+    cfg = hasb.BitConfig({"a": (8, 4), "b": "fp", "c": 2})
+    assert hasb.BitConfig.from_json(cfg.to_json()) == cfg
+    p = cfg.save(tmp_path / "c.json")
+    assert hasb.BitConfig.load(p) == cfg
+    assert json.loads(p.read_text())["layers"]["b"] == {"w_bits": "fp", "a_bits": "fp"}
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        hasb.BitConfig.from_json("{nope")
+    with pytest.raises(ConfigError, match="'layers'"):
+        hasb.BitConfig.from_json("[1, 2]")
+
+
+def test_use_config_switches_without_copying_weights():
+    model = hasb.quantize_model(build_model("small_cnn"))
+    ptr = model.conv2.weight.data_ptr()
+    with hasb.use_config(model, 2):
+        assert model.conv2.w_bit == 2 and model.conv2.weight.data_ptr() == ptr
+    assert model.conv2.w_bit == 8
+
+
+def test_batchnorm_follows_its_producer_bit():
+    model = hasb.quantize_model(build_model("small_cnn"))
+    names = hasb.searchable_layers(model)
+    hasb.set_config(model, {n: (4 if n == "conv3" else 8) for n in names})
+    assert model.bn3.key == "4" and model.bn2.key == "8" and model.bn1.key == "fp"
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "vit_tiny"])
+def test_export_load_round_trip_bit_exact(tmp_path, name):
+    from hasb.export import export_deployment, load_quantized, read_checkpoint, save_quantized
+    torch.manual_seed(1)
+    model = hasb.quantize_model(build_model(name))
+    x = torch.randn(3, 1, 28, 28)
+    model.train()
+    hasb.init_quantizers(model, x)
+    for b in (8, 4):   # move BN statistics away from their init
+        hasb.set_config(model, b)
+        model(x)
+    model.eval()
+    mixed = _mixed(model, random.Random(3))
+    hasb.set_config(model, mixed)
+    path = save_quantized(model, tmp_path / "m.pt", extra={"note": "x"})
+    obj = torch.load(path, weights_only=True)
+    assert next(iter(obj["layers"].values()))["weight"].dtype == torch.float32   # fp first layer kept float
+    assert any(e.get("w_int") is not None and e["w_int"].dtype == torch.int8 for e in obj["layers"].values())
+    loaded, extra = load_quantized(path)
+    assert extra == {"note": "x"} and hasb.get_config(loaded) == mixed
+    for cfg in (8, 6, 4, 2, mixed):
+        hasb.set_config(model, cfg)
+        hasb.set_config(loaded, cfg)
+        assert torch.equal(model(x), loaded(x)), f"outputs differ at {cfg}"
+    dep = read_checkpoint(export_deployment(model, 2, tmp_path / "d.pt"))
+    name0 = hasb.searchable_layers(model)[0]
+    assert torch.equal(dep["layers"][name0]["w_int"], model.get_submodule(name0).int_weight(2))
+    assert dep["layers"][name0]["w_int"].abs().max() <= 2
+
+
+def test_corrupt_checkpoint_clear_error(tmp_path):
+    from hasb.export import CheckpointError, load_quantized
+    p = tmp_path / "bad.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_quantized(p)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_quantized(tmp_path / "missing.pt")
+
+
+def test_unknown_model_and_user_callable():
+    with pytest.raises(UnknownModelError, match="accepted: resnet20"):
+        build_model("resnet999")
+    m = build_model("hasb.models.small:small_cnn", in_channels=3, image_size=32)
+    assert m.conv1.in_channels == 3
+    assert hasb.quantize_model(m).example_input_shape == (3, 32, 32)
+
+
+def test_missing_data_dir_error(tmp_path):
+    from hasb.data import DataError, load_dataset
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", data_dir=str(tmp_path))
+
+
+def test_real_fashion_mnist_splits(fmnist_small):
+    d = fmnist_small
+    assert d.train[0].shape[1:] == (1, 28, 28) and len(d.val[0]) == 512 and len(d.test[0]) == 10000
+    assert d.train[1].min() == 0 and d.train[1].max() == 9
+    from hasb.data import load_dataset
+    again = load_dataset("fashion-mnist", train_limit=2048, val_limit=512)
+    assert torch.equal(again.val[0], d.val[0])
+    other = load_dataset("fashion-mnist", train_limit=2048, val_limit=512, seed=1)
+    assert not torch.equal(other.val[0], d.val[0])

@@ -1,0 +1,125 @@
+"""Double Rounding quantizer: integer formulas, ranges, idempotence, per-channel LSQ gradients."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from hasb import quantizer as Q
+
+BIT_PAIRS = [(h, l) for h in (8, 6, 4, 3) for l in range(2, h + 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(BIT_PAIRS), st.lists(st.integers(-128, 127), min_size=1, max_size=64))
+def test_half_up_equals_integer_add_and_shift(hl, ints):
+    h, l = hl
+    lo, hi = Q.int_range(h)
+    w_h = torch.tensor([min(max(v, lo), hi) for v in ints], dtype=torch.int32)
+    d = h - l
+    expect = (w_h + (1 << (d - 1))) >> d if d else w_h
+    qn, qp = Q.int_range(l)
+    expect = expect.clamp(qn, qp)
+    got_float = Q.derive_int(w_h.float(), l, h, "half_up")
+    got_int = Q.derive_int(w_h, l, h, "half_up")
+    assert torch.equal(got_float.to(torch.int32), expect)
+    assert torch.equal(got_int, expect)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(BIT_PAIRS), st.lists(st.integers(-128, 127), min_size=1, max_size=64))
+def test_half_even_equals_torch_round(hl, ints):
+    h, l = hl
+    lo, hi = Q.int_range(h)
+    w_h = torch.tensor([min(max(v, lo), hi) for v in ints], dtype=torch.float32)
+    qn, qp = Q.int_range(l)
+    expect = torch.round(w_h / 2 ** (h - l)).clamp(qn, qp)
+    assert torch.equal(Q.derive_int(w_h, l, h, "half_even"), expect)
+
+
+def test_roundings_differ_on_ties():
+    # 6/4 = 1.5 and -6/4 = -1.5: half-up gives 2 and -1, half-even gives 2 and -2
+    w = torch.tensor([6.0, -6.0, 2.0, -2.0])
+    assert Q.derive_int(w, 6, 8, "half_up").tolist() == [2, -1, 1, 0]
+    assert Q.derive_int(w, 6, 8, "half_even").tolist() == [2, -2, 0, -0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(8, 8), (8, 6), (8, 4), (8, 2), (4, 3), (4, 2)]), st.integers(0, 2**31 - 1),
+       st.sampled_from(Q.ROUNDINGS))
+def test_ranges_and_idempotence(hl, seed, rounding):
+    h, l = hl
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 3, 3, 3, generator=g) * 0.3
+    s = Q.init_weight_scale(w, h) * (0.5 + torch.rand(5, generator=g))
+    w_int = Q.derive_int(Q.stored_int(w, s, h), l, h, rounding)
+    qn, qp = Q.int_range(l)
+    assert w_int.min() >= qn and w_int.max() <= qp
+    assert torch.equal(w_int, torch.round(w_int))
+    wq = Q.quantize_weight(w, s, l, h, rounding)
+    # value is exactly W_l · s_h · 2^(h-l)
+    assert torch.equal(wq, w_int * (s * 2 ** (h - l)).view(-1, 1, 1, 1))
+    # quantizing an already-quantized weight changes nothing
+    assert torch.equal(Q.quantize_weight(wq, s, l, h, rounding), wq)
+
+
+def lsq_reference_scale_grad(w, s, G, bit, h, rounding):
+    """Hand-written LSQ scale gradient (per channel) for L = Σ Ŵ·G."""
+    d = h - bit
+    qn, qp = Q.int_range(bit)
+    s_eff = (s * 2**d).view(-1, *[1] * (w.dim() - 1))
+    q = w / s_eff
+    w_l = Q.derive_int(Q.stored_int(w, s, h), bit, h, rounding)
+    inner = torch.where(q < qn, torch.full_like(q, qn), torch.where(q > qp, torch.full_like(q, qp), w_l - q))
+    g = 1.0 / math.sqrt(w[0].numel() * qp)
+    return g * 2**d * (inner * G).reshape(w.shape[0], -1).sum(1)
+
+
+@pytest.mark.parametrize("bit", [8, 6, 4, 2])
+@pytest.mark.parametrize("rounding", Q.ROUNDINGS)
+def test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding):
+    torch.manual_seed(bit)
+    w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * torch.linspace(0.05, 1.0, 6, dtype=torch.float64).view(-1, 1, 1, 1))
+    w.requires_grad_(True)
+    s = (Q.init_weight_scale(w, 8) * 0.7).requires_grad_(True)   # < 3σ range at 8 bit: some clipping
+    G = torch.randn_like(w)
+    (Q.quantize_weight(w, s, bit, 8, rounding) * G).sum().backward()
+    ref = lsq_reference_scale_grad(w.detach(), s.detach(), G, bit, 8, rounding)
+    torch.testing.assert_close(s.grad, ref, rtol=1e-10, atol=1e-12)
+    # per channel: not one value broadcast to every channel (the reference code's bug)
+    assert s.grad.unique().numel() == s.grad.numel()
+    # weight gradient: straight-through inside the clip range, zero outside
+    q = w.detach() / (s.detach() * 2 ** (8 - bit)).view(-1, 1, 1, 1)
+    qn, qp = Q.int_range(bit)
+    inside = (q >= qn) & (q <= qp)
+    torch.testing.assert_close(w.grad, G * inside)
+    if bit == 2:
+        assert (~inside).any(), "test should exercise clipping"
+
+
+def test_activation_lsq_values_and_gradient():
+    x = torch.tensor([-1.0, 0.04, 0.26, 0.5, 2.0], requires_grad=True)
+    s = torch.tensor(0.1, requires_grad=True)
+    y = Q.quantize_activation(x, s, 2, signed=False)   # range 0..3
+    assert torch.allclose(y, torch.tensor([0.0, 0.0, 0.3, 0.3, 0.3]))
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    q = torch.tensor([0.0, 0.4, 2.6, 3.0, 3.0])
+    inner = torch.tensor([0.0, 0.0 - 0.4, 3.0 - 2.6, 3.0, 3.0])
+    g = 1 / math.sqrt(5 * 3)
+    assert s.grad.item() == pytest.approx(g * inner.sum().item(), rel=1e-6)
+    ys = Q.quantize_activation(torch.tensor([-0.31, 0.31]), torch.tensor(0.1), 2, signed=True)   # -2..1
+    assert torch.allclose(ys, torch.tensor([-0.2, 0.1]))
+
+
+def test_exported_integers_reproduce_every_bit_with_integer_ops():
+    from hasb.export import derive_from_export
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    s = Q.init_weight_scale(w, 8)
+    w8 = Q.stored_int(w, s, 8).to(torch.int8)
+    for bit in (6, 4, 2):
+        for r in Q.ROUNDINGS:
+            expect = Q.derive_int(Q.stored_int(w, s, 8), bit, 8, r).to(torch.int8)
+            assert torch.equal(derive_from_export(w8, bit, 8, r), expect)
