@@ -299,3 +299,79 @@ def estimate_traces(op: HessianOperator, estimator: str = DEFAULT_ESTIMATOR, **k
 def _tick(progress, n: int) -> None:
     if progress is not None:
         progress.update(n)
+
+
+def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *, loss_fn=None, rtol: float = 0.05,
+                      max_probes: int = 256, block: int = 8, seed: int = 0, floor: float = 0.01,
+                      min_samples: int = 8, progress=None) -> TraceResult:
+    """Traces of the Hessian of the loss w.r.t. each layer's *input* activation (Rademacher, layer-restricted).
+
+    A forward pre-hook adds a zero tensor ε_l (requires grad) to layer l's input, so ∂²L/∂ε_l² is the
+    activation Hessian at the unperturbed point.  With L the sample-weighted mean over batches, its
+    trace is the per-sample average of tr(∇²_{x_l} ℓ_s); ``n_params`` is the per-sample activation size,
+    so ``trace_per_param`` is the per-element average.  Model in eval mode (see analysis.hvp).
+    ``n_hvp`` counts probe rounds per layer (each round: one probe per batch); ``max_probes`` caps them.
+    With torch.distributed initialised, batches are sharded and the per-round sums all-reduced.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from .hvp import _all_reduce_, _dist_on
+
+    loss_fn = loss_fn or F.cross_entropy
+    model.eval()
+    batches = list(batches)
+    on = _dist_on()
+    local = batches[dist.get_rank()::dist.get_world_size()] if on else batches
+    n_total = torch.tensor([float(sum(len(y) for _, y in local))], dtype=torch.float64)
+    if on:
+        dist.all_reduce(n_total)
+    n_total = float(n_total.item())
+    dev = next(model.parameters()).device
+    mods = [model.get_submodule(n) for n in layers]
+    graphs, numel = [], [0] * len(layers)
+    for x, y in local:   # one graph per batch, kept: activation probes are cheap compared with rebuilding
+        eps: list = [None] * len(layers)
+
+        def hook(i):
+            def fn(mod, inp):
+                e = torch.zeros_like(inp[0], requires_grad=True)
+                eps[i] = e
+                return (inp[0] + e,) + tuple(inp[1:])
+            return fn
+
+        hs = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(model(x.to(dev)), y.to(dev))
+                g = torch.autograd.grad(loss, eps, create_graph=True)
+        finally:
+            for h in hs:
+                h.remove()
+        graphs.append((eps, g, float(len(y))))
+        numel = [e[0].numel() for e in eps]
+    L = len(layers)
+    gen = torch.Generator().manual_seed(seed + 1000003 * (dist.get_rank() if on else 0))
+    st, exact, n_round = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)
+    conv = _converged(st, exact, rtol, floor, min_samples)
+    while not conv.all() and n_round.max() < max_probes:
+        active = list(np.flatnonzero(~conv))
+        k = max(1, min(block, max_probes - int(n_round.max())))
+        sums = torch.zeros(len(active), k, dtype=torch.float64)
+        for eps, g, w in graphs:
+            for a, l in enumerate(active):
+                v = rademacher((k, *eps[l].shape), gen, eps[l].dtype, eps[l].device)
+                for j in range(k):
+                    (hv,) = torch.autograd.grad(g[l], eps[l], grad_outputs=v[j], retain_graph=True)
+                    sums[a, j] += w * float((v[j].double() * hv.double()).sum())
+        if on:
+            _all_reduce_([sums])
+        for a, l in enumerate(active):
+            st.update(int(l), (sums[a] / n_total).numpy())
+            n_round[l] += k
+        _tick(progress, k * len(active))
+        conv = _converged(st, exact, rtol, floor, min_samples)
+    total = int(n_round.sum())
+    return TraceResult(names=list(layers), n_params=numel, trace=st.mean.copy(), stderr=st.stderr(),
+                       n_hvp=n_round, converged=conv, exact=exact, estimator="activation-layer", total_hvp=total,
+                       settings=dict(rtol=rtol, max_probes=max_probes, block=block, seed=seed, floor=floor))

@@ -193,6 +193,9 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

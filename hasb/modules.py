@@ -44,12 +44,14 @@ class QuantMixin:
         self.rounding = rounding
         self.fixed = fixed
         self.w_scale = nn.Parameter(Q.init_weight_scale(self.weight, self.high_bit))
-        self.act_scales = nn.ParameterDict({str(b): nn.Parameter(torch.ones(())) for b in bits})
+        dev = self.weight.device
+        self.act_scales = nn.ParameterDict({str(b): nn.Parameter(torch.ones((), device=dev)) for b in bits})
         # -1 undecided (decided from data at first init), 0 unsigned, 1 signed
-        self.register_buffer("act_signed", torch.tensor(-1 if act_signed is None else int(act_signed)))
-        self.register_buffer("act_init", torch.zeros(len(bits), dtype=torch.bool))
+        self.register_buffer("act_signed", torch.tensor(-1 if act_signed is None else int(act_signed), device=dev))
+        self.register_buffer("act_init", torch.zeros(len(bits), dtype=torch.bool, device=dev))
         self.w_bit = fixed_bit if fixed else bits[0]
         self.a_bit = fixed_bit if fixed else bits[0]
+        self._ready: dict[int, bool] = {}   # bit -> signed, once that bit's scale is initialised
 
     # -- bit switching -------------------------------------------------------
     def set_bits(self, w_bit: Optional[int], a_bit: Optional[int]) -> None:
@@ -79,20 +81,23 @@ class QuantMixin:
         if b is None:
             return x
         scale = self.act_scales[str(b)]
-        ready = self.__dict__.setdefault("_ready", {})
-        if b not in ready:  # python-side cache: no device sync once initialised
-            with torch.no_grad():
-                if int(self.act_signed) < 0:
-                    self.act_signed.fill_(int(bool((x.detach() < 0).any())))
-                i = self.candidate_bits.index(b)
-                if not bool(self.act_init[i]):
-                    scale.copy_(Q.init_activation_scale(x, b, bool(self.act_signed)))
-                    self.act_init[i] = True
-            ready[b] = bool(self.act_signed)
-        return Q.quantize_activation(x, scale, b, ready[b])
+        if b not in self._ready:   # python-side cache: no device sync once initialised
+            self._lazy_init(x, b)
+        return Q.quantize_activation(x, scale, b, self._ready[b])
+
+    @torch.compiler.disable
+    def _lazy_init(self, x: torch.Tensor, b: int) -> None:
+        with torch.no_grad():
+            if int(self.act_signed) < 0:
+                self.act_signed.fill_(int(bool((x.detach() < 0).any())))
+            i = self.candidate_bits.index(b)
+            if not bool(self.act_init[i]):
+                self.act_scales[str(b)].copy_(Q.init_activation_scale(x, b, bool(self.act_signed)))
+                self.act_init[i] = True
+        self._ready[b] = bool(self.act_signed)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_ready", None)
+        self._ready = {}
         super()._load_from_state_dict(*args, **kwargs)
 
     def bit_str(self) -> str:

@@ -30,13 +30,37 @@ plain differentiable ops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal
+import threading
+from typing import Iterator, Literal
 
 import torch
 
 Rounding = Literal["half_up", "half_even"]
 ROUNDINGS = ("half_up", "half_even")
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def composite_ops() -> Iterator[None]:
+    """Use only plain differentiable ops (no fused fake-quant kernel) inside this block.
+
+    Needed for higher-order autograd (double backward, ``torch.func.jvp``): the
+    fused kernel's backward has no derivative of its own.
+    """
+    prev = getattr(_state, "composite", False)
+    _state.composite = True
+    try:
+        yield
+    finally:
+        _state.composite = prev
+
+
+def _use_fused() -> bool:
+    # inductor fuses the composite ops with their neighbours; in eager the fused kernel saves ~4 passes
+    return not getattr(_state, "composite", False) and not torch.compiler.is_compiling()
 
 
 def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
@@ -144,6 +168,10 @@ def quantize_activation(
     """
     qn, qp = int_range(bit, signed)
     g = 1.0 / math.sqrt(x.numel() * max(qp, 1))
+    if _use_fused():
+        # ATen's fused LSQ kernel: same forward (round-half-even) and the same x / scale gradients
+        s1 = scale.reshape(1).float()
+        return torch._fake_quantize_learnable_per_tensor_affine(x, s1, torch.zeros_like(s1), qn, qp, g)
     s = grad_scale(scale, g)
     q = torch.clamp(x / s, qn, qp)
     return (q + (torch.round(q) - q).detach()) * s

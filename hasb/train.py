@@ -267,6 +267,28 @@ def _load_float_init(model: nn.Module, path: str) -> None:
                          f"{str(e).splitlines()[0][:300]}") from None
 
 
+@torch.no_grad()
+def _float_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> None:
+    """Cumulative BN running statistics of the float model on ``x`` (train-mode BN, nothing else changes)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was = model.training
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+
+
 def _parse_bits(bits) -> list[int]:
     try:
         out = sorted({int(b) for b in bits}, reverse=True)
@@ -295,6 +317,10 @@ def _build_model(cfg: TrainConfig, splits, ckpt: Optional[dict]) -> tuple[nn.Mod
                             image_size=splits.image_size)
         if cfg.init:
             _load_float_init(model, cfg.init)
+        else:
+            # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
+            # train-mode ones: activation scales initialised on them would clip almost everything
+            _float_bn_stats(model, splits.calib[0][:512])
         if any(not 1 <= b <= 8 for b in bits):
             raise TrainError(f"bits {bits} not in the candidate set: each must be an integer in 1..8")
         quantize_model(model, bits, fixed_bits=cfg.fixed_bits)
@@ -519,7 +545,7 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(ckpt["optimizer"])
         epoch0, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        sgen.set_state(ckpt["rng"]["sampler"])
+        pass
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         if sampler is not None and ckpt.get("sampler") is not None:

@@ -175,17 +175,30 @@ class Run:
         return _read_json(p) if p.is_file() else {}
 
     def bit_probabilities(self) -> tuple[dict, Optional[list], str]:
-        """HASB p_l(b) per layer: from the supernet's train_config if it recorded them, else
-        ``hasb.sampler.HASBSampler`` on the sensitivity traces (Alg. 1; the sampler's own code)."""
+        """HASB p_l(b) per layer and the sensitive layers, with where they came from.
+
+        Preference: the sampler the supernet was trained with (``supernet/model.pt`` extra
+        ``sampler.probabilities``, as hasb.train saves it); else ``hasb.sampler.HASBSampler`` on
+        sensitivity.json's per-parameter traces (Alg. 1, the sampler's own code)."""
         try:
-            tc = self.train_config("supernet")
+            d = self.train_dir("supernet")
         except MissingArtifact:
-            tc = {}
-        sampler = tc.get("sampler") if isinstance(tc.get("sampler"), dict) else {}
-        for key in ("bit_probabilities", "probabilities"):
-            sp = tc.get(key) or sampler.get(key)
-            if sp:
-                return sp, tc.get("sensitive") or sampler.get("sensitive"), "supernet/train_config.json"
+            d = None
+        if d is not None and (d / "model.pt").is_file():
+            import torch
+            try:
+                obj = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+                extra = json.loads(obj.get("extra", "{}")) if isinstance(obj, dict) else {}
+            except Exception as e:   # unreadable export: fall back to the traces, but say so
+                print(f"could not read {d / 'model.pt'}: {e}")
+                extra = {}
+            smp = extra.get("sampler") or {}
+            probs = smp.get("probabilities")
+            if probs:
+                # HASB rows are non-uniform exactly for sensitive layers (p ∝ b); uniform sampler: none.
+                sensitive = [n for n, row in probs.items() if max(row.values()) - min(row.values()) > 1e-9] \
+                    if smp.get("kind") == "hasb" else None
+                return probs, sensitive, f"{d / 'model.pt'} (sampler {smp.get('kind', '?')} used in training)"
         sens = self.sensitivity()
         df = self.traces()
         df = df[df["searchable"].astype(bool)]
@@ -285,20 +298,34 @@ def config_from_record(rec: Any, names: list[str]):
     return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a)})
 
 
+def chosen_point(chosen: dict) -> Optional[dict]:
+    """{accuracy, bitops|gbitops} of config.json (top level, or under ``metrics`` as search.export writes)."""
+    src = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else chosen
+    pick = {k: src[k] for k in ("accuracy", "bitops", "gbitops") if src.get(k) is not None}
+    return pick if "accuracy" in pick and ({"bitops", "gbitops"} & set(pick)) else None
+
+
 def budget_bitops(chosen: dict, cost) -> Optional[float]:
-    """The budget of config.json in BitOPs (``budget`` as text, number or {limit|bitops|text})."""
+    """The BitOPs budget of config.json: ``budget`` as text/number, {kind, value, limit, text}, or a list of
+    those (search.export; the first BitOPs / average-bit one is used)."""
     b = chosen.get("budget")
-    if b is None:
-        return None
-    if isinstance(b, dict):
-        for k in ("limit_bitops", "bitops", "limit"):
-            if isinstance(b.get(k), (int, float)) and (b.get("kind") in (None, "bitops", "avg_bits") or k != "limit"):
-                return float(b[k])
-        b = b.get("text") or b.get("value")
+    items = b if isinstance(b, list) else [b]
+    for b in items:
         if b is None:
-            return None
-    try:
-        parsed = cost.parse_budget(str(b))
-    except ValueError:
-        return None
-    return parsed.limit if parsed.kind in ("bitops", "avg_bits") and math.isfinite(parsed.limit) else None
+            continue
+        if isinstance(b, dict):
+            if b.get("kind") in ("bitops", "avg_bits") and isinstance(b.get("limit"), (int, float)) \
+                    and math.isfinite(b["limit"]):
+                return float(b["limit"])
+            if b.get("kind") not in (None, "bitops", "avg_bits"):
+                continue
+            b = b.get("text") or b.get("value")
+            if b is None:
+                continue
+        try:
+            parsed = cost.parse_budget(str(b))
+        except ValueError:
+            continue
+        if parsed.kind in ("bitops", "avg_bits") and math.isfinite(parsed.limit):
+            return parsed.limit
+    return None

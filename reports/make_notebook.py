@@ -57,7 +57,7 @@ fig_dir = None   # where figures are saved as PNG; None = only display
 import pandas as pd
 from IPython.display import Markdown, display
 
-from reports.artifacts import Run, config_from_record, budget_bitops
+from reports.artifacts import Run, budget_bitops, chosen_point, config_from_record
 from reports.nbtools import Report
 from reports.plots import (plot_bit_allocation, plot_bit_probabilities, plot_omega_heatmap, plot_pareto,
                            plot_spectral_density, plot_traces, plot_training_curves)
@@ -180,11 +180,7 @@ with report.section("pareto"):
     except Exception as e:
         print("no chosen config:", e)
         chosen = None
-    pick = None
-    if chosen is not None:
-        pick = {k: chosen[k] for k in ("accuracy", "bitops", "gbitops") if k in chosen}
-        if "accuracy" not in pick or not ({"bitops", "gbitops"} & set(pick)):
-            pick = None
+    pick = chosen_point(chosen) if chosen is not None else None
     budget = budget_bitops(chosen, cost) if (chosen is not None and cost is not None) else None
     report.show(plot_pareto(points, front_df=front, uniform_df=uniform, chosen=pick, budget_bitops=budget,
                             avg_bits_fn=cost), "pareto")
@@ -214,14 +210,16 @@ with report.section("bit_allocation"):
     if pts is not None and "config" in pts and "on_front" in pts:
         front = pts[pts["on_front"].astype(str).str.lower().isin(["true", "1"])]
         target = cost.avg_bit_equivalent(cfg)
-        for delta in (-1.0, 1.0):   # front configs one average bit below/above the chosen one
-            if front.empty:
-                break
-            fr = front.assign(_avg=[cost.avg_bit_equivalent(config_from_record(s, cost.names)) for s in front["config"]])
-            row = fr.iloc[(fr["_avg"] - (target + delta)).abs().argsort().iloc[0]]
+        fr = front.assign(_avg=[cost.avg_bit_equivalent(config_from_record(s, cost.names)) for s in front["config"]])
+        for delta in (-1.0, 1.0):   # the front config nearest one average bit below / above the chosen one
+            side = fr[(fr["_avg"] - target) * delta > 0.25]
+            if side.empty:
+                continue
+            row = side.iloc[(side["_avg"] - (target + delta)).abs().argsort().iloc[0]]
             c2 = config_from_record(row["config"], cost.names)
-            if abs(row["_avg"] - target) > 0.25 and c2.short() not in {c.short() for c in configs.values()}:
+            if c2.short() not in {c.short() for c in configs.values()}:
                 configs[f"front ({row['_avg']:.2f} avg bits)"] = c2
+    configs = dict(sorted(configs.items(), key=lambda kv: cost.bitops(kv[1])))   # low → high budget
     report.show(plot_bit_allocation(configs, cost), "bit_allocation")
 """)
 

@@ -28,6 +28,7 @@ from matplotlib import colors as mcolors
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "PlotError", "DPI", "figure_size", "bit_color", "save_figure", "figure_png_bytes",
@@ -59,8 +60,8 @@ def figure_size(kind: str, n: int = 0) -> tuple[float, float]:
     pareto, training.
     """
     n = max(int(n), 1)
-    if kind in ("traces", "probabilities"):
-        return (round(max(7.0, 1.6 + _COL_WIDTH * n), 2), 5.0)
+    if kind in ("traces", "probabilities"):   # + ~2 in for the legend outside the axes
+        return (round(max(8.0, 3.6 + _COL_WIDTH * n), 2), 5.0)
     if kind == "allocation":
         return (round(max(8.0, 1.8 + _COL_WIDTH * n), 2), 7.5)
     if kind == "omega":
@@ -99,6 +100,14 @@ def _parse_bit(b: Any) -> Optional[int]:
         return None
     b = int(b)
     return None if b == 32 else b
+
+
+def _bit_keyed(row: Mapping, layer: Any) -> dict:
+    """{bit: value} with keys normalised (8, "8" → 8; "fp" → None), so JSON (str) and Python (int) keys agree."""
+    try:
+        return {_parse_bit(b): float(v) for b, v in dict(row).items()}
+    except (TypeError, ValueError):
+        raise PlotError(f"layer {layer!r}: expected {{bit: number}}, got {row!r}") from None
 
 
 def _new_figure(size: tuple[float, float], ax: Optional[Axes] = None) -> tuple[Figure, Axes]:
@@ -230,7 +239,8 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
         handles.append(ax.scatter([], [], marker="x", color="black", label="trace = 0"))
     handles.append(matplotlib.lines.Line2D([], [], color="black", marker="|", linestyle="none", markersize=10,
                                            label="± 1 standard error"))
-    ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
+    # outside the axes: bars of any height can sit under an in-axes legend
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -247,7 +257,7 @@ def _omega_frame(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame]) 
     elif isinstance(omega, Mapping):
         if not omega:
             raise PlotError("plot_omega_heatmap: omega is empty")
-        df = pd.DataFrame.from_dict({k: dict(v) for k, v in omega.items()}, orient="index")
+        df = pd.DataFrame.from_dict({k: _bit_keyed(v, k) for k, v in omega.items()}, orient="index")
         df = df.loc[list(omega.keys())]
     else:
         raise PlotError(f"omega must be a dict {{layer: {{bit: value}}}} or a DataFrame, got {type(omega).__name__}")
@@ -371,7 +381,7 @@ def _bits_frame(probs: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame]) -
     elif isinstance(probs, Mapping):
         if not probs:
             raise PlotError("plot_bit_probabilities: probs is empty")
-        df = pd.DataFrame.from_dict({k: dict(v) for k, v in probs.items()}, orient="index").loc[list(probs)]
+        df = pd.DataFrame.from_dict({k: _bit_keyed(v, k) for k, v in probs.items()}, orient="index").loc[list(probs)]
     else:
         raise PlotError(f"probs must be a dict {{layer: {{bit: p}}}} or a DataFrame, got {type(probs).__name__}")
     try:
@@ -512,9 +522,11 @@ def plot_bit_allocation(configs: Mapping[str, Any], macs: Any, title: Optional[s
         ax2.bar(x + off, share, width=width, color="#4c72b0", alpha=0.35 + 0.65 * (k + 1) / n_cfg,
                 edgecolor="black", linewidth=0.4, hatch=hatches[k % len(hatches)],
                 label=f"{label}  ({total / 1e9:.3g} GBitOPs)")
-    maxbit = max(32 if b is None else b for b in used_bits)
+    # the full 0..8 (or higher) scale even when a config uses only low bits, so heights compare across figures
+    maxbit = max([32 if b is None else b for b in used_bits] + [8])
     ax.set_ylim(0, maxbit * 1.1)
-    ticks = sorted({32 if b is None else b for b in used_bits})
+    ticks = sorted({32 if b is None else b for b in used_bits} | {2, 4, 6, 8} if maxbit <= 8 else
+                   {32 if b is None else b for b in used_bits})
     ax.set_yticks(ticks)
     ax.set_ylabel("weight bits  [bits]")
     ax.set_title(title or "Bit allocation per layer")
@@ -649,9 +661,12 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
             ax.annotate(_uniform_label(uniform_df.iloc[i].to_dict()), xy=(ux[i], uy[i]), xytext=(0, dy),
                         textcoords="offset points", ha="center", fontsize=8, zorder=5,
                         bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+    funcs = _avg_funcs(avg_bits_fn)
     if budget_bitops is not None and np.isfinite(budget_bitops):
-        ax.axvline(budget_bitops / 1e9, color="#9467bd", linestyle="--", linewidth=1.3,
-                   label=f"budget {budget_bitops / 1e9:.3g} GBitOPs", zorder=1)
+        blab = f"budget {budget_bitops / 1e9:.3g} GBitOPs"
+        if funcs is not None:
+            blab += f" (= {float(funcs[0](budget_bitops / 1e9)):.3g} avg bits)"
+        ax.axvline(budget_bitops / 1e9, color="#9467bd", linestyle="--", linewidth=1.3, label=blab, zorder=1)
     if chosen is not None:
         cdf = pd.DataFrame([dict(chosen)])
         cx = float(_gbitops(cdf, "chosen")[0])
@@ -663,11 +678,10 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
     ax.set_ylabel("accuracy  [%]")
     ax.set_title(title or "Accuracy vs BitOPs", pad=10)
     ax.grid(alpha=0.3)
-    funcs = _avg_funcs(avg_bits_fn)
     if funcs is not None:
         sec = ax.secondary_xaxis("top", functions=funcs)
         sec.set_xlabel("average-bit equivalent  [bits]")
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)   # "best": fronts differ in shape run to run
     return fig
 
 
@@ -724,6 +738,9 @@ def plot_training_curves(metrics: pd.DataFrame, title: Optional[str] = None) -> 
         h3, l3 = ax3.get_legend_handles_labels()
         h, l = h + h3, l + l3
     if h:
-        ax2.legend(h, l, fontsize=7, loc="upper right")
+        # outside the axes: several learning-rate lines can coincide with the loss curve anywhere
+        fig.legend(h, l, fontsize=7, loc="outside right upper")
+    for a in (ax1, ax2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title or "Training curves")
     return fig

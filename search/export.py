@@ -1,0 +1,176 @@
+"""The chosen config as a versioned JSON document, plus its integer checkpoint.
+
+Document (``schema: "hasb-search-config"``, ``schema_version: 1``)::
+
+    {
+      "schema": "hasb-search-config", "schema_version": 1,
+      "model": "small_cnn", "build": {...hasb_build...}, "bits": [8, 6, 4, 2],
+      "config": {"layers": {layer: {"w_bits": 4, "a_bits": 4}, ...}},     # hasb.BitConfig JSON (searchable)
+      "fixed_layers": {layer: "fp" | int},
+      "bit_config": {layer: [w_bits, a_bits], ...},                       # HAWQ-style mapping
+      "bitwidth_per_scope": [[bits, "weights:<layer>"], [bits, "activations:<layer>"], ...],  # NNCF-style list
+      "metrics": {"bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss"},
+      "budget": [{"kind", "value", "limit", "text"}], "budget_binds": bool, "source": "ilp"|"optuna"|"uniform",
+      "provenance": {"sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command", "created"},
+      "integer_checkpoint": "deploy.pt" | null                            # relative to the JSON file
+    }
+
+``hasb.BitConfig.load(path)`` reads the ``config`` part directly.  Units: BitOPs
+per sample (GBitOPs = 1e9), bytes, bits; accuracy in [0, 1], loss in nats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str, parse_bit
+
+SCHEMA = "hasb-search-config"
+SCHEMA_VERSION = 1
+BUDGET_KINDS = ("avg_bits", "bitops", "size", "plain_avg")
+METRIC_KEYS = ("bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss")
+SOURCES = ("ilp", "optuna", "uniform")
+
+
+class ExportError(ValueError):
+    """An export document that does not follow the schema."""
+
+
+def bit_config(config: BitConfig, fixed: Optional[Mapping[str, Any]] = None) -> dict[str, tuple]:
+    """HAWQ-style ``{layer: (w_bits, a_bits)}`` (fp as "fp"), fixed layers included when given."""
+    out = {n: (bit_str(w), bit_str(a)) for n, (w, a) in config.layers.items()}
+    for n, b in (fixed or {}).items():
+        out.setdefault(n, (bit_str(parse_bit(b)), bit_str(parse_bit(b))))
+    return out
+
+
+def bitwidth_per_scope(config: BitConfig) -> list[list]:
+    """NNCF-style ``[[bits, scope], ...]``: one weight and one activation entry per searchable layer."""
+    out: list[list] = []
+    for n, (w, a) in config.layers.items():
+        out.append([bit_str(w), f"weights:{n}"])
+        out.append([bit_str(a), f"activations:{n}"])
+    return out
+
+
+def make_document(*, model_name: str, build: Optional[dict], bits: Sequence[int], config: BitConfig,
+                  fixed: Mapping[str, Any], metrics: Mapping[str, float], budgets: Sequence[Any],
+                  budget_binds: bool, source: str, provenance: Mapping[str, Any],
+                  integer_checkpoint: Optional[str] = None) -> dict:
+    """Assemble (and validate) the export document; ``budgets`` are hasb.Budget objects or dicts."""
+    buds = []
+    for b in budgets:
+        d = b if isinstance(b, Mapping) else {"kind": b.kind, "value": b.value, "limit": b.limit, "text": b.text}
+        buds.append({k: (float(d[k]) if k in ("value", "limit") else d[k]) for k in ("kind", "value", "limit", "text")})
+    prov = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(provenance)}
+    doc = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model_name, "build": build or {},
+        "bits": [int(b) for b in bits], "config": config.to_dict(),
+        "fixed_layers": {n: bit_str(parse_bit(b)) for n, b in fixed.items()},
+        "bit_config": {n: list(v) for n, v in bit_config(config, fixed).items()},
+        "bitwidth_per_scope": bitwidth_per_scope(config),
+        "metrics": {k: float(metrics[k]) for k in METRIC_KEYS},
+        "budget": buds, "budget_binds": bool(budget_binds), "source": source, "provenance": prov,
+        "integer_checkpoint": integer_checkpoint,
+    }
+    validate(doc)
+    return doc
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ExportError(f"invalid {SCHEMA} document: {msg}")
+
+
+def validate(doc: Any) -> None:
+    """Hand-written schema check; raises ExportError naming the first problem."""
+    _need(isinstance(doc, Mapping), "top level must be an object")
+    for k in ("schema", "schema_version", "model", "bits", "config", "fixed_layers", "bit_config",
+              "bitwidth_per_scope", "metrics", "budget", "budget_binds", "source", "provenance"):
+        _need(k in doc, f"missing key {k!r}")
+    _need(doc["schema"] == SCHEMA, f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
+    _need(isinstance(doc["schema_version"], int) and doc["schema_version"] <= SCHEMA_VERSION,
+          f"schema_version {doc['schema_version']!r} not supported (this reader: ≤ {SCHEMA_VERSION})")
+    _need(isinstance(doc["model"], str) and doc["model"], "model must be a non-empty string")
+    bits = doc["bits"]
+    _need(isinstance(bits, list) and bits and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16
+                                                  for b in bits), "bits must be a non-empty list of ints 1..16")
+    try:
+        cfg = BitConfig.from_dict(doc["config"])
+    except ConfigError as e:
+        raise ExportError(f"invalid {SCHEMA} document: config: {e}") from None
+    _need(len(cfg) > 0, "config has no layer")
+    for n, (w, a) in cfg.layers.items():
+        _need(w in bits and a in bits, f"layer {n!r} bits ({bit_str(w)}, {bit_str(a)}) not in bits {bits}")
+    fixed = doc["fixed_layers"]
+    _need(isinstance(fixed, Mapping), "fixed_layers must be an object")
+    _need(not set(fixed) & set(cfg.layers), "a layer is both fixed and searchable")
+    bc = doc["bit_config"]
+    _need(isinstance(bc, Mapping), "bit_config must be an object")
+    for n, (w, a) in cfg.layers.items():
+        _need(n in bc and list(bc[n]) == [bit_str(w), bit_str(a)], f"bit_config[{n!r}] disagrees with config")
+    for n, b in fixed.items():
+        _need(n in bc and list(bc[n]) == [b, b], f"bit_config[{n!r}] disagrees with fixed_layers")
+    _need(set(bc) == set(cfg.layers) | set(fixed), "bit_config names layers outside config/fixed_layers")
+    bps = doc["bitwidth_per_scope"]
+    _need(isinstance(bps, list) and all(isinstance(e, list) and len(e) == 2 and isinstance(e[1], str) for e in bps),
+          "bitwidth_per_scope must be a list of [bits, scope] pairs")
+    _need(sorted(map(tuple, (map(str, e) for e in bps))) ==
+          sorted(map(tuple, (map(str, e) for e in bitwidth_per_scope(cfg)))),
+          "bitwidth_per_scope disagrees with config")
+    m = doc["metrics"]
+    _need(isinstance(m, Mapping), "metrics must be an object")
+    for k in METRIC_KEYS:
+        _need(k in m and isinstance(m[k], (int, float)) and math.isfinite(m[k]), f"metrics.{k} must be a finite number")
+    _need(m["bitops"] > 0 and m["size_bytes"] > 0, "metrics.bitops and size_bytes must be positive")
+    _need(abs(m["gbitops"] * 1e9 - m["bitops"]) <= 1e-6 * m["bitops"], "metrics.gbitops != bitops / 1e9")
+    _need(0.0 <= m["accuracy"] <= 1.0, "metrics.accuracy must be in [0, 1]")
+    buds = doc["budget"]
+    _need(isinstance(buds, list) and len(buds) > 0, "budget must be a non-empty list")
+    for b in buds:
+        _need(isinstance(b, Mapping) and b.get("kind") in BUDGET_KINDS, f"budget kind must be one of {BUDGET_KINDS}")
+        _need(isinstance(b.get("value"), (int, float)) and math.isfinite(b["value"]) and b["value"] > 0,
+              "budget value must be a positive number")
+    _need(isinstance(doc["budget_binds"], bool), "budget_binds must be true/false")
+    _need(doc["source"] in SOURCES, f"source must be one of {SOURCES}")
+    prov = doc["provenance"]
+    _need(isinstance(prov, Mapping), "provenance must be an object")
+    for k in ("sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command"):
+        _need(k in prov, f"provenance misses {k!r}")
+    ic = doc.get("integer_checkpoint")
+    _need(ic is None or (isinstance(ic, str) and ic), "integer_checkpoint must be a path string or null")
+
+
+def write(doc: Mapping, path: Union[str, Path]) -> Path:
+    """Validate, then write atomically."""
+    validate(doc)
+    return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def load(path: Union[str, Path]) -> tuple[BitConfig, dict]:
+    """Read and validate an export; returns (BitConfig of the searchable layers, the whole document)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"export not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p} is not valid JSON: {e}") from None
+    validate(doc)
+    return BitConfig.from_dict(doc["config"]), doc
+
+
+def export_integer(model, config: BitConfig, path: Union[str, Path], extra: Optional[dict] = None) -> Optional[Path]:
+    """The integer checkpoint of ``model`` at ``config`` (hasb.export.export_deployment); None if unavailable."""
+    try:
+        from hasb.export import export_deployment
+    except ImportError:   # pragma: no cover - older foundation
+        return None
+    return export_deployment(model, config, path, extra=extra)
+
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "ExportError", "bit_config", "bitwidth_per_scope", "make_document",
+           "validate", "write", "load", "export_integer"]

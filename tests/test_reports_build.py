@@ -1,0 +1,255 @@
+"""End-to-end: build the HTML report from the artifacts of a tiny run, check sections and figure PNGs.
+
+Fixture provenance (which path makes each artifact) — switch each to the real command once it exists:
+* training (multi/, supernet/): the REAL command ``python -m hasb.train`` (tiny: small_cnn, 64 images,
+  2 epochs) when Fashion-MNIST is installed; otherwise contract-format metrics files.
+* sensitivity.json/.csv: WRITTEN PER THE CONTRACT here, because ``analysis.sensitivity`` has no CLI yet
+  (``_HAVE["sensitivity"]``).  Ω uses the model's real Double Rounding quantizer (‖Q_b(W)−W‖²);
+  the traces are synthetic (log-normal, one negative to exercise that path).
+* pareto.csv, candidates.csv, config.json: WRITTEN PER THE CONTRACT here, because ``search.pareto`` has
+  no CLI yet (``_HAVE["pareto"]``).  BitOPs/avg bits come from hasb.CostModel; accuracies are synthetic.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hasb
+from hasb.models import build_model
+
+pytest.importorskip("nbclient")
+pytest.importorskip("nbconvert")
+pytest.importorskip("ipykernel")
+
+from reports import build as rbuild                          # noqa: E402
+from reports.make_notebook import FIGURES, SECTIONS          # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "small_cnn"
+BITS = (8, 6, 4, 2)
+
+
+def _module_has_main(mod: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(mod)
+    except ModuleNotFoundError:
+        return False
+    return spec is not None and spec.origin is not None and "def main(" in Path(spec.origin).read_text()
+
+
+_HAVE = {"sensitivity": _module_has_main("analysis.sensitivity"), "train": _module_has_main("hasb.train"),
+         "pareto": _module_has_main("search.pareto")}
+
+
+def _have_fmnist() -> bool:
+    try:
+        from hasb.data import find_data_dir
+        find_data_dir("fashion-mnist")
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- contract writers
+def write_sensitivity(run: Path, model: str = MODEL, seed: int = 0) -> dict:
+    """sensitivity.json + .csv exactly per the artifact contract (see module docstring for provenance)."""
+    rng = np.random.default_rng(seed)
+    net = hasb.quantize_model(build_model(model), bits=BITS)
+    cost = hasb.CostModel.from_model(net)
+    qlayers = hasb.quantized_layers(net)
+    rows, omega = [], {}
+    for i, l in enumerate(cost.layers):
+        tr = float(np.exp(rng.normal(0.0, 1.5)))
+        if i == len(cost.layers) - 2:          # one negative trace: indefinite block, reported explicitly
+            tr = -0.3 * tr
+        n = l.weight_params
+        rows.append({"layer": l.name, "n_params": n, "trace": tr, "trace_per_param": tr / n,
+                     "stderr": abs(tr) * float(rng.uniform(0.05, 0.2)), "n_hvp": 64, "searchable": l.searchable})
+        if l.searchable:
+            m = qlayers[l.name]
+            with torch.no_grad():
+                omega[l.name] = {str(b): tr / n * float(((m.quant_weight(b) - m.weight) ** 2).sum()) for b in BITS}
+    grid = np.linspace(-2.0, 60.0, 400)
+    dens = np.exp(-0.5 * (grid / 0.6) ** 2) + 1e-3 * np.exp(-0.5 * ((grid - 45.0) / 2.0) ** 2)
+    dens /= np.trapezoid(dens, grid)
+    sens = {"version": 1, "model": model, "fingerprint": "fixture-" + str(seed), "bits": list(BITS), "layers": rows,
+            "omega": omega, "negative_traces": [r["layer"] for r in rows if r["trace"] < 0],
+            "eigenvalues": [52.0, 47.5, 44.1, 30.2, 12.0], "density": {"grid": grid.tolist(), "density": dens.tolist()},
+            "meta": {"fixture": "tests/test_reports_build.py (contract-format, analysis CLI not yet available)"}}
+    hasb.atomic_write_text(run / "sensitivity.json", json.dumps(sens))
+    hasb.atomic_write_text(run / "sensitivity.csv", pd.DataFrame(rows).to_csv(index=False))
+    return sens
+
+
+def write_metrics(d: Path, stage: str, epochs: int = 3, seed: int = 0) -> None:
+    """metrics.csv/.json + train_config.json in hasb.train's format (used when the data is not installed)."""
+    rng = np.random.default_rng(seed)
+    hist = []
+    for e in range(1, epochs + 1):
+        row = {"epoch": e, "step": 10 * e, "loss": 2.3 / e + 0.05 * rng.random()}
+        for b in BITS:
+            row[f"acc_w{b}a{b}"] = min(0.95, 0.5 + 0.1 * e - 0.02 * (8 - b))
+        row.update(lr_weights=1e-3 / e, lr_scales_w8a8=1e-3 / e, lr_scales_w2a2=1e-6 / e)
+        hist.append(row)
+    hasb.atomic_write_text(d / "metrics.json", json.dumps(hist))
+    hasb.atomic_write_text(d / "metrics.csv", pd.DataFrame(hist).to_csv(index=False))
+    hasb.atomic_write_text(d / "train_config.json", json.dumps({"stage": stage, "model": MODEL}))
+
+
+def write_pareto(run: Path, model: str = MODEL, n: int = 60, seed: int = 0, budget: str = "4.5") -> None:
+    """pareto.csv, candidates.csv, config.json per the contract (BitOPs from hasb.CostModel; synthetic accuracy)."""
+    rng = np.random.default_rng(seed)
+    cost = hasb.CostModel.from_model(hasb.quantize_model(build_model(model), bits=BITS))
+    rows = []
+
+    def add(cfg, source):
+        avg = cost.avg_bit_equivalent(cfg)
+        acc = 0.90 - 0.6 * np.exp(-1.1 * avg) + (rng.normal(0, 0.004) if source != "uniform" else 0.0)
+        rows.append({"config_id": cfg.digest(), "bitops": cost.bitops(cfg), "gbitops": cost.bitops(cfg) / 1e9,
+                     "avg_bit_equivalent": avg, "size_bytes": cost.size_bytes(cfg), "accuracy": acc,
+                     "loss": 1.0 - acc, "source": source, "config": cfg.short()})
+
+    for b in BITS:
+        add(hasb.BitConfig.uniform(cost.names, b), "uniform")
+    for i in range(n):
+        # mixes over a random subset of the bits, so the points span the whole BitOPs range
+        pool = rng.choice(BITS, size=int(rng.integers(1, len(BITS) + 1)), replace=False)
+        add(hasb.BitConfig({nm: int(rng.choice(pool)) for nm in cost.names}), "ilp" if i % 3 == 0 else "optuna")
+    df = pd.DataFrame(rows).drop_duplicates("config_id")
+    # non-dominated in (BitOPs ↓, accuracy ↑)
+    df = df.sort_values(["bitops", "accuracy"], ascending=[True, False])
+    best, front = -1.0, []
+    for acc in df["accuracy"]:
+        front.append(acc > best)
+        best = max(best, acc)
+    df["on_front"] = front
+    hasb.atomic_write_text(run / "candidates.csv", df.to_csv(index=False))
+    hasb.atomic_write_text(run / "pareto.csv", df.to_csv(index=False))
+    limit = cost.parse_budget(budget).limit
+    pick = df[df["bitops"] <= limit].sort_values("accuracy").iloc[-1]
+    cfg = next(hasb.BitConfig({nm: int(b) for nm, b in zip(cost.names, s.split("-"))}) for s in [pick["config"]])
+    hasb.atomic_write_text(run / "config.json", json.dumps({
+        "version": 1, "model": model, "config": cfg.to_dict(), "bitops": float(pick["bitops"]),
+        "gbitops": float(pick["gbitops"]), "avg_bit_equivalent": float(pick["avg_bit_equivalent"]),
+        "accuracy": float(pick["accuracy"]), "budget": budget}))
+
+
+def _train(args: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "hasb.train", *args, "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def make_run(root: Path, real_training: bool) -> Path:
+    run = root / "run"
+    run.mkdir(parents=True)
+    write_sensitivity(run)
+    if real_training:
+        tiny = ["--train-limit", "64", "--val-limit", "64", "--batch-size", "64", "--epochs", "2"]
+        _train(["--stage", "multi", "--model", MODEL, "--out", str(run / "multi"), *tiny])
+        _train(["--stage", "supernet", "--init", str(run / "multi" / "model.pt"), "--sensitivity",
+                str(run / "sensitivity.json"), "--out", str(run / "supernet"), *tiny])
+    else:
+        for st in ("multi", "supernet"):
+            write_metrics(run / st, st)
+    write_pareto(run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    t0 = time.time()
+    run = make_run(root, real_training=_HAVE["train"] and _have_fmnist())
+    t1 = time.time()
+    out = root / "out" / "report.html"
+    manifest = rbuild.build(run, out)
+    print(f"fixture {t1 - t0:.1f}s, build {time.time() - t1:.1f}s")
+    return run, out, manifest
+
+
+def _png_size_and_var(path: Path) -> tuple[tuple[int, int], float]:
+    import matplotlib.image as mpimg
+    img = mpimg.imread(path)
+    return (img.shape[1], img.shape[0]), float(img[..., :3].var())
+
+
+def test_html_has_every_section(built):
+    run, out, manifest = built
+    html = out.read_text()
+    for heading in SECTIONS.values():
+        assert heading in html, heading
+    assert "Section skipped" not in html and "Section failed" not in html
+    assert html.count("data:image/png;base64") >= sum(len(v) for v in FIGURES.values())
+    statuses = {k: v["status"] for k, v in manifest["sections"].items()}
+    assert set(statuses.values()) == {"ok"}, statuses
+    assert Path(manifest["python"]).resolve() == Path(sys.executable).resolve()
+
+
+def test_figures_saved_with_expected_size_and_not_blank(built):
+    from reports.plots import DPI, figure_size
+    run, out, manifest = built
+    fig_dir = out.with_name("report_figures")
+    n_layers = len(json.loads((run / "sensitivity.json").read_text())["layers"])
+    n_search = n_layers - 2   # first/last fixed
+    expected = {"traces": figure_size("traces", n_layers), "omega": figure_size("omega", n_search),
+                "spectral_density": figure_size("spectral"), "bit_probabilities": figure_size("probabilities", n_search),
+                "training_multi": figure_size("training"), "training_supernet": figure_size("training"),
+                "pareto": figure_size("pareto"), "bit_allocation": figure_size("allocation", n_search)}
+    assert sorted(expected) == sorted(f for v in FIGURES.values() for f in v)
+    for name, (w, h) in expected.items():
+        p = fig_dir / f"{name}.png"
+        assert p.is_file(), p
+        size, var = _png_size_and_var(p)
+        assert size == (round(w * DPI), round(h * DPI)), (name, size)
+        assert var > 1e-3, f"{name} looks blank (pixel variance {var:.2e})"
+
+
+def test_partial_run_renders_what_it_can(tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    write_pareto(run)           # only the search ran
+    out = tmp_path / "partial.html"
+    manifest = rbuild.build(run, out)
+    st = {k: v["status"] for k, v in manifest["sections"].items()}
+    assert st["pareto"] == "ok" and st["bit_allocation"] == "ok"
+    for k in ("traces", "omega", "spectral_density", "training_multi", "training_supernet"):
+        assert st[k] == "missing", (k, st[k])
+    html = out.read_text()
+    assert "python -m analysis.sensitivity" in html and "python -m hasb.train --stage supernet" in html
+    assert (tmp_path / "partial_figures" / "pareto.png").is_file()
+    assert not (tmp_path / "partial_figures" / "traces.png").exists()
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):
+    rc = rbuild.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "r.html")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nope" in err and "python -m" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_inject_parameters_after_tagged_cell():
+    import nbformat
+    nb = nbformat.read(str(rbuild.NOTEBOOK), as_version=4)
+    nbformat.validate(nb)
+    nb2 = rbuild.inject_parameters(nb, {"run_dir": "x'; import os", "fig_dir": None})
+    i = next(i for i, c in enumerate(nb2.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = nb2.cells[i + 1]
+    assert "injected-parameters" in injected.metadata["tags"]
+    ns: dict = {}
+    exec(injected.source, ns)     # the injected text is only literals: the quote stays inside the string
+    assert ns["run_dir"] == "x'; import os" and ns["fig_dir"] is None
+    assert len(nb2.cells) == len(nb.cells) + 1
+    with pytest.raises(rbuild.BuildError):
+        rbuild.inject_parameters(nb, {"run_dir": object()})

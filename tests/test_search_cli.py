@@ -1,0 +1,192 @@
+"""search.pareto end to end on a tiny fake run (untrained quantized small_cnn + contract sensitivity), exports,
+the Pareto front on known point sets, and bad input (one line, exit 2, nothing written)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hasb
+from hasb.config import BitConfig
+from search import export as sx
+from search.fakes import make_fake_run
+from search.pareto import main, pareto_mask
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--trials", "5", "--val-limit", "200", "--calib-size", "256", "--sweep", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    ck, sens = make_fake_run(d)
+    return ck, sens
+
+
+# ---------------------------------------------------------------------------------------------- front
+def test_pareto_mask_known_sets():
+    b = [1, 2, 3, 4, 2, 5, 3]
+    a = [.5, .6, .6, .9, .4, .9, .7]
+    # (3,.6) is dominated by (2,.6); (2,.4) by (2,.6); (5,.9) by (4,.9)
+    assert pareto_mask(b, a).tolist() == [True, True, False, True, False, False, True]
+    assert pareto_mask([1, 1], [.5, .5]).tolist() == [True, True]           # duplicates both stay
+    assert pareto_mask([], []).tolist() == []
+
+
+def test_pareto_mask_matches_definition_on_random_sets():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        b = rng.integers(0, 8, n).astype(float)   # many ties on purpose
+        a = rng.integers(0, 8, n) / 8
+        m = pareto_mask(b, a)
+        for i in range(n):
+            dominated = any(b[j] <= b[i] and a[j] >= a[i] and (b[j] < b[i] or a[j] > a[i]) for j in range(n))
+            assert m[i] == (not dominated)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
+    ck, sens = fake_run
+    out = tmp_path / "out"
+    args = ["--budget", "5", "--size", "20kB", "--checkpoint", str(ck), "--out", str(out), "--json"] + FAST
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for f in ("pareto.png", "pareto.svg", "pareto.csv", "candidates.csv", "config.json", "deploy.pt"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert summary["paths"]["config"] == str(out / "config.json")
+
+    model, _ = hasb.export.load_quantized(ck)
+    cost = hasb.CostModel.from_model(model)
+    cfg, doc = sx.load(out / "config.json")
+    assert BitConfig.load(out / "config.json") == cfg
+    # the chosen config respects every budget, recomputed from the cost model
+    assert cost.avg_bit_equivalent(cfg) <= 5 + 1e-9 and cost.size_bytes(cfg) <= 20e3
+    assert doc["metrics"]["bitops"] == pytest.approx(cost.bitops(cfg))
+    assert summary["chosen"]["bitops"] == pytest.approx(cost.bitops(cfg))
+    assert doc["provenance"]["checkpoint_sha256"] and doc["provenance"]["sensitivity_fingerprint"]
+
+    pareto = pd.read_csv(out / "pareto.csv")
+    for c in ("config_id", "bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "loss", "source",
+              "on_front", "config"):
+        assert c in pareto.columns
+    assert set(pareto.source) <= {"ilp", "optuna", "uniform"} and {"ilp", "uniform"} <= set(pareto.source)
+    assert pareto.on_front.tolist() == pareto_mask(pareto.bitops, pareto.accuracy).tolist()
+    assert pareto.config_id.is_unique
+    feas = pareto[pareto.feasible]
+    assert summary["chosen"]["accuracy"] == pytest.approx(feas.accuracy.max())
+    assert sorted(pareto[pareto.source == "uniform"].label) == ["w2a2", "w4a4", "w6a6", "w8a8"]
+    cand = pd.read_csv(out / "candidates.csv")
+    assert len(cand) >= len(pareto) and set(cand.digest) == set(pareto.digest)
+
+    # the integer checkpoint holds the chosen bits
+    dep = torch.load(out / "deploy.pt", weights_only=True)
+    for name, (w, a) in cfg.layers.items():
+        assert dep["layers"][name]["w_bits"] == w
+        assert dep["layers"][name]["w_int"].abs().max() <= 2 ** (w - 1)
+
+    # warm re-run: everything from caches
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["n_evaluated_now"] == 0
+    assert again["chosen"] == summary["chosen"]
+
+
+def test_budget_above_largest_config_does_not_bind(fake_run, tmp_path, capsys):
+    ck, _ = fake_run
+    out = tmp_path / "o"
+    assert main(["--budget", "100GBOPs", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--json"]
+                + FAST) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["budget_binds"] is False and "does not bind" in s["note"]
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert s["chosen"]["accuracy"] == pytest.approx(pareto.accuracy.max())
+
+
+# ---------------------------------------------------------------------------------------------- exports
+def test_export_validates_and_rejects_tampering(fake_run, tmp_path):
+    ck, _ = fake_run
+    model, _ = hasb.export.load_quantized(ck)
+    spec = model.hasb_spec
+    cfg = BitConfig({n: (4, 4) for n in hasb.searchable_layers(model)})
+    cost = hasb.CostModel.from_model(model)
+    s = cost.summary(cfg)
+    doc = sx.make_document(model_name="small_cnn", build=model.hasb_build, bits=spec.bits, config=cfg,
+                           fixed={n: "fp" for n in spec.fixed}, metrics={**s, "accuracy": 0.5, "loss": 1.0},
+                           budgets=[cost.parse_budget("4")], budget_binds=True, source="ilp",
+                           provenance={"sensitivity_fingerprint": "x", "checkpoint_sha256": "y",
+                                       "hasb_version": hasb.__version__, "command": "test"})
+    p = sx.write(doc, tmp_path / "c.json")
+    cfg2, doc2 = sx.load(p)
+    assert cfg2 == cfg and doc2["bit_config"][next(iter(cfg.layers))] == [4, 4]
+    assert [4, f"weights:{next(iter(cfg.layers))}"] in doc2["bitwidth_per_scope"]
+    assert set(doc2["bit_config"]) == set(cfg.layers) | set(spec.fixed)
+    bad_cases = [
+        ("schema_version", 99), ("schema", "other"), ("source", "magic"), ("budget", []),
+        ("metrics", {**doc["metrics"], "accuracy": 1.5}),
+        ("bit_config", {**doc["bit_config"], next(iter(cfg.layers)): [8, 8]}),
+        ("bitwidth_per_scope", doc["bitwidth_per_scope"][1:]),
+        ("config", {"layers": {**doc["config"]["layers"], "conv2": {"w_bits": 3, "a_bits": 3}}}),
+    ]
+    for key, val in bad_cases:
+        with pytest.raises(sx.ExportError):
+            sx.validate({**doc, key: val})
+    d = dict(doc)
+    d.pop("provenance")
+    with pytest.raises(sx.ExportError, match="provenance"):
+        sx.validate(d)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _bad_sensitivity(sens_path, tmp_path, mutate, name):
+    d = json.loads(Path(sens_path).read_text())
+    mutate(d)
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(d))
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["below", "negative", "nan", "text", "unknown_model", "other_model",
+                                  "sens_model", "sens_layers", "no_budget", "size_too_small", "missing_ckpt",
+                                  ])
+def test_bad_input_one_line_exit_2_nothing_written(case, fake_run, tmp_path, capsys):
+    ck, sens = fake_run
+    out = tmp_path / "never"
+    base = ["--checkpoint", str(ck), "--out", str(out)] + FAST
+    args = {
+        "below": ["--budget", "1.5"] + base,
+        "negative": ["--budget", "-3"] + base,
+        "nan": ["--budget", "nan"] + base,
+        "text": ["--budget", "lots"] + base,
+        "unknown_model": ["--budget", "4", "--model", "nosuchnet"] + base,
+        "other_model": ["--budget", "4", "--model", "resnet20"] + base,
+        "sens_model": ["--budget", "4", "--sensitivity",
+                       _bad_sensitivity(sens, tmp_path, lambda d: d.update(model="resnet20"), "a")] + base,
+        "sens_layers": ["--budget", "4", "--sensitivity",
+                        _bad_sensitivity(sens, tmp_path, lambda d: d["omega"].pop("conv3"), "b")] + base,
+        "no_budget": base,
+        "size_too_small": ["--size", "1kB"] + base,
+        "missing_ckpt": ["--budget", "4", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)],
+    }[case]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    expect = {"below": "feasible", "negative": "positive", "nan": "finite", "text": "not a number",
+              "unknown_model": "unknown model", "other_model": "small_cnn", "sens_model": "resnet20",
+              "sens_layers": "conv3", "no_budget": "no budget", "size_too_small": "feasible",
+              "missing_ckpt": "not found"}[case]
+    assert expect in err
+    assert not out.exists()
+
+
+def test_cli_subprocess_bad_budget_exit_code(fake_run, tmp_path):
+    ck, _ = fake_run
+    r = subprocess.run([sys.executable, "-m", "search.pareto", "--budget", "0.5", "--checkpoint", str(ck),
+                        "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "feasible average bits range is 2–8" in r.stderr
+    assert not (tmp_path / "x").exists()
