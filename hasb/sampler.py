@@ -203,7 +203,7 @@ def load_sensitivity_file(path: Union[str, Path]) -> dict:
         try:
             return load_sensitivity(p)
         except Exception as e:  # their validation error, re-raised as ours with the same message
-            raise SensitivityError(f"{p}: {e}") from None
+            raise SensitivityError(str(e)) from None
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

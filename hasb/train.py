@@ -545,7 +545,7 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(ckpt["optimizer"])
         epoch0, skip, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        pass
+        sgen.set_state(ckpt["rng"]["sampler"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         if sampler is not None and ckpt.get("sampler") is not None:

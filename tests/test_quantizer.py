@@ -78,7 +78,11 @@ def lsq_reference_scale_grad(w, s, G, bit, h, rounding):
 
 @pytest.mark.parametrize("bit", [8, 6, 4, 2])
 @pytest.mark.parametrize("rounding", Q.ROUNDINGS)
-def test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding):
+@pytest.mark.parametrize("composite", [False, True], ids=["fused", "composite"])
+def test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding, composite):
+    if composite:
+        with Q.composite_ops():
+            return test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding, False)
     torch.manual_seed(bit)
     w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * torch.linspace(0.05, 1.0, 6, dtype=torch.float64).view(-1, 1, 1, 1))
     w.requires_grad_(True)
@@ -98,7 +102,11 @@ def test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding):
         assert (~inside).any(), "test should exercise clipping"
 
 
-def test_activation_lsq_values_and_gradient():
+@pytest.mark.parametrize("composite", [False, True], ids=["fused", "composite"])
+def test_activation_lsq_values_and_gradient(composite):
+    if composite:
+        with Q.composite_ops():
+            return test_activation_lsq_values_and_gradient(False)
     x = torch.tensor([-1.0, 0.04, 0.26, 0.5, 2.0], requires_grad=True)
     s = torch.tensor(0.1, requires_grad=True)
     y = Q.quantize_activation(x, s, 2, signed=False)   # range 0..3
@@ -123,3 +131,21 @@ def test_exported_integers_reproduce_every_bit_with_integer_ops():
         for r in Q.ROUNDINGS:
             expect = Q.derive_int(Q.stored_int(w, s, 8), bit, 8, r).to(torch.int8)
             assert torch.equal(derive_from_export(w8, bit, 8, r), expect)
+
+
+def test_fused_and_composite_paths_agree_and_composite_is_twice_differentiable():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    s = Q.init_weight_scale(w, 8)
+    for bit in (8, 4, 2):
+        a = Q.quantize_weight(w, s, bit, 8)
+        with Q.composite_ops():
+            b = Q.quantize_weight(w, s, bit, 8)
+        assert torch.equal(a, b)
+    # second derivative through the straight-through path exists (zero curvature of the quantizer itself)
+    wr = w.clone().requires_grad_(True)
+    with Q.composite_ops():
+        y = (Q.quantize_weight(wr, s, 4, 8) ** 2).sum()
+        (gw,) = torch.autograd.grad(y, wr, create_graph=True)
+        (hv,) = torch.autograd.grad(gw, wr, torch.ones_like(wr))
+    assert torch.isfinite(hv).all()

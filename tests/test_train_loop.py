@@ -33,8 +33,8 @@ def write_stub_sensitivity(path, model):
     layers = [{"layer": n, "n_params": 1, "trace": t.get(n, 0.0), "trace_per_param": t.get(n, 0.0), "stderr": 0.0,
                "n_hvp": 1, "searchable": n in names} for n in order]
     omega = {n: {str(b): t[n] * 4.0 ** -b for b in BITS} for n in names}
-    path.write_text(json.dumps({"version": 1, "model": "small_cnn", "bits": BITS, "layers": layers,
-                                "omega": omega}))
+    path.write_text(json.dumps({"version": 1, "model": "small_cnn", "fingerprint": "stub", "bits": BITS,
+                                "layers": layers, "omega": omega, "negative_traces": []}))
     return path
 
 
