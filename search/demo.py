@@ -25,7 +25,9 @@ from hasb.config import atomic_write_text
 
 DEMO_MODEL = "small_cnn"
 MARKER = "demo.json"
-SENS_VERSION = 1      # bump when the demo's sensitivity settings change
+# demo sensitivity: full-model Hutchinson probes (every HVP serves all layers), 2×256 calibration images,
+# ≤ 32 HVPs — seconds on a 2-core CPU; the per-layer standard errors are in sensitivity.json
+SENS_SETTINGS = {"estimator": "full", "max_hvp": 32, "rtol": 0.1, "n_batches": 2, "backend": "double_backward"}
 # fields that do not change what a stage computes (paths, progress bars, restart flags)
 _FREE = {"out", "init", "sensitivity", "progress", "overwrite", "resume", "device", "data_dir", "checkpoint_every",
          "max_steps", "compile"}
@@ -54,7 +56,7 @@ def _stages() -> list:
 def fingerprint(stages) -> str:
     import hasb
     parts = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _FREE} for s in stages]
-    blob = json.dumps({"stages": parts, "hasb": hasb.__version__, "sens": SENS_VERSION}, sort_keys=True, default=str)
+    blob = json.dumps({"stages": parts, "hasb": hasb.__version__, "sens": SENS_SETTINGS}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -83,9 +85,10 @@ def compute_demo_sensitivity(model_pt: Path, out_json: Path, data_dir: Optional[
     from hasb.export import load_quantized
     model, _ = load_quantized(model_pt)
     splits = load_dataset("fashion-mnist", data_dir)
-    calib = list(batches(splits.calib, 256))
+    calib = list(batches(splits.calib, 256))[:SENS_SETTINGS["n_batches"]]
     from .evaluate import file_digest
-    res = compute_sensitivity(model, calib, bits=tuple(bits), model_name=DEMO_MODEL,
+    kw = {k: v for k, v in SENS_SETTINGS.items() if k != "n_batches"}
+    res = compute_sensitivity(model, calib, bits=tuple(bits), model_name=DEMO_MODEL, **kw,
                               fingerprint=f"demo-{file_digest(model_pt)}")
     res.to_json(out_json)
     try:
