@@ -1,0 +1,96 @@
+"""CLI: --help, and bad input → one clear line on stderr, exit code 2, nothing in the out dir touched."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+PY = sys.executable
+
+
+def run(*args, cwd=None):
+    return subprocess.run([PY, "-m", "hasb.train", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_help_lists_every_option():
+    r = run("--help")
+    assert r.returncode == 0
+    for flag in ("--stage", "--model", "--data", "--epochs", "--out", "--bits", "--batch-size", "--lr", "--wd",
+                 "--alrs", "--sampler", "--sensitivity", "--sigma", "--warmup-epochs", "--init", "--distill",
+                 "--train-limit", "--val-limit", "--seed", "--device", "--bf16", "--compile", "--checkpoint-every",
+                 "--resume", "--data-dir"):
+        assert flag in r.stdout, flag
+
+
+def _assert_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture()
+def existing_out(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.json").write_text("precious")
+    (out / "metrics.csv").write_text("precious")
+    return out
+
+
+def _untouched(out):
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "train_config.json"]
+    assert (out / "train_config.json").read_text() == "precious"
+
+
+def test_unknown_model(existing_out):
+    _assert_error(run("--model", "resnet21", "--out", str(existing_out), "--train-limit", "64"),
+                  "unknown model 'resnet21'", "accepted:")
+    _untouched(existing_out)
+
+
+def test_bits_not_candidates(existing_out):
+    _assert_error(run("--model", "tiny_mlp", "--bits", "8,12", "--out", str(existing_out), "--train-limit", "64"),
+                  "not in the candidate set")
+    _untouched(existing_out)
+
+
+def test_corrupt_checkpoint_and_resume(existing_out, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x02garbage, not a torch file")
+    _assert_error(run("--stage", "supernet", "--init", str(bad), "--sampler", "uniform", "--out", str(existing_out),
+                      "--train-limit", "64"), "cannot read checkpoint")
+    _untouched(existing_out)
+    (existing_out / "checkpoint.pt").write_bytes(b"truncated")
+    _assert_error(run("--model", "tiny_mlp", "--resume", "--out", str(existing_out), "--train-limit", "64"),
+                  "cannot read checkpoint")
+    assert (existing_out / "checkpoint.pt").read_bytes() == b"truncated"
+
+
+def test_sensitivity_for_another_model(tmp_path, existing_out):
+    import json
+    # a real (tiny) multi-precision run to start the supernet from
+    first = tmp_path / "multi"
+    r = run("--model", "tiny_mlp", "--out", str(first), "--train-limit", "128", "--val-limit", "64",
+            "--batch-size", "64", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    sens = tmp_path / "sens.json"
+    sens.write_text(json.dumps({"version": 1, "model": "resnet20", "fingerprint": "x", "bits": [8, 6, 4, 2],
+                                "layers": [{"layer": "fc2", "n_params": 1, "trace": 1.0, "trace_per_param": 1.0,
+                                            "stderr": 0.0, "n_hvp": 1, "searchable": True}],
+                                "omega": {"fc2": {"8": 0.0, "6": 0.0, "4": 0.0, "2": 0.0}},
+                                "negative_traces": []}))
+    _assert_error(run("--stage", "supernet", "--init", str(first), "--sensitivity", str(sens),
+                      "--out", str(existing_out), "--train-limit", "128"), "for model 'resnet20'")
+    _untouched(existing_out)
+    # bits outside the init model's candidates
+    _assert_error(run("--stage", "supernet", "--init", str(first), "--sampler", "uniform", "--bits", "8,5",
+                      "--out", str(existing_out), "--train-limit", "128"), "not in the candidate set")
+    # an existing run is not overwritten without --resume/--overwrite
+    before = (first / "model.pt").read_bytes()
+    _assert_error(run("--model", "tiny_mlp", "--out", str(first), "--train-limit", "128"), "already holds")
+    assert (first / "model.pt").read_bytes() == before
