@@ -1,6 +1,6 @@
 """A tiny deterministic network + data whose exact Hessian blocks are cheap (tests, benchmarks, docs).
 
-~1k weights in four blocks (conv 1→4, conv 4→8 stride 2, conv 8→8 stride 2, linear 8→10), BatchNorm
+652 weights in four blocks (conv 1→4, conv 4→8 stride 2, conv 8→4 stride 2, linear 4→10), BatchNorm
 with non-trivial running statistics (eval mode), ReLU and tanh; two batches of unequal size so the
 sample weighting of the batch average is exercised.
 """
@@ -18,8 +18,8 @@ class TinyNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(4)
         self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
-        self.fc = nn.Linear(8, 10)
+        self.conv3 = nn.Conv2d(8, 4, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(4, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -28,7 +28,7 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def tiny_problem(seed: int = 0, dtype: torch.dtype = torch.float64, sizes=(40, 24)):
+def tiny_problem(seed: int = 0, dtype: torch.dtype = torch.float64, sizes=(24, 16)):
     """(model in eval mode, [(x [B,1,8,8], y [B]), ...]) — deterministic in ``seed``."""
     torch.manual_seed(seed)
     m = TinyNet().to(dtype).eval()
@@ -68,3 +68,39 @@ def exact_full_hessian(op) -> torch.Tensor:
         E[torch.arange(k), torch.arange(s, s + k)] = 1
         cols.append(flatten(op.hvp(unflatten(E, op.shapes))).double().cpu())
     return torch.cat(cols)
+
+
+def distributed_worker(rank: int, world: int, init_file: str, out_path: str) -> None:
+    """One rank of the distributed test: HVPs and traces of :func:`tiny_problem` over a gloo group.
+
+    Every rank passes the full batch list; the operator shards it.  Rank 0 saves its results.
+    """
+    import torch.distributed as dist
+
+    from .hvp import HessianOperator, rademacher
+    from .trace import estimate_traces
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = distributed_reference(sizes=(24, 16, 8, 20, 12))
+        if rank == 0:
+            torch.save(out, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def distributed_reference(sizes=(24, 16, 8, 20, 12)) -> dict:
+    """HVPs on fixed probes, block HVPs and a Hutch++ trace run (fixed seed) of a 5-batch problem."""
+    from .hvp import HessianOperator, rademacher
+    from .trace import estimate_traces
+
+    model, batches = tiny_problem(seed=2, sizes=sizes)
+    op = HessianOperator(model, batches, backend="double_backward")
+    g = torch.Generator().manual_seed(0)
+    V = [rademacher((3, *s), g, torch.float64) for s in op.shapes]
+    hv = op.hvp(V)
+    bh = op.block_hvp({1: V[1], 3: V[3]})
+    r = estimate_traces(op, "hutchpp", rtol=0.1, max_hvp=200, sketch=4, seed=0)
+    return {"hv": hv, "block": [bh[1], bh[3]], "trace": torch.tensor(r.trace), "stderr": torch.tensor(r.stderr),
+            "n_total": op.n_total}

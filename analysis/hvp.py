@@ -230,7 +230,7 @@ class HessianOperator:
         if i in self._graphs:
             return self._graphs[i]
         x, y = self._batch(i)
-        with torch.enable_grad():
+        with torch.enable_grad(), composite():
             loss = self.loss_fn(self.model(x), y)
             g = list(torch.autograd.grad(loss, self.params, create_graph=True))
         if self.cache_graphs:
@@ -275,7 +275,7 @@ class HessianOperator:
         outs: list[list[torch.Tensor]] = [[] for _ in idx]
         # no_grad: the other parameters still require grad; without it the plain autograd tape would
         # record the whole forward a second time (torch.func.grad and forward AD ignore it).
-        with torch.no_grad():
+        with torch.no_grad(), composite():
             for s in range(0, k, chunk):
                 res = vmap(hvp_one)(*[v[s:s + chunk] for v in V])
                 for o, r in zip(outs, res):
@@ -294,7 +294,7 @@ class HessianOperator:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                with torch.no_grad():
+                with torch.no_grad(), composite():
                     vmap(fn)(*[v[:1].expand(kk, *v.shape[1:]).contiguous() for v in V])
                 torch.cuda.synchronize()
                 peaks.append(torch.cuda.max_memory_allocated() - base)
@@ -407,6 +407,15 @@ class HessianOperator:
             choice = "func" if flag.item() > 0.5 else "double_backward"
         self.calibration["choice"] = choice
         return choice
+
+
+def composite() -> contextlib.AbstractContextManager:
+    """hasb's plain-op quantizer path (its fused kernels have no second derivative); a no-op without hasb."""
+    try:
+        from hasb.quantizer import composite_ops
+    except ImportError:
+        return contextlib.nullcontext()
+    return composite_ops()
 
 
 def _sync(device: torch.device) -> None:

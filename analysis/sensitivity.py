@@ -409,13 +409,14 @@ def plot_traces_local(frame: pd.DataFrame, path: Union[str, Path], title: str = 
 
 def _plot(frame: pd.DataFrame, path: Path, title: str) -> None:
     try:
-        from reports.plots import plot_traces   # the reports package's version, once it exists
+        from reports.plots import plot_traces, save_figure   # the reports package's chart (one home per plot)
     except ImportError:
-        plot_traces = None
-    if plot_traces is not None:
-        plot_traces(frame, path)
-    else:
         plot_traces_local(frame, path, title)
+        return
+    import matplotlib.pyplot as plt
+    fig = plot_traces(frame, value="trace_per_param", title=title)
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

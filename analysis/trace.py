@@ -316,7 +316,7 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from .hvp import _all_reduce_, _dist_on
+    from .hvp import _all_reduce_, _dist_on, composite
 
     loss_fn = loss_fn or F.cross_entropy
     model.eval()
@@ -342,7 +342,7 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
 
         hs = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), composite():
                 loss = loss_fn(model(x.to(dev)), y.to(dev))
                 g = torch.autograd.grad(loss, eps, create_graph=True)
         finally:

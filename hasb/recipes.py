@@ -7,7 +7,6 @@ caches: a second call with finished stages returns at once.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -17,8 +16,9 @@ from .train import TrainConfig, load_supernet, train
 
 def cpu_small(stage: str = "multi", out: str = "runs/cpu_small", **kw) -> TrainConfig:
     """small_cnn, 8k training images, batch 128: ~20 s per epoch and stage on 2 CPU cores."""
+    # the supernet stage starts from trained weights with a fresh Adam: a lower lr keeps the 2-bit sub-nets intact
     base = dict(stage=stage, model="small_cnn", out=out, epochs=2 if stage == "multi" else 1, batch_size=128,
-                lr=3e-3, wd=5e-5, train_limit=8192, val_limit=1000, warmup_epochs=0, device="cpu")
+                lr=3e-3 if stage == "multi" else 1e-3, wd=5e-5, train_limit=8192, val_limit=1000, warmup_epochs=0, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -29,7 +29,7 @@ def gpu_resnet20(stage: str = "multi", out: str = "runs/resnet20", **kw) -> Trai
     Multi-precision: 8 epochs × 430 steps × 4 bit passes; supernet: 6 epochs (warm-up round(6·10/90) = 1).
     """
     base = dict(stage=stage, model="resnet20", out=out, epochs=8 if stage == "multi" else 6, batch_size=128,
-                lr=2e-3, wd=5e-5, augment=True, device="cuda", bf16=True)
+                lr=2e-3 if stage == "multi" else 5e-4, wd=5e-5, augment=True, device="cuda", bf16=True)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,28 +38,47 @@ def _done(out: Path) -> bool:
     return (out / "model.pt").is_file()
 
 
-def _sensitivity_for_demo(multi_pt: Path, out: Path, splits_kw: dict) -> Optional[Path]:
+def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 96, device: str = "cpu") -> Optional[Path]:
     """Per-layer traces of the demo's multi-precision model via analysis.sensitivity (None if unavailable).
 
-    The multi stage never trains the float BN entries of quantized layers, so traces are taken on a copy whose
-    'fp' BN entries are the top bit's (the float weights with 8-bit BN statistics).
+    Traces are taken on the float twin of the multi-precision model (its float weights with the top bit's BN
+    statistics: the multi stage never trains the 'fp' BN entries of quantized layers).
     """
     try:
         from analysis.sensitivity import compute_sensitivity
     except ImportError:
         return None
     from .data import batches, load_dataset
-    from .modules import SwitchBatchNorm
-    model = copy.deepcopy(load_supernet(multi_pt))
-    top = str(model.hasb_spec.bits[0])
-    for m in model.modules():
-        if isinstance(m, SwitchBatchNorm) and top in m.bns and m._producer and not m._producer[0].fixed:
-            m.bns["fp"].load_state_dict(m.bns[top].state_dict())
+    model = _float_twin(load_supernet(multi_pt)).to(device)
     splits = load_dataset(**splits_kw)
-    calib = list(batches(splits.calib, 256))[:2]
-    res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=96, model_name="small_cnn",
+    calib = list(batches(splits.calib, 256, device=device))[:2]
+    # estimator "layer": the package default (hutchpp) returned all-zero traces on small_cnn when this was written
+    res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=max_hvp, model_name=model.hasb_build["name"],
+                              estimator="layer",
+                              include_fixed=False,
                               fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}")
     return res.to_json(out / "sensitivity.json")
+
+
+def _float_twin(qmodel):
+    """A float zoo model with ``qmodel``'s float weights and, per BN, the entry its top-bit config uses."""
+    import torch
+
+    from .models import build_model
+    from .quantize import batchnorms, get_spec, set_config
+    build = dict(qmodel.hasb_build)
+    f = build_model(**build)
+    set_config(qmodel, get_spec(qmodel).bits[0])
+    state = {}
+    bns = batchnorms(qmodel)
+    for k, v in f.state_dict().items():
+        owner = k.rsplit(".", 1)[0]
+        if owner in bns:
+            state[k] = bns[owner].active.state_dict()[k.rsplit(".", 1)[1]]
+        else:
+            state[k] = qmodel.state_dict()[k]
+    f.load_state_dict(state)
+    return f.eval().to(torch.float32)
 
 
 def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: Union[str, Path, Callable, None] = None,
@@ -90,7 +109,7 @@ def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: U
     elif (out / "sensitivity.json").is_file() and not overwrite:
         sens = out / "sensitivity.json"
     else:
-        sens = _sensitivity_for_demo(multi_dir / "model.pt", out, dict(train_limit=8192, val_limit=1000))
+        sens = sensitivity_for(multi_dir / "model.pt", out, dict(train_limit=8192, val_limit=1000))
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
@@ -103,4 +122,4 @@ def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: U
             "sampler": sampler, "seconds": t}
 
 
-__all__ = ["cpu_small", "gpu_resnet20", "demo_recipe"]
+__all__ = ["cpu_small", "gpu_resnet20", "demo_recipe", "sensitivity_for"]

@@ -34,6 +34,7 @@ period.  Several workers on several machines share one study through
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -81,13 +82,21 @@ def make_storage(storage: Optional[str], out_dir: Optional[Union[str, Path]] = N
     if s.startswith("postgresql://"):
         s = "postgresql+" + _pg_driver() + s[len("postgresql"):]
     kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
-    try:
-        with warnings.catch_warnings():   # heartbeat is "experimental" in Optuna; we rely on it knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(s, engine_kwargs={"pool_pre_ping": True}, **kw)
-    except Exception as e:   # sqlalchemy / driver errors: one line
-        raise StorageError(f"cannot open storage {s.split('@')[-1]!r}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}") from None
+    err: Optional[Exception] = None
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():   # heartbeat is "experimental" in Optuna; we rely on it knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(s, engine_kwargs={"pool_pre_ping": True}, **kw)
+        except Exception as e:   # sqlalchemy / driver errors
+            err = e
+            # workers starting together on a fresh database race to create Optuna's tables; the loser sees
+            # a unique violation and succeeds on retry once the winner's schema is committed
+            if "IntegrityError" not in type(e).__name__ and "already exists" not in str(e):
+                break
+            time.sleep(0.2 * (attempt + 1))
+    raise StorageError(f"cannot open storage {s.split('@')[-1]!r}: {type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:200]}") from None
 
 
 # Optuna ≥ 5 reads constraints set on the trial (``Trial.set_constraint``); older ones need constraints_func

@@ -140,7 +140,8 @@ def load_sensitivity(path: Path) -> dict:
         try:
             return _load(path)
         except Exception as e:   # their validation error: one line
-            raise InputError(f"{path}: {str(e).splitlines()[0]}") from None
+            msg = str(e).splitlines()[0]
+            raise InputError(msg if str(path) in msg else f"{path}: {msg}") from None
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -272,7 +273,11 @@ def run_search(args, inputs: Inputs, budgets: list[Budget], out: Path) -> dict:
         from .optuna_search import run_study, study_trials_frame
         seeds = [s.unit_choice for s in at_budget] + [uc for _, uc in unif]
         bkey = "_".join(f"{b.kind}{b.limit if b.kind != 'plain_avg' else b.value:.6g}" for b in budgets)
-        study_name = f"hasb-{inputs.model_name}-{ev.context_key}-{bkey}-{args.sampler}-s{args.seed}"
+        import hashlib
+        # the study's parameters are the space's units and choices: a different space is a different study
+        skey = hashlib.sha1(json.dumps([space.unit_names(), space.choices, space.objective_name]).encode()
+                            ).hexdigest()[:8]
+        study_name = f"hasb-{inputs.model_name}-{ev.context_key}-{skey}-{bkey}-{args.sampler}-s{args.seed}"
         if args.force and args.storage is None and (out / "optuna.db").exists():
             import optuna
             try:
@@ -374,7 +379,10 @@ def plot(uniq: pd.DataFrame, best, budgets: Sequence[Budget], cost: CostModel, o
         from .plot import plot_pareto, save_figure
     bud = [b.limit for b in budgets if b.kind in ("avg_bits", "bitops")]
     chosen = {"accuracy": float(best.accuracy), "gbitops": float(best.gbitops), "label": "chosen"}
-    title = (f"{model_name}: accuracy vs BitOPs — budget {', '.join(b.describe() for b in budgets)}")
+    short = {"avg_bits": "avg-bit ≤ {v:g}", "bitops": "≤ {g:.3g} GBitOPs", "size": "size ≤ {m:.3g} MB",
+             "plain_avg": "plain avg bit ≤ {v:g}"}
+    title = f"{model_name}: accuracy vs BitOPs (budget: " + ", ".join(
+        short[b.kind].format(v=b.value, g=b.limit / 1e9, m=b.limit / 1e6) for b in budgets) + ")"
     fig = plot_pareto(uniq, chosen=chosen, budget_bitops=min(bud) if bud else None, avg_bits_fn=cost, title=title)
     paths = save_figure(fig, [out / "pareto.png", out / "pareto.svg"])
     return paths[0], paths[1]
@@ -468,6 +476,12 @@ def user_errors() -> tuple:
         errs.append(CheckpointError)
     except ImportError:   # pragma: no cover
         pass
+    for mod, name in (("hasb.train", "TrainError"), ("hasb.sampler", "SensitivityError"),
+                      ("analysis.sensitivity", "SensitivityError")):
+        try:   # errors of the demo pipeline's own stages: reported as one line too
+            errs.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
     from .export import ExportError
     from .optuna_search import StorageError
     errs += [ExportError, StorageError]

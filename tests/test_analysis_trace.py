@@ -3,7 +3,7 @@
 Statistical tolerances: estimates must lie within 4 reported standard errors of the exact value
 (a false alarm rate of ~6e-5 per comparison for a normal mean); reported SEs must match the spread
 over independent seeds to within a factor the sampling error of a 12-sample standard deviation
-explains (relative SD of the SD ≈ 1/sqrt(2·11) ≈ 0.21, so [0.45, 1.8] is beyond ±2.5 of it).
+explains (10 seeds: relative SD of the SD ≈ 1/sqrt(2·9) ≈ 0.24, so [0.4, 1.9] is beyond ±2.5 of it).
 """
 from __future__ import annotations
 
@@ -79,27 +79,27 @@ def test_auto_backend_and_bad_input(problem):
 
 
 @pytest.mark.parametrize("estimator,kw", [
-    ("layer", dict(max_hvp=4 * 24, block=8, exact_switch=False)),
-    ("hutchpp", dict(max_hvp=4 * (2 * 8 + 16), sketch=8, block=8, exact_switch=False)),
-    ("full", dict(max_hvp=48, block=8)),
+    ("layer", dict(max_hvp=4 * 16, block=8, exact_switch=False)),
+    ("hutchpp", dict(max_hvp=4 * (2 * 4 + 16), sketch=4, block=8, exact_switch=False)),
+    ("full", dict(max_hvp=32, block=8)),
 ])
 def test_estimator_unbiased_and_se_calibrated(problem, estimator, kw):
-    """Fixed budget (rtol=0), 12 seeds: pooled mean within 4 SE of exact; SE matches the seed spread."""
+    """Fixed budget (rtol=0), 10 seeds: pooled mean within 4 SE of exact; SE matches the seed spread."""
     _, _, op, _, exact = problem
-    runs = [estimate_traces(op, estimator, rtol=0.0, seed=s, **kw) for s in range(12)]
+    runs = [estimate_traces(op, estimator, rtol=0.0, seed=s, **kw) for s in range(10)]
     tr = np.array([r.trace for r in runs])
     se = np.array([r.stderr for r in runs])
     pooled_se = np.sqrt((se ** 2).mean(0) / len(runs))
     assert np.all(np.abs(tr.mean(0) - exact) <= 4 * pooled_se), (tr.mean(0), exact, pooled_se)
     ratio = tr.std(0, ddof=1) / np.sqrt((se ** 2).mean(0))
-    assert np.all((ratio > 0.45) & (ratio < 1.8)), ratio
+    assert np.all((ratio > 0.4) & (ratio < 1.9)), ratio
 
 
 @pytest.mark.parametrize("estimator", ["layer", "hutchpp", "full"])
 def test_adaptive_stop_within_4se(problem, estimator):
     _, _, op, _, exact = problem
-    r = estimate_traces(op, estimator, rtol=0.1, max_hvp=1500, seed=3)
-    assert r.converged.all() or r.total_hvp >= 1500
+    r = estimate_traces(op, estimator, rtol=0.15, max_hvp=400, seed=3)
+    assert r.converged.all() or r.total_hvp >= 400
     assert np.all(np.abs(r.trace - exact) <= 4 * r.stderr + 1e-9 * np.abs(exact)), (r.trace, exact, r.stderr)
     df = r.to_frame()
     assert list(df.columns[:6]) == ["layer", "n_params", "trace", "trace_per_param", "stderr", "n_hvp"]
@@ -109,30 +109,38 @@ def test_adaptive_stop_within_4se(problem, estimator):
 def test_exact_paths(problem):
     """Layers computed exactly (sketch covers the block, or the exact switch) carry SE 0 and the exact trace."""
     _, _, op, _, exact = problem
-    r = estimate_traces(op, "hutchpp", sketch=64, rtol=0.02, max_hvp=3000, seed=0)
-    assert r.exact[0] and r.stderr[0] == 0            # conv1: 36 weights ≤ sketch
-    assert abs(r.trace[0] - exact[0]) < 1e-10 * abs(exact[0])
-    r2 = estimate_traces(op, "layer", rtol=0.001, max_hvp=3000, seed=0)
+    r = estimate_traces(op, "hutchpp", sketch=40, rtol=0.5, max_hvp=1000, seed=0)
+    assert r.exact[0] and r.exact[3] and r.stderr[0] == 0     # conv1 (36 weights) and fc (40) ≤ sketch
+    assert np.allclose(r.trace[[0, 3]], exact[[0, 3]], rtol=1e-10)
+    r2 = estimate_traces(op, "layer", rtol=0.005, max_hvp=1000, seed=0)
     ex = np.flatnonzero(r2.exact)
     assert ex.size and np.allclose(r2.trace[ex], exact[ex], rtol=1e-10)
 
 
-def test_lanczos_top_eigenvalues(problem):
-    _, _, op, blocks, _ = problem
-    H = exact_full_hessian(op)
+@pytest.fixture(scope="module")
+def sub_op(problem):
+    """Operator over conv3 + fc (328 weights): small enough for a dense Hessian."""
+    model, batches, _, _, _ = problem
+    op = HessianOperator(model, batches, params=["conv3.weight", "fc.weight"], backend="double_backward")
+    return op, exact_full_hessian(op)
+
+
+def test_lanczos_top_eigenvalues(problem, sub_op):
+    _, _, _, blocks, _ = problem
+    op, H = sub_op
     ev = torch.linalg.eigvalsh(H).numpy()
     mv, n = operator_matvec(op)
     top = top_eigenvalues(mv, n, k=3, max_iter=120, tol=1e-8)
     assert np.allclose(top, ev[::-1][:3], rtol=1e-6, atol=1e-10)
-    mvb, nb = operator_matvec(op, block=1)
+    mvb, nb = operator_matvec(problem[2], block=1)
     assert np.isclose(top_eigenvalues(mvb, nb, k=1, max_iter=120)[0], torch.linalg.eigvalsh(blocks[1])[-1].item(),
                       rtol=1e-6)
     lm = top_eigenvalues(mv, n, k=1, which="LM", max_iter=120)
     assert np.isclose(abs(lm[0]), np.abs(ev).max(), rtol=1e-6)
 
 
-def test_slq_density(problem):
-    _, _, op, blocks, exact = problem
+def test_slq_density(sub_op):
+    op, H = sub_op
     mv, n = operator_matvec(op)
     d = slq_density(mv, n, n_probes=16, m=30, seed=0)
     grid, dens = d["grid"], d["density"]
@@ -142,7 +150,7 @@ def test_slq_density(problem):
     assert np.allclose(w.sum(1), 1, atol=1e-10)
     # per probe, Σ τ θ = vᵀHv/‖v‖²: a Hutchinson sample of Tr(H)/n
     per_probe = np.where(ok, nodes * w, 0).sum(1)
-    total = float(sum(B.trace() for B in blocks)) if False else float(torch.trace(exact_full_hessian(op)))
+    total = float(torch.trace(H))
     assert abs(np.trapezoid(grid * dens, grid) - per_probe.mean()) < 1e-3 * np.abs(per_probe).max() + d["sigma"] * 1e-3
     assert abs(per_probe.mean() - total / n) <= 4 * per_probe.std(ddof=1) / np.sqrt(len(per_probe))
 
@@ -181,5 +189,6 @@ def test_quantized_model_is_straight_through():
     hf = fop.hvp(Vm)
     hqm = op.hvp(Vm)
     for a, b, mk in zip(hqm, hf, masks):
-        assert _rel(a * mk, b * mk) < 1e-8
-    assert sum(_rel(a, b) for a, b in zip(hq["double_backward"], fop.hvp(V))) > 1e-3   # quantization matters
+        assert _rel(a * mk, b * mk) < 1e-6   # w_scale is float32: Ŵ carries float32 round-off
+    orig = HessianOperator(tiny_problem(seed=1)[0], batches, backend="double_backward")
+    assert sum(_rel(a, b) for a, b in zip(hq["double_backward"], orig.hvp(V))) > 1e-3   # quantization matters

@@ -1,0 +1,172 @@
+"""Sensitivity table, file contract, activation traces, CLI, and the PyHessian cross-check."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hasb
+from analysis._fixtures import tiny_problem
+from analysis.hvp import HessianOperator
+from analysis.sensitivity import (SensitivityError, compute_sensitivity, load_sensitivity, main, validate_sensitivity,
+                                  weight_perturbation)
+from analysis.trace import activation_traces, hutchinson_full
+
+
+@pytest.fixture(scope="module")
+def result():
+    model, batches = tiny_problem()
+    return model, batches, compute_sensitivity(model, batches, bits=[8, 4, 2], rtol=0.2, max_hvp=600, seed=0,
+                                               backend="double_backward")
+
+
+def test_omega_table_and_ranking(result):
+    model, batches, res = result
+    f = res.frame
+    assert list(f.layer) == ["conv1", "conv2", "conv3", "fc"]
+    assert list(f.searchable) == [False, True, True, False]          # first/last fixed
+    assert set(res.omega) == {"conv2", "conv3"}
+    q = hasb.quantize_model(copy.deepcopy(model), bits=[8, 4, 2], example_input=batches[0][0][:2])
+    for n in res.omega:
+        t = float(f.set_index("layer").trace_per_param[n])
+        for b in (8, 4, 2):
+            d = weight_perturbation(q.get_submodule(n), b)
+            assert np.isclose(res.omega[n][str(b)], max(t, 0) * d, rtol=1e-12)
+        assert res.omega[n]["2"] > res.omega[n]["4"] > res.omega[n]["8"]     # coarser grid, larger error
+    assert res.ranking()[0] == max(res.omega, key=lambda n: res.omega[n]["2"])
+    assert not any(p.requires_grad is False for p in model.parameters())
+
+
+def test_json_contract_round_trip(result, tmp_path):
+    _, _, res = result
+    p = res.to_json(tmp_path / "sensitivity.json")
+    d = load_sensitivity(p)
+    assert d["bits"] == [8, 4, 2] and d["version"] == 1
+    assert [r["layer"] for r in d["layers"]] == list(res.frame.layer)
+    bad = json.loads(p.read_text())
+    del bad["omega"]["conv2"]
+    with pytest.raises(SensitivityError, match="omega"):
+        validate_sensitivity(bad)
+    bad = json.loads(p.read_text())
+    bad["layers"][0].pop("stderr")
+    with pytest.raises(SensitivityError, match="stderr"):
+        validate_sensitivity(bad)
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(SensitivityError, match="not valid JSON"):
+        load_sensitivity(tmp_path / "x.json")
+
+
+def test_negative_traces_reported():
+    model, batches = tiny_problem()
+    res = compute_sensitivity(model, batches, bits=[8, 4], rtol=0.3, max_hvp=300, backend="double_backward",
+                              loss_fn=lambda o, y: -F.cross_entropy(o, y))      # concave: every trace < 0
+    assert res.negative_traces == ["conv1", "conv2", "conv3", "fc"]
+    assert res.frame.negative.all()
+    assert all(v == 0 for om in res.omega.values() for v in om.values())       # policy: Ω uses max(t, 0)
+
+
+def test_quantized_model_traces_at_fp():
+    model, batches = tiny_problem()
+    q = hasb.quantize_model(copy.deepcopy(model), bits=[8, 4], example_input=batches[0][0][:2]).double()
+    hasb.set_config(q, 4)
+    before = hasb.get_config(q)
+    rq = compute_sensitivity(q, batches, rtol=0.3, max_hvp=200, seed=1, backend="double_backward")
+    rf = compute_sensitivity(model, batches, bits=[8, 4], rtol=0.3, max_hvp=200, seed=1, backend="double_backward")
+    assert np.allclose(rq.frame.trace, rf.frame.trace, rtol=1e-6)   # traces of the float model
+    assert hasb.get_config(q) == before                                # bits restored
+    with pytest.raises(SensitivityError, match="not candidates"):
+        compute_sensitivity(q, batches, bits=[6])
+
+
+def test_activation_traces_vs_exact():
+    """Trace of ∂²L/∂x² at the classifier input (x: [B, 4] per batch) against the dense Hessian."""
+    model, batches = tiny_problem()
+    feats = []
+    h = model.fc.register_forward_pre_hook(lambda m, i: feats.append(i[0].detach()))
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    h.remove()
+    n = sum(len(y) for _, y in batches)
+    exact = 0.0
+    for f, (_, y) in zip(feats, batches):
+        H = torch.autograd.functional.hessian(lambda z: F.cross_entropy(model.fc(z), y) * len(y) / n, f)
+        exact += float(H.reshape(f.numel(), f.numel()).trace())
+    r = activation_traces(model, batches, ["fc"], rtol=0.05, max_probes=400, seed=0)
+    assert r.n_params == [4]
+    assert abs(r.trace[0] - exact) <= 4 * r.stderr[0], (r.trace[0], exact, r.stderr[0])
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_runs_caches_and_rejects_bad_input(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", "tiny_mlp", "--batches", "1", "--batch-size", "16", "--max-hvp", "40", "--rtol", "0.5",
+            "--block", "4", "--sketch", "4", "--no-progress", "--backend", "double_backward", "--out", out]
+    code, o, e = _run(base, capsys)
+    assert code == 0, e
+    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.csv", "sensitivity.png"}
+    d = load_sensitivity(out)
+    assert d["model"] == "tiny_mlp" and [r["searchable"] for r in d["layers"]] == [False, True, False]
+    code, o, e = _run(base, capsys)
+    assert code == 0 and o.startswith("cached")
+    code, o, e = _run(base + ["--force"], capsys)
+    assert code == 0 and not o.startswith("cached")
+    # float state_dict checkpoint: a different fingerprint
+    sd = tmp_path / "w.pt"
+    torch.manual_seed(5)
+    torch.save(hasb.models.build_model("tiny_mlp").state_dict(), sd)
+    code, o, e = _run(base + ["--checkpoint", sd], capsys)
+    assert code == 0 and load_sensitivity(out)["fingerprint"] != d["fingerprint"]
+    for bad, word in ((["--bits", "9,4"], "--bits"), (["--model", "nope"], "nope"),
+                      (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
+                      (["--batches", "100000"], "exceeds"), (["--checkpoint", out / "sensitivity.csv"], "checkpoint")):
+        argv = base[:-1] + [tmp_path / "bad"] + bad
+        code, o, e = _run(argv, capsys)
+        assert code == 2 and e.count("\n") == 1 and word in e and "Traceback" not in e, (bad, e)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(["--help"])
+    assert ex.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--data-dir", "--checkpoint", "--bits", "--batches", "--batch-size", "--rtol",
+                 "--max-hvp", "--estimator", "--backend", "--seed", "--out", "--force", "--activations", "--top-k"):
+        assert flag in text
+
+
+def test_pyhessian_cross_check():
+    """PyHessian 0.1's Hutchinson trace (all parameters, tol=0 so it runs every iteration) vs ours, within SE.
+
+    PyHessian 0.1 stops at once when its running mean is negative (``abs(Δ)/(mean+1e-6) < tol`` is
+    then negative), even with tol=0; the test checks it ran all iterations on this model (positive trace).
+    """
+    pyhessian = pytest.importorskip("pyhessian", reason="pyhessian (optional extra: pip install pyhessian==0.1 "
+                                                        "--no-deps) is not installed")
+    torch.manual_seed(0)
+    model = hasb.models.build_model("small_cnn").eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    iters = 32
+    torch.manual_seed(1)
+    ph = pyhessian.hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    samples = np.array(ph.trace(maxIter=iters, tol=0.0))
+    model.zero_grad(set_to_none=True)
+    assert len(samples) == iters, "PyHessian stopped early (negative running mean bug)"
+    op = HessianOperator(model, [(x, y)], params=[n for n, _ in model.named_parameters()], backend="double_backward")
+    ours = hutchinson_full(op, rtol=0.0, max_hvp=iters, seed=0)
+    # per-layer sums of one probe = its full-model sample; so the model trace is Σ_l t̂_l with samples summed
+    t_ours = ours.trace.sum()
+    se_ours = np.sqrt(np.sum(ours.stderr ** 2))   # conservative upper bound is fine: used only as a tolerance
+    se_ph = samples.std(ddof=1) / np.sqrt(iters)
+    assert abs(t_ours - samples.mean()) <= 4 * np.hypot(se_ours, se_ph), (t_ours, samples.mean(), se_ours, se_ph)
