@@ -1,7 +1,7 @@
 """Evidence for issue 4 on real Fashion-MNIST (ResNet-20), one GPU call (≤ 9 min on an H100).
 
 Runs, each through the library entry point ``hasb.train.train``:
-  A  multi-precision {8,6,4,2}, ALRS code                 (E_m epochs)
+  A  multi-precision {8,6,4,2}, ALRS code                 (E_m epochs, default 2; E_s default 1)
   B  multi-precision {8,6,4,2}, ALRS off                  (E_m epochs)   → Table 4 (ALRS on vs off)
   C  separately trained LSQ model per bit (= multi-precision with one candidate bit, E_m epochs each) → Table 6
   S  sensitivity of A (analysis.sensitivity, layer-restricted Hutchinson)
@@ -12,7 +12,8 @@ random mixed configs for D and U scored two ways — Transitional BN as trained 
 calibration images — and times one quantized bit pass and the 4-pass multi-precision step ÷ a float step
 (same model, batch, optimizer; eager and torch.compile).
 
-GPU (the lead):  python benchmarks/train_evidence.py --out $OUT
+GPU (the lead):  HASB_DATA_DIR=.data/fashion-mnist PYTHONPATH=. python3 benchmarks/train_evidence.py --out $OUT
+                 (carry .data; ~7-8 min on an H100 by the quick run's timings; --compiled-multi adds ~2.5 min)
 CPU check:       python benchmarks/train_evidence.py --quick --out /tmp/ev
 Prints a table last; writes evidence.json / evidence.md and every run directory under --out.
 """
@@ -85,7 +86,8 @@ def score_configs(model_pt: Path, configs, splits, device, calib_batches) -> dic
     return res
 
 
-def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, iters: int) -> dict:
+def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, iters: int,
+               compiled_multi: bool = False) -> dict:
     """ms per optimizer step: float; one quantized 8-bit pass; the 4-pass multi-precision step. Eager and compiled."""
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -135,12 +137,13 @@ def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, it
                 step(qfwd, qopt)
 
         tag = "compiled" if compiled else "eager"
-        for b in BITS:     # compile every bit's graph before timing
+        with_multi = not compiled or compiled_multi
+        for b in (BITS if with_multi else [8]):     # compile each bit's graph before timing
             hasb.set_config(qm, b)
             step(qfwd, qopt)
         f = timed(lambda: step(ffwd, fopt))
         q = timed(one_pass)
-        m = timed(multi)
+        m = timed(multi) if with_multi else float("nan")
         out[tag] = {"float_ms": f, "w8a8_pass_ms": q, "multi4_ms": m, "pass_ratio": q / f, "multi_ratio": m / f}
         log(f"step time {tag}: float {f:.2f} ms, one pass {q:.2f} ms ({q / f:.2f}x), 4-pass {m:.2f} ms ({m / f:.2f}x)")
     return out
@@ -151,20 +154,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default $OUT or runs/evidence)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU settings to check the script works")
     ap.add_argument("--model", default=None, help="default resnet20 (small_cnn with --quick)")
-    ap.add_argument("--epochs-multi", type=int, default=None, help="default 4 (1 with --quick)")
-    ap.add_argument("--epochs-super", type=int, default=None, help="default 3 (1 with --quick)")
+    ap.add_argument("--epochs-multi", type=int, default=None, help="default 2 (1 with --quick)")
+    ap.add_argument("--epochs-super", type=int, default=None, help="default 1")
     ap.add_argument("--configs", type=int, default=None, help="random mixed configs scored (default 16; 4 quick)")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--compiled-multi", action="store_true",
+                    help="also time the compiled 4-pass step (compiles 4 more graphs: ~2.5 extra minutes on an H100)")
     a = ap.parse_args(argv)
     import os
     out = Path(a.out or os.environ.get("OUT") or "runs/evidence")
     out.mkdir(parents=True, exist_ok=True)
     quick = a.quick
     model = a.model or ("small_cnn" if quick else "resnet20")
-    em = a.epochs_multi or (1 if quick else 4)
-    es = a.epochs_super or (1 if quick else 3)
+    em = a.epochs_multi or (1 if quick else 2)
+    es = a.epochs_super or 1
     k = a.configs or (4 if quick else 16)
     dev = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if a.device == "auto" else a.device))
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
     res["subnets"] = {"avg_bit_equivalent": avg_bits, "configs": [c.short() for c in configs], "scores": scores}
     if not a.skip_timing:
         log("step times")
-        res["step_time"] = step_times(model, dev, 256, gpu, 20 if gpu else 3)
+        res["step_time"] = step_times(model, dev, 256, gpu, 20 if gpu else 3, a.compiled_multi)
     res["total_seconds"] = time.time() - t_all
     (out / "evidence.json").write_text(json.dumps(res, indent=2, default=str))
     md = table(res)

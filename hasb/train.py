@@ -37,7 +37,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -55,7 +54,7 @@ from .data import DataError, batches, load_dataset
 from .distill import DISTILL_MODES, inplace_loss, pskd_alpha, pskd_target, soft_cross_entropy
 from .export import CheckpointError, load_quantized, read_checkpoint, save_quantized
 from .models import UnknownModelError, build_model
-from .modules import QUANT_TYPES, SwitchBatchNorm
+from .modules import QUANT_TYPES
 from .quantize import get_spec, init_quantizers, quantize_model, searchable_layers, set_config
 from .sampler import SAMPLERS, BitSampler, SensitivityError, build_sampler, default_warmup, load_sensitivity_file
 from .supernet import enable_tbn, tbn_enabled

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import hasb
+from hasb.models import build_model
 from analysis._fixtures import tiny_problem
 from analysis.hvp import HessianOperator
 from analysis.sensitivity import (SensitivityError, compute_sensitivity, load_sensitivity, main, validate_sensitivity,
@@ -123,7 +124,7 @@ def test_cli_runs_caches_and_rejects_bad_input(tmp_path, capsys):
     # float state_dict checkpoint: a different fingerprint
     sd = tmp_path / "w.pt"
     torch.manual_seed(5)
-    torch.save(hasb.models.build_model("tiny_mlp").state_dict(), sd)
+    torch.save(build_model("tiny_mlp").state_dict(), sd)
     code, o, e = _run(base + ["--checkpoint", sd], capsys)
     assert code == 0 and load_sensitivity(out)["fingerprint"] != d["fingerprint"]
     for bad, word in ((["--bits", "9,4"], "--bits"), (["--model", "nope"], "nope"),
@@ -146,23 +147,22 @@ def test_cli_help_lists_every_flag(capsys):
 
 
 def test_pyhessian_cross_check():
-    """PyHessian 0.1's Hutchinson trace (all parameters, tol=0 so it runs every iteration) vs ours, within SE.
+    """PyHessian 0.1's Hutchinson trace (all parameters, tol=0) vs ours, within 4 combined SEs.
 
-    PyHessian 0.1 stops at once when its running mean is negative (``abs(Δ)/(mean+1e-6) < tol`` is
-    then negative), even with tol=0; the test checks it ran all iterations on this model (positive trace).
+    PyHessian 0.1 stops as soon as its running mean is negative (``abs(Δ)/(mean+1e-6) < tol`` is then
+    negative), even with tol=0, so its samples are collected one ``trace(maxIter=1)`` call at a time.
     """
     pyhessian = pytest.importorskip("pyhessian", reason="pyhessian (optional extra: pip install pyhessian==0.1 "
                                                         "--no-deps) is not installed")
     torch.manual_seed(0)
-    model = hasb.models.build_model("small_cnn").eval()
+    model = build_model("small_cnn").eval()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
-    iters = 32
+    iters = 16
     torch.manual_seed(1)
     ph = pyhessian.hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    samples = np.array(ph.trace(maxIter=iters, tol=0.0))
+    samples = np.array([ph.trace(maxIter=1, tol=0.0)[0] for _ in range(iters)])
     model.zero_grad(set_to_none=True)
-    assert len(samples) == iters, "PyHessian stopped early (negative running mean bug)"
     op = HessianOperator(model, [(x, y)], params=[n for n, _ in model.named_parameters()], backend="double_backward")
     ours = hutchinson_full(op, rtol=0.0, max_hvp=iters, seed=0)
     # per-layer sums of one probe = its full-model sample; so the model trace is Σ_l t̂_l with samples summed
