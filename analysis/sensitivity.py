@@ -281,6 +281,8 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
         if miss:
             bad(f"layers[{i}] lacks {miss}; each layer needs {list(LAYER_KEYS)}")
         for k in ("trace", "trace_per_param", "stderr"):
+            if k == "stderr" and row[k] is None:
+                continue   # null = not estimated (the HVP budget ran out before 2 samples of this layer)
             if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not math.isfinite(row[k]):
                 bad(f"layers[{i}] ({row['layer']}): {k} must be a finite number, got {row[k]!r}")
         if not isinstance(row["searchable"], bool):

@@ -372,11 +372,8 @@ def run_search(args, inputs: Inputs, budgets: list[Budget], out: Path) -> dict:
 
 
 def plot(uniq: pd.DataFrame, best, budgets: Sequence[Budget], cost: CostModel, out: Path, model_name: str):
-    """pareto.png + pareto.svg via reports.plots.plot_pareto (search.plot's fallback when reports is absent)."""
-    try:
-        from reports.plots import plot_pareto, save_figure
-    except ImportError:   # pragma: no cover
-        from .plot import plot_pareto, save_figure
+    """pareto.png + pareto.svg via reports.plots.plot_pareto."""
+    from reports.plots import plot_pareto, save_figure   # the project's one home for figures
     bud = [b.limit for b in budgets if b.kind in ("avg_bits", "bitops")]
     chosen = {"accuracy": float(best.accuracy), "gbitops": float(best.gbitops), "label": "chosen"}
     short = {"avg_bits": "avg-bit ≤ {v:g}", "bitops": "≤ {g:.3g} GBitOPs", "size": "size ≤ {m:.3g} MB",
