@@ -53,6 +53,15 @@ class QuantMixin:
         self.a_bit = fixed_bit if fixed else bits[0]
         self._ready: dict[int, bool] = {}   # bit -> signed, once that bit's scale is initialised
 
+    def _adopt(self, m: nn.Module, bits, rounding, act_signed, fixed_bit, fixed):
+        """Take the float layer's weight and bias, then set up the quantizer state."""
+        with torch.no_grad():
+            self.weight.copy_(m.weight)
+            if m.bias is not None:
+                self.bias.copy_(m.bias)
+        self._init_quant(bits, rounding, act_signed, fixed_bit, fixed)
+        return self
+
     # -- bit switching -------------------------------------------------------
     def set_bits(self, w_bit: Optional[int], a_bit: Optional[int]) -> None:
         for b in (w_bit, a_bit):
@@ -111,12 +120,7 @@ class QConv2d(QuantMixin, nn.Conv2d):
     def from_float(cls, m: nn.Conv2d, bits, rounding="half_up", act_signed=None, fixed_bit=None, fixed=False):
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                 m.groups, m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        q._init_quant(bits, rounding, act_signed, fixed_bit, fixed)
-        return q
+        return q._adopt(m, bits, rounding, act_signed, fixed_bit, fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
@@ -131,12 +135,7 @@ class QLinear(QuantMixin, nn.Linear):
     @classmethod
     def from_float(cls, m: nn.Linear, bits, rounding="half_up", act_signed=None, fixed_bit=None, fixed=False):
         q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
-        q._init_quant(bits, rounding, act_signed, fixed_bit, fixed)
-        return q
+        return q._adopt(m, bits, rounding, act_signed, fixed_bit, fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
