@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--floor", type=float, default=0.01, help="relative floor of the stopping rule (default 0.01)")
     p.add_argument("--max-hvp", type=int, default=2000, help="budget of Hessian-vector products (default 2000)")
     p.add_argument("--estimator", default=DEFAULT_ESTIMATOR, choices=ESTIMATORS,
-                   help="hutchpp: per-layer Hutch++ deflation + residual Hutchinson (default, least HVPs); layer: "
-                        "layer-restricted Hutchinson; full: full-model probes (PyHessian-style, cross-layer noise)")
+                   help="layer: layer-restricted Hutchinson (default, fewest HVPs on ResNet-20, see benchmarks/RESULTS.md); "
+                        "hutchpp: per-layer Hutch++ deflation + residual Hutchinson; "
+                        "full: full-model probes (PyHessian-style, cross-layer noise)")
     p.add_argument("--sketch", type=int, default=16, help="hutchpp sketch columns per layer (default 16)")
     p.add_argument("--block", type=int, default=8, help="probes per layer per round / vmap block (default 8)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,

@@ -54,7 +54,7 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     model = _float_twin(load_supernet(multi_pt)).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256, device=device))[:2]
-    # estimator "layer": the package default (hutchpp) returned all-zero traces on small_cnn when this was written
+    # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
     res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=max_hvp, model_name=model.hasb_build["name"],
                               estimator="layer",
                               include_fixed=False,
