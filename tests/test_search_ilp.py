@@ -7,27 +7,15 @@ import pytest
 import hasb
 from hasb.models import build_model
 from search import ilp
+from search.fakes import synthetic_space
 
 BITS = (8, 6, 4, 2)
 
 
 def random_space(seed, L=None, tied_wa=True, groups=None):
-    rng = np.random.default_rng(seed)
-    L = L or int(rng.integers(2, 7))
-    choices = ilp._choices(BITS, tied_wa)
-    w = np.array([c[0] for c in choices], float)
-    a = np.array([c[1] for c in choices], float)
-    macs = rng.integers(1_000, 100_000, L).astype(float)
-    params = rng.integers(100, 10_000, L).astype(float)
-    sens = rng.lognormal(0, 1.5, L)
-    obj = sens[:, None] * (4.0 ** -w + 4.0 ** -a)[None, :] * (1 + 0.3 * rng.random((L, len(choices))))
-    metrics = {"bitops": macs[:, None] * w * a, "size_bytes": params[:, None] * w / 8,
-               "plain_avg_bits": np.tile(w / L, (L, 1))}
-    names = [f"l{i}" for i in range(L)]
-    units = ilp.make_units(names, groups)
-    return ilp.SearchSpace(layers=names, choices=choices, units=units, metrics=metrics,
-                           offsets={"bitops": 1234.0, "size_bytes": 56.0, "plain_avg_bits": 0.0},
-                           objective=obj, allowed=np.ones((L, len(choices)), bool))
+    """A random small instance (2–6 layers unless L is given); the generator lives in search.fakes."""
+    L = L or int(np.random.default_rng(seed).integers(2, 7))
+    return synthetic_space(seed, n_layers=L, bits=BITS, tied_wa=tied_wa, groups=groups)
 
 
 def brute(space):
