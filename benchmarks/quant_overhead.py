@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile both the float and quantized models")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
+    ap.add_argument("--configs", default="w8a8,w4a4,w2a2,mixed", help="which quantized configs to time")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--composite", action="store_true",
                     help="activation LSQ from plain ops instead of ATen's fused fake-quant kernel (eager only)")
@@ -77,19 +80,24 @@ def main() -> None:
         qmodel.train()
         rng = random.Random(0)
         mixed = hasb.BitConfig({n: rng.choice(hasb.candidate_bits(qmodel)) for n in hasb.searchable_layers(qmodel)})
-        run_f = torch.compile(fmodel) if args.compile else fmodel
-        run_q = torch.compile(qmodel) if args.compile else qmodel
+        run_f = torch.compile(fmodel, mode=args.compile_mode) if args.compile else fmodel
+        run_q = torch.compile(qmodel, mode=args.compile_mode) if args.compile else qmodel
         t_fp = step_time(run_f, x, y, args.iters, args.bf16)
         row = {"model": name, "float_ms": t_fp}
+        wanted = args.configs.split(",")
         for label, cfg in (("w8a8", 8), ("w4a4", 4), ("w2a2", 2), ("mixed", mixed)):
+            if label not in wanted:
+                row[label] = float("nan")
+                continue
             hasb.set_config(qmodel, cfg)
             row[label] = step_time(run_q, x, y, args.iters, args.bf16)
+            print(f"  {name} {label}: {row[label]:.1f} ms ({row[label] / t_fp:.2f}x float)", flush=True)
         rows.append(row)
         print(f"{name}: float {t_fp:.1f} ms, " + ", ".join(f"{k} {row[k] / t_fp:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed")),
               flush=True)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nforward+backward, {dev_name}, batch {args.batch}, {args.image_size}px, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {'compiled' if args.compile else 'eager'}{', composite' if args.composite else ''}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}")
+          f"{'bf16' if args.bf16 else 'fp32'}, {('compiled ' + (args.compile_mode or 'default')) if args.compile else 'eager'}{', composite' if args.composite else ''}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}")
     print(f"| model | float ms | w8a8 | w4a4 | w2a2 | mixed |\n|---|---|---|---|---|---|")
     for r in rows:
         f = r["float_ms"]
