@@ -219,8 +219,16 @@ def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:
     return r / 2 ** (high_bit - 1)
 
 
-def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: int = 1 << 20) -> torch.Tensor:
-    """Data-driven init: (P99.9 - P0.1) / (Qp - Qn) over a subsample of ``x`` (the multi-precision code's rule)."""
+def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: int = 1 << 16,
+                          grid: int = 64) -> torch.Tensor:
+    """Data-driven init: the step that minimises the quantization MSE on a subsample of ``x``.
+
+    Searched over ``grid`` steps between 1% and 100% of the percentile range
+    (P99.9 - P0.1) / (Qp - Qn), the multi-precision code's rule.  At 8 bits the
+    optimum sits near that rule; at 2 bits it is several times smaller (the rule
+    rounds most post-ReLU values to 0), and because ALRS gives low-bit scales a
+    tiny learning rate, a poor low-bit init would stay poor.
+    """
     flat = x.detach().reshape(-1).float()
     if flat.numel() > max_samples:
         idx = torch.randperm(flat.numel(), device=flat.device)[:max_samples]
@@ -229,5 +237,8 @@ def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: 
     qn, qp = int_range(bit, signed)
     if not signed:
         lo = torch.zeros_like(lo)
-    s = (hi - lo) / (qp - qn)
-    return torch.clamp(s, min=1e-6)
+    s_max = torch.clamp((hi - lo) / (qp - qn), min=1e-6)
+    steps = s_max * torch.linspace(0.01, 1.0, grid, device=flat.device)              # [grid]
+    q = torch.clamp(torch.round(flat[None, :] / steps[:, None]), qn, qp) * steps[:, None]
+    mse = (q - flat[None, :]).square().mean(1)
+    return steps[torch.argmin(mse)]
