@@ -628,12 +628,13 @@ def train(cfg: TrainConfig) -> Path:
                         teacher = p_top
                     elif cfg.distill == "pskd":
                         _store_pskd(pskd, ib, ib_local, p_top, dist_)
-                loss_sum[b] += float(loss.detach())
+                loss_sum[b] = loss_sum[b] + loss.detach().float()   # on device: no sync per pass
             n_steps += 1
             global_step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum[bits[0]] / n_steps:.3f}")
+                if n_steps % 20 == 1:   # reading the loss syncs the device; not every step
+                    bar.set_postfix(loss=f"{float(loss_sum[bits[0]]) / n_steps:.3f}")
             last = s + 1 == steps_per_epoch
             want_ckpt = (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0) or \
                 (cfg.max_steps is not None and global_step >= cfg.max_steps)
@@ -650,6 +651,7 @@ def train(cfg: TrainConfig) -> Path:
         if stopped:
             break
         # ---- end of epoch: metrics + checkpoint
+        loss_sum = {b: float(v) for b, v in loss_sum.items()}
         if cfg.distill == "pskd":
             pskd["prev"], pskd["cur"] = pskd["cur"].clone(), pskd["cur"]
         if dist_.world > 1:
