@@ -86,6 +86,7 @@ def distributed_worker(rank: int, world: int, init_file: str, out_path: str) -> 
         out = distributed_reference(sizes=(24, 16, 8, 20, 12))
         if rank == 0:
             torch.save(out, out_path)
+        dist.barrier()   # no rank tears gloo down while its peer is still in a collective (seen: SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
