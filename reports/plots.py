@@ -245,27 +245,27 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
 
 
 # ---------------------------------------------------------------------------------------------- omega
-def _omega_frame(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame]) -> pd.DataFrame:
-    """Layers × bits DataFrame (columns: int bits, descending) from a dict or a frame."""
-    if isinstance(omega, pd.DataFrame):
-        df = omega.copy()
+def _layer_bit_frame(data: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame], value: str, what: str,
+                     descending: bool) -> pd.DataFrame:
+    """Layers × bits DataFrame (columns: bits) from {layer: {bit: x}}, a wide frame, or a long frame
+    (layer, bit, ``value``).  ``what`` names the argument in errors."""
+    if isinstance(data, pd.DataFrame):
+        df = data.copy()
         if "layer" in df.columns:
             df = df.set_index("layer")
-        # long form (layer, bit, omega) → wide
-        if {"bit", "omega"} <= set(df.columns):
-            df = df.reset_index().pivot(index="layer", columns="bit", values="omega")
-    elif isinstance(omega, Mapping):
-        if not omega:
-            raise PlotError("plot_omega_heatmap: omega is empty")
-        df = pd.DataFrame.from_dict({k: _bit_keyed(v, k) for k, v in omega.items()}, orient="index")
-        df = df.loc[list(omega.keys())]
+        if {"bit", value} <= set(df.columns):   # long form → wide
+            df = df.reset_index().pivot(index="layer", columns="bit", values=value)
+    elif isinstance(data, Mapping):
+        if not data:
+            raise PlotError(f"{what} is empty")
+        df = pd.DataFrame.from_dict({k: _bit_keyed(v, k) for k, v in data.items()}, orient="index").loc[list(data)]
     else:
-        raise PlotError(f"omega must be a dict {{layer: {{bit: value}}}} or a DataFrame, got {type(omega).__name__}")
+        raise PlotError(f"{what} must be a dict {{layer: {{bit: value}}}} or a DataFrame, got {type(data).__name__}")
     try:
         df.columns = [_parse_bit(c) for c in df.columns]
     except (TypeError, ValueError):
-        raise PlotError(f"omega columns must be bits (8, '6', 'fp'); got {list(df.columns)}") from None
-    order = sorted(df.columns, key=lambda b: 99 if b is None else b, reverse=True)
+        raise PlotError(f"{what} columns must be bits (8, '6', 'fp'); got {list(df.columns)}") from None
+    order = sorted(df.columns, key=lambda b: 99 if b is None else b, reverse=descending)
     return df[order].astype(float)
 
 
@@ -281,7 +281,7 @@ def plot_omega_heatmap(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFr
     Colour is log-scaled.  Non-positive cells (from negative traces) cannot sit on a log scale:
     they are shown hatched grey and labelled "≤0".
     """
-    df = _omega_frame(omega)
+    df = _layer_bit_frame(omega, "omega", "plot_omega_heatmap: omega", descending=True)
     if df.empty:
         raise PlotError("plot_omega_heatmap: no layers")
     vals = df.to_numpy(dtype=float)
@@ -371,27 +371,6 @@ def plot_spectral_density(grid: Sequence[float], density: Sequence[float],
 
 
 # ---------------------------------------------------------------------------------------------- probabilities
-def _bits_frame(probs: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame]) -> pd.DataFrame:
-    if isinstance(probs, pd.DataFrame):
-        df = probs.copy()
-        if "layer" in df.columns:
-            df = df.set_index("layer")
-        if {"bit", "p"} <= set(df.columns):
-            df = df.reset_index().pivot(index="layer", columns="bit", values="p")
-    elif isinstance(probs, Mapping):
-        if not probs:
-            raise PlotError("plot_bit_probabilities: probs is empty")
-        df = pd.DataFrame.from_dict({k: _bit_keyed(v, k) for k, v in probs.items()}, orient="index").loc[list(probs)]
-    else:
-        raise PlotError(f"probs must be a dict {{layer: {{bit: p}}}} or a DataFrame, got {type(probs).__name__}")
-    try:
-        df.columns = [_parse_bit(c) for c in df.columns]
-    except (TypeError, ValueError):
-        raise PlotError(f"probability columns must be bits, got {list(df.columns)}") from None
-    order = sorted(df.columns, key=lambda b: 99 if b is None else b)
-    return df[order].astype(float).fillna(0.0)
-
-
 def plot_bit_probabilities(probs: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame],
                            ax: Optional[Axes] = None, sensitive: Optional[Iterable[str]] = None,
                            title: Optional[str] = None) -> Figure:
@@ -403,7 +382,7 @@ def plot_bit_probabilities(probs: Union[Mapping[str, Mapping[Any, float]], pd.Da
             tick labels are bold.
     The expected bit per layer (Σ b·p) is drawn as a black marker on a right-hand axis in bits.
     """
-    df = _bits_frame(probs)
+    df = _layer_bit_frame(probs, "p", "plot_bit_probabilities: probs", descending=False).fillna(0.0)
     sums = df.sum(axis=1).to_numpy()
     if not np.allclose(sums, 1.0, atol=1e-3):
         bad = df.index[np.argmax(np.abs(sums - 1))]
