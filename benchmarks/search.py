@@ -112,20 +112,6 @@ def bench_frontdoor() -> list[tuple[str, str]]:
     return rows
 
 
-def _hypervolume(points: np.ndarray, ref_x: float, ref_y: float) -> float:
-    """Area dominated by (x ↓, y ↑) points within [min, ref_x] × [ref_y, max]."""
-    pts = points[(points[:, 0] <= ref_x) & (points[:, 1] >= ref_y)]
-    if len(pts) == 0:
-        return 0.0
-    pts = pts[np.argsort(pts[:, 0])]
-    hv, best = 0.0, ref_y
-    xs = list(pts[:, 0]) + [ref_x]
-    for i, (x, y) in enumerate(pts):
-        best = max(best, y)
-        hv += (xs[i + 1] - x) * (best - ref_y)
-    return hv
-
-
 def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]]:
     import optuna
     import hasb
@@ -133,6 +119,7 @@ def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]
     from search import ilp
     from search.fakes import fake_sensitivity
     from search.optuna_search import run_study
+    from search.pareto import hypervolume
     m = hasb.quantize_model(build_model("resnet20"))
     cm = hasb.CostModel.from_model(m)
     space = ilp.build_space(cm, sensitivity=fake_sensitivity(m, 0), groups=ilp.tied_groups(m))
@@ -157,7 +144,7 @@ def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]
             pts = np.array([[t.values[1], t.values[0]] for t in st.get_trials()
                             if t.values and all(c <= 0 for c in t.user_attrs["constraint"])])
             lo = cm.uniform_bitops(2) / 1e9
-            hv = _hypervolume(pts, budget.limit / 1e9, 0.0) / ((budget.limit / 1e9 - lo) * 1.0)
+            hv = hypervolume(pts[:, 0], pts[:, 1], budget.limit / 1e9, 0.0) / ((budget.limit / 1e9 - lo) * 1.0)
             hvs.append(hv)
         hvs = np.array(hvs)
         out.append((f"Optuna {sampler}: normalised hypervolume after {n_trials} trials "

@@ -149,16 +149,86 @@ def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, it
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- tasks
+# Each task runs in its own (spawned) process: ResNet-20 on 28×28 images keeps an H100 mostly idle between kernel
+# launches, so independent runs side by side finish several times sooner than one after another.
+def _task_train(cfg: dict) -> dict:
+    out, secs = run(TrainConfig.from_dict(cfg))
+    return {**last_metrics(out), "seconds": secs, "epochs": cfg["epochs"]}
+
+
+def _task_sens(multi_pt: str, out: str, lim: dict, max_hvp: int, device: str) -> dict:
+    t = time.time()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    p = sensitivity_for(Path(multi_pt), Path(out), lim, max_hvp=max_hvp, device=device)
+    return {"path": str(p) if p else None, "seconds": time.time() - t}
+
+
+def _task_score(model_pt: str, configs: list, lim: dict, device: str) -> dict:
+    dev = torch.device(device)
+    splits = load_dataset(**lim)
+    calib = list(batches(splits.calib, 256, device=dev))
+    return score_configs(Path(model_pt), [hasb.BitConfig.from_dict(c) for c in configs], splits, dev, calib)
+
+
+def _entry(fn_name: str, args: tuple, result_path: str, log_path: str) -> None:
+    import contextlib
+    torch.set_num_threads(2)
+    with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        r = globals()[fn_name](*args)
+    tmp = result_path + ".tmp"
+    Path(tmp).write_text(json.dumps(r, default=str))
+    Path(tmp).replace(result_path)
+
+
+class Tasks:
+    """Start tasks as spawned processes (or inline with parallel=False); ``wait(name)`` returns the result."""
+
+    def __init__(self, root: Path, parallel: bool):
+        import multiprocessing as mp
+        self.root, self.parallel, self.ctx = root / "_tasks", parallel, mp.get_context("spawn")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.procs: dict = {}
+        self.t_start: dict = {}
+
+    def start(self, name: str, fn, *args) -> None:
+        res, logp = str(self.root / f"{name}.json"), str(self.root / f"{name}.log")
+        self.t_start[name] = time.time()
+        log(f"start {name}")
+        if self.parallel:
+            p = self.ctx.Process(target=_entry, args=(fn.__name__, args, res, logp), name=name)
+            p.start()
+            self.procs[name] = p
+        else:
+            _entry(fn.__name__, args, res, logp)
+
+    def wait(self, name: str):
+        if name in self.procs:
+            self.procs[name].join()
+            if self.procs[name].exitcode != 0:
+                tail = (self.root / f"{name}.log").read_text()[-3000:]
+                raise RuntimeError(f"task {name} failed (exit {self.procs[name].exitcode}):\n{tail}")
+        r = json.loads((self.root / f"{name}.json").read_text())
+        log(f"done {name} ({time.time() - self.t_start[name]:.0f} s)")
+        return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="output folder (default $OUT or runs/evidence)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU settings to check the script works")
     ap.add_argument("--model", default=None, help="default resnet20 (small_cnn with --quick)")
     ap.add_argument("--epochs-multi", type=int, default=None, help="default 2 (1 with --quick)")
-    ap.add_argument("--epochs-super", type=int, default=None, help="default 1")
+    ap.add_argument("--epochs-super", type=int, default=None,
+                    help="supernet epochs (default: as many as fit --deadline, at most 6; 1 with --quick)")
+    ap.add_argument("--deadline", type=float, default=540.0,
+                    help="seconds the whole script may take; sizes the supernet epochs when not given (default 540)")
     ap.add_argument("--configs", type=int, default=None, help="random mixed configs scored (default 16; 4 quick)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--serial", action="store_true", help="run the training runs one after another")
+    ap.add_argument("--with-432", action="store_true",
+                    help="also train a {4,3,2} chain (multi → sensitivity → HASB supernet) for the search evidence")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--compiled-multi", action="store_true",
                     help="also time the compiled 4-pass step (compiles 4 more graphs: ~2.5 extra minutes on an H100)")
@@ -169,59 +239,88 @@ def main(argv=None) -> int:
     quick = a.quick
     model = a.model or ("small_cnn" if quick else "resnet20")
     em = a.epochs_multi or (1 if quick else 2)
-    es = a.epochs_super or 1
     k = a.configs or (4 if quick else 16)
     dev = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if a.device == "auto" else a.device))
     gpu = dev.type == "cuda"
     lim = dict(train_limit=1024, val_limit=500) if quick else {}
+    slim = dict(train_limit=lim.get("train_limit"), val_limit=lim.get("val_limit"))
     common = dict(model=model, batch_size=a.batch_size, device=str(dev), bf16=gpu, progress=False, overwrite=True,
                   augment=not quick, **lim)
     t_all = time.time()
     res: dict = {"model": model, "device": torch.cuda.get_device_name(0) if gpu else "cpu", "epochs_multi": em,
-                 "epochs_super": es, "runs": {}}
+                 "runs": {}, "parallel": not a.serial}
+    T = Tasks(out, parallel=not a.serial)
 
-    log("A: multi-precision, ALRS code")
-    pa, ta = run(TrainConfig(stage="multi", out=str(out / "multi_alrs"), epochs=em, alrs="code", **common))
-    log("B: multi-precision, ALRS off")
-    pb, tb = run(TrainConfig(stage="multi", out=str(out / "multi_noalrs"), epochs=em, alrs="off", **common))
-    res["runs"]["multi_alrs"] = {**last_metrics(pa), "seconds": ta}
-    res["runs"]["multi_noalrs"] = {**last_metrics(pb), "seconds": tb}
-    sep = {}
+    def cfg(**kw) -> dict:
+        return TrainConfig(**{**common, **kw}).to_dict()
+
+    # phase 1: every multi-precision-stage run at once
+    T.start("multi_alrs", _task_train, cfg(stage="multi", out=str(out / "multi_alrs"), epochs=em, alrs="code"))
+    T.start("multi_noalrs", _task_train, cfg(stage="multi", out=str(out / "multi_noalrs"), epochs=em, alrs="off"))
     for b in BITS:
-        log(f"C: separate LSQ model at {b} bits")
-        pc, tc = run(TrainConfig(stage="multi", out=str(out / f"single_{b}"), epochs=em, bits=[b],
-                                 distill="none", **common))
-        sep[b] = {**last_metrics(pc), "seconds": tc}
-    res["runs"]["separate"] = sep
+        T.start(f"single_{b}", _task_train, cfg(stage="multi", out=str(out / f"single_{b}"), epochs=em, bits=[b],
+                                                distill="none"))
+    if a.with_432:
+        T.start("multi_432", _task_train, cfg(stage="multi", out=str(out / "multi_432"), epochs=em, bits=[4, 3, 2],
+                                              alrs="code"))
+    pa = out / "multi_alrs"
+    res["runs"]["multi_alrs"] = T.wait("multi_alrs")
+    max_hvp = 64 if quick else 256
+    T.start("sens", _task_sens, str(pa / "model.pt"), str(out / "sens"), slim, max_hvp, str(dev))
+    sens = T.wait("sens")
+    res["sensitivity_seconds"] = sens["seconds"]
+    sens_path = sens["path"]
 
-    log("S: sensitivity of the multi-precision model")
-    t = time.time()
-    sens = sensitivity_for(pa / "model.pt", out, dict(train_limit=lim.get("train_limit"), val_limit=lim.get("val_limit")),
-                           max_hvp=64 if quick else 256, device=str(dev))
-    res["sensitivity_seconds"] = time.time() - t
-    sup = dict(common, model=model, lr=common.get("lr", 2e-3) / 4, warmup_epochs=0 if es < 3 else None)
-    log("D: HASB supernet")
-    pd_, td = run(TrainConfig(stage="supernet", out=str(out / "super_hasb"), epochs=es, init=str(pa / "model.pt"),
-                              sampler="hasb" if sens else "uniform", sensitivity=str(sens) if sens else None, **sup))
-    log("U: uniform-sampler supernet")
-    pu, tu = run(TrainConfig(stage="supernet", out=str(out / "super_uniform"), epochs=es, init=str(pa / "model.pt"),
-                             sampler="uniform", **sup))
-    res["runs"]["super_hasb"] = {**last_metrics(pd_), "seconds": td, "sampler": "hasb" if sens else "uniform"}
-    res["runs"]["super_uniform"] = {**last_metrics(pu), "seconds": tu}
+    def super_epochs(multi: dict, n_multi_bits: int) -> int:
+        """Supernet epochs that fit the deadline: a supernet epoch costs about one multi-precision epoch."""
+        if a.epochs_super:
+            return a.epochs_super
+        if quick:
+            return 1
+        # measured while every phase-1 run shared the device; phase 2 runs three at a time (~0.8× as long, H200)
+        ep_s = 0.8 * multi["seconds"] / multi["epochs"]
+        left = a.deadline - (time.time() - t_all) - 90      # scoring and slack
+        return int(max(1, min(6, left // ep_s)))
+
+    es = super_epochs(res["runs"]["multi_alrs"], len(BITS))
+    res["epochs_super"] = es
+    log(f"supernet epochs: {es}")
+    sup = dict(lr=2e-3 / 4, warmup_epochs=0 if es < 3 else None, epochs=es)
+    T.start("super_hasb", _task_train, cfg(stage="supernet", out=str(out / "super_hasb"), init=str(pa / "model.pt"),
+                                           sampler="hasb" if sens_path else "uniform", sensitivity=sens_path, **sup))
+    T.start("super_uniform", _task_train, cfg(stage="supernet", out=str(out / "super_uniform"),
+                                              init=str(pa / "model.pt"), sampler="uniform", **sup))
+    if a.with_432:
+        m3 = T.wait("multi_432")
+        res["runs"]["multi_432"] = m3
+        T.start("sens_432", _task_sens, str(out / "multi_432" / "model.pt"), str(out / "sens_432"), slim, max_hvp,
+                str(dev))
+        s3 = T.wait("sens_432")
+        es3 = super_epochs(m3, 3)
+        T.start("super_432", _task_train, cfg(stage="supernet", out=str(out / "super_432"),
+                                              init=str(out / "multi_432" / "model.pt"), bits=[4, 3, 2],
+                                              sampler="hasb" if s3["path"] else "uniform", sensitivity=s3["path"],
+                                              **{**sup, "epochs": es3, "warmup_epochs": 0 if es3 < 3 else None}))
+    res["runs"]["multi_noalrs"] = T.wait("multi_noalrs")
+    res["runs"]["separate"] = {b: T.wait(f"single_{b}") for b in BITS}
+    res["runs"]["super_hasb"] = {**T.wait("super_hasb"), "sampler": "hasb" if sens_path else "uniform"}
+    res["runs"]["super_uniform"] = T.wait("super_uniform")
 
     log("scoring sub-nets: TBN vs BN re-calibration")
-    splits = load_dataset(**lim)
-    calib = list(batches(splits.calib, 256, device=dev))
     layers = hasb.searchable_layers(load_supernet(pa))
     cost = hasb.CostModel.from_model(load_supernet(pa))
     configs = random_configs(layers, k, seed=0)
-    avg_bits = [cost.avg_bit_equivalent(c) for c in configs]
-    scores = {}
-    for name, p in (("multi", pa), ("hasb", pd_), ("uniform", pu)):
-        scores[name] = score_configs(p / "model.pt", configs, splits, dev, calib)
-    res["subnets"] = {"avg_bit_equivalent": avg_bits, "configs": [c.short() for c in configs], "scores": scores}
-    if not a.skip_timing:
+    res["subnets"] = {"avg_bit_equivalent": [cost.avg_bit_equivalent(c) for c in configs],
+                      "configs": [c.short() for c in configs]}
+    for name, p in (("multi", pa), ("hasb", out / "super_hasb"), ("uniform", out / "super_uniform")):
+        T.start(f"score_{name}", _task_score, str(p / "model.pt"), [c.to_dict() for c in configs], lim, str(dev))
+    res["subnets"]["scores"] = {name: T.wait(f"score_{name}") for name in ("multi", "hasb", "uniform")}
+    if a.with_432:
+        r3 = T.wait("super_432")
+        res["runs"]["super_432"] = r3
+        res["epochs_super_432"] = r3["epochs"]
+    if not a.skip_timing:      # alone on the device: nothing else runs now
         log("step times")
         res["step_time"] = step_times(model, dev, 256, gpu, 20 if gpu else 3, a.compiled_multi)
     res["total_seconds"] = time.time() - t_all
@@ -248,7 +347,7 @@ def table(res: dict) -> str:
              + f" | {sum(s['seconds'] for s in sep.values()):.0f} |")
     sn = res["subnets"]["scores"]
     for name in ("hasb", "uniform"):
-        L.append(f"| supernet {name} sampler (TBN b-b) | " + " | ".join(f"{100 * sn[name]['uniform'][b]:.2f}"
+        L.append(f"| supernet {name} sampler (TBN b-b) | " + " | ".join(f"{100 * sn[name]['uniform'][str(b)]:.2f}"
                                                                        for b in BITS)
                  + f" | {r['super_' + name]['seconds']:.0f} |")
     L += ["", "Random mixed configs (same configs for every model; mean val acc %, avg-bit equivalent "
@@ -259,6 +358,18 @@ def table(res: dict) -> str:
         s = sn[name]
         mt, mr = sum(s["tbn"]) / len(s["tbn"]), sum(s["recal"]) / len(s["recal"])
         L.append(f"| {name} | {100 * mt:.2f} | {100 * mr:.2f} | {spearman(s['tbn'], s['recal']):.2f} |")
+    dh = [h - u for h, u in zip(sn["hasb"]["recal"], sn["uniform"]["recal"])]
+    if len(dh) > 1:
+        import statistics
+        se = statistics.stdev(dh) / len(dh) ** 0.5
+        L += ["", f"HASB − uniform sampler on the same {len(dh)} configs (BN re-calibrated): "
+              f"{100 * statistics.mean(dh):+.2f} ± {100 * se:.2f} points (paired mean ± s.e.)"]
+    if "super_432" in r:
+        m3, s3 = r["multi_432"], r["super_432"]
+        L += ["", "| {4,3,2} chain (search evidence) | w4a4 | w3a3 | w2a2 | epochs | seconds |", "|---|---|---|---|---|---|"]
+        for name, m in (("multi-precision", m3), ("HASB supernet (TBN b-b)", s3)):
+            L.append(f"| {name} | " + " | ".join(f"{100 * m[f'acc_w{b}a{b}']:.2f}" for b in (4, 3, 2))
+                     + f" | {m['epochs']} | {m['seconds']:.0f} |")
     if "step_time" in res:
         L += ["", "| step time (ResNet b256) | float ms | one w8a8 pass | ratio | 4-pass multi step | ratio |",
               "|---|---|---|---|---|---|"]

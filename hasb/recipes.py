@@ -51,12 +51,14 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     except ImportError:
         return None
     from .data import batches, load_dataset
-    model = _float_twin(load_supernet(multi_pt)).to(device)
+    qmodel = load_supernet(multi_pt)
+    bits = list(qmodel.hasb_spec.bits)          # Ω for the supernet's own candidates ({4,3,2} too)
+    model = _float_twin(qmodel).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256, device=device))[:2]
     # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
     res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=max_hvp, model_name=model.hasb_build["name"],
-                              estimator="layer",
+                              estimator="layer", bits=bits,
                               include_fixed=False,
                               fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}")
     return res.to_json(out / "sensitivity.json")

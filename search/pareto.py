@@ -75,6 +75,24 @@ def pareto_mask(bitops: Sequence[float], accuracy: Sequence[float]) -> np.ndarra
     return keep
 
 
+def hypervolume(cost: Sequence[float], accuracy: Sequence[float], ref_cost: float, ref_accuracy: float) -> float:
+    """Area dominated by (cost ↓, accuracy ↑) points inside [min cost, ref_cost] × [ref_accuracy, max]: a float.
+
+    Points costlier than ``ref_cost`` or less accurate than ``ref_accuracy`` add nothing.  Units: cost units ×
+    accuracy units (divide by the box's area to normalise).  Compares fronts found with equal evaluation budgets.
+    """
+    c = np.asarray(cost, dtype=float)
+    a = np.asarray(accuracy, dtype=float)
+    keep = (c <= ref_cost) & (a >= ref_accuracy)
+    c, a = c[keep], a[keep]
+    if len(c) == 0:
+        return 0.0
+    order = np.argsort(c, kind="stable")
+    c, a = c[order], np.maximum.accumulate(a[order])     # best accuracy at cost ≤ c
+    widths = np.diff(np.append(c, ref_cost))
+    return float(np.sum(widths * (a - ref_accuracy)))
+
+
 def pareto_front(df: pd.DataFrame, x: str = "bitops", y: str = "accuracy") -> pd.DataFrame:
     """Rows of ``df`` on the front, sorted by ``x``."""
     m = pareto_mask(df[x].to_numpy(), df[y].to_numpy())

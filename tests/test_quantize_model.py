@@ -165,3 +165,27 @@ def test_real_fashion_mnist_splits(fmnist_small):
     assert torch.equal(again.val[0], d.val[0])
     other = load_dataset("fashion-mnist", train_limit=2048, val_limit=512, seed=1)
     assert not torch.equal(other.val[0], d.val[0])
+
+
+@pytest.mark.parametrize("bits", [[4, 3, 2], [8, 6, 4, 2]])
+def test_activation_init_sees_training_statistics(bits):
+    """Activation scales are set on train-mode (batch-normalised) activations at every bit.
+
+    With eval-mode BN the float model's running statistics do not fit the quantized weights (half-up ties shift
+    channel means, most at Δ = 1), activations drift layer by layer and a {4,3,2} ResNet-20's 3- and 2-bit scales
+    came out ×4 larger per layer (10⁹ at the last block): every activation then quantizes to 0, for good.
+    """
+    from hasb.train import _float_bn_stats
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    x = torch.randn(256, 1, 28, 28)
+    _float_bn_stats(model, x)
+    hasb.quantize_model(model, bits)
+    bn_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    hasb.init_quantizers(model, x[:128])
+    scales = {k: float(v) for k, v in model.state_dict().items() if ".act_scales." in k and not k.startswith(("conv1.", "fc."))}
+    # post-BN-ReLU inputs have unit scale: MSE-optimal steps lie well below 1 at 2..8 bits
+    worst = max(scales, key=scales.get)
+    assert scales[worst] < 2.0, f"{worst} = {scales[worst]:.3g}"
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in bn_before.items()), "init must not change BN statistics"

@@ -14,7 +14,7 @@ import hasb
 from hasb.config import BitConfig
 from search import export as sx
 from search.fakes import make_fake_run
-from search.pareto import main, pareto_mask
+from search.pareto import hypervolume, main, pareto_mask
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--trials", "5", "--val-limit", "200", "--calib-size", "256", "--sweep", "8", "--quiet"]
@@ -35,6 +35,19 @@ def test_pareto_mask_known_sets():
     assert pareto_mask(b, a).tolist() == [True, True, False, True, False, False, True]
     assert pareto_mask([1, 1], [.5, .5]).tolist() == [True, True]           # duplicates both stay
     assert pareto_mask([], []).tolist() == []
+
+
+def test_hypervolume_known_and_monte_carlo():
+    # two points (1, .5) and (2, .8) with reference (3, 0): 1·.5 + 1·.8 = 1.3
+    assert hypervolume([2, 1], [.8, .5], 3, 0) == pytest.approx(1.3)
+    assert hypervolume([4], [.9], 3, 0) == 0.0                         # beyond the reference cost
+    assert hypervolume([1, 2], [.9, .5], 3, 0) == pytest.approx(1.8)   # dominated point adds nothing
+    rng = np.random.default_rng(0)
+    c, a = rng.uniform(0, 1, 20), rng.uniform(0, 1, 20)
+    u = rng.uniform(0, 1, (200_000, 2))                                # area by sampling the unit box
+    dom = ((c[None, :] <= u[:, :1]) & (a[None, :] >= u[:, 1:])).any(1)
+    # binomial standard error of the fraction ≤ 0.5/sqrt(2e5) ≈ 0.0011: 5 SE
+    assert hypervolume(c, a, 1.0, 0.0) == pytest.approx(dom.mean(), abs=0.0056)
 
 
 def test_pareto_mask_matches_definition_on_random_sets():
