@@ -1,17 +1,19 @@
 """Training recipes: a CPU-small one (tests, the demo) and a GPU one (ResNet-20 on full Fashion-MNIST).
 
-``demo_recipe(out_dir)`` runs the whole one-shot pipeline the search demo needs
-— multi-precision stage, sensitivity (``analysis.sensitivity``), HASB supernet —
-for small_cnn on 8k Fashion-MNIST images, in about 90 s on 2 CPU cores, and
-caches: a second call with finished stages returns at once.
+``run_recipe`` is the whole one-shot pipeline — multi-precision stage, sensitivity
+(``analysis.sensitivity``), HASB supernet — and caches: a second call with finished
+stages returns at once.  ``demo_recipe`` runs it for small_cnn on 8k images (about
+90 s on 2 CPU cores; the search demo's supernet), ``gpu_recipe`` for ResNet-20 on
+all of Fashion-MNIST on one GPU:  ``python -m hasb.recipes resnet20-gpu --out DIR``.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .train import TrainConfig, load_supernet, train
+from .train import TrainConfig, TrainError, load_supernet, train
 
 
 def cpu_small(stage: str = "multi", out: str = "runs/cpu_small", **kw) -> TrainConfig:
@@ -24,13 +26,13 @@ def cpu_small(stage: str = "multi", out: str = "runs/cpu_small", **kw) -> TrainC
 
 
 def gpu_resnet20(stage: str = "multi", out: str = "runs/resnet20", **kw) -> TrainConfig:
-    """ResNet-20 on all 55k Fashion-MNIST training images, bf16, one GPU; each stage fits one 10-minute call.
+    """ResNet-20 on all 55k Fashion-MNIST training images, bf16, batch 256, one GPU: multi-precision 8 epochs,
+    supernet 6 epochs (warm-up round(6·10/90) = 1); the whole recipe fits one 10-minute call on an H100/H200.
 
-    Multi-precision: 8 epochs × 430 steps × 4 bit passes; supernet: 6 epochs (warm-up round(6·10/90) = 1).
-    Sizing from one H100 measurement (eager, bf16, b256: one ResNet-20 bit pass with its Adam step 37 ms, the
-    4-pass step 162 ms): ≈ 45 s per multi-precision epoch at b128, so each stage fits a 10-minute call.
+    Sizing: ~30 s per eager multi-precision epoch at b256 on one H100/H200 (4 bit passes + validation of each
+    bit), a supernet epoch about the same; ``compile=True`` halves the step (benchmarks/RESULTS.md).
     """
-    base = dict(stage=stage, model="resnet20", out=out, epochs=8 if stage == "multi" else 6, batch_size=128,
+    base = dict(stage=stage, model="resnet20", out=out, epochs=8 if stage == "multi" else 6, batch_size=256,
                 lr=2e-3 if stage == "multi" else 5e-4, wd=5e-5, augment=True, device="cuda", bf16=True)
     base.update(kw)
     return TrainConfig(**base)
@@ -85,15 +87,20 @@ def _float_twin(qmodel):
     return f.eval().to(torch.float32)
 
 
-def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: Union[str, Path, Callable, None] = None,
-                progress: bool = False, overwrite: bool = False) -> dict:
-    """Train the demo supernet (multi → sensitivity → HASB supernet); returns paths and timings.
+def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], *, sensitivity_splits: dict,
+               sensitivity: Union[str, Path, Callable, None] = None, max_hvp: int = 96, progress: bool = False,
+               overwrite: bool = False, **kw) -> dict:
+    """The one-shot pipeline: multi-precision stage → sensitivity → HASB supernet; returns paths and timings.
 
     Args:
-        out_dir: writes ``multi/``, ``sensitivity.json`` and ``supernet/`` below it.
+        make_cfg: ``make_cfg(stage, out, **kw) -> TrainConfig`` (:func:`cpu_small`, :func:`gpu_resnet20`).
+        out_dir: writes ``multi/``, ``sensitivity.json`` and ``supernet/`` below it; finished stages are reused
+            unless ``overwrite``.
+        sensitivity_splits: ``load_dataset`` limits for the traces (``train_limit``, ``val_limit``).
         sensitivity: a sensitivity.json to use, or a callable ``f(multi_model_pt) -> path``; default computes one
             with ``analysis.sensitivity.compute_sensitivity`` (falls back to the uniform sampler if that package
             is missing, recorded under ``"sampler"``).
+        kw: TrainConfig overrides for both stages (device, progress, ...).
     Returns:
         {"multi": Path, "supernet": Path (model.pt), "sensitivity": Path|None, "sampler": str, "seconds": {...}}
     """
@@ -102,7 +109,7 @@ def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: U
     multi_dir, sup_dir = out / "multi", out / "supernet"
     t0 = time.time()
     if overwrite or not _done(multi_dir):
-        train(cpu_small("multi", str(multi_dir), progress=progress, overwrite=True))
+        train(make_cfg("multi", str(multi_dir), progress=progress, overwrite=True, **kw))
     t["multi"] = time.time() - t0
     t0 = time.time()
     sens: Optional[Path]
@@ -113,17 +120,60 @@ def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: U
     elif (out / "sensitivity.json").is_file() and not overwrite:
         sens = out / "sensitivity.json"
     else:
-        sens = sensitivity_for(multi_dir / "model.pt", out, dict(train_limit=8192, val_limit=1000))
+        device = kw.get("device") or make_cfg("multi", str(multi_dir)).device
+        sens = sensitivity_for(multi_dir / "model.pt", out, sensitivity_splits, max_hvp=max_hvp,
+                               device="cpu" if device == "auto" else device)
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
     if overwrite or not _done(sup_dir):
-        train(cpu_small("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
-                        sensitivity=str(sens) if sens else None, model="small_cnn", progress=progress,
-                        overwrite=True))
+        train(make_cfg("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
+                       sensitivity=str(sens) if sens else None, progress=progress, overwrite=True, **kw))
     t["supernet"] = time.time() - t0
     return {"multi": multi_dir / "model.pt", "supernet": sup_dir / "model.pt", "sensitivity": sens,
             "sampler": sampler, "seconds": t}
 
 
-__all__ = ["cpu_small", "gpu_resnet20", "demo_recipe", "sensitivity_for"]
+def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: Union[str, Path, Callable, None] = None,
+                progress: bool = False, overwrite: bool = False) -> dict:
+    """The search demo's supernet: :func:`run_recipe` with :func:`cpu_small` (small_cnn, 8k images, ~90 s on 2 CPU
+    cores); same arguments and return value."""
+    return run_recipe(cpu_small, out_dir, sensitivity_splits=dict(train_limit=8192, val_limit=1000),
+                      sensitivity=sensitivity, progress=progress, overwrite=overwrite)
+
+
+def gpu_recipe(out_dir: Union[str, Path] = "runs/resnet20", *, progress: bool = True, overwrite: bool = False,
+               **kw) -> dict:
+    """ResNet-20 on full Fashion-MNIST on one GPU: :func:`run_recipe` with :func:`gpu_resnet20` (256 HVPs)."""
+    return run_recipe(gpu_resnet20, out_dir, sensitivity_splits={}, max_hvp=256, progress=progress,
+                      overwrite=overwrite, **kw)
+
+
+def main(argv=None) -> int:
+    """``python -m hasb.recipes {demo,resnet20-gpu} --out DIR``: run a recipe end to end, print where it went."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(prog="python -m hasb.recipes", description=main.__doc__)
+    p.add_argument("recipe", choices=("demo", "resnet20-gpu"),
+                   help="demo: small_cnn, 8k images, CPU (~90 s); resnet20-gpu: ResNet-20, all 55k images, one GPU")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo/train or runs/resnet20)")
+    p.add_argument("--overwrite", action="store_true", help="retrain finished stages")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
+    a = p.parse_args(argv)
+    try:
+        if a.recipe == "demo":
+            r = demo_recipe(a.out or "runs/demo/train", progress=True, overwrite=a.overwrite)
+        else:
+            r = gpu_recipe(a.out or "runs/resnet20", overwrite=a.overwrite, compile=a.compile)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for"]
