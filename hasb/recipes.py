@@ -159,12 +159,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="run directory (default runs/demo/train or runs/resnet20)")
     p.add_argument("--overwrite", action="store_true", help="retrain finished stages")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
+    p.add_argument("--bits", default=None, help="candidate bits, comma separated (default 8,6,4,2; e.g. 4,3,2)")
     a = p.parse_args(argv)
+    kw = {}
+    if a.bits:
+        try:
+            kw["bits"] = [int(b) for b in a.bits.split(",")]
+        except ValueError:
+            p.error(f"--bits {a.bits!r}: expected integers separated by commas, e.g. 4,3,2")
     try:
         if a.recipe == "demo":
+            if kw or a.compile:
+                p.error("--bits and --compile apply to the resnet20-gpu recipe only")
             r = demo_recipe(a.out or "runs/demo/train", progress=True, overwrite=a.overwrite)
         else:
-            r = gpu_recipe(a.out or "runs/resnet20", overwrite=a.overwrite, compile=a.compile)
+            r = gpu_recipe(a.out or "runs/resnet20", overwrite=a.overwrite, compile=a.compile, **kw)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
