@@ -38,8 +38,26 @@ def gpu_resnet20(stage: str = "multi", out: str = "runs/resnet20", **kw) -> Trai
     return TrainConfig(**base)
 
 
-def _done(out: Path) -> bool:
-    return (out / "model.pt").is_file()
+# what a finished stage must agree on to be reused (progress, overwrite, out, init paths may differ)
+_REUSE_KEYS = ("stage", "model", "data", "epochs", "bits", "batch_size", "lr", "wd", "alrs", "sampler", "sigma",
+               "train_limit", "val_limit", "augment", "fixed_bits", "seed")
+
+
+def _done(out: Path, cfg: TrainConfig) -> bool:
+    """True when ``out`` holds a finished run of the same recipe; TrainError when it holds a different one."""
+    pt = out / "model.pt"
+    if not pt.is_file():
+        return False
+    import json
+
+    from .export import read_checkpoint
+    have = json.loads(read_checkpoint(pt).get("extra", "{}")).get("train_config", {})
+    want = cfg.to_dict()
+    diff = [k for k in _REUSE_KEYS if k in have and have[k] != want[k]]
+    if diff:
+        raise TrainError(f"{out} holds a finished run with other settings ({', '.join(f'{k}={have[k]!r}, now {want[k]!r}' for k in diff[:3])}); "
+                         f"pass --overwrite to retrain it or choose another --out")
+    return True
 
 
 def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 96, device: str = "cpu") -> Optional[Path]:
@@ -108,8 +126,9 @@ def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], 
     t = {}
     multi_dir, sup_dir = out / "multi", out / "supernet"
     t0 = time.time()
-    if overwrite or not _done(multi_dir):
-        train(make_cfg("multi", str(multi_dir), progress=progress, overwrite=True, **kw))
+    cfg = make_cfg("multi", str(multi_dir), progress=progress, overwrite=True, **kw)
+    if overwrite or not _done(multi_dir, cfg):
+        train(cfg)
     t["multi"] = time.time() - t0
     t0 = time.time()
     sens: Optional[Path]
@@ -120,15 +139,16 @@ def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], 
     elif (out / "sensitivity.json").is_file() and not overwrite:
         sens = out / "sensitivity.json"
     else:
-        device = kw.get("device") or make_cfg("multi", str(multi_dir)).device
+        device = cfg.device
         sens = sensitivity_for(multi_dir / "model.pt", out, sensitivity_splits, max_hvp=max_hvp,
                                device="cpu" if device == "auto" else device)
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
-    if overwrite or not _done(sup_dir):
-        train(make_cfg("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
-                       sensitivity=str(sens) if sens else None, progress=progress, overwrite=True, **kw))
+    cfg = make_cfg("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
+                   sensitivity=str(sens) if sens else None, progress=progress, overwrite=True, **kw)
+    if overwrite or not _done(sup_dir, cfg):
+        train(cfg)
     t["supernet"] = time.time() - t0
     return {"multi": multi_dir / "model.pt", "supernet": sup_dir / "model.pt", "sensitivity": sens,
             "sampler": sampler, "seconds": t}

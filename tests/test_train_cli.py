@@ -94,3 +94,18 @@ def test_sensitivity_for_another_model(tmp_path, existing_out):
     before = (first / "model.pt").read_bytes()
     _assert_error(run("--model", "tiny_mlp", "--out", str(first), "--train-limit", "128"), "already holds")
     assert (first / "model.pt").read_bytes() == before
+
+
+def test_recipe_reuses_only_a_matching_finished_stage(tmp_path):
+    """A finished stage is reused by a recipe with the same settings and refused (not retrained over) otherwise."""
+    from hasb.recipes import _done, cpu_small
+    from hasb.train import TrainError, train
+    out = tmp_path / "multi"
+    cfg = cpu_small("multi", str(out), epochs=1, train_limit=256, val_limit=64, progress=False)
+    assert not _done(out, cfg)
+    train(cfg)
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert _done(out, cpu_small("multi", str(out), epochs=1, train_limit=256, val_limit=64, progress=True))
+    with pytest.raises(TrainError, match=r"bits=\[8, 6, 4, 2\], now \[4, 3, 2\].*--overwrite"):
+        _done(out, cpu_small("multi", str(out), epochs=1, train_limit=256, val_limit=64, bits=[4, 3, 2]))
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
