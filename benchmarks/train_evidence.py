@@ -1,20 +1,23 @@
-"""Evidence for issue 4 on real Fashion-MNIST (ResNet-20), one GPU call (≤ 9 min on an H100).
+"""Evidence for issue 4 on real Fashion-MNIST (ResNet-20), one GPU call (≤ 9 min on an H200).
 
-Runs, each through the library entry point ``hasb.train.train``:
-  A  multi-precision {8,6,4,2}, ALRS code                 (E_m epochs, default 2; E_s default 1)
+Runs, each through the library entry point ``hasb.train.train``, independent ones side by side as spawned
+processes on the one device (``--serial`` to run them one after another):
+  A  multi-precision {8,6,4,2}, ALRS code                 (E_m epochs, default 2)
   B  multi-precision {8,6,4,2}, ALRS off                  (E_m epochs)   → Table 4 (ALRS on vs off)
   C  separately trained LSQ model per bit (= multi-precision with one candidate bit, E_m epochs each) → Table 6
   S  sensitivity of A (analysis.sensitivity, layer-restricted Hutchinson)
-  D  supernet from A, HASB sampler                        (E_s epochs)
+  D  supernet from A, HASB sampler                        (E_s epochs: as many as fit --deadline, ≤ 6)
   U  supernet from A, uniform sampler                     (E_s epochs)
+  --with-432: also multi {4,3,2} → its sensitivity → HASB supernet (the search evidence's w3a3 comparison)
 Then evaluates on the validation split: uniform sub-nets per bit (TBN (b,b) entries) for D and U, and the same K
-random mixed configs for D and U scored two ways — Transitional BN as trained vs BN re-calibration on 1024
-calibration images — and times one quantized bit pass and the 4-pass multi-precision step ÷ a float step
-(same model, batch, optimizer; eager and torch.compile).
+random mixed configs for A, D and U scored two ways — Transitional BN as trained vs BN re-calibration on 1024
+calibration images (paired HASB − uniform difference) — and, unless --skip-timing, times one quantized bit pass
+and the 4-pass multi-precision step ÷ a float step (same model, batch, optimizer; eager and torch.compile) with
+the device to itself.
 
-GPU (the lead):  HASB_DATA_DIR=.data/fashion-mnist PYTHONPATH=. python3 benchmarks/train_evidence.py --out $OUT
-                 (carry .data; ~7-8 min on an H100 by the quick run's timings; --compiled-multi adds ~2.5 min)
-CPU check:       python benchmarks/train_evidence.py --quick --out /tmp/ev
+GPU:        HASB_DATA_DIR=.data/fashion-mnist PYTHONPATH=. python3 benchmarks/train_evidence.py --out /tmp/ev \
+                --epochs-multi 4 --with-432 --skip-timing --deadline 555          (446 s on an H200)
+CPU check:  python benchmarks/train_evidence.py --quick --with-432 --skip-timing --out /tmp/ev
 Prints a table last; writes evidence.json / evidence.md and every run directory under --out.
 """
 from __future__ import annotations
