@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     res["sensitivity_seconds"] = sens["seconds"]
     sens_path = sens["path"]
 
-    def super_epochs(multi: dict, n_multi_bits: int) -> int:
+    def super_epochs(multi: dict) -> int:
         """Supernet epochs that fit the deadline: a supernet epoch costs about one multi-precision epoch."""
         if a.epochs_super:
             return a.epochs_super
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         left = a.deadline - (time.time() - t_all) - 90      # scoring and slack
         return int(max(1, min(6, left // ep_s)))
 
-    es = super_epochs(res["runs"]["multi_alrs"], len(BITS))
+    es = super_epochs(res["runs"]["multi_alrs"])
     res["epochs_super"] = es
     log(f"supernet epochs: {es}")
     sup = dict(lr=2e-3 / 4, warmup_epochs=0 if es < 3 else None, epochs=es)
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         T.start("sens_432", _task_sens, str(out / "multi_432" / "model.pt"), str(out / "sens_432"), slim, max_hvp,
                 str(dev))
         s3 = T.wait("sens_432")
-        es3 = super_epochs(m3, 3)
+        es3 = super_epochs(m3)
         T.start("super_432", _task_train, cfg(stage="supernet", out=str(out / "super_432"),
                                               init=str(out / "multi_432" / "model.pt"), bits=[4, 3, 2],
                                               sampler="hasb" if s3["path"] else "uniform", sensitivity=s3["path"],

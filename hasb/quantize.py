@@ -259,7 +259,7 @@ def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
     was = model.training
     saved = get_config(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = [(m, m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    kept = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
     model.eval()
     for m in bns:
         m.train()
@@ -269,9 +269,8 @@ def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
                 set_config(model, b)
                 model(batch)
     finally:
-        for m, mom, st in kept:
+        for m, st in kept:          # running statistics and batch counters as they were
             m.load_state_dict(st)
-            m.momentum = mom
         set_config(model, saved)
         model.train(was)
 

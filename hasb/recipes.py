@@ -55,7 +55,8 @@ def _done(out: Path, cfg: TrainConfig) -> bool:
     want = cfg.to_dict()
     diff = [k for k in _REUSE_KEYS if k in have and have[k] != want[k]]
     if diff:
-        raise TrainError(f"{out} holds a finished run with other settings ({', '.join(f'{k}={have[k]!r}, now {want[k]!r}' for k in diff[:3])}); "
+        what = ", ".join(f"{k}={have[k]!r}, now {want[k]!r}" for k in diff[:3])
+        raise TrainError(f"{out} holds a finished run with other settings ({what}); "
                          f"pass --overwrite to retrain it or choose another --out")
     return True
 
@@ -139,9 +140,8 @@ def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], 
     elif (out / "sensitivity.json").is_file() and not overwrite:
         sens = out / "sensitivity.json"
     else:
-        device = cfg.device
         sens = sensitivity_for(multi_dir / "model.pt", out, sensitivity_splits, max_hvp=max_hvp,
-                               device="cpu" if device == "auto" else device)
+                               device="cpu" if cfg.device == "auto" else cfg.device)
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
@@ -201,8 +201,9 @@ def main(argv=None) -> int:
     return 0
 
 
+__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for"]
+
+
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for"]
