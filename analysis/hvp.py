@@ -37,6 +37,7 @@ sample-weighted sums are all-reduced, so every rank holds the full-data result.
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import contextlib
 import math
 import time
@@ -53,7 +54,7 @@ Probes = list[torch.Tensor]          # one [k, *shape] tensor per block
 BACKENDS = ("auto", "double_backward", "func")
 
 
-class HVPError(ValueError):
+class HVPError(HasbError):
     """Bad arguments to the HVP engine (unknown backend, empty batches, unknown parameter names)."""
 
 

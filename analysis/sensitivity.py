@@ -44,17 +44,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hasb.sensitivity_file import (LAYER_KEYS, VERSION, SensitivityError, load_sensitivity,
+                                   validate_sensitivity)
+
 from .hvp import BACKENDS, HessianOperator, weight_params
 from .spectrum import operator_matvec, slq_density, top_eigenvalues
 from .trace import DEFAULT_ESTIMATOR, ESTIMATORS, activation_traces, estimate_traces
 
-VERSION = 1
 DEFAULT_BITS = (8, 6, 4, 2)
-LAYER_KEYS = ("layer", "n_params", "trace", "trace_per_param", "stderr", "n_hvp", "searchable")
-
-
-class SensitivityError(ValueError):
-    """Malformed sensitivity file or bad arguments to compute_sensitivity / the CLI."""
 
 
 @dataclass
@@ -240,71 +237,6 @@ def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
     name = model_name or (getattr(model, "hasb_build", None) or {}).get("name", type(model).__name__)
     return SensitivityResult(frame=frame, bits=bits, omega=omega, negative_traces=negative, model_name=name,
                              fingerprint=fingerprint, eigenvalues=eig, density=dens, activation=act, meta=meta)
-
-
-# -- the file contract ----------------------------------------------------------------------------------------
-def load_sensitivity(path: Union[str, Path]) -> dict:
-    """Read and validate sensitivity.json (the contract in notes/common.md); SensitivityError names the problem."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "sensitivity.json"
-    if not p.is_file():
-        raise SensitivityError(f"sensitivity file not found: {p}")
-    try:
-        d = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SensitivityError(f"{p} is not valid JSON: {e}") from None
-    validate_sensitivity(d, where=str(p))
-    return d
-
-
-def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
-    def bad(msg):
-        raise SensitivityError(f"{where}: {msg}")
-
-    if not isinstance(d, dict):
-        bad("top level must be a JSON object")
-    if d.get("version") != VERSION:
-        bad(f"version must be {VERSION}, got {d.get('version')!r}")
-    for k, typ in (("model", str), ("fingerprint", str), ("bits", list), ("layers", list), ("omega", dict),
-                   ("negative_traces", list)):
-        if not isinstance(d.get(k), typ):
-            bad(f"key {k!r} missing or not a {typ.__name__}")
-    bits = d["bits"]
-    if not bits or any(not isinstance(b, int) or isinstance(b, bool) for b in bits):
-        bad(f"'bits' must be a non-empty list of integers, got {bits!r}")
-    names = []
-    for i, row in enumerate(d["layers"]):
-        if not isinstance(row, dict):
-            bad(f"layers[{i}] is not an object")
-        miss = [k for k in LAYER_KEYS if k not in row]
-        if miss:
-            bad(f"layers[{i}] lacks {miss}; each layer needs {list(LAYER_KEYS)}")
-        for k in ("trace", "trace_per_param", "stderr"):
-            if k == "stderr" and row[k] is None:
-                continue   # null = not estimated (the HVP budget ran out before 2 samples of this layer)
-            if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not math.isfinite(row[k]):
-                bad(f"layers[{i}] ({row['layer']}): {k} must be a finite number, got {row[k]!r}")
-        if not isinstance(row["searchable"], bool):
-            bad(f"layers[{i}] ({row['layer']}): searchable must be true/false")
-        names.append(row["layer"])
-    searchable = {r["layer"] for r in d["layers"] if r["searchable"]}
-    if set(d["omega"]) != searchable:
-        bad(f"omega must have exactly the searchable layers; missing {sorted(searchable - set(d['omega']))[:3]}, "
-            f"extra {sorted(set(d['omega']) - searchable)[:3]}")
-    for n, om in d["omega"].items():
-        if not isinstance(om, dict) or set(om) != {str(b) for b in bits}:
-            bad(f"omega[{n!r}] must map every bit of {bits} (as strings) to a number")
-        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in om.values()):
-            bad(f"omega[{n!r}] has a non-finite value")
-    unknown = [n for n in d["negative_traces"] if n not in names]
-    if unknown:
-        bad(f"negative_traces names unknown layers {unknown[:3]}")
-    if "density" in d and d["density"] is not None:
-        den = d["density"]
-        if not (isinstance(den, dict) and isinstance(den.get("grid"), list) and isinstance(den.get("density"), list)
-                and len(den["grid"]) == len(den["density"])):
-            bad("density must be {'grid': [...], 'density': [...]} of equal length")
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """BitConfig: per-layer (weight bits, activation bits), as data with a JSON round trip."""
 from __future__ import annotations
 
+from .errors import HasbError
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ BitLike = Union[int, str, None]
 MAX_BITS = 16
 
 
-class ConfigError(ValueError):
+class ConfigError(HasbError):
     """A bit configuration names an unknown layer or a bit that is not accepted."""
 
 

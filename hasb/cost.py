@@ -18,6 +18,7 @@ Definitions (the only place they live):
 """
 from __future__ import annotations
 
+from .errors import HasbError
 import math
 import re
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def layer_bitops(macs: float, w_bits: Bit, a_bits: Bit) -> float:
     return macs * eff_bits(w_bits) * eff_bits(a_bits)
 
 
-class BudgetError(ValueError):
+class BudgetError(HasbError):
     """A budget that cannot be parsed or cannot be met."""
 
 

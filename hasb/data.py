@@ -6,6 +6,7 @@ elsewhere.  Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+from .errors import HasbError
 import gzip
 import os
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 MEAN, STD = {"fashion-mnist": 0.2860, "mnist": 0.1307}, {"fashion-mnist": 0.3530, "mnist": 0.3081}
 
 
-class DataError(FileNotFoundError):
+class DataError(HasbError):
     pass
 
 

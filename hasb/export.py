@@ -11,6 +11,7 @@ at (W_l, derived from W_h by integer round-shift) with their effective scales.
 """
 from __future__ import annotations
 
+from .errors import HasbError
 import io
 import json
 from pathlib import Path
@@ -29,7 +30,7 @@ DEPLOY_FORMAT = "hasb-deploy"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HasbError):
     """A file that is not a readable hasb checkpoint."""
 
 

@@ -37,12 +37,11 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from .config import BitConfig
+from .sensitivity_file import SensitivityError, load_sensitivity, traces_for_model
 
 SAMPLERS = ("hasb", "uniform", "tempered")
 
 
-class SensitivityError(ValueError):
-    """A sensitivity file is missing, malformed, or belongs to another model/layer set."""
 
 
 def sigma_schedule(epoch: int, epochs: int, sigma: float = 0.5, warmup_epochs: int = 0) -> float:
@@ -188,59 +187,6 @@ class TemperedSampler(BitSampler):
         super().__init__(layers, bits, tempered_probabilities(om, list(bits), tau), **kw)
 
 
-# -- sensitivity files ---------------------------------------------------------------------------------------------
-
-def load_sensitivity_file(path: Union[str, Path]) -> dict:
-    """Read sensitivity.json (analysis.sensitivity's validated loader when available)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SensitivityError(f"sensitivity file not found: {p}")
-    try:
-        from analysis.sensitivity import load_sensitivity  # type: ignore
-    except ImportError:
-        load_sensitivity = None
-    if load_sensitivity is not None:
-        try:
-            return load_sensitivity(p)
-        except Exception as e:  # their validation error, re-raised as ours with the same message
-            raise SensitivityError(str(e)) from None
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SensitivityError(f"{p} is not valid JSON: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("layers"), list):
-        raise SensitivityError(f"{p} is not a sensitivity file: expected an object with a 'layers' list")
-    return d
-
-
-def traces_for_model(sens: dict, model_name: str, layers: Sequence[str], where: str = "sensitivity file") -> dict[str, float]:
-    """Per-parameter traces of exactly ``layers``; clear error if the file is for another model or layer set."""
-    name = sens.get("model")
-    if name is not None and model_name is not None and str(name) != str(model_name):
-        raise SensitivityError(f"{where} is for model {name!r}, but training model {model_name!r}")
-    rows = {}
-    for r in sens["layers"]:
-        if not isinstance(r, dict) or "layer" not in r:
-            raise SensitivityError(f"{where}: every 'layers' entry needs a 'layer' name")
-        if r.get("searchable", True):
-            rows[r["layer"]] = r
-    missing = [n for n in layers if n not in rows]
-    extra = [n for n in rows if n not in layers]
-    if missing or extra:
-        raise SensitivityError(f"{where} does not match the model's searchable layers (missing {missing[:3]}, "
-                               f"unexpected {extra[:3]})")
-    out = {}
-    for n in layers:
-        v = rows[n].get("trace_per_param")
-        if v is None:
-            raise SensitivityError(f"{where}: layer {n!r} has no 'trace_per_param'")
-        v = float(v)
-        if not math.isfinite(v):
-            raise SensitivityError(f"{where}: layer {n!r} has a non-finite trace")
-        out[n] = v
-    return out
-
-
 def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sensitivity: Optional[dict] = None,
                   model_name: Optional[str] = None, sigma: float = 0.5, epochs: int = 1, warmup_epochs: int = 0,
                   tau: float = 1.0) -> BitSampler:
@@ -264,4 +210,4 @@ def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sens
 
 __all__ = ["SAMPLERS", "SensitivityError", "sigma_schedule", "default_warmup", "hasb_probabilities",
            "tempered_probabilities", "BitSampler", "HASBSampler", "UniformSampler", "TemperedSampler",
-           "load_sensitivity_file", "traces_for_model", "build_sampler"]
+           "load_sensitivity", "traces_for_model", "build_sampler"]

@@ -31,6 +31,7 @@ rank takes its slice of the same global batch and gradients are all-reduced
 """
 from __future__ import annotations
 
+from .errors import HasbError
 import argparse
 import contextlib
 import csv
@@ -56,7 +57,8 @@ from .export import CheckpointError, load_quantized, read_checkpoint, save_quant
 from .models import UnknownModelError, build_model
 from .modules import QUANT_TYPES
 from .quantize import get_spec, init_quantizers, quantize_model, searchable_layers, set_config
-from .sampler import SAMPLERS, BitSampler, SensitivityError, build_sampler, default_warmup, load_sensitivity_file
+from .sampler import SAMPLERS, BitSampler, build_sampler, default_warmup
+from .sensitivity_file import SensitivityError, load_sensitivity
 from .supernet import enable_tbn, tbn_enabled
 
 STAGES = ("multi", "supernet")
@@ -67,7 +69,7 @@ RESUME_FREE = {"resume", "max_steps", "progress", "checkpoint_every", "device", 
                "overwrite"}
 
 
-class TrainError(ValueError):
+class TrainError(HasbError):
     """Bad training input (reported as one line on stderr with exit code 2 by the CLI)."""
 
 
@@ -349,7 +351,7 @@ def _build_sampler(cfg: TrainConfig, model: nn.Module) -> Optional[BitSampler]:
         return None
     if cfg.sampler not in SAMPLERS:
         raise TrainError(f"unknown sampler {cfg.sampler!r}; accepted: {', '.join(SAMPLERS)}")
-    sens = load_sensitivity_file(cfg.sensitivity) if cfg.sampler != "uniform" else None
+    sens = load_sensitivity(cfg.sensitivity) if cfg.sampler != "uniform" else None
     if sens is None and cfg.sampler != "uniform":
         raise SensitivityError(f"sampler {cfg.sampler!r} needs --sensitivity PATH")
     name = (getattr(model, "hasb_build", None) or {}).get("name")

@@ -11,6 +11,8 @@ its name with ``hasb.CostModel`` — a shape trace, not a result.
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
+from hasb.sensitivity_file import load_sensitivity
 import json
 import math
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ class MissingArtifact(Exception):
         super().__init__(f"{msg}. It is produced by: {command}")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(HasbError):
     """An artifact exists but cannot be read (malformed JSON/CSV, missing fields)."""
 
 
@@ -96,23 +98,13 @@ class Run:
 
     # -- sensitivity -----------------------------------------------------------------------------------
     def sensitivity(self) -> dict:
-        """sensitivity.json, validated by ``analysis.sensitivity.load_sensitivity`` when that is installed."""
+        """sensitivity.json, validated by its one reader, ``hasb.sensitivity_file``."""
         if "sens" in self._cache:
             return self._cache["sens"]
         p = self.root / "sensitivity.json"
         if not p.is_file():
             raise MissingArtifact("sensitivity.json", [p], self.cmd("sensitivity"))
-        try:
-            from analysis.sensitivity import load_sensitivity   # the analysis package's own validator
-        except ImportError:
-            load_sensitivity = None
-        if load_sensitivity is not None:
-            sens = load_sensitivity(p)
-        else:
-            sens = _read_json(p)
-            for key in ("layers", "bits"):
-                if key not in sens:
-                    raise ArtifactError(f"{p} has no {key!r} entry; expected the analysis.sensitivity format")
+        sens = load_sensitivity(p)
         self._cache["sens"] = sens
         return sens
 

@@ -15,6 +15,7 @@ raised an error (the HTML is still written, with the traceback shown); 2 for bad
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import argparse
 import copy
 import json
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).with_name("sensitivity.ipynb")
 
 
-class BuildError(RuntimeError):
+class BuildError(HasbError):
     """The report cannot be built (missing run dir, notebook without a parameters cell, kernel failure)."""
 
 

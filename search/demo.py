@@ -8,6 +8,7 @@ resumes from the recipe's finished stages.  Later runs only read it.
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ DEMO_MODEL = "small_cnn"
 MARKER = "demo.json"
 
 
-class DemoError(RuntimeError):
+class DemoError(HasbError):
     """The demo cannot be built (a missing project component or dataset)."""
 
 

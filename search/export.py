@@ -20,6 +20,7 @@ per sample (GBitOPs = 1e9), bytes, bits; accuracy in [0, 1], loss in nats.
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import json
 import math
 import time
@@ -35,7 +36,7 @@ METRIC_KEYS = ("bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_a
 SOURCES = ("ilp", "optuna", "uniform")
 
 
-class ExportError(ValueError):
+class ExportError(HasbError):
     """An export document that does not follow the schema."""
 
 

@@ -33,6 +33,7 @@ Two solvers, same answers (tested against brute-force enumeration):
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ METRICS = ("bitops", "size_bytes", "plain_avg_bits")
 BUDGET_METRIC = {"avg_bits": "bitops", "bitops": "bitops", "size": "size_bytes", "plain_avg": "plain_avg_bits"}
 
 
-class SearchError(ValueError):
+class SearchError(HasbError):
     """The search cannot run on this input (empty search space, mismatched sensitivity, ...)."""
 
 

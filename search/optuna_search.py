@@ -33,6 +33,7 @@ period.  Several workers on several machines share one study through
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import logging
 import time
 import warnings
@@ -53,7 +54,7 @@ HEARTBEAT_S = 10
 GRACE_S = 30
 
 
-class StorageError(ValueError):
+class StorageError(HasbError):
     """A storage URL/path that cannot be used."""
 
 

@@ -20,6 +20,7 @@ Bad input: one line on stderr, exit status 2, nothing written.
 """
 from __future__ import annotations
 
+from hasb.errors import HasbError
 import argparse
 import json
 import math
@@ -41,7 +42,7 @@ from . import ilp
 DEFAULT_OUT = "runs/demo"
 
 
-class InputError(ValueError):
+class InputError(HasbError):
     """Bad command-line input (reported as one line, exit 2)."""
 
 
@@ -148,22 +149,9 @@ def check_sensitivity(sens: Any, model_name: str, layers: Sequence[str], where: 
 
 
 def load_sensitivity(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"sensitivity file not found: {path}")
-    try:
-        from analysis.sensitivity import load_sensitivity as _load
-    except ImportError:
-        _load = None
-    if _load is not None:
-        try:
-            return _load(path)
-        except Exception as e:   # their validation error: one line
-            msg = str(e).splitlines()[0]
-            raise InputError(msg if str(path) in msg else f"{path}: {msg}") from None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON: {e}") from None
+    """The validated sensitivity file (hasb.sensitivity_file is its one reader)."""
+    from hasb.sensitivity_file import load_sensitivity as _load
+    return _load(path)
 
 
 def load_checkpoint(path: Path):

@@ -7,7 +7,7 @@ import pytest
 
 import hasb
 from hasb.models import build_model
-from reports import plots as P
+from hasb import plots as P
 
 
 @pytest.fixture(scope="module")

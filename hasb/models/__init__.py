@@ -1,6 +1,7 @@
 """Model zoo: plain torch.nn, any input channel count, plus any user model via ``package.module:callable``."""
 from __future__ import annotations
 
+from ..errors import HasbError
 import importlib
 from typing import Callable
 
@@ -22,7 +23,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(HasbError):
     pass
 
 

@@ -1,0 +1,228 @@
+"""Thin CLIs over typed config dataclasses: options spelled once, one meaning across every CLI.
+
+A CLI is ``parse → config dataclass → one library call → exit code``. Its config dataclass declares each option
+once with :func:`option` (help next to the field); :func:`add_options` turns the fields into argparse arguments and
+:func:`config_from_args` turns the parsed namespace back into the dataclass. The library never sees argparse.
+
+Common options have one spelling and one meaning everywhere; declare them with the helpers below
+(``out_option``, ``force_option``, ``device_option``, ``quiet_option``, ``bits_option``, ``model_option``,
+``data_option``, ``seed_option``, ``threads_option``) rather than re-spelling them.
+
+Exit codes (:func:`run_cli`): 0 success; 2 a user error (any :class:`~hasb.errors.HasbError`, printed as one line
+``error: ...`` on stderr); 1 a bug (the traceback is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, field
+from typing import Any, TypeVar
+
+from .errors import HasbError
+
+__all__ = ["option", "add_options", "config_from_args", "run_cli", "parse_bits", "resolve_device",
+           "set_threads", "out_option", "force_option", "device_option", "quiet_option", "bits_option",
+           "model_option", "data_option", "data_dir_option", "seed_option", "threads_option", "DEFAULT_BITS_TEXT"]
+
+T = TypeVar("T")
+DEFAULT_BITS_TEXT = "8,6,4,2"
+MAX_BITS = 8
+
+
+def option(default: Any = MISSING, *, help: str, flag: str | None = None, parse: Callable[[str], Any] | None = None,
+           choices: Sequence[str] | None = None, aliases: Sequence[str] = (), negate: str | None = None,
+           default_factory: Callable[[], Any] | None = None, required: bool = False) -> Any:
+    """A dataclass field that is also a CLI option.
+
+    ``flag`` defaults to ``--field-name``; ``parse`` converts the string (default: the field's type); a bool field
+    is a switch (``--flag`` sets True), or with ``negate="--no-x"`` a switch that sets False. ``aliases`` keep old
+    spellings working.
+    """
+    meta = {"help": help, "flag": flag, "parse": parse, "choices": choices, "aliases": tuple(aliases),
+            "negate": negate, "required": required}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _scalar_type(tp: Any) -> Any:
+    """int for ``int``/``Optional[int]``/``int | None``; the same for float and str; None otherwise."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "str": str, "bool": bool}.get(tp.replace(" | None", "").replace(
+            "Optional[", "").rstrip("]"), None)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """Add one argparse option per :func:`option` field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        _add_field(parser, f, hints.get(f.name))
+    return parser
+
+
+def _field_default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _add_field(parser: argparse.ArgumentParser, f: Field, hint: Any) -> None:
+    m = f.metadata
+    flag = m["flag"] or "--" + f.name.replace("_", "-")
+    default = _field_default(f)
+    names = [flag, *m["aliases"]]
+    if _scalar_type(hint) is bool:
+        if m["negate"]:
+            parser.add_argument(m["negate"], *m["aliases"], dest=f.name, action="store_false", default=default,
+                                help=m["help"])
+        else:
+            parser.add_argument(*names, dest=f.name, action="store_true", default=default, help=m["help"])
+        return
+    kind = m["parse"] or _scalar_type(hint) or str
+    shown = f" (default: {_show(default)})" if default is not None and not m["required"] else ""
+    parser.add_argument(*names, dest=f.name, type=kind, choices=m["choices"], required=m["required"],
+                        default=default, help=m["help"] + shown)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v).replace("%", "%%")
+
+
+def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    """The dataclass ``cls`` from a parsed namespace (fields without an option keep their defaults)."""
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}  # type: ignore
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def run_cli(call: Callable[[], int | None]) -> int:
+    """Run ``call`` under the one exit-code policy: HasbError → one stderr line, exit 2; a bug keeps its traceback."""
+    try:
+        rc = call()
+    except HasbError as e:
+        msg = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if rc is None else int(rc)
+
+
+# -- the meaning of the common options ------------------------------------------------------------------------
+
+def parse_bits(text: str | Sequence[int], what: str = "--bits") -> list[int]:
+    """``"8,6,4,2"`` (or a sequence) → ``[8, 6, 4, 2]``: distinct integers in 1..8, highest first."""
+    if isinstance(text, str):
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            bits = [int(t) for t in parts]
+        except ValueError:
+            raise HasbError(f"{what} must be comma-separated integers in 1..{MAX_BITS} like 8,6,4,2, "
+                            f"got {text!r}") from None
+    else:
+        bits = [int(b) for b in text]
+    if not bits or any(not 1 <= b <= MAX_BITS for b in bits):
+        raise HasbError(f"{what} must be integers in 1..{MAX_BITS}, got {text!r}")
+    if len(set(bits)) != len(bits):
+        raise HasbError(f"{what} lists a bit twice ({text!r}); give each candidate bit once")
+    return sorted(bits, reverse=True)
+
+
+def resolve_device(name: str) -> Any:
+    """``auto`` → cuda when available else cpu; ``cpu``, ``cuda``, ``cuda:N`` checked against this machine."""
+    import torch  # heavy: only when a device is resolved
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HasbError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HasbError(f"unsupported --device {name!r}; accepted: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HasbError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HasbError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def default_threads() -> int:
+    """CPU cores available to this process (its affinity mask, not the machine's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op threads (default: the cores available to the process); returns the count used."""
+    import torch
+
+    n = default_threads() if n is None else n
+    if n < 1:
+        raise HasbError(f"--threads must be ≥ 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def out_option(help: str, default: str | None = None, required: bool = False) -> Any:
+    return option(default, help=help, required=required)
+
+
+def force_option() -> Any:
+    return option(False, help="replace existing outputs in --out", aliases=("--overwrite",))
+
+
+def device_option() -> Any:
+    return option("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+
+
+def quiet_option() -> Any:
+    return option(True, help="no progress bars or per-step lines", negate="--quiet", aliases=("--no-progress",))
+
+
+def bits_option(help: str = "candidate bits, comma separated, highest first", default: str = DEFAULT_BITS_TEXT) -> Any:
+    return option(default_factory=lambda: parse_bits(default), help=help, parse=parse_bits)
+
+
+def model_option(default: str | None = None, required: bool = False) -> Any:
+    return option(default, required=required, help="zoo model (resnet20, resnet18, resnet50, mobilenet_v2, "
+                  "small_cnn, tiny_mlp, vit_tiny) or package.module:callable (importable: on PYTHONPATH; called "
+                  "with num_classes=, in_channels=, image_size= keywords, returns an nn.Module)")
+
+
+def data_option(default: str = "fashion-mnist") -> Any:
+    return option(default, help="dataset: fashion-mnist or mnist (IDX files)")
+
+
+def data_dir_option() -> Any:
+    return option(None, help="folder with the dataset files (default: the Debian dataset location or "
+                  "$HASB_DATA_DIR)")
+
+
+def seed_option(default: int = 0) -> Any:
+    return option(default, help="random seed")
+
+
+def threads_option() -> Any:
+    return option(None, help="CPU threads for torch (default: the cores available to this process)", parse=int)
