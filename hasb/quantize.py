@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import Bit, BitConfig, BitLike, ConfigError, parse_bit
+from .models import build_model
 from .modules import FP, QUANT_TYPES, QConv2d, QLinear, SwitchBatchNorm, bit_key
 from .quantizer import ROUNDINGS
 
@@ -280,3 +281,27 @@ __all__ = [
     "get_config", "set_config", "set_fp", "restore_fixed", "use_config", "uniform_config", "candidate_bits",
     "init_quantizers", "link_batchnorms", "bit_key", "Bit",
 ]
+
+
+def float_twin(qmodel: nn.Module, bit: Optional[int] = None) -> nn.Module:
+    """The float zoo model of a quantized ``qmodel``: its float weights and, per BN, the entry ``bit`` uses.
+
+    The untrained fp path of a quantized model (``set_fp``) has BatchNorm entries that training never updated, so
+    it is not a network anyone trained; its twin is. ``bit`` defaults to the highest candidate bit (the entry
+    closest to float). Needs the model's build record (models built by ``hasb.models.build_model``).
+    """
+    build = getattr(qmodel, "hasb_build", None)
+    if not build:
+        raise ConfigError("float_twin needs a model built by hasb.models.build_model (it has no build record)")
+    twin = build_model(**dict(build))
+    bit = get_spec(qmodel).bits[0] if bit is None else bit
+    with use_config(qmodel, bit):
+        bns = batchnorms(qmodel)
+        qstate = qmodel.state_dict()
+        state = {}
+        for k in twin.state_dict():
+            owner, leaf = k.rsplit(".", 1)
+            state[k] = bns[owner].active.state_dict()[leaf] if owner in bns else qstate[k]
+    twin.load_state_dict(state)
+    p0 = next(qmodel.parameters())
+    return twin.eval().to(device=p0.device, dtype=torch.float32)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .quantize import float_twin
 from .train import TrainConfig, TrainError, load_supernet, train
 
 
@@ -74,7 +75,7 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     from .data import batches, load_dataset
     qmodel = load_supernet(multi_pt)
     bits = list(qmodel.hasb_spec.bits)          # Ω for the supernet's own candidates ({4,3,2} too)
-    model = _float_twin(qmodel).to(device)
+    model = float_twin(qmodel).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256, device=device))[:2]
     # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
@@ -83,27 +84,6 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
                               include_fixed=False,
                               fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}")
     return res.to_json(out / "sensitivity.json")
-
-
-def _float_twin(qmodel):
-    """A float zoo model with ``qmodel``'s float weights and, per BN, the entry its top-bit config uses."""
-    import torch
-
-    from .models import build_model
-    from .quantize import batchnorms, get_spec, set_config
-    build = dict(qmodel.hasb_build)
-    f = build_model(**build)
-    set_config(qmodel, get_spec(qmodel).bits[0])
-    state = {}
-    bns = batchnorms(qmodel)
-    for k, v in f.state_dict().items():
-        owner = k.rsplit(".", 1)[0]
-        if owner in bns:
-            state[k] = bns[owner].active.state_dict()[k.rsplit(".", 1)[1]]
-        else:
-            state[k] = qmodel.state_dict()[k]
-    f.load_state_dict(state)
-    return f.eval().to(torch.float32)
 
 
 def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], *, sensitivity_splits: dict,
