@@ -12,6 +12,17 @@ from hasb.quantize import searchable_layers, uniform_config
 from search import formats
 
 
+@pytest.fixture(scope="module")
+def r18():
+    """hasb's torchvision-style ResNet-18, stem and head fixed at 8 bits (HAWQ's configs keep them at 8)."""
+    return hasb.quantize_model(build_model("resnet18", num_classes=10), fixed_bits=8)
+
+
+@pytest.fixture(scope="module")
+def r20():
+    return hasb.quantize_model(build_model("resnet20"))          # stem and head full precision
+
+
 def random_config(model, seed):
     rng = np.random.default_rng(seed)
     return BitConfig({n: (int(rng.choice([8, 6, 4, 2])),) * 2 for n in searchable_layers(model)})
@@ -54,10 +65,10 @@ def hawq_apply(modules, bit_config):
     return applied, matched == len(bit_config)
 
 
-def test_hawq_resnet18_uniform4_is_hawqs_own_config():
+def test_hawq_resnet18_uniform4_is_hawqs_own_config(r18):
     """hasb's resnet18 at uniform 4 bits, stem and head fixed at 8: the same dict as HAWQ's
     bit_config_resnet18_uniform4 (every activation and weight 4 inside the stages, 8 at the ends, sums 16)."""
-    m = hasb.quantize_model(build_model("resnet18", num_classes=10), fixed_bits=8)
+    m = r18
     bc = formats.hawq_bit_config(m, uniform_config(m, 4))
     modules = hawq_q_resnet_modules(4, [2, 2, 2, 2], {(2, 1), (3, 1), (4, 1)})
     applied, all_matched = hawq_apply(modules, bc)
@@ -67,8 +78,8 @@ def test_hawq_resnet18_uniform4_is_hawqs_own_config():
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_hawq_resnet20_per_quantizer_bits(seed):
-    m = hasb.quantize_model(build_model("resnet20"))          # stem and head full precision
+def test_hawq_resnet20_per_quantizer_bits(seed, r20):
+    m = r20
     cfg = random_config(m, seed)
     cfg = cfg.with_layers({"layer2.0.shortcut": cfg["layer2.0.conv1"], "layer3.0.shortcut": cfg["layer3.0.conv1"]})
     bc = formats.hawq_bit_config(m, cfg)
@@ -88,8 +99,8 @@ def test_hawq_resnet20_per_quantizer_bits(seed):
     assert not {"quant_input", "quant_init_block_convbn", "quant_output", "quant_act_output"} & set(bc)
 
 
-def test_hawq_shared_input_quantizer_must_agree():
-    m = hasb.quantize_model(build_model("resnet20"))
+def test_hawq_shared_input_quantizer_must_agree(r20):
+    m = r20
     cfg = uniform_config(m, 4).with_layers({"layer2.0.shortcut": (4, 8)})
     with pytest.raises(formats.FormatError, match="stage2.unit1.quant_act"):
         formats.hawq_bit_config(m, cfg)
@@ -162,9 +173,9 @@ def test_nncf_manual_config_assigns_every_weight(arch):
         [n for n in hasb.quantize.get_spec(m).order if n in cfg.layers]
 
 
-def test_nncf_scope_matches_nncf_documented_resnet18_ids():
+def test_nncf_scope_matches_nncf_documented_resnet18_ids(r18):
     """The ids NNCF itself prints for torchvision's ResNet-18 (e.g. in its precision-init docs and tests)."""
-    m = hasb.quantize_model(build_model("resnet18", num_classes=10), fixed_bits=8)
+    m = r18
     scopes = [s for _, s in formats.nncf_config(m, uniform_config(m, 4), m.example_input_shape)["compression"]
               ["initializer"]["precision"]["bitwidth_per_scope"]]
     assert "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT" in scopes
