@@ -30,14 +30,23 @@ Two solvers, same answers (tested against brute-force enumeration):
   unit, U units) the cut Σ_{(u,c)∈S} x[u,c] ≤ U − 1 excludes exactly S and
   nothing else.  Cuts are local to one budget's query, so nothing leaks between
   budgets (the reference code's bug).
+
+HiGHS accepts rows violated within its own tolerance (~1e-6 of the row) and
+scipy cannot tighten it, so a budget a hair below a config's cost used to come
+back violated.  Every MILP answer is checked against ``Constraint.holds``
+(relative 1e-9); a violating config gets a no-good cut and the query is
+re-solved, which keeps the answer exactly optimal (the solver's set only ever
+contains *more* than the truly feasible configs).  Limits are placed half-way
+between two achievable values when a metric lives on a grid (plain average bits,
+bytes), so such cuts are rare.  Frontier metric values within a relative 1e-9
+are one value (summation-order round-off).
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -46,6 +55,7 @@ from scipy.sparse import csr_matrix
 
 from hasb.config import BitConfig, ConfigError
 from hasb.cost import Budget, BudgetError, CostModel
+from hasb.errors import HasbError
 
 Choice = tuple[int, int]
 METRICS = ("bitops", "size_bytes", "plain_avg_bits")
@@ -85,7 +95,7 @@ class SearchSpace:
     offsets: dict[str, float]
     objective: np.ndarray
     allowed: np.ndarray
-    cost: Optional[CostModel] = None
+    cost: CostModel | None = None
     objective_name: str = "omega"
 
     def __post_init__(self) -> None:
@@ -121,15 +131,15 @@ class SearchSpace:
     def layer_choice(self, unit_choice: Sequence[int]) -> np.ndarray:
         """Unit choices [U] -> per-layer choice indices [L]."""
         out = np.empty(len(self.layers), dtype=int)
-        for u, c in zip(self.units, unit_choice):
+        for u, c in zip(self.units, unit_choice, strict=True):
             out[u] = c
         return out
 
     def config(self, unit_choice: Sequence[int]) -> BitConfig:
         lc = self.layer_choice(unit_choice)
-        return BitConfig({n: self.choices[c] for n, c in zip(self.layers, lc)})
+        return BitConfig({n: self.choices[c] for n, c in zip(self.layers, lc, strict=True)})
 
-    def unit_choice_of(self, config: Union[BitConfig, Mapping]) -> np.ndarray:
+    def unit_choice_of(self, config: BitConfig | Mapping) -> np.ndarray:
         """Inverse of :meth:`config` (ConfigError if the config is not in the space)."""
         cfg = config if isinstance(config, BitConfig) else BitConfig(dict(config))
         idx = {ch: i for i, ch in enumerate(self.choices)}
@@ -166,9 +176,9 @@ def _choices(bits: Sequence[int], tied_wa: bool) -> list[Choice]:
     return [(w, a) for w in bits for a in bits]
 
 
-def build_space(cost: CostModel, *, sensitivity: Optional[Mapping] = None, objective: Union[str, np.ndarray] = "omega",
-                tied_wa: bool = True, groups: Optional[Sequence[Sequence[str]]] = None,
-                bits: Optional[Sequence[int]] = None) -> SearchSpace:
+def build_space(cost: CostModel, *, sensitivity: Mapping | None = None, objective: str | np.ndarray = "omega",
+                tied_wa: bool = True, groups: Sequence[Sequence[str]] | None = None,
+                bits: Sequence[int] | None = None) -> SearchSpace:
     """The search space of a model from its CostModel and (for the objective) its sensitivity dict.
 
     Args:
@@ -247,7 +257,7 @@ def objective_matrix(sensitivity: Mapping, layers: Sequence[str], choices: Seque
     raise SearchError(f"unknown objective {kind!r}; accepted: omega, paper")
 
 
-def make_units(layers: Sequence[str], groups: Optional[Sequence[Sequence[str]]]) -> list[list[int]]:
+def make_units(layers: Sequence[str], groups: Sequence[Sequence[str]] | None) -> list[list[int]]:
     """Partition layer indices into units: each given group (names) is one unit, other layers are singletons."""
     idx = {n: i for i, n in enumerate(layers)}
     seen: dict[int, int] = {}
@@ -384,6 +394,19 @@ class Solution:
         return tuple(int(c) for c in self.unit_choice)
 
 
+def _solver_objective(obj: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Unit objective [U, C] shifted and scaled for HiGHS, same argmin over one-choice-per-unit configs.
+
+    HiGHS stops at an absolute gap of 1e-6 (``mip_abs_gap``, not settable through scipy), which made
+    Ω ~ 1e-5 objectives come back suboptimal.  Subtracting each unit's best allowed value (a constant per
+    config) and scaling the summed per-unit spread to 1e6 makes that gap 1e-12 of the objective's range.
+    """
+    best = np.where(allowed, obj, np.inf).min(axis=1, keepdims=True)
+    shifted = np.where(allowed, obj - best, 0.0)
+    spread = shifted.max(axis=1).sum()
+    return shifted * (1e6 / spread) if spread > 0 else shifted
+
+
 class _Milp:
     """The fixed part of the MILP of one space (built once; rows appended per query)."""
 
@@ -391,41 +414,97 @@ class _Milp:
         self.space = space
         U, C = space.n_units, len(space.choices)
         self.U, self.C = U, C
-        self.c = space.unit_matrix(space.objective).ravel()
+        self.c = _solver_objective(space.unit_matrix(space.objective), space.unit_allowed()).ravel()
         allowed = space.unit_allowed().ravel()
         self.ub = allowed.astype(float)     # disallowed choices fixed to 0
         rows = np.repeat(np.arange(U), C)
         self.one_hot = csr_matrix((np.ones(U * C), (rows, np.arange(U * C))), shape=(U, U * C))
         self.metric_rows = {k: space.unit_matrix(m).ravel() for k, m in space.metrics.items()}
+        self.grids = {k: value_grid(r) for k, r in self.metric_rows.items()}
 
     def solve(self, cons: Sequence[Constraint], cuts: Sequence[tuple[int, ...]] = (),
-              time_limit: Optional[float] = None) -> Optional[np.ndarray]:
-        A = [LinearConstraint(self.one_hot, 1, 1)]
+              time_limit: float | None = None) -> np.ndarray | None:
+        """Unit choices [U] of the solver's optimum, None when HiGHS proves the problem infeasible.
+
+        HiGHS accepts rows violated within its own feasibility tolerance (~1e-6 of the scaled row), so the
+        answer can break a constraint by a relative ~1e-6; :func:`_best_feasible` checks and cuts.
+        """
+        A = [LinearConstraint(self.one_hot, 1, 1), *self._metric_rows(cons)]
+        if cuts:
+            A.append(self._cut_rows(cuts))
+        opts = {"mip_rel_gap": 0.0, "disp": False}
+        if time_limit:
+            opts["time_limit"] = time_limit
+        res = milp(self.c, integrality=np.ones_like(self.c), bounds=Bounds(0, self.ub), constraints=A, options=opts)
+        if res.status == 2:        # proven infeasible
+            return None
+        if res.status != 0 or res.x is None:
+            raise SearchError(f"MILP solver stopped without an optimum: {res.message}")
+        return res.x.reshape(self.U, self.C).argmax(axis=1)
+
+    def _metric_rows(self, cons: Sequence[Constraint]) -> list[LinearConstraint]:
+        out = []
         for con in cons:
             row = self.metric_rows[con.metric]
             rhs = con.limit - self.space.offsets.get(con.metric, 0.0)
             # scale rows to O(1) so HiGHS' absolute feasibility tolerance is relative to the budget
             s = max(np.abs(row).max(), abs(rhs), 1e-300)
+            q = self.grids[con.metric]
+            if not con.equality and q > 1e-4 * s:
+                # every config's value lies on offset + q·Z: a limit half-way between two grid points admits the
+                # same configs and keeps HiGHS' ~1e-6·s tolerance from reaching the next point above (fewer cuts)
+                tol = 1e-9 * max(abs(con.limit), 1.0)
+                rhs = (math.floor((rhs + tol) / q) + 0.5) * q
             lb = rhs / s if con.equality else -np.inf
-            # a hair of slack on ≤ so a config sitting exactly on the budget is not lost to rounding; checked below
-            A.append(LinearConstraint(row[None, :] / s, lb, rhs / s + (0 if con.equality else 1e-12)))
-        if cuts:
-            data, ri, ci = [], [], []
-            for r, key in enumerate(cuts):
-                cols = np.arange(self.U) * self.C + np.asarray(key)
-                ri.extend([r] * self.U)
-                ci.extend(cols.tolist())
-                data.extend([1.0] * self.U)
-            M = csr_matrix((data, (ri, ci)), shape=(len(cuts), self.U * self.C))
-            A.append(LinearConstraint(M, -np.inf, self.U - 1))
-        opts = {"mip_rel_gap": 0.0, "disp": False}
-        if time_limit:
-            opts["time_limit"] = time_limit
-        res = milp(self.c, integrality=np.ones_like(self.c), bounds=Bounds(0, self.ub), constraints=A, options=opts)
-        if res.x is None or res.status not in (0,):
+            # a hair of slack on ≤ so a config sitting exactly on the budget is not lost to rounding; checked after
+            out.append(LinearConstraint(row[None, :] / s, lb, rhs / s + (0 if con.equality else 1e-12)))
+        return out
+
+    def _cut_rows(self, cuts: Sequence[tuple[int, ...]]) -> LinearConstraint:
+        """No-good cuts: Σ_{(u,c)∈S} x[u,c] ≤ U − 1 for each excluded choice vector S (excludes exactly S)."""
+        cols = np.arange(self.U)[None, :] * self.C + np.asarray(cuts, dtype=int)
+        rows = np.repeat(np.arange(len(cuts)), self.U)
+        M = csr_matrix((np.ones(cols.size), (rows, cols.ravel())), shape=(len(cuts), self.U * self.C))
+        return LinearConstraint(M, -np.inf, self.U - 1)
+
+
+def value_grid(values: np.ndarray, rel_tol: float = 1e-9) -> float:
+    """The largest q such that every value is an integer multiple of q (float Euclid); 0.0 when there is none.
+
+    Values within ``rel_tol`` · max|values| of a multiple count as multiples (round-off of e.g. bits / L).
+    Used only to place a ≤ limit between two achievable values; any q returned is a true common divisor.
+    """
+    v = np.abs(np.asarray(values, dtype=float).ravel())
+    tol = rel_tol * (v.max() if v.size else 0.0)
+    g = 0.0
+    for x in np.unique(v[v > tol]):
+        a, b = max(g, x), min(g, x)
+        while b > tol:
+            r = math.fmod(a, b)
+            a, b = b, (0.0 if r < tol or b - r < tol else r)
+        g = a
+    if g <= tol or not np.allclose(v / g, np.round(v / g), rtol=0, atol=1e-6):
+        return 0.0
+    return float(g)
+
+
+def _best_feasible(mdl: _Milp, cons: Sequence[Constraint], cuts: list[tuple[int, ...]]
+                   ) -> tuple[np.ndarray, dict[str, float]] | None:
+    """The optimum over configs that truly meet ``cons`` (``Constraint.holds``) and are not in ``cuts``.
+
+    The solver's feasible set contains every truly feasible config (its tolerance only ever *adds* configs
+    within ~1e-6 of a limit), so a returned config that truly holds is optimal.  One that does not is cut
+    by a no-good cut (appended to ``cuts``, it is infeasible for every later query of this call) and the
+    problem is re-solved; this ends because each round removes one config.  None: none is feasible.
+    """
+    while True:
+        uc = mdl.solve(cons, cuts)
+        if uc is None:
             return None
-        x = res.x.reshape(self.U, self.C)
-        return x.argmax(axis=1)
+        ev = mdl.space.evaluate(uc)
+        if all(c.holds(ev[c.metric]) for c in cons):
+            return uc, ev
+        cuts.append(tuple(int(c) for c in uc))
 
 
 def solve(space: SearchSpace, constraints: Iterable = (), *, exclude: Sequence[Sequence[int]] = ()) -> Solution:
@@ -435,7 +514,7 @@ def solve(space: SearchSpace, constraints: Iterable = (), *, exclude: Sequence[S
 
 
 def k_best(space: SearchSpace, constraints: Iterable = (), k: int = 1, *,
-           exclude: Sequence[Sequence[int]] = (), _model: Optional[_Milp] = None) -> list[Solution]:
+           exclude: Sequence[Sequence[int]] = (), _model: _Milp | None = None) -> list[Solution]:
     """The k best distinct configs (ordered by objective, ties broken arbitrarily) under all constraints.
 
     Each found solution adds one no-good cut that excludes exactly it; the cuts live only in this call.
@@ -448,13 +527,10 @@ def k_best(space: SearchSpace, constraints: Iterable = (), k: int = 1, *,
     cuts: list[tuple[int, ...]] = [tuple(int(c) for c in e) for e in exclude]
     out: list[Solution] = []
     for r in range(k):
-        uc = mdl.solve(cons, cuts)
-        if uc is None:
+        found = _best_feasible(mdl, cons, cuts)
+        if found is None:
             break
-        ev = space.evaluate(uc)
-        if not all(c.holds(ev[c.metric]) for c in cons):   # the solver's tolerance admitted a violation
-            raise SearchError("MILP returned a config violating a constraint beyond tolerance; please report")
-        sol = Solution(uc, ev["objective"], ev, rank=r)
+        sol = Solution(found[0], found[1]["objective"], found[1], rank=r)
         out.append(sol)
         cuts.append(sol.key())
     if not out:
@@ -489,7 +565,7 @@ class Frontier:
             j, out[u] = divmod(flat, C)
         return out
 
-    def best_index(self, limit: float) -> Optional[int]:
+    def best_index(self, limit: float) -> int | None:
         """Index of the best point with metric ≤ limit (None if none)."""
         tol = 1e-9 * max(abs(limit), 1.0)
         i = int(np.searchsorted(self.metric_values, limit + tol, side="right")) - 1
@@ -516,21 +592,36 @@ def frontier(space: SearchSpace, metric: str = "bitops", max_points: int = 2_000
     Pc = np.array([space.offsets.get(metric, 0.0)])
     Po = np.zeros(1)
     back: list[np.ndarray] = []
-    C = cost.shape[1]
     for u in range(space.n_units):
         cc = (Pc[:, None] + np.where(allowed[u], cost[u], np.inf)[None, :]).ravel()
         oo = (Po[:, None] + obj[u][None, :]).ravel()
-        order = np.lexsort((oo, cc))
-        order = order[np.isfinite(cc[order])]
-        cs, os_ = cc[order], oo[order]
-        best_before = np.minimum.accumulate(np.concatenate([[np.inf], os_[:-1]]))
-        # strictly better objective than every cheaper-or-equal point (relative tol absorbs summation order)
-        keep = os_ < best_before - 1e-12 * scale
-        Pc, Po = cs[keep], os_[keep]
-        back.append(order[keep])
+        keep = pareto_keep(cc, oo, 1e-12 * scale)
+        Pc, Po = cc[keep], oo[keep]
+        back.append(keep)
         if len(Pc) > max_points:
             raise SearchError(f"frontier exceeds {max_points} points; use sweep(..., method='milp')")
     return Frontier(space, metric, Pc, Po, back)
+
+
+def pareto_keep(cost: np.ndarray, obj: np.ndarray, obj_tol: float = 0.0, rel_tol: float = 1e-9) -> np.ndarray:
+    """Indices of the non-dominated (cost ↓, obj ↓) points [P], cost ascending; non-finite costs dropped.
+
+    Costs equal within round-off are one value: sorted costs closer than ``rel_tol`` · max(|c|, 1) to their
+    neighbour form a group (so 3.9999999999999996 and 4.0 are equal); a group keeps only its lowest objective
+    (its first such point), and keeps it only if that is below every cheaper group's by more than ``obj_tol``.
+    """
+    order = np.lexsort((obj, cost))
+    order = order[np.isfinite(cost[order])]
+    if order.size == 0:
+        return order
+    cs, os_ = cost[order], obj[order]
+    new_group = np.concatenate([[True], np.diff(cs) > rel_tol * np.maximum(np.abs(cs[1:]), 1.0)])
+    gid = np.cumsum(new_group) - 1
+    gmin = np.minimum.reduceat(os_, np.flatnonzero(new_group))
+    best_at = np.flatnonzero(os_ == gmin[gid])
+    _, first = np.unique(gid[best_at], return_index=True)      # each group's first point at its minimum
+    best_before = np.minimum.accumulate(np.concatenate([[np.inf], gmin[:-1]]))
+    return order[best_at[first][gmin < best_before - obj_tol]]
 
 
 def _row(space: SearchSpace, uc: np.ndarray, **extra) -> dict:
@@ -569,7 +660,7 @@ def sweep(space: SearchSpace, budgets: Sequence[float], metric: str = "bitops", 
                 rows.append(_row(space, fr.unit_choice(i), budget=float(b), rank=0, source="ilp"))
     elif method == "milp":
         mdl = _Milp(space)
-        prev: Optional[Solution] = None
+        prev: Solution | None = None
         for b in budgets:
             con = Constraint(metric, float(b))
             if k == 1 and prev is not None and con.holds(prev.metrics[metric]):
@@ -609,4 +700,4 @@ def uniform_choices(space: SearchSpace) -> list[tuple[int, np.ndarray]]:
 
 __all__ = ["SearchSpace", "build_space", "linearize_costs", "objective_matrix", "make_units", "tied_groups",
            "Constraint", "constraint_from_budget", "Solution", "solve", "k_best", "Frontier", "frontier", "sweep",
-           "budget_grid", "uniform_choices", "SearchError", "InfeasibleError", "METRICS"]
+           "budget_grid", "uniform_choices", "pareto_keep", "value_grid", "SearchError", "InfeasibleError", "METRICS"]

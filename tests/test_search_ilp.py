@@ -36,6 +36,14 @@ def feasible_mask(mets, cons):
     return ok
 
 
+def brute_pareto(m, obj):
+    """Brute-force Pareto set [(metric, objective)], metric ascending: point i survives unless some j costs no more
+    (metric values within a relative 1e-9 are equal: round-off of the summation order) and is strictly better."""
+    tol = 1e-9 * np.maximum(np.abs(m), 1.0)
+    dominated = ((m[None, :] <= (m + tol)[:, None]) & (obj[None, :] < obj[:, None] - 1e-12 * np.abs(obj).max())).any(1)
+    return sorted(zip(m[~dominated], obj[~dominated], strict=True))
+
+
 def budgets_for(space, metric, rng, n=4):
     lo, hi = space.metric_range(metric)
     return lo + (hi - lo) * rng.random(n)
@@ -77,13 +85,7 @@ def test_frontier_is_exact_pareto_set(metric, seed):
     space = random_space(10 + seed, L=5)
     X, obj, mets = brute(space)
     m = mets[metric]
-    # brute-force Pareto set: points no other point weakly dominates with one strict improvement
-    order = np.lexsort((obj, m))
-    best, pts = np.inf, []
-    for i in order:
-        if obj[i] < best - 1e-12 * np.abs(obj).max():
-            pts.append((m[i], obj[i]))
-            best = obj[i]
+    pts = brute_pareto(m, obj)
     fr = ilp.frontier(space, metric)
     assert len(fr) == len(pts)
     np.testing.assert_allclose(fr.metric_values, [p[0] for p in pts], rtol=1e-12)
@@ -235,3 +237,102 @@ def test_empty_space_errors():
     with pytest.raises(ilp.SearchError, match="omega"):
         m = hasb.quantize_model(build_model("small_cnn"))
         ilp.build_space(hasb.CostModel.from_model(m), sensitivity={"omega": {}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finding 4 (issue 10): budgets a hair below a config's cost, tiny objectives, round-off on frontiers
+def just_below(v, rng):
+    """A limit 1e-8..5e-6 (relative, log-uniform) below the cost v: inside HiGHS' feasibility tolerance."""
+    return float(v - abs(v) * 10 ** rng.uniform(-8, np.log10(5e-6)))
+
+
+def check_against_brute(space, cons, obj, mets, k=1):
+    """The k best under cons equal brute-force enumeration; an empty feasible set raises InfeasibleError."""
+    ok = np.ones(len(obj), bool)
+    for c in cons:   # the same tolerance as Constraint.holds: a relative 1e-9 is round-off
+        ok &= mets[c.metric] <= c.limit + 1e-9 * max(abs(c.limit), 1.0)
+    if not ok.any():
+        with pytest.raises(ilp.InfeasibleError, match="feasible range"):
+            ilp.k_best(space, cons, k)
+        return False
+    sols = ilp.k_best(space, cons, k)
+    np.testing.assert_allclose([s.objective for s in sols], np.sort(obj[ok])[:k], rtol=1e-9, atol=0)
+    assert all(c.holds(s.metrics[c.metric]) for s in sols for c in cons)
+    return True
+
+
+@pytest.mark.parametrize("metric", ilp.METRICS)
+def test_budget_just_below_an_optimal_config_cost(metric):
+    """Old code: 'MILP returned a config violating a constraint' in about a third of these queries, and
+    SearchError instead of InfeasibleError below the cheapest config."""
+    rng = np.random.default_rng(11)
+    feasible = 0
+    for seed in range(8):
+        space = random_space(200 + seed)
+        X, obj, mets = brute(space)
+        costs = [p[0] for p in brute_pareto(mets[metric], obj)]   # costs of configs optimal at their budget
+        picks = [costs[0], *rng.choice(costs[1:], size=min(4, len(costs) - 1), replace=False)]
+        for v in picks:            # costs[0] is the cheapest config: just below it nothing is feasible
+            feasible += check_against_brute(space, [ilp.Constraint(metric, just_below(v, rng))], obj, mets)
+    assert feasible >= 8 * 3      # the test exercised feasible queries, not only infeasible ones
+
+
+def test_k_best_and_two_constraints_just_below_costs():
+    rng = np.random.default_rng(12)
+    for seed in range(6):
+        space = random_space(300 + seed, L=4)
+        X, obj, mets = brute(space)
+        i, j = rng.integers(len(obj), size=2)
+        cons = [ilp.Constraint("bitops", just_below(mets["bitops"][i], rng)),
+                ilp.Constraint("size_bytes", just_below(mets["size_bytes"][j], rng))]
+        check_against_brute(space, cons, obj, mets, k=4)
+        check_against_brute(space, cons[:1], obj, mets, k=4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_objective_values_solved_exactly(seed):
+    """Ω ~ 1e-6: HiGHS' absolute MIP gap (1e-6, fixed in scipy) returned suboptimal configs before rescaling."""
+    rng = np.random.default_rng(seed)
+    space = random_space(400 + seed, L=5)
+    space.objective = space.objective * 1e-6
+    X, obj, mets = brute(space)
+    for v in rng.choice(mets["bitops"], 4):
+        check_against_brute(space, [ilp.Constraint("bitops", float(v))], obj, mets)
+
+
+def test_resnet20_budgets_just_below_frontier_values(resnet20):
+    """Budgets re-used from ResNet-20 frontier values, nudged below: the MILP agrees with the exact frontier."""
+    m, cm = resnet20
+    rng = np.random.default_rng(3)
+    om = {n: {str(b): float(rng.lognormal()) * 4.0 ** -b for b in BITS} for n in cm.names}
+    space = ilp.build_space(cm, sensitivity={"omega": om}, groups=ilp.tied_groups(m))
+    for metric in ("bitops", "plain_avg_bits"):
+        fr = ilp.frontier(space, metric)
+        for v in [*rng.choice(fr.metric_values[1:], 6, replace=False), cm.uniform_bitops(4.0)]:
+            lim = just_below(v, rng)
+            i = fr.best_index(lim)
+            sol = ilp.solve(space, [ilp.Constraint(metric, lim)])
+            assert sol.objective == pytest.approx(fr.objective_values[i], rel=1e-9)
+            assert sol.metrics[metric] <= lim + 1e-9 * lim
+    with pytest.raises(ilp.InfeasibleError, match="feasible range"):
+        ilp.solve(space, [ilp.Constraint("bitops", just_below(space.metric_range("bitops")[0], rng))])
+
+
+def test_frontier_merges_metric_values_equal_within_round_off(resnet20):
+    """Plain averages reached in different summation orders (3.9999999999999996 vs 4.0) are one value."""
+    m, cm = resnet20
+    rng = np.random.default_rng(0)
+    om = {n: {str(b): float(rng.lognormal()) * 4.0 ** -b for b in BITS} for n in cm.names}
+    spaces = [ilp.build_space(cm, sensitivity={"omega": om}), random_space(5, L=3)]
+    for space in spaces:
+        v = ilp.frontier(space, "plain_avg_bits").metric_values
+        assert (np.diff(v) > 1e-9 * np.maximum(np.abs(v[1:]), 1.0)).all(), v
+
+
+def test_pareto_keep_and_value_grid():
+    cost = np.array([4.0, 3.9999999999999996, 5.0, 3.0, np.inf])
+    obj = np.array([1.0, 2.0, 0.5, 3.0, 0.0])
+    assert list(ilp.pareto_keep(cost, obj)) == [3, 0, 2]          # 3.9999999999999996 merged into 4.0's group
+    assert ilp.value_grid(np.array([0, -2, -4, -6]) / 20) == pytest.approx(0.1, rel=1e-12)
+    assert ilp.value_grid([0.0, 3 * 1024.0, 10 * 1024.0]) == 1024.0
+    assert ilp.value_grid(np.random.default_rng(0).random(8)) == 0.0
