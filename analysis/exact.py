@@ -113,8 +113,9 @@ class _Dependence(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _op_name(func)
-        if not torch.is_grad_enabled() or name in _NO_DEPENDENCE:
-            return out
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs or not torch.is_grad_enabled() or name in _NO_DEPENDENCE:
+            return out           # sizes, dtypes: no tensor; detached / no_grad tensors: constants
         arg_deps = [self.deps.get(id(t), frozenset()) for t in tree_leaves((args, kwargs))
                     if isinstance(t, torch.Tensor)]
         union = frozenset().union(*arg_deps) if arg_deps else frozenset()
@@ -133,10 +134,9 @@ class _Dependence(TorchFunctionMode):
             self._flag(den, f"{at} divides by a tensor that depends on the weight")
         elif name not in _PIECEWISE_LINEAR:
             self._flag(union, f"{at} is not piecewise linear")
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.deps[id(t)] = union | self.deps.get(id(t), frozenset())
-                self.keep.append(t)
+        for t in outs:
+            self.deps[id(t)] = union | self.deps.get(id(t), frozenset())
+            self.keep.append(t)
         return out
 
 
