@@ -37,7 +37,7 @@ def hessian_block_traces(model, batches, names):
             return tot / n
         w0 = dict(model.named_parameters())[nm].detach().clone()
         with composite():
-            H = torch.autograd.functional.hessian(f, w0)
+            H = torch.autograd.functional.hessian(f, w0, vectorize=True)
         out.append(H.reshape(w0.numel(), -1).trace().item())
     return np.array(out)
 
@@ -122,8 +122,8 @@ class TinySeq(nn.Module):
         return self.out(h)
 
 
-def check_equal_to_hessian(model, batches):
-    r = exact_layer_traces(model, batches, chunk=16)
+def check_equal_to_hessian(model, batches, params=None):
+    r = exact_layer_traces(model, batches, params, chunk=16)
     ref = hessian_block_traces(model, batches, r.names)
     assert r.hessian_exact.all() and r.exact.all() and r.estimator == "exact", r.reasons
     assert np.all(r.stderr == 0) and np.all(np.abs(ref) > 1e-8)
@@ -153,7 +153,9 @@ def test_residual_batchnorm_maxpool_equals_hessian():
 
 def test_sequence_logits_equal_hessian_of_position_mean():
     torch.manual_seed(3)
-    check_equal_to_hessian(TinySeq().to(DT), batches_for((4, 3), 6, seq_len=4))
+    r = check_equal_to_hessian(TinySeq().to(DT), batches_for((4, 3), 6, seq_len=4),
+                               ["inp.weight", "mix.weight", "out.weight"])
+    assert r.columns == 4 * 6                 # every (position, class) column
 
 
 def quantized_net():
@@ -226,16 +228,16 @@ def test_column_sampling_is_unbiased_and_its_se_matches_the_spread(which):
     # mean of S independent estimates: its SE is sqrt(Σ SE_s²)/S
     assert np.all(np.abs(t.mean(0) - exact) <= 4 * np.sqrt((se ** 2).sum(0)) / S)
     # reported SE vs the spread over seeds: the sample std of S=60 draws has ≈ 1/sqrt(2·59) ≈ 9% relative
-    # error, so a ratio outside [1/1.5, 1.5] would be a > 4-sigma event for a correct SE
+    # error (normal case), so a ratio outside [1/1.6, 1.6] would be a > 4-sigma event for a correct SE
     ratio = t.std(0, ddof=1) / np.sqrt((se ** 2).mean(0))
-    assert np.all((ratio > 1 / 1.5) & (ratio < 1.5)), ratio
+    assert np.all((ratio > 1 / 1.6) & (ratio < 1.6)), ratio
 
 
 def test_agrees_with_hutchinson_within_its_standard_errors():
     model, batches = mlp(), batches_for((6,), 5)
     r = exact_layer_traces(model, batches)
     op = HessianOperator(model, batches, r.names, backend="double_backward")
-    h = estimate_traces(op, "layer", rtol=0.03, max_hvp=1500, seed=0, exact_switch=False)
+    h = estimate_traces(op, "layer", rtol=0.05, max_hvp=600, seed=0, exact_switch=False)
     assert h.names == r.names and np.all(h.stderr > 0)
     assert np.all(np.abs(h.trace - r.trace) <= 4 * h.stderr), (h.trace, h.stderr, r.trace)
 
