@@ -33,8 +33,8 @@ must be off.  Not distributed: every process computes the full result over the b
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -176,13 +176,13 @@ def layer_exactness(model: nn.Module, example_input: torch.Tensor, params=None) 
     for pname, p in model.named_parameters(remove_duplicate=False):
         if id(p) in owners:
             owners[id(p)].append(pname)
-    for l, (name, w) in enumerate(zip(names, weights)):
+    for l, (name, w) in enumerate(zip(names, weights, strict=True)):
         if len(owners[id(w)]) > 1:
             mode._flag([l], f"weight registered under several names {owners[id(w)]} (tied: used twice)")
         mod = name.rsplit(".", 1)[0] if "." in name else ""
         if calls.get(mod, 0) > 1:
             mode._flag([l], f"module {mod} is called {calls[mod]} times in one forward (weight used twice)")
-    return dict(zip(names, mode.flags))
+    return dict(zip(names, mode.flags, strict=True))
 
 
 def exactness_check(model: nn.Module, example_input: torch.Tensor, params=None) -> tuple[bool, list[str]]:
@@ -231,7 +231,7 @@ class ExactTraceResult(TraceResult):
         return out
 
 
-def _columns(probs: torch.Tensor, k: Optional[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _columns(probs: torch.Tensor, k: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Cotangent columns u and weights w with Σ_k w_k u_k u_kᵀ = (1/T) blockdiag_t(diag p_t − p_t p_tᵀ).
 
     probs: [B, T, V] (float64, CPU).  k=None: all T·V columns, u = e_c − p_t at position t, w = p_tc / T.
@@ -260,7 +260,7 @@ def _sq_norms(model: nn.Module, names: list[str], primals: tuple, x: torch.Tenso
 
     def one(x_n, u_n):
         def f(*ps):
-            return functional_call(model, dict(zip(names, ps)), (x_n.unsqueeze(0),), strict=False).squeeze(0)
+            return functional_call(model, dict(zip(names, ps, strict=True)), (x_n.unsqueeze(0),), strict=False).squeeze(0)
 
         _, vjp_fn = vjp(f, *primals)           # one forward per sample, shared by its columns
         parts = []
@@ -306,7 +306,7 @@ def _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk):
 
 
 def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], params=None, *,
-                       chunk: int = 64, classes: Optional[int] = None, seed: int = 0) -> ExactTraceResult:
+                       chunk: int = 64, classes: int | None = None, seed: int = 0) -> ExactTraceResult:
     """Per-layer traces Tr(G_ll) (= Tr(H_ll) where :func:`exactness_check` allows) of the softmax
     cross-entropy loss averaged over all samples (and positions) of ``batches``.
 
@@ -353,7 +353,7 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
             n_vjp += K * x.shape[0]
     trace = (total / n).numpy()
     if not np.isfinite(trace).all():
-        raise ExactTraceError(f"non-finite traces for {[nm for nm, t in zip(names, trace) if not np.isfinite(t)]}")
+        raise ExactTraceError(f"non-finite traces for {[nm for nm, t in zip(names, trace, strict=True) if not np.isfinite(t)]}")
     hess = np.array([not per_layer[nm] for nm in names])
     return ExactTraceResult(
         names=names, n_params=[p.numel() for p in primals], trace=trace, stderr=(var_sum.sqrt() / n).numpy(),
