@@ -231,23 +231,32 @@ class ExactTraceResult(TraceResult):
         return out
 
 
-def _columns(probs: torch.Tensor, k: int | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(probs: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k sampled columns per sample of probs [B, T, V]: positions t uniform, classes c ~ p_t; both [B, k] int64."""
+    B, T, V = probs.shape
+    t = torch.randint(0, T, (B, k), generator=gen)
+    p_sel = probs[torch.arange(B)[:, None], t]                                   # [B, k, V]
+    c = torch.multinomial(p_sel.reshape(B * k, V), 1, replacement=True, generator=gen).reshape(B, k)
+    return t, c
+
+
+def _columns(probs: torch.Tensor, drawn: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cotangent columns u and weights w with Σ_k w_k u_k u_kᵀ = (1/T) blockdiag_t(diag p_t − p_t p_tᵀ).
 
-    probs: [B, T, V] (float64, CPU).  k=None: all T·V columns, u = e_c − p_t at position t, w = p_tc / T.
-    Else k sampled columns (t uniform, c ~ p_t), w = 1/k (unbiased in expectation).
+    probs: [B, T, V] (float64, CPU).  drawn=None: all T·V columns, u = e_c − p_t at position t,
+    w = p_tc / T.  Else the (t, c) [B, k] of :func:`_draw`, w = 1/k (unbiased in expectation).
     Returns u [B, K, T, V] and w [B, K].
     """
     B, T, V = probs.shape
-    if k is None:
+    if drawn is None:
         eye = torch.eye(V, dtype=probs.dtype)
         u = torch.zeros(B, T, V, T, V, dtype=probs.dtype)
         for t in range(T):
             u[:, t, :, t, :] = eye - probs[:, t, None, :]
         return u.reshape(B, T * V, T, V), probs.reshape(B, T * V) / T
-    t = torch.randint(0, T, (B, k), generator=gen)
+    t, c = drawn
+    k = t.shape[1]
     p_sel = probs[torch.arange(B)[:, None], t]                                   # [B, k, V]
-    c = torch.multinomial(p_sel.reshape(B * k, V), 1, replacement=True, generator=gen).reshape(B, k)
     u = torch.zeros(B, k, T, V, dtype=probs.dtype)
     u[torch.arange(B)[:, None], torch.arange(k)[None, :], t] = nn.functional.one_hot(c, V).to(probs.dtype) - p_sel
     return u, torch.full((B, k), 1.0 / k, dtype=probs.dtype)
@@ -288,18 +297,29 @@ def _probs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (p if seq else p[:, None, :]), seq
 
 
+_MAX_COLUMN_ELEMENTS = 1 << 27      # one sample's exact cotangent block [T·V, T, V]: 1 GiB in float64
+
+
 def _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk):
     """One batch: per-sample contributions Σ_k w_k z_k [B, L] and, when sampled, the per-sample
-    unbiased variance of z over its k columns [B, L] (None when exact); and the columns per sample."""
-    u, w = _columns(probs, k, gen)
-    u = u if seq else u[:, :, 0]                                                  # [B, K, *out]
-    u = u.to(x.device, primals[0].dtype)
-    K = u.shape[1]
+    unbiased variance of z over its k columns [B, L] (None when exact); and the columns per sample.
+    Columns are built per chunk of samples, so their memory is bounded like the gradients'."""
+    B, T, V = probs.shape
+    K = T * V if k is None else k
+    if k is None and K * T * V > _MAX_COLUMN_ELEMENTS:
+        raise ExactTraceError(f"all {T}×{V} (position, class) columns of one sample make a {K}×{T}×{V} cotangent "
+                              f"block; pass classes=k (e.g. 64) to sample columns, with a standard error")
     per_call = max(1, chunk // K)
     col_chunk = max(1, min(K, chunk))
-    zs = [_sq_norms(model, names, primals, x[s:s + per_call], u[s:s + per_call], col_chunk).cpu()
-          for s in range(0, x.shape[0], per_call)]
-    z = torch.cat(zs)                                                             # [B, L, K]
+    drawn = None if k is None else _draw(probs, k, gen)    # all draws first: results independent of chunk
+    zs, ws = [], []
+    for s in range(0, B, per_call):
+        u, w = _columns(probs[s:s + per_call], None if drawn is None else (drawn[0][s:s + per_call],
+                                                                           drawn[1][s:s + per_call]))
+        u = (u if seq else u[:, :, 0]).to(x.device, primals[0].dtype)           # [S, K, *out]
+        zs.append(_sq_norms(model, names, primals, x[s:s + per_call], u, col_chunk).cpu())
+        ws.append(w)
+    z, w = torch.cat(zs), torch.cat(ws)                                           # [B, L, K], [B, K]
     contrib = (z * w[:, None, :]).sum(-1)
     var = z.var(dim=-1, unbiased=True) if k is not None else None
     return contrib, var, K

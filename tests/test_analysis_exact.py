@@ -311,3 +311,13 @@ def test_bad_inputs_are_one_line_errors():
     many = exact_layer_traces(model, batches, classes=50)       # ≥ all columns: computed exactly
     assert not many.sampled and np.all(many.stderr == 0)
     np.testing.assert_allclose(many.trace, exact_layer_traces(model, batches).trace, rtol=1e-12)
+
+
+def test_chunking_does_not_change_the_result():
+    model, batches = depthwise_net(), batches_for((2, 4, 4), 5)
+    ref = exact_layer_traces(model, batches, chunk=64)            # many samples per vmap call
+    for chunk in (1, 3):                                           # one column per call; columns split
+        np.testing.assert_allclose(exact_layer_traces(model, batches, chunk=chunk).trace, ref.trace, rtol=1e-12)
+    a = exact_layer_traces(model, batches, classes=3, seed=7, chunk=2)
+    b = exact_layer_traces(model, batches, classes=3, seed=7, chunk=64)
+    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-12)      # same columns drawn whatever the chunking
