@@ -167,7 +167,7 @@ def exact_table(args, dev) -> list[dict]:
         t_grad, _ = _timed(op.gradient, dev, args.reps)
         out = {}
 
-        def run():
+        def run(model=model, x=x, y=y, out=out):
             out["r"] = exact_layer_traces(model, [(x, y)], chunk=args.exact_chunk)
         t, m = _timed(run, dev, args.reps)
         r = out["r"]
