@@ -264,12 +264,13 @@ def _columns(probs: torch.Tensor, drawn: tuple[torch.Tensor, torch.Tensor] | Non
 
 def _sq_norms(model: nn.Module, names: list[str], primals: tuple, x: torch.Tensor, u: torch.Tensor,
               col_chunk: int) -> torch.Tensor:
-    """‖J_nlᵀ u_nk‖² for x [S, *in] and u [S, K, *out] (out: the per-sample logits shape) → [S, L, K] float64."""
+    """‖J_nlᵀ u_nk‖² for x [S, *in] and u [S, K, *out] (out: one sample's logits shape) → [S, L, K] float64."""
     from torch.func import functional_call, vjp, vmap
 
     def one(x_n, u_n):
         def f(*ps):
-            return functional_call(model, dict(zip(names, ps, strict=True)), (x_n.unsqueeze(0),), strict=False).squeeze(0)
+            out = functional_call(model, dict(zip(names, ps, strict=True)), (x_n.unsqueeze(0),), strict=False)
+            return out.squeeze(0)
 
         _, vjp_fn = vjp(f, *primals)           # one forward per sample, shared by its columns
         parts = []
@@ -345,8 +346,11 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
     batches = list(batches)
     if not batches:
         raise ExactTraceError("no batches given: the traces need at least one (x, y) batch")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ExactTraceError(f"chunk must be an int ≥ 1 (backward passes per vmap call); got {chunk!r}")
     if classes is not None and (not isinstance(classes, int) or classes < 2):
-        raise ExactTraceError(f"classes must be None (all columns) or an int ≥ 2 (sampled, for an SE); got {classes!r}")
+        raise ExactTraceError(f"classes must be None (all columns) or an int ≥ 2 (sampled, with an SE); "
+                              f"got {classes!r}")
     named = resolve_params(model, params)
     if not named:
         raise ExactTraceError("the parameter subset is empty")
@@ -373,7 +377,8 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
             n_vjp += K * x.shape[0]
     trace = (total / n).numpy()
     if not np.isfinite(trace).all():
-        raise ExactTraceError(f"non-finite traces for {[nm for nm, t in zip(names, trace, strict=True) if not np.isfinite(t)]}")
+        bad = [nm for nm, t in zip(names, trace, strict=True) if not np.isfinite(t)]
+        raise ExactTraceError(f"non-finite traces for {bad}: the model's outputs or weights are not finite")
     hess = np.array([not per_layer[nm] for nm in names])
     return ExactTraceResult(
         names=names, n_params=[p.numel() for p in primals], trace=trace, stderr=(var_sum.sqrt() / n).numpy(),

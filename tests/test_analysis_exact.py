@@ -43,7 +43,7 @@ def hessian_block_traces(model, batches, names):
 
 
 def gauss_newton_traces(model, batches, names):
-    """Tr(G_ll) = (1/N) Σ_n (1/T) Σ_t Tr(J_ntᵀ (diag p − ppᵀ) J_nt), with J from torch.autograd.functional.jacobian."""
+    """Tr(G_ll) = (1/N) Σ_n (1/T) Σ_t Tr(J_ntᵀ (diag p − ppᵀ) J_nt), J by torch.autograd.functional.jacobian."""
     n = sum(len(y) for _, y in batches)
     out = []
     for nm in names:
@@ -303,6 +303,8 @@ def test_bad_inputs_are_one_line_errors():
     model, batches = mlp(), batches_for((6,), 5)
     with pytest.raises(ExactTraceError, match="classes"):
         exact_layer_traces(model, batches, classes=1)
+    with pytest.raises(ExactTraceError, match="chunk"):
+        exact_layer_traces(model, batches, chunk=0)
     with pytest.raises(ExactTraceError, match="no batches"):
         exact_layer_traces(model, [])
     conv = nn.Conv2d(1, 2, 3).to(DT)
