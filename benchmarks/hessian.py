@@ -10,6 +10,9 @@
    full-model Hutchinson vs layer-restricted vs the default (Hutch++ deflation).  Each estimator runs
    adaptively up to --max-hvp; the projected count extrapolates from its per-layer sample variances
    (full: max_l need_l probes; restricted: Σ_l min(need_l, n_l) with the exact switch; hutchpp adds 2·sketch).
+3. The exact estimator (analysis.exact, per-sample backward passes, all layers at once) on each model of
+   --models: wall time ÷ one gradient of the same batch (measured gradient-equivalents, forwards included),
+   per-sample VJPs ÷ batch (counted), and whether every layer's trace is the Hessian's (piecewise linear).
 
 CPU default:   python benchmarks/hessian.py
 H100:          python benchmarks/hessian.py --device cuda --models resnet18,resnet50,mobilenet_v2 \\
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.exact import exact_layer_traces   # noqa: E402
 from analysis.hvp import HessianOperator, rademacher   # noqa: E402
 from analysis.trace import estimate_traces   # noqa: E402
 from hasb.models import build_model   # noqa: E402
@@ -151,6 +155,28 @@ def count_table(args, dev) -> list[dict]:
     return rows
 
 
+def exact_table(args, dev) -> list[dict]:
+    """Exact per-layer traces of every Conv2d/Linear on one batch of --batch random images (10 classes)."""
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=args.in_channels, image_size=args.image_size).to(dev).eval()
+        x = torch.randn(args.batch, args.in_channels, args.image_size, args.image_size, device=dev)
+        y = torch.randint(0, 10, (args.batch,), device=dev)
+        op = HessianOperator(model, [(x, y)], backend="double_backward", cache_graphs=False)
+        t_grad, _ = _timed(op.gradient, dev, args.reps)
+        out = {}
+
+        def run(model=model, x=x, y=y, out=out):
+            out["r"] = exact_layer_traces(model, [(x, y)], chunk=args.exact_chunk)
+        t, m = _timed(run, dev, args.reps)
+        r = out["r"]
+        rows.append({"model": name, "batch": args.batch, "layers": len(r.names), "grad_ms": t_grad * 1e3,
+                     "exact_s": t, "measured": t / t_grad, "counted": r.grad_equiv, "GiB": m,
+                     "hessian": bool(r.hessian_exact.all())})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet20", help="comma-separated zoo models for the cost table")
@@ -169,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-hvp", type=int, default=2000)
     p.add_argument("--backend", default="auto", help="HVP backend of the count table")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--skip-exact", action="store_true", help="skip the exact-estimator table")
+    p.add_argument("--exact-chunk", type=int, default=64, help="per-sample backward passes per vmap call")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     print(f"torch {torch.__version__}, device {dev}"
@@ -183,6 +211,15 @@ def main(argv=None) -> int:
                            ("grad_GiB", "double_backward_GiB", "func_GiB", "recompute_GiB", "pyhessian_GiB"))
             print(f"{r['model']:14s} {r['batch']:5d} {r['grad_ms']:8.1f} {r['double_backward']:8.2f} {r['func']:8.2f} "
                   f"{r['recompute']:8.2f} {r['pyhessian']:8.2f} {mem:>26s}")
+    if not a.skip_exact:
+        rows = exact_table(a, dev)
+        print("\nExact per-layer traces (analysis.exact, all 10 class columns, all Conv2d/Linear layers), one batch of "
+              "random images; gradient-equivalents = time ÷ one gradient of that batch (counted: per-sample VJPs ÷ batch)")
+        print(f"{'model':14s} {'batch':>5s} {'layers':>6s} {'grad ms':>8s} {'exact s':>8s} {'measured':>9s} "
+              f"{'counted':>8s} {'GiB':>6s} {'= Hessian':>9s}")
+        for r in rows:
+            print(f"{r['model']:14s} {r['batch']:5d} {r['layers']:6d} {r['grad_ms']:8.1f} {r['exact_s']:8.2f} "
+                  f"{r['measured']:9.1f} {r['counted']:8.1f} {r['GiB']:6.2f} {str(r['hessian']):>9s}")
     if a.count_model:
         rows = count_table(a, dev)
         print(f"\nHVPs for {a.rtol:.0%} relative SE on every layer with |trace| ≥ {a.floor:.0%} of the largest "
