@@ -59,7 +59,7 @@ def quantizer_rows(args, device) -> list[tuple[str, float, float]]:
 
     def step_with(fn):
         def step():
-            outs = [fn(w, s, 4, 8, "half_up") for w, s in zip(ws, ss)]
+            outs = [fn(w, s, 4, 8, "half_up") for w, s in zip(ws, ss, strict=True)]
             torch.autograd.backward(outs, grads)
         return step
 
@@ -67,7 +67,7 @@ def quantizer_rows(args, device) -> list[tuple[str, float, float]]:
         with Q.composite_ops():
             return Q.quantize_weight(w, s, b, h, r)
 
-    compiled_all = torch.compile(lambda ws_, ss_: [Q.quantize_weight(w, s, 4, 8, "half_up") for w, s in zip(ws_, ss_)])
+    compiled_all = torch.compile(lambda ws_, ss_: [Q.quantize_weight(w, s, 4, 8, "half_up") for w, s in zip(ws_, ss_, strict=True)])
 
     def compiled_step():
         torch.autograd.backward(compiled_all(ws, ss), grads)

@@ -157,7 +157,7 @@ def _composite_backward(ctx, w, scale, grad_out):
     bit, high_bit, rounding, _ = ctx.meta
     with Q.composite_ops():
         out = Q.quantize_weight(w, scale, bit, high_bit, rounding)
-    want = [t for t, need in zip((w, scale), ctx.needs_input_grad[:2]) if need]
+    want = [t for t, need in zip((w, scale), ctx.needs_input_grad[:2], strict=True) if need]
     grads = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2])
 

@@ -94,7 +94,7 @@ def test_double_backward_falls_back_to_composite():
     with Q.composite_ops():
         ref = second(Q.quantize_weight)
     got = second(K.quantize_weight)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
