@@ -1,0 +1,311 @@
+"""Fused Triton kernels for the Double Rounding + LSQ weight quantizer (issue 15).
+
+:func:`quantize_weight` has the signature and semantics of
+:func:`hasb.quantizer.quantize_weight` (Eq. 1-3 of the quantizer's docstring)
+and runs it as two CUDA launches per layer and step:
+
+* forward (one launch, grid [C_out, ceil(K / BLOCK)]):
+  Ŵ_l = clip(R(clip(round(W / s_h)) / 2^Δ)) · s_h · 2^Δ, bit-identical to the
+  composite (correctly rounded division, round-half-even for Eq. 1, the chosen
+  ``rounding`` for Eq. 2);
+* backward (one launch, one program per output channel):
+  ∂L/∂W = ∂L/∂Ŵ · 1[Qn ≤ q ≤ Qp] and the per-channel LSQ scale gradient
+  ∂L/∂s_h[c] = g · 2^Δ · Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)),
+  with q = W / (s_h 2^Δ) and g = 1/sqrt(K · Qp_l), reduced inside the kernel.
+
+The PyTorch composite stays the reference: it is used off CUDA, for non-float32
+weights, inside :func:`hasb.quantizer.composite_ops` (the Hessian engine),
+under ``torch.compile`` (inductor fuses the composite), and for double backward
+(``create_graph=True``: the backward then re-derives the composite's gradient
+with a differentiable graph, so second derivatives are the composite's).
+Forward-mode AD (``torch.func.jvp``) is not supported by the fused Function;
+run it inside ``composite_ops()`` as the Hessian engine does.
+
+:func:`quantize_activation` does the same for per-tensor LSQ activations (one
+launch forward; backward = one launch writing ∂L/∂x and per-block partial sums
+of the scale gradient, then one deterministic sum), with the values and
+gradients of the composite path of :func:`hasb.quantizer.quantize_activation`
+(x / s, not ATen's x · (1/s) of its fused fake-quant kernel), also for
+bf16/fp16 inputs, whose dtype rounding it reproduces.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import quantizer as Q
+
+try:  # optional: Triton ships with the CUDA builds of torch, not the CPU ones
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+_BLOCK_FWD = 1024
+_BLOCK_BWD = 512
+_BLOCK_ACT = 2048
+# bound once: the fallbacks, even if the module attributes are patched to point here
+_reference_weight = Q.quantize_weight
+_reference_activation = Q.quantize_activation
+
+
+def available() -> bool:
+    """Whether the fused kernels can run here (Triton importable and a CUDA device present)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr):
+        """Eq. 1 then Eq. 2 on float32 lanes: the INT-l code W_l as float."""
+        w_h = libdevice.rint(tl.div_rn(w, s))            # torch.round: half to even
+        w_h = tl.minimum(tl.maximum(w_h, qn_h), qp_h)
+        if DELTA0:
+            return w_h
+        x = w_h * inv_pow                                # exact: division by a power of two
+        if HALF_EVEN:
+            r = libdevice.rint(x)
+        else:
+            r = tl.floor(x + 0.5)
+        return tl.minimum(tl.maximum(r, qn), qp)
+
+    @triton.jit
+    def _wq_fwd_kernel(w_ptr, s_ptr, out_ptr, K, qn_h, qp_h, qn, qp, inv_pow, pow2,
+                       HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < K
+        base = c.to(tl.int64) * K
+        w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+        s = tl.load(s_ptr + c)
+        w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, DELTA0)
+        tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
+
+    @triton.jit
+    def _wq_bwd_kernel(w_ptr, s_ptr, go_ptr, gw_ptr, gs_ptr, K, qn_h, qp_h, qn, qp, inv_pow, pow2, gfac,
+                       HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        base = c.to(tl.int64) * K
+        s = tl.load(s_ptr + c)
+        s_eff = s * pow2
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+            go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, DELTA0)
+            q = tl.div_rn(w, s_eff)
+            inside = (q >= qn) & (q <= qp)
+            tl.store(gw_ptr + base + offs, tl.where(inside, go, 0.0), mask=mask)
+            inner = tl.where(inside, w_l - q, tl.minimum(tl.maximum(q, qn), qp))
+            acc += go * inner                            # masked lanes carry go = 0
+        tl.store(gs_ptr + c, tl.sum(acc, axis=0) * gfac)
+
+
+    @triton.jit
+    def _aq_fwd_kernel(x_ptr, s_ptr, out_ptr, N, qn, qp, LOWP: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr)
+        if LOWP:   # the composite's type promotion: the 0-dim float32 step and x / s are rounded to x's dtype
+            s = s.to(out_ptr.dtype.element_ty).to(tl.float32)
+            q = tl.div_rn(x, s).to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            q = tl.div_rn(x, s)
+        r = libdevice.rint(tl.minimum(tl.maximum(q, qn), qp))
+        tl.store(out_ptr + offs, (r * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _aq_bwd_kernel(x_ptr, s_ptr, go_ptr, gx_ptr, part_ptr, N, qn, qp, g, LOWP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr)
+        if LOWP:
+            s = s.to(gx_ptr.dtype.element_ty).to(tl.float32)
+            q = tl.div_rn(x, s).to(gx_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            q = tl.div_rn(x, s)
+        inside = (q >= qn) & (q <= qp)
+        tl.store(gx_ptr + offs, tl.where(inside, go, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
+        qc = tl.minimum(tl.maximum(q, qn), qp)
+        inner = tl.where(inside, libdevice.rint(qc) - qc, qc)   # masked lanes: go = 0
+        tl.store(part_ptr + pid, tl.sum(go * inner, axis=0) * g)
+
+
+def _consts(bit: int, high_bit: int) -> tuple[float, ...]:
+    """Runtime scalars of the weight kernels: (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ)."""
+    qn_h, qp_h = Q.int_range(high_bit)
+    qn, qp = Q.int_range(bit)
+    delta = high_bit - bit
+    return float(qn_h), float(qp_h), float(qn), float(qp), 2.0 ** -delta, 2.0 ** delta
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Row-major or channels-last storage: each output channel's K values are one contiguous block."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``ref``'s strides (the kernels index both through one flat offset)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def _launch_forward(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: int, rounding: str) -> torch.Tensor:
+    """Ŵ_l of a dense float32 weight [C, ...] (same strides out); ``scale`` [C] float32."""
+    out = torch.empty_like(w)
+    c, k = w.shape[0], w[0].numel()
+    grid = (c, triton.cdiv(k, _BLOCK_FWD))
+    _wq_fwd_kernel[grid](w, scale, out, k, *_consts(bit, high_bit), HALF_EVEN=rounding == "half_even",
+                         DELTA0=bit == high_bit, BLOCK=_BLOCK_FWD)
+    return out
+
+
+def _launch_backward(w, scale, grad, bit, high_bit, rounding, g):
+    """(∂L/∂W like ``w``, ∂L/∂s_h [C]) from the saved weight/scale and ∂L/∂Ŵ (same strides as ``w``)."""
+    grad_w = torch.empty_like(w)
+    grad_s = torch.empty_like(scale)
+    c, k = w.shape[0], w[0].numel()
+    gfac = g * 2.0 ** (high_bit - bit)
+    _wq_bwd_kernel[(c,)](w, scale, grad, grad_w, grad_s, k, *_consts(bit, high_bit), gfac,
+                         HALF_EVEN=rounding == "half_even", DELTA0=bit == high_bit, BLOCK=_BLOCK_BWD)
+    return grad_w, grad_s
+
+
+class FusedDoubleRoundLSQ(torch.autograd.Function):
+    """Ŵ_l with LSQ gradients through the Triton kernels; see the module docstring.
+
+    Inputs: w [C_out, ...] dense float32 CUDA, scale [C_out] float32 CUDA, then the
+    python scalars bit, high_bit, rounding, g.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, bit, high_bit, rounding, g):
+        ctx.save_for_backward(w, scale)
+        ctx.meta = (bit, high_bit, rounding, g)
+        return _launch_forward(w, scale, bit, high_bit, rounding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: differentiate the composite instead
+            bit, high_bit, rounding, _ = ctx.meta
+            return _composite_grads(ctx, (w, scale), grad_out, Q.quantize_weight, bit, high_bit, rounding)
+        grad_w, grad_s = _launch_backward(w.detach(), scale.detach(), _like(grad_out, w), *ctx.meta)
+        return grad_w, grad_s, None, None, None, None
+
+
+def _composite_grads(ctx, inputs, grad_out, fn, *args):
+    """The composite path's gradients w.r.t. ``inputs`` as a differentiable graph (for double backward)."""
+    with Q.composite_ops():
+        out = fn(*inputs, *args)
+    needs = ctx.needs_input_grad[:len(inputs)]
+    want = [t for t, need in zip(inputs, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs) + (None,) * (len(ctx.needs_input_grad) - len(inputs))
+
+
+def fused_applies(w: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`quantize_weight` takes the kernel path for these tensors in the current context."""
+    return (triton is not None and w.is_cuda and w.dtype == torch.float32 and scale.dtype == torch.float32
+            and w.dim() >= 1 and w.numel() > 0 and scale.numel() == w.shape[0] and scale.is_contiguous()
+            and scale.device == w.device and _dense(w) and Q._use_fused())
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: int,
+                    rounding: Q.Rounding = "half_up") -> torch.Tensor:
+    """Drop-in for :func:`hasb.quantizer.quantize_weight` (same args, shapes, values and gradients).
+
+    Args:
+        w: float weight [C_out, ...]; scale: per-channel step s_h [C_out], positive.
+        bit: target bit l ≤ high_bit; rounding: ``half_up`` or ``half_even`` (Eq. 2).
+    Returns:
+        Ŵ_l, same shape as ``w``, through the fused kernels when :func:`fused_applies`,
+        else through the composite reference.
+    """
+    if rounding not in Q.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(Q.ROUNDINGS)}")
+    if bit > high_bit:
+        raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
+    if not fused_applies(w, scale):
+        return _reference_weight(w, scale, bit, high_bit, rounding)
+    g = 1.0 / math.sqrt(w[0].numel() * Q.int_range(bit)[1])
+    return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
+
+
+# -- activations: per-tensor LSQ ------------------------------------------------------------------------------
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """round(clip(x / s)) · s of a dense ``x`` (any of _ACT_DTYPES), ``scale`` a one-element float32 tensor."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    _aq_fwd_kernel[(triton.cdiv(n, _BLOCK_ACT),)](x, scale, out, n, float(qn), float(qp),
+                                                  LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT)
+    return out
+
+
+def _launch_act_backward(x, scale, grad, qn, qp, g):
+    """(∂L/∂x like ``x``, ∂L/∂s shaped like ``scale``): per-block partial sums, then one deterministic sum."""
+    grad_x = torch.empty_like(x)
+    n = x.numel()
+    blocks = triton.cdiv(n, _BLOCK_ACT)
+    partial = torch.empty(blocks, device=x.device, dtype=torch.float32)
+    _aq_bwd_kernel[(blocks,)](x, scale, grad, grad_x, partial, n, float(qn), float(qp), g,
+                              LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT)
+    return grad_x, partial.sum().reshape(scale.shape).to(scale.dtype)
+
+
+class FusedLSQActivation(torch.autograd.Function):
+    """Per-tensor LSQ fake quantization through the Triton kernels (values and gradients of the composite).
+
+    Low-precision ``x`` (bf16/fp16) reproduces the composite's dtype semantics: the step is rounded to x's dtype
+    (type promotion of a 0-dim float32 tensor), and x/s and the output are rounded to x's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, bit, signed, g):
+        qn, qp = Q.int_range(bit, signed)
+        ctx.save_for_backward(x, scale)
+        ctx.meta = (bit, signed, qn, qp, g)
+        return _launch_act_forward(x if _dense(x) else x.contiguous(), scale, qn, qp)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale = ctx.saved_tensors
+        bit, signed, qn, qp, g = ctx.meta
+        if torch.is_grad_enabled():   # create_graph=True: differentiate the composite instead
+            return _composite_grads(ctx, (x, scale), grad_out, Q.quantize_activation, bit, signed)
+        xd = x.detach() if _dense(x) else x.detach().contiguous()
+        grad_x, grad_s = _launch_act_backward(xd, scale.detach(), _like(grad_out, xd), qn, qp, g)
+        return grad_x, grad_s, None, None, None
+
+
+def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`quantize_activation` takes the kernel path for these tensors in the current context."""
+    return (triton is not None and x.is_cuda and x.dtype in _ACT_DTYPES and scale.dtype == torch.float32
+            and scale.numel() == 1 and scale.device == x.device and x.numel() > 0 and Q._use_fused())
+
+
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool) -> torch.Tensor:
+    """Drop-in for :func:`hasb.quantizer.quantize_activation` with the values/gradients of its composite path.
+
+    Args:
+        x: any shape, float32/bf16/fp16 CUDA for the kernel path.
+        scale: the step s_b, a one-element float32 tensor.
+    Returns:
+        round(clip(x / s, Qn, Qp)) · s, shape and dtype of ``x``; ∂/∂s is LSQ's with g = 1/sqrt(numel · Qp).
+    """
+    if not act_fused_applies(x, scale):
+        return _reference_activation(x, scale, bit, signed)
+    g = 1.0 / math.sqrt(x.numel() * max(Q.int_range(bit, signed)[1], 1))
+    return FusedLSQActivation.apply(x, scale, bit, signed, g)

@@ -1,0 +1,216 @@
+"""The fused quantizer kernels (hasb.kernels) against the composite reference (hasb.quantizer).
+
+Scale gradients are checked twice: tightly against the composite's formula evaluated exactly (float64) on the
+same float32 quotient q (the kernels' only error is then their own products and reduction tree), and against the
+composite itself within the composite's worst-case float32 error (it forms W_l - q by cancellation, so each of its
+terms carries round-off relative to |q|, and its reduction order is PyTorch's).
+"""
+import math
+
+import pytest
+import torch
+
+from hasb import kernels as K
+from hasb import quantizer as Q
+
+cuda = pytest.mark.skipif(not K.available(), reason="needs CUDA and Triton")
+
+# conv and linear weight shapes, odd sizes, K below / equal to / above the kernels' block sizes
+SHAPES = [(64, 3, 7, 7), (37, 5, 3, 3), (128, 64, 3, 3), (10, 512), (1000, 513), (3, 4607), (5, 1)]
+BITS = [(8, 8), (6, 8), (4, 8), (2, 8), (3, 6), (2, 4)]   # (bit, high_bit)
+U = 2.0**-24   # float32 unit round-off
+UNIT = {torch.float32: U, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _case(shape, high_bit, device, seed=0):
+    """A weight with heavy tails and a scale 0.7x the init, so both clip ranges are hit."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * (1 + 3 * torch.rand(shape, generator=gen) ** 4)
+    scale = 0.7 * Q.init_weight_scale(w, high_bit)
+    grad = torch.randn(shape, generator=gen)
+    return (w.to(device).requires_grad_(), scale.to(device).requires_grad_(), grad.to(device))
+
+
+def _composite(fn, x, scale, grad, *args):
+    """Output and (∂x, ∂s) of the pure composite path of ``fn`` (detach tricks, no autograd.Function)."""
+    x = x.detach().clone().requires_grad_()
+    scale = scale.detach().clone().requires_grad_()
+    with Q.composite_ops():
+        out = fn(x, scale, *args)
+    out.backward(grad)
+    return out.detach(), x.grad, scale.grad
+
+
+def _weight_terms(w, scale, bit, high_bit, rounding, grad):
+    """float64 [C, K] terms g·2^Δ·grad·(W_l - q | clip(q)) of the scale gradient, q the float32 quotient."""
+    delta = high_bit - bit
+    qn, qp = Q.int_range(bit)
+    g = 1.0 / math.sqrt(w[0].numel() * qp)
+    c = w.shape[0]
+    with torch.no_grad():
+        w_l = Q.derive_int(Q.stored_int(w, scale, high_bit), bit, high_bit, rounding).reshape(c, -1).double()
+        q = (w / (scale.reshape((-1,) + (1,) * (w.dim() - 1)) * 2.0**delta)).reshape(c, -1).double()
+    inner = torch.where((q >= qn) & (q <= qp), w_l - q, q.clamp(qn, qp))
+    return grad.reshape(c, -1).double() * inner * (g * 2.0**delta), q
+
+
+def _check_weight_scale_grad(got, ref, w, scale, bit, high_bit, rounding, grad):
+    terms, q = _weight_terms(w, scale, bit, high_bit, rounding, grad)
+    k = terms.shape[1]
+    # kernel: one rounding per product, ceil(K/512) sequential adds per lane, a 9-level tree, the final scaling
+    tight = (math.ceil(k / 512) + 9 + 3) * U * terms.abs().sum(1)
+    assert bool(((got.double() - terms.sum(1)).abs() <= tight).all())
+    # composite: a few round-offs relative to |grad|·(|q| + |W_l| + 1) per term, any summation order (γ_K)
+    g = 2.0 ** (high_bit - bit) / math.sqrt(k * Q.int_range(bit)[1])
+    mag = (grad.reshape(w.shape[0], -1).double().abs() * (q.abs() + 2 ** (bit - 1) + 1)).sum(1)
+    loose = 2 * (k + 8) * U * g * mag + tight
+    assert bool(((got.double() - ref.double()).abs() <= loose).all())
+
+
+@cuda
+@pytest.mark.parametrize("rounding", Q.ROUNDINGS)
+@pytest.mark.parametrize("bit,high_bit", BITS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_weight_equals_composite(shape, bit, high_bit, rounding):
+    w, scale, grad = _case(shape, high_bit, "cuda")
+    ref_out, ref_gw, ref_gs = _composite(Q.quantize_weight, w, scale, grad, bit, high_bit, rounding)
+    assert K.fused_applies(w, scale)
+    out = K.quantize_weight(w, scale, bit, high_bit, rounding)
+    assert type(out.grad_fn).__name__.startswith("FusedDoubleRoundLSQ")
+    out.backward(grad)
+    assert torch.equal(out, ref_out)   # integers times s_h·2^Δ: bit-exact
+    # ∂W: the composite forms grad·s_eff/s_eff (two roundings), the kernel passes grad through: ≤ 2 ulp
+    assert torch.allclose(w.grad, ref_gw, rtol=4 * U, atol=0)
+    assert torch.equal(w.grad == 0, ref_gw == 0)   # the same STE mask
+    _check_weight_scale_grad(scale.grad, ref_gs, w, scale, bit, high_bit, rounding, grad)
+
+
+@cuda
+def test_fused_weight_channels_last_and_eager_function():
+    """Channels-last weights run in place (same strides out); ∂W equals the eager autograd.Function's bit for bit."""
+    w, scale, grad = _case((96, 32, 3, 3), 8, "cuda", seed=1)
+    wc = w.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out_ref = Q.quantize_weight(w, scale, 4, 8, "half_up")
+    gw_ref, _ = torch.autograd.grad(out_ref, (w, scale), grad)
+    out = K.quantize_weight(wc, scale, 4, 8, "half_up")
+    gw, gs = torch.autograd.grad(out, (wc, scale), grad)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_ref) and torch.equal(gw, gw_ref)
+    ref = _composite(Q.quantize_weight, w, scale, grad, 4, 8, "half_up")[2]
+    _check_weight_scale_grad(gs, ref, w, scale, 4, 8, "half_up", grad)
+
+
+def _second_derivatives(fn, x, scale, grad, *args):
+    out = fn(x, scale, *args)
+    gx, gs = torch.autograd.grad(out, (x, scale), grad, create_graph=True)
+    return torch.autograd.grad((gs**2).sum() + (gx * x).sum(), (x, scale))
+
+
+@cuda
+def test_double_backward_falls_back_to_composite():
+    """create_graph=True: the gradient is the composite's graph, so second derivatives equal the composite's."""
+    w, scale, grad = _case((16, 8, 3, 3), 8, "cuda", seed=2)
+    x = torch.randn(4, 8, 5, 5, device="cuda").requires_grad_()
+    s_x = torch.tensor(0.05, device="cuda", requires_grad=True)
+    for fn, ref_fn, a, s, gr, args in ((K.quantize_weight, Q.quantize_weight, w, scale, grad, (4, 8, "half_up")),
+                                       (K.quantize_activation, Q.quantize_activation, x, s_x, torch.randn_like(x),
+                                        (4, True))):
+        with Q.composite_ops():
+            ref = _second_derivatives(ref_fn, a, s, gr, *args)
+        got = _second_derivatives(fn, a, s, gr, *args)
+        for u, v in zip(got, ref, strict=True):
+            assert torch.allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def _act_case(shape, bit, signed, dtype, seed=0, channels_last=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 2
+    x = (x if signed else x.relu()).to("cuda", dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    scale = (0.8 * Q.init_activation_scale(x.float(), bit, signed)).float()
+    return x.requires_grad_(), scale.requires_grad_(), torch.randn(shape, generator=gen).to("cuda", dtype)
+
+
+def _act_terms(x, scale, bit, signed, grad):
+    """float64 terms g·grad·(round(q) - q | clip(q)) of the composite's scale gradient, q as the composite forms it."""
+    qn, qp = Q.int_range(bit, signed)
+    s = scale.detach().to(x.dtype).float()
+    q = (x.detach().float() / s).to(x.dtype).double()
+    inner = torch.where((q >= qn) & (q <= qp), torch.round(q) - q, q.clamp(qn, qp))
+    return grad.double() * inner / math.sqrt(x.numel() * max(qp, 1))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bit,signed", [(8, False), (4, True), (2, False), (3, True)])
+@pytest.mark.parametrize("shape,channels_last", [((64, 16, 8, 8), False), ((7, 333), False), ((4, 8, 9, 9), True)])
+def test_fused_activation_equals_composite(shape, channels_last, bit, signed, dtype):
+    x, scale, grad = _act_case(shape, bit, signed, dtype, channels_last=channels_last)
+    ref_out, ref_gx, ref_gs = _composite(Q.quantize_activation, x, scale, grad, bit, signed)
+    assert K.act_fused_applies(x, scale)
+    out = K.quantize_activation(x, scale, bit, signed)
+    assert type(out.grad_fn).__name__.startswith("FusedLSQActivation")
+    out.backward(grad)
+    assert out.dtype == dtype and torch.equal(out, ref_out)
+    # ∂x: the composite's (grad·s)/s is two roundings in x's dtype away from grad; in fp16, grad·s can fall into
+    # the subnormals (spacing 2^-24), an absolute error of up to 2^-25/s after the division
+    s_x = float(scale.detach().to(dtype))
+    atol = 2.0**-24 / s_x if dtype == torch.float16 else 0.0
+    assert torch.allclose(x.grad.float(), ref_gx.float(), rtol=4 * UNIT[dtype], atol=atol)
+    big = grad.abs() > 1e-2
+    assert torch.equal((x.grad == 0)[big], (ref_gx == 0)[big])
+    terms = _act_terms(x, scale, bit, signed, grad)
+    blocks = math.ceil(x.numel() / 2048)
+    tight = (11 + blocks + 4) * U * terms.abs().sum()   # products, 11-level block tree, sum of block partials
+    assert abs(scale.grad.double() - terms.sum()) <= tight
+    # the composite forms each term by cancellation in x's dtype (round-off ∝ |q|), any summation order
+    qmag = (grad.double().abs() * (x.detach().double().abs() / scale.detach().double() + 2**bit + 1)).sum()
+    loose = 2 * (x.numel() + 8) * UNIT[dtype] * qmag / math.sqrt(x.numel() * max(Q.int_range(bit, signed)[1], 1))
+    assert abs(scale.grad.double() - ref_gs.double()) <= loose + tight
+
+
+@cuda
+def test_composite_contexts_take_the_reference():
+    w, scale, _ = _case((8, 4), 8, "cuda")
+    x = torch.randn(3, 5, device="cuda")
+    s = torch.tensor(0.1, device="cuda")
+    with Q.composite_ops():
+        assert not K.fused_applies(w, scale) and not K.act_fused_applies(x, s)
+    assert not K.fused_applies(w.double(), scale.double())
+    assert not K.act_fused_applies(x.double(), s)
+    assert not K.fused_applies(w.detach().t(), scale[:4])   # not dense rows: composite
+
+
+def test_cpu_takes_the_composite(monkeypatch):
+    """Off-GPU the kernels are never launched and the results (values and gradients) are the reference's."""
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel launched off-GPU")
+
+    for name in ("_launch_forward", "_launch_backward", "_launch_act_forward", "_launch_act_backward"):
+        monkeypatch.setattr(K, name, boom)
+    for rounding in Q.ROUNDINGS:
+        w, scale, grad = _case((12, 5, 3, 3), 6, "cpu")
+        assert not K.fused_applies(w, scale)
+        out = K.quantize_weight(w, scale, 3, 6, rounding)
+        out.backward(grad)
+        ref_out, ref_gw, ref_gs = _composite(Q.quantize_weight, w, scale, grad, 3, 6, rounding)
+        assert torch.equal(out, ref_out)
+        assert torch.allclose(w.grad, ref_gw, rtol=4 * U, atol=0)
+        _check_weight_scale_grad(scale.grad, ref_gs, w, scale, 3, 6, rounding, grad)
+    x = torch.randn(4, 6, requires_grad=True)
+    s = torch.tensor(0.2, requires_grad=True)
+    assert not K.act_fused_applies(x, s)
+    out = K.quantize_activation(x, s, 4, True)
+    ref = Q.quantize_activation(x, s, 4, True)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out.sum(), (x, s)),
+                                                 torch.autograd.grad(ref.sum(), (x, s)), strict=True))
+
+
+def test_bad_arguments_rejected():
+    w, scale, _ = _case((4, 3), 8, "cpu")
+    with pytest.raises(ValueError, match="rounding"):
+        K.quantize_weight(w, scale, 4, 8, "stochastic")
+    with pytest.raises(ValueError, match="exceeds"):
+        K.quantize_weight(w, scale, 8, 4)
