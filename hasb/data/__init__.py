@@ -13,8 +13,6 @@ Accepted specs:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from .core import (
     TASKS,
     DataError,

@@ -60,6 +60,7 @@ class TextSource(DataSource):
         assign: dict[str, list[Path]] = {k: [] for k in SPLIT_NAMES}
         for u, f in keyed:
             assign["test" if u < test_frac else "val" if u < test_frac + val_frac else "train"].append(f)
+        self.assignment = {k: [f.relative_to(root).as_posix() for f in v] for k, v in assign.items()}
         self.streams, self.n_files = {}, {}
         for k in SPLIT_NAMES:
             self.streams[k], self.n_files[k] = self._read(assign[k], limit)
