@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HasbError
+from ..models.lm import bits_per_byte, next_byte_loss
 
 TASKS = ("classification", "lm")
 
@@ -73,7 +74,7 @@ def metric_name(task: str) -> str:
 def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy in nats: per example (classification, ``out`` [N, K]) or per byte (lm, ``out`` [N, T, 256])."""
     if task == "lm":
-        return F.cross_entropy(out.flatten(0, -2).float(), y.reshape(-1).long(), reduction=reduction)
+        return next_byte_loss(out, y, reduction)
     return F.cross_entropy(out.float(), y.long(), reduction=reduction)
 
 
@@ -100,7 +101,7 @@ def evaluate_metric(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tens
     v = torch.cat(per).double()
     n = len(v)
     if task == "lm":
-        bits = v / math.log(2)
+        bits = bits_per_byte(v)
         return {"metric": "bits_per_byte", "value": float(bits.mean()), "n": n, "loss_nats": float(v.mean()),
                 "se": float(bits.std() / math.sqrt(n)) if n > 1 else float("nan")}
     p = float(v[:, 0].mean())
