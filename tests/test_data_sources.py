@@ -320,3 +320,22 @@ def test_evaluate_metric_accuracy_and_bits(tmp_path):
     r = evaluate_metric(Uniform(), (w, w), "lm")
     # float32 cross-entropy: relative error ~1e-7
     assert abs(r["value"] - 8.0) < 1e-6 and abs(r["loss_nats"] - math.log(256)) < 1e-6
+
+
+def test_parse_data_opts():
+    from hasb.data import parse_data_opts
+    assert parse_data_opts("size=64, mean=0.5/0.25/0, context=256,limit=none,name=abc") == {
+        "size": 64, "mean": [0.5, 0.25, 0], "context": 256, "limit": None, "name": "abc"}
+    assert parse_data_opts(None) == {} and parse_data_opts("") == {}
+    with pytest.raises(DataError, match="key=value pairs"):
+        parse_data_opts("size64")
+    with pytest.raises(DataError, match="bad option"):
+        load_dataset("python-stdlib", **parse_data_opts("colour=red"))
+
+
+def test_bad_options_name_the_accepted_ones(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match="bad option.*accepted: size, mean, std, val_frac, test_frac"):
+        load_dataset(f"imagefolder:{root}", context=3)
+    with pytest.raises(DataError, match="takes no options"):
+        load_dataset("mnist", size=3)

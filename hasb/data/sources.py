@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,19 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 def stable_unit(key: str) -> float:
     """A number in [0, 1) from the SHA-256 of ``key``: the same on every machine and Python run."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16 ** 12
+
+
+def check_opts(fn, opts: dict, spec: str, first=None) -> None:
+    """Options a source (or the user's callable) does not take are a DataError, before anything is called.
+
+    ``first``: the path argument the source takes before its options (not itself an option).
+    """
+    sig = inspect.signature(fn)
+    try:
+        sig.bind_partial(*([] if first is None else [first]), **opts)
+    except TypeError as e:
+        names = list(sig.parameters)[0 if first is None else 1:]
+        raise DataError(f"--data {spec}: bad option ({e}); accepted: {', '.join(names) or 'none'}") from None
 
 
 def npz_source(path: str) -> TensorSource:
@@ -152,6 +166,7 @@ def callable_source(spec: str, **opts) -> DataSource:
     except (ImportError, AttributeError) as e:
         raise DataError(f"cannot import data callable {spec!r} ({e}); the module must be importable (on "
                         f"PYTHONPATH) and the callable return a DataSource or torch Datasets") from None
+    check_opts(fn, opts, spec)
     got = fn(**opts)
     if isinstance(got, DataSource):
         return got

@@ -118,9 +118,12 @@ class TextSource(DataSource):
                            calib=(xtr[calib], ytr[calib]), test=self._windows(self.streams["test"]), info=info)
 
 
-def text_source(pattern: str, **opts) -> TextSource:
+def text_source(pattern: str, context: int = 128, limit: int | None = None, val_frac: float = 0.1,
+                test_frac: float = 0.1) -> TextSource:
+    """``text:PATH_OR_GLOB`` (see :class:`TextSource` for the options)."""
     files, root = _expand(pattern)
-    return TextSource(f"text:{pattern}", files, root, **opts)
+    return TextSource(f"text:{pattern}", files, root, context=context, limit=limit, val_frac=val_frac,
+                      test_frac=test_frac)
 
 
 def stdlib_files() -> tuple[list[Path], Path]:
@@ -137,8 +140,10 @@ def stdlib_files() -> tuple[list[Path], Path]:
     return files, root
 
 
-def stdlib_source(**opts) -> TextSource:
+def stdlib_source(context: int = 128, limit: int | None = None, val_frac: float = 0.1,
+                  test_frac: float = 0.1) -> TextSource:
     """``python-stdlib``: about 30 MB of real text on every machine; the Python version is recorded."""
     files, root = stdlib_files()
     info = {"python": platform.python_version(), "implementation": sys.implementation.name}
-    return TextSource("python-stdlib", files, root, info=info, **opts)
+    return TextSource("python-stdlib", files, root, info=info, context=context, limit=limit, val_frac=val_frac,
+                      test_frac=test_frac)
