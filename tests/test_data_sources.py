@@ -339,3 +339,17 @@ def test_bad_options_name_the_accepted_ones(tmp_path):
         load_dataset(f"imagefolder:{root}", context=3)
     with pytest.raises(DataError, match="takes no options"):
         load_dataset("mnist", size=3)
+
+
+def test_idx_splits_disjoint_and_seeded(tmp_path):
+    d = str(idx_dir(tmp_path, n_train=80))
+    s = load_dataset("mnist", d, val_size=16, calib_size=8)
+    check_splits(s)
+    assert len(s.val[0]) == 16 and len(s.train[0]) == 64 and len(s.test[0]) == 20
+    check_seeds(lambda seed: load_dataset("mnist", d, val_size=16, calib_size=8, seed=seed), same=("test",),
+                differ=("val", "calib"))
+
+
+def test_data_dir_only_for_idx(tmp_path):
+    with pytest.raises(DataError, match="--data-dir applies to fashion-mnist and mnist only"):
+        load_dataset("python-stdlib", str(tmp_path))

@@ -39,7 +39,7 @@ _PREFIXED = {"npz": npz_source, "imagefolder": imagefolder_source, "text": text_
 def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
     """The :class:`DataSource` named by a ``--data`` spec (see the module docstring); ``opts`` go to it.
 
-    ``data_dir`` applies to the IDX datasets only.  An unknown spec or bad option is a :class:`DataError`.
+    ``data_dir`` applies to the IDX datasets only (given with another spec it is an error, not ignored).  An unknown spec or bad option is a :class:`DataError`.
     """
     spec = (spec or "").strip()
     prefix, sep, rest = spec.partition(":")
@@ -47,6 +47,9 @@ def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
         if opts:
             raise DataError(f"--data {spec}: takes no options, got {', '.join(sorted(opts))}")
         return IdxSource(spec, data_dir)
+    if data_dir is not None:
+        raise DataError(f"--data-dir applies to {' and '.join(DATASETS)} only; --data {spec} names its own "
+                        f"files")
     if spec == "python-stdlib":
         check_opts(stdlib_source, opts, spec)
         return stdlib_source(**opts)

@@ -140,8 +140,8 @@ class DataSource(ABC):
 class TensorSource(DataSource):
     """A classification source from whole arrays: train (+ optional val/test) already separated or not.
 
-    Missing val is drawn from train by the seed (``val_size`` examples); missing test likewise (same size, after
-    val).  ``x`` arrays are used as given (cast to float32): normalisation is the caller's (npz) or the source's
+    Missing val is drawn from train by the seed (``val_size`` examples, at most half of what is left); missing
+    test likewise (same size, after val); the sizes drawn are in ``Splits.describe()["sizes"]``.  ``x`` arrays are used as given (cast to float32): normalisation is the caller's (npz) or the source's
     (image folder) job.
     """
 
