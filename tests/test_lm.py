@@ -108,3 +108,31 @@ def test_quantize_model_covers_every_linear():
         hasb.restore_fixed(m)
         low = m(x)
     assert torch.isfinite(low).all() and (low - ref).abs().max() > 1e-3
+
+
+def test_forward_backward_every_bit():
+    """As the image zoo's test in test_quantize_model.py, on byte inputs: fp = float model, finite scale
+    gradients at every config, outputs change with the bits."""
+    import random
+    torch.manual_seed(0)
+    model = build_model("lm_tiny").eval()
+    x = model.example_input(2)
+    ref = model(x)
+    hasb.quantize_model(model, example_input=x)
+    hasb.set_fp(model)
+    assert torch.equal(model(x), ref)
+    hasb.restore_fixed(model)
+    model.train()
+    hasb.init_quantizers(model, x)
+    rng = random.Random(0)
+    mixed = hasb.BitConfig({n: rng.choice(hasb.candidate_bits(model)) for n in hasb.searchable_layers(model)})
+    outs = {}
+    for cfg in [8, 6, 4, 2, mixed]:
+        hasb.set_config(model, cfg)
+        model.zero_grad()
+        y = model(x)
+        next_byte_loss(y, x).backward()
+        grads = [p.grad for n, p in model.named_parameters() if n.endswith("w_scale") and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        outs[str(cfg)] = y.detach()
+    assert not torch.allclose(outs["8"], outs["2"])
