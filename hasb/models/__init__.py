@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .lm import lm_small, lm_tiny
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet18, resnet20, resnet50
 from .small import small_cnn, tiny_mlp
@@ -20,6 +21,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "tiny_mlp": tiny_mlp,
     "vit_tiny": vit_tiny,
+    "lm_tiny": lm_tiny,     # byte-level LMs: vocab 256, own context; vision arguments ignored (see models.lm)
+    "lm_small": lm_small,
 }
 
 
