@@ -31,9 +31,21 @@ pytest.importorskip("nbconvert")
 pytest.importorskip("ipykernel")
 
 from reports import build as rbuild                          # noqa: E402
-from reports.make_notebook import FIGURES, SECTIONS          # noqa: E402
+from reports.artifacts import MissingArtifact, Run           # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    """tools/<name>.py (developer tools are not an installed package): loaded from the checkout by path."""
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make_notebook = _load_tool("make_notebook")
+FIGURES, SECTIONS = make_notebook.FIGURES, make_notebook.SECTIONS
 MODEL = "small_cnn"
 BITS = (8, 6, 4, 2)
 
@@ -149,18 +161,20 @@ def _train(args: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def make_run(root: Path, real_training: bool) -> Path:
+def make_run(root: Path, real_training: bool, train_sub: str = "train") -> Path:
+    """A run folder; training runs in RUN/<train_sub>/{multi,supernet} ("train": the demo's layout)."""
     run = root / "run"
     run.mkdir(parents=True)
     write_sensitivity(run)
+    tdir = run / train_sub
     if real_training:
         tiny = ["--train-limit", "64", "--val-limit", "64", "--batch-size", "64", "--epochs", "2"]
-        _train(["--stage", "multi", "--model", MODEL, "--out", str(run / "multi"), *tiny])
-        _train(["--stage", "supernet", "--init", str(run / "multi" / "model.pt"), "--sensitivity",
-                str(run / "sensitivity.json"), "--out", str(run / "supernet"), *tiny])
+        _train(["--stage", "multi", "--model", MODEL, "--out", str(tdir / "multi"), *tiny])
+        _train(["--stage", "supernet", "--init", str(tdir / "multi" / "model.pt"), "--sensitivity",
+                str(run / "sensitivity.json"), "--out", str(tdir / "supernet"), *tiny])
     else:
         for st in ("multi", "supernet"):
-            write_metrics(run / st, st)
+            write_metrics(tdir / st, st)
     write_pareto(run)
     return run
 
@@ -237,6 +251,33 @@ def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "nope" in err and "python -m" in err
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("layout", ["", "train"])
+def test_training_runs_found_in_run_and_run_train(tmp_path, layout):
+    """hasb.train --out RUN/<stage> and the demo's RUN/train/<stage> are both found (issue 10, finding 8)."""
+    run = tmp_path / "run"
+    for st in ("multi", "supernet"):
+        write_metrics(run / layout / st, st, epochs=2)
+    r = Run.open(run)
+    for st in ("multi", "supernet"):
+        assert r.train_dir(st) == run / layout / st
+        assert list(r.metrics(st)["epoch"]) == [1, 2]
+    inv = r.inventory().set_index("artifact")
+    assert inv.loc[str(Path(layout) / "multi" / "metrics.csv"), "present"]
+
+
+def test_training_missing_names_both_places(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(MissingArtifact) as e:
+        Run.open(tmp_path / "run").train_dir("multi")
+    assert str(tmp_path / "run" / "multi" / "metrics.csv") in str(e.value)
+    assert str(tmp_path / "run" / "train" / "multi" / "metrics.csv") in str(e.value)
+
+
+def test_committed_notebook_is_the_generators_output():
+    """reports/sensitivity.ipynb is exactly what tools/make_notebook.py writes (edit the tool, not the file)."""
+    assert rbuild.NOTEBOOK.read_text() == make_notebook.render()
 
 
 def test_inject_parameters_after_tagged_cell():
