@@ -1,8 +1,10 @@
 """Read a run directory's artifacts (written by the CLIs) for the report — no recomputation of results.
 
-Layout (artifact contract, see README): ``RUN/sensitivity.json|csv`` (analysis.sensitivity),
-``RUN[/multi|/supernet]/metrics.csv|json, train_config.json`` (hasb.train),
-``RUN/pareto.csv, candidates.csv, config.json`` (search.pareto).
+Layout: ``RUN/sensitivity.json|csv`` (analysis.sensitivity; read through its one reader,
+:mod:`hasb.sensitivity_file`, which holds the format); training runs (hasb.train: ``metrics.csv|json``,
+``train_config.json``, ``model.pt``) in ``RUN/<stage>/``, ``RUN/train/<stage>/`` (the demo and the recipes)
+or ``RUN/`` itself, stage = multi or supernet; search outputs (search.pareto: ``pareto.csv``,
+``candidates.csv``, ``config.json``) at the top of RUN or in per-budget folders ``RUN/budget-<B>/``.
 
 Each loader raises :class:`MissingArtifact` naming the file it looked for and the command that
 writes it, so the notebook can show that message and go on with the other sections.
@@ -11,15 +13,16 @@ its name with ``hasb.CostModel`` — a shape trace, not a result.
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
-from hasb.sensitivity_file import load_sensitivity
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import pandas as pd
+
+from hasb.errors import HasbError
+from hasb.sensitivity_file import load_sensitivity
 
 # The command that produces each artifact; {run} is the run directory.
 COMMANDS = {
@@ -78,7 +81,7 @@ def _newest_mtime(d: Path) -> float:
     return max((d / f).stat().st_mtime for f in SEARCH_FILES if (d / f).is_file())
 
 
-def find_search_dir(root: Path, budget: Optional[str] = None) -> Optional[Path]:
+def find_search_dir(root: Path, budget: str | None = None) -> Path | None:
     """The folder whose search outputs the report shows, or None when the run has none.
 
     ``budget`` (``3.5`` or ``budget-3.5``) names ``root/budget-<B>/``; :class:`ArtifactError` (a HasbError) when
@@ -102,14 +105,14 @@ class Run:
     ``budget`` picks one ``budget-<B>/`` folder of search outputs (see :func:`find_search_dir`)."""
 
     root: Path
-    budget: Optional[str] = None
+    budget: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
     @classmethod
-    def open(cls, run_dir: Union[str, Path], budget: Optional[str] = None) -> "Run":
+    def open(cls, run_dir: str | Path, budget: str | None = None) -> Run:
         p = Path(run_dir)
         if not p.is_dir():
             raise ArtifactError(f"run directory {str(p)!r} does not exist; make one with the commands: "
@@ -118,7 +121,7 @@ class Run:
         run.search_dir()   # an unknown budget is an error now, not in the sections
         return run
 
-    def search_dir(self) -> Optional[Path]:
+    def search_dir(self) -> Path | None:
         """The folder of the search outputs shown (None: the run has none)."""
         if "search_dir" not in self._cache:
             self._cache["search_dir"] = find_search_dir(self.root, self.budget)
@@ -185,7 +188,7 @@ class Run:
                                   detail="sensitivity.json has no 'omega' entry")
         return om
 
-    def spectrum(self) -> tuple[list, list, Optional[list]]:
+    def spectrum(self) -> tuple[list, list, list | None]:
         s = self.sensitivity()
         dens = s.get("density")
         if not dens or "grid" not in dens or "density" not in dens:
@@ -231,7 +234,7 @@ class Run:
         p = self.train_dir(stage) / "train_config.json"
         return _read_json(p) if p.is_file() else {}
 
-    def bit_probabilities(self) -> tuple[dict, Optional[list], str]:
+    def bit_probabilities(self) -> tuple[dict, list | None, str]:
         """HASB p_l(b) per layer and the sensitive layers, with where they came from.
 
         Preference: the sampler the supernet was trained with (``supernet/model.pt`` extra
@@ -263,7 +266,7 @@ class Run:
             raise ArtifactError("sensitivity.json layers lack 'trace_per_param'")
         from hasb.sampler import HASBSampler
         smp = HASBSampler(list(df["layer"]), [int(b) for b in sens["bits"]],
-                          dict(zip(df["layer"], df["trace_per_param"].astype(float))))
+                          dict(zip(df["layer"], df["trace_per_param"].astype(float), strict=True)))
         return smp.probabilities(), smp.sensitive(), "hasb.sampler.HASBSampler on sensitivity.json traces"
 
     # -- search --------------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ class Run:
             raise ArtifactError(f"{p} needs columns accuracy and bitops/gbitops; got {list(df.columns)}")
         return df
 
-    def candidates(self) -> Optional[pd.DataFrame]:
+    def candidates(self) -> pd.DataFrame | None:
         try:
             return _read_csv(self.search_file("candidates.csv", "candidates.csv"))
         except MissingArtifact:
@@ -298,7 +301,7 @@ class Run:
         raise MissingArtifact("the model name", [self.root / "config.json", self.root / "sensitivity.json"],
                               self.cmd("pareto"), detail="no artifact names the model")
 
-    def cost_model(self, bits: Optional[list] = None):
+    def cost_model(self, bits: list | None = None):
         """hasb.CostModel of the run's model (MACs from one traced forward pass; no weights needed)."""
         if "cost" in self._cache:
             return self._cache["cost"]
@@ -349,17 +352,17 @@ def config_from_record(rec: Any, names: list[str]):
     if len(w) != len(names) or len(a) != len(names):
         raise ArtifactError(f"config string {s[:40]!r} has {len(w)} entries but the model has {len(names)} "
                             "searchable layers")
-    return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a)})
+    return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a, strict=True)})
 
 
-def chosen_point(chosen: dict) -> Optional[dict]:
+def chosen_point(chosen: dict) -> dict | None:
     """{accuracy, bitops|gbitops} of config.json (top level, or under ``metrics`` as search.export writes)."""
     src = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else chosen
     pick = {k: src[k] for k in ("accuracy", "bitops", "gbitops") if src.get(k) is not None}
     return pick if "accuracy" in pick and ({"bitops", "gbitops"} & set(pick)) else None
 
 
-def budget_bitops(chosen: dict, cost) -> Optional[float]:
+def budget_bitops(chosen: dict, cost) -> float | None:
     """The BitOPs budget of config.json: ``budget`` as text/number, {kind, value, limit, text}, or a list of
     those (search.export; the first BitOPs / average-bit one is used)."""
     b = chosen.get("budget")
@@ -391,7 +394,7 @@ _SPLIT_KEYS = ("split", "accuracy_split")
 _N_KEYS = ("n", "n_images", "accuracy_n", "size", "n_samples")
 
 
-def _score_row(label: str, d: dict) -> Optional[dict]:
+def _score_row(label: str, d: dict) -> dict | None:
     acc = d.get("accuracy")
     if not isinstance(acc, (int, float)) or isinstance(acc, bool):
         return None

@@ -62,8 +62,15 @@ from IPython.display import Markdown, display
 
 from reports.artifacts import Run, budget_bitops, chosen_point, chosen_scores, config_from_record
 from reports.nbtools import Report
-from reports.plots import (plot_bit_allocation, plot_bit_probabilities, plot_omega_heatmap, plot_pareto,
-                           plot_spectral_density, plot_traces, plot_training_curves)
+from reports.plots import (
+    plot_bit_allocation,
+    plot_bit_probabilities,
+    plot_omega_heatmap,
+    plot_pareto,
+    plot_spectral_density,
+    plot_traces,
+    plot_training_curves,
+)
 
 pd.set_option("display.precision", 4)
 run = Run.open(run_dir, budget)
