@@ -267,7 +267,7 @@ def swap_in(staged: Path, outs: Outputs) -> None:
         for name in outs.names:                   # html first: from here on no report.html claims the old figures
             if (outs.folder / name).exists():
                 os.replace(outs.folder / name, old / name)
-        for name in reversed(outs.names):         # figures, notebook, html last: the commit
+        for name in reversed(outs.names):         # notebook, figures, then html last: the commit
             if (staged / name).exists():
                 os.replace(staged / name, outs.folder / name)
     finally:
