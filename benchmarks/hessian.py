@@ -7,7 +7,8 @@
    - pyhessian: PyHessian 0.1 itself (single-batch mode, graph at init), when importable
    plus peak memory per path on CUDA.
 2. HVPs needed for 5% relative SE (--rtol) on every layer whose |trace| ≥ 1% (--floor) of the largest:
-   full-model Hutchinson vs layer-restricted vs the default (Hutch++ deflation).  Each estimator runs
+   full-model Hutchinson vs layer-restricted (the default, ``analysis.trace.DEFAULT_ESTIMATOR = "layer"``,
+   chosen by this table) vs Hutch++ deflation per block (``hutchpp``).  Each estimator runs
    adaptively up to --max-hvp; the projected count extrapolates from its per-layer sample variances
    (full: max_l need_l probes; restricted: Σ_l min(need_l, n_l) with the exact switch; hutchpp adds 2·sketch).
 3. The exact estimator (analysis.exact, per-sample backward passes, all layers at once) on each model of

@@ -1,8 +1,10 @@
 """Read a run directory's artifacts (written by the CLIs) for the report — no recomputation of results.
 
-Layout (artifact contract, see README): ``RUN/sensitivity.json|csv`` (analysis.sensitivity),
-``RUN[/multi|/supernet]/metrics.csv|json, train_config.json`` (hasb.train),
-``RUN/pareto.csv, candidates.csv, config.json`` (search.pareto).
+Layout: ``RUN/sensitivity.json|csv`` (analysis.sensitivity; read through its one reader,
+:mod:`hasb.sensitivity_file`, which holds the format); training runs (hasb.train: ``metrics.csv|json``,
+``train_config.json``, ``model.pt``) in ``RUN/<stage>/``, ``RUN/train/<stage>/`` (the demo and the recipes)
+or ``RUN/`` itself, stage = multi or supernet; search outputs (search.pareto: ``pareto.csv``,
+``candidates.csv``, ``config.json``) at the top of RUN or in per-budget folders ``RUN/budget-<B>/``.
 
 Each loader raises :class:`MissingArtifact` naming the file it looked for and the command that
 writes it, so the notebook can show that message and go on with the other sections.
@@ -11,15 +13,16 @@ its name with ``hasb.CostModel`` — a shape trace, not a result.
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
-from hasb.sensitivity_file import load_sensitivity
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import pandas as pd
+
+from hasb.errors import HasbError
+from hasb.sensitivity_file import load_sensitivity
 
 # The command that produces each artifact; {run} is the run directory.
 COMMANDS = {
@@ -29,6 +32,12 @@ COMMANDS = {
     "pareto": "python -m search.pareto --budget 3.5 --out {run}",
 }
 TRAIN_STAGES = ("multi", "supernet")
+SEARCH_FILES = ("config.json", "pareto.csv", "candidates.csv")
+BUDGET_PREFIX = "budget-"
+
+
+def _has_metrics(d: Path) -> bool:
+    return (d / "metrics.csv").is_file() or (d / "metrics.json").is_file()
 
 
 class MissingArtifact(Exception):
@@ -59,41 +68,95 @@ def _read_csv(p: Path) -> pd.DataFrame:
         raise ArtifactError(f"{p} is not a readable CSV: {e}") from None
 
 
+def budget_dirs(root: Path) -> list[Path]:
+    """``root/budget-<B>/`` folders holding search outputs (search.pareto writes one per budget)."""
+    return sorted(d for d in root.glob(f"{BUDGET_PREFIX}*") if d.is_dir() and _has_search(d))
+
+
+def _has_search(d: Path) -> bool:
+    return any((d / f).is_file() for f in SEARCH_FILES)
+
+
+def _newest_mtime(d: Path) -> float:
+    return max((d / f).stat().st_mtime for f in SEARCH_FILES if (d / f).is_file())
+
+
+def find_search_dir(root: Path, budget: str | None = None) -> Path | None:
+    """The folder whose search outputs the report shows, or None when the run has none.
+
+    ``budget`` (``3.5`` or ``budget-3.5``) names ``root/budget-<B>/``; :class:`ArtifactError` (a HasbError) when
+    that folder is absent, naming the budgets there are.  Without it: the newest (by file time) of ``root``
+    itself (outputs written at the top, the layout before per-budget folders) and its ``budget-*`` folders."""
+    subs = budget_dirs(root)
+    if budget is not None:
+        name = budget if budget.startswith(BUDGET_PREFIX) else BUDGET_PREFIX + budget
+        if (root / name) in subs:
+            return root / name
+        have = ", ".join(d.name[len(BUDGET_PREFIX):] for d in subs) or "none"
+        raise ArtifactError(f"--budget {budget}: no search outputs in {root / name}; budgets in {root}: {have}")
+    cands = ([root] if _has_search(root) else []) + subs
+    return max(cands, key=_newest_mtime) if cands else None
+
+
 @dataclass
 class Run:
-    """A run directory and lazy access to its artifacts."""
+    """A run directory and lazy access to its artifacts.
+
+    ``budget`` picks one ``budget-<B>/`` folder of search outputs (see :func:`find_search_dir`)."""
 
     root: Path
+    budget: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
     @classmethod
-    def open(cls, run_dir: Union[str, Path]) -> "Run":
+    def open(cls, run_dir: str | Path, budget: str | None = None) -> Run:
         p = Path(run_dir)
         if not p.is_dir():
-            raise FileNotFoundError(f"run directory {str(p)!r} does not exist; make one with the commands: "
-                                    + "; ".join(c.format(run=p) for c in COMMANDS.values()))
-        return cls(p)
+            raise ArtifactError(f"run directory {str(p)!r} does not exist; make one with the commands: "
+                                + "; ".join(c.format(run=p) for c in COMMANDS.values()))
+        run = cls(p, budget)
+        run.search_dir()   # an unknown budget is an error now, not in the sections
+        return run
+
+    def search_dir(self) -> Path | None:
+        """The folder of the search outputs shown (None: the run has none)."""
+        if "search_dir" not in self._cache:
+            self._cache["search_dir"] = find_search_dir(self.root, self.budget)
+        return self._cache["search_dir"]
+
+    def search_file(self, name: str, what: str) -> Path:
+        """``name`` in :meth:`search_dir`, else at the top of the run; MissingArtifact naming both places."""
+        d = self.search_dir()
+        looked = ([d / name] if d is not None and d != self.root else []) + [self.root / name]
+        for p in looked:
+            if p.is_file():
+                return p
+        raise MissingArtifact(what, looked, self.cmd("pareto"))
 
     def cmd(self, key: str) -> str:
         return COMMANDS[key].format(run=self.root)
 
     # -- inventory -----------------------------------------------------------------------------------
     def inventory(self) -> pd.DataFrame:
-        """Which contract files exist, with size and the command that writes each."""
-        rows = []
-        names = [("sensitivity", "sensitivity.json"), ("sensitivity", "sensitivity.csv")]
+        """Which contract files exist (paths relative to the run), with size and the command that writes each.
+
+        Training files are listed where :meth:`train_dir` finds the stage (else ``<stage>/``), search files in
+        :meth:`search_dir` (else the top)."""
+        paths = [("sensitivity", self.root / f) for f in ("sensitivity.json", "sensitivity.csv")]
         for st in TRAIN_STAGES:
-            for f in ("metrics.csv", "metrics.json", "train_config.json", "model.pt"):
-                names.append((st, f"{st}/{f}"))
-        names += [("pareto", f) for f in ("pareto.csv", "candidates.csv", "config.json")]
-        for key, rel in names:
-            p = self.root / rel
-            rows.append({"artifact": rel, "present": p.is_file(),
-                         "size_kB": round(p.stat().st_size / 1e3, 1) if p.is_file() else None,
-                         "made by": self.cmd(key)})
+            try:
+                d = self.train_dir(st)
+            except MissingArtifact:
+                d = self.root / st
+            paths += [(st, d / f) for f in ("metrics.csv", "metrics.json", "train_config.json", "model.pt")]
+        d = self.search_dir() or self.root
+        paths += [("pareto", d / f) for f in SEARCH_FILES]
+        rows = [{"artifact": str(p.relative_to(self.root)), "present": p.is_file(),
+                 "size_kB": round(p.stat().st_size / 1e3, 1) if p.is_file() else None, "made by": self.cmd(key)}
+                for key, p in paths]
         return pd.DataFrame(rows)
 
     # -- sensitivity -----------------------------------------------------------------------------------
@@ -125,7 +188,7 @@ class Run:
                                   detail="sensitivity.json has no 'omega' entry")
         return om
 
-    def spectrum(self) -> tuple[list, list, Optional[list]]:
+    def spectrum(self) -> tuple[list, list, list | None]:
         s = self.sensitivity()
         dens = s.get("density")
         if not dens or "grid" not in dens or "density" not in dens:
@@ -136,10 +199,16 @@ class Run:
 
     # -- training ----------------------------------------------------------------------------------------
     def train_dir(self, stage: str) -> Path:
-        """RUN/<stage>/ if it holds metrics, else RUN/ itself when its train_config says that stage."""
-        sub = self.root / stage
-        if (sub / "metrics.csv").is_file() or (sub / "metrics.json").is_file():
-            return sub
+        """Where the ``stage`` training run of this run directory is, first match wins:
+
+        ``RUN/<stage>/`` (``hasb.train --out RUN/<stage>``), ``RUN/train/<stage>/`` (the demo and the recipes:
+        ``search.pareto`` builds its supernet in ``RUN/train``), or ``RUN/`` itself when its train_config.json
+        names that stage."""
+        looked = []
+        for sub in (self.root / stage, self.root / "train" / stage):
+            if _has_metrics(sub):
+                return sub
+            looked.append(sub / "metrics.csv")
         cfg = self.root / "train_config.json"
         if (self.root / "metrics.csv").is_file() and cfg.is_file():
             try:
@@ -147,8 +216,7 @@ class Run:
                     return self.root
             except (ArtifactError, AttributeError):
                 pass
-        raise MissingArtifact(f"{stage} training metrics", [sub / "metrics.csv", self.root / "metrics.csv"],
-                              self.cmd(stage))
+        raise MissingArtifact(f"{stage} training metrics", looked + [self.root / "metrics.csv"], self.cmd(stage))
 
     def metrics(self, stage: str) -> pd.DataFrame:
         d = self.train_dir(stage)
@@ -166,7 +234,7 @@ class Run:
         p = self.train_dir(stage) / "train_config.json"
         return _read_json(p) if p.is_file() else {}
 
-    def bit_probabilities(self) -> tuple[dict, Optional[list], str]:
+    def bit_probabilities(self) -> tuple[dict, list | None, str]:
         """HASB p_l(b) per layer and the sensitive layers, with where they came from.
 
         Preference: the sampler the supernet was trained with (``supernet/model.pt`` extra
@@ -198,28 +266,25 @@ class Run:
             raise ArtifactError("sensitivity.json layers lack 'trace_per_param'")
         from hasb.sampler import HASBSampler
         smp = HASBSampler(list(df["layer"]), [int(b) for b in sens["bits"]],
-                          dict(zip(df["layer"], df["trace_per_param"].astype(float))))
+                          dict(zip(df["layer"], df["trace_per_param"].astype(float), strict=True)))
         return smp.probabilities(), smp.sensitive(), "hasb.sampler.HASBSampler on sensitivity.json traces"
 
     # -- search --------------------------------------------------------------------------------------------
     def pareto(self) -> pd.DataFrame:
-        p = self.root / "pareto.csv"
-        if not p.is_file():
-            raise MissingArtifact("pareto.csv", [p], self.cmd("pareto"))
+        p = self.search_file("pareto.csv", "pareto.csv")
         df = _read_csv(p)
         if "accuracy" not in df.columns or not ({"bitops", "gbitops"} & set(df.columns)):
             raise ArtifactError(f"{p} needs columns accuracy and bitops/gbitops; got {list(df.columns)}")
         return df
 
-    def candidates(self) -> Optional[pd.DataFrame]:
-        p = self.root / "candidates.csv"
-        return _read_csv(p) if p.is_file() else None
+    def candidates(self) -> pd.DataFrame | None:
+        try:
+            return _read_csv(self.search_file("candidates.csv", "candidates.csv"))
+        except MissingArtifact:
+            return None
 
     def chosen(self) -> dict:
-        p = self.root / "config.json"
-        if not p.is_file():
-            raise MissingArtifact("config.json (the chosen config)", [p], self.cmd("pareto"))
-        return _read_json(p)
+        return _read_json(self.search_file("config.json", "config.json (the chosen config)"))
 
     def model_name(self) -> str:
         for getter in (lambda: self.chosen().get("model"), lambda: self.sensitivity().get("model"),
@@ -236,7 +301,7 @@ class Run:
         raise MissingArtifact("the model name", [self.root / "config.json", self.root / "sensitivity.json"],
                               self.cmd("pareto"), detail="no artifact names the model")
 
-    def cost_model(self, bits: Optional[list] = None):
+    def cost_model(self, bits: list | None = None):
         """hasb.CostModel of the run's model (MACs from one traced forward pass; no weights needed)."""
         if "cost" in self._cache:
             return self._cache["cost"]
@@ -287,17 +352,17 @@ def config_from_record(rec: Any, names: list[str]):
     if len(w) != len(names) or len(a) != len(names):
         raise ArtifactError(f"config string {s[:40]!r} has {len(w)} entries but the model has {len(names)} "
                             "searchable layers")
-    return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a)})
+    return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a, strict=True)})
 
 
-def chosen_point(chosen: dict) -> Optional[dict]:
+def chosen_point(chosen: dict) -> dict | None:
     """{accuracy, bitops|gbitops} of config.json (top level, or under ``metrics`` as search.export writes)."""
     src = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else chosen
     pick = {k: src[k] for k in ("accuracy", "bitops", "gbitops") if src.get(k) is not None}
     return pick if "accuracy" in pick and ({"bitops", "gbitops"} & set(pick)) else None
 
 
-def budget_bitops(chosen: dict, cost) -> Optional[float]:
+def budget_bitops(chosen: dict, cost) -> float | None:
     """The BitOPs budget of config.json: ``budget`` as text/number, {kind, value, limit, text}, or a list of
     those (search.export; the first BitOPs / average-bit one is used)."""
     b = chosen.get("budget")
@@ -321,3 +386,45 @@ def budget_bitops(chosen: dict, cost) -> Optional[float]:
         if parsed.kind in ("bitops", "avg_bits") and math.isfinite(parsed.limit):
             return parsed.limit
     return None
+
+
+# ---------------------------------------------------------------------------------------------- scores
+_SE_KEYS = ("accuracy_se", "accuracy_stderr", "se", "stderr", "standard_error")
+_SPLIT_KEYS = ("split", "accuracy_split")
+_N_KEYS = ("n", "n_images", "accuracy_n", "size", "n_samples")
+
+
+def _score_row(label: str, d: dict) -> dict | None:
+    acc = d.get("accuracy")
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool):
+        return None
+    pick = lambda keys: next((d[k] for k in keys if d.get(k) is not None), None)   # noqa: E731
+    return {"score": label, "split": pick(_SPLIT_KEYS), "n": pick(_N_KEYS), "accuracy": float(acc),
+            "se": pick(_SE_KEYS)}
+
+
+def chosen_scores(chosen: dict) -> pd.DataFrame:
+    """Every accuracy config.json states for the chosen config, one row each: score (where it was found),
+    split, n (images), accuracy (fraction), se (its standard error; None when the file gives none).
+
+    Tolerant of both layouts: a plain ``metrics.accuracy`` (selection score), and scores nested as objects with
+    an ``accuracy`` (e.g. ``"test": {"accuracy", "se", "split", "n"}``) under the top level, ``metrics`` or a
+    ``scores`` object/list."""
+    rows = []
+    metrics = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else {}
+    for label, d in (("metrics", metrics), ("config.json", chosen)):
+        row = _score_row(label, d)
+        if row is not None and not any(r["accuracy"] == row["accuracy"] for r in rows):
+            rows.append(row)
+    nested = [(k, v) for src in (chosen, metrics) for k, v in src.items() if isinstance(v, dict)]
+    sc = chosen.get("scores")
+    if isinstance(sc, list):
+        nested += [(str(v.get("split", i)), v) for i, v in enumerate(sc) if isinstance(v, dict)]
+    elif isinstance(sc, dict):
+        nested += [(k, v) for k, v in sc.items() if isinstance(v, dict)]
+    for k, v in nested:
+        row = _score_row(k, v)
+        if row is not None:
+            row["split"] = row["split"] or k
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["score", "split", "n", "accuracy", "se"])

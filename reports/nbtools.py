@@ -12,7 +12,6 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional, Union
 
 from .artifacts import ArtifactError, MissingArtifact
 from .plots import DPI, figure_png_bytes
@@ -27,11 +26,11 @@ class Report:
         fig_dir: where figures go as ``<name>.png`` (None: display only).
     """
 
-    def __init__(self, fig_dir: Optional[Union[str, Path]] = None, dpi: int = DPI):
+    def __init__(self, fig_dir: str | Path | None = None, dpi: int = DPI):
         self.fig_dir = Path(fig_dir) if fig_dir else None
         self.dpi = dpi
         self.sections: dict[str, dict] = {}
-        self._current: Optional[str] = None
+        self._current: str | None = None
 
     @contextlib.contextmanager
     def section(self, name: str):
@@ -56,6 +55,7 @@ class Report:
     def show(self, fig, name: str) -> None:
         """Display ``fig`` as a PNG (exact figure_size × dpi pixels) and save it as ``fig_dir/<name>.png``."""
         from IPython.display import Image, display
+
         from hasb import atomic_write_bytes
         png = figure_png_bytes(fig, dpi=self.dpi)
         if self.fig_dir is not None:
@@ -64,7 +64,7 @@ class Report:
             self.sections[self._current]["figures"].append(f"{name}.png")
         display(Image(data=png, format="png"))
 
-    def write_manifest(self) -> Optional[Path]:
+    def write_manifest(self) -> Path | None:
         """``fig_dir/manifest.json``: {"python": sys.executable, "sections": {name: {status, figures, message}}}."""
         if self.fig_dir is None:
             return None
