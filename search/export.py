@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str, parse_bit
+from hasb.export import export_deployment
 
 SCHEMA = "hasb-search-config"
 SCHEMA_VERSION = 1
@@ -164,12 +165,8 @@ def load(path: Union[str, Path]) -> tuple[BitConfig, dict]:
     return BitConfig.from_dict(doc["config"]), doc
 
 
-def export_integer(model, config: BitConfig, path: Union[str, Path], extra: Optional[dict] = None) -> Optional[Path]:
-    """The integer checkpoint of ``model`` at ``config`` (hasb.export.export_deployment); None if unavailable."""
-    try:
-        from hasb.export import export_deployment
-    except ImportError:   # pragma: no cover - older foundation
-        return None
+def export_integer(model, config: BitConfig, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+    """The integer checkpoint of ``model`` at ``config`` (hasb.export.export_deployment)."""
     return export_deployment(model, config, path, extra=extra)
 
 

@@ -333,8 +333,9 @@ def run_search(args, inputs: Inputs, budgets: list[Budget], out: Path) -> dict:
     metrics = {k: float(best[k]) for k in ("bitops", "gbitops", "size_bytes", "avg_bit_equivalent",
                                            "plain_avg_bits", "accuracy", "loss")}
     out.mkdir(parents=True, exist_ok=True)
-    deploy = export_integer(model, chosen_cfg, out / "deploy.pt",
-                            extra={"source": "search.pareto", "metrics": metrics})
+    with ev.calibrated(chosen_cfg) as scored:   # the BN statistics the score used, not the stored ones
+        deploy = export_integer(scored, chosen_cfg, out / "deploy.pt",
+                                extra={"source": "search.pareto", "metrics": metrics})
     doc = make_document(
         model_name=inputs.model_name, build=getattr(model, "hasb_build", None), bits=spec.bits, config=chosen_cfg,
         fixed={n: ("fp" if spec.fixed_bit is None else spec.fixed_bit) for n in spec.fixed}, metrics=metrics,

@@ -13,7 +13,7 @@ import torch
 import hasb
 from hasb.config import BitConfig
 from search import export as sx
-from search.fakes import make_fake_run
+from tests.support.fakes import make_fake_run
 from search.pareto import hypervolume, main, pareto_mask
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import ilp
-from search.fakes import synthetic_accuracy, synthetic_space
+from tests.support.fakes import synthetic_accuracy, synthetic_space
 from search.optuna_search import make_storage, params_of, run_study, study_trials_frame
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -125,7 +125,7 @@ def postgres(tmp_path_factory):
 WORKER = textwrap.dedent("""
     import sys, time
     from search import ilp
-    from search.fakes import synthetic_accuracy, synthetic_space
+    from tests.support.fakes import synthetic_accuracy, synthetic_space
     from search.optuna_search import run_study
     url, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     space = synthetic_space(0, n_layers=6)
