@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,17 @@ from . import quantizer as Q
 from .config import BitConfig, atomic_write_bytes, bit_str
 from .errors import HasbError
 from .models import build_model
-from .modules import QUANT_TYPES, SwitchBatchNorm
-from .quantize import (QuantSpec, get_config, get_spec, link_batchnorms, quantize_model, quantized_layers, set_config,
-                       use_config)
+from .modules import SwitchBatchNorm
+from .quantize import (
+    QuantSpec,
+    get_config,
+    get_spec,
+    link_batchnorms,
+    quantize_model,
+    quantized_layers,
+    set_config,
+    use_config,
+)
 
 FORMAT = "hasb-int"
 DEPLOY_FORMAT = "hasb-deploy"
@@ -36,13 +44,13 @@ class CheckpointError(HasbError):
     """A file that is not a readable hasb checkpoint."""
 
 
-def _save(obj: dict, path: Union[str, Path]) -> Path:
+def _save(obj: dict, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def read_checkpoint(path: Union[str, Path]) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
     """``torch.load(weights_only=True)`` with one clear error for a missing or corrupt file."""
     p = Path(path)
     if not p.is_file():
@@ -93,7 +101,7 @@ def quantized_state(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+def save_quantized(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write the INT-h export of ``model`` to ``path`` atomically.  ``extra`` must be JSON-serialisable."""
     obj = quantized_state(model)
     obj["extra"] = json.dumps(extra or {})
@@ -149,7 +157,7 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
     link_batchnorms(model)
 
 
-def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Rebuild (zoo or ``pkg.mod:callable`` models) or fill ``model`` from an export; returns (model, extra).
 
     The model is left in eval mode at the config it was saved with.
@@ -190,7 +198,7 @@ def _deployment_layers(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def export_deployment(model: nn.Module, config, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+def export_deployment(model: nn.Module, config, path: str | Path, extra: dict | None = None) -> Path:
     """Single-config deployment view: per layer the integers it runs at and their effective scales.
 
     Per layer: ``w_int`` (int8, W_l), ``w_scale`` (per-channel s_h·2^(h−l), float32), ``w_bits``,
@@ -218,7 +226,7 @@ class _InputFakeQuant:
     deployed layer's outputs equal the quantized supernet's at the exported config.
     """
 
-    def _setup_input(self, a_bits: Optional[int], a_scale: Optional[torch.Tensor], a_signed: bool) -> None:
+    def _setup_input(self, a_bits: int | None, a_scale: torch.Tensor | None, a_signed: bool) -> None:
         self.a_bits = a_bits
         if a_bits is not None:
             self.register_buffer("a_scale", a_scale.reshape(()).float().clone())
@@ -268,7 +276,7 @@ def _deployed_layer(float_layer: nn.Module, e: dict) -> nn.Module:
     return new
 
 
-def load_deployment(path: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
+def load_deployment(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """A plain torch module (eval mode) computing what ``export_deployment`` exported: no bit switching.
 
     The architecture is rebuilt from the file's ``build`` (a zoo model; ``model=`` gives a float model of the

@@ -18,14 +18,14 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hasb.config import BitConfig, atomic_write_text
 from hasb.errors import HasbError
@@ -69,7 +69,7 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
 
 
-def score(model: nn.Module, data: Data, batch_size: int = 1000, device: Union[str, torch.device] = "cpu"
+def score(model: nn.Module, data: Data, batch_size: int = 1000, device: str | torch.device = "cpu"
           ) -> tuple[int, float, int]:
     """(correct count, summed cross-entropy in nats, n) of ``model`` in eval mode on ``data`` = (x [N, ...], y [N]).
 
@@ -108,11 +108,11 @@ class Evaluator:
         device: torch device for evaluation.
     """
 
-    def __init__(self, model: nn.Module, data: Union[tuple[Data, Data], Callable[[], tuple[Data, Data]]], *,
-                 bn: str = "recal", batch_size: int = 1000, calib_batches: Optional[int] = None,
+    def __init__(self, model: nn.Module, data: tuple[Data, Data] | Callable[[], tuple[Data, Data]], *,
+                 bn: str = "recal", batch_size: int = 1000, calib_batches: int | None = None,
                  calib_batch_size: int = 256,
-                 cache_path: Optional[Union[str, Path]] = None, context: Optional[dict] = None,
-                 device: Union[str, torch.device] = "cpu"):
+                 cache_path: str | Path | None = None, context: dict | None = None,
+                 device: str | torch.device = "cpu"):
         if bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {bn!r}; accepted: {', '.join(BN_MODES)}")
         self.model = model
@@ -154,7 +154,19 @@ class Evaluator:
         sec["results"] = {k: v.to_dict() for k, v in self._mem.items()}
         atomic_write_text(self.cache_path, json.dumps(self._file, default=str))
 
-    def cached(self, config: BitConfig) -> Optional[EvalResult]:
+    def calibration_images(self) -> int:
+        """Images the BN re-calibration of each config runs on (0 with ``bn="stored"``): whole batches only."""
+        if self.bn != "recal":
+            return 0
+        n, bs = len(self._splits()[1][0]), self.calib_batch_size
+        used = n - n % bs if n >= bs else n
+        return used if self.calib_batches is None else min(used, self.calib_batches * bs)
+
+    def save(self) -> None:
+        """Write the cache file now (evaluate(save=False) defers it)."""
+        self._save_cache()
+
+    def cached(self, config: BitConfig) -> EvalResult | None:
         return self._mem.get(config.digest())
 
     # -- evaluation --------------------------------------------------------------
@@ -163,7 +175,7 @@ class Evaluator:
             self._data = self._data()
         return self._data
 
-    def _batches(self, data: Data, limit: Optional[int] = None, size: Optional[int] = None, drop_last=False):
+    def _batches(self, data: Data, limit: int | None = None, size: int | None = None, drop_last=False):
         x, y = data
         bs = size or self.batch_size
         stop = len(x) - len(x) % bs if (drop_last and len(x) >= bs) else len(x)
@@ -173,7 +185,7 @@ class Evaluator:
             yield x[s:s + bs].to(self.device), y[s:s + bs].to(self.device)
 
     @contextlib.contextmanager
-    def calibrated(self, config: Union[BitConfig, dict]) -> Iterator[nn.Module]:
+    def calibrated(self, config: BitConfig | dict) -> Iterator[nn.Module]:
         """The supernet switched to ``config`` with the BN entries it uses as scored (re-calibrated on the
         calibration split when ``bn="recal"``); the stored statistics and the config are restored on exit.
 
@@ -200,7 +212,7 @@ class Evaluator:
                         m.load_state_dict(st)
             model.train(was)
 
-    def evaluate(self, config: Union[BitConfig, dict], save: bool = True) -> EvalResult:
+    def evaluate(self, config: BitConfig | dict, save: bool = True) -> EvalResult:
         """Accuracy and loss of ``config`` on the validation split (cached by ``config.digest()``)."""
         cfg = config if isinstance(config, BitConfig) else BitConfig(dict(config))
         dig = cfg.digest()
@@ -214,7 +226,7 @@ class Evaluator:
             self._save_cache()
         return res
 
-    def score(self, config: Union[BitConfig, dict], data: Data) -> EvalResult:
+    def score(self, config: BitConfig | dict, data: Data) -> EvalResult:
         """Accuracy and loss of ``config`` on any split ``data`` (not cached; e.g. the held-out test split)."""
         t0 = time.perf_counter()
         with self.calibrated(config) as model:
@@ -230,7 +242,6 @@ class Evaluator:
         todo = [c for c in configs if self.cached(c) is None]
         bar = None
         if progress and todo:
-            from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=desc, unit="config", leave=False)
         try:
             for c in configs:
@@ -246,7 +257,7 @@ class Evaluator:
         return out
 
 
-def file_digest(path: Union[str, Path], n: int = 16) -> str:
+def file_digest(path: str | Path, n: int = 16) -> str:
     """sha256 prefix of a file (checkpoint provenance and cache context)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -3,7 +3,6 @@ accuracy config.json reports, image for image, on a real (short) training run on
 import json
 
 import pytest
-import torch
 
 from hasb.data import load_dataset
 from hasb.export import DeployedConv2d, DeployedLinear, load_deployment
@@ -30,16 +29,24 @@ def trained_run(tmp_path_factory):
     return d / "multi" / "model.pt"
 
 
-def test_deployment_reproduces_config_accuracy_exactly(trained_run, tmp_path, capsys):
+def test_deployment_reproduces_config_accuracy_exactly(trained_run, tmp_path):
     out = tmp_path / "search"
     assert main(["--budget", "4", "--checkpoint", str(trained_run), "--out", str(out), "--no-optuna",
-                 "--val-limit", "300", "--calib-size", "256", "--sweep", "4", "--quiet"]) == 0
-    doc = json.loads((out / "config.json").read_text())
-    deployed = load_deployment(out / "deploy.pt")
+                 "--val-limit", "300", "--test-limit", "400", "--calib-size", "256", "--sweep", "4", "--quiet"]) == 0
+    doc = json.loads((out / "budget-4" / "config.json").read_text())
+    deployed = load_deployment(out / "budget-4" / "deploy.pt")
     # a plain torch module: no hasb switching layers left, every quantized layer replaced
     kinds = {type(m) for m in deployed.modules()}
     assert not kinds & {*QUANT_TYPES, SwitchBatchNorm} and kinds & {DeployedConv2d, DeployedLinear}
-    val = load_dataset("fashion-mnist", val_limit=300).val
-    correct, _, n = score(deployed, val)
-    assert n == 300
-    assert correct == round(doc["metrics"]["accuracy"] * n)      # the same images classified correctly
+    splits = load_dataset("fashion-mnist", val_limit=300)
+    val, test = doc["scores"]["validation"], doc["scores"]["test"]
+    assert (val["split"], val["n"], val["selected_on"]) == ("validation", 300, True)
+    assert (test["split"], test["n"], test["selected_on"]) == ("test", 400, False)
+    assert doc["scores"]["bn"] == {"mode": "recal", "calibration_images": 256}
+    for sc, data in ((val, splits.val), (test, (splits.test[0][:400], splits.test[1][:400]))):
+        correct, _, n = score(deployed, data)
+        assert n == sc["n"]
+        assert correct == sc["correct"]                    # the same images classified correctly
+        p = correct / n
+        assert sc["se"] == pytest.approx((p * (1 - p) / n) ** 0.5)
+    assert doc["metrics"]["accuracy"] == val["accuracy"]

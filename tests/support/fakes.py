@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ def fake_sensitivity(model, seed: int = 0) -> dict:
             "layers": layers, "omega": omega, "negative_traces": [], "meta": {"fake": True, "seed": seed}}
 
 
-def make_fake_run(out: Union[str, Path], model: str = "small_cnn", bits: Sequence[int] = (8, 6, 4, 2),
-                  seed: int = 0, calib: Optional[torch.Tensor] = None, **build_kw) -> tuple[Path, Path]:
+def make_fake_run(out: str | Path, model: str = "small_cnn", bits: Sequence[int] = (8, 6, 4, 2),
+                  seed: int = 0, calib: torch.Tensor | None = None, **build_kw) -> tuple[Path, Path]:
     """Write ``out/model.pt`` and ``out/sensitivity.json``; returns their paths."""
     torch.manual_seed(seed)
     m = hasb.quantize_model(build_model(model, **build_kw), bits=bits)
