@@ -6,12 +6,14 @@ input is one clear error before any candidate is evaluated.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hasb.cost import Budget, CostModel
+from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
 from hasb.errors import HasbError
 from hasb.export import load_quantized
 from hasb.models import MODELS, UnknownModelError
@@ -43,9 +45,35 @@ class Inputs:
     extra: dict = field(default_factory=dict)
 
 
+SIZE_UNITS_TEXT = "B, kB, MB, GB, KiB, MiB, GiB (a bare number is MB)"
+
+
+def check_size_unit(text: str) -> None:
+    """A --size budget must be in a size unit: ``15000GBOPs`` or ``12xyz`` is an error naming the accepted units."""
+    m = re.fullmatch(_NUM + r"\s*([A-Za-z]*)", str(text).strip())
+    unit = m.group(2) if m else ""      # no number at all: the cost model's parser names the problem
+    if unit and unit.lower() not in _UNITS_SIZE:
+        hint = " (BitOPs budgets go to --budget)" if "op" in unit.lower() else ""
+        raise BudgetError(f"--size {text!r} has unknown unit {unit!r}{hint}; accepted: {SIZE_UNITS_TEXT}")
+
+
+def check_out_dir(out: str | Path) -> None:
+    """--out must be a folder or creatable as one (its nearest existing ancestor a writable folder)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {p} exists and is not a directory")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise InputError(f"--out {p} cannot be created or written ({anc} is not a writable folder)")
+
+
 def parse_budgets(cost: CostModel, budget: Sequence[str] | None, size: Sequence[str] | None,
                   avg_bits: Sequence[str] | None) -> list[Budget]:
     """All budgets given on the command line, parsed by the CostModel (BudgetError on bad ones)."""
+    for t in size or ():
+        check_size_unit(t)
     out = [cost.parse_budget(t) for t in budget or ()]
     out += [cost.parse_budget(t, "size") for t in size or ()]
     out += [cost.parse_budget(t, "plain_avg") for t in avg_bits or ()]
@@ -108,4 +136,4 @@ def checkpoint_inputs(checkpoint: str | Path, sensitivity: str | Path | None = N
                   seed=int(tc.get("seed") or 0), extra=extra)
 
 
-__all__ = ["InputError", "Inputs", "parse_budgets", "check_model_name", "checkpoint_file", "checkpoint_inputs"]
+__all__ = ["InputError", "Inputs", "parse_budgets", "check_size_unit", "check_out_dir", "check_model_name", "checkpoint_file", "checkpoint_inputs"]

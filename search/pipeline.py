@@ -43,7 +43,7 @@ from hasb.cli import (
 )
 from hasb.config import BitConfig, ConfigError
 from hasb.cost import Budget
-from hasb.data import load_dataset
+from hasb.data import find_data_dir, load_dataset
 from hasb.quantize import get_spec
 
 from . import demo, ilp
@@ -55,6 +55,7 @@ from .inputs import (
     InputError,
     Inputs,
     check_model_name,
+    check_out_dir,
     checkpoint_inputs,
     parse_budgets,
 )
@@ -125,9 +126,7 @@ def validate_config(cfg: SearchConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (v < 0 or (v == 0 and not allow_zero)):
             raise InputError(f"--{name.replace('_', '-')} must be {'≥ 0' if allow_zero else 'positive'}, got {v}")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
+    check_out_dir(cfg.out)
     if cfg.storage is not None:
         validate_storage(cfg.storage)
 
@@ -154,6 +153,7 @@ def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
     else:
         pre = checkpoint_inputs(cfg.checkpoint, cfg.sensitivity, model=cfg.model, data=cfg.data,
                                 data_dir=cfg.data_dir)
+        find_data_dir(pre.data, pre.data_dir)       # DataError (one line) before any candidate is evaluated
     budgets = parse_budgets(pre.cost, cfg.budget, cfg.size, cfg.avg_bits)
     ilp.solve(_space(cfg, pre), budgets)      # InfeasibleError (with the feasible range) for a combination
     return pre, budgets
@@ -272,7 +272,7 @@ def optuna_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list, ev:
 def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(candidates: every (config, source) row, distinct configs with on_front/fits), scores from the evaluator."""
     cand = pd.DataFrame(rows)
-    res = {d: ev.evaluate(space.config(uc), save=False) for d, uc in zip(cand.digest, cand.unit_choice)}
+    res = {d: ev.evaluate(space.config(uc), save=False) for d, uc in zip(cand.digest, cand.unit_choice, strict=True)}
     ev.save()
     cand["accuracy"] = [res[d].accuracy for d in cand.digest]
     cand["accuracy_se"] = [res[d].se for d in cand.digest]
