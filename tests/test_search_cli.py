@@ -260,3 +260,13 @@ def test_pareto_plot_draws_standard_errors():
     seg = bars[0].lines[2][0].get_segments()
     assert [round(float(s[1][1] - s[0][1]), 6) for s in seg] == [4.0, 2.0, 6.0]   # ±1 SE in percent points
     assert ax.get_ylabel().startswith("accuracy [%] on validation")
+
+
+def test_recipes_alias_forwards_to_search_recipes():
+    """``python -m hasb.recipes`` (the documented command) is the search.recipes CLI; bad input: one line, exit 2."""
+    import hasb.recipes
+    import search.recipes
+    assert hasb.recipes.main is search.recipes.main and hasb.recipes.demo_recipe is search.recipes.demo_recipe
+    r = subprocess.run([sys.executable, "-m", "hasb.recipes", "demo", "--bits", "4,3,2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --bits and --compile apply to the resnet20-gpu recipe only"
