@@ -117,7 +117,7 @@ def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]
     import hasb
     from hasb.models import build_model
     from search import ilp
-    from search.fakes import fake_sensitivity
+    from tests.support.fakes import fake_sensitivity
     from search.optuna_search import run_study
     from search.pareto import hypervolume
     m = hasb.quantize_model(build_model("resnet20"))

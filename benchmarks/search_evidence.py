@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     from search import ilp
     from search.evaluate import Evaluator, file_digest
     from search.optuna_search import run_study, study_trials_frame
-    from search.pareto import check_sensitivity, hypervolume, load_sensitivity, pareto_mask
+    from hasb.sensitivity_file import check_for_model, load_sensitivity
+    from search.front import hypervolume, pareto_mask
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     model = load_supernet(a.checkpoint).to(a.device)
     name = model.hasb_build["name"]
     cost = hasb.CostModel.from_model(model)
-    sens = check_sensitivity(load_sensitivity(Path(a.sensitivity)), name, cost.names, a.sensitivity)
+    sens = check_for_model(load_sensitivity(Path(a.sensitivity)), name, cost.names, a.sensitivity)
     space = ilp.build_space(cost, sensitivity=sens, objective="omega", groups=ilp.tied_groups(model))
     budget = cost.parse_budget(a.budget)
     cons = [ilp.constraint_from_budget(budget)]

@@ -11,19 +11,29 @@ at (W_l, derived from W_h by integer round-shift) with their effective scales.
 """
 from __future__ import annotations
 
-from .errors import HasbError
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import quantizer as Q
 from .config import BitConfig, atomic_write_bytes, bit_str
-from .modules import QUANT_TYPES, SwitchBatchNorm
-from .quantize import QuantSpec, get_config, get_spec, link_batchnorms, quantize_model, quantized_layers, use_config
+from .errors import HasbError
+from .models import build_model
+from .modules import SwitchBatchNorm
+from .quantize import (
+    QuantSpec,
+    get_config,
+    get_spec,
+    link_batchnorms,
+    quantize_model,
+    quantized_layers,
+    set_config,
+    use_config,
+)
 
 FORMAT = "hasb-int"
 DEPLOY_FORMAT = "hasb-deploy"
@@ -34,13 +44,13 @@ class CheckpointError(HasbError):
     """A file that is not a readable hasb checkpoint."""
 
 
-def _save(obj: dict, path: Union[str, Path]) -> Path:
+def _save(obj: dict, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def read_checkpoint(path: Union[str, Path]) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
     """``torch.load(weights_only=True)`` with one clear error for a missing or corrupt file."""
     p = Path(path)
     if not p.is_file():
@@ -91,7 +101,7 @@ def quantized_state(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+def save_quantized(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write the INT-h export of ``model`` to ``path`` atomically.  ``extra`` must be JSON-serialisable."""
     obj = quantized_state(model)
     obj["extra"] = json.dumps(extra or {})
@@ -147,7 +157,7 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
     link_batchnorms(model)
 
 
-def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Rebuild (zoo or ``pkg.mod:callable`` models) or fill ``model`` from an export; returns (model, extra).
 
     The model is left in eval mode at the config it was saved with.
@@ -160,46 +170,147 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None) ->
         build = json.loads(obj["build"])
         if not build:
             raise CheckpointError(f"{path} does not record how to build its model; pass model=")
-        from .models import build_model
         model = build_model(**build)
     if getattr(model, "hasb_spec", None) is None:
         fixed = list(spec.fixed) if spec.fixed else "none"
         quantize_model(model, spec.bits, fixed=fixed, fixed_bits=bit_str(spec.fixed_bit), rounding=spec.rounding)
     load_quantized_state(model, obj)
-    from .quantize import set_config
     set_config(model, BitConfig.from_json(obj["config"]))
     model.eval()
     return model, json.loads(obj.get("extra", "{}"))
 
 
-def export_deployment(model: nn.Module, config, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
+def _deployment_layers(model: nn.Module) -> dict[str, dict]:
+    """Per quantized layer at its current bits: integers, effective scales, activation step (see export_deployment)."""
+    out = {}
+    for name, m in quantized_layers(model).items():
+        e: dict[str, Any] = {"w_bits": bit_str(m.w_bit), "a_bits": bit_str(m.a_bit),
+                             "bias": None if m.bias is None else m.bias.detach().cpu().clone()}
+        if m.w_bit is None:
+            e["weight"] = m.weight.detach().cpu().clone()
+        else:
+            e["w_int"] = m.int_weight(m.w_bit).cpu()
+            e["w_scale"] = (m.w_scale.detach() * 2 ** (m.high_bit - m.w_bit)).cpu().clone()
+        if m.a_bit is not None:
+            e["a_scale"] = m.act_scales[str(m.a_bit)].detach().cpu().clone()
+            e["a_signed"] = bool(m.act_signed)
+        out[name] = e
+    return out
+
+
+def export_deployment(model: nn.Module, config, path: str | Path, extra: dict | None = None) -> Path:
     """Single-config deployment view: per layer the integers it runs at and their effective scales.
 
     Per layer: ``w_int`` (int8, W_l), ``w_scale`` (per-channel s_h·2^(h−l), float32), ``w_bits``,
     ``a_bits``, ``a_scale`` (per-tensor step of the input), ``a_signed``, ``bias``; plus the BN
-    entries this config uses.  fp layers carry their float ``weight``.
+    entries this config uses *as they are now* (call it inside ``search.evaluate.Evaluator.calibrated`` to
+    export the re-calibrated statistics that were scored) and every other tensor of the model (``rest``).
+    fp layers carry their float ``weight``.  :func:`load_deployment` rebuilds a plain module from it.
     """
     with use_config(model, config):
         cfg = get_config(model)
-        out = {}
-        for name, m in quantized_layers(model).items():
-            e: dict[str, Any] = {"w_bits": bit_str(m.w_bit), "a_bits": bit_str(m.a_bit),
-                                 "bias": None if m.bias is None else m.bias.detach().cpu().clone()}
-            if m.w_bit is None:
-                e["weight"] = m.weight.detach().cpu().clone()
-            else:
-                e["w_int"] = m.int_weight(m.w_bit).cpu()
-                e["w_scale"] = (m.w_scale.detach() * 2 ** (m.high_bit - m.w_bit)).cpu().clone()
-            if m.a_bit is not None:
-                e["a_scale"] = m.act_scales[str(m.a_bit)].detach().cpu().clone()
-                e["a_signed"] = bool(m.act_signed)
-            out[name] = e
-        bns = {n: {k: v.detach().cpu().clone() for k, v in bn.active.state_dict().items()}
-               for n, bn in model.named_modules() if isinstance(bn, SwitchBatchNorm)}
+        switch = {n: bn for n, bn in model.named_modules() if isinstance(bn, SwitchBatchNorm)}
+        bns = {n: {k: v.detach().cpu().clone() for k, v in bn.active.state_dict().items()} for n, bn in switch.items()}
+        owners = [n + "." for n in (*quantized_layers(model), *switch)]
+        rest = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(tuple(owners))}
         obj = {"format": DEPLOY_FORMAT, "version": VERSION, "config": cfg.to_json(indent=None),
-               "build": json.dumps(getattr(model, "hasb_build", None)), "layers": out, "batchnorm": bns,
-               "extra": json.dumps(extra or {})}
+               "build": json.dumps(getattr(model, "hasb_build", None)), "layers": _deployment_layers(model),
+               "batchnorm": bns, "rest": rest, "extra": json.dumps(extra or {})}
     return _save(obj, path)
+
+
+class _InputFakeQuant:
+    """Mixin of the deployed layers: per-tensor fake quantization of the input with plain torch ops.
+
+    ``torch.fake_quantize_per_tensor_affine`` is the forward of the fused LSQ kernel hasb evaluates with, so a
+    deployed layer's outputs equal the quantized supernet's at the exported config.
+    """
+
+    def _setup_input(self, a_bits: int | None, a_scale: torch.Tensor | None, a_signed: bool) -> None:
+        self.a_bits = a_bits
+        if a_bits is not None:
+            self.register_buffer("a_scale", a_scale.reshape(()).float().clone())
+            self.a_range = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2 ** a_bits - 1)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits is None:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, float(self.a_scale), 0, *self.a_range)
+
+
+class DeployedConv2d(_InputFakeQuant, nn.Conv2d):
+    """A plain ``nn.Conv2d`` whose weight is the dequantized integers W_l·s and whose input is fake-quantized."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.weight, self.bias)
+
+
+class DeployedLinear(_InputFakeQuant, nn.Linear):
+    """A plain ``nn.Linear`` whose weight is the dequantized integers W_l·s and whose input is fake-quantized."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.quant_input(x), self.weight, self.bias)
+
+
+def _deployed_layer(float_layer: nn.Module, e: dict) -> nn.Module:
+    """The deployed twin of one float conv/linear from its export entry ``e``."""
+    if isinstance(float_layer, nn.Conv2d):
+        c = float_layer
+        new: nn.Module = DeployedConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+                                        c.dilation, c.groups, c.bias is not None, c.padding_mode)
+    elif isinstance(float_layer, nn.Linear):
+        new = DeployedLinear(float_layer.in_features, float_layer.out_features, float_layer.bias is not None)
+    else:
+        raise CheckpointError(f"deployment layer of type {type(float_layer).__name__} is not a conv or linear")
+    with torch.no_grad():
+        if "w_int" in e:
+            # the same product as the quantizer's forward (W_l · s_eff), hence the same float weights
+            s = e["w_scale"].reshape((-1,) + (1,) * (e["w_int"].dim() - 1))
+            new.weight.copy_(e["w_int"].to(torch.float32) * s)
+        else:
+            new.weight.copy_(e["weight"])
+        if e["bias"] is not None:
+            new.bias.copy_(e["bias"])
+    a_bits = None if e["a_bits"] == "fp" else int(e["a_bits"])
+    new._setup_input(a_bits, e.get("a_scale"), bool(e.get("a_signed", False)))
+    return new
+
+
+def load_deployment(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """A plain torch module (eval mode) computing what ``export_deployment`` exported: no bit switching.
+
+    The architecture is rebuilt from the file's ``build`` (a zoo model; ``model=`` gives a float model of the
+    same architecture instead); every quantized conv/linear becomes a :class:`DeployedConv2d` /
+    :class:`DeployedLinear` (dequantized integer weights, fake-quantized input), every BN a plain BatchNorm
+    holding the exported (re-calibrated) statistics.  Input: the same tensors as the supernet, [N, C, H, W].
+    """
+    obj = read_checkpoint(path)
+    if obj.get("format") != DEPLOY_FORMAT:
+        raise CheckpointError(f"{path} is not a hasb deployment (format={obj.get('format')!r}, "
+                              f"expected {DEPLOY_FORMAT!r})")
+    for key in ("layers", "batchnorm", "rest", "build"):
+        if key not in obj:
+            raise CheckpointError(f"{path} misses {key!r} (written by an older hasb; re-run the search to export)")
+    if model is None:
+        build = json.loads(obj["build"])
+        if not build:
+            raise CheckpointError(f"{path} does not record how to build its model; pass model=")
+        model = build_model(**build)
+    for name, e in obj["layers"].items():
+        _set_module(model, name, _deployed_layer(model.get_submodule(name), e))
+    for name, st in obj["batchnorm"].items():
+        model.get_submodule(name).load_state_dict(st)
+    missing, unexpected = model.load_state_dict(obj["rest"], strict=False)
+    done = tuple(n + "." for n in (*obj["layers"], *obj["batchnorm"]))
+    missing = [k for k in missing if not k.startswith(done)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def derive_from_export(w_int_h: torch.Tensor, bit: int, high_bit: int, rounding: str = "half_up") -> torch.Tensor:

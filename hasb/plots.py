@@ -586,7 +586,7 @@ def _avg_funcs(avg_bits_fn: Any) -> Optional[tuple[Callable, Callable]]:
 def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None,
                 uniform_df: Optional[pd.DataFrame] = None, chosen: Optional[Mapping[str, Any]] = None,
                 budget_bitops: Optional[float] = None, avg_bits_fn: Any = None, ax: Optional[Axes] = None,
-                title: Optional[str] = None) -> Figure:
+                title: Optional[str] = None, accuracy_label: Optional[str] = None) -> Figure:
     """Accuracy vs BitOPs: all evaluated configs, the non-dominated front, uniform configs, the chosen one.
 
     Args:
@@ -596,10 +596,13 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
         front_df: the front (default: rows of ``points_df`` with ``on_front`` true), drawn as a step line.
         uniform_df: uniform configs, labelled ``w8a8`` … (from ``label``/``config`` columns or the
             average-bit equivalent).
-        chosen: the picked config, a mapping with ``accuracy`` and ``gbitops``/``bitops`` (optional ``label``).
+        chosen: the picked config, a mapping with ``accuracy`` and ``gbitops``/``bitops`` (optional ``label``,
+            ``accuracy_se``, and its held-out score ``test_accuracy``/``test_se``/``test_label``, drawn beside it).
         budget_bitops: the budget in BitOPs (not G); drawn as a vertical line.
         avg_bits_fn: ``hasb.CostModel`` or ``(bitops → avg bits, avg bits → bitops)``; adds a top axis
             in average-bit equivalent.
+        accuracy_label: y-axis label naming the split and size (default ``accuracy [%]``).
+    An ``accuracy_se`` column (same units as ``accuracy``) draws ±1 SE error bars on every point.
     """
     if not isinstance(points_df, pd.DataFrame):
         points_df = pd.DataFrame(points_df)
@@ -616,6 +619,9 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
     x = _gbitops(points_df, "points_df")
     y = points_df["accuracy"].to_numpy(dtype=float) * scale
     src = points_df["source"].astype(str).to_numpy() if "source" in points_df.columns else np.full(len(x), "config")
+    if "accuracy_se" in points_df.columns:
+        ax.errorbar(x, y, yerr=points_df["accuracy_se"].to_numpy(dtype=float) * scale, fmt="none",
+                    ecolor="#7f7f7f", elinewidth=0.7, alpha=0.5, zorder=1)
     for s in dict.fromkeys(src):
         if s == "uniform":
             continue   # drawn below with labels
@@ -654,8 +660,9 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
         lab = chosen.get("label") or "chosen config"
         ax.scatter([cx], [cy], s=240, marker="*", color="gold", edgecolor="black", linewidths=1.0, zorder=6,
                    label=f"{lab}: {cy:.2f}% @ {cx:.3g} GBitOPs")
+        _chosen_error_bars(ax, chosen, cx, cy, scale)
     ax.set_xlabel("BitOPs per sample  [GBitOPs = 10⁹ bit-operations]")
-    ax.set_ylabel("accuracy  [%]")
+    ax.set_ylabel(accuracy_label or "accuracy  [%]")
     ax.set_title(title or "Accuracy vs BitOPs", pad=10)
     ax.grid(alpha=0.3)
     if funcs is not None:
@@ -663,6 +670,18 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
         sec.set_xlabel("average-bit equivalent  [bits]")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)   # "best": fronts differ in shape run to run
     return fig
+
+
+def _chosen_error_bars(ax: Axes, chosen: Mapping[str, Any], cx: float, cy: float, scale: float) -> None:
+    """±1 SE of the chosen config's score, and its held-out (test) score beside it when given."""
+    if chosen.get("accuracy_se") is not None:
+        ax.errorbar([cx], [cy], yerr=[float(chosen["accuracy_se"]) * scale], fmt="none", ecolor="black",
+                    elinewidth=1.2, capsize=3, zorder=6)
+    if chosen.get("test_accuracy") is not None:
+        ty = float(chosen["test_accuracy"]) * scale
+        ax.errorbar([cx], [ty], yerr=[float(chosen.get("test_se") or 0.0) * scale], fmt="D", color="#d62728",
+                    markersize=6, capsize=3, zorder=6,
+                    label=f"{chosen.get('test_label') or 'chosen, held-out test'}: {ty:.2f}%")
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -1,189 +1,27 @@
-"""Training recipes: a CPU-small one (tests, the demo) and a GPU one (ResNet-20 on full Fashion-MNIST).
+"""Alias kept for ``python -m hasb.recipes``: the recipes live in :mod:`search.recipes`.
 
-``run_recipe`` is the whole one-shot pipeline — multi-precision stage, sensitivity
-(``analysis.sensitivity``), HASB supernet — and caches: a second call with finished
-stages returns at once.  ``demo_recipe`` runs it for small_cnn on 8k images (about
-90 s on 2 CPU cores; the search demo's supernet), ``gpu_recipe`` for ResNet-20 on
-all of Fashion-MNIST on one GPU:  ``python -m hasb.recipes resnet20-gpu --out DIR``.
+The recipes chain training (hasb) → sensitivity (analysis) → supernet, so they belong to the search layer. This
+module is the ONE upward import from hasb into search, whitelisted in the import-linter contract, and exists only
+so the documented command and ``from hasb.recipes import ...`` keep working; new code imports search.recipes.
 """
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
-from typing import Callable, Optional, Union
 
-from .quantize import float_twin
-from .train import TrainConfig, TrainError, load_supernet, train
+from search.recipes import (
+    _done,
+    cpu_small,
+    demo_recipe,
+    gpu_recipe,
+    gpu_resnet20,
+    main,
+    run_named,
+    run_recipe,
+    sensitivity_for,
+)
 
-
-def cpu_small(stage: str = "multi", out: str = "runs/cpu_small", **kw) -> TrainConfig:
-    """small_cnn, 8k training images, batch 128: ~20 s per epoch and stage on 2 CPU cores."""
-    # the supernet stage starts from trained weights with a fresh Adam: a lower lr keeps the 2-bit sub-nets intact
-    base = dict(stage=stage, model="small_cnn", out=out, epochs=2 if stage == "multi" else 1, batch_size=128,
-                lr=3e-3 if stage == "multi" else 1e-3, wd=5e-5, train_limit=8192, val_limit=1000, warmup_epochs=0, device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def gpu_resnet20(stage: str = "multi", out: str = "runs/resnet20", **kw) -> TrainConfig:
-    """ResNet-20 on all 55k Fashion-MNIST training images, bf16, batch 256, one GPU: multi-precision 8 epochs,
-    supernet 6 epochs (warm-up round(6·10/90) = 1); the whole recipe fits one 10-minute call on an H100/H200.
-
-    Sizing: ~30 s per eager multi-precision epoch at b256 on one H100/H200 (4 bit passes + validation of each
-    bit), a supernet epoch about the same; ``compile=True`` halves the step (benchmarks/RESULTS.md).
-    """
-    base = dict(stage=stage, model="resnet20", out=out, epochs=8 if stage == "multi" else 6, batch_size=256,
-                lr=2e-3 if stage == "multi" else 5e-4, wd=5e-5, augment=True, device="cuda", bf16=True)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-# what a finished stage must agree on to be reused (progress, overwrite, out, init paths may differ)
-_REUSE_KEYS = ("stage", "model", "data", "epochs", "bits", "batch_size", "lr", "wd", "alrs", "sampler", "sigma",
-               "train_limit", "val_limit", "augment", "fixed_bits", "seed")
-
-
-def _done(out: Path, cfg: TrainConfig) -> bool:
-    """True when ``out`` holds a finished run of the same recipe; TrainError when it holds a different one."""
-    pt = out / "model.pt"
-    if not pt.is_file():
-        return False
-    import json
-
-    from .export import read_checkpoint
-    have = json.loads(read_checkpoint(pt).get("extra", "{}")).get("train_config", {})
-    want = cfg.to_dict()
-    diff = [k for k in _REUSE_KEYS if k in have and have[k] != want[k]]
-    if diff:
-        what = ", ".join(f"{k}={have[k]!r}, now {want[k]!r}" for k in diff[:3])
-        raise TrainError(f"{out} holds a finished run with other settings ({what}); "
-                         f"pass --overwrite to retrain it or choose another --out")
-    return True
-
-
-def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 96, device: str = "cpu") -> Optional[Path]:
-    """Per-layer traces of the demo's multi-precision model via analysis.sensitivity (None if unavailable).
-
-    Traces are taken on the float twin of the multi-precision model (its float weights with the top bit's BN
-    statistics: the multi stage never trains the 'fp' BN entries of quantized layers).
-    """
-    try:
-        from analysis.sensitivity import compute_sensitivity
-    except ImportError:
-        return None
-    from .data import batches, load_dataset
-    qmodel = load_supernet(multi_pt)
-    bits = list(qmodel.hasb_spec.bits)          # Ω for the supernet's own candidates ({4,3,2} too)
-    model = float_twin(qmodel).to(device)
-    splits = load_dataset(**splits_kw)
-    calib = list(batches(splits.calib, 256, device=device))[:2]
-    # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
-    res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=max_hvp, model_name=model.hasb_build["name"],
-                              estimator="layer", bits=bits,
-                              include_fixed=False,
-                              fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}")
-    return res.to_json(out / "sensitivity.json")
-
-
-def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: Union[str, Path], *, sensitivity_splits: dict,
-               sensitivity: Union[str, Path, Callable, None] = None, max_hvp: int = 96, progress: bool = False,
-               overwrite: bool = False, **kw) -> dict:
-    """The one-shot pipeline: multi-precision stage → sensitivity → HASB supernet; returns paths and timings.
-
-    Args:
-        make_cfg: ``make_cfg(stage, out, **kw) -> TrainConfig`` (:func:`cpu_small`, :func:`gpu_resnet20`).
-        out_dir: writes ``multi/``, ``sensitivity.json`` and ``supernet/`` below it; finished stages are reused
-            unless ``overwrite``.
-        sensitivity_splits: ``load_dataset`` limits for the traces (``train_limit``, ``val_limit``).
-        sensitivity: a sensitivity.json to use, or a callable ``f(multi_model_pt) -> path``; default computes one
-            with ``analysis.sensitivity.compute_sensitivity`` (falls back to the uniform sampler if that package
-            is missing, recorded under ``"sampler"``).
-        kw: TrainConfig overrides for both stages (device, progress, ...).
-    Returns:
-        {"multi": Path, "supernet": Path (model.pt), "sensitivity": Path|None, "sampler": str, "seconds": {...}}
-    """
-    out = Path(out_dir)
-    t = {}
-    multi_dir, sup_dir = out / "multi", out / "supernet"
-    t0 = time.time()
-    cfg = make_cfg("multi", str(multi_dir), progress=progress, overwrite=True, **kw)
-    if overwrite or not _done(multi_dir, cfg):
-        train(cfg)
-    t["multi"] = time.time() - t0
-    t0 = time.time()
-    sens: Optional[Path]
-    if callable(sensitivity):
-        sens = Path(sensitivity(multi_dir / "model.pt"))
-    elif sensitivity is not None:
-        sens = Path(sensitivity)
-    elif (out / "sensitivity.json").is_file() and not overwrite:
-        sens = out / "sensitivity.json"
-    else:
-        sens = sensitivity_for(multi_dir / "model.pt", out, sensitivity_splits, max_hvp=max_hvp,
-                               device="cpu" if cfg.device == "auto" else cfg.device)
-    t["sensitivity"] = time.time() - t0
-    sampler = "hasb" if sens is not None else "uniform"
-    t0 = time.time()
-    cfg = make_cfg("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
-                   sensitivity=str(sens) if sens else None, progress=progress, overwrite=True, **kw)
-    if overwrite or not _done(sup_dir, cfg):
-        train(cfg)
-    t["supernet"] = time.time() - t0
-    return {"multi": multi_dir / "model.pt", "supernet": sup_dir / "model.pt", "sensitivity": sens,
-            "sampler": sampler, "seconds": t}
-
-
-def demo_recipe(out_dir: Union[str, Path] = "runs/demo/train", *, sensitivity: Union[str, Path, Callable, None] = None,
-                progress: bool = False, overwrite: bool = False) -> dict:
-    """The search demo's supernet: :func:`run_recipe` with :func:`cpu_small` (small_cnn, 8k images, ~90 s on 2 CPU
-    cores); same arguments and return value."""
-    return run_recipe(cpu_small, out_dir, sensitivity_splits=dict(train_limit=8192, val_limit=1000),
-                      sensitivity=sensitivity, progress=progress, overwrite=overwrite)
-
-
-def gpu_recipe(out_dir: Union[str, Path] = "runs/resnet20", *, progress: bool = True, overwrite: bool = False,
-               **kw) -> dict:
-    """ResNet-20 on full Fashion-MNIST on one GPU: :func:`run_recipe` with :func:`gpu_resnet20` (256 HVPs)."""
-    return run_recipe(gpu_resnet20, out_dir, sensitivity_splits={}, max_hvp=256, progress=progress,
-                      overwrite=overwrite, **kw)
-
-
-def main(argv=None) -> int:
-    """``python -m hasb.recipes {demo,resnet20-gpu} --out DIR``: run a recipe end to end, print where it went."""
-    import argparse
-    import json
-    p = argparse.ArgumentParser(prog="python -m hasb.recipes", description=main.__doc__)
-    p.add_argument("recipe", choices=("demo", "resnet20-gpu"),
-                   help="demo: small_cnn, 8k images, CPU (~90 s); resnet20-gpu: ResNet-20, all 55k images, one GPU")
-    p.add_argument("--out", default=None, help="run directory (default runs/demo/train or runs/resnet20)")
-    p.add_argument("--overwrite", action="store_true", help="retrain finished stages")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
-    p.add_argument("--bits", default=None, help="candidate bits, comma separated (default 8,6,4,2; e.g. 4,3,2)")
-    a = p.parse_args(argv)
-    kw = {}
-    if a.bits:
-        try:
-            kw["bits"] = [int(b) for b in a.bits.split(",")]
-        except ValueError:
-            p.error(f"--bits {a.bits!r}: expected integers separated by commas, e.g. 4,3,2")
-    try:
-        if a.recipe == "demo":
-            if kw or a.compile:
-                p.error("--bits and --compile apply to the resnet20-gpu recipe only")
-            r = demo_recipe(a.out or "runs/demo/train", progress=True, overwrite=a.overwrite)
-        else:
-            r = gpu_recipe(a.out or "runs/resnet20", overwrite=a.overwrite, compile=a.compile, **kw)
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}, indent=1))
-    return 0
-
-
-__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for"]
-
+__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for", "run_named",
+           "main", "_done"]
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,23 +1,31 @@
 """The built-in demo behind ``python -m search.pareto --budget 3.5``: small_cnn on real Fashion-MNIST.
 
 On first use (or when the recipe's fingerprint changes) it runs the project's own pipeline,
-``hasb.recipes.demo_recipe(--out/train)``: multi-precision training → ``analysis.sensitivity`` → HASB
+``search.recipes.demo_recipe(--out/train)``: multi-precision training → ``analysis.sensitivity`` → HASB
 supernet training.  ``--out/sensitivity.json`` is the contract copy; ``--out/demo.json`` records the
 fingerprint (recipe source + configs + hasb version) and is written last, so an interrupted first run
 resumes from the recipe's finished stages.  Later runs only read it.
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
+import hasb
 from hasb.config import atomic_write_text
+from hasb.cost import CostModel
+from hasb.data import find_data_dir
+from hasb.errors import HasbError
+from hasb.models import build_model
+from hasb.quantize import DEFAULT_BITS
+
+from . import recipes
+from .inputs import InputError, Inputs, checkpoint_inputs
 
 DEMO_MODEL = "small_cnn"
 MARKER = "demo.json"
@@ -27,26 +35,15 @@ class DemoError(HasbError):
     """The demo cannot be built (a missing project component or dataset)."""
 
 
-def _recipe_module():
-    try:
-        from hasb import recipes
-    except ImportError as e:
-        raise DemoError(f"the demo needs hasb.recipes ({e}); pass --checkpoint/--sensitivity of your own run "
-                        "instead") from None
-    return recipes
-
-
 def fingerprint() -> str:
     """Hash of what the demo's artifacts depend on: the recipe code and its configs, and the hasb version."""
-    import hasb
-    recipes = _recipe_module()
     src = Path(recipes.__file__).read_bytes()
     cfgs = [dataclasses.asdict(recipes.cpu_small(st)) for st in ("multi", "supernet")]
     blob = json.dumps({"hasb": hasb.__version__, "cfgs": cfgs}, sort_keys=True, default=str).encode() + src
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def _marker(out: Path) -> Optional[dict]:
+def _marker(out: Path) -> dict | None:
     p = out / MARKER
     if not p.is_file():
         return None
@@ -60,13 +57,12 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_demo(out: Path, data_dir: Optional[str] = None) -> tuple[Path, Path]:
+def ensure_demo(out: Path, data_dir: str | None = None) -> tuple[Path, Path]:
     """(supernet model.pt, sensitivity.json) of the demo in ``out``, building them when missing or stale.
 
-    Runs ``hasb.recipes.demo_recipe(out / "train")`` (multi-precision stage → analysis.sensitivity → HASB
+    Runs ``search.recipes.demo_recipe(out / "train")`` (multi-precision stage → analysis.sensitivity → HASB
     supernet) and copies its sensitivity.json to ``out`` (the run directory's contract file).
     """
-    recipes = _recipe_module()
     fp = fingerprint()
     m = _marker(out)
     if m and m.get("fingerprint") == fp:
@@ -74,7 +70,6 @@ def ensure_demo(out: Path, data_dir: Optional[str] = None) -> tuple[Path, Path]:
         if ck.is_file() and sens.is_file():
             return ck, sens
     if data_dir is not None:
-        import os
         os.environ["HASB_DATA_DIR"] = str(data_dir)    # the recipe loads the dataset by name
     t0 = time.perf_counter()
     _say(f"building the demo supernet in {out / 'train'} (first run or changed recipe; cached afterwards)")
@@ -97,35 +92,34 @@ def ensure_demo(out: Path, data_dir: Optional[str] = None) -> tuple[Path, Path]:
     return ck, sens
 
 
-def skeleton(bits=(8, 6, 4, 2)):
+def skeleton(bits=DEFAULT_BITS):
     """An untrained quantized demo model: enough to validate budgets before any training."""
-    import hasb
-    from hasb.models import build_model
     return hasb.quantize_model(build_model(DEMO_MODEL), bits=bits)
 
 
-def demo_inputs(args, validate_only: bool = False):
-    """search.pareto.Inputs of the demo (validate_only: cost model of an untrained skeleton, nothing written)."""
-    from hasb.cost import CostModel
-    from hasb.data import find_data_dir
-    from .pareto import InputError, Inputs, resolve_inputs
-    if args.data not in (None, "fashion-mnist"):
-        raise InputError(f"the built-in demo runs on fashion-mnist; --data {args.data} needs --checkpoint")
-    find_data_dir("fashion-mnist", args.data_dir)      # DataError (one line) before anything is trained
-    out = Path(args.out)
-    if validate_only:
-        bits = tuple(_recipe_module().cpu_small("multi").bits)
-        m = skeleton(bits)
-        return Inputs(model=m, model_name=DEMO_MODEL, cost=CostModel.from_model(m), sensitivity={},
-                      checkpoint=None, checkpoint_sha="", data="fashion-mnist", data_dir=args.data_dir, demo=True)
-    ck, sens = ensure_demo(out, args.data_dir)
-    a = dataclasses.replace(args) if dataclasses.is_dataclass(args) else _ns(args)
-    a.checkpoint, a.sensitivity, a.model = str(ck), str(sens), None
-    inp = resolve_inputs(a)
+def check_demo_args(model: str | None, data: str | None, sensitivity: str | None,
+                    data_dir: str | None) -> None:
+    """The demo runs small_cnn on Fashion-MNIST: other models or data need a checkpoint (InputError/DataError)."""
+    if sensitivity is not None:
+        raise InputError("--sensitivity needs --checkpoint (the supernet it was computed for)")
+    if model not in (None, DEMO_MODEL):
+        raise InputError(f"--model {model} needs --checkpoint (a trained supernet); without one the "
+                         "built-in demo (small_cnn on Fashion-MNIST) runs")
+    if data not in (None, "fashion-mnist"):
+        raise InputError(f"the built-in demo runs on fashion-mnist; --data {data} needs --checkpoint")
+    find_data_dir("fashion-mnist", data_dir)      # DataError (one line) before anything is trained
+
+
+def skeleton_inputs(data_dir: str | None = None) -> Inputs:
+    """Inputs of an untrained demo skeleton (cost model only, no sensitivity): budgets are validated on it."""
+    m = skeleton(tuple(recipes.cpu_small("multi").bits))
+    return Inputs(model=m, model_name=DEMO_MODEL, cost=CostModel.from_model(m), sensitivity={},
+                  checkpoint=None, checkpoint_sha="", data="fashion-mnist", data_dir=data_dir, demo=True)
+
+
+def demo_inputs(out: Path, data_dir: str | None = None) -> Inputs:
+    """Inputs of the trained demo supernet in ``out`` (trained and analysed on first use, cached after)."""
+    ck, sens = ensure_demo(out, data_dir)
+    inp = checkpoint_inputs(ck, sens, data_dir=data_dir)
     inp.demo = True
     return inp
-
-
-def _ns(args):
-    import argparse
-    return argparse.Namespace(**vars(args))

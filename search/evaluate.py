@@ -13,19 +13,24 @@ of the search costs nothing and a changed checkpoint never reuses stale numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hasb.config import BitConfig, atomic_write_text
+from hasb.errors import HasbError
 from hasb.quantize import batchnorms, use_config
+from hasb.supernet import recalibrate_bn
 
 BN_MODES = ("recal", "stored")
 CACHE_VERSION = 1
@@ -35,7 +40,7 @@ Data = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class EvalResult:
-    """accuracy in [0, 1], mean cross-entropy loss (nats), n validation samples, seconds spent (0 if cached)."""
+    """accuracy in [0, 1], mean cross-entropy loss (nats), n scored samples, seconds spent (0 if cached)."""
 
     accuracy: float
     loss: float
@@ -43,34 +48,47 @@ class EvalResult:
     seconds: float = 0.0
     cached: bool = False
 
+    @property
+    def correct(self) -> int:
+        """Number of correctly classified samples (accuracy · n, exact: accuracy was correct / n)."""
+        return round(self.accuracy * self.n)
+
+    @property
+    def se(self) -> float:
+        """Binomial standard error of the accuracy, sqrt(p(1−p)/n), in [0, 0.5]."""
+        return binomial_se(self.accuracy, self.n)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("cached")
         return d
 
 
-def _recalibrate(model: nn.Module, config: BitConfig, batches: Iterable) -> None:
-    """hasb.supernet.recalibrate_bn when available; a local equivalent otherwise."""
+def binomial_se(p: float, n: int) -> float:
+    """Standard error sqrt(p(1−p)/n) of an accuracy p measured on n independent samples (nan for n = 0)."""
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
+
+
+def score(model: nn.Module, data: Data, batch_size: int = 1000, device: str | torch.device = "cpu"
+          ) -> tuple[int, float, int]:
+    """(correct count, summed cross-entropy in nats, n) of ``model`` in eval mode on ``data`` = (x [N, ...], y [N]).
+
+    Pure scoring, no config switching: also used on a plain deployed module (hasb.export.load_deployment).
+    """
+    x, y = data
+    correct, loss_sum = 0, 0.0
+    was = model.training
+    model.eval()
     try:
-        from hasb.supernet import recalibrate_bn
-    except ImportError:   # pragma: no cover - the foundation ships it; kept for older trees
-        recalibrate_bn = None
-    if recalibrate_bn is not None:
-        recalibrate_bn(model, config, batches)
-        return
-    with use_config(model, config), torch.no_grad():   # pragma: no cover
-        entries = {id(bn.active): bn.active for bn in batchnorms(model).values()}.values()
-        model.eval()
-        saved = [(m, m.momentum) for m in entries]
-        for m in entries:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for x, _ in batches:
-            model(x)
-        for m, mom in saved:
-            m.momentum = mom
-            m.eval()
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+                out = model(xb)
+                loss_sum += float(F.cross_entropy(out.float(), yb, reduction="sum"))
+                correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was)
+    return correct, loss_sum, len(x)
 
 
 class Evaluator:
@@ -90,11 +108,11 @@ class Evaluator:
         device: torch device for evaluation.
     """
 
-    def __init__(self, model: nn.Module, data: Union[tuple[Data, Data], Callable[[], tuple[Data, Data]]], *,
-                 bn: str = "recal", batch_size: int = 1000, calib_batches: Optional[int] = None,
+    def __init__(self, model: nn.Module, data: tuple[Data, Data] | Callable[[], tuple[Data, Data]], *,
+                 bn: str = "recal", batch_size: int = 1000, calib_batches: int | None = None,
                  calib_batch_size: int = 256,
-                 cache_path: Optional[Union[str, Path]] = None, context: Optional[dict] = None,
-                 device: Union[str, torch.device] = "cpu"):
+                 cache_path: str | Path | None = None, context: dict | None = None,
+                 device: str | torch.device = "cpu"):
         if bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {bn!r}; accepted: {', '.join(BN_MODES)}")
         self.model = model
@@ -136,7 +154,19 @@ class Evaluator:
         sec["results"] = {k: v.to_dict() for k, v in self._mem.items()}
         atomic_write_text(self.cache_path, json.dumps(self._file, default=str))
 
-    def cached(self, config: BitConfig) -> Optional[EvalResult]:
+    def calibration_images(self) -> int:
+        """Images the BN re-calibration of each config runs on (0 with ``bn="stored"``): whole batches only."""
+        if self.bn != "recal":
+            return 0
+        n, bs = len(self._splits()[1][0]), self.calib_batch_size
+        used = n - n % bs if n >= bs else n
+        return used if self.calib_batches is None else min(used, self.calib_batches * bs)
+
+    def save(self) -> None:
+        """Write the cache file now (evaluate(save=False) defers it)."""
+        self._save_cache()
+
+    def cached(self, config: BitConfig) -> EvalResult | None:
         return self._mem.get(config.digest())
 
     # -- evaluation --------------------------------------------------------------
@@ -145,7 +175,7 @@ class Evaluator:
             self._data = self._data()
         return self._data
 
-    def _batches(self, data: Data, limit: Optional[int] = None, size: Optional[int] = None, drop_last=False):
+    def _batches(self, data: Data, limit: int | None = None, size: int | None = None, drop_last=False):
         x, y = data
         bs = size or self.batch_size
         stop = len(x) - len(x) % bs if (drop_last and len(x) >= bs) else len(x)
@@ -154,15 +184,14 @@ class Evaluator:
                 break
             yield x[s:s + bs].to(self.device), y[s:s + bs].to(self.device)
 
-    def evaluate(self, config: Union[BitConfig, dict], save: bool = True) -> EvalResult:
-        """Accuracy and loss of ``config`` (cached by ``config.digest()``)."""
+    @contextlib.contextmanager
+    def calibrated(self, config: BitConfig | dict) -> Iterator[nn.Module]:
+        """The supernet switched to ``config`` with the BN entries it uses as scored (re-calibrated on the
+        calibration split when ``bn="recal"``); the stored statistics and the config are restored on exit.
+
+        Exporting inside this block writes exactly the network whose accuracy :meth:`evaluate` reports.
+        """
         cfg = config if isinstance(config, BitConfig) else BitConfig(dict(config))
-        dig = cfg.digest()
-        hit = self._mem.get(dig)
-        if hit is not None:
-            return EvalResult(hit.accuracy, hit.loss, hit.n, hit.seconds, cached=True)
-        val, calib = self._splits()
-        t0 = time.perf_counter()
         model = self.model
         was = model.training
         snapshot = None
@@ -172,30 +201,39 @@ class Evaluator:
                     # keep the supernet's stored statistics: recal touches only the entries this config uses
                     snapshot = [(bn.active, {k: v.clone() for k, v in bn.active.state_dict().items()})
                                 for bn in batchnorms(model).values()]
-                    _recalibrate(model, cfg, self._batches(calib, self.calib_batches, self.calib_batch_size,
-                                                            drop_last=True))
+                    recalibrate_bn(model, cfg, self._batches(self._splits()[1], self.calib_batches,
+                                                             self.calib_batch_size, drop_last=True))
                 model.eval()
-                correct, loss_sum, n = 0, 0.0, 0
-                with torch.inference_mode():
-                    for x, y in self._batches(val):
-                        out = model(x)
-                        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
-                        correct += int((out.argmax(1) == y).sum())
-                        n += len(y)
+                yield model
         finally:
             if snapshot is not None:
                 with torch.no_grad():
                     for m, st in snapshot:
                         m.load_state_dict(st)
             model.train(was)
-        if n == 0:
-            raise ValueError("validation split is empty")
-        res = EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - t0)
+
+    def evaluate(self, config: BitConfig | dict, save: bool = True) -> EvalResult:
+        """Accuracy and loss of ``config`` on the validation split (cached by ``config.digest()``)."""
+        cfg = config if isinstance(config, BitConfig) else BitConfig(dict(config))
+        dig = cfg.digest()
+        hit = self._mem.get(dig)
+        if hit is not None:
+            return EvalResult(hit.accuracy, hit.loss, hit.n, hit.seconds, cached=True)
+        res = self.score(cfg, self._splits()[0])
         self._mem[dig] = res
         self.n_evaluated += 1
         if save:
             self._save_cache()
         return res
+
+    def score(self, config: BitConfig | dict, data: Data) -> EvalResult:
+        """Accuracy and loss of ``config`` on any split ``data`` (not cached; e.g. the held-out test split)."""
+        t0 = time.perf_counter()
+        with self.calibrated(config) as model:
+            correct, loss_sum, n = score(model, data, self.batch_size, self.device)
+        if n == 0:
+            raise HasbError("cannot score a config on an empty split")
+        return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - t0)
 
     def evaluate_many(self, configs: Sequence[BitConfig], progress: bool = False, desc: str = "evaluate"
                       ) -> list[EvalResult]:
@@ -204,7 +242,6 @@ class Evaluator:
         todo = [c for c in configs if self.cached(c) is None]
         bar = None
         if progress and todo:
-            from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=desc, unit="config", leave=False)
         try:
             for c in configs:
@@ -220,7 +257,7 @@ class Evaluator:
         return out
 
 
-def file_digest(path: Union[str, Path], n: int = 16) -> str:
+def file_digest(path: str | Path, n: int = 16) -> str:
     """sha256 prefix of a file (checkpoint provenance and cache context)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -229,4 +266,4 @@ def file_digest(path: Union[str, Path], n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-__all__ = ["Evaluator", "EvalResult", "BN_MODES", "file_digest"]
+__all__ = ["Evaluator", "EvalResult", "BN_MODES", "binomial_se", "score", "file_digest"]

@@ -12,22 +12,30 @@ Document (``schema: "hasb-search-config"``, ``schema_version: 1``)::
       "metrics": {"bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss"},
       "budget": [{"kind", "value", "limit", "text"}], "budget_binds": bool, "source": "ilp"|"optuna"|"uniform",
       "provenance": {"sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command", "created"},
-      "integer_checkpoint": "deploy.pt" | null                            # relative to the JSON file
+      "integer_checkpoint": "deploy.pt" | null,                           # relative to the JSON file
+      "scores": {"validation": SCORE, "test": SCORE, "bn": {"mode", "calibration_images"}}
     }
+
+A SCORE is ``{"split", "description", "n", "correct", "accuracy", "se", "loss", "selected_on", "note"}``:
+``se`` is the binomial standard error sqrt(p(1−p)/n); the validation score is the one the config was
+selected on (the best of many configs on the same images: biased upwards), the test score is measured once,
+on images selection never saw.  ``metrics.accuracy``/``loss`` repeat the validation score.
 
 ``hasb.BitConfig.load(path)`` reads the ``config`` part directly.  Units: BitOPs
 per sample (GBitOPs = 1e9), bytes, bits; accuracy in [0, 1], loss in nats.
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str, parse_bit
+from hasb.errors import HasbError
+from hasb.export import export_deployment
 
 SCHEMA = "hasb-search-config"
 SCHEMA_VERSION = 1
@@ -40,7 +48,7 @@ class ExportError(HasbError):
     """An export document that does not follow the schema."""
 
 
-def bit_config(config: BitConfig, fixed: Optional[Mapping[str, Any]] = None) -> dict[str, tuple]:
+def bit_config(config: BitConfig, fixed: Mapping[str, Any] | None = None) -> dict[str, tuple]:
     """HAWQ-style ``{layer: (w_bits, a_bits)}`` (fp as "fp"), fixed layers included when given."""
     out = {n: (bit_str(w), bit_str(a)) for n, (w, a) in config.layers.items()}
     for n, b in (fixed or {}).items():
@@ -57,10 +65,10 @@ def bitwidth_per_scope(config: BitConfig) -> list[list]:
     return out
 
 
-def make_document(*, model_name: str, build: Optional[dict], bits: Sequence[int], config: BitConfig,
+def make_document(*, model_name: str, build: dict | None, bits: Sequence[int], config: BitConfig,
                   fixed: Mapping[str, Any], metrics: Mapping[str, float], budgets: Sequence[Any],
                   budget_binds: bool, source: str, provenance: Mapping[str, Any],
-                  integer_checkpoint: Optional[str] = None) -> dict:
+                  integer_checkpoint: str | None = None, scores: Mapping[str, Any] | None = None) -> dict:
     """Assemble (and validate) the export document; ``budgets`` are hasb.Budget objects or dicts."""
     buds = []
     for b in budgets:
@@ -77,6 +85,8 @@ def make_document(*, model_name: str, build: Optional[dict], bits: Sequence[int]
         "budget": buds, "budget_binds": bool(budget_binds), "source": source, "provenance": prov,
         "integer_checkpoint": integer_checkpoint,
     }
+    if scores is not None:
+        doc["scores"] = dict(scores)
     validate(doc)
     return doc
 
@@ -143,15 +153,33 @@ def validate(doc: Any) -> None:
         _need(k in prov, f"provenance misses {k!r}")
     ic = doc.get("integer_checkpoint")
     _need(ic is None or (isinstance(ic, str) and ic), "integer_checkpoint must be a path string or null")
+    if "scores" in doc:
+        _validate_scores(doc["scores"])
 
 
-def write(doc: Mapping, path: Union[str, Path]) -> Path:
+def _validate_scores(scores: Any) -> None:
+    """Each split score carries its split, size, accuracy and standard error."""
+    _need(isinstance(scores, Mapping), "scores must be an object")
+    for split in ("validation", "test"):
+        sc = scores.get(split)
+        _need(isinstance(sc, Mapping), f"scores.{split} missing")
+        n = sc.get("n")
+        _need(isinstance(n, int) and n > 0, f"scores.{split}.n must be a positive integer")
+        _need(isinstance(sc.get("accuracy"), (int, float)) and 0.0 <= sc["accuracy"] <= 1.0,
+              f"scores.{split}.accuracy must be in [0, 1]")
+        _need(isinstance(sc.get("se"), (int, float)) and math.isfinite(sc["se"]), f"scores.{split}.se must be finite")
+        _need(sc.get("correct") == round(sc["accuracy"] * n), f"scores.{split}.correct != accuracy · n")
+        _need(isinstance(sc.get("split"), str) and isinstance(sc.get("description"), str),
+              f"scores.{split} must name its split and describe it")
+
+
+def write(doc: Mapping, path: str | Path) -> Path:
     """Validate, then write atomically."""
     validate(doc)
     return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
-def load(path: Union[str, Path]) -> tuple[BitConfig, dict]:
+def load(path: str | Path) -> tuple[BitConfig, dict]:
     """Read and validate an export; returns (BitConfig of the searchable layers, the whole document)."""
     p = Path(path)
     if not p.is_file():
@@ -164,12 +192,8 @@ def load(path: Union[str, Path]) -> tuple[BitConfig, dict]:
     return BitConfig.from_dict(doc["config"]), doc
 
 
-def export_integer(model, config: BitConfig, path: Union[str, Path], extra: Optional[dict] = None) -> Optional[Path]:
-    """The integer checkpoint of ``model`` at ``config`` (hasb.export.export_deployment); None if unavailable."""
-    try:
-        from hasb.export import export_deployment
-    except ImportError:   # pragma: no cover - older foundation
-        return None
+def export_integer(model, config: BitConfig, path: str | Path, extra: dict | None = None) -> Path:
+    """The integer checkpoint of ``model`` at ``config`` (hasb.export.export_deployment)."""
     return export_deployment(model, config, path, extra=extra)
 
 

@@ -20,7 +20,7 @@ feasible front was (mean ± s.e.)
 NSGA-II spends its first generation (population 38) on random configs, which
 under a tight budget are mostly infeasible or dominated by the seeds; TPE
 exploits the seeds at once.  TPE costs more per trial (3–5 vs 1.5 ms), which is
-negligible next to one sub-net evaluation (seconds).  ``--sampler nsga2`` remains.
+negligible next to one sub-net evaluation (seconds).  ``--optuna-sampler nsga2`` remains.
 
 Storage: an SQLite file in the run directory by default (``optuna.db``).
 Interrupting a run (Ctrl-C) marks the running trial FAIL; the next run with the
@@ -33,18 +33,23 @@ period.  Several workers on several machines share one study through
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
+import importlib.util
 import logging
+import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import optuna
+import pandas as pd
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from hasb.config import BitConfig
+from hasb.errors import HasbError
 
 from .ilp import Constraint, SearchSpace, _as_constraints
 
@@ -58,7 +63,47 @@ class StorageError(HasbError):
     """A storage URL/path that cannot be used."""
 
 
-def make_storage(storage: Optional[str], out_dir: Optional[Union[str, Path]] = None, heartbeat: bool = True):
+ACCEPTED = "accepted: sqlite:///FILE, postgresql://USER@HOST/DB, mysql://..., journal:FILE (or a FILE.log path)"
+
+
+def _journal_path(s: str) -> str | None:
+    """The file of a journal storage spec, or None when ``s`` is not one."""
+    if s.startswith("journal:"):
+        return s[len("journal:"):]
+    return s if s.endswith((".log", ".journal")) and "://" not in s else None
+
+
+def _check_file_target(path: str, what: str) -> None:
+    """A storage file must be a file (or creatable): not a directory, its nearest existing folder writable."""
+    if not path:
+        raise StorageError(f"{what} names no file; {ACCEPTED}")
+    p = Path(path)
+    if p.is_dir():
+        raise StorageError(f"{what}: {p} is a directory, not a file")
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise StorageError(f"{what}: cannot create {p} ({anc} is not a writable folder)")
+
+
+def validate_storage(storage: str) -> None:
+    """Check a storage spec without creating anything: its kind, and for files that they can be written."""
+    s = str(storage)
+    jp = _journal_path(s)
+    if jp is not None:
+        _check_file_target(jp, f"--storage {s}")
+    elif "://" not in s:
+        raise StorageError(f"storage {s!r} not understood; {ACCEPTED}")
+    elif s.startswith("sqlite:///"):
+        target = s[len("sqlite:///"):]
+        if target != ":memory:":
+            _check_file_target(target, f"--storage {s}")
+    elif s.startswith("postgresql://"):
+        _pg_driver()
+
+
+def make_storage(storage: str | None, out_dir: str | Path | None = None, heartbeat: bool = True):
     """Storage object from a spec.
 
     ``None`` → SQLite file ``out_dir/optuna.db``; ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` →
@@ -71,19 +116,15 @@ def make_storage(storage: Optional[str], out_dir: Optional[Union[str, Path]] = N
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
     s = str(storage)
-    if s.startswith("journal:") or s.endswith((".log", ".journal")):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-        path = s[len("journal:"):] if s.startswith("journal:") else s
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in s:
-        raise StorageError(f"storage {s!r} not understood; accepted: sqlite:///FILE, postgresql://USER@HOST/DB, "
-                           "mysql://..., journal:FILE (or a FILE.log path)")
+    validate_storage(s)
+    jp = _journal_path(s)
+    if jp is not None:
+        Path(jp).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(jp))
     if s.startswith("postgresql://"):
         s = "postgresql+" + _pg_driver() + s[len("postgresql"):]
     kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
-    err: Optional[Exception] = None
+    err: Exception | None = None
     for attempt in range(6):
         try:
             with warnings.catch_warnings():   # heartbeat is "experimental" in Optuna; we rely on it knowingly
@@ -106,14 +147,13 @@ _NEW_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
 
 def _pg_driver() -> str:
     """SQLAlchemy ≥ 2.1 defaults ``postgresql://`` to psycopg 3; use whichever driver is installed."""
-    import importlib.util
     for mod, name in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
         if importlib.util.find_spec(mod) is not None:
             return name
     raise StorageError("postgresql storage needs a driver: pip install psycopg2-binary (or psycopg)")
 
 
-def make_sampler(name: str, seed: Optional[int], constraints_func: Optional[Callable], n_units: int):
+def make_sampler(name: str, seed: int | None, constraints_func: Callable | None, n_units: int):
     if _NEW_CONSTRAINTS:
         constraints_func = None
     if name == "nsga2":
@@ -130,7 +170,7 @@ def _constraints_func(ft) -> Sequence[float]:
     return ft.user_attrs.get("constraint", [0.0])
 
 
-def _choice_label(ch: tuple[int, int]) -> Union[int, str]:
+def _choice_label(ch: tuple[int, int]) -> int | str:
     return ch[0] if ch[0] == ch[1] else f"w{ch[0]}a{ch[1]}"
 
 
@@ -154,7 +194,6 @@ def _key(params: dict) -> tuple:
 
 def study_trials_frame(study: optuna.Study, space: SearchSpace):
     """COMPLETE trials as rows (number, accuracy, bitops, feasible, digest, config, unit_choice, worker)."""
-    import pandas as pd
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         uc = unit_choice_of_params(space, t.params)
@@ -166,9 +205,9 @@ def study_trials_frame(study: optuna.Study, space: SearchSpace):
 
 
 def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float, float]], *,
-              constraints: Iterable = (), storage=None, out_dir: Optional[Union[str, Path]] = None,
+              constraints: Iterable = (), storage=None, out_dir: str | Path | None = None,
               study_name: str = "hasb-search", n_trials: int = 50, sampler: str = DEFAULT_SAMPLER,
-              seed: Optional[int] = 0, seeds: Sequence[Sequence[int]] = (), worker: Optional[str] = None,
+              seed: int | None = 0, seeds: Sequence[Sequence[int]] = (), worker: str | None = None,
               progress: bool = False) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials.
 
@@ -194,11 +233,18 @@ def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=smp)
         creator = False
-    allowed = space.unit_allowed()
-    pnames = param_names(space)
-    labels = [[_choice_label(space.choices[c]) for c in np.flatnonzero(allowed[u])] for u in range(space.n_units)]
+    _enqueue_seeds(study, space, seeds, creator)
+    objective = _objective(space, evaluate_fn, cons, worker)
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done < n_trials:
+        cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress,
+                       gc_after_trial=False)
+    return study
 
-    # seeds once per study; failed trials (interrupted or killed) re-enqueued so none is lost
+
+def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Sequence[int]], creator: bool) -> None:
+    """Seeds once per study; failed trials (interrupted or killed) re-enqueued so none is lost."""
     trials = study.get_trials(deepcopy=False)
     live = {_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
     todo: list[dict] = []
@@ -211,6 +257,14 @@ def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float
             live.add(_key(p))
     if creator or not study.user_attrs.get("seeded"):
         study.set_user_attr("seeded", True)
+
+
+def _objective(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float, float]],
+               cons: Sequence[Constraint], worker: str | None) -> Callable[[optuna.Trial], tuple[float, float]]:
+    """The trial function: suggest one allowed choice per unit, record the constraint excess, score the config."""
+    allowed = space.unit_allowed()
+    pnames = param_names(space)
+    labels = [[_choice_label(space.choices[c]) for c in np.flatnonzero(allowed[u])] for u in range(space.n_units)]
 
     def objective(trial: optuna.Trial):
         uc = np.array([labels[u].index(trial.suggest_categorical(pnames[u], labels[u])) for u in range(space.n_units)])
@@ -231,20 +285,4 @@ def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float
         if worker is not None:
             trial.set_user_attr("worker", worker)
         return float(acc), ev["bitops"] / 1e9
-
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done < n_trials:
-        cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress,
-                       gc_after_trial=False)
-    return study
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m search.optuna_search`` is ``python -m search.pareto`` (the study runs inside it)."""
-    from .pareto import main as pareto_main
-    return pareto_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return objective

@@ -13,11 +13,11 @@ import torch
 import hasb
 from hasb.config import BitConfig
 from search import export as sx
-from search.fakes import make_fake_run
 from search.pareto import hypervolume, main, pareto_mask
+from tests.support.fakes import make_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--trials", "5", "--val-limit", "200", "--calib-size", "256", "--sweep", "8", "--quiet"]
+FAST = ["--trials", "5", "--val-limit", "200", "--test-limit", "300", "--calib-size", "256", "--sweep", "8", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,18 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
     args = ["--budget", "5", "--size", "20kB", "--checkpoint", str(ck), "--out", str(out), "--json"] + FAST
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    for f in ("pareto.png", "pareto.svg", "pareto.csv", "candidates.csv", "config.json", "deploy.pt"):
+    folder = out / "budget-5_size-20kB"          # per-budget outputs in their own folder, shared ones at the top
+    for f in ("pareto.csv", "candidates.csv"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    assert summary["paths"]["config"] == str(out / "config.json")
+    for f in ("pareto.png", "pareto.svg", "config.json", "deploy.pt", "table.csv"):
+        assert (folder / f).is_file() and (folder / f).stat().st_size > 0, f
+        assert not (out / f).exists()
+    assert summary["paths"]["config"] == str(folder / "config.json")
 
     model, _ = hasb.export.load_quantized(ck)
     cost = hasb.CostModel.from_model(model)
-    cfg, doc = sx.load(out / "config.json")
-    assert BitConfig.load(out / "config.json") == cfg
+    cfg, doc = sx.load(folder / "config.json")
+    assert BitConfig.load(folder / "config.json") == cfg
     # the chosen config respects every budget, recomputed from the cost model
     assert cost.avg_bit_equivalent(cfg) <= 5 + 1e-9 and cost.size_bytes(cfg) <= 20e3
     assert doc["metrics"]["bitops"] == pytest.approx(cost.bitops(cfg))
@@ -90,15 +94,21 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
     assert set(pareto.source) <= {"ilp", "optuna", "uniform"} and {"ilp", "uniform"} <= set(pareto.source)
     assert pareto.on_front.tolist() == pareto_mask(pareto.bitops, pareto.accuracy).tolist()
     assert pareto.config_id.is_unique
-    feas = pareto[pareto.feasible]
-    assert summary["chosen"]["accuracy"] == pytest.approx(feas.accuracy.max())
+    table = pd.read_csv(folder / "table.csv")
+    assert set(table.digest) == set(pareto.digest) and table.chosen.sum() == 1
+    assert summary["chosen"]["accuracy"] == pytest.approx(table[table.fits].accuracy.max())
+    assert table[table.chosen].fits.all()
+    # every accuracy carries its binomial standard error on the validation split
+    n_val = doc["scores"]["validation"]["n"]
+    assert n_val == 200
+    assert np.allclose(pareto.accuracy_se, np.sqrt(pareto.accuracy * (1 - pareto.accuracy) / n_val))
     assert sorted(pareto[pareto.source == "uniform"].label) == ["w2a2", "w4a4", "w6a6", "w8a8"]
     cand = pd.read_csv(out / "candidates.csv")
     assert len(cand) >= len(pareto) and set(cand.digest) == set(pareto.digest)
 
     # the integer checkpoint holds the chosen bits
-    dep = torch.load(out / "deploy.pt", weights_only=True)
-    for name, (w, a) in cfg.layers.items():
+    dep = torch.load(folder / "deploy.pt", weights_only=True)
+    for name, (w, _a) in cfg.layers.items():
         assert dep["layers"][name]["w_bits"] == w
         assert dep["layers"][name]["w_int"].abs().max() <= 2 ** (w - 1)
 
@@ -203,3 +213,60 @@ def test_cli_subprocess_bad_budget_exit_code(fake_run, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "feasible average bits range is 2–8" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_budgets_keep_their_own_outputs_and_picks_are_monotone(fake_run, tmp_path, capsys):
+    """A second budget in the same --out writes its own folder (the first stays byte-identical) and considers the
+    first budget's pick, which fits the looser budget: the looser pick is at least as accurate on validation."""
+    ck, _ = fake_run
+    out = tmp_path / "o"
+    base = ["--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--json"] + FAST
+    assert main(["--budget", "4"] + base) == 0
+    first = json.loads(capsys.readouterr().out)
+    before = {f: (out / "budget-4" / f).read_bytes() for f in ("config.json", "deploy.pt", "table.csv")}
+    assert main(["--budget", "6"] + base) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert {f: (out / "budget-4" / f).read_bytes() for f in before} == before
+    assert (out / "budget-6" / "config.json").is_file() and second["folder"] == str(out / "budget-6")
+    table = pd.read_csv(out / "budget-6" / "table.csv")
+    earlier = table[table.pick_at == "budget-4"]
+    assert len(earlier) == 1 and bool(earlier.fits.iloc[0])
+    assert earlier.digest.iloc[0] == pd.read_csv(out / "budget-4" / "table.csv").query("chosen").digest.iloc[0]
+    assert second["chosen"]["accuracy"] >= first["chosen"]["accuracy"]
+    assert second["monotone"] and "budget-4" in second["monotone"]
+
+
+def test_budget_folder_names():
+    from hasb.cost import Budget
+    from search.outputs import budget_dir_name
+    assert budget_dir_name([Budget("avg_bits", 3.5, 1.0, "3.5")]) == "budget-3.5"
+    assert budget_dir_name([Budget("bitops", 25e9, 25e9, "25GBOPs")]) == "budget-25GBOPs"
+    assert budget_dir_name([Budget("avg_bits", 5, 1.0, "5"), Budget("size", 0.02, 20e3, "20kB")]) == \
+        "budget-5_size-20kB"
+    assert budget_dir_name([Budget("plain_avg", 3, 3, "3")]) == "budget-avg-bits-3"
+
+
+def test_pareto_plot_draws_standard_errors():
+    from matplotlib.container import ErrorbarContainer
+
+    from hasb.plots import plot_pareto
+    df = pd.DataFrame({"gbitops": [1.0, 2.0, 3.0], "accuracy": [0.5, 0.6, 0.7], "accuracy_se": [0.02, 0.01, 0.03],
+                       "source": ["ilp", "ilp", "optuna"], "on_front": [True, True, True]})
+    fig = plot_pareto(df, chosen={"gbitops": 2.0, "accuracy": 0.6, "accuracy_se": 0.01, "test_accuracy": 0.58,
+                                  "test_se": 0.012}, accuracy_label="accuracy [%] on validation (n=2000), ± 1 SE")
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 3                                  # every point, the chosen one, its test score
+    seg = bars[0].lines[2][0].get_segments()
+    assert [round(float(s[1][1] - s[0][1]), 6) for s in seg] == [4.0, 2.0, 6.0]   # ±1 SE in percent points
+    assert ax.get_ylabel().startswith("accuracy [%] on validation")
+
+
+def test_recipes_alias_forwards_to_search_recipes():
+    """``python -m hasb.recipes`` (the documented command) is the search.recipes CLI; bad input: one line, exit 2."""
+    import hasb.recipes
+    import search.recipes
+    assert hasb.recipes.main is search.recipes.main and hasb.recipes.demo_recipe is search.recipes.demo_recipe
+    r = subprocess.run([sys.executable, "-m", "hasb.recipes", "demo", "--bits", "4,3,2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --bits and --compile apply to the resnet20-gpu recipe only"

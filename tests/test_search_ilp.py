@@ -7,13 +7,13 @@ import pytest
 import hasb
 from hasb.models import build_model
 from search import ilp
-from search.fakes import synthetic_space
+from tests.support.fakes import synthetic_space
 
 BITS = (8, 6, 4, 2)
 
 
 def random_space(seed, L=None, tied_wa=True, groups=None):
-    """A random small instance (2–6 layers unless L is given); the generator lives in search.fakes."""
+    """A random small instance (2–6 layers unless L is given); the generator lives in tests.support.fakes."""
     L = L or int(np.random.default_rng(seed).integers(2, 7))
     return synthetic_space(seed, n_layers=L, bits=BITS, tied_wa=tied_wa, groups=groups)
 

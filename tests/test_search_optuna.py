@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import optuna
@@ -13,8 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search import ilp
-from search.fakes import synthetic_accuracy, synthetic_space
 from search.optuna_search import make_storage, params_of, run_study, study_trials_frame
+from tests.support.fakes import synthetic_accuracy, synthetic_space
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +124,7 @@ def postgres(tmp_path_factory):
 WORKER = textwrap.dedent("""
     import sys, time
     from search import ilp
-    from search.fakes import synthetic_accuracy, synthetic_space
+    from tests.support.fakes import synthetic_accuracy, synthetic_space
     from search.optuna_search import run_study
     url, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     space = synthetic_space(0, n_layers=6)
@@ -148,7 +147,7 @@ def test_two_workers_share_one_postgres_study(postgres, tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), postgres, "shared", str(n), f"w{i}", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-2000:]
     study = optuna.load_study(study_name="shared", storage=make_storage(postgres))
     complete = study.get_trials(states=(TrialState.COMPLETE,))

@@ -1,4 +1,4 @@
-"""Small stand-in artifacts for tests and benchmarks: an untrained quantized supernet and a contract sensitivity.
+"""Small stand-in artifacts for tests and benchmarks (test support: not part of the installed packages): an untrained quantized supernet and a contract sensitivity.
 
 The supernet is a zoo model quantized with ``hasb.quantize_model``, activation scales initialised on real
 data, saved with ``hasb.export.save_quantized``; the sensitivity dict follows the analysis contract with
@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+import hasb
+from hasb.export import save_quantized
+from hasb.models import build_model
+from hasb.quantize import get_spec, quantized_layers
+from search.ilp import SearchSpace, _choices, make_units
+
 
 def fake_sensitivity(model, seed: int = 0) -> dict:
     """A contract-shaped sensitivity dict for a quantized model (random traces, exact ||ΔW||²)."""
-    from hasb.quantize import get_spec, quantized_layers
     spec = get_spec(model)
     rng = np.random.default_rng(seed)
     layers, omega = [], {}
@@ -36,12 +41,9 @@ def fake_sensitivity(model, seed: int = 0) -> dict:
             "layers": layers, "omega": omega, "negative_traces": [], "meta": {"fake": True, "seed": seed}}
 
 
-def make_fake_run(out: Union[str, Path], model: str = "small_cnn", bits: Sequence[int] = (8, 6, 4, 2),
-                  seed: int = 0, calib: Optional[torch.Tensor] = None, **build_kw) -> tuple[Path, Path]:
+def make_fake_run(out: str | Path, model: str = "small_cnn", bits: Sequence[int] = (8, 6, 4, 2),
+                  seed: int = 0, calib: torch.Tensor | None = None, **build_kw) -> tuple[Path, Path]:
     """Write ``out/model.pt`` and ``out/sensitivity.json``; returns their paths."""
-    import hasb
-    from hasb.export import save_quantized
-    from hasb.models import build_model
     torch.manual_seed(seed)
     m = hasb.quantize_model(build_model(model, **build_kw), bits=bits)
     if calib is None:
@@ -59,7 +61,6 @@ def synthetic_space(seed: int = 0, n_layers: int = 6, bits: Sequence[int] = (8, 
                     groups=None):
     """A random knapsack instance as a :class:`search.ilp.SearchSpace` (no model): BitOPs = MACs·w·a,
     size = params·w/8, plain average = w/L, objective ∝ sensitivity·(4^−w + 4^−a) with noise."""
-    from .ilp import SearchSpace, _choices, make_units
     rng = np.random.default_rng(seed)
     L = n_layers
     choices = _choices(bits, tied_wa)

@@ -1,0 +1,139 @@
+"""What a search runs on: the supernet, its cost model and sensitivity, the data; and its budgets.
+
+Everything here is cheap validation (a checkpoint and a JSON file read, no training, nothing written), so a bad
+input is one clear error before any candidate is evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
+from hasb.errors import HasbError
+from hasb.export import load_quantized
+from hasb.models import MODELS, UnknownModelError
+from hasb.quantize import searchable_layers
+from hasb.sensitivity_file import check_for_model, load_sensitivity
+
+from .evaluate import file_digest
+
+
+class InputError(HasbError):
+    """Bad command-line input (reported as one line, exit 2)."""
+
+
+@dataclass
+class Inputs:
+    """A supernet ready to search: model, cost model, sensitivity dict, provenance, and the data it names."""
+
+    model: Any
+    model_name: str
+    cost: CostModel
+    sensitivity: dict
+    checkpoint: Path | None
+    checkpoint_sha: str
+    data: str
+    data_dir: str | None
+    val_size: int = 5000
+    seed: int = 0
+    demo: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+SIZE_UNITS_TEXT = "B, kB, MB, GB, KiB, MiB, GiB (a bare number is MB)"
+
+
+def check_size_unit(text: str) -> None:
+    """A --size budget must be in a size unit: ``15000GBOPs`` or ``12xyz`` is an error naming the accepted units."""
+    m = re.fullmatch(_NUM + r"\s*([A-Za-z]*)", str(text).strip())
+    unit = m.group(2) if m else ""      # no number at all: the cost model's parser names the problem
+    if unit and unit.lower() not in _UNITS_SIZE:
+        hint = " (BitOPs budgets go to --budget)" if "op" in unit.lower() else ""
+        raise BudgetError(f"--size {text!r} has unknown unit {unit!r}{hint}; accepted: {SIZE_UNITS_TEXT}")
+
+
+def check_out_dir(out: str | Path) -> None:
+    """--out must be a folder or creatable as one (its nearest existing ancestor a writable folder)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {p} exists and is not a directory")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise InputError(f"--out {p} cannot be created or written ({anc} is not a writable folder)")
+
+
+def parse_budgets(cost: CostModel, budget: Sequence[str] | None, size: Sequence[str] | None,
+                  avg_bits: Sequence[str] | None) -> list[Budget]:
+    """All budgets given on the command line, parsed by the CostModel (BudgetError on bad ones)."""
+    for t in size or ():
+        check_size_unit(t)
+    out = [cost.parse_budget(t) for t in budget or ()]
+    out += [cost.parse_budget(t, "size") for t in size or ()]
+    out += [cost.parse_budget(t, "plain_avg") for t in avg_bits or ()]
+    if not out:
+        raise InputError("no budget given: pass --budget 3.5 (average-bit equivalent), --budget 25GBOPs, "
+                         "--size 1.2MB or --avg-bits 3")
+    return out
+
+
+def check_model_name(model: str | None) -> None:
+    """A --model that is neither a zoo name nor package.module:callable is an error before anything is loaded."""
+    if model is not None and ":" not in model and model not in MODELS:
+        raise UnknownModelError(f"unknown model {model!r}; accepted: {', '.join(MODELS)} or package.module:callable")
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``model.pt`` of a checkpoint path or of the run directory holding one (InputError when missing)."""
+    p = Path(path)
+    p = p / "model.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise InputError(f"checkpoint not found: {p}")
+    return p
+
+
+def _train_config(extra: dict) -> dict:
+    """The training config recorded in a checkpoint's extra (a dict; {} when absent or unreadable)."""
+    tc = extra.get("train_config") or {}
+    if isinstance(tc, str):
+        try:
+            tc = json.loads(tc)
+        except json.JSONDecodeError:
+            tc = {}
+    return tc if isinstance(tc, dict) else {}
+
+
+def checkpoint_inputs(checkpoint: str | Path, sensitivity: str | Path | None = None, *, model: str | None = None,
+                      data: str | None = None, data_dir: str | None = None) -> Inputs:
+    """Inputs of a trained supernet: its model.pt and sensitivity.json (default: next to the checkpoint).
+
+    ``model`` (when given) must name the checkpoint's model; ``data``/``data_dir`` default to the checkpoint's
+    training data.
+    """
+    ck = checkpoint_file(checkpoint)
+    net, extra = load_quantized(ck)
+    name = (getattr(net, "hasb_build", None) or {}).get("name", "?")
+    if model is not None and model != name:
+        raise InputError(f"checkpoint {ck} is a {name!r} model, not --model {model!r}")
+    sens_path = Path(sensitivity) if sensitivity else ck.parent / "sensitivity.json"
+    if sensitivity is None and not sens_path.is_file():
+        raise InputError(f"no sensitivity given and none next to the checkpoint ({sens_path}); pass --sensitivity "
+                         "(from: python -m analysis.sensitivity)")
+    layers = searchable_layers(net)
+    if not layers:
+        raise InputError("empty search space: the model has no searchable layer")
+    sens = check_for_model(load_sensitivity(sens_path), name, layers, str(sens_path))
+    tc = _train_config(extra)
+    return Inputs(model=net, model_name=name, cost=CostModel.from_model(net), sensitivity=sens, checkpoint=ck,
+                  checkpoint_sha=file_digest(ck), data=data or tc.get("data") or "fashion-mnist",
+                  data_dir=data_dir or tc.get("data_dir"), val_size=int(tc.get("val_size") or 5000),
+                  seed=int(tc.get("seed") or 0), extra=extra)
+
+
+__all__ = ["InputError", "Inputs", "parse_budgets", "check_size_unit", "check_out_dir", "check_model_name", "checkpoint_file", "checkpoint_inputs"]

@@ -1,0 +1,390 @@
+"""The search as a library call: ``run_search(SearchConfig(budget=["3.5"]))``.
+
+1. Inputs: a trained supernet (``checkpoint``, a ``model.pt`` from ``hasb.train`` or ``hasb.export.save_quantized``)
+   and its sensitivity.json; without them the built-in demo (small_cnn on real Fashion-MNIST) is trained and
+   analysed on first use and cached in ``out``.  Everything cheap is validated before anything is trained,
+   evaluated or written.
+2. Budgets from ``hasb.CostModel`` (average-bit equivalent, BitOPs, size, the paper's plain average; all apply).
+3. Candidates: the exact ILP frontier over a BitOPs sweep, the k best ILP configs at the budget, uniform configs,
+   the picks of earlier budgets in ``out`` (so picks are monotone in the budget) and an Optuna study.
+4. Every candidate is scored on the validation split (BN re-calibrated per config, cached); the most accurate
+   config in budget is scored ONCE on the held-out test split, which selection never sees.
+5. Outputs: shared pareto.csv / candidates.csv at the top of ``out``; per budget ``out/budget-3.5/``: config.json
+   (validation and test scores with standard errors), deploy.pt (the scored network), table.csv, pareto.png/svg.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+
+import hasb
+from hasb.cli import (
+    data_dir_option,
+    device_option,
+    force_option,
+    model_option,
+    option,
+    out_option,
+    parse_bits,
+    quiet_option,
+    resolve_device,
+    seed_option,
+    set_threads,
+    threads_option,
+)
+from hasb.config import BitConfig, ConfigError
+from hasb.cost import Budget
+from hasb.data import find_data_dir, load_dataset
+from hasb.quantize import get_spec
+
+from . import demo, ilp
+from . import export as sx
+from . import outputs as so
+from .evaluate import Evaluator
+from .front import pareto_mask
+from .inputs import (
+    InputError,
+    Inputs,
+    check_model_name,
+    check_out_dir,
+    checkpoint_inputs,
+    parse_budgets,
+)
+from .optuna_search import SAMPLERS, run_study, study_trials_frame, validate_storage
+
+DEFAULT_OUT = "runs/demo"
+# the demo trades a little precision (validation 2000 images: accuracy SE ≈ 0.9 points) for its short first run
+USER_DEFAULTS = {"trials": 40, "sweep": 40, "calib_size": 1024, "val_limit": None}
+DEMO_DEFAULTS = {"trials": 24, "sweep": 20, "calib_size": 512, "val_limit": 2000}
+
+
+def repeatable(help: str):
+    """A list option that may be given several times (``--budget 3.5 --budget 25GBOPs``)."""
+    return dataclasses.field(default_factory=list, metadata={"repeat_help": help})
+
+
+@dataclass
+class SearchConfig:
+    """Every option of the search, declared once (the CLI is generated from these fields)."""
+
+    budget: list = repeatable("average-bit equivalent (3.5) or BitOPs (25GBOPs, 2.5e10); repeatable; all apply")
+    size: list = repeatable("model size budget, e.g. 1.2MB, 300kB (bare number = MB); repeatable")
+    avg_bits: list = repeatable("the paper's plain (unweighted) average bit budget, e.g. 3; repeatable")
+    model: str | None = model_option()
+    checkpoint: str | None = option(None, help="supernet model.pt (hasb.train / hasb.export) or its run directory")
+    sensitivity: str | None = option(None, help="sensitivity.json (default: next to the checkpoint)")
+    data: str | None = option(None, help="dataset: fashion-mnist or mnist (default: the checkpoint's training data)")
+    data_dir: str | None = data_dir_option()
+    out: str = out_option("run directory; each budget's outputs go to OUT/budget-<budget>/", default=DEFAULT_OUT)
+    bits: list | None = option(None, parse=parse_bits, help="search only these of the supernet's candidate bits, "
+                               "e.g. 8,4,2 (default: all of them)")
+    trials: int | None = option(None, help="Optuna trials (COMPLETE trials in the study; default 40, demo 24)")
+    storage: str | None = option(None, help="Optuna storage: default SQLite in --out; postgresql://..., "
+                                 "sqlite:///FILE or journal:FILE to share one study between workers")
+    optuna_sampler: str = option("tpe", choices=SAMPLERS, aliases=("--sampler",),
+                                 help="Optuna sampler (tpe: measured better than NSGA-II, see search.optuna_search)")
+    k_best: int = option(3, help="ILP alternatives at the budget")
+    sweep: int | None = option(None, help="budgets in the ILP frontier sweep (default 40, demo 20)")
+    seed: int = seed_option()
+    no_optuna: bool = option(False, help="ILP and uniform configs only")
+    force: bool = force_option()
+    objective: str = option("omega", choices=("omega", "paper"), help="ILP objective: min Σ Ω or the paper's max Σ t·b")
+    untied: bool = option(False, help="search weight and activation bits separately")
+    no_tie: bool = option(False, help="do not tie residual shortcut convs to their block")
+    bn: str = option("recal", choices=("recal", "stored"),
+                     help="BN statistics per config: re-calibrated on calibration images, or stored (TBN/per-bit)")
+    batch_size: int = option(1000, help="evaluation batch size")
+    val_limit: int | None = option(None, help="score on the first N validation images only (default all; demo 2000)")
+    test_limit: int | None = option(None, help="score the pick on the first N test images (default all)")
+    calib_size: int | None = option(None, help="BN re-calibration images (default 1024, demo 512)")
+    device: str = device_option()
+    threads: int | None = threads_option()
+    json: bool = option(False, help="print a machine-readable summary on stdout")
+    progress: bool = quiet_option()
+    command: str = ""                # the command line, recorded in config.json's provenance
+
+
+def with_defaults(cfg: SearchConfig) -> SearchConfig:
+    """The config with the demo's or a user run's defaults filled in (the options left at None)."""
+    dflt = DEMO_DEFAULTS if cfg.checkpoint is None else USER_DEFAULTS
+    return dataclasses.replace(cfg, **{k: v for k, v in dflt.items() if getattr(cfg, k) is None})
+
+
+def validate_config(cfg: SearchConfig) -> None:
+    """Cheap checks of the numbers, the output folder and the storage, before anything is read or written."""
+    for name, allow_zero in (("trials", True), ("k_best", False), ("sweep", False), ("batch_size", False),
+                             ("val_limit", False), ("test_limit", False), ("calib_size", False)):
+        v = getattr(cfg, name)
+        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+            raise InputError(f"--{name.replace('_', '-')} must be {'≥ 0' if allow_zero else 'positive'}, got {v}")
+    check_out_dir(cfg.out)
+    if cfg.storage is not None:
+        validate_storage(cfg.storage)
+
+
+def _space(cfg: SearchConfig, inputs: Inputs) -> ilp.SearchSpace:
+    """The search space; an all-zero objective when there is no sensitivity yet (the demo skeleton)."""
+    bits = cfg.bits or list(inputs.cost.candidate_bits)
+    if not set(bits) <= set(inputs.cost.candidate_bits):
+        raise InputError(f"--bits {','.join(map(str, bits))} are not all candidates of the supernet "
+                         f"({','.join(map(str, inputs.cost.candidate_bits))})")
+    n_choices = len(bits) ** (2 if cfg.untied else 1)
+    objective = cfg.objective if inputs.sensitivity else np.zeros((len(inputs.cost.names), n_choices))
+    groups = ilp.tied_groups(inputs.model) if not cfg.no_tie else []
+    return ilp.build_space(inputs.cost, sensitivity=inputs.sensitivity or None, objective=objective,
+                           tied_wa=not cfg.untied, groups=groups, bits=bits)
+
+
+def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
+    """Validated inputs and budgets; for the demo an untrained skeleton (nothing trained or written yet)."""
+    check_model_name(cfg.model)
+    if cfg.checkpoint is None:
+        demo.check_demo_args(cfg.model, cfg.data, cfg.sensitivity, cfg.data_dir)
+        pre = demo.skeleton_inputs(cfg.data_dir)
+    else:
+        pre = checkpoint_inputs(cfg.checkpoint, cfg.sensitivity, model=cfg.model, data=cfg.data,
+                                data_dir=cfg.data_dir)
+        find_data_dir(pre.data, pre.data_dir)       # DataError (one line) before any candidate is evaluated
+    budgets = parse_budgets(pre.cost, cfg.budget, cfg.size, cfg.avg_bits)
+    ilp.solve(_space(cfg, pre), budgets)      # InfeasibleError (with the feasible range) for a combination
+    return pre, budgets
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    """Validate everything cheap, then search; returns the summary dict (also written as files)."""
+    cfg = with_defaults(cfg)
+    validate_config(cfg)
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    pre, budgets = prepare(cfg)
+    inputs = demo.demo_inputs(Path(cfg.out), cfg.data_dir) if pre.demo else pre
+    return search(cfg, inputs, budgets, device)
+
+
+class SplitLoader:
+    """The run's data, loaded on first need (a fully cached search never reads it): val/calib and test."""
+
+    def __init__(self, cfg: SearchConfig, inputs: Inputs):
+        self.cfg, self.inputs = cfg, inputs
+        self._splits = None
+
+    def splits(self):
+        if self._splits is None:
+            i = self.inputs
+            self._splits = load_dataset(i.data, i.data_dir, val_size=i.val_size, seed=i.seed,
+                                        val_limit=self.cfg.val_limit, calib_size=self.cfg.calib_size)
+        return self._splits
+
+    def val_calib(self):
+        return self.splits().val, self.splits().calib
+
+    def test(self):
+        x, y = self.splits().test
+        n = self.cfg.test_limit or len(x)
+        return x[:n], y[:n]
+
+    def info(self, n_val: int, n_test: int) -> tuple[so.SplitInfo, so.SplitInfo]:
+        i = self.inputs
+        val = so.SplitInfo("validation", f"{n_val} images: the first {n_val} of the {i.val_size} held out of "
+                                         f"{i.data} train (seed {i.seed}); every candidate was scored on them")
+        test = so.SplitInfo("test", f"{n_test} images: {'the first ' + str(n_test) + ' of ' if self.cfg.test_limit else ''}"
+                                    f"{i.data}'s test set")
+        return val, test
+
+
+def make_evaluator(cfg: SearchConfig, inputs: Inputs, data: SplitLoader, device, out: Path) -> Evaluator:
+    """The cached evaluator of this supernet and split (the cache key names everything the scores depend on)."""
+    ctx = {"checkpoint": inputs.checkpoint_sha, "data": inputs.data, "val_size": inputs.val_size,
+           "val_limit": cfg.val_limit, "seed": inputs.seed, "calib_size": cfg.calib_size}
+    cache = out / "evals.json"
+    if cfg.force and cache.exists():
+        cache.unlink()
+    return Evaluator(inputs.model, data.val_calib, bn=cfg.bn, batch_size=cfg.batch_size, cache_path=cache,
+                     context=ctx, device=device)
+
+
+def ilp_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list) -> tuple[list[dict], list]:
+    """Rows of the ILP frontier sweep, the k best at the budget and the uniform configs; and the Optuna seeds."""
+    rows = []
+    for _, r in ilp.sweep(space, ilp.budget_grid(space, cfg.sweep), "bitops").iterrows():
+        rows.append(ilp._row(space, np.asarray(r.unit_choice), source="ilp", budget=r.budget, rank=0))
+    at_budget = ilp.k_best(space, cons, cfg.k_best)
+    for s in at_budget:
+        rows.append(ilp._row(space, np.asarray(s.unit_choice), source="ilp", budget=cons[0].limit, rank=s.rank))
+    unif = ilp.uniform_choices(space)
+    for bit, uc in unif:
+        rows.append(ilp._row(space, np.asarray(uc), source="uniform", label=f"w{bit}a{bit}"))
+    return rows, [s.unit_choice for s in at_budget] + [uc for _, uc in unif]
+
+
+def earlier_picks(out: Path, space: ilp.SearchSpace, inputs: Inputs) -> list[dict]:
+    """Rows of the configs picked at other budgets in ``out`` for the same supernet (monotone picks)."""
+    rows = []
+    for p in sorted(out.glob("budget-*/config.json")):
+        try:
+            cfg, doc = sx.load(p)
+            uc = space.unit_choice_of(cfg)
+        except (sx.ExportError, ConfigError):
+            continue     # another model, space or schema: not a candidate of this search
+        if doc["provenance"].get("checkpoint_sha256") == inputs.checkpoint_sha:
+            rows.append(ilp._row(space, uc, source=doc["source"], pick_at=p.parent.name))
+    return rows
+
+
+def study_name(cfg: SearchConfig, inputs: Inputs, space: ilp.SearchSpace, ev: Evaluator, budgets) -> str:
+    """One study per supernet, evaluation context, search space, budget, sampler and seed."""
+    bkey = "_".join(f"{b.kind}{b.limit if b.kind != 'plain_avg' else b.value:.6g}" for b in budgets)
+    # the study's parameters are the space's units and choices: a different space is a different study
+    skey = hashlib.sha1(json.dumps([space.unit_names(), space.choices, space.objective_name]).encode()
+                        ).hexdigest()[:8]
+    return f"hasb-{inputs.model_name}-{ev.context_key}-{skey}-{bkey}-{cfg.optuna_sampler}-s{cfg.seed}"
+
+
+def optuna_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list, ev: Evaluator, name: str,
+                      seeds: list, out: Path) -> list[dict]:
+    """Rows of the COMPLETE trials of the Optuna study (run or resumed until it holds ``cfg.trials``)."""
+    if cfg.force and cfg.storage is None and (out / "optuna.db").exists():
+        try:
+            optuna.delete_study(study_name=name, storage=f"sqlite:///{(out / 'optuna.db').resolve()}")
+        except KeyError:
+            pass     # no such study yet
+
+    def fn(config):
+        r = ev.evaluate(config)
+        return r.accuracy, r.loss
+    so.log(f"[search] Optuna study {name!r}: {cfg.trials} trials ({cfg.optuna_sampler})", cfg.progress)
+    study = run_study(space, fn, constraints=cons, storage=cfg.storage, out_dir=out, study_name=name,
+                      n_trials=cfg.trials, sampler=cfg.optuna_sampler, seed=cfg.seed, seeds=seeds,
+                      progress=cfg.progress)
+    return [ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))
+            for _, t in study_trials_frame(study, space).iterrows()]
+
+
+def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(candidates: every (config, source) row, distinct configs with on_front/fits), scores from the evaluator."""
+    cand = pd.DataFrame(rows)
+    res = {d: ev.evaluate(space.config(uc), save=False) for d, uc in zip(cand.digest, cand.unit_choice, strict=True)}
+    ev.save()
+    cand["accuracy"] = [res[d].accuracy for d in cand.digest]
+    cand["accuracy_se"] = [res[d].se for d in cand.digest]
+    cand["loss"] = [res[d].loss for d in cand.digest]
+    if "pick_at" not in cand:
+        cand["pick_at"] = None
+    cand.insert(0, "config_id", cand["digest"].str[:10])
+    # one row per distinct config (first source wins: uniform labels are kept; earlier picks keep their folder)
+    prio = {"uniform": 0, "ilp": 1, "optuna": 2}
+    uniq = (cand.assign(_p=cand.source.map(prio)).sort_values(["_p"], kind="stable").drop_duplicates("digest")
+            .drop(columns="_p"))
+    picks = cand.dropna(subset=["pick_at"]).drop_duplicates("digest").set_index("digest").pick_at
+    uniq["pick_at"] = uniq.digest.map(picks)
+    uniq["sources"] = [",".join(sorted(set(cand.source[cand.digest == d]))) for d in uniq.digest]
+    uniq["on_front"] = pareto_mask(uniq.bitops.to_numpy(), uniq.accuracy.to_numpy())
+    uniq["fits"] = [all(c.holds(r[c.metric]) for c in cons) for _, r in uniq.iterrows()]
+    return cand, uniq.sort_values("bitops").reset_index(drop=True)
+
+
+def pick(uniq: pd.DataFrame) -> pd.Series:
+    """The most accurate config within every budget (ties: fewer BitOPs, then the lower proxy objective)."""
+    feas = uniq[uniq.fits]
+    if feas.empty:   # cannot happen: the ILP optimum at the budget is feasible
+        raise ilp.InfeasibleError("no evaluated config meets the budget")
+    return feas.sort_values(["accuracy", "bitops", "objective"], ascending=[False, True, True]).iloc[0]
+
+
+def search(cfg: SearchConfig, inputs: Inputs, budgets: list[Budget], device) -> dict:
+    """Candidates → validation scores → the pick → its one test score → outputs; returns the summary."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    inputs.model.to(device)
+    space = _space(cfg, inputs)
+    cons = [ilp.constraint_from_budget(b) for b in budgets]
+    data = SplitLoader(cfg, inputs)
+    ev = make_evaluator(cfg, inputs, data, device, out)
+    rows, seeds = ilp_candidates(cfg, space, cons)
+    rows += earlier_picks(out, space, inputs)
+    configs = {r["digest"]: space.config(r["unit_choice"]) for r in rows}
+    so.log(f"[search] {space.n_units} units × {len(space.choices)} choices; evaluating {len(configs)} ILP/uniform/"
+           f"earlier configs ({sum(ev.cached(c) is None for c in configs.values())} new)", cfg.progress)
+    ev.evaluate_many(list(configs.values()), progress=cfg.progress, desc="evaluate")
+    if not cfg.no_optuna and cfg.trials > 0:
+        rows += optuna_candidates(cfg, space, cons, ev, study_name(cfg, inputs, space, ev, budgets), seeds, out)
+    cand, uniq = tabulate(rows, space, ev, cons)
+    best = pick(uniq)
+    chosen = space.config(cand.unit_choice[cand.digest == best.digest].iloc[0])
+    test = ev.score(chosen, data.test())
+    val_info, test_info = data.info(int(ev.evaluate(chosen).n), test.n)
+    scores = {"validation": so.split_score(ev.evaluate(chosen), val_info, selected_on=True, n_candidates=len(uniq)),
+              "test": so.split_score(test, test_info, selected_on=False),
+              "bn": {"mode": cfg.bn, "calibration_images": ev.calibration_images()}}
+    return write_outputs(cfg, inputs, budgets, space, ev, cand, uniq, best, chosen, scores, t0)
+
+
+def bn_text(bn: dict) -> str:
+    """How BN was handled, in words."""
+    if bn["mode"] == "recal":
+        return f"re-calibrated per config on {bn['calibration_images']} calibration images (train subset)"
+    return "stored statistics (Transitional BN / per-bit entries), not re-calibrated"
+
+
+def write_document(cfg: SearchConfig, inputs: Inputs, budgets, binds: bool, space, best, chosen: BitConfig,
+                   scores: dict, folder: Path, deploy: Path) -> Path:
+    """config.json of the pick: its config, costs, validation and test scores (with SEs) and provenance."""
+    spec = get_spec(inputs.model)
+    metrics = {k: float(best[k]) for k in sx.METRIC_KEYS}
+    doc = sx.make_document(
+        model_name=inputs.model_name, build=getattr(inputs.model, "hasb_build", None), bits=spec.bits,
+        config=chosen, fixed={n: ("fp" if spec.fixed_bit is None else spec.fixed_bit) for n in spec.fixed},
+        metrics=metrics, budgets=budgets, budget_binds=binds, source=str(best.source),
+        provenance={"sensitivity_fingerprint": inputs.sensitivity.get("fingerprint"),
+                    "checkpoint_sha256": inputs.checkpoint_sha, "hasb_version": hasb.__version__,
+                    "command": cfg.command, "demo": inputs.demo, "objective": space.objective_name,
+                    "bn": cfg.bn, "data": inputs.data},
+        integer_checkpoint=deploy.name, scores=scores)
+    return sx.write(doc, folder / "config.json")
+
+
+def write_outputs(cfg: SearchConfig, inputs: Inputs, budgets, space, ev: Evaluator, cand: pd.DataFrame,
+                  uniq: pd.DataFrame, best, chosen: BitConfig, scores: dict, t0: float) -> dict:
+    """Shared tables at the top of ``out``; config.json, deploy.pt, table.csv and plots in the budget's folder."""
+    out = Path(cfg.out)
+    folder = out / so.budget_dir_name(budgets)
+    folder.mkdir(parents=True, exist_ok=True)
+    binds = any(space.metric_range(c.metric)[1] > c.limit * (1 + 1e-12) or c.equality
+                for c in (ilp.constraint_from_budget(b) for b in budgets))
+    uniq["chosen"] = uniq.digest == best.digest
+    with ev.calibrated(chosen) as scored:   # the BN statistics the score used, not the stored ones
+        deploy = sx.export_integer(scored, chosen, folder / "deploy.pt",
+                                   extra={"source": "search.pareto", "scores": scores})
+    paths = {"config": write_document(cfg, inputs, budgets, binds, space, best, chosen, scores, folder, deploy),
+             "integer_checkpoint": deploy, "table_csv": so.write_table(folder, uniq), **so.write_shared(out, cand, uniq)}
+    paths["plot_png"], paths["plot_svg"] = so.plot(uniq, best, scores["test"], budgets, inputs.cost, folder,
+                                                   inputs.model_name, scores["validation"])
+    summary = {
+        "model": inputs.model_name, "demo": inputs.demo, "budget": [b.text for b in budgets], "budget_binds": binds,
+        "folder": str(folder), "folder_name": folder.name,
+        "chosen": {"config_id": best.config_id, "config": best.config, "source": best.source,
+                   **{k: float(best[k]) for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes",
+                                                  "accuracy", "accuracy_se", "loss")},
+                   "test_accuracy": scores["test"]["accuracy"], "test_se": scores["test"]["se"]},
+        "scores": scores, "bn": bn_text(scores["bn"]), "monotone": so.monotone_note(uniq, folder.name),
+        "n_candidates": int(len(uniq)), "n_front": int(uniq.on_front.sum()), "n_evaluated_now": ev.n_evaluated,
+        "paths": {k: str(v) for k, v in paths.items()}, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if not binds:
+        summary["note"] = "the budget does not bind: every config fits; picked the most accurate config overall"
+    so.print_table(uniq, best, summary, budgets, file=sys.stderr if cfg.json else sys.stdout,
+                   quiet=not cfg.progress)
+    return summary
+
+
+__all__ = ["SearchConfig", "run_search", "search", "prepare", "validate_config", "with_defaults", "DEFAULT_OUT",
+           "tabulate", "pick"]
