@@ -18,12 +18,11 @@ Definitions (the only place they live):
 """
 from __future__ import annotations
 
-from .errors import HasbError
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .config import Bit, BitConfig, ConfigError
+from .errors import HasbError
 from .quantize import DEFAULT_BITS, _example
 
 FP_BITS = 32
@@ -92,8 +92,8 @@ class CostModel:
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, example_input: Optional[torch.Tensor] = None,
-                   candidate_bits: Optional[Sequence[int]] = None) -> "CostModel":
+    def from_model(cls, model: nn.Module, example_input: torch.Tensor | None = None,
+                   candidate_bits: Sequence[int] | None = None) -> CostModel:
         """Trace one forward pass (batch size taken from ``example_input``) and record every Conv2d/Linear.
 
         MACs per sample are summed over every call of a module (a weight-shared module applied twice, or at two
@@ -211,7 +211,7 @@ class CostModel:
             return self.uniform_size(lo), self.uniform_size(hi)
         raise BudgetError(f"unknown budget kind {kind!r}")
 
-    def parse_budget(self, text, kind: Optional[str] = None) -> Budget:
+    def parse_budget(self, text, kind: str | None = None) -> Budget:
         """Parse ``3.5`` (average-bit equivalent), ``25.1GBOPs`` / ``2.51e10`` (BitOPs), ``4.2MB`` (size).
 
         ``kind`` forces an interpretation ("avg_bits", "bitops", "size", "plain_avg").
@@ -253,7 +253,7 @@ _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?nan|[+-]?inf)"
 AVG_BITS_MAX = 32.0   # a bare number at most this is an average bit; above it, BitOPs
 
 
-def parse_budget_text(text, kind: Optional[str] = None) -> Budget:
+def parse_budget_text(text, kind: str | None = None) -> Budget:
     """Syntax only (no model): returns a Budget whose ``limit`` is filled for bitops/size."""
     if kind is not None and kind not in ("avg_bits", "bitops", "size", "plain_avg"):
         raise BudgetError(f"unknown budget kind {kind!r}; accepted: avg_bits, bitops, size, plain_avg")

@@ -167,3 +167,32 @@ def test_recalibration_changes_running_stats_only(multi_run):
         c1 = [m.conv1(x) for x in xs]
     want = torch.stack([c.mean((0, 2, 3)) for c in c1]).mean(0)
     assert torch.allclose(m.bn1.bns["fp"].running_mean, want, atol=1e-6)
+
+
+def test_resume_mid_epoch_keeps_metrics_exact(tmp_path):
+    """metrics.csv/json after a kill mid-epoch and --resume equal the uninterrupted run's (epoch_s aside): the
+    epoch's running loss sums travel in the checkpoint."""
+    kw = dict(epochs=2, train_limit=256, val_limit=64, bits=[8, 4])
+    train(small_cfg(tmp_path / "straight", **kw))
+    train(small_cfg(tmp_path / "killed", max_steps=3, **kw))       # 4 steps per epoch: stops mid-epoch 1
+    train(small_cfg(tmp_path / "killed", resume=True, **kw))
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        ra.pop("epoch_s"), rb.pop("epoch_s")
+        assert ra == rb
+    assert "se_acc_w8a8" in a[0] and a[0]["val_n"] == 64 and a[0]["val_split"] == "val"
+
+
+def test_stale_temp_files_removed_on_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.pt.abc123.tmp", out / ".model.pt.x.tmp", out / ".metrics.csv.q.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a write")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    train(small_cfg(out, epochs=1, train_limit=64, val_limit=64, bits=[8]))
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+    assert not list(out.glob(".*.tmp"))
