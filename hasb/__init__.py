@@ -10,8 +10,28 @@ The verbs::
 from .config import BitConfig, ConfigError, atomic_write_bytes, atomic_write_text
 from .cost import Budget, BudgetError, CostModel, layer_bitops
 from .modules import QConv2d, QLinear, SwitchBatchNorm
-from .quantize import (DEFAULT_BITS, QuantSpec, batchnorms, candidate_bits, get_config, get_spec, init_quantizers,
-                       quantize_model, quantized_layers, restore_fixed, searchable_layers, set_config, set_fp,
-                       uniform_config, use_config)
+from .quantize import (
+                       DEFAULT_BITS,
+                       QuantSpec,
+                       batchnorms,
+                       candidate_bits,
+                       get_config,
+                       get_spec,
+                       init_quantizers,
+                       quantize_model,
+                       quantized_layers,
+                       restore_fixed,
+                       searchable_layers,
+                       set_config,
+                       set_fp,
+                       uniform_config,
+                       use_config,
+)
 
 __version__ = "0.1.0"
+
+__all__ = ["BitConfig", "ConfigError", "atomic_write_bytes", "atomic_write_text", "Budget", "BudgetError", "CostModel",
+           "layer_bitops", "QConv2d", "QLinear", "SwitchBatchNorm", "DEFAULT_BITS", "QuantSpec", "batchnorms",
+           "candidate_bits", "get_config", "get_spec", "init_quantizers", "quantize_model", "quantized_layers",
+           "restore_fixed", "searchable_layers", "set_config", "set_fp", "uniform_config", "use_config",
+           "__version__"]

@@ -19,7 +19,7 @@ implement it either (method notes §2).  Weights always keep the scheduled λ.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 ALRS_MODES = ("code", "paper", "off")
 

@@ -1,17 +1,18 @@
 """BitConfig: per-layer (weight bits, activation bits), as data with a JSON round trip."""
 from __future__ import annotations
 
-from .errors import HasbError
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
 
-Bit = Optional[int]          # None = full precision ("fp" in JSON)
-BitLike = Union[int, str, None]
+from .errors import HasbError
+
+Bit = int | None          # None = full precision ("fp" in JSON)
+BitLike = int | str | None
 MAX_BITS = 16
 
 
@@ -40,7 +41,7 @@ def parse_bit(b: BitLike, where: str = "") -> Bit:
     return b
 
 
-def bit_str(b: Bit) -> Union[int, str]:
+def bit_str(b: Bit) -> int | str:
     return "fp" if b is None else int(b)
 
 
@@ -69,11 +70,11 @@ class BitConfig:
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def uniform(cls, names: Iterable[str], bit: BitLike) -> "BitConfig":
+    def uniform(cls, names: Iterable[str], bit: BitLike) -> BitConfig:
         b = parse_bit(bit)
         return cls({n: (b, b) for n in names})
 
-    def with_layers(self, updates: Mapping[str, tuple[Bit, Bit]]) -> "BitConfig":
+    def with_layers(self, updates: Mapping[str, tuple[Bit, Bit]]) -> BitConfig:
         d = dict(self.layers)
         d.update(updates)
         return BitConfig(d)
@@ -94,7 +95,7 @@ class BitConfig:
     def a_bits(self) -> list[Bit]:
         return [a for _, a in self.layers.values()]
 
-    def is_uniform(self) -> Optional[Bit]:
+    def is_uniform(self) -> Bit | None:
         vals = {b for pair in self.layers.values() for b in pair}
         return next(iter(vals)) if len(vals) == 1 else None
 
@@ -141,7 +142,7 @@ class BitConfig:
         return {"layers": {n: {"w_bits": bit_str(w), "a_bits": bit_str(a)} for n, (w, a) in self.layers.items()}}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "BitConfig":
+    def from_dict(cls, d: Mapping) -> BitConfig:
         if not isinstance(d, Mapping) or "layers" not in d or not isinstance(d["layers"], Mapping):
             raise ConfigError("a BitConfig JSON must be an object with a 'layers' object "
                               "({name: {'w_bits': b, 'a_bits': b}})")
@@ -155,22 +156,22 @@ class BitConfig:
                 out[n] = v
         return cls(out)
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, s: str) -> "BitConfig":
+    def from_json(cls, s: str) -> BitConfig:
         try:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise ConfigError(f"not valid JSON: {e}") from None
         return cls.from_dict(d)
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "BitConfig":
+    def load(cls, path: str | Path) -> BitConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
@@ -180,12 +181,12 @@ class BitConfig:
         return cls.from_dict(d)
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text to ``path`` through a temp file + rename, so a crash never leaves half a file."""
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")

@@ -18,11 +18,11 @@ Definitions (the only place they live):
 """
 from __future__ import annotations
 
-from .errors import HasbError
+import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from .config import Bit, BitConfig, ConfigError
+from .errors import HasbError
+from .quantize import DEFAULT_BITS, _example
 
 FP_BITS = 32
 
@@ -90,10 +92,13 @@ class CostModel:
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, example_input: Optional[torch.Tensor] = None,
-                   candidate_bits: Optional[Sequence[int]] = None) -> "CostModel":
-        """Trace one forward pass (batch size taken from ``example_input``) and record every Conv2d/Linear."""
-        from .quantize import _example
+    def from_model(cls, model: nn.Module, example_input: torch.Tensor | None = None,
+                   candidate_bits: Sequence[int] | None = None) -> CostModel:
+        """Trace one forward pass (batch size taken from ``example_input``) and record every Conv2d/Linear.
+
+        MACs per sample are summed over every call of a module (a weight-shared module applied twice, or at two
+        resolutions, does the work of each call); its parameters and size are counted once.
+        """
         spec = getattr(model, "hasb_spec", None)
         x = _example(model, example_input)
         batch = x.shape[0]
@@ -104,11 +109,12 @@ class CostModel:
                 continue
 
             def hook(mod, inp, out, name=name):
-                if name in records:
-                    return
                 per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1] \
                     if isinstance(mod, nn.Conv2d) else mod.in_features
                 macs = out.numel() // batch * per_out
+                if name in records:     # a further call of the same module: its work adds up
+                    records[name] = dataclasses.replace(records[name], macs=records[name].macs + int(macs))
+                    return
                 fixed = spec is not None and name in spec.fixed
                 records[name] = LayerCost(
                     name=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear", macs=int(macs),
@@ -124,7 +130,7 @@ class CostModel:
             for h in hooks:
                 h.remove()
             model.train(was)
-        bits = candidate_bits or (spec.bits if spec is not None else (8, 6, 4, 2))
+        bits = candidate_bits or (spec.bits if spec is not None else DEFAULT_BITS)
         return cls(list(records.values()), bits)
 
     # -- views ---------------------------------------------------------------------
@@ -205,7 +211,7 @@ class CostModel:
             return self.uniform_size(lo), self.uniform_size(hi)
         raise BudgetError(f"unknown budget kind {kind!r}")
 
-    def parse_budget(self, text, kind: Optional[str] = None) -> Budget:
+    def parse_budget(self, text, kind: str | None = None) -> Budget:
         """Parse ``3.5`` (average-bit equivalent), ``25.1GBOPs`` / ``2.51e10`` (BitOPs), ``4.2MB`` (size).
 
         ``kind`` forces an interpretation ("avg_bits", "bitops", "size", "plain_avg").
@@ -247,7 +253,7 @@ _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?nan|[+-]?inf)"
 AVG_BITS_MAX = 32.0   # a bare number at most this is an average bit; above it, BitOPs
 
 
-def parse_budget_text(text, kind: Optional[str] = None) -> Budget:
+def parse_budget_text(text, kind: str | None = None) -> Budget:
     """Syntax only (no model): returns a Budget whose ``limit`` is filled for bitops/size."""
     if kind is not None and kind not in ("avg_bits", "bitops", "size", "plain_avg"):
         raise BudgetError(f"unknown budget kind {kind!r}; accepted: avg_bits, bitops, size, plain_avg")

@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +27,7 @@ def pskd_alpha(epoch: int, epochs: int, alpha_T: float = 0.7) -> float:
     return float(alpha_T) * (epoch + 1) / max(int(epochs), 1)
 
 
-def pskd_target(labels: torch.Tensor, p_prev: Optional[torch.Tensor], alpha: float, num_classes: int) -> torch.Tensor:
+def pskd_target(labels: torch.Tensor, p_prev: torch.Tensor | None, alpha: float, num_classes: int) -> torch.Tensor:
     """(1 − α)·onehot + α·p_prev; [N, C].  ``p_prev`` None (first epoch) → one-hot."""
     onehot = F.one_hot(labels, num_classes).float()
     if p_prev is None:
@@ -37,7 +35,7 @@ def pskd_target(labels: torch.Tensor, p_prev: Optional[torch.Tensor], alpha: flo
     return (1.0 - alpha) * onehot + alpha * p_prev.to(onehot)
 
 
-def inplace_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[torch.Tensor],
+def inplace_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
                  weight: float = 0.5) -> torch.Tensor:
     """Label CE mixed with soft CE to the (detached) teacher probabilities; teacher None → CE only."""
     ce = F.cross_entropy(logits.float(), labels)

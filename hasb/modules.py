@@ -9,7 +9,7 @@ precision (``fp``).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from . import quantizer as Q
 FP = "fp"
 
 
-def bit_key(bit: Optional[int]) -> str:
+def bit_key(bit: int | None) -> str:
     return FP if bit is None else str(int(bit))
 
 
@@ -30,12 +30,12 @@ class QuantMixin:
     candidate_bits: tuple[int, ...]
     high_bit: int
     rounding: Q.Rounding
-    w_bit: Optional[int]
-    a_bit: Optional[int]
+    w_bit: int | None
+    a_bit: int | None
     fixed: bool
 
-    def _init_quant(self, bits: Iterable[int], rounding: Q.Rounding, act_signed: Optional[bool],
-                    fixed_bit: Optional[int] = None, fixed: bool = False) -> None:
+    def _init_quant(self, bits: Iterable[int], rounding: Q.Rounding, act_signed: bool | None,
+                    fixed_bit: int | None = None, fixed: bool = False) -> None:
         bits = tuple(sorted({int(b) for b in bits}, reverse=True))
         if fixed and fixed_bit is not None:
             bits = tuple(sorted(set(bits) | {int(fixed_bit)}, reverse=True))
@@ -63,7 +63,7 @@ class QuantMixin:
         return self
 
     # -- bit switching -------------------------------------------------------
-    def set_bits(self, w_bit: Optional[int], a_bit: Optional[int]) -> None:
+    def set_bits(self, w_bit: int | None, a_bit: int | None) -> None:
         for b in (w_bit, a_bit):
             if b is not None and b not in self.candidate_bits:
                 raise ValueError(f"bit {b} is not a candidate of this layer; accepted: "
@@ -71,13 +71,13 @@ class QuantMixin:
         self.w_bit, self.a_bit = w_bit, a_bit
 
     # -- quantization ----------------------------------------------------------
-    def quant_weight(self, bit: Optional[int] = None) -> torch.Tensor:
+    def quant_weight(self, bit: int | None = None) -> torch.Tensor:
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
         return Q.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
-    def int_weight(self, bit: Optional[int] = None) -> torch.Tensor:
+    def int_weight(self, bit: int | None = None) -> torch.Tensor:
         """Integer weights (int8 tensor) at ``bit`` (default the stored high bit)."""
         with torch.no_grad():
             w_h = Q.stored_int(self.weight, self.w_scale, self.high_bit)
@@ -168,7 +168,7 @@ class SwitchBatchNorm(nn.Module):
             b.load_state_dict(bn.state_dict())
             self.bns[k] = b
         self.mode = "bit"            # "bit" (per-bit, multi-precision) or "pair" (Transitional BN)
-        self.override: Optional[str] = None
+        self.override: str | None = None
         # producer / predecessor layers: plain references (not submodules), set by quantize_model
         self._producer: list = []
         self._prev: list = []

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from .cli import parse_bits
 from .config import Bit, BitConfig, BitLike, ConfigError, parse_bit
-from .models import build_model
-from .modules import FP, QUANT_TYPES, QConv2d, QLinear, SwitchBatchNorm, bit_key
+from .models import build_model, build_record
+from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, bit_key
 from .quantizer import ROUNDINGS
 
 DEFAULT_BITS = (8, 6, 4, 2)
@@ -22,7 +23,7 @@ class QuantSpec:
 
     bits: tuple[int, ...] = DEFAULT_BITS
     fixed: tuple[str, ...] = ()          # module paths of fixed layers
-    fixed_bit: Optional[int] = None      # None = fp
+    fixed_bit: int | None = None      # None = fp
     rounding: str = "half_up"
     order: tuple[str, ...] = ()          # quantized layers in execution order
     bn_producers: dict = field(default_factory=dict)   # bn path -> [producer, predecessor]
@@ -34,7 +35,7 @@ class QuantSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantSpec":
+    def from_dict(cls, d: dict) -> QuantSpec:
         return cls(bits=tuple(d["bits"]), fixed=tuple(d["fixed"]), fixed_bit=d["fixed_bit"],
                    rounding=d["rounding"], order=tuple(d["order"]), bn_producers=dict(d["bn_producers"]))
 
@@ -74,25 +75,23 @@ def _example(model: nn.Module, example_input):
 def quantize_model(
     model: nn.Module,
     bits: Sequence[int] = DEFAULT_BITS,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
     *,
-    fixed: Union[str, Sequence[str]] = "first_last",
+    fixed: str | Sequence[str] = "first_last",
     fixed_bits: BitLike = "fp",
     rounding: str = "half_up",
-    act_signed: Optional[bool] = None,
+    act_signed: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place (and return it).
 
-    Every ``nn.Conv2d`` (grouped and depthwise included) and ``nn.Linear`` becomes
-    a :class:`QConv2d`/:class:`QLinear` at the same module path; every BatchNorm a
-    :class:`SwitchBatchNorm` with one private BN per bit (plus ``fp``).
+    Every ``nn.Conv2d`` (grouped, depthwise) and ``nn.Linear`` becomes a :class:`QConv2d`/:class:`QLinear` at
+    the same module path; every BatchNorm a :class:`SwitchBatchNorm` with one private BN per bit (plus ``fp``).
 
     Args:
         bits: candidate bit-widths, e.g. (8, 6, 4, 2), (4, 3, 2), (8, 4).  The
             highest is the stored integer precision h.
-        example_input: one input batch; traced once to find execution order (first
-            and last layer) and which layer feeds each BatchNorm.  Zoo models carry
-            ``example_input_shape`` and may omit it.
+        example_input: one input batch; traced once to find execution order (first and last layer) and which
+            layer feeds each BatchNorm.  Zoo models carry ``example_input_shape`` and may omit it.
         fixed: ``"first_last"`` (default, as the paper), ``"none"``, or explicit module paths.
         fixed_bits: precision of fixed layers: ``"fp"`` (default) or an int (e.g. 8).
         rounding: second-rounding mode, ``"half_up"`` (default) or ``"half_even"``.
@@ -101,18 +100,7 @@ def quantize_model(
     """
     if getattr(model, "hasb_spec", None) is not None:
         raise ValueError("model is already quantized (it has hasb_spec)")
-    try:
-        bit_list = tuple(sorted({int(b) for b in bits}, reverse=True))
-    except (TypeError, ValueError):
-        raise ConfigError(f"bits must be integers, got {bits!r}") from None
-    if not bit_list or any(not 1 <= b <= 8 for b in bit_list):
-        raise ConfigError(f"candidate bits must be integers in 1..8, got {list(bits)}")
-    if rounding not in ROUNDINGS:
-        raise ConfigError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
-    fbit = parse_bit(fixed_bits)
-    if fbit is not None and fbit > 8:
-        raise ConfigError(f"fixed_bits must be 'fp' or 1..8, got {fixed_bits!r}")
-
+    bit_list, fbit = _check_quantize_args(bits, rounding, fixed_bits)
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         model.example_input_shape = tuple(ex.shape[1:])   # so later tracing (cost model) needs no input
@@ -122,35 +110,19 @@ def quantize_model(
     if not layer_order:
         raise ValueError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
 
-    if fixed == "first_last":
-        fixed_set = {layer_order[0], layer_order[-1]}
-    elif fixed in ("none", None, ()):
-        fixed_set = set()
-    else:
-        fixed_set = set([fixed] if isinstance(fixed, str) else fixed)
-        unknown = fixed_set - set(layer_order)
-        if unknown:
-            raise ConfigError(f"fixed layer(s) {sorted(unknown)} are not Conv2d/Linear layers of the model")
-
+    fixed_set = _fixed_layers(fixed, layer_order)
     for name in layer_order:
         m = model.get_submodule(name)
         cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-        q = cls.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=name in fixed_set)
-        q.train(m.training)
-        _set_submodule(model, name, q)
+        _set_submodule(model, name, cls.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit,
+                                                   fixed=name in fixed_set).train(m.training))
 
     # BatchNorm: one per bit (+ fp), each fed by the quantized layer executed just before it
-    producers: dict[str, list[str]] = {}
-    last: list[str] = []
-    for n, m in calls:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            last = ([n] + last)[:2]
-        elif n not in producers:
-            producers[n] = list(last)
+    producers = _bn_producers(calls)
     keys = [str(b) for b in bit_list] + [FP]
     if fbit is not None and str(fbit) not in keys:
         keys.append(str(fbit))
-    for n, prod in producers.items():
+    for n in producers:
         old = model.get_submodule(n)
         sbn = SwitchBatchNorm(old, keys).train(old.training)
         _set_submodule(model, n, sbn)
@@ -159,6 +131,45 @@ def quantize_model(
     model.hasb_spec = spec
     link_batchnorms(model)
     return model
+
+
+def _check_quantize_args(bits: Sequence[int], rounding: str, fixed_bits: BitLike) -> tuple[tuple[int, ...], Bit]:
+    """(candidate bits highest first, parsed by :func:`hasb.cli.parse_bits`; the fixed layers' bit or None)."""
+    try:
+        bit_list = tuple(parse_bits(list(bits) if not isinstance(bits, str) else bits, "bits"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"candidate bits must be integers in 1..8, each once; got {bits!r} ({e})") from None
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+    fbit = parse_bit(fixed_bits)
+    if fbit is not None and fbit > 8:
+        raise ConfigError(f"fixed_bits must be 'fp' or 1..8, got {fixed_bits!r}")
+    return bit_list, fbit
+
+
+def _fixed_layers(fixed: str | Sequence[str] | None, layer_order: list[str]) -> set[str]:
+    """The layers kept at the fixed precision: first and last, none, or the named ones (checked)."""
+    if fixed == "first_last":
+        return {layer_order[0], layer_order[-1]}
+    if fixed in ("none", None, ()):
+        return set()
+    fixed_set = set([fixed] if isinstance(fixed, str) else fixed)
+    unknown = fixed_set - set(layer_order)
+    if unknown:
+        raise ConfigError(f"fixed layer(s) {sorted(unknown)} are not Conv2d/Linear layers of the model")
+    return fixed_set
+
+
+def _bn_producers(calls: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """BatchNorm path → the (up to two) Conv2d/Linear layers executed last before its first call, latest first."""
+    producers: dict[str, list[str]] = {}
+    last: list[str] = []
+    for n, m in calls:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            last = ([n] + last)[:2]
+        elif n not in producers:
+            producers[n] = list(last)
+    return producers
 
 
 def link_batchnorms(model: nn.Module) -> None:
@@ -177,7 +188,7 @@ def get_spec(model: nn.Module) -> QuantSpec:
     return spec
 
 
-def quantized_layers(model: nn.Module) -> dict[str, Union[QConv2d, QLinear]]:
+def quantized_layers(model: nn.Module) -> dict[str, QConv2d | QLinear]:
     """All quantized layers (fixed included), in execution order."""
     spec = get_spec(model)
     return {n: model.get_submodule(n) for n in spec.order}
@@ -199,7 +210,7 @@ def get_config(model: nn.Module) -> BitConfig:
     return BitConfig({n: (layers[n].w_bit, layers[n].a_bit) for n in searchable_layers(model)})
 
 
-def set_config(model: nn.Module, config: Union[BitConfig, dict, BitLike]) -> None:
+def set_config(model: nn.Module, config: BitConfig | dict | BitLike) -> None:
     """Switch the model to ``config`` (a BitConfig, a {layer: bits} dict, or one uniform bit). No weights are copied."""
     if not isinstance(config, (BitConfig, dict)):
         config = BitConfig.uniform(searchable_layers(model), config)
@@ -283,17 +294,17 @@ __all__ = [
 ]
 
 
-def float_twin(qmodel: nn.Module, bit: Optional[int] = None) -> nn.Module:
+def float_twin(qmodel: nn.Module, bit: int | None = None) -> nn.Module:
     """The float zoo model of a quantized ``qmodel``: its float weights and, per BN, the entry ``bit`` uses.
 
     The untrained fp path of a quantized model (``set_fp``) has BatchNorm entries that training never updated, so
     it is not a network anyone trained; its twin is. ``bit`` defaults to the highest candidate bit (the entry
     closest to float). Needs the model's build record (models built by ``hasb.models.build_model``).
     """
-    build = getattr(qmodel, "hasb_build", None)
+    build = build_record(qmodel)
     if not build:
         raise ConfigError("float_twin needs a model built by hasb.models.build_model (it has no build record)")
-    twin = build_model(**dict(build))
+    twin = build_model(**build)
     bit = get_spec(qmodel).bits[0] if bit is None else bit
     with use_config(qmodel, bit):
         bns = batchnorms(qmodel)

@@ -24,6 +24,9 @@ Weights get the straight-through estimator inside the clip range, zero outside.
 Activations use per-tensor LSQ with an independent scale per candidate bit,
 unsigned [0, 2^b - 1] or signed [-2^(b-1), 2^(b-1) - 1].
 
+At 1 bit the signed range is [-1, 0] (two's complement; a weight keeps the sign bit of its stored integer) and
+LSQ's g = 1/sqrt(N · max(Qp, 1)) stays finite.
+
 Everything is written with detach tricks rather than a custom autograd.Function
 so that ``torch.compile`` and forward-mode AD (used by the Hessian engine) see
 plain differentiable ops.
@@ -33,7 +36,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
@@ -141,7 +145,9 @@ def quantize_weight(
     delta = high_bit - bit
     qn, qp = int_range(bit)
     n_per_channel = w[0].numel()
-    g = 1.0 / math.sqrt(n_per_channel * qp)
+    # at 1 bit the signed range is two's complement [-1, 0] (Qp = 0): the top bit of the stored integer, which
+    # keeps Double Rounding's nesting; LSQ's g then uses the range's magnitude 1 (as activations do), not 1/0
+    g = 1.0 / math.sqrt(n_per_channel * max(qp, 1))
     if _use_fused():
         return _DoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
     s_h = _per_channel(grad_scale(scale, g), w)

@@ -29,10 +29,7 @@ trainer owns and checkpoints, so resuming reproduces the same draws.
 """
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -118,9 +115,9 @@ class BitSampler:
 
     def probabilities(self) -> dict[str, dict[int, float]]:
         """layer → {bit: p} of a switching layer's draw."""
-        return {n: {b: float(p) for b, p in zip(self.bits, row)} for n, row in zip(self.layers, self.probs)}
+        return {n: {b: float(p) for b, p in zip(self.bits, row, strict=True)} for n, row in zip(self.layers, self.probs, strict=True)}
 
-    def sample(self, base_bit: int, epoch: int, generator: Optional[torch.Generator] = None) -> BitConfig:
+    def sample(self, base_bit: int, epoch: int, generator: torch.Generator | None = None) -> BitConfig:
         """One pass's config: each layer switches with probability σ_e to a draw from p_l, else keeps ``base_bit``.
 
         Always consumes the same amount of randomness (L uniforms + L draws), so the
@@ -133,7 +130,7 @@ class BitSampler:
         idx = torch.multinomial(self.probs, 1, replacement=True, generator=generator).squeeze(1)
         bits = torch.tensor(self.bits)[idx]
         chosen = torch.where(u < s, bits, torch.full_like(bits, int(base_bit))).tolist()
-        return BitConfig({n: (b, b) for n, b in zip(self.layers, chosen)})
+        return BitConfig({n: (b, b) for n, b in zip(self.layers, chosen, strict=True)})
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "layers": list(self.layers), "bits": list(self.bits), "probs": self.probs.clone(),
@@ -187,8 +184,8 @@ class TemperedSampler(BitSampler):
         super().__init__(layers, bits, tempered_probabilities(om, list(bits), tau), **kw)
 
 
-def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sensitivity: Optional[dict] = None,
-                  model_name: Optional[str] = None, sigma: float = 0.5, epochs: int = 1, warmup_epochs: int = 0,
+def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sensitivity: dict | None = None,
+                  model_name: str | None = None, sigma: float = 0.5, epochs: int = 1, warmup_epochs: int = 0,
                   tau: float = 1.0) -> BitSampler:
     """The sampler named ``kind`` (one of SAMPLERS); hasb/tempered need a loaded sensitivity dict."""
     bits = sorted({int(b) for b in bits}, reverse=True)

@@ -16,13 +16,13 @@ entry are untouched, and module modes and momenta are restored afterwards.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional, Union
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 from .config import BitConfig
-from .modules import FP, SwitchBatchNorm, bit_key
+from .modules import FP, bit_key
 from .quantize import batchnorms, get_spec, use_config
 
 
@@ -77,8 +77,8 @@ def _as_batches(batches) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, config: Union[BitConfig, dict, int, str, None], batches: Iterable,
-                   *, device: Optional[Union[str, torch.device]] = None) -> int:
+def recalibrate_bn(model: nn.Module, config: BitConfig | dict | int | str | None, batches: Iterable,
+                   *, device: str | torch.device | None = None) -> int:
     """Re-estimate the running statistics of the BN entries ``config`` uses, in place; returns the batch count.
 
     Args:

@@ -52,6 +52,7 @@ def test_cosine():
 def test_trainer_applies_alrs_per_pass(tmp_path):
     """The lr each per-bit optimizer step actually used, recorded through an optimizer hook."""
     import torch
+
     from hasb.train import TrainConfig, train
 
     seen = []
@@ -74,3 +75,32 @@ def test_trainer_applies_alrs_per_pass(tmp_path):
             lrs = seen[step * 4 + k]
             assert lrs["weights"] == pytest.approx(1e-3 * sched, rel=1e-12)
             assert lrs["scales"] == pytest.approx(1e-3 * sched * eta, rel=1e-12)
+
+
+def test_trainer_takes_its_lrs_from_group_lrs(tmp_path, monkeypatch):
+    """The running trainer sets every pass's lrs from hasb.alrs.group_lrs (no inline copy that could diverge):
+    a group_lrs that returns marked values must be exactly what the optimizer steps with."""
+    import torch
+
+    from hasb.train import TrainConfig, train
+
+    calls, seen = [], []
+    real = A.group_lrs
+
+    def marked(base_lrs, schedule, bit, factors, alrs_groups=("scales",)):
+        lrs = {g: lr * (1.0 + 1e-3 * bit) for g, lr in real(base_lrs, schedule, bit, factors, alrs_groups).items()}
+        calls.append((bit, lrs))
+        return lrs
+
+    orig = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append({g["name"]: g["lr"] for g in self.param_groups})
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(A, "group_lrs", marked)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    train(TrainConfig(model="tiny_mlp", out=str(tmp_path / "r"), epochs=1, batch_size=64, train_limit=128,
+                      val_limit=64, lr=1e-3, alrs="code", bits=[8, 4], distill="none", progress=False))
+    assert [b for b, _ in calls] == [8, 4, 8, 4]
+    assert seen == [lrs for _, lrs in calls]

@@ -102,3 +102,36 @@ def test_infeasible_budget_states_range():
         cm.parse_budget("100")
     big = cm.parse_budget("9999GBOPs")   # above the largest config: accepted, does not bind
     assert cm.within(hasb.BitConfig.uniform(cm.names, 8), big)
+
+
+class Twice(nn.Module):
+    """One 1×1 conv (4→4 channels) applied twice in a row, optionally the second time at half resolution."""
+
+    def __init__(self, downsample=False):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 1, bias=False)
+        self.shared = nn.Conv2d(4, 4, 1, bias=False)
+        self.head = nn.Linear(4, 10)
+        self.downsample = downsample
+
+    def forward(self, x):
+        x = self.shared(self.stem(x))
+        if self.downsample:
+            x = x[:, :, ::2, ::2]
+        x = self.shared(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("downsample,hw", [(False, [8 * 8, 8 * 8]), (True, [8 * 8, 4 * 4])])
+def test_module_called_twice_counts_every_call(downsample, hw):
+    # 1×1 conv, 4→4: 16 MACs per output pixel; called on 8×8 then 8×8 (or 4×4): the work of both calls
+    m = hasb.quantize_model(Twice(downsample), example_input=torch.randn(2, 4, 8, 8))
+    cm = hasb.CostModel.from_model(m, torch.randn(3, 4, 8, 8))
+    shared = next(l for l in cm.layers if l.name == "shared")
+    assert shared.macs == sum(16 * n for n in hw)          # 2,048 (twice at 8×8) or 1,280 (8×8 then 4×4)
+    assert shared.weight_params == 16                      # parameters once
+    assert [l.name for l in cm.layers].count("shared") == 1
+    assert cm.names == ["shared"]                          # stem and head are the fixed first/last layers
+    c8, c4 = hasb.BitConfig({"shared": 8}), hasb.BitConfig({"shared": 4})
+    assert cm.size_bytes(c8) - cm.size_bytes(c4) == 16 * (8 - 4) / 8     # its 16 weights, once
+    assert cm.bitops(c8) - cm.bitops(c4) == shared.macs * (64 - 16)

@@ -105,7 +105,12 @@ def test_batchnorm_follows_its_producer_bit():
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "vit_tiny"])
 def test_export_load_round_trip_bit_exact(tmp_path, name):
-    from hasb.export import export_deployment, load_quantized, read_checkpoint, save_quantized
+    from hasb.export import (
+        export_deployment,
+        load_quantized,
+        read_checkpoint,
+        save_quantized,
+    )
     torch.manual_seed(1)
     model = hasb.quantize_model(build_model(name))
     x = torch.randn(3, 1, 28, 28)

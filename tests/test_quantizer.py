@@ -1,10 +1,10 @@
 """Double Rounding quantizer: integer formulas, ranges, idempotence, per-channel LSQ gradients."""
 import math
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hasb import quantizer as Q
 
@@ -113,7 +113,6 @@ def test_activation_lsq_values_and_gradient(composite):
     assert torch.allclose(y, torch.tensor([0.0, 0.0, 0.3, 0.3, 0.3]))
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
-    q = torch.tensor([0.0, 0.4, 2.6, 3.0, 3.0])
     inner = torch.tensor([0.0, 0.0 - 0.4, 3.0 - 2.6, 3.0, 3.0])
     g = 1 / math.sqrt(5 * 3)
     assert s.grad.item() == pytest.approx(g * inner.sum().item(), rel=1e-6)
@@ -165,3 +164,17 @@ def test_activation_init_minimises_mse_and_beats_percentile_rule_at_low_bits(bit
     assert mse(s) <= mse(s * 0.9) * (1 + 1e-3)     # shrinking further only adds clipping error
     if bit == 2:
         assert mse(s) < 0.6 * mse(rule)      # the percentile rule rounds most post-ReLU values to 0
+
+
+def test_one_bit_weights_signed_minus_one_zero_with_finite_gradients():
+    # --bits 1 used to raise ZeroDivisionError (Qp = 0 in LSQ's g); the 1-bit signed range is [-1, 0]
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    s = Q.init_weight_scale(w, 8).requires_grad_(True)
+    for high in (8, 1):
+        wq = Q.quantize_weight(w, s, 1, high)
+        ints = torch.round(wq.detach() / (s.detach() * 2 ** (high - 1)).view(-1, 1, 1, 1))
+        assert set(ints.unique().tolist()) <= {-1.0, 0.0}
+        wq.sum().backward()
+        assert torch.isfinite(w.grad).all() and torch.isfinite(s.grad).all()
+        w.grad = s.grad = None

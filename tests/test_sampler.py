@@ -4,8 +4,16 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from hasb.sampler import (HASBSampler, SensitivityError, TemperedSampler, UniformSampler, build_sampler,
-                          default_warmup, sigma_schedule, traces_for_model)
+from hasb.sampler import (
+    HASBSampler,
+    SensitivityError,
+    TemperedSampler,
+    UniformSampler,
+    build_sampler,
+    default_warmup,
+    sigma_schedule,
+    traces_for_model,
+)
 
 BITS = [8, 6, 4, 2]
 LAYERS = ["a", "b", "c", "d", "e"]

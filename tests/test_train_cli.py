@@ -55,7 +55,7 @@ def test_unknown_model(existing_out):
 
 def test_bits_not_candidates(existing_out):
     _assert_error(run("--model", "tiny_mlp", "--bits", "8,12", "--out", str(existing_out), "--train-limit", "64"),
-                  "not in the candidate set")
+                  "--bits must be integers in 1..8")
     _untouched(existing_out)
 
 
@@ -109,3 +109,51 @@ def test_recipe_reuses_only_a_matching_finished_stage(tmp_path):
     with pytest.raises(TrainError, match=r"bits=\[8, 6, 4, 2\], now \[4, 3, 2\].*--overwrite"):
         _done(out, cpu_small("multi", str(out), epochs=1, train_limit=256, val_limit=64, bits=[4, 3, 2]))
     assert (out / "model.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--kd-weight", "nan"], "--kd-weight must be a finite number in [0, 1]"),
+    (["--sigma", "1.5"], "--sigma must be a finite number in [0, 1]"),
+    (["--val-limit", "0"], "--val-limit must be an integer ≥ 1"),
+    (["--train-limit", "-1"], "--train-limit must be an integer ≥ 1"),
+    (["--max-steps", "-1"], "--max-steps must be an integer ≥ 1"),
+    (["--checkpoint-every", "-3"], "--checkpoint-every must be an integer ≥ 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be an integer ≥ 0"),
+    (["--threads", "0"], "--threads must be an integer ≥ 1"),
+    (["--bits", "8,8"], "lists a bit twice"),
+    (["--bits", "8,x"], "comma-separated integers"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--fixed-bits", "9"], "--fixed-bits"),
+])
+def test_bad_argument_rejected_before_any_work(tmp_path, capsys, argv, needle):
+    from hasb.train import main
+    out = tmp_path / "run"
+    rc = main(["--model", "tiny_mlp", "--out", str(out), "--train-limit", "64", "--quiet", *argv])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0] and "Traceback" not in err, lines[0]
+    assert list(tmp_path.iterdir()) == []          # nothing created
+
+
+def test_common_flags_and_aliases():
+    from hasb.train import build_parser
+    p = build_parser()
+    a = p.parse_args(["--out", "o", "--overwrite", "--no-progress", "--no-tbn"])
+    b = p.parse_args(["--out", "o", "--force", "--quiet", "--no-tbn"])
+    assert vars(a) == vars(b) and a.overwrite and not a.progress and not a.tbn
+    assert p.parse_args(["--out", "o"]).device == "auto"
+
+
+def test_one_bit_trains(tmp_path):
+    """--bits 1 (documented as valid) trains: 1-bit weights are signed [-1, 0], LSQ's scale gradient finite."""
+    from hasb.train import main
+    out = tmp_path / "run"
+    rc = main(["--model", "tiny_mlp", "--bits", "2,1", "--out", str(out), "--train-limit", "128", "--val-limit",
+               "64", "--batch-size", "64", "--quiet", "--threads", "1"])
+    assert rc == 0
+    from hasb.export import read_checkpoint
+    ck = read_checkpoint(out / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())

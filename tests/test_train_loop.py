@@ -19,10 +19,18 @@ def small_cfg(out, **kw):
     return TrainConfig(**base)
 
 
+# 1,024 images × 3 epochs at lr 3e-3 (48 steps): measured train-loss drops (init → trained, eval mode) at
+# 8/6/4/2 bits over seeds 0-3 with torch.set_num_threads(1) and seed 0 with 2 threads were 1.16-1.56, the
+# spread between thread counts ≤ 0.03 and between seeds ≤ 0.2 per bit. The old 512 images × 2 epochs at
+# 5e-3 (16 steps) gave 8-bit drops of -0.08 (1 thread) and 0.26 (2 threads): too few steps to be stable.
+MULTI = dict(epochs=3, train_limit=1024, lr=3e-3)
+MIN_DROP = 0.5     # > 0.6 below the smallest measured drop
+
+
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("multi")
-    train(small_cfg(out, epochs=2, train_limit=512, lr=5e-3))
+    train(small_cfg(out, **MULTI))
     return out
 
 
@@ -40,17 +48,17 @@ def write_stub_sensitivity(path, model):
 
 def test_loss_decreases_at_every_bit(multi_run):
     from hasb.data import load_dataset
-    cfg = small_cfg(multi_run / "x", epochs=2, train_limit=512, lr=5e-3)
-    splits = load_dataset(train_limit=512, val_limit=128)
+    cfg = small_cfg(multi_run / "x", **MULTI)
+    splits = load_dataset(train_limit=MULTI["train_limit"], val_limit=128)
     torch.manual_seed(cfg.seed)
     init, _ = _build_model(cfg, splits, None)        # the same initial model train() starts from
     trained = load_supernet(multi_run)
     for b in BITS:
         l0 = evaluate(init, splits.train, b)[1]
         l1 = evaluate(trained, splits.train, b)[1]
-        assert l1 < l0 - 0.3, (b, l0, l1)
+        assert l1 < l0 - MIN_DROP, (b, l0, l1)
     hist = json.loads((multi_run / "metrics.json").read_text())
-    assert [r["epoch"] for r in hist] == [1, 2]
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
     for b in BITS:
         assert hist[-1][f"loss_w{b}a{b}"] < hist[0][f"loss_w{b}a{b}"]
         assert f"acc_w{b}a{b}" in hist[-1]
@@ -58,13 +66,13 @@ def test_loss_decreases_at_every_bit(multi_run):
     for f in ("metrics.csv", "train_config.json", "checkpoint.pt", "model.pt"):
         assert (multi_run / f).is_file()
     assert TrainConfig.from_json((multi_run / "train_config.json").read_text()) == \
-        TrainConfig.from_json(small_cfg(multi_run, epochs=2, train_limit=512, lr=5e-3).to_json())
+        TrainConfig.from_json(small_cfg(multi_run, **MULTI).to_json())
 
 
 def test_one_optimizer_step_per_bit_no_extra_step(multi_run):
     ck = read_checkpoint(multi_run / "checkpoint.pt")
     steps = ck["global_step"]
-    assert steps == 2 * (512 // 64)
+    assert steps == MULTI["epochs"] * (MULTI["train_limit"] // 64)
     st = ck["optimizer"]["state"]
     # the conv weights are used by every pass: exactly one Adam step per bit per iteration
     assert max(float(s["step"]) for s in st.values()) == steps * len(BITS)
@@ -159,3 +167,32 @@ def test_recalibration_changes_running_stats_only(multi_run):
         c1 = [m.conv1(x) for x in xs]
     want = torch.stack([c.mean((0, 2, 3)) for c in c1]).mean(0)
     assert torch.allclose(m.bn1.bns["fp"].running_mean, want, atol=1e-6)
+
+
+def test_resume_mid_epoch_keeps_metrics_exact(tmp_path):
+    """metrics.csv/json after a kill mid-epoch and --resume equal the uninterrupted run's (epoch_s aside): the
+    epoch's running loss sums travel in the checkpoint."""
+    kw = dict(epochs=2, train_limit=256, val_limit=64, bits=[8, 4])
+    train(small_cfg(tmp_path / "straight", **kw))
+    train(small_cfg(tmp_path / "killed", max_steps=3, **kw))       # 4 steps per epoch: stops mid-epoch 1
+    train(small_cfg(tmp_path / "killed", resume=True, **kw))
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        ra.pop("epoch_s"), rb.pop("epoch_s")
+        assert ra == rb
+    assert "se_acc_w8a8" in a[0] and a[0]["val_n"] == 64 and a[0]["val_split"] == "val"
+
+
+def test_stale_temp_files_removed_on_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.pt.abc123.tmp", out / ".model.pt.x.tmp", out / ".metrics.csv.q.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a write")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    train(small_cfg(out, epochs=1, train_limit=64, val_limit=64, bits=[8]))
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+    assert not list(out.glob(".*.tmp"))

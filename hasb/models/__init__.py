@@ -1,12 +1,12 @@
 """Model zoo: plain torch.nn, any input channel count, plus any user model via ``package.module:callable``."""
 from __future__ import annotations
 
-from ..errors import HasbError
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 
+from ..errors import HasbError
 from .lm import lm_small, lm_tiny
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet18, resnet20, resnet50
@@ -57,4 +57,11 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_si
     return model
 
 
-__all__ = ["MODELS", "build_model", "UnknownModelError"]
+def build_record(model: nn.Module) -> dict | None:
+    """What :func:`build_model` recorded to rebuild ``model``'s architecture (a copy), or None for a model it did
+    not build: ``{"name", "num_classes", "in_channels", "image_size", ...}`` (the zoo keyword arguments)."""
+    rec = getattr(model, "hasb_build", None)
+    return dict(rec) if isinstance(rec, dict) else None
+
+
+__all__ = ["MODELS", "build_model", "build_record", "UnknownModelError"]

@@ -1,7 +1,6 @@
 """MobileNetV2 with torchvision's module names (features.N.conv.M, classifier.1)."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 
