@@ -93,7 +93,9 @@ def _add_field(parser: argparse.ArgumentParser, f: Field, hint: Any) -> None:
         else:
             parser.add_argument(*names, dest=f.name, action="store_true", default=default, help=m["help"])
         return
-    kind = m["parse"] or _scalar_type(hint) or str
+    # a custom parser runs in config_from_args (inside run_cli), so its HasbError is one clear line, not
+    # argparse's "invalid value" with the message lost
+    kind = str if m["parse"] else (_scalar_type(hint) or str)
     shown = f" (default: {_show(default)})" if default is not None and not m["required"] else ""
     parser.add_argument(*names, dest=f.name, type=kind, choices=m["choices"], required=m["required"],
                         default=default, help=m["help"] + shown)
@@ -107,7 +109,12 @@ def _show(v: Any) -> str:
 
 def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     """The dataclass ``cls`` from a parsed namespace (fields without an option keep their defaults)."""
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}  # type: ignore
+    kw = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if hasattr(ns, f.name):
+            v = getattr(ns, f.name)
+            parse = f.metadata.get("parse")
+            kw[f.name] = parse(v) if parse is not None and isinstance(v, str) else v
     kw.update(overrides)
     return cls(**kw)
 

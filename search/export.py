@@ -7,8 +7,8 @@ Document (``schema: "hasb-search-config"``, ``schema_version: 1``)::
       "model": "small_cnn", "build": {...hasb_build...}, "bits": [8, 6, 4, 2],
       "config": {"layers": {layer: {"w_bits": 4, "a_bits": 4}, ...}},     # hasb.BitConfig JSON (searchable)
       "fixed_layers": {layer: "fp" | int},
-      "bit_config": {layer: [w_bits, a_bits], ...},                       # HAWQ-style mapping
-      "bitwidth_per_scope": [[bits, "weights:<layer>"], [bits, "activations:<layer>"], ...],  # NNCF-style list
+      "hawq_bit_config": {quantizer: bits, ...} | null,                   # HAWQ's bit_config (search.formats)
+      "tool_notes": {"hawq": str, "nncf": str},                            # what the tool exports cover
       "metrics": {"bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss"},
       "budget": [{"kind", "value", "limit", "text"}], "budget_binds": bool, "source": "ilp"|"optuna"|"uniform",
       "provenance": {"sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command", "created"},
@@ -38,7 +38,7 @@ from hasb.errors import HasbError
 from hasb.export import export_deployment
 
 SCHEMA = "hasb-search-config"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: HAWQ's real bit_config and an NNCF config file replace the *-style keys
 BUDGET_KINDS = ("avg_bits", "bitops", "size", "plain_avg")
 METRIC_KEYS = ("bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss")
 SOURCES = ("ilp", "optuna", "uniform")
@@ -48,28 +48,17 @@ class ExportError(HasbError):
     """An export document that does not follow the schema."""
 
 
-def bit_config(config: BitConfig, fixed: Mapping[str, Any] | None = None) -> dict[str, tuple]:
-    """HAWQ-style ``{layer: (w_bits, a_bits)}`` (fp as "fp"), fixed layers included when given."""
-    out = {n: (bit_str(w), bit_str(a)) for n, (w, a) in config.layers.items()}
-    for n, b in (fixed or {}).items():
-        out.setdefault(n, (bit_str(parse_bit(b)), bit_str(parse_bit(b))))
-    return out
-
-
-def bitwidth_per_scope(config: BitConfig) -> list[list]:
-    """NNCF-style ``[[bits, scope], ...]``: one weight and one activation entry per searchable layer."""
-    out: list[list] = []
-    for n, (w, a) in config.layers.items():
-        out.append([bit_str(w), f"weights:{n}"])
-        out.append([bit_str(a), f"activations:{n}"])
-    return out
-
-
 def make_document(*, model_name: str, build: dict | None, bits: Sequence[int], config: BitConfig,
                   fixed: Mapping[str, Any], metrics: Mapping[str, float], budgets: Sequence[Any],
                   budget_binds: bool, source: str, provenance: Mapping[str, Any],
-                  integer_checkpoint: str | None = None, scores: Mapping[str, Any] | None = None) -> dict:
-    """Assemble (and validate) the export document; ``budgets`` are hasb.Budget objects or dicts."""
+                  integer_checkpoint: str | None = None, scores: Mapping[str, Any] | None = None,
+                  hawq_bit_config: Mapping[str, int] | None = None,
+                  tool_notes: Mapping[str, str] | None = None) -> dict:
+    """Assemble (and validate) the export document; ``budgets`` are hasb.Budget objects or dicts.
+
+    ``hawq_bit_config`` is HAWQ's per-quantizer dict (``search.formats.hawq_bit_config``) or None when the model
+    cannot be written in HAWQ's names; ``tool_notes`` says why, and where the NNCF config was written.
+    """
     buds = []
     for b in budgets:
         d = b if isinstance(b, Mapping) else {"kind": b.kind, "value": b.value, "limit": b.limit, "text": b.text}
@@ -79,8 +68,8 @@ def make_document(*, model_name: str, build: dict | None, bits: Sequence[int], c
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model_name, "build": build or {},
         "bits": [int(b) for b in bits], "config": config.to_dict(),
         "fixed_layers": {n: bit_str(parse_bit(b)) for n, b in fixed.items()},
-        "bit_config": {n: list(v) for n, v in bit_config(config, fixed).items()},
-        "bitwidth_per_scope": bitwidth_per_scope(config),
+        "hawq_bit_config": dict(hawq_bit_config) if hawq_bit_config is not None else None,
+        "tool_notes": dict(tool_notes or {}),
         "metrics": {k: float(metrics[k]) for k in METRIC_KEYS},
         "budget": buds, "budget_binds": bool(budget_binds), "source": source, "provenance": prov,
         "integer_checkpoint": integer_checkpoint,
@@ -99,8 +88,8 @@ def _need(cond: bool, msg: str) -> None:
 def validate(doc: Any) -> None:
     """Hand-written schema check; raises ExportError naming the first problem."""
     _need(isinstance(doc, Mapping), "top level must be an object")
-    for k in ("schema", "schema_version", "model", "bits", "config", "fixed_layers", "bit_config",
-              "bitwidth_per_scope", "metrics", "budget", "budget_binds", "source", "provenance"):
+    for k in ("schema", "schema_version", "model", "bits", "config", "fixed_layers", "hawq_bit_config",
+              "metrics", "budget", "budget_binds", "source", "provenance"):
         _need(k in doc, f"missing key {k!r}")
     _need(doc["schema"] == SCHEMA, f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
     _need(isinstance(doc["schema_version"], int) and doc["schema_version"] <= SCHEMA_VERSION,
@@ -119,19 +108,10 @@ def validate(doc: Any) -> None:
     fixed = doc["fixed_layers"]
     _need(isinstance(fixed, Mapping), "fixed_layers must be an object")
     _need(not set(fixed) & set(cfg.layers), "a layer is both fixed and searchable")
-    bc = doc["bit_config"]
-    _need(isinstance(bc, Mapping), "bit_config must be an object")
-    for n, (w, a) in cfg.layers.items():
-        _need(n in bc and list(bc[n]) == [bit_str(w), bit_str(a)], f"bit_config[{n!r}] disagrees with config")
-    for n, b in fixed.items():
-        _need(n in bc and list(bc[n]) == [b, b], f"bit_config[{n!r}] disagrees with fixed_layers")
-    _need(set(bc) == set(cfg.layers) | set(fixed), "bit_config names layers outside config/fixed_layers")
-    bps = doc["bitwidth_per_scope"]
-    _need(isinstance(bps, list) and all(isinstance(e, list) and len(e) == 2 and isinstance(e[1], str) for e in bps),
-          "bitwidth_per_scope must be a list of [bits, scope] pairs")
-    _need(sorted(map(tuple, (map(str, e) for e in bps))) ==
-          sorted(map(tuple, (map(str, e) for e in bitwidth_per_scope(cfg)))),
-          "bitwidth_per_scope disagrees with config")
+    hawq = doc["hawq_bit_config"]
+    _need(hawq is None or (isinstance(hawq, Mapping) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in hawq.items())),
+        "hawq_bit_config must be null or an object of quantizer name -> int bits")
     m = doc["metrics"]
     _need(isinstance(m, Mapping), "metrics must be an object")
     for k in METRIC_KEYS:
@@ -197,5 +177,5 @@ def export_integer(model, config: BitConfig, path: str | Path, extra: dict | Non
     return export_deployment(model, config, path, extra=extra)
 
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "ExportError", "bit_config", "bitwidth_per_scope", "make_document",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "ExportError", "make_document",
            "validate", "write", "load", "export_integer"]

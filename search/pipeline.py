@@ -41,12 +41,13 @@ from hasb.cli import (
     set_threads,
     threads_option,
 )
-from hasb.config import BitConfig, ConfigError
+from hasb.config import BitConfig, ConfigError, atomic_write_text
 from hasb.cost import Budget
 from hasb.data import find_data_dir, load_dataset
+from hasb.models import build_record
 from hasb.quantize import get_spec
 
-from . import demo, ilp
+from . import demo, formats, ilp
 from . import export as sx
 from . import outputs as so
 from .evaluate import Evaluator
@@ -335,20 +336,39 @@ def bn_text(bn: dict) -> str:
     return "stored statistics (Transitional BN / per-bit entries), not re-calibrated"
 
 
+def tool_exports(model, chosen: BitConfig, folder: Path) -> tuple[dict | None, dict[str, str]]:
+    """HAWQ's bit_config dict (or None) and nncf_config.json in ``folder``; notes say what each covers."""
+    notes = {}
+    try:
+        hawq = formats.hawq_bit_config(model, chosen)
+        notes["hawq"] = "per-quantizer bits in HAWQ's q_resnet names (exact for resnet18; see search.formats)"
+    except formats.FormatError as e:
+        hawq, notes["hawq"] = None, f"not written: {e}"
+    shape = getattr(model, "example_input_shape", None)
+    if shape is None:
+        notes["nncf"] = "not written: the model has no example_input_shape (build it with hasb.models.build_model)"
+        return hawq, notes
+    nncf = formats.nncf_config(model, chosen, shape)
+    atomic_write_text(folder / "nncf_config.json", json.dumps(nncf, indent=2))
+    notes["nncf"] = "nncf_config.json: NNCF's manual precision config (weights only; NNCF keeps 8-bit activations)"
+    return hawq, notes
+
+
 def write_document(cfg: SearchConfig, inputs: Inputs, budgets, binds: bool, space, best, chosen: BitConfig,
                    scores: dict, folder: Path, deploy: Path) -> Path:
     """config.json of the pick: its config, costs, validation and test scores (with SEs) and provenance."""
     spec = get_spec(inputs.model)
+    hawq, notes = tool_exports(inputs.model, chosen, folder)
     metrics = {k: float(best[k]) for k in sx.METRIC_KEYS}
     doc = sx.make_document(
-        model_name=inputs.model_name, build=getattr(inputs.model, "hasb_build", None), bits=spec.bits,
+        model_name=inputs.model_name, build=build_record(inputs.model), bits=spec.bits,
         config=chosen, fixed={n: ("fp" if spec.fixed_bit is None else spec.fixed_bit) for n in spec.fixed},
         metrics=metrics, budgets=budgets, budget_binds=binds, source=str(best.source),
         provenance={"sensitivity_fingerprint": inputs.sensitivity.get("fingerprint"),
                     "checkpoint_sha256": inputs.checkpoint_sha, "hasb_version": hasb.__version__,
                     "command": cfg.command, "demo": inputs.demo, "objective": space.objective_name,
                     "bn": cfg.bn, "data": inputs.data},
-        integer_checkpoint=deploy.name, scores=scores)
+        integer_checkpoint=deploy.name, scores=scores, hawq_bit_config=hawq, tool_notes=notes)
     return sx.write(doc, folder / "config.json")
 
 

@@ -145,14 +145,11 @@ def test_export_validates_and_rejects_tampering(fake_run, tmp_path):
                                        "hasb_version": hasb.__version__, "command": "test"})
     p = sx.write(doc, tmp_path / "c.json")
     cfg2, doc2 = sx.load(p)
-    assert cfg2 == cfg and doc2["bit_config"][next(iter(cfg.layers))] == [4, 4]
-    assert [4, f"weights:{next(iter(cfg.layers))}"] in doc2["bitwidth_per_scope"]
-    assert set(doc2["bit_config"]) == set(cfg.layers) | set(spec.fixed)
+    assert cfg2 == cfg and doc2["hawq_bit_config"] is None and doc2["schema_version"] == sx.SCHEMA_VERSION
     bad_cases = [
         ("schema_version", 99), ("schema", "other"), ("source", "magic"), ("budget", []),
         ("metrics", {**doc["metrics"], "accuracy": 1.5}),
-        ("bit_config", {**doc["bit_config"], next(iter(cfg.layers)): [8, 8]}),
-        ("bitwidth_per_scope", doc["bitwidth_per_scope"][1:]),
+        ("hawq_bit_config", {"quant_x": "4"}), ("hawq_bit_config", [4]),
         ("config", {"layers": {**doc["config"]["layers"], "conv2": {"w_bits": 3, "a_bits": 3}}}),
     ]
     for key, val in bad_cases:
