@@ -26,6 +26,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import io
@@ -73,6 +74,7 @@ class SensitivityResult:
     density: Optional[dict] = None
     activation: Optional[pd.DataFrame] = None
     meta: dict = field(default_factory=dict)
+    measured_at: dict = field(default_factory=dict)   # which network: see measured_network
 
     @property
     def trace_per_param(self) -> dict[str, float]:
@@ -91,7 +93,7 @@ class SensitivityResult:
             rows.append({k: _py(v) for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))})
         d = {"version": VERSION, "model": self.model_name, "fingerprint": self.fingerprint, "bits": list(self.bits),
              "layers": rows, "omega": self.omega, "negative_traces": list(self.negative_traces),
-             "meta": self.meta}
+             "measured_at": self.measured_at, "meta": self.meta}
         if self.eigenvalues is not None:
             d["eigenvalues"] = [float(e) for e in self.eigenvalues]
         if self.density is not None:
@@ -131,29 +133,112 @@ def omega_table(t_per_param: dict[str, float], perturb: dict[str, dict[int, floa
     return {n: {str(b): max(t_per_param[n], 0.0) * d for b, d in perturb[n].items()} for n in perturb}
 
 
-def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-                        bits: Optional[Sequence[int]] = None, rtol: float = 0.05, max_hvp: int = 2000,
-                        estimator: str = DEFAULT_ESTIMATOR, backend: str = "auto", seed: int = 0,
-                        include_fixed: bool = True, floor: float = 0.01, block: int = 8, sketch: int = 16,
-                        top_k: int = 0, density: bool = False, activations: bool = False,
-                        loss_fn=F.cross_entropy, progress: bool = False, fingerprint: str = "",
-                        model_name: Optional[str] = None) -> SensitivityResult:
-    """Per-layer Hessian traces (with SE) on the float model and the Ω table for ``bits``.
+class DegenerateSensitivityError(SensitivityError):
+    """The measured network or its traces are degenerate (saturated softmax, non-finite loss, zero or non-finite
+    traces): an untrained path or a broken checkpoint, not input HASB and the ILP may use."""
 
-    Args:
-        model: a float model (a quantized deep copy supplies Q_b) or a hasb quantized model
-            (traces at fp via hasb.set_fp, restored after; its learned w_scale defines Q_b).
-        batches: list of (x [B, C, H, W], y [B]); the Hessian is of their sample-weighted mean loss.
-        bits: candidate bits for Ω (default: the model's candidate bits, else 8,6,4,2).
-        rtol, max_hvp, estimator, floor, block, sketch, seed: see analysis.trace.
-        backend: HVP backend ("auto", "double_backward", "func").
-        include_fixed: also estimate traces of fixed (first/last) layers (reported with searchable=False).
-        top_k: top eigenvalues of the whole weight Hessian (Lanczos) to add; density: add an SLQ density.
-        activations: add activation-Hessian traces (w.r.t. each layer's input) as ``result.activation``.
+
+# The softmax of a cross-entropy model is "saturated" above this mean max-probability on the calibration images.
+# Why 0.999: the Hessian of the cross-entropy w.r.t. the logits is diag(p) - p pᵀ, whose trace 1 - Σ_k p_k² is
+# ≤ 2 (1 - p_max); at a mean p_max > 0.999 every layer's Gauss-Newton curvature is scaled by < 0.002 (and in
+# float32, 1 - p_max rounds to exactly 0 once logit gaps exceed ~17, giving exactly zero traces: the fp path of
+# an export seen in issue 10 had logits up to 14,427). A trained classifier on its own calibration images sits
+# far below (ResNet-20 / Fashion-MNIST at 93%: about 0.95). Set max_confidence=1.0 to switch the check off.
+MAX_CONFIDENCE = 0.999
+
+
+def measured_network(model: nn.Module, at=None) -> tuple[nn.Module, contextlib.AbstractContextManager, dict]:
+    """(network whose Hessian is measured, context that switches it there, JSON record of which one).
+
+    A float model is measured as it is (``at`` must be None or "fp"). A hasb quantized model is never measured
+    on its fp path (its BatchNorm 'fp' entries are never trained): ``at="fp"`` measures its float twin
+    (``hasb.quantize.float_twin``: float weights, BN entries of the top bit); ``at`` = a bit, a BitConfig or a
+    {layer: bits} dict measures the quantized model at that config; ``at=None`` = the highest candidate bit.
     """
-    import hasb
-    from hasb.quantize import quantized_layers
+    from hasb.quantize import float_twin, get_config, use_config
 
+    if getattr(model, "hasb_spec", None) is None:
+        if at not in (None, "fp"):
+            raise SensitivityError(f"at={at!r} applies to hasb quantized models; a float model is measured as it is "
+                                   "(pass at=None or 'fp')")
+        return model, contextlib.nullcontext(), {"network": "float"}
+    top = int(model.hasb_spec.bits[0])
+    if at == "fp":
+        return float_twin(model, top), contextlib.nullcontext(), {"network": "float_twin", "bn_bit": top}
+    cfg = top if at is None else at
+    with use_config(model, cfg):        # validates cfg against the model now, before any work
+        active = get_config(model)
+    uniform = active.is_uniform()
+    record = {"network": "quantized", "uniform_bit": uniform, "config": json.loads(active.to_json(indent=None))}
+    return model, use_config(model, cfg), record
+
+
+def check_outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn=F.cross_entropy,
+                  max_confidence: float = MAX_CONFIDENCE) -> dict:
+    """Mean loss and mean max softmax probability over ``batches`` (sample-weighted); Degenerate... if unusable.
+
+    Returns {"loss": float, "mean_max_prob": float (NaN for a non-default loss_fn), "n_images": int}.
+    """
+    dev = next(model.parameters()).device
+    model.eval()
+    tot_loss = tot_p = 0.0
+    n = 0
+    with torch.no_grad():
+        for x, y in batches:
+            out = model(x.to(dev))
+            tot_loss += float(loss_fn(out, y.to(dev))) * len(y)
+            tot_p += float(out.double().softmax(-1).amax(-1).sum())
+            n += len(y)
+    loss, pmax = tot_loss / n, tot_p / n
+    if not math.isfinite(loss):
+        raise DegenerateSensitivityError(f"the measured network's loss is {loss} on the {n} calibration images; "
+                                         "check the checkpoint (was it trained?) and which network is measured (--at)")
+    if loss_fn is not F.cross_entropy:
+        pmax = float("nan")          # the softmax check is the cross-entropy's; other losses are the caller's
+    elif pmax > max_confidence:
+        raise DegenerateSensitivityError(
+            f"saturated softmax: mean max-probability {pmax:.6f} > {max_confidence} on the {n} calibration images "
+            "(its Hessian is ~0); check the checkpoint was trained and that --at names a trained network "
+            "(e.g. --at 8, or --at fp for the float twin)")
+    return {"loss": loss, "mean_max_prob": pmax, "n_images": n}
+
+
+def check_traces(frame: pd.DataFrame, max_hvp: int) -> None:
+    """DegenerateSensitivityError on all-zero traces or any non-finite trace / standard error."""
+    bad = frame[~np.isfinite(frame.trace.to_numpy(float))]
+    if len(bad):
+        raise DegenerateSensitivityError(f"non-finite trace for layer(s) {list(bad.layer)[:3]}; check the checkpoint "
+                                         "and the measured network (--at)")
+    bad = frame[~np.isfinite(frame.stderr.to_numpy(float))]
+    if len(bad):
+        raise DegenerateSensitivityError(f"no finite standard error for layer(s) {list(bad.layer)[:3]} (fewer than 2 "
+                                         f"probes within max_hvp={max_hvp}); raise --max-hvp")
+    if (frame.trace == 0).all():
+        raise DegenerateSensitivityError("every layer's Hessian trace is exactly 0: the measured network has no "
+                                         "curvature (saturated or dead); check the checkpoint and --at")
+
+
+def _q_reference(model: nn.Module, bits, example: torch.Tensor) -> tuple[nn.Module, list[int]]:
+    """(quantized model that supplies Q_b for Ω, bits sorted high → low); checks ``bits``."""
+    import hasb
+
+    if getattr(model, "hasb_spec", None) is not None:
+        spec_bits = tuple(model.hasb_spec.bits)
+        bits = tuple(spec_bits if bits is None else bits)
+        bad = [b for b in bits if b not in spec_bits]
+        if bad:
+            raise SensitivityError(f"bits {bad} are not candidates of the quantized model; accepted: "
+                                   f"{', '.join(map(str, spec_bits))}")
+        return model, sorted({int(b) for b in bits}, reverse=True)
+    bits = tuple(DEFAULT_BITS if bits is None else bits)
+    if not bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
+        raise SensitivityError(f"bits must be integers in 1..8, got {list(bits)}")
+    p0 = next(model.parameters())
+    q = hasb.quantize_model(copy.deepcopy(model), bits=bits, example_input=example[:2].to(p0.device, p0.dtype))
+    return q, sorted({int(b) for b in bits}, reverse=True)
+
+
+def _check_settings(estimator: str, backend: str, rtol: float, max_hvp: int, batches) -> list:
     if estimator not in ESTIMATORS:
         raise SensitivityError(f"unknown estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
     if backend not in BACKENDS:
@@ -163,58 +248,40 @@ def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
     batches = list(batches)
     if not batches:
         raise SensitivityError("no batches: the Hessian needs at least one (x, y) batch")
-    quantized = getattr(model, "hasb_spec", None) is not None
-    if quantized:
-        qmodel, spec_bits = model, tuple(model.hasb_spec.bits)
-        bits = tuple(spec_bits if bits is None else bits)
-        bad = [b for b in bits if b not in spec_bits]
-        if bad:
-            raise SensitivityError(f"bits {bad} are not candidates of the quantized model; accepted: "
-                                   f"{', '.join(map(str, spec_bits))}")
-    else:
-        bits = tuple(DEFAULT_BITS if bits is None else bits)
-        if not bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
-            raise SensitivityError(f"bits must be integers in 1..8, got {list(bits)}")
-        p0 = next(model.parameters())
-        qmodel = hasb.quantize_model(copy.deepcopy(model), bits=bits,
-                                     example_input=batches[0][0][:2].to(p0.device, p0.dtype))
-    bits = sorted({int(b) for b in bits}, reverse=True)
-    qlayers = quantized_layers(qmodel)
-    spec = qmodel.hasb_spec
-    names = [n for n in spec.order if include_fixed or n not in spec.fixed]
-    params = {f"{n}.weight": model.get_submodule(n).weight for n in names}
+    return batches
 
-    saved = {n: (m.w_bit, m.a_bit) for n, m in qlayers.items()} if quantized else None
-    if quantized:
-        hasb.set_fp(model)
+
+def _measure(net: nn.Module, batches, names: list[str], s: dict, loss_fn, progress: bool):
+    """(TraceResult, eigenvalues|None, density|None, activation frame|None, HessianOperator) of ``net``."""
+    params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
     pbar = None
     try:
         if progress:
             from tqdm.auto import tqdm
-            pbar = tqdm(total=max_hvp, desc="HVPs", unit="hvp", file=sys.stderr)
-        op = HessianOperator(model, batches, params, loss_fn=loss_fn, backend=backend, max_block=block)
-        res = estimate_traces(op, estimator, rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor,
-                              sketch=sketch, progress=pbar)
-        eig = dens = None
-        if top_k > 0:
+            pbar = tqdm(total=s["max_hvp"], desc="HVPs", unit="hvp", file=sys.stderr)
+        op = HessianOperator(net, batches, params, loss_fn=loss_fn, backend=s["backend"], max_block=s["block"])
+        res = estimate_traces(op, s["estimator"], rtol=s["rtol"], max_hvp=s["max_hvp"], block=s["block"],
+                              seed=s["seed"], floor=s["floor"], sketch=s["sketch"], progress=pbar)
+        eig = dens = act = None
+        if s["top_k"] > 0:
             mv, n = operator_matvec(op)
-            eig = top_eigenvalues(mv, n, top_k, seed=seed, device=op.device).tolist()
-        if density:
+            eig = top_eigenvalues(mv, n, s["top_k"], seed=s["seed"], device=op.device).tolist()
+        if s["density"]:
             mv, n = operator_matvec(op)
-            dens = slq_density(mv, n, seed=seed, device=op.device)
-        act = None
-        if activations:
-            act = activation_traces(model, batches, names, loss_fn=loss_fn, rtol=rtol, max_probes=max(max_hvp // 8, 16),
-                                    block=block, seed=seed, floor=floor).to_frame()
-            act = act.drop(columns=["exact"])
+            dens = slq_density(mv, n, seed=s["seed"], device=op.device)
+        if s["activations"]:
+            act = activation_traces(net, batches, names, loss_fn=loss_fn, rtol=s["rtol"],
+                                    max_probes=max(s["max_hvp"] // 8, 16), block=s["block"], seed=s["seed"],
+                                    floor=s["floor"]).to_frame().drop(columns=["exact"])
         op.clear()
     finally:
         if pbar is not None:
             pbar.close()
-        if quantized:
-            for n, (w, a) in saved.items():
-                qlayers[n].w_bit, qlayers[n].a_bit = w, a
+    return res, eig, dens, act, op
 
+
+def _table(res, spec, qlayers, bits: list[int]) -> tuple[pd.DataFrame, dict]:
+    """The per-layer frame (trace columns, negative flags, Ω per bit, rank) and the Ω dict."""
     frame = res.to_frame()
     frame["layer"] = [n[:-len(".weight")] for n in frame.layer]
     frame["searchable"] = [n not in spec.fixed for n in frame.layer]
@@ -229,14 +296,57 @@ def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
     order = frame[frame.searchable].sort_values([low, "trace_per_param"], ascending=False).layer
     rank = {n: i + 1 for i, n in enumerate(order)}
     frame["rank"] = [rank.get(n, 0) for n in frame.layer]
-    negative = list(frame.layer[frame.negative])
+    return frame, omega
+
+
+def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                        bits: Optional[Sequence[int]] = None, rtol: float = 0.05, max_hvp: int = 2000,
+                        estimator: str = DEFAULT_ESTIMATOR, backend: str = "auto", seed: int = 0,
+                        include_fixed: bool = True, floor: float = 0.01, block: int = 8, sketch: int = 16,
+                        top_k: int = 0, density: bool = False, activations: bool = False,
+                        loss_fn=F.cross_entropy, progress: bool = False, fingerprint: str = "",
+                        model_name: Optional[str] = None, at=None,
+                        max_confidence: float = MAX_CONFIDENCE) -> SensitivityResult:
+    """Per-layer Hessian traces (with SE) of a trained network and the Ω table for ``bits``.
+
+    Args:
+        model: a float model (measured as it is; a quantized deep copy supplies Q_b) or a hasb quantized model,
+            measured where ``at`` says (see :func:`measured_network`; default its highest candidate bit, never the
+            untrained fp path); its learned w_scale defines Q_b.
+        batches: list of (x [B, C, H, W], y [B]); the Hessian is of their sample-weighted mean loss.
+        bits: candidate bits for Ω (default: the model's candidate bits, else 8,6,4,2).
+        rtol, max_hvp, estimator, floor, block, sketch, seed: see analysis.trace.
+        backend: HVP backend ("auto", "double_backward", "func").
+        include_fixed: also estimate traces of fixed (first/last) layers (reported with searchable=False).
+        top_k: top eigenvalues of the whole weight Hessian (Lanczos) to add; density: add an SLQ density.
+        activations: add activation-Hessian traces (w.r.t. each layer's input) as ``result.activation``.
+        max_confidence: DegenerateSensitivityError above this mean max softmax probability (see MAX_CONFIDENCE).
+    Raises DegenerateSensitivityError for a saturated softmax, a non-finite loss, all-zero traces or any
+    non-finite trace or standard error.
+    """
+    from hasb.quantize import quantized_layers
+
+    batches = _check_settings(estimator, backend, rtol, max_hvp, batches)
+    qmodel, bits = _q_reference(model, bits, batches[0][0])
+    spec = qmodel.hasb_spec
+    names = [n for n in spec.order if include_fixed or n not in spec.fixed]
+    net, where, measured_at = measured_network(model, at)
+    s = dict(max_hvp=max_hvp, backend=backend, block=block, estimator=estimator, rtol=rtol, seed=seed, floor=floor,
+             sketch=sketch, top_k=top_k, density=density, activations=activations)
+    with where:
+        outputs = check_outputs(net, batches, loss_fn, max_confidence)
+        res, eig, dens, act, op = _measure(net, batches, names, s, loss_fn, progress)
+    frame, omega = _table(res, spec, quantized_layers(qmodel), bits)
+    check_traces(frame, max_hvp)
     meta = {"estimator": res.estimator, "total_hvp": int(res.total_hvp), "backend": op.backend,
-            "calibration": op.calibration, "settings": res.settings, "quantized_input": quantized,
+            "calibration": op.calibration, "settings": res.settings, "quantized_input": qmodel is model,
+            "measured_at": measured_at, "outputs": outputs,
             "n_samples": int(op.n_total), "n_batches": len(batches), "negative_policy": "omega uses max(t, 0)",
             "torch": torch.__version__}
     name = model_name or (getattr(model, "hasb_build", None) or {}).get("name", type(model).__name__)
-    return SensitivityResult(frame=frame, bits=bits, omega=omega, negative_traces=negative, model_name=name,
-                             fingerprint=fingerprint, eigenvalues=eig, density=dens, activation=act, meta=meta)
+    return SensitivityResult(frame=frame, bits=bits, omega=omega, negative_traces=list(frame.layer[frame.negative]),
+                             model_name=name, fingerprint=fingerprint, eigenvalues=eig, density=dens,
+                             activation=act, meta=meta, measured_at=measured_at)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------
@@ -248,6 +358,20 @@ def _parse_bits(text: str) -> list[int]:
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise SensitivityError(f"--bits must be integers in 1..8, got {text!r}")
     return bits
+
+
+def parse_at(text: str):
+    """``--at``: "fp" (the float twin), a uniform bit ("8") or a BitConfig JSON file → "fp", int or BitConfig."""
+    from hasb.config import BitConfig
+
+    t = text.strip().lower()
+    if t in ("fp", "float"):
+        return "fp"
+    if t.isdigit():
+        return int(t)
+    if not Path(text).is_file():
+        raise SensitivityError(f"--at {text!r} is neither 'fp', a bit, nor a BitConfig JSON file")
+    return BitConfig.load(text)
 
 
 def _file_digest(path: Path) -> str:
@@ -370,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="hasb export (hasb.export.save_quantized) or a float state_dict; default: random init "
                         "with --seed (traces of an untrained model say little)")
+    p.add_argument("--at", default=None, help="which network of a hasb export to measure: fp (its float twin: float "
+                   "weights, BN entries of the top bit), a uniform bit (e.g. 8) or a BitConfig JSON file (default: "
+                   "the highest candidate bit). Never the export's fp path, whose BN entries were never trained")
     p.add_argument("--bits", default=None, help="candidate bits for Ω, e.g. 8,6,4,2 (default: the checkpoint's "
                    "candidates, else 8,6,4,2)")
     p.add_argument("--batches", type=int, default=4, help="number of batches (default 4)")
@@ -403,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
     from hasb.data import load_dataset
 
     bits = _parse_bits(args.bits) if args.bits else None
+    at = parse_at(args.at) if args.at else None
     for k in ("batches", "batch_size", "max_hvp", "sketch", "block"):
         if getattr(args, k) < 1:
             raise SensitivityError(f"--{k.replace('_', '-')} must be ≥ 1, got {getattr(args, k)}")
@@ -421,7 +549,9 @@ def run(args: argparse.Namespace) -> int:
         raise SensitivityError(f"--batches × --batch-size = {n_img} exceeds the {len(x)} images of split {args.split}")
     model = load_model(args.model, args.checkpoint, splits.num_classes, splits.in_channels, splits.image_size,
                        args.seed).to(device)
-    settings = {k: getattr(args, k) for k in ("bits", "rtol", "floor", "max_hvp", "estimator", "sketch", "block",
+    if at not in (None, "fp") and getattr(model, "hasb_spec", None) is None:
+        raise SensitivityError(f"--at {args.at} needs a hasb export as --checkpoint; a float model is measured as it is")
+    settings = {k: getattr(args, k) for k in ("at", "bits", "rtol", "floor", "max_hvp", "estimator", "sketch", "block",
                                               "seed", "top_k", "density", "activations", "exclude_fixed")}
     data_sel = {"data": args.data, "split": args.split, "batches": args.batches, "batch_size": args.batch_size}
     fp = fingerprint(model, args.checkpoint, data_sel, settings)
@@ -441,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
                               include_fixed=not args.exclude_fixed, floor=args.floor, block=args.block,
                               sketch=args.sketch, top_k=args.top_k, density=args.density,
                               activations=args.activations, progress=not args.no_progress, fingerprint=fp,
-                              model_name=args.model)
+                              model_name=args.model, at=at)
     res.meta.update({"data": data_sel, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                      "device": str(device)})
     if _is_rank0():

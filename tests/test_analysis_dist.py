@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as mp
 
-from analysis._fixtures import distributed_reference, distributed_worker
+from tests.support.analysis_fixtures import distributed_reference, distributed_worker
 
 
 def test_distributed_equals_single_process(tmp_path):

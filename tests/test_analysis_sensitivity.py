@@ -5,17 +5,22 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hasb
 from hasb.models import build_model
-from analysis._fixtures import tiny_problem
+from tests.support.analysis_fixtures import tiny_problem
 from analysis.hvp import HessianOperator
-from analysis.sensitivity import (SensitivityError, compute_sensitivity, load_sensitivity, main, validate_sensitivity,
-                                  weight_perturbation)
-from analysis.trace import activation_traces, hutchinson_full
+from analysis.sensitivity import (DegenerateSensitivityError, SensitivityError, check_traces, compute_sensitivity,
+                                  load_sensitivity, main, validate_sensitivity, weight_perturbation)
+from analysis.trace import activation_traces, estimate_traces, hutchinson_full
+from hasb.errors import HasbError
+from hasb.export import save_quantized
+from hasb.quantize import float_twin
+from tests.support.analysis_fixtures import TINY_RESNET20, train_multi_precision
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +75,49 @@ def test_negative_traces_reported():
     assert all(v == 0 for om in res.omega.values() for v in om.values())       # policy: Ω uses max(t, 0)
 
 
-def test_quantized_model_traces_at_fp():
+def test_quantized_model_measured_at_a_trained_config_never_fp():
+    """A quantized model is measured at its top bit by default (not the untrained fp path), bits restored after."""
     model, batches = tiny_problem()
     q = hasb.quantize_model(copy.deepcopy(model), bits=[8, 4], example_input=batches[0][0][:2]).double()
     hasb.set_config(q, 4)
     before = hasb.get_config(q)
-    rq = compute_sensitivity(q, batches, rtol=0.3, max_hvp=200, seed=1, backend="double_backward")
-    rf = compute_sensitivity(model, batches, bits=[8, 4], rtol=0.3, max_hvp=200, seed=1, backend="double_backward")
-    assert np.allclose(rq.frame.trace, rf.frame.trace, rtol=1e-6)   # traces of the float model
+    kw = dict(rtol=0.3, max_hvp=200, seed=1, backend="double_backward")
+    r_default = compute_sensitivity(q, batches, **kw)
+    r8 = compute_sensitivity(q, batches, at=8, **kw)
+    r4 = compute_sensitivity(q, batches, at=4, **kw)
     assert hasb.get_config(q) == before                                # bits restored
+    assert r_default.measured_at["network"] == "quantized" and r_default.measured_at["uniform_bit"] == 8
+    assert np.array_equal(r_default.frame.trace, r8.frame.trace)
+    assert not np.allclose(r4.frame.trace, r8.frame.trace, rtol=1e-3)  # the 4-bit network is another function
+    with hasb.use_config(q, 8):                                         # the same numbers as measuring it directly
+        op = HessianOperator(q, batches, [f"{n}.weight" for n in q.hasb_spec.order], backend="double_backward")
+        direct = estimate_traces(op, "layer", rtol=0.3, max_hvp=200, seed=1)
+    assert np.array_equal(r8.frame.trace.to_numpy(), direct.trace)
     with pytest.raises(SensitivityError, match="not candidates"):
         compute_sensitivity(q, batches, bits=[6])
+    with pytest.raises(HasbError, match="build"):                      # no build record: no float twin
+        compute_sensitivity(q, batches, at="fp", **kw)
+
+
+def test_degenerate_networks_and_traces_raise():
+    model, batches = tiny_problem()
+    kw = dict(rtol=0.3, max_hvp=100, backend="double_backward")
+    hot = copy.deepcopy(model)
+    with torch.no_grad():
+        hot.fc.bias[0] = 1e4                                             # every sample: p(class 0) = 1
+    with pytest.raises(DegenerateSensitivityError, match="saturated softmax"):
+        compute_sensitivity(hot, batches, **kw)
+    nan_batches = [(x.clone().fill_(float("nan")), y) for x, y in batches]
+    with pytest.raises(DegenerateSensitivityError, match="loss is nan"):
+        compute_sensitivity(model, nan_batches, **kw)
+    frame = pd.DataFrame({"layer": ["a", "b"], "trace": [0.0, 0.0], "stderr": [0.0, 0.0]})
+    with pytest.raises(DegenerateSensitivityError, match="exactly 0"):
+        check_traces(frame, 10)
+    with pytest.raises(DegenerateSensitivityError, match="standard error.*max-hvp"):
+        check_traces(frame.assign(trace=[1.0, 2.0], stderr=[0.1, np.inf]), 10)
+    with pytest.raises(DegenerateSensitivityError, match="non-finite trace"):
+        check_traces(frame.assign(trace=[1.0, np.nan], stderr=[0.1, 0.1]), 10)
+    check_traces(frame.assign(trace=[1.0, -2.0], stderr=[0.1, 0.0]), 10)   # negative and exact layers are fine
 
 
 def test_activation_traces_vs_exact():
@@ -170,3 +207,43 @@ def test_pyhessian_cross_check():
     se_ours = np.sqrt(np.sum(ours.stderr ** 2))   # conservative upper bound is fine: used only as a tolerance
     se_ph = samples.std(ddof=1) / np.sqrt(iters)
     assert abs(t_ours - samples.mean()) <= 4 * np.hypot(se_ours, se_ph), (t_ours, samples.mean(), se_ours, se_ph)
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory, fmnist_small):
+    """A ResNet-20-shaped export after multi-precision training: its fp path (untrained BN entries) is not a
+    network anyone trained (issue 10: zero traces / 14× too large); the CLI must measure a trained one."""
+    x, y = fmnist_small.train
+    q = train_multi_precision(x[:1024], y[:1024])
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    save_quantized(q, path)
+    return path, q
+
+
+def _calib_batches(n: int = 64):
+    from hasb.data import load_dataset
+    x, y = load_dataset("fashion-mnist", None, calib_size=1024).calib     # the CLI's own selection
+    return [(x[:n], y[:n])]
+
+
+def test_cli_measures_a_trained_network_of_an_export(trained_export, tmp_path, capsys):
+    """Default: the quantized model at its top bit; --at fp: the float twin. Both equal direct computations."""
+    path, q = trained_export
+    settings = dict(estimator="full", max_hvp=6, rtol=0.0, seed=0, backend="double_backward")
+    base = ["--model", TINY_RESNET20, "--checkpoint", path, "--batches", "1", "--batch-size", "32", "--max-hvp",
+            "6", "--rtol", "0", "--estimator", "full", "--backend", "double_backward", "--no-progress"]
+    batches = _calib_batches(32)
+    for at, net, want in ((None, q, {"network": "quantized", "uniform_bit": 8}),
+                          ("fp", float_twin(q), {"network": "float_twin", "bn_bit": 8})):
+        out = tmp_path / f"at-{at}"
+        code, o, e = _run(base + ["--out", out] + (["--at", at] if at else []), capsys)
+        assert code == 0, e
+        d = load_sensitivity(out)
+        assert {k: d["measured_at"][k] for k in want} == want
+        t = np.array([r["trace"] for r in d["layers"]])
+        assert len(t) == 22 and np.isfinite(t).all() and (t != 0).sum() >= 11     # old code: all 0 on ResNet-20
+        ref = compute_sensitivity(net, batches, at=8 if at is None else None, **settings)
+        # same probes, same data: only float32 round-off (export round trip, thread count) may differ, ~1e-5
+        # relative; the untrained fp path the old CLI measured differs by O(1)
+        r = ref.frame.trace.to_numpy()
+        assert np.allclose(t, r, rtol=1e-3, atol=1e-6 * np.abs(r).max()), (at, t[:3], r[:3])

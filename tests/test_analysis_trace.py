@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hasb
-from analysis._fixtures import exact_block_hessians, exact_full_hessian, tiny_problem
+from tests.support.analysis_fixtures import exact_block_hessians, exact_full_hessian, tiny_problem
 from analysis.hvp import HessianOperator, HVPError, rademacher
 from analysis.spectrum import operator_matvec, slq_density, slq_nodes, top_eigenvalues
 from analysis.trace import estimate_traces
