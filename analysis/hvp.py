@@ -37,16 +37,19 @@ sample-weighted sums are all-reduced, so every rank holds the full-data result.
 """
 from __future__ import annotations
 
-from hasb.errors import HasbError
 import contextlib
 import math
 import time
-from typing import Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
+
+from hasb.errors import HasbError
+from hasb.quantizer import composite_ops
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,7 +62,7 @@ class HVPError(HasbError):
 
 
 # -- parameter selection ---------------------------------------------------------------------------------
-def layer_order(model: nn.Module, example: Optional[torch.Tensor] = None) -> list[str]:
+def layer_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
     """Module paths of every Conv2d/Linear in execution order.
 
     hasb quantized models carry the order in ``model.hasb_spec``; a float model is
@@ -88,7 +91,7 @@ def layer_order(model: nn.Module, example: Optional[torch.Tensor] = None) -> lis
 
 
 def weight_params(model: nn.Module, include_fixed: bool = True,
-                  example: Optional[torch.Tensor] = None) -> dict[str, nn.Parameter]:
+                  example: torch.Tensor | None = None) -> dict[str, nn.Parameter]:
     """``{"<layer>.weight": parameter}`` of every Conv2d/Linear, execution order.
 
     ``include_fixed=False`` drops hasb's fixed layers (first/last by default).
@@ -98,7 +101,7 @@ def weight_params(model: nn.Module, include_fixed: bool = True,
     return {f"{n}.weight": model.get_submodule(n).weight for n in layer_order(model, example) if n not in fixed}
 
 
-def resolve_params(model: nn.Module, params: Union[None, Sequence[str], dict]) -> dict[str, torch.Tensor]:
+def resolve_params(model: nn.Module, params: None | Sequence[str] | dict) -> dict[str, torch.Tensor]:
     """Named parameter subset: ``None`` (default weights), a list of parameter names, or a name→tensor dict."""
     if params is None:
         return weight_params(model)
@@ -172,8 +175,8 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], params=None, loss_fn: LossFn = F.cross_entropy,
-                 backend: str = "auto", max_block: int = 8, memory_limit: Optional[int] = None,
-                 cache_graphs: Optional[bool] = None, distributed: Optional[bool] = None):
+                 backend: str = "auto", max_block: int = 8, memory_limit: int | None = None,
+                 cache_graphs: bool | None = None, distributed: bool | None = None):
         if backend not in BACKENDS:
             raise HVPError(f"unknown HVP backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         batches = list(batches)
@@ -207,7 +210,7 @@ class HessianOperator:
         self.n_total = float(n_local.item())
         self.cache_graphs = (len(self.local) == 1) if cache_graphs is None else bool(cache_graphs)
         self._graphs: dict[int, list[torch.Tensor]] = {}
-        self._chunk: Optional[int] = None
+        self._chunk: int | None = None
         self.n_hvp = 0
         self.calibration: dict = {}
         self._warm_up()
@@ -244,7 +247,7 @@ class HessianOperator:
         for j in range(k):
             hv = torch.autograd.grad(g, self.params, grad_outputs=[v[j] for v in V], retain_graph=True,
                                      allow_unused=True)
-            cols.append([torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)])
+            cols.append([torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params, strict=False)])
         return [torch.stack([c[b] for c in cols]) for b in range(len(self.params))]
 
     def _db_block(self, g: list[torch.Tensor], l: int, Vl: torch.Tensor) -> torch.Tensor:
@@ -257,14 +260,12 @@ class HessianOperator:
     # -- torch.func ---------------------------------------------------------------------------------------------
     def _func(self, i: int, idx: Sequence[int], V: Probes) -> Probes:
         """H_SS V for the block subset S = idx (V: one [k, *shape] per block in idx)."""
-        from torch.func import functional_call, grad, jvp, vmap
-
         x, y = self._batch(i)
         names = [self.names[b] for b in idx]
         primals = tuple(self.params[b].detach() for b in idx)
 
         def loss(*ps):
-            return self.loss_fn(functional_call(self.model, dict(zip(names, ps)), (x,), strict=False), y)
+            return self.loss_fn(functional_call(self.model, dict(zip(names, ps, strict=False)), (x,), strict=False), y)
 
         g = grad(loss, argnums=tuple(range(len(idx))))
 
@@ -279,7 +280,7 @@ class HessianOperator:
         with torch.no_grad(), composite():
             for s in range(0, k, chunk):
                 res = vmap(hvp_one)(*[v[s:s + chunk] for v in V])
-                for o, r in zip(outs, res):
+                for o, r in zip(outs, res, strict=False):
                     o.append(r)
         return [torch.cat(o) for o in outs]
 
@@ -288,7 +289,6 @@ class HessianOperator:
             return self._chunk
         chunk = self.max_block
         if self.memory_limit and self.device.type == "cuda":
-            from torch.func import vmap
 
             peaks = []
             for kk in (1, 2):
@@ -321,7 +321,7 @@ class HessianOperator:
                 hv = self._func(i, list(range(len(self.params))), V)
             else:
                 hv = self._db_full(self._grads(i), V)
-            for a, h in zip(acc, hv):
+            for a, h in zip(acc, hv, strict=False):
                 a.add_(h, alpha=w)
         self.n_hvp += V[0].shape[0]
         return self._reduce(acc)
@@ -345,7 +345,7 @@ class HessianOperator:
                 acc[l].add_(h, alpha=w)
         self.n_hvp += sum(V[l].shape[0] for l in keys)
         out = self._reduce([acc[l] for l in keys])
-        return dict(zip(keys, out))
+        return dict(zip(keys, out, strict=False))
 
     def gradient(self) -> list[torch.Tensor]:
         """∇L (no graph kept): the unit of cost the benchmarks compare an HVP with."""
@@ -354,7 +354,7 @@ class HessianOperator:
             x, y = self._batch(i)
             with torch.enable_grad():
                 g = torch.autograd.grad(self.loss_fn(self.model(x), y), self.params)
-            for a, h in zip(acc, g):
+            for a, h in zip(acc, g, strict=False):
                 a.add_(h.detach(), alpha=float(len(y)))
         return self._reduce(acc)
 
@@ -363,7 +363,7 @@ class HessianOperator:
         self._graphs.clear()
 
     def _check(self, V: Sequence[torch.Tensor], blocks: Iterable[int]) -> None:
-        for v, b in zip(V, blocks):
+        for v, b in zip(V, blocks, strict=False):
             if tuple(v.shape[1:]) != tuple(self.shapes[b]):
                 raise HVPError(f"probe for {self.names[b]} has shape {tuple(v.shape)}, expected [k, "
                                f"{', '.join(map(str, self.shapes[b]))}]")
@@ -411,11 +411,7 @@ class HessianOperator:
 
 
 def composite() -> contextlib.AbstractContextManager:
-    """hasb's plain-op quantizer path (its fused kernels have no second derivative); a no-op without hasb."""
-    try:
-        from hasb.quantizer import composite_ops
-    except ImportError:
-        return contextlib.nullcontext()
+    """hasb's plain-op quantizer path (its fused kernels have no second derivative)."""
     return composite_ops()
 
 

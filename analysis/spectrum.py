@@ -14,7 +14,7 @@ moment is the probe average of vᵀHv, an unbiased estimate of Tr(H)/n.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .hvp import HessianOperator, flatten, unflatten
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def operator_matvec(op: HessianOperator, block: Optional[int] = None) -> tuple[MatVec, int]:
+def operator_matvec(op: HessianOperator, block: int | None = None) -> tuple[MatVec, int]:
     """(matvec, n) for the whole subset (``block=None``) or for the diagonal block H_ll (``block=l``)."""
     if block is None:
         def mv(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def slq_nodes(matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, seed: i
 
 
 def slq_density(matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, grid_points: int = 1024,
-                sigma: Optional[float] = None, seed: int = 0, device=None) -> dict:
+                sigma: float | None = None, seed: int = 0, device=None) -> dict:
     """Gaussian-broadened eigenvalue density on a grid.
 
     Returns {"grid": [G], "density": [G], "nodes", "weights", "sigma"}: ``grid`` spans the nodes ± 6σ,

@@ -37,15 +37,16 @@ small layers (first conv, classifier) are then cheaper exactly than randomly.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-from .hvp import HessianOperator, rademacher
+from .hvp import HessianOperator, _all_reduce_, _dist_on, composite, rademacher
 
 ESTIMATORS = ("hutchpp", "layer", "full")
 # Chosen by measurement (benchmarks/RESULTS.md, ResNet-20 on Fashion-MNIST, rtol 5%): layer-restricted
@@ -185,7 +186,6 @@ def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarra
     ``draw(l, k) -> (probes [k, *shape_l], finish)`` builds layer l's probes; ``finish(HV)`` maps
     H_ll·probes to k samples.  A layer whose projected remaining need exceeds n_l is computed exactly.
     """
-    L = len(op.names)
     conv = _converged(st, exact, rtol, floor, min_samples)
     while not conv.all() and op.n_hvp - start < max_hvp:
         budget = max_hvp - (op.n_hvp - start)
@@ -304,6 +304,38 @@ def _tick(progress, n: int) -> None:
         progress.update(n)
 
 
+def _input_hook(eps: list, i: int):
+    """Forward pre-hook adding a zero tensor ε (requires grad, stored in ``eps[i]``) to the layer's input."""
+    def fn(mod, inp):
+        e = torch.zeros_like(inp[0], requires_grad=True)
+        eps[i] = e
+        return (inp[0] + e,) + tuple(inp[1:])
+    return fn
+
+
+def _activation_graphs(model: torch.nn.Module, local, layers: Sequence[str], loss_fn) -> tuple[list, list[int]]:
+    """Per batch: (ε per layer, ∂L_b/∂ε per layer with its graph kept, n_b); and each layer's per-sample input size.
+
+    One graph per batch is kept: activation probes are cheap compared with rebuilding it.
+    """
+    dev = next(model.parameters()).device
+    mods = [model.get_submodule(n) for n in layers]
+    graphs, numel = [], [0] * len(layers)
+    for x, y in local:
+        eps: list = [None] * len(layers)
+        hs = [m.register_forward_pre_hook(_input_hook(eps, i)) for i, m in enumerate(mods)]
+        try:
+            with torch.enable_grad(), composite():
+                loss = loss_fn(model(x.to(dev)), y.to(dev))
+                g = torch.autograd.grad(loss, eps, create_graph=True)
+        finally:
+            for h in hs:
+                h.remove()
+        graphs.append((eps, g, float(len(y))))
+        numel = [e[0].numel() for e in eps]
+    return graphs, numel
+
+
 def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *, loss_fn=None, rtol: float = 0.05,
                       max_probes: int = 256, block: int = 8, seed: int = 0, floor: float = 0.01,
                       min_samples: int = 8, progress=None) -> TraceResult:
@@ -316,11 +348,6 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
     ``n_hvp`` counts probe rounds per layer (each round: one probe per batch); ``max_probes`` caps them.
     With torch.distributed initialised, batches are sharded and the per-round sums all-reduced.
     """
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from .hvp import _all_reduce_, _dist_on, composite
-
     loss_fn = loss_fn or F.cross_entropy
     model.eval()
     batches = list(batches)
@@ -330,29 +357,7 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
     if on:
         dist.all_reduce(n_total)
     n_total = float(n_total.item())
-    dev = next(model.parameters()).device
-    mods = [model.get_submodule(n) for n in layers]
-    graphs, numel = [], [0] * len(layers)
-    for x, y in local:   # one graph per batch, kept: activation probes are cheap compared with rebuilding
-        eps: list = [None] * len(layers)
-
-        def hook(i):
-            def fn(mod, inp):
-                e = torch.zeros_like(inp[0], requires_grad=True)
-                eps[i] = e
-                return (inp[0] + e,) + tuple(inp[1:])
-            return fn
-
-        hs = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
-        try:
-            with torch.enable_grad(), composite():
-                loss = loss_fn(model(x.to(dev)), y.to(dev))
-                g = torch.autograd.grad(loss, eps, create_graph=True)
-        finally:
-            for h in hs:
-                h.remove()
-        graphs.append((eps, g, float(len(y))))
-        numel = [e[0].numel() for e in eps]
+    graphs, numel = _activation_graphs(model, local, layers, loss_fn)
     L = len(layers)
     gen = torch.Generator().manual_seed(seed + 1000003 * (dist.get_rank() if on else 0))
     st, exact, n_round = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)

@@ -165,12 +165,12 @@ def save_figure(fig: Figure, path: Union[str, Path, Sequence[Union[str, Path]]],
 # ---------------------------------------------------------------------------------------------- traces
 def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, value: str = "trace",
                 title: Optional[str] = None) -> Figure:
-    """Per-layer Hessian trace with ±1 standard-error bars.
+    """Per-layer Hessian trace with error bars of ± 1 standard error (SE), said so in the title and legend.
 
     Args:
         df: one row per layer in execution order; columns ``layer``, ``value`` (``trace`` or
-            ``trace_per_param``) and ``stderr`` (standard error of ``trace``); optional
-            ``n_params`` (needed to scale the error bar for ``trace_per_param``) and
+            ``trace_per_param``) and ``stderr`` (1 SE of ``trace``); for ``trace_per_param`` the bar is
+            ``stderr_per_param`` when present, else ``stderr / n_params`` (the same quantity); optional
             ``searchable`` (fixed layers are drawn grey).
         log: log y-axis.  Traces can be negative (indefinite Hessian blocks away from a
             minimum) or zero: |trace| is drawn, negative layers in red with hatching and a
@@ -188,7 +188,9 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
     names = [str(x) for x in df["layer"]]
     v = df[value].to_numpy(dtype=float)
     se = df["stderr"].to_numpy(dtype=float) if "stderr" in df.columns else np.zeros_like(v)
-    if value == "trace_per_param" and "stderr" in df.columns:
+    if value == "trace_per_param" and "stderr_per_param" in df.columns:
+        se = df["stderr_per_param"].to_numpy(dtype=float)
+    elif value == "trace_per_param" and "stderr" in df.columns:
         if "n_params" not in df.columns:
             raise PlotError("plot_traces: value='trace_per_param' needs column 'n_params' to scale 'stderr'")
         se = se / df["n_params"].to_numpy(dtype=float)
@@ -227,8 +229,9 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
     unit = "Tr(H_l)" if value == "trace" else "Tr(H_l) / n_l"
     ax.set_ylabel(f"|{unit}|" + (" (log scale)" if log else "") + "  [loss curvature, unitless]")
     ax.set_xlabel("layer (execution order)")
-    ax.set_title(title or ("Per-layer Hessian trace" if value == "trace" else "Per-parameter Hessian trace")
-                 + " ± 1 s.e.")
+    # one SE convention everywhere: the bars are ± 1 SE and both the title and the legend say so
+    ax.set_title((title or ("Per-layer Hessian trace" if value == "trace" else "Per-parameter Hessian trace"))
+                 + " (bars: ± 1 SE)")
     ax.grid(axis="y", which="major", alpha=0.3, zorder=0)
     handles = [Patch(facecolor=POS_COLOR, edgecolor="black", label="trace > 0 (searchable)")]
     if (~searchable).any():
@@ -239,7 +242,7 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
     if zero.any():
         handles.append(ax.scatter([], [], marker="x", color="black", label="trace = 0"))
     handles.append(matplotlib.lines.Line2D([], [], color="black", marker="|", linestyle="none", markersize=10,
-                                           label="± 1 standard error"))
+                                           label="± 1 SE (standard error)"))
     # outside the axes: bars of any height can sit under an in-axes legend
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import hasb
-from analysis._fixtures import exact_block_hessians, exact_full_hessian, tiny_problem
 from analysis.hvp import HessianOperator, HVPError, rademacher
-from analysis.spectrum import operator_matvec, slq_density, slq_nodes, top_eigenvalues
+from analysis.spectrum import operator_matvec, slq_density, top_eigenvalues
 from analysis.trace import estimate_traces
+from tests.support.analysis_fixtures import (
+    exact_block_hessians,
+    exact_full_hessian,
+    tiny_problem,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_backends_agree(problem):
     fop = HessianOperator(model, batches, backend="func", max_block=3)
     g = torch.Generator().manual_seed(1)
     V = [rademacher((5, *s), g, torch.float64) for s in op.shapes]
-    for a, b in zip(fop.hvp(V), op.hvp(V)):
+    for a, b in zip(fop.hvp(V), op.hvp(V), strict=False):
         assert _rel(a, b) < 1e-5
     Vb = {0: V[0][:2], 2: V[2]}
     fb, db = fop.block_hvp(Vb), op.block_hvp(Vb)
@@ -64,7 +68,7 @@ def test_batches_weighted_by_size(problem):
     one = HessianOperator(model, cat, backend="double_backward")
     g = torch.Generator().manual_seed(2)
     V = [rademacher((2, *s), g, torch.float64) for s in op.shapes]
-    for a, b in zip(op.hvp(V), one.hvp(V)):
+    for a, b in zip(op.hvp(V), one.hvp(V), strict=False):
         assert _rel(a, b) < 1e-12
 
 
@@ -168,7 +172,7 @@ def test_quantized_model_is_straight_through():
     g = torch.Generator().manual_seed(0)
     V = [rademacher((3, *s), g, torch.float64) for s in op.shapes]
     hq = {b: o.hvp(V) for b, o in ops.items()}
-    for a, b in zip(hq["func"], hq["double_backward"]):
+    for a, b in zip(hq["func"], hq["double_backward"], strict=False):
         assert _rel(a, b) < 1e-5
     # the float twin with weights replaced by Ŵ
     layers = hasb.quantized_layers(q)
@@ -176,7 +180,7 @@ def test_quantized_model_is_straight_through():
         for n, m in layers.items():
             model.get_submodule(n).weight.copy_(m.quant_weight())
     masks = []
-    for n, m in layers.items():
+    for m in layers.values():
         if m.w_bit is None:
             masks.append(torch.ones_like(m.weight, dtype=torch.bool))
         else:
@@ -185,10 +189,10 @@ def test_quantized_model_is_straight_through():
             r = m.weight / s
             masks.append((r > qn) & (r < qp))
     fop = HessianOperator(model, batches, backend="double_backward")
-    Vm = [v * mk for v, mk in zip(V, masks)]
+    Vm = [v * mk for v, mk in zip(V, masks, strict=False)]
     hf = fop.hvp(Vm)
     hqm = op.hvp(Vm)
-    for a, b, mk in zip(hqm, hf, masks):
+    for a, b, mk in zip(hqm, hf, masks, strict=False):
         assert _rel(a * mk, b * mk) < 1e-6   # w_scale is float32: Ŵ carries float32 round-off
     orig = HessianOperator(tiny_problem(seed=1)[0], batches, backend="double_backward")
-    assert sum(_rel(a, b) for a, b in zip(hq["double_backward"], orig.hvp(V))) > 1e-3   # quantization matters
+    assert sum(_rel(a, b) for a, b in zip(hq["double_backward"], orig.hvp(V), strict=False)) > 1e-3   # quantization matters

@@ -7,8 +7,12 @@ sample weighting of the batch average is exercised.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from analysis.hvp import HessianOperator, flatten, rademacher, unflatten
+from analysis.trace import estimate_traces
 
 
 class TinyNet(nn.Module):
@@ -58,8 +62,6 @@ def exact_block_hessians(op) -> list[torch.Tensor]:
 
 def exact_full_hessian(op) -> torch.Tensor:
     """Dense H [n, n] over all blocks, by n unit-vector HVPs (chunks of 128)."""
-    from .hvp import flatten, unflatten
-
     n = sum(op.numels)
     cols = []
     for s in range(0, n, 128):
@@ -75,11 +77,6 @@ def distributed_worker(rank: int, world: int, init_file: str, out_path: str) -> 
 
     Every rank passes the full batch list; the operator shards it.  Rank 0 saves its results.
     """
-    import torch.distributed as dist
-
-    from .hvp import HessianOperator, rademacher
-    from .trace import estimate_traces
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -93,9 +90,6 @@ def distributed_worker(rank: int, world: int, init_file: str, out_path: str) -> 
 
 def distributed_reference(sizes=(24, 16, 8, 20, 12)) -> dict:
     """HVPs on fixed probes, block HVPs and a Hutch++ trace run (fixed seed) of a 5-batch problem."""
-    from .hvp import HessianOperator, rademacher
-    from .trace import estimate_traces
-
     model, batches = tiny_problem(seed=2, sizes=sizes)
     op = HessianOperator(model, batches, backend="double_backward")
     g = torch.Generator().manual_seed(0)
@@ -105,3 +99,40 @@ def distributed_reference(sizes=(24, 16, 8, 20, 12)) -> dict:
     r = estimate_traces(op, "hutchpp", rtol=0.1, max_hvp=200, sketch=4, seed=0)
     return {"hv": hv, "block": [bh[1], bh[3]], "trace": torch.tensor(r.trace), "stderr": torch.tensor(r.stderr),
             "n_total": op.n_total}
+
+
+TINY_RESNET20 = "tests.support.analysis_fixtures:tiny_resnet20"
+
+
+def tiny_resnet20(num_classes: int = 10, in_channels: int = 1, **_) -> nn.Module:
+    """ResNet-20's shape (3 stages × 3 pre-activation blocks, 22 weight layers) at widths 4/8/8: fast on CPU."""
+    from hasb.models.resnet import PreActResNet
+
+    return PreActResNet((3, 3, 3), (4, 8, 8), num_classes, in_channels)
+
+
+def train_multi_precision(x: torch.Tensor, y: torch.Tensor, bits=(8, 4), steps: int = 30, batch: int = 32,
+                          lr: float = 0.01, seed: int = 0) -> nn.Module:
+    """A :func:`tiny_resnet20` trained as the multi-precision stage trains (every step, each bit in turn).
+
+    x [N, 1, 28, 28], y [N]. Like the real stage, only the BN entries of ``bits`` ever see data: the fp path's
+    BN entries keep their initial statistics (mean 0, var 1), the untrained path issue 10 found measured.
+    """
+    import hasb
+    from hasb.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(TINY_RESNET20, num_classes=10, in_channels=1, image_size=28)
+    q = hasb.quantize_model(model, bits=list(bits), example_input=x[:32])
+    opt = torch.optim.Adam(q.parameters(), lr=lr)
+    q.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        opt.zero_grad()
+        for b in bits:
+            hasb.set_config(q, b)
+            F.cross_entropy(q(x[idx]), y[idx]).backward()
+        opt.step()
+    hasb.set_config(q, bits[0])
+    return q.eval()
