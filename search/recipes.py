@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis.sensitivity import compute_sensitivity
+from analysis.sensitivity import SensitivityConfig, compute_sensitivity
 from hasb.cli import parse_bits, run_cli
 from hasb.data import batches, load_dataset
 from hasb.errors import HasbError
 from hasb.export import read_checkpoint
-from hasb.quantize import float_twin
+from hasb.models import build_record
+from hasb.quantize import float_twin, get_spec
 from hasb.train import TrainConfig, TrainError, load_supernet, train
 
 
@@ -75,15 +76,16 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     statistics: the multi stage never trains the 'fp' BN entries of quantized layers).
     """
     qmodel = load_supernet(multi_pt)
-    bits = list(qmodel.hasb_spec.bits)          # Ω for the supernet's own candidates ({4,3,2} too)
+    bits = list(get_spec(qmodel).bits)          # Ω for the supernet's own candidates ({4,3,2} too)
     model = float_twin(qmodel).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256, device=device))[:2]
     # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
-    res = compute_sensitivity(model, calib, rtol=0.1, max_hvp=max_hvp, model_name=model.hasb_build["name"],
-                              estimator="layer", bits=bits,
-                              include_fixed=False,
-                              fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}")
+    cfg = SensitivityConfig(rtol=0.1, max_hvp=max_hvp, estimator="layer", bits=bits, include_fixed=False)
+    res = compute_sensitivity(model, calib, cfg, model_name=build_record(model)["name"],
+                              fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}",
+                              measured_on={"data": splits.name, "split": "calib",
+                                           "n_images": sum(len(y) for _, y in calib), "network": "float twin"})
     return res.to_json(out / "sensitivity.json")
 
 
