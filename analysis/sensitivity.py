@@ -31,6 +31,7 @@ CLI::
 
     python -m analysis.sensitivity --model resnet20 --checkpoint runs/r20/multi/model.pt --out runs/r20 [--at 8|fp]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,12 +97,25 @@ from hasb.sensitivity_file import (
     validate_sensitivity,
 )
 
+from .exact import exact_layer_traces
 from .hvp import BACKENDS, HessianOperator
 from .spectrum import operator_matvec, slq_density, top_eigenvalues
 from .trace import DEFAULT_ESTIMATOR, ESTIMATORS, activation_traces, estimate_traces
 
-__all__ = ["SensitivityConfig", "SensitivityResult", "compute_sensitivity", "DegenerateSensitivityError",
-           "SensitivityError", "load_sensitivity", "validate_sensitivity", "LAYER_KEYS", "main"]
+# the trace estimators of analysis.trace, plus the exact per-sample one of analysis.exact
+SENSITIVITY_ESTIMATORS = (*ESTIMATORS, "exact")
+
+__all__ = [
+    "SensitivityConfig",
+    "SensitivityResult",
+    "compute_sensitivity",
+    "DegenerateSensitivityError",
+    "SensitivityError",
+    "load_sensitivity",
+    "validate_sensitivity",
+    "LAYER_KEYS",
+    "main",
+]
 
 
 @dataclass
@@ -123,16 +137,18 @@ class SensitivityResult:
     density: dict | None = None
     activation: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
-    measured_at: dict = field(default_factory=dict)   # which network: see measured_network
-    measured_on: dict = field(default_factory=dict)   # which images: data, split, n_images, n_batches
+    measured_at: dict = field(default_factory=dict)  # which network: see measured_network
+    measured_on: dict = field(default_factory=dict)  # which images: data, split, n_images, n_batches
 
     def table(self) -> str:
         """The printed table: per-parameter traces with their own ± 1 SE, under a header saying what they were
         measured on."""
         on = self.measured_on
         where = ", ".join(f"{k} {on[k]}" for k in ("data", "split") if k in on)
-        head = (f"Tr(H_l)/n_l ± 1 SE (stderr_per_param = stderr/n_params), measured on {where + ', ' if where else ''}"
-                f"{on.get('n_images', '?')} images; network: {_describe(self.measured_at)}")
+        head = (
+            f"Tr(H_l)/n_l ± 1 SE (stderr_per_param = stderr/n_params), measured on {where + ', ' if where else ''}"
+            f"{on.get('n_images', '?')} images; network: {_describe(self.measured_at)}"
+        )
         cols = ["layer", "n_params", "trace_per_param", "stderr_per_param", "n_hvp", "rank"]
         return head + "\n" + self.frame[cols].to_string(index=False)
 
@@ -151,15 +167,26 @@ class SensitivityResult:
         rows = []
         for r in self.frame.to_dict(orient="records"):
             rows.append({k: _py(v) for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))})
-        d = {"version": VERSION, "model": self.model_name, "fingerprint": self.fingerprint, "bits": list(self.bits),
-             "layers": rows, "omega": self.omega, "negative_traces": list(self.negative_traces),
-             "measured_at": self.measured_at, "measured_on": self.measured_on,
-             "se_convention": SE_CONVENTION, "meta": self.meta}
+        d = {
+            "version": VERSION,
+            "model": self.model_name,
+            "fingerprint": self.fingerprint,
+            "bits": list(self.bits),
+            "layers": rows,
+            "omega": self.omega,
+            "negative_traces": list(self.negative_traces),
+            "measured_at": self.measured_at,
+            "measured_on": self.measured_on,
+            "se_convention": SE_CONVENTION,
+            "meta": self.meta,
+        }
         if self.eigenvalues is not None:
             d["eigenvalues"] = [float(e) for e in self.eigenvalues]
         if self.density is not None:
-            d["density"] = {"grid": [float(v) for v in self.density["grid"]],
-                            "density": [float(v) for v in self.density["density"]]}
+            d["density"] = {
+                "grid": [float(v) for v in self.density["grid"]],
+                "density": [float(v) for v in self.density["density"]],
+            }
         if self.activation is not None:
             d["activation"] = [{k: _py(v) for k, v in r.items()} for r in self.activation.to_dict(orient="records")]
         return d
@@ -172,8 +199,10 @@ class SensitivityResult:
         return atomic_write_text(path, self.frame.to_csv(index=False))
 
 
-SE_CONVENTION = ("stderr: 1 standard error of trace; stderr_per_param = stderr / n_params: 1 standard error of "
-                 "trace_per_param; error bars and tables show ± 1 SE")
+SE_CONVENTION = (
+    "stderr: 1 standard error of trace; stderr_per_param = stderr / n_params: 1 standard error of "
+    "trace_per_param; error bars and tables show ± 1 SE"
+)
 
 
 def _describe(measured_at: dict) -> str:
@@ -230,22 +259,27 @@ def measured_network(model: nn.Module, at=None) -> tuple[nn.Module, contextlib.A
     """
     if getattr(model, "hasb_spec", None) is None:
         if at not in (None, "fp"):
-            raise SensitivityError(f"at={at!r} applies to hasb quantized models; a float model is measured as it is "
-                                   "(pass at=None or 'fp')")
+            raise SensitivityError(
+                f"at={at!r} applies to hasb quantized models; a float model is measured as it is (pass at=None or 'fp')"
+            )
         return model, contextlib.nullcontext(), {"network": "float"}
     top = int(model.hasb_spec.bits[0])
     if at == "fp":
         return float_twin(model, top), contextlib.nullcontext(), {"network": "float_twin", "bn_bit": top}
     cfg = top if at is None else at
-    with use_config(model, cfg):        # validates cfg against the model now, before any work
+    with use_config(model, cfg):  # validates cfg against the model now, before any work
         active = get_config(model)
     uniform = active.is_uniform()
     record = {"network": "quantized", "uniform_bit": uniform, "config": json.loads(active.to_json(indent=None))}
     return model, use_config(model, cfg), record
 
 
-def check_outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn=F.cross_entropy,
-                  max_confidence: float = MAX_CONFIDENCE) -> dict:
+def check_outputs(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn=F.cross_entropy,
+    max_confidence: float = MAX_CONFIDENCE,
+) -> dict:
     """Mean loss and mean max softmax probability over ``batches`` (sample-weighted); Degenerate... if unusable.
 
     Returns {"loss": float, "mean_max_prob": float (NaN for a non-default loss_fn), "n_images": int}.
@@ -262,15 +296,18 @@ def check_outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
             n += len(y)
     loss, pmax = tot_loss / n, tot_p / n
     if not math.isfinite(loss):
-        raise DegenerateSensitivityError(f"the measured network's loss is {loss} on the {n} calibration images; "
-                                         "check the checkpoint (was it trained?) and which network is measured (--at)")
+        raise DegenerateSensitivityError(
+            f"the measured network's loss is {loss} on the {n} calibration images; "
+            "check the checkpoint (was it trained?) and which network is measured (--at)"
+        )
     if loss_fn is not F.cross_entropy:
-        pmax = float("nan")          # the softmax check is the cross-entropy's; other losses are the caller's
+        pmax = float("nan")  # the softmax check is the cross-entropy's; other losses are the caller's
     elif pmax > max_confidence:
         raise DegenerateSensitivityError(
             f"saturated softmax: mean max-probability {pmax:.6f} > {max_confidence} on the {n} calibration images "
             "(its Hessian is ~0); check the checkpoint was trained and that --at names a trained network "
-            "(e.g. --at 8, or --at fp for the float twin)")
+            "(e.g. --at 8, or --at fp for the float twin)"
+        )
     return {"loss": loss, "mean_max_prob": pmax, "n_images": n}
 
 
@@ -278,15 +315,20 @@ def check_traces(frame: pd.DataFrame, max_hvp: int) -> None:
     """DegenerateSensitivityError on all-zero traces or any non-finite trace / standard error."""
     bad = frame[~np.isfinite(frame.trace.to_numpy(float))]
     if len(bad):
-        raise DegenerateSensitivityError(f"non-finite trace for layer(s) {list(bad.layer)[:3]}; check the checkpoint "
-                                         "and the measured network (--at)")
+        raise DegenerateSensitivityError(
+            f"non-finite trace for layer(s) {list(bad.layer)[:3]}; check the checkpoint and the measured network (--at)"
+        )
     bad = frame[~np.isfinite(frame.stderr.to_numpy(float))]
     if len(bad):
-        raise DegenerateSensitivityError(f"no finite standard error for layer(s) {list(bad.layer)[:3]} (fewer than 2 "
-                                         f"probes within max_hvp={max_hvp}); raise --max-hvp")
+        raise DegenerateSensitivityError(
+            f"no finite standard error for layer(s) {list(bad.layer)[:3]} (fewer than 2 "
+            f"probes within max_hvp={max_hvp}); raise --max-hvp"
+        )
     if (frame.trace == 0).all():
-        raise DegenerateSensitivityError("every layer's Hessian trace is exactly 0: the measured network has no "
-                                         "curvature (saturated or dead); check the checkpoint and --at")
+        raise DegenerateSensitivityError(
+            "every layer's Hessian trace is exactly 0: the measured network has no "
+            "curvature (saturated or dead); check the checkpoint and --at"
+        )
 
 
 def _q_reference(model: nn.Module, bits, example: torch.Tensor) -> tuple[nn.Module, list[int]]:
@@ -296,8 +338,9 @@ def _q_reference(model: nn.Module, bits, example: torch.Tensor) -> tuple[nn.Modu
         bits = tuple(spec_bits if bits is None else bits)
         bad = [b for b in bits if b not in spec_bits]
         if bad:
-            raise SensitivityError(f"bits {bad} are not candidates of the quantized model; accepted: "
-                                   f"{', '.join(map(str, spec_bits))}")
+            raise SensitivityError(
+                f"bits {bad} are not candidates of the quantized model; accepted: {', '.join(map(str, spec_bits))}"
+            )
         return model, sorted({int(b) for b in bits}, reverse=True)
     bits = tuple(DEFAULT_BITS if bits is None else bits)
     if not bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
@@ -335,8 +378,14 @@ class SensitivityConfig:
     max_confidence: float = MAX_CONFIDENCE
 
     def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise SensitivityError(f"unknown estimator {self.estimator!r}; accepted: {', '.join(ESTIMATORS)}")
+        if self.estimator not in SENSITIVITY_ESTIMATORS:
+            raise SensitivityError(
+                f"unknown estimator {self.estimator!r}; accepted: {', '.join(SENSITIVITY_ESTIMATORS)}"
+            )
+        if self.estimator == "exact" and (self.top_k or self.density or self.activations):
+            raise SensitivityError(
+                "--estimator exact gives traces only; use --estimator layer with --top-k, --density or --activations"
+            )
         if self.backend not in BACKENDS:
             raise SensitivityError(f"unknown backend {self.backend!r}; accepted: {', '.join(BACKENDS)}")
         if not (self.rtol >= 0 and self.max_hvp >= 1):
@@ -346,14 +395,26 @@ class SensitivityConfig:
 def _measure(net: nn.Module, batches, names: list[str], c: SensitivityConfig, loss_fn, progress: bool):
     """(TraceResult, eigenvalues|None, density|None, activation frame|None, HessianOperator) of ``net``."""
     params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
+    if c.estimator == "exact":  # per-sample Gauss-Newton columns: exact traces, no HVP operator
+        return exact_layer_traces(net, batches, params, seed=c.seed), None, None, None, None
     pbar = None
     try:
         if progress:
             from tqdm.auto import tqdm
+
             pbar = tqdm(total=c.max_hvp, desc="HVPs", unit="hvp", file=sys.stderr)
         op = HessianOperator(net, batches, params, loss_fn=loss_fn, backend=c.backend, max_block=c.block)
-        res = estimate_traces(op, c.estimator, rtol=c.rtol, max_hvp=c.max_hvp, block=c.block,
-                              seed=c.seed, floor=c.floor, sketch=c.sketch, progress=pbar)
+        res = estimate_traces(
+            op,
+            c.estimator,
+            rtol=c.rtol,
+            max_hvp=c.max_hvp,
+            block=c.block,
+            seed=c.seed,
+            floor=c.floor,
+            sketch=c.sketch,
+            progress=pbar,
+        )
         eig = dens = act = None
         if c.top_k > 0:
             mv, n = operator_matvec(op)
@@ -362,9 +423,21 @@ def _measure(net: nn.Module, batches, names: list[str], c: SensitivityConfig, lo
             mv, n = operator_matvec(op)
             dens = slq_density(mv, n, seed=c.seed, device=op.device)
         if c.activations:
-            act = activation_traces(net, batches, names, loss_fn=loss_fn, rtol=c.rtol,
-                                    max_probes=max(c.max_hvp // 8, 16), block=c.block, seed=c.seed,
-                                    floor=c.floor).to_frame().drop(columns=["exact"])
+            act = (
+                activation_traces(
+                    net,
+                    batches,
+                    names,
+                    loss_fn=loss_fn,
+                    rtol=c.rtol,
+                    max_probes=max(c.max_hvp // 8, 16),
+                    block=c.block,
+                    seed=c.seed,
+                    floor=c.floor,
+                )
+                .to_frame()
+                .drop(columns=["exact"])
+            )
         op.clear()
     finally:
         if pbar is not None:
@@ -376,7 +449,7 @@ def _table(res, spec, qlayers, bits: list[int]) -> tuple[pd.DataFrame, dict]:
     """The per-layer frame (trace columns, negative flags, Ω per bit, rank) and the Ω dict."""
     frame = res.to_frame()
     frame.insert(int(frame.columns.get_loc("stderr")) + 1, "stderr_per_param", frame.stderr / frame.n_params)
-    frame["layer"] = [n[:-len(".weight")] for n in frame.layer]
+    frame["layer"] = [n[: -len(".weight")] for n in frame.layer]
     frame["searchable"] = [n not in spec.fixed for n in frame.layer]
     frame["negative"] = frame.trace < 0
     frame["significant_negative"] = frame.trace + 2 * frame.stderr < 0
@@ -392,10 +465,17 @@ def _table(res, spec, qlayers, bits: list[int]) -> tuple[pd.DataFrame, dict]:
     return frame, omega
 
 
-def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        config: SensitivityConfig | None = None, *, loss_fn=F.cross_entropy,
-                        progress: bool = False, fingerprint: str = "", model_name: str | None = None,
-                        measured_on: dict | None = None) -> SensitivityResult:
+def compute_sensitivity(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    config: SensitivityConfig | None = None,
+    *,
+    loss_fn=F.cross_entropy,
+    progress: bool = False,
+    fingerprint: str = "",
+    model_name: str | None = None,
+    measured_on: dict | None = None,
+) -> SensitivityResult:
     """Per-layer Hessian traces (with SE) of a trained network and the Ω table for ``config.bits``.
 
     Args:
@@ -422,19 +502,41 @@ def compute_sensitivity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
         res, eig, dens, act, op = _measure(net, batches, names, c, loss_fn, progress)
     frame, omega = _table(res, spec, quantized_layers(qmodel), bits)
     check_traces(frame, c.max_hvp)
-    on = {**(measured_on or {}), "n_images": int(op.n_total), "n_batches": len(batches)}
-    meta = {"estimator": res.estimator, "total_hvp": int(res.total_hvp), "backend": op.backend,
-            "calibration": op.calibration, "settings": res.settings, "quantized_input": qmodel is model,
-            "outputs": outputs, "n_samples": int(op.n_total), "n_batches": len(batches),
-            "negative_policy": "omega uses max(t, 0)", "se_convention": SE_CONVENTION, "torch": torch.__version__}
+    n_total = int(op.n_total) if op is not None else int(res.n_samples)
+    on = {**(measured_on or {}), "n_images": n_total, "n_batches": len(batches)}
+    meta = {
+        "estimator": res.estimator,
+        "total_hvp": int(res.total_hvp),
+        "backend": op.backend if op is not None else "per-sample-vjp",
+        "calibration": op.calibration if op is not None else None,
+        "settings": res.settings,
+        "quantized_input": qmodel is model,
+        "outputs": outputs,
+        "n_samples": n_total,
+        "n_batches": len(batches),
+        "negative_policy": "omega uses max(t, 0)",
+        "se_convention": SE_CONVENTION,
+        "torch": torch.__version__,
+    }
     name = model_name or (getattr(model, "hasb_build", None) or {}).get("name", type(model).__name__)
-    return SensitivityResult(frame=frame, bits=bits, omega=omega, negative_traces=list(frame.layer[frame.negative]),
-                             model_name=name, fingerprint=fingerprint, eigenvalues=eig, density=dens,
-                             activation=act, meta=meta, measured_at=measured_at, measured_on=on)
+    return SensitivityResult(
+        frame=frame,
+        bits=bits,
+        omega=omega,
+        negative_traces=list(frame.layer[frame.negative]),
+        model_name=name,
+        fingerprint=fingerprint,
+        eigenvalues=eig,
+        density=dens,
+        activation=act,
+        meta=meta,
+        measured_at=measured_at,
+        measured_on=on,
+    )
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------
-STAGE_PREFIX = ".sensitivity."          # temp folders in --out; stale ones (a killed run) are removed on start
+STAGE_PREFIX = ".sensitivity."  # temp folders in --out; stale ones (a killed run) are removed on start
 OUTPUTS = ("sensitivity.csv", "sensitivity.png", "sensitivity.json")
 MANIFEST = "sensitivity.manifest.json"  # written last: sha256 of each output; the cache trusts only a match
 EXPORT_KEYS = ("spec", "build", "config", "layers", "rest")
@@ -442,11 +544,13 @@ EXPORT_KEYS = ("spec", "build", "config", "layers", "rest")
 
 def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse ``type=`` that keeps a HasbError's own message (argparse hides a plain ValueError's)."""
+
     def conv(text: str) -> Any:
         try:
             return fn(text)
         except HasbError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     conv.__name__ = getattr(fn, "__name__", "value")
     return conv
 
@@ -456,39 +560,69 @@ class SensitivityCLIConfig:
     """``python -m analysis.sensitivity``: each option declared once (hasb.cli.option) with its help."""
 
     model: str = model_option(required=True)
-    out: Path = option(None, required=True, parse=Path, help="output folder (e.g. runs/demo): sensitivity.json, "
-                       ".csv, .png and a manifest; reused when model, checkpoint, data and settings are unchanged")
+    out: Path = option(
+        None,
+        required=True,
+        parse=Path,
+        help="output folder (e.g. runs/demo): sensitivity.json, "
+        ".csv, .png and a manifest; reused when model, checkpoint, data and settings are unchanged",
+    )
     data: str = data_option()
     data_dir: str | None = data_dir_option()
-    split: str = option("calib", choices=("calib", "val", "train", "test"),
-                        help="images: calib (a fixed train subset, the paper's ~1000 training images), val, train, test")
-    checkpoint: Path | None = option(None, parse=Path, help="hasb export (hasb.export.save_quantized) or a float "
-                                        "state_dict; default: random init with --seed (traces of an untrained model "
-                                        "say little)")
-    at: str | None = option(None, help="which network of a hasb export to measure: fp (its float twin: float "
-                               "weights, BN entries of the top bit), a uniform bit (e.g. 8) or a BitConfig JSON file "
-                               "(default: the highest candidate bit); never the export's untrained fp path")
-    bits: list | None = option(None, parse=_argtype(parse_bits), help="candidate bits for Ω, e.g. 8,6,4,2 "
-                                  "(default: the checkpoint's candidates, else 8,6,4,2)")
+    split: str = option(
+        "calib",
+        choices=("calib", "val", "train", "test"),
+        help="images: calib (a fixed train subset, the paper's ~1000 training images), val, train, test",
+    )
+    checkpoint: Path | None = option(
+        None,
+        parse=Path,
+        help="hasb export (hasb.export.save_quantized) or a float "
+        "state_dict; default: random init with --seed (traces of an untrained model "
+        "say little)",
+    )
+    at: str | None = option(
+        None,
+        help="which network of a hasb export to measure: fp (its float twin: float "
+        "weights, BN entries of the top bit), a uniform bit (e.g. 8) or a BitConfig JSON file "
+        "(default: the highest candidate bit); never the export's untrained fp path",
+    )
+    bits: list | None = option(
+        None,
+        parse=_argtype(parse_bits),
+        help="candidate bits for Ω, e.g. 8,6,4,2 (default: the checkpoint's candidates, else 8,6,4,2)",
+    )
     batches: int = option(4, help="number of batches")
     batch_size: int = option(256, help="images per batch (4 × 256 = 1024 images)")
-    rtol: float = option(0.05, help="stop when every layer's SE ≤ rtol·|trace| (layers below --floor of the "
-                         "largest use floor·largest)")
+    rtol: float = option(
+        0.05, help="stop when every layer's SE ≤ rtol·|trace| (layers below --floor of the largest use floor·largest)"
+    )
     floor: float = option(0.01, help="relative floor of the stopping rule")
     max_hvp: int = option(2000, help="budget of Hessian-vector products")
-    estimator: str = option(DEFAULT_ESTIMATOR, choices=ESTIMATORS, help="layer: layer-restricted Hutchinson "
-                            "(fewest HVPs on ResNet-20, see benchmarks/RESULTS.md); hutchpp: per-layer Hutch++ "
-                            "deflation; full: full-model probes (PyHessian-style)")
+    estimator: str = option(
+        DEFAULT_ESTIMATOR,
+        choices=SENSITIVITY_ESTIMATORS,
+        help="exact: per-sample Gauss-Newton columns, equal to the Hessian block trace for piecewise-linear "
+        "nets (ReLU, BN in eval; reported per layer as hessian_exact), no SE; layer: layer-restricted Hutchinson "
+        "(fewest HVPs on ResNet-20, see benchmarks/RESULTS.md); hutchpp: per-layer Hutch++ "
+        "deflation; full: full-model probes (PyHessian-style)",
+    )
     sketch: int = option(16, help="hutchpp sketch columns per layer")
     block: int = option(8, help="probes per layer per round / vmap block")
-    backend: str = option("auto", choices=BACKENDS, help="HVP backend: auto (time both on the first batch), "
-                          "double_backward, func (vmap(jvp(grad)))")
+    backend: str = option(
+        "auto",
+        choices=BACKENDS,
+        help="HVP backend: auto (time both on the first batch), double_backward, func (vmap(jvp(grad)))",
+    )
     top_k: int = option(0, help="also compute the top-k Hessian eigenvalues (Lanczos)")
     density: bool = option(False, help="also compute the eigenvalue density (SLQ)")
     activations: bool = option(False, help="also compute activation-Hessian traces (w.r.t. each layer's input)")
     exclude_fixed: bool = option(False, help="skip traces of fixed (first/last) layers")
-    max_confidence: float = option(MAX_CONFIDENCE, help="refuse a network whose mean max softmax probability on "
-                                   "the images exceeds this (a saturated softmax has ~0 curvature); 1 disables")
+    max_confidence: float = option(
+        MAX_CONFIDENCE,
+        help="refuse a network whose mean max softmax probability on "
+        "the images exceeds this (a saturated softmax has ~0 curvature); 1 disables",
+    )
     device: str = device_option()
     seed: int = seed_option()
     threads: int | None = threads_option()
@@ -496,11 +630,23 @@ class SensitivityCLIConfig:
     progress: bool = quiet_option()
 
     def estimator_config(self, at) -> SensitivityConfig:
-        return SensitivityConfig(bits=self.bits, rtol=self.rtol, max_hvp=self.max_hvp, estimator=self.estimator,
-                                 backend=self.backend, seed=self.seed, include_fixed=not self.exclude_fixed,
-                                 floor=self.floor, block=self.block, sketch=self.sketch, top_k=self.top_k,
-                                 density=self.density, activations=self.activations, at=at,
-                                 max_confidence=self.max_confidence)
+        return SensitivityConfig(
+            bits=self.bits,
+            rtol=self.rtol,
+            max_hvp=self.max_hvp,
+            estimator=self.estimator,
+            backend=self.backend,
+            seed=self.seed,
+            include_fixed=not self.exclude_fixed,
+            floor=self.floor,
+            block=self.block,
+            sketch=self.sketch,
+            top_k=self.top_k,
+            density=self.density,
+            activations=self.activations,
+            at=at,
+            max_confidence=self.max_confidence,
+        )
 
 
 def parse_at(text: str):
@@ -554,9 +700,18 @@ def state_digest(model: nn.Module) -> str:
 
 def fingerprint(model: nn.Module, checkpoint: Path | None, data: dict, settings: dict) -> str:
     """Cache key: model build + weights + checkpoint bytes + data selection + settings."""
-    blob = json.dumps({"build": getattr(model, "hasb_build", None), "state": state_digest(model),
-                       "checkpoint": _file_digest(checkpoint) if checkpoint else None,
-                       "data": data, "settings": settings, "version": VERSION}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "build": getattr(model, "hasb_build", None),
+            "state": state_digest(model),
+            "checkpoint": _file_digest(checkpoint) if checkpoint else None,
+            "data": data,
+            "settings": settings,
+            "version": VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -636,7 +791,8 @@ def cached(out: Path, fp: str) -> bool:
     try:
         man = json.loads((out / MANIFEST).read_text())
         return man.get("fingerprint") == fp and all(
-            (out / n).is_file() and _file_digest(out / n) == man["sha256"][n] for n in OUTPUTS)
+            (out / n).is_file() and _file_digest(out / n) == man["sha256"][n] for n in OUTPUTS
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -665,7 +821,7 @@ def _batches_of(cfg: SensitivityCLIConfig, splits) -> list:
     x, y = getattr(splits, cfg.split)
     if len(x) < n_img:
         raise SensitivityError(f"--batches × --batch-size = {n_img} exceeds the {len(x)} images of split {cfg.split}")
-    return [(x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]) for i in range(0, n_img, cfg.batch_size)]
+    return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, n_img, cfg.batch_size)]
 
 
 def run_sensitivity(cfg: SensitivityCLIConfig) -> int:
@@ -677,20 +833,28 @@ def run_sensitivity(cfg: SensitivityCLIConfig) -> int:
     batches = _batches_of(cfg, splits)
     model = load_model(cfg.model, cfg.checkpoint, obj, splits, cfg.seed).to(device)
     scfg = cfg.estimator_config(at)
-    measured_on = {"data": cfg.data, "split": cfg.split, "n_images": n_img, "batches": cfg.batches,
-                   "batch_size": cfg.batch_size}
+    measured_on = {
+        "data": cfg.data,
+        "split": cfg.split,
+        "n_images": n_img,
+        "batches": cfg.batches,
+        "batch_size": cfg.batch_size,
+    }
     fp = fingerprint(model, cfg.checkpoint, measured_on, {"cfg": asdict(scfg), "at": str(cfg.at)})
     if not cfg.force and cached(cfg.out, fp):
         print(f"cached: {cfg.out / 'sensitivity.json'} (fingerprint {fp}); --force recomputes")
         return 0
-    res = compute_sensitivity(model, batches, scfg, progress=cfg.progress, fingerprint=fp, model_name=cfg.model,
-                              measured_on=measured_on)
+    res = compute_sensitivity(
+        model, batches, scfg, progress=cfg.progress, fingerprint=fp, model_name=cfg.model, measured_on=measured_on
+    )
     res.meta.update({"checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "device": str(device)})
     if _is_rank0():
         where = f"{cfg.data} {cfg.split} split, {n_img} images"
         write_outputs(res, cfg.out, f"{cfg.model}: Tr(H_l)/n_l ({res.meta['estimator']}; {where})")
-        print(f"wrote {cfg.out / 'sensitivity.json'}: {len(res.frame)} layers, {res.meta['total_hvp']} HVPs "
-              f"({res.meta['backend']}), negative traces: {res.negative_traces or 'none'}")
+        print(
+            f"wrote {cfg.out / 'sensitivity.json'}: {len(res.frame)} layers, {res.meta['total_hvp']} HVPs "
+            f"({res.meta['backend']}), negative traces: {res.negative_traces or 'none'}"
+        )
         print(res.table())
     return 0
 
@@ -717,10 +881,14 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m analysis.sensitivity", description=(
-        "Per-layer Hessian traces with standard errors and the bit-sensitivity table "
-        "Ω_l(b) = Tr(H_l)/n_l · ||Q_b(W_l) - W_l||² of a trained network. Writes sensitivity.json/.csv/.png to "
-        "--out; reuses them when the model, checkpoint, data and settings are unchanged."))
+    p = _OneLineParser(
+        prog="python -m analysis.sensitivity",
+        description=(
+            "Per-layer Hessian traces with standard errors and the bit-sensitivity table "
+            "Ω_l(b) = Tr(H_l)/n_l · ||Q_b(W_l) - W_l||² of a trained network. Writes sensitivity.json/.csv/.png to "
+            "--out; reuses them when the model, checkpoint, data and settings are unchanged."
+        ),
+    )
     return add_options(p, SensitivityCLIConfig)
 
 

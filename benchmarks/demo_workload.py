@@ -18,8 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from hasb.config import BitConfig
 from hasb.data import load_dataset
 from hasb.quantize import searchable_layers
@@ -32,9 +30,19 @@ def make_cfg(width_epochs, device="cuda", **extra):
     epochs_multi, epochs_super = width_epochs
 
     def mk(stage, out, **kw):
-        base = dict(stage=stage, model="small_cnn", out=out, epochs=epochs_multi if stage == "multi" else epochs_super,
-                    batch_size=256, lr=3e-3 if stage == "multi" else 1e-3, wd=5e-5, augment=True, device=device,
-                    warmup_epochs=1, **extra)
+        base = dict(
+            stage=stage,
+            model="small_cnn",
+            out=out,
+            epochs=epochs_multi if stage == "multi" else epochs_super,
+            batch_size=256,
+            lr=3e-3 if stage == "multi" else 1e-3,
+            wd=5e-5,
+            augment=True,
+            device=device,
+            warmup_epochs=1,
+            **extra,
+        )
         base.update(kw)
         return TrainConfig(**base)
 
@@ -56,7 +64,7 @@ def score(model_pt: Path, n_random: int, device: str, seed: int = 0, **limits) -
     rng = random.Random(seed)
     for _ in range(n_random):
         bits = [rng.choice((8, 6, 4, 2)) for _ in layers]
-        r = ev.evaluate(BitConfig({n: (b, b) for n, b in zip(layers, bits)}), save=False)
+        r = ev.evaluate(BitConfig({n: (b, b) for n, b in zip(layers, bits, strict=False)}), save=False)
         rows.append(dict(config="-".join(map(str, bits)), acc=r.accuracy, loss=r.loss, n=r.n))
     return rows
 
@@ -71,10 +79,15 @@ def main() -> None:
     lim = dict(train_limit=512, val_limit=256) if a.smoke else {}
     out = Path(a.out)
     summary = {}
-    for name, epochs in ((("smoke", (1, 1)),) if a.smoke else (("e12_6", (12, 6)),)):
+    for name, epochs in (("smoke", (1, 1)),) if a.smoke else (("e12_6", (12, 6)),):
         t0 = time.time()
-        res = run_recipe(make_cfg(epochs, dev, **lim), out / name, sensitivity_splits=lim, max_hvp=32 if a.smoke else 256,
-                         progress=False)
+        res = run_recipe(
+            make_cfg(epochs, dev, **lim),
+            out / name,
+            sensitivity_splits=lim,
+            max_hvp=32 if a.smoke else 256,
+            progress=False,
+        )
         rows = score(res["supernet"], 2 if a.smoke else a.random, dev, **lim)
         secs = time.time() - t0
         (out / name / "scores.json").write_text(json.dumps(rows, indent=1))
@@ -84,9 +97,12 @@ def main() -> None:
         mixed = [r["acc"] for r in rows[4:]]
         n = rows[0]["n"]
         se = math.sqrt(0.9 * 0.1 / n)
-        print(f"{name}: {secs:.0f} s; uniform " + " ".join(f"{k}={100 * v:.2f}" for k, v in uni.items())
-              + f"; mixed min/median/max {100 * min(mixed):.2f}/{100 * sorted(mixed)[len(mixed) // 2]:.2f}/"
-              f"{100 * max(mixed):.2f}; SE≈{100 * se:.2f} pt on {n} val images")
+        print(
+            f"{name}: {secs:.0f} s; uniform "
+            + " ".join(f"{k}={100 * v:.2f}" for k, v in uni.items())
+            + f"; mixed min/median/max {100 * min(mixed):.2f}/{100 * sorted(mixed)[len(mixed) // 2]:.2f}/"
+            f"{100 * max(mixed):.2f}; SE≈{100 * se:.2f} pt on {n} val images"
+        )
     shutil.copy(__file__, out / "demo_workload.py")
 
 

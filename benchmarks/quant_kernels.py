@@ -12,6 +12,7 @@ layers (in this script only), each ÷ the float step of the same run.  Medians o
 
     python benchmarks/quant_kernels.py [--iters 20] [--models resnet18@224:128,resnet20@32:256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,14 +60,18 @@ def activation_set(device: torch.device, batch: int):
     """bf16 tensors shaped like every conv/linear input of ResNet-18@224 at ``batch`` (post-ReLU: unsigned)."""
     model = build_model("resnet18", num_classes=1000, in_channels=3, image_size=224).to(device)
     shapes = []
-    hooks = [m.register_forward_pre_hook(lambda _m, a: shapes.append(a[0].shape))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a: shapes.append(a[0].shape))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224, device=device))
     for h in hooks:
         h.remove()
-    xs = [torch.randn((batch,) + tuple(sh[1:]), device=device).relu().to(torch.bfloat16).requires_grad_()
-          for sh in shapes]
+    xs = [
+        torch.randn((batch,) + tuple(sh[1:]), device=device).relu().to(torch.bfloat16).requires_grad_() for sh in shapes
+    ]
     ss = [torch.tensor(0.02, device=device, requires_grad=True) for _ in xs]
     return xs, ss, [torch.randn_like(x) for x in xs]
 
@@ -75,6 +80,7 @@ def _composite(fn):
     def run(*args):
         with Q.composite_ops():
             return fn(*args)
+
     return run
 
 
@@ -82,19 +88,22 @@ def _time_methods(methods, xs, ss, grads, args, qargs) -> list[tuple[str, float,
     """(label, median ms, IQR ms) of quantize-all-tensors + backward, per method."""
     rows = []
     for label, fn in methods:
-        if isinstance(fn, tuple):   # ("compile", f): inductor compiles f's composite path (it is not eager there)
+        if isinstance(fn, tuple):  # ("compile", f): inductor compiles f's composite path (it is not eager there)
             compiled = torch.compile(lambda xs_, ss_, f=fn[1]: [f(x, s, *qargs) for x, s in zip(xs_, ss_, strict=True)])
 
             def step(c=compiled):
                 torch.autograd.backward(c(xs, ss), grads)
-        elif fn == "launch":   # the weight kernels alone: no autograd, no wrapper (the floor of the fused path)
+        elif fn == "launch":  # the weight kernels alone: no autograd, no wrapper (the floor of the fused path)
+
             def step():
                 for w, s, g in zip(xs, ss, grads, strict=True):
                     K._launch_forward(w.detach(), s.detach(), *qargs[:3])
                     K._launch_backward(w.detach(), s.detach(), g, *qargs[:3], 0.1)
         else:
+
             def step(f=fn):
                 torch.autograd.backward([f(x, s, *qargs) for x, s in zip(xs, ss, strict=True)], grads)
+
         med, iqr = timed(step, args.iters, args.warmup)
         rows.append((label, med, iqr))
         print(f"  {label}: {med:.3f} ms (IQR {iqr:.3f})", flush=True)
@@ -106,20 +115,43 @@ def quantizer_rows(args, device) -> list[tuple[str, str, float, float]]:
     ws, ss, grads = weight_set(device)
     what = f"{len(ws)} ResNet-18 weights ({sum(w.numel() for w in ws) / 1e6:.1f} M), W4 of INT8"
     print(f"part 1: {what}", flush=True)
-    rows = [(what, *r) for r in _time_methods(
-        [("composite eager", _composite(Q.quantize_weight)), ("composite torch.compile", ("compile", Q.quantize_weight)),
-         ("eager autograd.Function (current default)", Q.quantize_weight),
-         ("fused Triton kernels", K.quantize_weight), ("kernel launches only, no autograd", "launch")],
-        ws, ss, grads, args, (4, 8, "half_up"))]
+    rows = [
+        (what, *r)
+        for r in _time_methods(
+            [
+                ("composite eager", _composite(Q.quantize_weight)),
+                ("composite torch.compile", ("compile", Q.quantize_weight)),
+                ("eager autograd.Function (current default)", Q.quantize_weight),
+                ("fused Triton kernels", K.quantize_weight),
+                ("kernel launches only, no autograd", "launch"),
+            ],
+            ws,
+            ss,
+            grads,
+            args,
+            (4, 8, "half_up"),
+        )
+    ]
     del ws, ss, grads
     xs, ss, grads = activation_set(device, args.act_batch)
     what = f"{len(xs)} ResNet-18@224 b{args.act_batch} bf16 activations ({sum(x.numel() for x in xs) / 1e6:.0f} M), A4"
     print(f"part 1: {what}", flush=True)
-    rows += [(what, *r) for r in _time_methods(
-        [("composite eager", _composite(Q.quantize_activation)), ("composite torch.compile", ("compile", Q.quantize_activation)),
-         ("ATen fused fake-quant (current default)", Q.quantize_activation),
-         ("fused Triton kernels", K.quantize_activation)],
-        xs, ss, grads, args, (4, False))]
+    rows += [
+        (what, *r)
+        for r in _time_methods(
+            [
+                ("composite eager", _composite(Q.quantize_activation)),
+                ("composite torch.compile", ("compile", Q.quantize_activation)),
+                ("ATen fused fake-quant (current default)", Q.quantize_activation),
+                ("fused Triton kernels", K.quantize_activation),
+            ],
+            xs,
+            ss,
+            grads,
+            args,
+            (4, False),
+        )
+    ]
     return rows
 
 
@@ -135,7 +167,7 @@ def fused_layers(activations: bool):
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
     QuantMixin.quant_weight = quant_weight
-    if activations:   # modules.py calls Q.quantize_activation; hasb.kernels keeps its own handle on the original
+    if activations:  # modules.py calls Q.quantize_activation; hasb.kernels keeps its own handle on the original
         Q.quantize_activation = K.quantize_activation
     try:
         yield
@@ -150,6 +182,7 @@ def train_step(model: nn.Module, x, y, opt):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -160,8 +193,9 @@ def step_rows(args, device) -> list[tuple[str, str, float, float, float]]:
         name, rest = spec.split("@")
         size, batch = (int(v) for v in rest.split(":"))
         torch.manual_seed(0)
-        fmodel = build_model(name, num_classes=1000 if size >= 64 else 10, in_channels=3,
-                             image_size=size).to(device).train()
+        fmodel = (
+            build_model(name, num_classes=1000 if size >= 64 else 10, in_channels=3, image_size=size).to(device).train()
+        )
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         qmodel = hasb.quantize_model(copy.deepcopy(fmodel), example_input=x[:2])
@@ -176,8 +210,12 @@ def step_rows(args, device) -> list[tuple[str, str, float, float, float]]:
         with fused_layers(activations=True):
             t_ka = timed(q_step, args.iters, args.warmup)
         label = f"{name}@{size} b{batch}"
-        for variant, (med, iqr) in (("float", t_fp), ("hasb W4A4 eager", t_q), ("hasb W4A4 eager + fused W", t_k),
-                                    ("hasb W4A4 eager + fused W and A", t_ka)):
+        for variant, (med, iqr) in (
+            ("float", t_fp),
+            ("hasb W4A4 eager", t_q),
+            ("hasb W4A4 eager + fused W", t_k),
+            ("hasb W4A4 eager + fused W and A", t_ka),
+        ):
             rows.append((label, variant, med, iqr, med / t_fp[0]))
             print(f"  {label} {variant}: {med:.2f} ms (IQR {iqr:.2f}), {med / t_fp[0]:.3f}x float", flush=True)
     return rows
@@ -187,7 +225,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=20, help="timed repetitions (median reported)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (compilation included)")
-    ap.add_argument("--models", default="resnet18@224:128,resnet20@32:256", help="name@image_size:batch, comma-separated")
+    ap.add_argument(
+        "--models", default="resnet18@224:128,resnet20@32:256", help="name@image_size:batch, comma-separated"
+    )
     ap.add_argument("--act-batch", type=int, default=64, help="batch of the part-1 activation tensors")
     ap.add_argument("--skip-steps", action="store_true", help="part 1 only")
     args = ap.parse_args()
@@ -197,8 +237,10 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     q_rows = quantizer_rows(args, device)
     s_rows = [] if args.skip_steps else step_rows(args, device)
-    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, median of {args.iters} "
-          f"after {args.warmup} warm-up (IQR = interquartile range)")
+    print(
+        f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, median of {args.iters} "
+        f"after {args.warmup} warm-up (IQR = interquartile range)"
+    )
     print("| quantizer fwd+bwd over | method | ms | IQR | speed-up vs composite eager |\n|---|---|---|---|---|")
     first = {}
     for what, label, med, iqr in q_rows:

@@ -7,6 +7,7 @@ CPU:  python benchmarks/quant_overhead.py
 GPU:  python benchmarks/quant_overhead.py --device cuda --models resnet18,mobilenet_v2 --image-size 224 \
           --in-channels 3 --batch 256 --bf16 [--compile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, bf
         model.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.synchronize()
-        if i >= 3:   # warm-up (and compilation) excluded
+        if i >= 3:  # warm-up (and compilation) excluded
             times.append(time.perf_counter() - t)
     times.sort()
     return 1000 * times[len(times) // 2]
@@ -44,8 +45,9 @@ def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, bf
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="small_cnn,resnet20,resnet18,mobilenet_v2,vit_tiny",
-                    help="comma-separated zoo names")
+    ap.add_argument(
+        "--models", default="small_cnn,resnet20,resnet18,mobilenet_v2,vit_tiny", help="comma-separated zoo names"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=28)
@@ -53,12 +55,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile both the float and quantized models")
-    ap.add_argument("--compile-mode", default=None,
-                    help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
+    ap.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune"
+    )
     ap.add_argument("--configs", default="w8a8,w4a4,w2a2,mixed", help="which quantized configs to time")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--composite", action="store_true",
-                    help="activation LSQ from plain ops instead of ATen's fused fake-quant kernel (eager only)")
+    ap.add_argument(
+        "--composite",
+        action="store_true",
+        help="activation LSQ from plain ops instead of ATen's fused fake-quant kernel (eager only)",
+    )
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -68,8 +74,16 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
-        fmodel = build_model(name, num_classes=1000 if args.image_size >= 64 else 10,
-                             in_channels=args.in_channels, image_size=args.image_size).to(dev).train()
+        fmodel = (
+            build_model(
+                name,
+                num_classes=1000 if args.image_size >= 64 else 10,
+                in_channels=args.in_channels,
+                image_size=args.image_size,
+            )
+            .to(dev)
+            .train()
+        )
         x = torch.randn(args.batch, args.in_channels, args.image_size, args.image_size, device=dev)
         y = torch.randint(0, 10, (args.batch,), device=dev)
         if args.channels_last:
@@ -93,15 +107,24 @@ def main() -> None:
             row[label] = step_time(run_q, x, y, args.iters, args.bf16)
             print(f"  {name} {label}: {row[label]:.1f} ms ({row[label] / t_fp:.2f}x float)", flush=True)
         rows.append(row)
-        print(f"{name}: float {t_fp:.1f} ms, " + ", ".join(f"{k} {row[k] / t_fp:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed")),
-              flush=True)
+        print(
+            f"{name}: float {t_fp:.1f} ms, "
+            + ", ".join(f"{k} {row[k] / t_fp:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed")),
+            flush=True,
+        )
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nforward+backward, {dev_name}, batch {args.batch}, {args.image_size}px, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {('compiled ' + (args.compile_mode or 'default')) if args.compile else 'eager'}{', composite' if args.composite else ''}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}")
-    print(f"| model | float ms | w8a8 | w4a4 | w2a2 | mixed |\n|---|---|---|---|---|---|")
+    print(
+        f"\nforward+backward, {dev_name}, batch {args.batch}, {args.image_size}px, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {('compiled ' + (args.compile_mode or 'default')) if args.compile else 'eager'}{', composite' if args.composite else ''}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}"
+    )
+    print("| model | float ms | w8a8 | w4a4 | w2a2 | mixed |\n|---|---|---|---|---|---|")
     for r in rows:
         f = r["float_ms"]
-        print(f"| {r['model']} | {f:.1f} | " + " | ".join(f"{r[k] / f:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed")) + " |")
+        print(
+            f"| {r['model']} | {f:.1f} | "
+            + " | ".join(f"{r[k] / f:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed"))
+            + " |"
+        )
 
 
 if __name__ == "__main__":

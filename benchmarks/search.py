@@ -15,6 +15,7 @@ Prints a Markdown table (paste into benchmarks/RESULTS.md).  Parts:
 * ``samplers``: NSGA-II vs TPE on the ResNet-20 space with a noisy proxy accuracy; hypervolume of the
   feasible front after the same seeds, mean ± standard error over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,11 @@ def bench_ilp(repeat: int = 5, n_budgets: int = 100) -> list[tuple[str, str]]:
     import hasb
     from hasb.models import build_model
     from search import ilp
+
     m = hasb.quantize_model(build_model("resnet50", num_classes=1000, in_channels=3, image_size=224))
     cm = hasb.CostModel.from_model(m)
     rng = np.random.default_rng(0)
-    om = {n: {str(b): float(rng.lognormal(0, 2)) * 4.0 ** -b for b in cm.candidate_bits} for n in cm.names}
+    om = {n: {str(b): float(rng.lognormal(0, 2)) * 4.0**-b for b in cm.candidate_bits} for n in cm.names}
     t = time.perf_counter()
     space = ilp.build_space(cm, sensitivity={"omega": om}, groups=ilp.tied_groups(m))
     t_build = time.perf_counter() - t
@@ -55,24 +57,30 @@ def bench_ilp(repeat: int = 5, n_budgets: int = 100) -> list[tuple[str, str]]:
     t_milp = time.perf_counter() - t
     same = np.allclose(df.set_index("budget").objective.sort_index(), dm.set_index("budget").objective.sort_index())
     t = time.perf_counter()
-    kb = ilp.k_best(space, [ilp.Constraint("bitops", grid[n_budgets // 2])], 10)
+    ilp.k_best(space, [ilp.Constraint("bitops", grid[n_budgets // 2])], 10)
     t_kb = time.perf_counter() - t
     return [
-        ("ILP space build, ResNet-50 @224 (CostModel → arrays)", f"{t_build * 1e3:.0f} ms ({len(cm.names)} layers, "
-                                                                  f"{space.n_units} units × {len(space.choices)} bits)"),
-        (f"ILP exact frontier + {n_budgets}-budget sweep (median of {repeat})",
-         f"{np.median(times) * 1e3:.0f} ms ({n_front} frontier points, {n_rows} distinct configs)"),
-        (f"same sweep, one MILP per budget (HiGHS, gap 0)", f"{t_milp:.2f} s (objectives identical: {same})"),
+        (
+            "ILP space build, ResNet-50 @224 (CostModel → arrays)",
+            f"{t_build * 1e3:.0f} ms ({len(cm.names)} layers, {space.n_units} units × {len(space.choices)} bits)",
+        ),
+        (
+            f"ILP exact frontier + {n_budgets}-budget sweep (median of {repeat})",
+            f"{np.median(times) * 1e3:.0f} ms ({n_front} frontier points, {n_rows} distinct configs)",
+        ),
+        ("same sweep, one MILP per budget (HiGHS, gap 0)", f"{t_milp:.2f} s (objectives identical: {same})"),
         ("10-best at one budget (no-good cuts)", f"{t_kb * 1e3:.0f} ms"),
     ]
 
 
 def bench_evals(device: str = "cpu", n: int = 4, checkpoint: str | None = None) -> list[tuple[str, str]]:
     import torch
+
     import hasb
     from hasb.data import load_dataset
     from hasb.models import build_model
     from search.evaluate import Evaluator
+
     if checkpoint:
         model, _ = hasb.export.load_quantized(checkpoint)
         what = f"ResNet-20 supernet {checkpoint}"
@@ -86,15 +94,19 @@ def bench_evals(device: str = "cpu", n: int = 4, checkpoint: str | None = None) 
     rng = np.random.default_rng(0)
     names = hasb.searchable_layers(model)
     cfgs = [hasb.BitConfig({nm: int(rng.choice([8, 6, 4, 2])) for nm in names}) for _ in range(n + 1)]
-    ev.evaluate(cfgs[0])   # warm-up (allocator, kernels)
+    ev.evaluate(cfgs[0])  # warm-up (allocator, kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
     for c in cfgs[1:]:
         ev.evaluate(c)
     dt = (time.perf_counter() - t) / n
-    return [(f"sub-net evaluation, {what}, {device} ({torch.get_num_threads()} threads): BN recal 1024 + val 5000",
-             f"{dt:.2f} s/config = {60 / dt:.1f} configs/min")]
+    return [
+        (
+            f"sub-net evaluation, {what}, {device} ({torch.get_num_threads()} threads): BN recal 1024 + val 5000",
+            f"{dt:.2f} s/config = {60 / dt:.1f} configs/min",
+        )
+    ]
 
 
 def bench_frontdoor() -> list[tuple[str, str]]:
@@ -102,8 +114,12 @@ def bench_frontdoor() -> list[tuple[str, str]]:
     rows = []
     for label in ("cold (trains + analyses the demo)", "warm (all cached)"):
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "search.pareto", "--budget", "3.5", "--out", str(out)],
-                           cwd=REPO, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "search.pareto", "--budget", "3.5", "--out", str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         dt = time.perf_counter() - t
         if r.returncode != 0:
             rows.append((f"front door {label}", f"FAILED: {r.stderr.strip().splitlines()[-1] if r.stderr else ''}"))
@@ -114,43 +130,64 @@ def bench_frontdoor() -> list[tuple[str, str]]:
 
 def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]]:
     import optuna
+
     import hasb
     from hasb.models import build_model
     from search import ilp
-    from tests.support.fakes import fake_sensitivity
     from search.optuna_search import run_study
     from search.pareto import hypervolume
+    from tests.support.fakes import fake_sensitivity
+
     m = hasb.quantize_model(build_model("resnet20"))
     cm = hasb.CostModel.from_model(m)
     space = ilp.build_space(cm, sensitivity=fake_sensitivity(m, 0), groups=ilp.tied_groups(m))
     budget = cm.parse_budget("3.5")
     cons = [ilp.constraint_from_budget(budget)]
     seeds = [s.unit_choice for s in ilp.k_best(space, cons, 3)] + [uc for _, uc in ilp.uniform_choices(space)]
-    scale = space.evaluate(ilp.uniform_choices(space)[-1][1])["objective"]   # Ω of all-2-bit
+    scale = space.evaluate(ilp.uniform_choices(space)[-1][1])["objective"]  # Ω of all-2-bit
     out = []
     for sampler in ("nsga2", "tpe"):
         hvs, ms = [], []
         for seed in range(n_seeds):
             rng = np.random.default_rng(1000 + seed)
 
-            def fn(cfg):
+            def fn(cfg, rng=rng):
                 o = space.evaluate(space.unit_choice_of(cfg))["objective"]
                 # proxy accuracy in [0, 1]: less perturbation → higher, plus evaluation noise (s.d. 0.005)
                 return float(np.exp(-3 * o / scale) + rng.normal(0, 0.005)), 0.0
+
             t = time.perf_counter()
-            st = run_study(space, fn, constraints=cons, storage=optuna.storages.InMemoryStorage(),
-                           study_name="b", n_trials=n_trials, sampler=sampler, seed=seed, seeds=seeds)
+            st = run_study(
+                space,
+                fn,
+                constraints=cons,
+                storage=optuna.storages.InMemoryStorage(),
+                study_name="b",
+                n_trials=n_trials,
+                sampler=sampler,
+                seed=seed,
+                seeds=seeds,
+            )
             ms.append((time.perf_counter() - t) / n_trials * 1e3)
-            pts = np.array([[t.values[1], t.values[0]] for t in st.get_trials()
-                            if t.values and all(c <= 0 for c in t.user_attrs["constraint"])])
+            pts = np.array(
+                [
+                    [t.values[1], t.values[0]]
+                    for t in st.get_trials()
+                    if t.values and all(c <= 0 for c in t.user_attrs["constraint"])
+                ]
+            )
             lo = cm.uniform_bitops(2) / 1e9
             hv = hypervolume(pts[:, 0], pts[:, 1], budget.limit / 1e9, 0.0) / ((budget.limit / 1e9 - lo) * 1.0)
             hvs.append(hv)
         hvs = np.array(hvs)
-        out.append((f"Optuna {sampler}: normalised hypervolume after {n_trials} trials "
-                    f"(ResNet-20 space, budget 3.5, {n_seeds} seeds)",
-                    f"{hvs.mean():.4f} ± {hvs.std(ddof=1) / np.sqrt(len(hvs)):.4f} (s.e.), "
-                    f"{np.mean(ms):.1f} ms/trial incl. proxy"))
+        out.append(
+            (
+                f"Optuna {sampler}: normalised hypervolume after {n_trials} trials "
+                f"(ResNet-20 space, budget 3.5, {n_seeds} seeds)",
+                f"{hvs.mean():.4f} ± {hvs.std(ddof=1) / np.sqrt(len(hvs)):.4f} (s.e.), "
+                f"{np.mean(ms):.1f} ms/trial incl. proxy",
+            )
+        )
     return out
 
 

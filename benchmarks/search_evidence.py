@@ -18,6 +18,7 @@ seen]), the best accuracy each found within the budget, next to every uniform co
 made, and the held-out test split, which the pick never saw), and sub-net
 evaluations per minute on this device.  Writes search_evidence.{json,md}, candidates.csv and fronts.png/svg.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,17 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/search_evidence")
     a = ap.parse_args(argv)
 
-    import optuna
     import torch
 
     import hasb
     from hasb.data import load_dataset
+    from hasb.sensitivity_file import check_for_model, load_sensitivity
     from hasb.train import load_supernet
     from search import ilp
     from search.evaluate import Evaluator, file_digest
-    from search.optuna_search import run_study, study_trials_frame
-    from hasb.sensitivity_file import check_for_model, load_sensitivity
     from search.front import hypervolume, pareto_mask
+    from search.optuna_search import run_study, study_trials_frame
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +74,15 @@ def main(argv=None) -> int:
     budget = cost.parse_budget(a.budget)
     cons = [ilp.constraint_from_budget(budget)]
     splits = load_dataset(val_limit=a.val_limit)
-    ev = Evaluator(model, (splits.val, splits.calib), bn="recal", device=a.device, batch_size=1000,
-                   cache_path=out / "evals.json",
-                   context={"checkpoint": file_digest(a.checkpoint), "val_limit": a.val_limit})
+    ev = Evaluator(
+        model,
+        (splits.val, splits.calib),
+        bn="recal",
+        device=a.device,
+        batch_size=1000,
+        cache_path=out / "evals.json",
+        context={"checkpoint": file_digest(a.checkpoint), "val_limit": a.val_limit},
+    )
 
     rows: list[dict] = []
 
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     for s in ilp.k_best(space, cons, a.k_best):
         add(s.unit_choice, "ILP k-best at budget", rank=s.rank)
     first = {r["digest"]: space.config(r["unit_choice"]) for r in rows}
-    ev.evaluate(next(iter(first.values())))           # warm-up: allocator, kernels
+    ev.evaluate(next(iter(first.values())))  # warm-up: allocator, kernels
     if str(a.device).startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -110,15 +116,24 @@ def main(argv=None) -> int:
     storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
     for method, seeds in (("Optuna", []), ("ILP-seeded Optuna", ilp_seeds)):
         t = time.perf_counter()
-        study = run_study(space, fn, constraints=(), storage=storage,
-                          study_name=f"{method}-{ev.context_key}-s{a.seed}-n{a.trials}", n_trials=a.trials,
-                          sampler="tpe", seed=a.seed, seeds=seeds, progress=False)
+        study = run_study(
+            space,
+            fn,
+            constraints=(),
+            storage=storage,
+            study_name=f"{method}-{ev.context_key}-s{a.seed}-n{a.trials}",
+            n_trials=a.trials,
+            sampler="tpe",
+            seed=a.seed,
+            seeds=seeds,
+            progress=False,
+        )
         for _, tr in study_trials_frame(study, space).iterrows():
             add(tr.unit_choice, method, trial=int(tr.trial))
         log(f"{method}: {a.trials} trials in {time.perf_counter() - t:.0f} s")
 
     df = pd.DataFrame(rows)
-    res = {d: ev.evaluate(space.config(uc)) for d, uc in zip(df.digest, df.unit_choice)}
+    res = {d: ev.evaluate(space.config(uc)) for d, uc in zip(df.digest, df.unit_choice, strict=False)}
     df["accuracy"] = [res[d].accuracy for d in df.digest]
     df["feasible"] = [all(c.holds(r[c.metric]) for c in cons) for _, r in df.iterrows()]
     df.drop(columns=["unit_choice"]).to_csv(out / "candidates.csv", index=False)
@@ -128,11 +143,19 @@ def main(argv=None) -> int:
     ref_acc = float(u.loc[f"w{lo_bit}a{lo_bit}", "accuracy"])
     top_acc = float(df.accuracy.max())
     box = (hi_bit - lo_bit) * max(top_acc - ref_acc, 1e-9)
-    summary: dict = {"checkpoint": a.checkpoint, "model": name, "device": a.device,
-                     "gpu": torch.cuda.get_device_name(0) if str(a.device).startswith("cuda") else None,
-                     "budget": a.budget, "budget_bitops": cons[0].limit, "seconds_per_eval": dt_eval,
-                     "evals_per_min": 60 / dt_eval, "val_images": len(splits.val[1]),
-                     "uniform": {lbl: float(r.accuracy) for lbl, r in u.iterrows()}, "methods": {}}
+    summary: dict = {
+        "checkpoint": a.checkpoint,
+        "model": name,
+        "device": a.device,
+        "gpu": torch.cuda.get_device_name(0) if str(a.device).startswith("cuda") else None,
+        "budget": a.budget,
+        "budget_bitops": cons[0].limit,
+        "seconds_per_eval": dt_eval,
+        "evals_per_min": 60 / dt_eval,
+        "val_images": len(splits.val[1]),
+        "uniform": {lbl: float(r.accuracy) for lbl, r in u.iterrows()},
+        "methods": {},
+    }
     for method in ("ILP proxy", "Optuna", "ILP-seeded Optuna"):
         m = df[df.method == method].drop_duplicates("digest")
         f = m[m.feasible]
@@ -141,17 +164,29 @@ def main(argv=None) -> int:
             "evaluations": int(len(m)),
             "hypervolume": hypervolume(m.avg_bit_equivalent, m.accuracy, hi_bit, ref_acc) / box,
             "front_size": int(pareto_mask(m.bitops, m.accuracy).sum()),
-            "best_at_budget": None if best is None else {
-                "accuracy": float(best.accuracy), "avg_bit_equivalent": float(best.avg_bit_equivalent),
-                "config": best.config}}
+            "best_at_budget": None
+            if best is None
+            else {
+                "accuracy": float(best.accuracy),
+                "avg_bit_equivalent": float(best.avg_bit_equivalent),
+                "config": best.config,
+            },
+        }
     fe = df[df.feasible].sort_values("accuracy", ascending=False).iloc[0]
-    summary["chosen"] = {"method": fe.method, "accuracy": float(fe.accuracy),
-                         "avg_bit_equivalent": float(fe.avg_bit_equivalent), "config": fe.config}
+    summary["chosen"] = {
+        "method": fe.method,
+        "accuracy": float(fe.accuracy),
+        "avg_bit_equivalent": float(fe.avg_bit_equivalent),
+        "config": fe.config,
+    }
     # the pick is the best of many configs scored on the validation split, so its validation accuracy is biased
     # upwards (winner's curse); the held-out test split (t10k) scores it and the uniform configs without that bias
     tev = Evaluator(model, (splits.test, splits.calib), bn="recal", device=a.device, batch_size=1000)
-    summary["test"] = {"images": len(splits.test[1]), "chosen": tev.evaluate(space.config(fe.unit_choice)).accuracy,
-                       "uniform": {lbl: tev.evaluate(space.config(r.unit_choice)).accuracy for lbl, r in u.iterrows()}}
+    summary["test"] = {
+        "images": len(splits.test[1]),
+        "chosen": tev.evaluate(space.config(fe.unit_choice)).accuracy,
+        "uniform": {lbl: tev.evaluate(space.config(r.unit_choice)).accuracy for lbl, r in u.iterrows()},
+    }
     summary["ilp_kbest_at_budget"] = [float(x) for x in df[df.method == "ILP k-best at budget"].accuracy]
     summary["seconds"] = time.time() - t_all
     plot(df, summary, budget.text, cost, out)
@@ -164,9 +199,12 @@ def main(argv=None) -> int:
 
 def plot(df: pd.DataFrame, summary: dict, budget_text: str, cost, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from search.pareto import pareto_mask
+
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
     style = {"ILP proxy": ("o", "tab:blue"), "Optuna": ("^", "tab:orange"), "ILP-seeded Optuna": ("s", "tab:green")}
     for method, (mk, col) in style.items():
@@ -174,18 +212,33 @@ def plot(df: pd.DataFrame, summary: dict, budget_text: str, cost, out: Path) -> 
         ax.scatter(m.avg_bit_equivalent, 100 * m.accuracy, marker=mk, s=14, color=col, alpha=0.35)
         fr = m[pareto_mask(m.bitops, m.accuracy)].sort_values("bitops")
         hv = summary["methods"][method]["hypervolume"]
-        ax.step(fr.avg_bit_equivalent, 100 * fr.accuracy, where="post", color=col, lw=1.6,
-                label=f"{method} front ({len(m)} evals, HV {hv:.3f})")
+        ax.step(
+            fr.avg_bit_equivalent,
+            100 * fr.accuracy,
+            where="post",
+            color=col,
+            lw=1.6,
+            label=f"{method} front ({len(m)} evals, HV {hv:.3f})",
+        )
     u = df[df.method == "uniform"].drop_duplicates("label")
     ax.scatter(u.avg_bit_equivalent, 100 * u.accuracy, marker="*", s=120, color="black", zorder=5, label="uniform")
     for _, r in u.iterrows():
-        ax.annotate(r.label, (r.avg_bit_equivalent, 100 * r.accuracy), textcoords="offset points", xytext=(5, -12),
-                    fontsize=8)
+        ax.annotate(
+            r.label, (r.avg_bit_equivalent, 100 * r.accuracy), textcoords="offset points", xytext=(5, -12), fontsize=8
+        )
     b = cost.bitops_to_avg_bits(summary["budget_bitops"])
     ax.axvline(b, color="grey", ls="--", lw=1, label=f"budget {budget_text}")
     ch = summary["chosen"]
-    ax.scatter([ch["avg_bit_equivalent"]], [100 * ch["accuracy"]], s=160, facecolors="none", edgecolors="red",
-               lw=1.8, zorder=6, label=f"chosen ({100 * ch['accuracy']:.2f}%)")
+    ax.scatter(
+        [ch["avg_bit_equivalent"]],
+        [100 * ch["accuracy"]],
+        s=160,
+        facecolors="none",
+        edgecolors="red",
+        lw=1.8,
+        zorder=6,
+        label=f"chosen ({100 * ch['accuracy']:.2f}%)",
+    )
     lo = 100 * min(summary["uniform"].values())
     ax.set_ylim(lo - 2, 100 * df.accuracy.max() + 1)
     ax.set_xlabel("average-bit equivalent (BitOPs of uniform W=A at that bit)")
@@ -200,24 +253,34 @@ def plot(df: pd.DataFrame, summary: dict, budget_text: str, cost, out: Path) -> 
 
 
 def table(s: dict) -> str:
-    L = [f"## Search evidence: {s['model']} supernet `{s['checkpoint']}`, budget {s['budget']} "
-         f"({s['gpu'] or s['device']}; {s['val_images']} validation images, BN re-calibrated per config)", "",
-         "| method | evaluations | front size | normalised hypervolume | best acc % within budget | its avg-bit eq. |",
-         "|---|---|---|---|---|---|"]
+    L = [
+        f"## Search evidence: {s['model']} supernet `{s['checkpoint']}`, budget {s['budget']} "
+        f"({s['gpu'] or s['device']}; {s['val_images']} validation images, BN re-calibrated per config)",
+        "",
+        "| method | evaluations | front size | normalised hypervolume | best acc % within budget | its avg-bit eq. |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in s["methods"].items():
         b = m["best_at_budget"]
-        L.append(f"| {name} | {m['evaluations']} | {m['front_size']} | {m['hypervolume']:.4f} | "
-                 + (f"{100 * b['accuracy']:.2f} | {b['avg_bit_equivalent']:.2f} |" if b else "– | – |"))
+        L.append(
+            f"| {name} | {m['evaluations']} | {m['front_size']} | {m['hypervolume']:.4f} | "
+            + (f"{100 * b['accuracy']:.2f} | {b['avg_bit_equivalent']:.2f} |" if b else "– | – |")
+        )
     te = s["test"]
     L += ["", f"| config | val acc % (selection) | test acc % ({te['images']} held-out images) |", "|---|---|---|"]
     for lbl, acc in sorted(s["uniform"].items(), key=lambda kv: kv[1]):
         L.append(f"| uniform {lbl} | {100 * acc:.2f} | {100 * te['uniform'][lbl]:.2f} |")
     c = s["chosen"]
-    L.append(f"| **chosen at {s['budget']}** ({c['method']}, avg-bit eq. {c['avg_bit_equivalent']:.2f}) | "
-             f"**{100 * c['accuracy']:.2f}** | **{100 * te['chosen']:.2f}** |")
-    L += ["", f"ILP k-best at the budget (Ω order): " + ", ".join(f"{100 * x:.2f}" for x in s["ilp_kbest_at_budget"]),
-          f"Sub-net evaluation (BN recal 1024 + {s['val_images']} val): {s['seconds_per_eval']:.2f} s = "
-          f"{s['evals_per_min']:.0f} evaluations/min on {s['gpu'] or s['device']}; total {s['seconds']:.0f} s"]
+    L.append(
+        f"| **chosen at {s['budget']}** ({c['method']}, avg-bit eq. {c['avg_bit_equivalent']:.2f}) | "
+        f"**{100 * c['accuracy']:.2f}** | **{100 * te['chosen']:.2f}** |"
+    )
+    L += [
+        "",
+        "ILP k-best at the budget (Ω order): " + ", ".join(f"{100 * x:.2f}" for x in s["ilp_kbest_at_budget"]),
+        f"Sub-net evaluation (BN recal 1024 + {s['val_images']} val): {s['seconds_per_eval']:.2f} s = "
+        f"{s['evals_per_min']:.0f} evaluations/min on {s['gpu'] or s['device']}; total {s['seconds']:.0f} s",
+    ]
     return "\n".join(L) + "\n"
 
 

@@ -20,6 +20,7 @@ GPU:        HASB_DATA_DIR=.data/fashion-mnist PYTHONPATH=. python3 benchmarks/tr
 CPU check:  python benchmarks/train_evidence.py --quick --with-432 --skip-timing --out /tmp/ev
 Prints a table last; writes evidence.json / evidence.md and every run directory under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import hasb
@@ -60,7 +60,7 @@ def last_metrics(out: Path) -> dict:
 def random_configs(layers: list[str], k: int, seed: int) -> list[hasb.BitConfig]:
     rng = random.Random(seed)
     out = []
-    for i in range(k):
+    for _i in range(k):
         # spread the average bit: per config a bias towards low or high bits
         w = [rng.random() for _ in BITS]
         out.append(hasb.BitConfig({n: rng.choices(BITS, weights=w)[0] for n in layers}))
@@ -69,6 +69,7 @@ def random_configs(layers: list[str], k: int, seed: int) -> list[hasb.BitConfig]
 
 def spearman(a: list[float], b: list[float]) -> float:
     import scipy.stats
+
     if len(a) < 3:
         return float("nan")
     return float(scipy.stats.spearmanr(a, b).statistic)
@@ -85,12 +86,13 @@ def score_configs(model_pt: Path, configs, splits, device, calib_batches) -> dic
         res["tbn"].append(evaluate(model, splits.val, c, device=device)[0])
         recalibrate_bn(model, c, calib_batches)
         res["recal"].append(evaluate(model, splits.val, c, device=device)[0])
-        model.load_state_dict(state)     # recalibration is per config
+        model.load_state_dict(state)  # recalibration is per config
     return res
 
 
-def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, iters: int,
-               compiled_multi: bool = False) -> dict:
+def step_times(
+    model_name: str, device: torch.device, batch: int, bf16: bool, iters: int, compiled_multi: bool = False
+) -> dict:
     """ms per optimizer step: float; one quantized 8-bit pass; the 4-pass multi-precision step. Eager and compiled."""
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -130,21 +132,21 @@ def step_times(model_name: str, device: torch.device, batch: int, bf16: bool, it
             loss.backward()
             opt.step()
 
-        def one_pass():
+        def one_pass(qm=qm, qfwd=qfwd, qopt=qopt):
             hasb.set_config(qm, 8)
             step(qfwd, qopt)
 
-        def multi():
+        def multi(qm=qm, qfwd=qfwd, qopt=qopt):
             for b in BITS:
                 hasb.set_config(qm, b)
                 step(qfwd, qopt)
 
         tag = "compiled" if compiled else "eager"
         with_multi = not compiled or compiled_multi
-        for b in (BITS if with_multi else [8]):     # compile each bit's graph before timing
+        for b in BITS if with_multi else [8]:  # compile each bit's graph before timing
             hasb.set_config(qm, b)
             step(qfwd, qopt)
-        f = timed(lambda: step(ffwd, fopt))
+        f = timed(lambda ffwd=ffwd, fopt=fopt: step(ffwd, fopt))
         q = timed(one_pass)
         m = timed(multi) if with_multi else float("nan")
         out[tag] = {"float_ms": f, "w8a8_pass_ms": q, "multi4_ms": m, "pass_ratio": q / f, "multi_ratio": m / f}
@@ -176,6 +178,7 @@ def _task_score(model_pt: str, configs: list, lim: dict, device: str) -> dict:
 
 def _entry(fn_name: str, args: tuple, result_path: str, log_path: str) -> None:
     import contextlib
+
     torch.set_num_threads(2)
     with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         r = globals()[fn_name](*args)
@@ -189,6 +192,7 @@ class Tasks:
 
     def __init__(self, root: Path, parallel: bool):
         import multiprocessing as mp
+
         self.root, self.parallel, self.ctx = root / "_tasks", parallel, mp.get_context("spawn")
         self.root.mkdir(parents=True, exist_ok=True)
         self.procs: dict = {}
@@ -222,37 +226,66 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny CPU settings to check the script works")
     ap.add_argument("--model", default=None, help="default resnet20 (small_cnn with --quick)")
     ap.add_argument("--epochs-multi", type=int, default=None, help="default 2 (1 with --quick)")
-    ap.add_argument("--epochs-super", type=int, default=None,
-                    help="supernet epochs (default: as many as fit --deadline, at most 6; 1 with --quick)")
-    ap.add_argument("--deadline", type=float, default=540.0,
-                    help="seconds the whole script may take; sizes the supernet epochs when not given (default 540)")
+    ap.add_argument(
+        "--epochs-super",
+        type=int,
+        default=None,
+        help="supernet epochs (default: as many as fit --deadline, at most 6; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=540.0,
+        help="seconds the whole script may take; sizes the supernet epochs when not given (default 540)",
+    )
     ap.add_argument("--configs", type=int, default=None, help="random mixed configs scored (default 16; 4 quick)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--serial", action="store_true", help="run the training runs one after another")
-    ap.add_argument("--with-432", action="store_true",
-                    help="also train a {4,3,2} chain (multi → sensitivity → HASB supernet) for the search evidence")
+    ap.add_argument(
+        "--with-432",
+        action="store_true",
+        help="also train a {4,3,2} chain (multi → sensitivity → HASB supernet) for the search evidence",
+    )
     ap.add_argument("--skip-timing", action="store_true")
-    ap.add_argument("--compiled-multi", action="store_true",
-                    help="also time the compiled 4-pass step (compiles 4 more graphs: ~2.5 extra minutes on an H100)")
+    ap.add_argument(
+        "--compiled-multi",
+        action="store_true",
+        help="also time the compiled 4-pass step (compiles 4 more graphs: ~2.5 extra minutes on an H100)",
+    )
     a = ap.parse_args(argv)
     import os
+
     out = Path(a.out or os.environ.get("OUT") or "runs/evidence")
     out.mkdir(parents=True, exist_ok=True)
     quick = a.quick
     model = a.model or ("small_cnn" if quick else "resnet20")
     em = a.epochs_multi or (1 if quick else 2)
     k = a.configs or (4 if quick else 16)
-    dev = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if a.device == "auto" else a.device))
+    dev = torch.device(
+        "cuda" if (a.device == "auto" and torch.cuda.is_available()) else ("cpu" if a.device == "auto" else a.device)
+    )
     gpu = dev.type == "cuda"
     lim = dict(train_limit=1024, val_limit=500) if quick else {}
     slim = dict(train_limit=lim.get("train_limit"), val_limit=lim.get("val_limit"))
-    common = dict(model=model, batch_size=a.batch_size, device=str(dev), bf16=gpu, progress=False, overwrite=True,
-                  augment=not quick, **lim)
+    common = dict(
+        model=model,
+        batch_size=a.batch_size,
+        device=str(dev),
+        bf16=gpu,
+        progress=False,
+        overwrite=True,
+        augment=not quick,
+        **lim,
+    )
     t_all = time.time()
-    res: dict = {"model": model, "device": torch.cuda.get_device_name(0) if gpu else "cpu", "epochs_multi": em,
-                 "runs": {}, "parallel": not a.serial}
+    res: dict = {
+        "model": model,
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "epochs_multi": em,
+        "runs": {},
+        "parallel": not a.serial,
+    }
     T = Tasks(out, parallel=not a.serial)
 
     def cfg(**kw) -> dict:
@@ -262,11 +295,17 @@ def main(argv=None) -> int:
     T.start("multi_alrs", _task_train, cfg(stage="multi", out=str(out / "multi_alrs"), epochs=em, alrs="code"))
     T.start("multi_noalrs", _task_train, cfg(stage="multi", out=str(out / "multi_noalrs"), epochs=em, alrs="off"))
     for b in BITS:
-        T.start(f"single_{b}", _task_train, cfg(stage="multi", out=str(out / f"single_{b}"), epochs=em, bits=[b],
-                                                distill="none"))
+        T.start(
+            f"single_{b}",
+            _task_train,
+            cfg(stage="multi", out=str(out / f"single_{b}"), epochs=em, bits=[b], distill="none"),
+        )
     if a.with_432:
-        T.start("multi_432", _task_train, cfg(stage="multi", out=str(out / "multi_432"), epochs=em, bits=[4, 3, 2],
-                                              alrs="code"))
+        T.start(
+            "multi_432",
+            _task_train,
+            cfg(stage="multi", out=str(out / "multi_432"), epochs=em, bits=[4, 3, 2], alrs="code"),
+        )
     pa = out / "multi_alrs"
     res["runs"]["multi_alrs"] = T.wait("multi_alrs")
     max_hvp = 64 if quick else 256
@@ -283,28 +322,51 @@ def main(argv=None) -> int:
             return 1
         # measured while every phase-1 run shared the device; phase 2 runs three at a time (~0.8× as long, H200)
         ep_s = 0.8 * multi["seconds"] / multi["epochs"]
-        left = a.deadline - (time.time() - t_all) - 90      # scoring and slack
+        left = a.deadline - (time.time() - t_all) - 90  # scoring and slack
         return int(max(1, min(6, left // ep_s)))
 
     es = super_epochs(res["runs"]["multi_alrs"])
     res["epochs_super"] = es
     log(f"supernet epochs: {es}")
     sup = dict(lr=2e-3 / 4, warmup_epochs=0 if es < 3 else None, epochs=es)
-    T.start("super_hasb", _task_train, cfg(stage="supernet", out=str(out / "super_hasb"), init=str(pa / "model.pt"),
-                                           sampler="hasb" if sens_path else "uniform", sensitivity=sens_path, **sup))
-    T.start("super_uniform", _task_train, cfg(stage="supernet", out=str(out / "super_uniform"),
-                                              init=str(pa / "model.pt"), sampler="uniform", **sup))
+    T.start(
+        "super_hasb",
+        _task_train,
+        cfg(
+            stage="supernet",
+            out=str(out / "super_hasb"),
+            init=str(pa / "model.pt"),
+            sampler="hasb" if sens_path else "uniform",
+            sensitivity=sens_path,
+            **sup,
+        ),
+    )
+    T.start(
+        "super_uniform",
+        _task_train,
+        cfg(stage="supernet", out=str(out / "super_uniform"), init=str(pa / "model.pt"), sampler="uniform", **sup),
+    )
     if a.with_432:
         m3 = T.wait("multi_432")
         res["runs"]["multi_432"] = m3
-        T.start("sens_432", _task_sens, str(out / "multi_432" / "model.pt"), str(out / "sens_432"), slim, max_hvp,
-                str(dev))
+        T.start(
+            "sens_432", _task_sens, str(out / "multi_432" / "model.pt"), str(out / "sens_432"), slim, max_hvp, str(dev)
+        )
         s3 = T.wait("sens_432")
         es3 = super_epochs(m3)
-        T.start("super_432", _task_train, cfg(stage="supernet", out=str(out / "super_432"),
-                                              init=str(out / "multi_432" / "model.pt"), bits=[4, 3, 2],
-                                              sampler="hasb" if s3["path"] else "uniform", sensitivity=s3["path"],
-                                              **{**sup, "epochs": es3, "warmup_epochs": 0 if es3 < 3 else None}))
+        T.start(
+            "super_432",
+            _task_train,
+            cfg(
+                stage="supernet",
+                out=str(out / "super_432"),
+                init=str(out / "multi_432" / "model.pt"),
+                bits=[4, 3, 2],
+                sampler="hasb" if s3["path"] else "uniform",
+                sensitivity=s3["path"],
+                **{**sup, "epochs": es3, "warmup_epochs": 0 if es3 < 3 else None},
+            ),
+        )
     res["runs"]["multi_noalrs"] = T.wait("multi_noalrs")
     res["runs"]["separate"] = {b: T.wait(f"single_{b}") for b in BITS}
     res["runs"]["super_hasb"] = {**T.wait("super_hasb"), "sampler": "hasb" if sens_path else "uniform"}
@@ -314,8 +376,10 @@ def main(argv=None) -> int:
     layers = hasb.searchable_layers(load_supernet(pa))
     cost = hasb.CostModel.from_model(load_supernet(pa))
     configs = random_configs(layers, k, seed=0)
-    res["subnets"] = {"avg_bit_equivalent": [cost.avg_bit_equivalent(c) for c in configs],
-                      "configs": [c.short() for c in configs]}
+    res["subnets"] = {
+        "avg_bit_equivalent": [cost.avg_bit_equivalent(c) for c in configs],
+        "configs": [c.short() for c in configs],
+    }
     for name, p in (("multi", pa), ("hasb", out / "super_hasb"), ("uniform", out / "super_uniform")):
         T.start(f"score_{name}", _task_score, str(p / "model.pt"), [c.to_dict() for c in configs], lim, str(dev))
     res["subnets"]["scores"] = {name: T.wait(f"score_{name}") for name in ("multi", "hasb", "uniform")}
@@ -323,7 +387,7 @@ def main(argv=None) -> int:
         r3 = T.wait("super_432")
         res["runs"]["super_432"] = r3
         res["epochs_super_432"] = r3["epochs"]
-    if not a.skip_timing:      # alone on the device: nothing else runs now
+    if not a.skip_timing:  # alone on the device: nothing else runs now
         log("step times")
         res["step_time"] = step_times(model, dev, 256, gpu, 20 if gpu else 3, a.compiled_multi)
     res["total_seconds"] = time.time() - t_all
@@ -336,9 +400,13 @@ def main(argv=None) -> int:
 
 def table(res: dict) -> str:
     r = res["runs"]
-    L = [f"## Training evidence: {res['model']} on Fashion-MNIST ({res['device']}); multi {res['epochs_multi']} "
-         f"epochs, supernet {res['epochs_super']} epochs; total {res['total_seconds']:.0f} s", "",
-         "| val acc % | w8a8 | w6a6 | w4a4 | w2a2 | seconds |", "|---|---|---|---|---|---|"]
+    L = [
+        f"## Training evidence: {res['model']} on Fashion-MNIST ({res['device']}); multi {res['epochs_multi']} "
+        f"epochs, supernet {res['epochs_super']} epochs; total {res['total_seconds']:.0f} s",
+        "",
+        "| val acc % | w8a8 | w6a6 | w4a4 | w2a2 | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def row(name, m, secs):
         return f"| {name} | " + " | ".join(f"{100 * m[f'acc_w{b}a{b}']:.2f}" for b in BITS) + f" | {secs:.0f} |"
@@ -346,39 +414,64 @@ def table(res: dict) -> str:
     L.append(row("multi-precision, ALRS code", r["multi_alrs"], r["multi_alrs"]["seconds"]))
     L.append(row("multi-precision, ALRS off", r["multi_noalrs"], r["multi_noalrs"]["seconds"]))
     sep = r["separate"]
-    L.append("| separate LSQ per bit | " + " | ".join(f"{100 * sep[b][f'acc_w{b}a{b}']:.2f}" for b in BITS)
-             + f" | {sum(s['seconds'] for s in sep.values()):.0f} |")
+    L.append(
+        "| separate LSQ per bit | "
+        + " | ".join(f"{100 * sep[b][f'acc_w{b}a{b}']:.2f}" for b in BITS)
+        + f" | {sum(s['seconds'] for s in sep.values()):.0f} |"
+    )
     sn = res["subnets"]["scores"]
     for name in ("hasb", "uniform"):
-        L.append(f"| supernet {name} sampler (TBN b-b) | " + " | ".join(f"{100 * sn[name]['uniform'][str(b)]:.2f}"
-                                                                       for b in BITS)
-                 + f" | {r['super_' + name]['seconds']:.0f} |")
-    L += ["", "Random mixed configs (same configs for every model; mean val acc %, avg-bit equivalent "
-          f"{min(res['subnets']['avg_bit_equivalent']):.2f}–{max(res['subnets']['avg_bit_equivalent']):.2f}):", "",
-          "| model | TBN / per-bit BN as trained | BN re-calibrated (1024 imgs) | Spearman(TBN, recal) |",
-          "|---|---|---|---|"]
+        L.append(
+            f"| supernet {name} sampler (TBN b-b) | "
+            + " | ".join(f"{100 * sn[name]['uniform'][str(b)]:.2f}" for b in BITS)
+            + f" | {r['super_' + name]['seconds']:.0f} |"
+        )
+    L += [
+        "",
+        "Random mixed configs (same configs for every model; mean val acc %, avg-bit equivalent "
+        f"{min(res['subnets']['avg_bit_equivalent']):.2f}–{max(res['subnets']['avg_bit_equivalent']):.2f}):",
+        "",
+        "| model | TBN / per-bit BN as trained | BN re-calibrated (1024 imgs) | Spearman(TBN, recal) |",
+        "|---|---|---|---|",
+    ]
     for name in ("multi", "hasb", "uniform"):
         s = sn[name]
         mt, mr = sum(s["tbn"]) / len(s["tbn"]), sum(s["recal"]) / len(s["recal"])
         L.append(f"| {name} | {100 * mt:.2f} | {100 * mr:.2f} | {spearman(s['tbn'], s['recal']):.2f} |")
-    dh = [h - u for h, u in zip(sn["hasb"]["recal"], sn["uniform"]["recal"])]
+    dh = [h - u for h, u in zip(sn["hasb"]["recal"], sn["uniform"]["recal"], strict=False)]
     if len(dh) > 1:
         import statistics
+
         se = statistics.stdev(dh) / len(dh) ** 0.5
-        L += ["", f"HASB − uniform sampler on the same {len(dh)} configs (BN re-calibrated): "
-              f"{100 * statistics.mean(dh):+.2f} ± {100 * se:.2f} points (paired mean ± s.e.)"]
+        L += [
+            "",
+            f"HASB − uniform sampler on the same {len(dh)} configs (BN re-calibrated): "
+            f"{100 * statistics.mean(dh):+.2f} ± {100 * se:.2f} points (paired mean ± s.e.)",
+        ]
     if "super_432" in r:
         m3, s3 = r["multi_432"], r["super_432"]
-        L += ["", "| {4,3,2} chain (search evidence) | w4a4 | w3a3 | w2a2 | epochs | seconds |", "|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "| {4,3,2} chain (search evidence) | w4a4 | w3a3 | w2a2 | epochs | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, m in (("multi-precision", m3), ("HASB supernet (TBN b-b)", s3)):
-            L.append(f"| {name} | " + " | ".join(f"{100 * m[f'acc_w{b}a{b}']:.2f}" for b in (4, 3, 2))
-                     + f" | {m['epochs']} | {m['seconds']:.0f} |")
+            L.append(
+                f"| {name} | "
+                + " | ".join(f"{100 * m[f'acc_w{b}a{b}']:.2f}" for b in (4, 3, 2))
+                + f" | {m['epochs']} | {m['seconds']:.0f} |"
+            )
     if "step_time" in res:
-        L += ["", "| step time (ResNet b256) | float ms | one w8a8 pass | ratio | 4-pass multi step | ratio |",
-              "|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "| step time (ResNet b256) | float ms | one w8a8 pass | ratio | 4-pass multi step | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for tag, s in res["step_time"].items():
-            L.append(f"| {tag} | {s['float_ms']:.2f} | {s['w8a8_pass_ms']:.2f} | {s['pass_ratio']:.2f}x | "
-                     f"{s['multi4_ms']:.2f} | {s['multi_ratio']:.2f}x |")
+            L.append(
+                f"| {tag} | {s['float_ms']:.2f} | {s['w8a8_pass_ms']:.2f} | {s['pass_ratio']:.2f}x | "
+                f"{s['multi4_ms']:.2f} | {s['multi_ratio']:.2f}x |"
+            )
     return "\n".join(L) + "\n"
 
 

@@ -7,6 +7,7 @@ cost about 3 points (w8a8 88.4%, w2a2 85.3% on 5,000 validation images, SE 0.4),
 first run lays the supernet's traces and training records out in ``--out`` (``sensitivity.json``,
 ``train/{multi,supernet}/``) so the report finds them; nothing is trained on the user's machine.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -54,24 +55,34 @@ def skeleton(bits=DEFAULT_BITS):
     return hasb.quantize_model(build_model(DEMO_MODEL), bits=bits)
 
 
-def check_demo_args(model: str | None, data: str | None, sensitivity: str | None,
-                    data_dir: str | None) -> None:
+def check_demo_args(model: str | None, data: str | None, sensitivity: str | None, data_dir: str | None) -> None:
     """The demo runs small_cnn on Fashion-MNIST: other models or data need a checkpoint (InputError/DataError)."""
     if sensitivity is not None:
         raise InputError("--sensitivity needs --checkpoint (the supernet it was computed for)")
     if model not in (None, DEMO_MODEL):
-        raise InputError(f"--model {model} needs --checkpoint (a trained supernet); without one the "
-                         "built-in demo (small_cnn on Fashion-MNIST) runs")
+        raise InputError(
+            f"--model {model} needs --checkpoint (a trained supernet); without one the "
+            "built-in demo (small_cnn on Fashion-MNIST) runs"
+        )
     if data not in (None, "fashion-mnist"):
         raise InputError(f"the built-in demo runs on fashion-mnist; --data {data} needs --checkpoint")
-    find_data_dir("fashion-mnist", data_dir)      # DataError (one line) before anything is trained
+    find_data_dir("fashion-mnist", data_dir)  # DataError (one line) before anything is trained
 
 
 def skeleton_inputs(data_dir: str | None = None) -> Inputs:
     """Inputs of an untrained demo skeleton (cost model only, no sensitivity): budgets are validated on it."""
     m = skeleton()
-    return Inputs(model=m, model_name=DEMO_MODEL, cost=CostModel.from_model(m), sensitivity={},
-                  checkpoint=None, checkpoint_sha="", data="fashion-mnist", data_dir=data_dir, demo=True)
+    return Inputs(
+        model=m,
+        model_name=DEMO_MODEL,
+        cost=CostModel.from_model(m),
+        sensitivity={},
+        checkpoint=None,
+        checkpoint_sha="",
+        data="fashion-mnist",
+        data_dir=data_dir,
+        demo=True,
+    )
 
 
 def demo_inputs(out: Path, data_dir: str | None = None) -> Inputs:

@@ -11,6 +11,7 @@ Results are cached by config digest, in memory and optionally in a JSON file (on
 section per *context*: checkpoint hash, data, BN mode, split sizes), so a re-run
 of the search costs nothing and a changed checkpoint never reuses stale numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,9 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
 
 
-def score(model: nn.Module, data: Data, batch_size: int = 1000, device: str | torch.device = "cpu"
-          ) -> tuple[int, float, int]:
+def score(
+    model: nn.Module, data: Data, batch_size: int = 1000, device: str | torch.device = "cpu"
+) -> tuple[int, float, int]:
     """(correct count, summed cross-entropy in nats, n) of ``model`` in eval mode on ``data`` = (x [N, ...], y [N]).
 
     Pure scoring, no config switching: also used on a plain deployed module (hasb.export.load_deployment).
@@ -82,7 +84,7 @@ def score(model: nn.Module, data: Data, batch_size: int = 1000, device: str | to
     try:
         with torch.inference_mode():
             for s in range(0, len(x), batch_size):
-                xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+                xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
                 out = model(xb)
                 loss_sum += float(F.cross_entropy(out.float(), yb, reduction="sum"))
                 correct += int((out.argmax(1) == yb).sum())
@@ -108,11 +110,19 @@ class Evaluator:
         device: torch device for evaluation.
     """
 
-    def __init__(self, model: nn.Module, data: tuple[Data, Data] | Callable[[], tuple[Data, Data]], *,
-                 bn: str = "recal", batch_size: int = 1000, calib_batches: int | None = None,
-                 calib_batch_size: int = 256,
-                 cache_path: str | Path | None = None, context: dict | None = None,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: tuple[Data, Data] | Callable[[], tuple[Data, Data]],
+        *,
+        bn: str = "recal",
+        batch_size: int = 1000,
+        calib_batches: int | None = None,
+        calib_batch_size: int = 256,
+        cache_path: str | Path | None = None,
+        context: dict | None = None,
+        device: str | torch.device = "cpu",
+    ):
         if bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {bn!r}; accepted: {', '.join(BN_MODES)}")
         self.model = model
@@ -141,11 +151,12 @@ class Evaluator:
             if d.get("version") != CACHE_VERSION or not isinstance(d.get("contexts"), dict):
                 return
         except (json.JSONDecodeError, OSError, AttributeError):
-            return     # a broken cache is only a cache: recompute
+            return  # a broken cache is only a cache: recompute
         self._file = d
         for dig, r in d["contexts"].get(self.context_key, {}).get("results", {}).items():
-            self._mem[dig] = EvalResult(float(r["accuracy"]), float(r["loss"]), int(r["n"]),
-                                        float(r.get("seconds", 0.0)), cached=True)
+            self._mem[dig] = EvalResult(
+                float(r["accuracy"]), float(r["loss"]), int(r["n"]), float(r.get("seconds", 0.0)), cached=True
+            )
 
     def _save_cache(self) -> None:
         if self.cache_path is None:
@@ -182,7 +193,7 @@ class Evaluator:
         for i, s in enumerate(range(0, stop, bs)):
             if limit is not None and i >= limit:
                 break
-            yield x[s:s + bs].to(self.device), y[s:s + bs].to(self.device)
+            yield x[s : s + bs].to(self.device), y[s : s + bs].to(self.device)
 
     @contextlib.contextmanager
     def calibrated(self, config: BitConfig | dict) -> Iterator[nn.Module]:
@@ -199,10 +210,15 @@ class Evaluator:
             with use_config(model, cfg):
                 if self.bn == "recal":
                     # keep the supernet's stored statistics: recal touches only the entries this config uses
-                    snapshot = [(bn.active, {k: v.clone() for k, v in bn.active.state_dict().items()})
-                                for bn in batchnorms(model).values()]
-                    recalibrate_bn(model, cfg, self._batches(self._splits()[1], self.calib_batches,
-                                                             self.calib_batch_size, drop_last=True))
+                    snapshot = [
+                        (bn.active, {k: v.clone() for k, v in bn.active.state_dict().items()})
+                        for bn in batchnorms(model).values()
+                    ]
+                    recalibrate_bn(
+                        model,
+                        cfg,
+                        self._batches(self._splits()[1], self.calib_batches, self.calib_batch_size, drop_last=True),
+                    )
                 model.eval()
                 yield model
         finally:
@@ -235,8 +251,9 @@ class Evaluator:
             raise HasbError("cannot score a config on an empty split")
         return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - t0)
 
-    def evaluate_many(self, configs: Sequence[BitConfig], progress: bool = False, desc: str = "evaluate"
-                      ) -> list[EvalResult]:
+    def evaluate_many(
+        self, configs: Sequence[BitConfig], progress: bool = False, desc: str = "evaluate"
+    ) -> list[EvalResult]:
         """Evaluate several configs (cache hits are free); the cache file is written once at the end."""
         out = []
         todo = [c for c in configs if self.cached(c) is None]

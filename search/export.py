@@ -24,6 +24,7 @@ on images selection never saw.  ``metrics.accuracy``/``loss`` repeat the validat
 ``hasb.BitConfig.load(path)`` reads the ``config`` part directly.  Units: BitOPs
 per sample (GBitOPs = 1e9), bytes, bits; accuracy in [0, 1], loss in nats.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ from hasb.errors import HasbError
 from hasb.export import export_deployment
 
 SCHEMA = "hasb-search-config"
-SCHEMA_VERSION = 2   # 2: HAWQ's real bit_config and an NNCF config file replace the *-style keys
+SCHEMA_VERSION = 2  # 2: HAWQ's real bit_config and an NNCF config file replace the *-style keys
 BUDGET_KINDS = ("avg_bits", "bitops", "size", "plain_avg")
 METRIC_KEYS = ("bitops", "gbitops", "size_bytes", "avg_bit_equivalent", "plain_avg_bits", "accuracy", "loss")
 SOURCES = ("ilp", "optuna", "uniform")
@@ -48,12 +49,23 @@ class ExportError(HasbError):
     """An export document that does not follow the schema."""
 
 
-def make_document(*, model_name: str, build: dict | None, bits: Sequence[int], config: BitConfig,
-                  fixed: Mapping[str, Any], metrics: Mapping[str, float], budgets: Sequence[Any],
-                  budget_binds: bool, source: str, provenance: Mapping[str, Any],
-                  integer_checkpoint: str | None = None, scores: Mapping[str, Any] | None = None,
-                  hawq_bit_config: Mapping[str, int] | None = None,
-                  tool_notes: Mapping[str, str] | None = None) -> dict:
+def make_document(
+    *,
+    model_name: str,
+    build: dict | None,
+    bits: Sequence[int],
+    config: BitConfig,
+    fixed: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    budgets: Sequence[Any],
+    budget_binds: bool,
+    source: str,
+    provenance: Mapping[str, Any],
+    integer_checkpoint: str | None = None,
+    scores: Mapping[str, Any] | None = None,
+    hawq_bit_config: Mapping[str, int] | None = None,
+    tool_notes: Mapping[str, str] | None = None,
+) -> dict:
     """Assemble (and validate) the export document; ``budgets`` are hasb.Budget objects or dicts.
 
     ``hawq_bit_config`` is HAWQ's per-quantizer dict (``search.formats.hawq_bit_config``) or None when the model
@@ -65,13 +77,20 @@ def make_document(*, model_name: str, build: dict | None, bits: Sequence[int], c
         buds.append({k: (float(d[k]) if k in ("value", "limit") else d[k]) for k in ("kind", "value", "limit", "text")})
     prov = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(provenance)}
     doc = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model_name, "build": build or {},
-        "bits": [int(b) for b in bits], "config": config.to_dict(),
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "model": model_name,
+        "build": build or {},
+        "bits": [int(b) for b in bits],
+        "config": config.to_dict(),
         "fixed_layers": {n: bit_str(parse_bit(b)) for n, b in fixed.items()},
         "hawq_bit_config": dict(hawq_bit_config) if hawq_bit_config is not None else None,
         "tool_notes": dict(tool_notes or {}),
         "metrics": {k: float(metrics[k]) for k in METRIC_KEYS},
-        "budget": buds, "budget_binds": bool(budget_binds), "source": source, "provenance": prov,
+        "budget": buds,
+        "budget_binds": bool(budget_binds),
+        "source": source,
+        "provenance": prov,
         "integer_checkpoint": integer_checkpoint,
     }
     if scores is not None:
@@ -88,16 +107,34 @@ def _need(cond: bool, msg: str) -> None:
 def validate(doc: Any) -> None:
     """Hand-written schema check; raises ExportError naming the first problem."""
     _need(isinstance(doc, Mapping), "top level must be an object")
-    for k in ("schema", "schema_version", "model", "bits", "config", "fixed_layers", "hawq_bit_config",
-              "metrics", "budget", "budget_binds", "source", "provenance"):
+    for k in (
+        "schema",
+        "schema_version",
+        "model",
+        "bits",
+        "config",
+        "fixed_layers",
+        "hawq_bit_config",
+        "metrics",
+        "budget",
+        "budget_binds",
+        "source",
+        "provenance",
+    ):
         _need(k in doc, f"missing key {k!r}")
     _need(doc["schema"] == SCHEMA, f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
-    _need(isinstance(doc["schema_version"], int) and doc["schema_version"] <= SCHEMA_VERSION,
-          f"schema_version {doc['schema_version']!r} not supported (this reader: ≤ {SCHEMA_VERSION})")
+    _need(
+        isinstance(doc["schema_version"], int) and doc["schema_version"] <= SCHEMA_VERSION,
+        f"schema_version {doc['schema_version']!r} not supported (this reader: ≤ {SCHEMA_VERSION})",
+    )
     _need(isinstance(doc["model"], str) and doc["model"], "model must be a non-empty string")
     bits = doc["bits"]
-    _need(isinstance(bits, list) and bits and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16
-                                                  for b in bits), "bits must be a non-empty list of ints 1..16")
+    _need(
+        isinstance(bits, list)
+        and bits
+        and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16 for b in bits),
+        "bits must be a non-empty list of ints 1..16",
+    )
     try:
         cfg = BitConfig.from_dict(doc["config"])
     except ConfigError as e:
@@ -109,9 +146,14 @@ def validate(doc: Any) -> None:
     _need(isinstance(fixed, Mapping), "fixed_layers must be an object")
     _need(not set(fixed) & set(cfg.layers), "a layer is both fixed and searchable")
     hawq = doc["hawq_bit_config"]
-    _need(hawq is None or (isinstance(hawq, Mapping) and all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in hawq.items())),
-        "hawq_bit_config must be null or an object of quantizer name -> int bits")
+    _need(
+        hawq is None
+        or (
+            isinstance(hawq, Mapping)
+            and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in hawq.items())
+        ),
+        "hawq_bit_config must be null or an object of quantizer name -> int bits",
+    )
     m = doc["metrics"]
     _need(isinstance(m, Mapping), "metrics must be an object")
     for k in METRIC_KEYS:
@@ -123,8 +165,10 @@ def validate(doc: Any) -> None:
     _need(isinstance(buds, list) and len(buds) > 0, "budget must be a non-empty list")
     for b in buds:
         _need(isinstance(b, Mapping) and b.get("kind") in BUDGET_KINDS, f"budget kind must be one of {BUDGET_KINDS}")
-        _need(isinstance(b.get("value"), (int, float)) and math.isfinite(b["value"]) and b["value"] > 0,
-              "budget value must be a positive number")
+        _need(
+            isinstance(b.get("value"), (int, float)) and math.isfinite(b["value"]) and b["value"] > 0,
+            "budget value must be a positive number",
+        )
     _need(isinstance(doc["budget_binds"], bool), "budget_binds must be true/false")
     _need(doc["source"] in SOURCES, f"source must be one of {SOURCES}")
     prov = doc["provenance"]
@@ -145,12 +189,16 @@ def _validate_scores(scores: Any) -> None:
         _need(isinstance(sc, Mapping), f"scores.{split} missing")
         n = sc.get("n")
         _need(isinstance(n, int) and n > 0, f"scores.{split}.n must be a positive integer")
-        _need(isinstance(sc.get("accuracy"), (int, float)) and 0.0 <= sc["accuracy"] <= 1.0,
-              f"scores.{split}.accuracy must be in [0, 1]")
+        _need(
+            isinstance(sc.get("accuracy"), (int, float)) and 0.0 <= sc["accuracy"] <= 1.0,
+            f"scores.{split}.accuracy must be in [0, 1]",
+        )
         _need(isinstance(sc.get("se"), (int, float)) and math.isfinite(sc["se"]), f"scores.{split}.se must be finite")
         _need(sc.get("correct") == round(sc["accuracy"] * n), f"scores.{split}.correct != accuracy · n")
-        _need(isinstance(sc.get("split"), str) and isinstance(sc.get("description"), str),
-              f"scores.{split} must name its split and describe it")
+        _need(
+            isinstance(sc.get("split"), str) and isinstance(sc.get("description"), str),
+            f"scores.{split} must name its split and describe it",
+        )
 
 
 def write(doc: Mapping, path: str | Path) -> Path:
@@ -177,5 +225,4 @@ def export_integer(model, config: BitConfig, path: str | Path, extra: dict | Non
     return export_deployment(model, config, path, extra=extra)
 
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "ExportError", "make_document",
-           "validate", "write", "load", "export_integer"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "ExportError", "make_document", "validate", "write", "load", "export_integer"]

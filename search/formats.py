@@ -39,6 +39,7 @@ written: NNCF places activation quantizers at op outputs chosen by its own quant
 input bits without NNCF itself; NNCF keeps its default activation bits (8) for them.  Full-precision (fixed)
 layers go to ``ignored_scopes`` as their module scope (``PreActResNet/NNCFConv2d[conv1]``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,7 @@ from hasb.config import BitConfig
 from hasb.errors import HasbError
 from hasb.quantize import get_spec, quantized_layers
 
-HAWQ_ACCUMULATOR_BITS = 16   # HAWQ's quant_act_int32 requantizers: 16 in every config of bit_config.py
+HAWQ_ACCUMULATOR_BITS = 16  # HAWQ's quant_act_int32 requantizers: 16 in every config of bit_config.py
 NNCF_OPS = {nn.Conv2d: ("NNCFConv2d", "conv2d"), nn.Linear: ("NNCFLinear", "linear")}
 
 
@@ -121,11 +122,13 @@ def hawq_bit_config(model: nn.Module, config: BitConfig) -> dict[str, int]:
             out[wname] = w
         if a is not None:
             if out.get(aname, a) != a:
-                raise FormatError(f"HAWQ quantizes one input for {aname!r}: {layer!r} has activation bits {a}, "
-                                  f"another layer reading it has {out[aname]}")
+                raise FormatError(
+                    f"HAWQ quantizes one input for {aname!r}: {layer!r} has activation bits {a}, "
+                    f"another layer reading it has {out[aname]}"
+                )
             out[aname] = a
     units = sorted({w.rsplit(".", 1)[0] for w, _ in names.values() if w.startswith("stage")})
-    if units:   # the residual requantizers of HAWQ's q_resnet
+    if units:  # the residual requantizers of HAWQ's q_resnet
         out["quant_act_int32"] = HAWQ_ACCUMULATOR_BITS
         out.update({f"{u}.quant_act_int32": HAWQ_ACCUMULATOR_BITS for u in units})
     return out
@@ -156,9 +159,10 @@ def call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) 
     with torch.no_grad():
         try:
             twin(example_input)
-        except RuntimeError as e:   # shape mismatch: the user's input_shape does not fit the model
-            raise FormatError(f"the model does not run on an input of shape {tuple(example_input.shape)}: "
-                              f"{str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # shape mismatch: the user's input_shape does not fit the model
+            raise FormatError(
+                f"the model does not run on an input of shape {tuple(example_input.shape)}: {str(e).splitlines()[0]}"
+            ) from None
     missing = [n for n in names if n not in seen]
     if missing:
         raise FormatError(f"layer {missing[0]!r} is not called in the forward pass: NNCF would not quantize it")
@@ -184,12 +188,23 @@ def nncf_config(model: nn.Module, config: BitConfig, input_shape: tuple[int, ...
     order = call_order(model, list(bits), torch.zeros(1, *shape))
     per_scope = [[bits[n][0], nncf_weight_scope(model, n)] for n in order if bits[n][0] is not None]
     ignored = [nncf_module_scope(model, n) for n in order if bits[n][0] is None]
-    comp: dict[str, Any] = {"algorithm": "quantization",
-                            "initializer": {"precision": {"type": "manual", "bitwidth_per_scope": per_scope}}}
+    comp: dict[str, Any] = {
+        "algorithm": "quantization",
+        "initializer": {"precision": {"type": "manual", "bitwidth_per_scope": per_scope}},
+    }
     if ignored:
         comp["ignored_scopes"] = ignored
     return {"input_info": {"sample_size": [1, *shape]}, "compression": comp}
 
 
-__all__ = ["FormatError", "layer_bits", "hawq_names", "hawq_bit_config", "nncf_module_scope", "call_order",
-           "nncf_weight_scope", "nncf_config", "HAWQ_ACCUMULATOR_BITS"]
+__all__ = [
+    "FormatError",
+    "layer_bits",
+    "hawq_names",
+    "hawq_bit_config",
+    "nncf_module_scope",
+    "call_order",
+    "nncf_weight_scope",
+    "nncf_config",
+    "HAWQ_ACCUMULATOR_BITS",
+]

@@ -1,4 +1,5 @@
 """Pure Pareto math on (cost ↓, accuracy ↑) points: the non-dominated mask, the front, the hypervolume."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,15 +20,15 @@ def pareto_mask(bitops: Sequence[float], accuracy: Sequence[float]) -> np.ndarra
     keep = np.zeros(n, dtype=bool)
     if n == 0:
         return keep
-    order = np.lexsort((-a, b))          # bitops ascending, accuracy descending
-    best_cheaper = -np.inf                # best accuracy among strictly cheaper points
+    order = np.lexsort((-a, b))  # bitops ascending, accuracy descending
+    best_cheaper = -np.inf  # best accuracy among strictly cheaper points
     i = 0
     while i < n:
         j = i
         while j < n and b[order[j]] == b[order[i]]:
             j += 1
         grp = order[i:j]
-        top = a[grp].max()                # within equal bitops only the most accurate survive
+        top = a[grp].max()  # within equal bitops only the most accurate survive
         for k in grp:
             keep[k] = a[k] == top and a[k] > best_cheaper
         best_cheaper = max(best_cheaper, top)
@@ -48,7 +49,7 @@ def hypervolume(cost: Sequence[float], accuracy: Sequence[float], ref_cost: floa
     if len(c) == 0:
         return 0.0
     order = np.argsort(c, kind="stable")
-    c, a = c[order], np.maximum.accumulate(a[order])     # best accuracy at cost ≤ c
+    c, a = c[order], np.maximum.accumulate(a[order])  # best accuracy at cost ≤ c
     widths = np.diff(np.append(c, ref_cost))
     return float(np.sum(widths * (a - ref_accuracy)))
 

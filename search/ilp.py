@@ -41,6 +41,7 @@ between two achievable values when a metric lives on a grid (plain average bits,
 bytes), so such cuts are rare.  Frontier metric values within a relative 1e-9
 are one value (summation-order round-off).
 """
+
 from __future__ import annotations
 
 import math
@@ -176,9 +177,15 @@ def _choices(bits: Sequence[int], tied_wa: bool) -> list[Choice]:
     return [(w, a) for w in bits for a in bits]
 
 
-def build_space(cost: CostModel, *, sensitivity: Mapping | None = None, objective: str | np.ndarray = "omega",
-                tied_wa: bool = True, groups: Sequence[Sequence[str]] | None = None,
-                bits: Sequence[int] | None = None) -> SearchSpace:
+def build_space(
+    cost: CostModel,
+    *,
+    sensitivity: Mapping | None = None,
+    objective: str | np.ndarray = "omega",
+    tied_wa: bool = True,
+    groups: Sequence[Sequence[str]] | None = None,
+    bits: Sequence[int] | None = None,
+) -> SearchSpace:
     """The search space of a model from its CostModel and (for the objective) its sensitivity dict.
 
     Args:
@@ -205,13 +212,22 @@ def build_space(cost: CostModel, *, sensitivity: Mapping | None = None, objectiv
         obj = np.asarray(objective, dtype=float)
         name = "custom"
     units = make_units(layers, groups)
-    return SearchSpace(layers=list(layers), choices=choices, units=units, metrics=metrics, offsets=offsets,
-                       objective=obj, allowed=np.ones((len(layers), len(choices)), bool), cost=cost,
-                       objective_name=name)
+    return SearchSpace(
+        layers=list(layers),
+        choices=choices,
+        units=units,
+        metrics=metrics,
+        offsets=offsets,
+        objective=obj,
+        allowed=np.ones((len(layers), len(choices)), bool),
+        cost=cost,
+        objective_name=name,
+    )
 
 
-def linearize_costs(cost: CostModel, layers: Sequence[str], choices: Sequence[Choice]
-                    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def linearize_costs(
+    cost: CostModel, layers: Sequence[str], choices: Sequence[Choice]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per-layer additive coefficients [L, C] and offsets of BitOPs, size and plain average bit.
 
     Computed only through CostModel: coef[l, c] = f(base with layer l at choice c) − f(base), offset = f(base),
@@ -229,23 +245,28 @@ def linearize_costs(cost: CostModel, layers: Sequence[str], choices: Sequence[Ch
     return mats, offsets
 
 
-def objective_matrix(sensitivity: Mapping, layers: Sequence[str], choices: Sequence[Choice],
-                     kind: str = "omega") -> np.ndarray:
+def objective_matrix(
+    sensitivity: Mapping, layers: Sequence[str], choices: Sequence[Choice], kind: str = "omega"
+) -> np.ndarray:
     """Objective coefficients [L, C] (minimised) from a sensitivity dict (see module docstring)."""
     if kind == "omega":
         omega = sensitivity.get("omega") or {}
         missing = [n for n in layers if n not in omega]
         if missing:
-            raise SearchError(f"sensitivity has no omega for searchable layer {missing[0]!r} "
-                              f"({len(missing)} missing): was it computed for this model?")
+            raise SearchError(
+                f"sensitivity has no omega for searchable layer {missing[0]!r} "
+                f"({len(missing)} missing): was it computed for this model?"
+            )
         out = np.zeros((len(layers), len(choices)))
         for l, n in enumerate(layers):
             om = {str(k): float(v) for k, v in omega[n].items()}
             for c, (w, a) in enumerate(choices):
                 for b in {w, a}:
                     if str(b) not in om:
-                        raise SearchError(f"sensitivity omega of {n!r} has no entry for bit {b} "
-                                          f"(has {sorted(om)}); recompute it with bits including {b}")
+                        raise SearchError(
+                            f"sensitivity omega of {n!r} has no entry for bit {b} "
+                            f"(has {sorted(om)}); recompute it with bits including {b}"
+                        )
                 out[l, c] = 0.5 * (om[str(w)] + om[str(a)])
         return out
     if kind == "paper":
@@ -297,6 +318,7 @@ def tied_groups(model) -> list[list[str]]:
     same input (same in_channels).  The reference code lets the shortcut follow its block's bit.
     """
     from hasb.quantize import searchable_layers
+
     names = set(searchable_layers(model))
     out = []
     for n in sorted(names):
@@ -365,8 +387,10 @@ def infeasible_message(space: SearchSpace, cons: Sequence[Constraint]) -> str:
         if c.metric == "bitops":
             rng = f"BitOPs {lo / 1e9:.4g}–{hi / 1e9:.4g} G"
             if space.cost is not None:
-                rng += (f" (average-bit equivalent {space.cost.bitops_to_avg_bits(lo):.3g}–"
-                        f"{space.cost.bitops_to_avg_bits(hi):.3g})")
+                rng += (
+                    f" (average-bit equivalent {space.cost.bitops_to_avg_bits(lo):.3g}–"
+                    f"{space.cost.bitops_to_avg_bits(hi):.3g})"
+                )
         elif c.metric == "size_bytes":
             rng = f"size {lo / 1e6:.4g}–{hi / 1e6:.4g} MB"
         else:
@@ -416,14 +440,15 @@ class _Milp:
         self.U, self.C = U, C
         self.c = _solver_objective(space.unit_matrix(space.objective), space.unit_allowed()).ravel()
         allowed = space.unit_allowed().ravel()
-        self.ub = allowed.astype(float)     # disallowed choices fixed to 0
+        self.ub = allowed.astype(float)  # disallowed choices fixed to 0
         rows = np.repeat(np.arange(U), C)
         self.one_hot = csr_matrix((np.ones(U * C), (rows, np.arange(U * C))), shape=(U, U * C))
         self.metric_rows = {k: space.unit_matrix(m).ravel() for k, m in space.metrics.items()}
         self.grids = {k: value_grid(r) for k, r in self.metric_rows.items()}
 
-    def solve(self, cons: Sequence[Constraint], cuts: Sequence[tuple[int, ...]] = (),
-              time_limit: float | None = None) -> np.ndarray | None:
+    def solve(
+        self, cons: Sequence[Constraint], cuts: Sequence[tuple[int, ...]] = (), time_limit: float | None = None
+    ) -> np.ndarray | None:
         """Unit choices [U] of the solver's optimum, None when HiGHS proves the problem infeasible.
 
         HiGHS accepts rows violated within its own feasibility tolerance (~1e-6 of the scaled row), so the
@@ -436,7 +461,7 @@ class _Milp:
         if time_limit:
             opts["time_limit"] = time_limit
         res = milp(self.c, integrality=np.ones_like(self.c), bounds=Bounds(0, self.ub), constraints=A, options=opts)
-        if res.status == 2:        # proven infeasible
+        if res.status == 2:  # proven infeasible
             return None
         if res.status != 0 or res.x is None:
             raise SearchError(f"MILP solver stopped without an optimum: {res.message}")
@@ -488,8 +513,9 @@ def value_grid(values: np.ndarray, rel_tol: float = 1e-9) -> float:
     return float(g)
 
 
-def _best_feasible(mdl: _Milp, cons: Sequence[Constraint], cuts: list[tuple[int, ...]]
-                   ) -> tuple[np.ndarray, dict[str, float]] | None:
+def _best_feasible(
+    mdl: _Milp, cons: Sequence[Constraint], cuts: list[tuple[int, ...]]
+) -> tuple[np.ndarray, dict[str, float]] | None:
     """The optimum over configs that truly meet ``cons`` (``Constraint.holds``) and are not in ``cuts``.
 
     The solver's feasible set contains every truly feasible config (its tolerance only ever *adds* configs
@@ -513,8 +539,14 @@ def solve(space: SearchSpace, constraints: Iterable = (), *, exclude: Sequence[S
     return sols[0]
 
 
-def k_best(space: SearchSpace, constraints: Iterable = (), k: int = 1, *,
-           exclude: Sequence[Sequence[int]] = (), _model: _Milp | None = None) -> list[Solution]:
+def k_best(
+    space: SearchSpace,
+    constraints: Iterable = (),
+    k: int = 1,
+    *,
+    exclude: Sequence[Sequence[int]] = (),
+    _model: _Milp | None = None,
+) -> list[Solution]:
     """The k best distinct configs (ordered by objective, ties broken arbitrarily) under all constraints.
 
     Each found solution adds one no-good cut that excludes exactly it; the cuts live only in this call.
@@ -619,7 +651,7 @@ def pareto_keep(cost: np.ndarray, obj: np.ndarray, obj_tol: float = 0.0, rel_tol
     gid = np.cumsum(new_group) - 1
     gmin = np.minimum.reduceat(os_, np.flatnonzero(new_group))
     best_at = np.flatnonzero(os_ == gmin[gid])
-    _, first = np.unique(gid[best_at], return_index=True)      # each group's first point at its minimum
+    _, first = np.unique(gid[best_at], return_index=True)  # each group's first point at its minimum
     best_before = np.minimum.accumulate(np.concatenate([[np.inf], gmin[:-1]]))
     return order[best_at[first][gmin < best_before - obj_tol]]
 
@@ -633,8 +665,16 @@ def _row(space: SearchSpace, uc: np.ndarray, **extra) -> dict:
     return d
 
 
-def sweep(space: SearchSpace, budgets: Sequence[float], metric: str = "bitops", *, k: int = 1,
-          constraints: Iterable = (), method: str = "auto", dedupe: bool = True) -> pd.DataFrame:
+def sweep(
+    space: SearchSpace,
+    budgets: Sequence[float],
+    metric: str = "bitops",
+    *,
+    k: int = 1,
+    constraints: Iterable = (),
+    method: str = "auto",
+    dedupe: bool = True,
+) -> pd.DataFrame:
     """Optimal (and k-best) configs for each budget ``metric ≤ b`` (plus any fixed ``constraints``).
 
     ``method``: ``"frontier"`` (exact frontier lookup; k = 1 and no extra constraints), ``"milp"`` (one MILP per
@@ -698,6 +738,26 @@ def uniform_choices(space: SearchSpace) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-__all__ = ["SearchSpace", "build_space", "linearize_costs", "objective_matrix", "make_units", "tied_groups",
-           "Constraint", "constraint_from_budget", "Solution", "solve", "k_best", "Frontier", "frontier", "sweep",
-           "budget_grid", "uniform_choices", "pareto_keep", "value_grid", "SearchError", "InfeasibleError", "METRICS"]
+__all__ = [
+    "SearchSpace",
+    "build_space",
+    "linearize_costs",
+    "objective_matrix",
+    "make_units",
+    "tied_groups",
+    "Constraint",
+    "constraint_from_budget",
+    "Solution",
+    "solve",
+    "k_best",
+    "Frontier",
+    "frontier",
+    "sweep",
+    "budget_grid",
+    "uniform_choices",
+    "pareto_keep",
+    "value_grid",
+    "SearchError",
+    "InfeasibleError",
+    "METRICS",
+]

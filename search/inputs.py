@@ -3,6 +3,7 @@
 Everything here is cheap validation (a checkpoint and a JSON file read, no training, nothing written), so a bad
 input is one clear error before any candidate is evaluated.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ SIZE_UNITS_TEXT = "B, kB, MB, GB, KiB, MiB, GiB (a bare number is MB)"
 def check_size_unit(text: str) -> None:
     """A --size budget must be in a size unit: ``15000GBOPs`` or ``12xyz`` is an error naming the accepted units."""
     m = re.fullmatch(_NUM + r"\s*([A-Za-z]*)", str(text).strip())
-    unit = m.group(2) if m else ""      # no number at all: the cost model's parser names the problem
+    unit = m.group(2) if m else ""  # no number at all: the cost model's parser names the problem
     if unit and unit.lower() not in _UNITS_SIZE:
         hint = " (BitOPs budgets go to --budget)" if "op" in unit.lower() else ""
         raise BudgetError(f"--size {text!r} has unknown unit {unit!r}{hint}; accepted: {SIZE_UNITS_TEXT}")
@@ -69,8 +70,9 @@ def check_out_dir(out: str | Path) -> None:
         raise InputError(f"--out {p} cannot be created or written ({anc} is not a writable folder)")
 
 
-def parse_budgets(cost: CostModel, budget: Sequence[str] | None, size: Sequence[str] | None,
-                  avg_bits: Sequence[str] | None) -> list[Budget]:
+def parse_budgets(
+    cost: CostModel, budget: Sequence[str] | None, size: Sequence[str] | None, avg_bits: Sequence[str] | None
+) -> list[Budget]:
     """All budgets given on the command line, parsed by the CostModel (BudgetError on bad ones)."""
     for t in size or ():
         check_size_unit(t)
@@ -78,8 +80,10 @@ def parse_budgets(cost: CostModel, budget: Sequence[str] | None, size: Sequence[
     out += [cost.parse_budget(t, "size") for t in size or ()]
     out += [cost.parse_budget(t, "plain_avg") for t in avg_bits or ()]
     if not out:
-        raise InputError("no budget given: pass --budget 3.5 (average-bit equivalent), --budget 25GBOPs, "
-                         "--size 1.2MB or --avg-bits 3")
+        raise InputError(
+            "no budget given: pass --budget 3.5 (average-bit equivalent), --budget 25GBOPs, "
+            "--size 1.2MB or --avg-bits 3"
+        )
     return out
 
 
@@ -109,8 +113,14 @@ def _train_config(extra: dict) -> dict:
     return tc if isinstance(tc, dict) else {}
 
 
-def checkpoint_inputs(checkpoint: str | Path, sensitivity: str | Path | None = None, *, model: str | None = None,
-                      data: str | None = None, data_dir: str | None = None) -> Inputs:
+def checkpoint_inputs(
+    checkpoint: str | Path,
+    sensitivity: str | Path | None = None,
+    *,
+    model: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+) -> Inputs:
     """Inputs of a trained supernet: its model.pt and sensitivity.json (default: next to the checkpoint).
 
     ``model`` (when given) must name the checkpoint's model; ``data``/``data_dir`` default to the checkpoint's
@@ -123,17 +133,37 @@ def checkpoint_inputs(checkpoint: str | Path, sensitivity: str | Path | None = N
         raise InputError(f"checkpoint {ck} is a {name!r} model, not --model {model!r}")
     sens_path = Path(sensitivity) if sensitivity else ck.parent / "sensitivity.json"
     if sensitivity is None and not sens_path.is_file():
-        raise InputError(f"no sensitivity given and none next to the checkpoint ({sens_path}); pass --sensitivity "
-                         "(from: python -m analysis.sensitivity)")
+        raise InputError(
+            f"no sensitivity given and none next to the checkpoint ({sens_path}); pass --sensitivity "
+            "(from: python -m analysis.sensitivity)"
+        )
     layers = searchable_layers(net)
     if not layers:
         raise InputError("empty search space: the model has no searchable layer")
     sens = check_for_model(load_sensitivity(sens_path), name, layers, str(sens_path))
     tc = _train_config(extra)
-    return Inputs(model=net, model_name=name, cost=CostModel.from_model(net), sensitivity=sens, checkpoint=ck,
-                  checkpoint_sha=file_digest(ck), data=data or tc.get("data") or "fashion-mnist",
-                  data_dir=data_dir or tc.get("data_dir"), val_size=int(tc.get("val_size") or 5000),
-                  seed=int(tc.get("seed") or 0), extra=extra)
+    return Inputs(
+        model=net,
+        model_name=name,
+        cost=CostModel.from_model(net),
+        sensitivity=sens,
+        checkpoint=ck,
+        checkpoint_sha=file_digest(ck),
+        data=data or tc.get("data") or "fashion-mnist",
+        data_dir=data_dir or tc.get("data_dir"),
+        val_size=int(tc.get("val_size") or 5000),
+        seed=int(tc.get("seed") or 0),
+        extra=extra,
+    )
 
 
-__all__ = ["InputError", "Inputs", "parse_budgets", "check_size_unit", "check_out_dir", "check_model_name", "checkpoint_file", "checkpoint_inputs"]
+__all__ = [
+    "InputError",
+    "Inputs",
+    "parse_budgets",
+    "check_size_unit",
+    "check_out_dir",
+    "check_model_name",
+    "checkpoint_file",
+    "checkpoint_inputs",
+]

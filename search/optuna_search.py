@@ -31,6 +31,7 @@ period.  Several workers on several machines share one study through
 ``postgresql://user@host/db`` (RDBStorage) or a journal file on a shared disk
 (``journal:/path/study.log``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -69,7 +70,7 @@ ACCEPTED = "accepted: sqlite:///FILE, postgresql://USER@HOST/DB, mysql://..., jo
 def _journal_path(s: str) -> str | None:
     """The file of a journal storage spec, or None when ``s`` is not one."""
     if s.startswith("journal:"):
-        return s[len("journal:"):]
+        return s[len("journal:") :]
     return s if s.endswith((".log", ".journal")) and "://" not in s else None
 
 
@@ -96,7 +97,7 @@ def validate_storage(storage: str) -> None:
     elif "://" not in s:
         raise StorageError(f"storage {s!r} not understood; {ACCEPTED}")
     elif s.startswith("sqlite:///"):
-        target = s[len("sqlite:///"):]
+        target = s[len("sqlite:///") :]
         if target != ":memory:":
             _check_file_target(target, f"--storage {s}")
     elif s.startswith("postgresql://"):
@@ -122,23 +123,24 @@ def make_storage(storage: str | None, out_dir: str | Path | None = None, heartbe
         Path(jp).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(jp))
     if s.startswith("postgresql://"):
-        s = "postgresql+" + _pg_driver() + s[len("postgresql"):]
+        s = "postgresql+" + _pg_driver() + s[len("postgresql") :]
     kw = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
     err: Exception | None = None
     for attempt in range(6):
         try:
-            with warnings.catch_warnings():   # heartbeat is "experimental" in Optuna; we rely on it knowingly
+            with warnings.catch_warnings():  # heartbeat is "experimental" in Optuna; we rely on it knowingly
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(s, engine_kwargs={"pool_pre_ping": True}, **kw)
-        except Exception as e:   # sqlalchemy / driver errors
+        except Exception as e:  # sqlalchemy / driver errors
             err = e
             # workers starting together on a fresh database race to create Optuna's tables; the loser sees
             # a unique violation and succeeds on retry once the winner's schema is committed
             if "IntegrityError" not in type(e).__name__ and "already exists" not in str(e):
                 break
             time.sleep(0.2 * (attempt + 1))
-    raise StorageError(f"cannot open storage {s.split('@')[-1]!r}: {type(err).__name__}: "
-                       f"{str(err).splitlines()[0][:200]}") from None
+    raise StorageError(
+        f"cannot open storage {s.split('@')[-1]!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    ) from None
 
 
 # Optuna ≥ 5 reads constraints set on the trial (``Trial.set_constraint``); older ones need constraints_func
@@ -158,11 +160,13 @@ def make_sampler(name: str, seed: int | None, constraints_func: Callable | None,
         constraints_func = None
     if name == "nsga2":
         # population ~ 2× the number of decision variables, at least 20: enough diversity for crossover
-        return optuna.samplers.NSGAIISampler(population_size=max(20, min(50, 2 * n_units)), seed=seed,
-                                             constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(
+            population_size=max(20, min(50, 2 * n_units)), seed=seed, constraints_func=constraints_func
+        )
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func, multivariate=True,
-                                          n_startup_trials=10)
+        return optuna.samplers.TPESampler(
+            seed=seed, constraints_func=constraints_func, multivariate=True, n_startup_trials=10
+        )
     raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)}")
 
 
@@ -180,7 +184,7 @@ def param_names(space: SearchSpace) -> list[str]:
 
 def params_of(space: SearchSpace, unit_choice: Sequence[int]) -> dict:
     names = param_names(space)
-    return {n: _choice_label(space.choices[int(c)]) for n, c in zip(names, unit_choice)}
+    return {n: _choice_label(space.choices[int(c)]) for n, c in zip(names, unit_choice, strict=False)}
 
 
 def unit_choice_of_params(space: SearchSpace, params: dict) -> np.ndarray:
@@ -197,18 +201,36 @@ def study_trials_frame(study: optuna.Study, space: SearchSpace):
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         uc = unit_choice_of_params(space, t.params)
-        rows.append({"trial": t.number, "accuracy": t.values[0], "gbitops": t.values[1],
-                     "feasible": all(c <= 0 for c in t.user_attrs.get("constraint", [0.0])),
-                     "loss": t.user_attrs.get("loss", float("nan")), "digest": t.user_attrs.get("digest"),
-                     "unit_choice": tuple(int(c) for c in uc), "worker": t.user_attrs.get("worker")})
+        rows.append(
+            {
+                "trial": t.number,
+                "accuracy": t.values[0],
+                "gbitops": t.values[1],
+                "feasible": all(c <= 0 for c in t.user_attrs.get("constraint", [0.0])),
+                "loss": t.user_attrs.get("loss", float("nan")),
+                "digest": t.user_attrs.get("digest"),
+                "unit_choice": tuple(int(c) for c in uc),
+                "worker": t.user_attrs.get("worker"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float, float]], *,
-              constraints: Iterable = (), storage=None, out_dir: str | Path | None = None,
-              study_name: str = "hasb-search", n_trials: int = 50, sampler: str = DEFAULT_SAMPLER,
-              seed: int | None = 0, seeds: Sequence[Sequence[int]] = (), worker: str | None = None,
-              progress: bool = False) -> optuna.Study:
+def run_study(
+    space: SearchSpace,
+    evaluate_fn: Callable[[BitConfig], tuple[float, float]],
+    *,
+    constraints: Iterable = (),
+    storage=None,
+    out_dir: str | Path | None = None,
+    study_name: str = "hasb-search",
+    n_trials: int = 50,
+    sampler: str = DEFAULT_SAMPLER,
+    seed: int | None = 0,
+    seeds: Sequence[Sequence[int]] = (),
+    worker: str | None = None,
+    progress: bool = False,
+) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials.
 
     Args:
@@ -226,9 +248,14 @@ def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float
         storage = make_storage(storage, out_dir)
     optuna.logging.set_verbosity(logging.WARNING)
     smp = make_sampler(sampler, seed, _constraints_func, space.n_units)
-    try:   # the worker that creates the study seeds it (race-free: the storage enforces unique names)
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=smp,
-                                    directions=["maximize", "minimize"], load_if_exists=False)
+    try:  # the worker that creates the study seeds it (race-free: the storage enforces unique names)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=smp,
+            directions=["maximize", "minimize"],
+            load_if_exists=False,
+        )
         creator = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=smp)
@@ -238,8 +265,9 @@ def run_study(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done < n_trials:
         cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress,
-                       gc_after_trial=False)
+        study.optimize(
+            objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False
+        )
     return study
 
 
@@ -259,8 +287,12 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Sequ
         study.set_user_attr("seeded", True)
 
 
-def _objective(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[float, float]],
-               cons: Sequence[Constraint], worker: str | None) -> Callable[[optuna.Trial], tuple[float, float]]:
+def _objective(
+    space: SearchSpace,
+    evaluate_fn: Callable[[BitConfig], tuple[float, float]],
+    cons: Sequence[Constraint],
+    worker: str | None,
+) -> Callable[[optuna.Trial], tuple[float, float]]:
     """The trial function: suggest one allowed choice per unit, record the constraint excess, score the config."""
     allowed = space.unit_allowed()
     pnames = param_names(space)
@@ -274,7 +306,7 @@ def _objective(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[floa
         ev = space.evaluate(uc)
         excess = [(ev[c.metric] - c.limit) / max(abs(c.limit), 1e-300) for c in cons] or [0.0]
         # equality constraints (the paper's plain average) count |excess|
-        excess = [abs(e) if c.equality else e for e, c in zip(excess, cons)] or excess
+        excess = [abs(e) if c.equality else e for e, c in zip(excess, cons, strict=False)] or excess
         trial.set_user_attr("constraint", excess)
         if _NEW_CONSTRAINTS:
             for i, e in enumerate(excess):
@@ -285,4 +317,5 @@ def _objective(space: SearchSpace, evaluate_fn: Callable[[BitConfig], tuple[floa
         if worker is not None:
             trial.set_user_attr("worker", worker)
         return float(acc), ev["bitops"] / 1e9
+
     return objective

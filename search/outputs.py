@@ -4,6 +4,7 @@ tables at the top of ``--out`` (pareto.csv, candidates.csv), the printed table, 
 Accuracies are fractions in [0, 1] with their binomial standard error sqrt(p(1−p)/n); every accuracy printed or
 written names its split and size.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,13 +22,59 @@ from hasb.plots import plot_pareto, save_figure
 
 from .evaluate import EvalResult
 
-PARETO_COLS = ["config_id", "bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "plain_avg_bits", "accuracy",
-               "accuracy_se", "loss", "source", "sources", "on_front", "objective", "label", "config", "digest"]
-CAND_COLS = ["config_id", "source", "budget", "rank", "trial", "label", "pick_at", "bitops", "gbitops",
-             "avg_bit_equivalent", "size_bytes", "plain_avg_bits", "objective", "accuracy", "accuracy_se", "loss",
-             "config", "digest"]
-TABLE_COLS = ["config_id", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "accuracy_se", "on_front",
-              "fits", "chosen", "pick_at", "source", "config", "digest"]
+PARETO_COLS = [
+    "config_id",
+    "bitops",
+    "gbitops",
+    "avg_bit_equivalent",
+    "size_bytes",
+    "plain_avg_bits",
+    "accuracy",
+    "accuracy_se",
+    "loss",
+    "source",
+    "sources",
+    "on_front",
+    "objective",
+    "label",
+    "config",
+    "digest",
+]
+CAND_COLS = [
+    "config_id",
+    "source",
+    "budget",
+    "rank",
+    "trial",
+    "label",
+    "pick_at",
+    "bitops",
+    "gbitops",
+    "avg_bit_equivalent",
+    "size_bytes",
+    "plain_avg_bits",
+    "objective",
+    "accuracy",
+    "accuracy_se",
+    "loss",
+    "config",
+    "digest",
+]
+TABLE_COLS = [
+    "config_id",
+    "gbitops",
+    "avg_bit_equivalent",
+    "size_bytes",
+    "accuracy",
+    "accuracy_se",
+    "on_front",
+    "fits",
+    "chosen",
+    "pick_at",
+    "source",
+    "config",
+    "digest",
+]
 
 
 def log(msg: str, progress: bool) -> None:
@@ -55,17 +102,28 @@ def budget_dir_name(budgets: Sequence[Budget]) -> str:
 class SplitInfo:
     """How a split was formed, for the one-line description next to every score of it."""
 
-    split: str            # "validation" or "test"
-    description: str      # e.g. "first 2000 of the 5000 images held out of fashion-mnist train (seed 0)"
+    split: str  # "validation" or "test"
+    description: str  # e.g. "first 2000 of the 5000 images held out of fashion-mnist train (seed 0)"
 
 
 def split_score(r: EvalResult, info: SplitInfo, *, selected_on: bool, n_candidates: int = 0) -> dict:
     """A SCORE of the config document (see search.export): accuracy, its SE, size, split and role."""
-    note = (f"selected on: the best of {n_candidates} configs scored on these images, so biased upwards"
-            if selected_on else "held out: never used to select, scored once for the chosen config")
-    return {"split": info.split, "description": info.description, "n": int(r.n), "correct": int(r.correct),
-            "accuracy": float(r.accuracy), "se": float(r.se), "loss": float(r.loss), "selected_on": selected_on,
-            "note": note}
+    note = (
+        f"selected on: the best of {n_candidates} configs scored on these images, so biased upwards"
+        if selected_on
+        else "held out: never used to select, scored once for the chosen config"
+    )
+    return {
+        "split": info.split,
+        "description": info.description,
+        "n": int(r.n),
+        "correct": int(r.correct),
+        "accuracy": float(r.accuracy),
+        "se": float(r.se),
+        "loss": float(r.loss),
+        "selected_on": selected_on,
+        "note": note,
+    }
 
 
 def fmt_score(sc: dict) -> str:
@@ -79,9 +137,12 @@ def write_shared(out: Path, cand: pd.DataFrame, uniq: pd.DataFrame) -> dict[str,
     for c in PARETO_COLS:
         if c not in u:
             u[c] = np.nan
-    paths = {"pareto_csv": atomic_write_text(out / "pareto.csv", u[PARETO_COLS].to_csv(index=False)),
-             "candidates_csv": atomic_write_text(out / "candidates.csv",
-                                                 cand[[c for c in CAND_COLS if c in cand]].to_csv(index=False))}
+    paths = {
+        "pareto_csv": atomic_write_text(out / "pareto.csv", u[PARETO_COLS].to_csv(index=False)),
+        "candidates_csv": atomic_write_text(
+            out / "candidates.csv", cand[[c for c in CAND_COLS if c in cand]].to_csv(index=False)
+        ),
+    }
     return paths
 
 
@@ -94,35 +155,66 @@ def write_table(folder: Path, uniq: pd.DataFrame) -> Path:
     return atomic_write_text(folder / "table.csv", t[TABLE_COLS].to_csv(index=False))
 
 
-def plot(uniq: pd.DataFrame, best: Any, test: dict, budgets: Sequence[Budget], cost: CostModel, folder: Path,
-         model_name: str, val: dict) -> tuple[Path, Path]:
+def plot(
+    uniq: pd.DataFrame,
+    best: Any,
+    test: dict,
+    budgets: Sequence[Budget],
+    cost: CostModel,
+    folder: Path,
+    model_name: str,
+    val: dict,
+) -> tuple[Path, Path]:
     """pareto.png + pareto.svg (error bars: ±1 binomial SE) via hasb.plots.plot_pareto."""
     bud = [b.limit for b in budgets if b.kind in ("avg_bits", "bitops")]
-    chosen = {"accuracy": float(best.accuracy), "gbitops": float(best.gbitops), "label": "chosen (validation)",
-              "accuracy_se": float(best.accuracy_se), "test_accuracy": test["accuracy"], "test_se": test["se"],
-              "test_label": f"chosen, test (n={test['n']})"}
-    short = {"avg_bits": "avg-bit ≤ {v:g}", "bitops": "≤ {g:.3g} GBitOPs", "size": "size ≤ {m:.3g} MB",
-             "plain_avg": "plain avg bit ≤ {v:g}"}
-    title = f"{model_name}: accuracy vs BitOPs (budget: " + ", ".join(
-        short[b.kind].format(v=b.value, g=b.limit / 1e9, m=b.limit / 1e6) for b in budgets) + ")"
-    fig = plot_pareto(uniq, chosen=chosen, budget_bitops=min(bud) if bud else None, avg_bits_fn=cost, title=title,
-                      accuracy_label=f"accuracy [%] on {val['split']} (n={val['n']}), ± 1 SE")
+    chosen = {
+        "accuracy": float(best.accuracy),
+        "gbitops": float(best.gbitops),
+        "label": "chosen (validation)",
+        "accuracy_se": float(best.accuracy_se),
+        "test_accuracy": test["accuracy"],
+        "test_se": test["se"],
+        "test_label": f"chosen, test (n={test['n']})",
+    }
+    short = {
+        "avg_bits": "avg-bit ≤ {v:g}",
+        "bitops": "≤ {g:.3g} GBitOPs",
+        "size": "size ≤ {m:.3g} MB",
+        "plain_avg": "plain avg bit ≤ {v:g}",
+    }
+    title = (
+        f"{model_name}: accuracy vs BitOPs (budget: "
+        + ", ".join(short[b.kind].format(v=b.value, g=b.limit / 1e9, m=b.limit / 1e6) for b in budgets)
+        + ")"
+    )
+    fig = plot_pareto(
+        uniq,
+        chosen=chosen,
+        budget_bitops=min(bud) if bud else None,
+        avg_bits_fn=cost,
+        title=title,
+        accuracy_label=f"accuracy [%] on {val['split']} (n={val['n']}), ± 1 SE",
+    )
     paths = save_figure(fig, [folder / "pareto.png", folder / "pareto.svg"])
     return paths[0], paths[1]
 
 
 def _table_rows(uniq: pd.DataFrame, best: Any) -> list[str]:
     shown = uniq[uniq.on_front | (uniq.source == "uniform") | (uniq.digest == best.digest) | uniq.pick_at.notna()]
-    lines = [f"{'':1} {'config_id':10}  {'source':8} {'GBitOPs':>9} {'avg-bit':>7} {'size kB':>8} "
-             f"{'val acc % ± SE':>15} {'loss':>6}  {'front':5} {'fits':4}  config"]
+    lines = [
+        f"{'':1} {'config_id':10}  {'source':8} {'GBitOPs':>9} {'avg-bit':>7} {'size kB':>8} "
+        f"{'val acc % ± SE':>15} {'loss':>6}  {'front':5} {'fits':4}  config"
+    ]
     for _, r in shown.iterrows():
         mark = "*" if r.digest == best.digest else " "
         src = r.label if isinstance(r.get("label"), str) else r.source
         acc = f"{100 * r.accuracy:6.2f} ± {100 * r.accuracy_se:4.2f}"
         pick = f"  (pick at {r.pick_at})" if isinstance(r.get("pick_at"), str) else ""
-        lines.append(f"{mark} {r.config_id:10}  {src:8} {r.gbitops:9.4f} {r.avg_bit_equivalent:7.3f} "
-                     f"{r.size_bytes / 1e3:8.1f} {acc:>15} {r.loss:6.3f}  "
-                     f"{'yes' if r.on_front else '':5} {'yes' if r.fits else '':4}  {r.config}{pick}")
+        lines.append(
+            f"{mark} {r.config_id:10}  {src:8} {r.gbitops:9.4f} {r.avg_bit_equivalent:7.3f} "
+            f"{r.size_bytes / 1e3:8.1f} {acc:>15} {r.loss:6.3f}  "
+            f"{'yes' if r.on_front else '':5} {'yes' if r.fits else '':4}  {r.config}{pick}"
+        )
     return lines
 
 
@@ -136,32 +228,50 @@ def monotone_note(uniq: pd.DataFrame, this_folder: str) -> str | None:
     return f"monotone: the pick at {what} fits this budget too and was a candidate here"
 
 
-def print_table(uniq: pd.DataFrame, best: Any, summary: dict, budgets: Sequence[Budget], *, file=sys.stdout,
-                quiet: bool = False) -> None:
+def print_table(
+    uniq: pd.DataFrame, best: Any, summary: dict, budgets: Sequence[Budget], *, file=sys.stdout, quiet: bool = False
+) -> None:
     """The front, the uniform configs, earlier picks and the chosen config, then where everything went."""
     sc = summary["scores"]
-    head = [f"accuracies: {sc['validation']['split']} split, {sc['validation']['description']}; "
-            f"± = binomial standard error sqrt(p(1-p)/n); BN {summary['bn']}"]
+    head = [
+        f"accuracies: {sc['validation']['split']} split, {sc['validation']['description']}; "
+        f"± = binomial standard error sqrt(p(1-p)/n); BN {summary['bn']}"
+    ]
     lines = head + _table_rows(uniq, best) + [""]
-    lines.append(f"budget: {'; '.join(b.describe() for b in budgets)}"
-                 + ("" if summary["budget_binds"] else "  (does not bind: every config fits)"))
+    lines.append(
+        f"budget: {'; '.join(b.describe() for b in budgets)}"
+        + ("" if summary["budget_binds"] else "  (does not bind: every config fits)")
+    )
     note = monotone_note(uniq, summary["folder_name"])
     if note:
         lines.append(note)
     c = summary["chosen"]
-    lines.append(f"chosen (*): {c['config']}  {c['gbitops']:.4g} GBitOPs, average-bit equivalent "
-                 f"{c['avg_bit_equivalent']:.3f}, {c['size_bytes'] / 1e3:.1f} kB [{c['source']}]")
+    lines.append(
+        f"chosen (*): {c['config']}  {c['gbitops']:.4g} GBitOPs, average-bit equivalent "
+        f"{c['avg_bit_equivalent']:.3f}, {c['size_bytes'] / 1e3:.1f} kB [{c['source']}]"
+    )
     lines.append(f"  validation {fmt_score(sc['validation'])}: {sc['validation']['note']}")
     lines.append(f"  test       {fmt_score(sc['test'])}: {sc['test']['description']}; {sc['test']['note']}")
     p = summary["paths"]
     lines.append(f"plot:   {p['plot_png']}  (+ {Path(p['plot_svg']).name})")
     lines.append(f"config: {p['config']}  integer checkpoint: {p['integer_checkpoint']}")
-    lines.append(f"table:  {p['pareto_csv']}  (all candidates: {Path(p['candidates_csv']).name}; this budget: "
-                 f"{p['table_csv']})")
+    lines.append(
+        f"table:  {p['pareto_csv']}  (all candidates: {Path(p['candidates_csv']).name}; this budget: {p['table_csv']})"
+    )
     if quiet:
         lines = lines[-7:]
     print("\n".join(lines), file=file, flush=True)
 
 
-__all__ = ["log", "budget_dir_name", "SplitInfo", "split_score", "fmt_score", "write_shared", "write_table", "plot",
-           "print_table", "monotone_note"]
+__all__ = [
+    "log",
+    "budget_dir_name",
+    "SplitInfo",
+    "split_score",
+    "fmt_score",
+    "write_shared",
+    "write_table",
+    "plot",
+    "print_table",
+    "monotone_note",
+]

@@ -11,6 +11,7 @@ scored network: ``hasb.export.load_deployment``), table.csv, pareto.png, pareto.
 
 The Pareto math lives in :mod:`search.front` (re-exported here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m search.pareto",
         description="Search per-layer bits of a trained supernet under BitOPs/size budgets; plot the accuracy-vs-"
-                    "BitOPs front and export the most accurate config in budget, scored once on held-out test "
-                    "data. Without --checkpoint a built-in demo (small_cnn on Fashion-MNIST) is trained on first "
-                    f"use and cached in --out (default {DEFAULT_OUT}).")
+        "BitOPs front and export the most accurate config in budget, scored once on held-out test "
+        "data. Without --checkpoint a built-in demo (small_cnn on Fashion-MNIST) is trained on first "
+        f"use and cached in --out (default {DEFAULT_OUT}).",
+    )
     for f in dataclasses.fields(SearchConfig):
         if "repeat_help" in f.metadata:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="append", default=[],
-                           help=f.metadata["repeat_help"])
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="append",
+                default=[],
+                help=f.metadata["repeat_help"],
+            )
     return add_options(p, SearchConfig)
 
 
@@ -45,8 +52,9 @@ def config_from_argv(argv: Sequence[str] | None) -> SearchConfig:
     """The SearchConfig of a command line (the command itself recorded for provenance)."""
     args = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(args)
-    return config_from_args(SearchConfig, ns,
-                            command="python -m search.pareto " + " ".join(shlex.quote(a) for a in args))
+    return config_from_args(
+        SearchConfig, ns, command="python -m search.pareto " + " ".join(shlex.quote(a) for a in args)
+    )
 
 
 def _run(cfg: SearchConfig) -> int:
@@ -63,8 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _run(cfg))
 
 
-__all__ = ["main", "build_parser", "config_from_argv", "pareto_mask", "pareto_front", "hypervolume",
-           "SearchConfig", "run_search"]
+__all__ = [
+    "main",
+    "build_parser",
+    "config_from_argv",
+    "pareto_mask",
+    "pareto_front",
+    "hypervolume",
+    "SearchConfig",
+    "run_search",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,6 +12,7 @@
 5. Outputs: shared pareto.csv / candidates.csv at the top of ``out``; per budget ``out/budget-3.5/``: config.json
    (validation and test scores with standard errors), deploy.pt (the scored network), table.csv, pareto.png/svg.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,13 +87,23 @@ class SearchConfig:
     data: str | None = option(None, help="dataset: fashion-mnist or mnist (default: the checkpoint's training data)")
     data_dir: str | None = data_dir_option()
     out: str = out_option("run directory; each budget's outputs go to OUT/budget-<budget>/", default=DEFAULT_OUT)
-    bits: list | None = option(None, parse=parse_bits, help="search only these of the supernet's candidate bits, "
-                               "e.g. 8,4,2 (default: all of them)")
+    bits: list | None = option(
+        None,
+        parse=parse_bits,
+        help="search only these of the supernet's candidate bits, e.g. 8,4,2 (default: all of them)",
+    )
     trials: int | None = option(None, help="Optuna trials (COMPLETE trials in the study; default 40, demo 24)")
-    storage: str | None = option(None, help="Optuna storage: default SQLite in --out; postgresql://..., "
-                                 "sqlite:///FILE or journal:FILE to share one study between workers")
-    optuna_sampler: str = option("tpe", choices=SAMPLERS, aliases=("--sampler",),
-                                 help="Optuna sampler (tpe: measured better than NSGA-II, see search.optuna_search)")
+    storage: str | None = option(
+        None,
+        help="Optuna storage: default SQLite in --out; postgresql://..., "
+        "sqlite:///FILE or journal:FILE to share one study between workers",
+    )
+    optuna_sampler: str = option(
+        "tpe",
+        choices=SAMPLERS,
+        aliases=("--sampler",),
+        help="Optuna sampler (tpe: measured better than NSGA-II, see search.optuna_search)",
+    )
     k_best: int = option(3, help="ILP alternatives at the budget")
     sweep: int | None = option(None, help="budgets in the ILP frontier sweep (default 40, demo 20)")
     seed: int = seed_option()
@@ -101,8 +112,11 @@ class SearchConfig:
     objective: str = option("omega", choices=("omega", "paper"), help="ILP objective: min Σ Ω or the paper's max Σ t·b")
     untied: bool = option(False, help="search weight and activation bits separately")
     no_tie: bool = option(False, help="do not tie residual shortcut convs to their block")
-    bn: str = option("recal", choices=("recal", "stored"),
-                     help="BN statistics per config: re-calibrated on calibration images, or stored (TBN/per-bit)")
+    bn: str = option(
+        "recal",
+        choices=("recal", "stored"),
+        help="BN statistics per config: re-calibrated on calibration images, or stored (TBN/per-bit)",
+    )
     batch_size: int = option(1000, help="evaluation batch size")
     val_limit: int | None = option(None, help="score on the first N validation images only (default all; demo 2000)")
     test_limit: int | None = option(None, help="score the pick on the first N test images (default all)")
@@ -111,7 +125,7 @@ class SearchConfig:
     threads: int | None = threads_option()
     json: bool = option(False, help="print a machine-readable summary on stdout")
     progress: bool = quiet_option()
-    command: str = ""                # the command line, recorded in config.json's provenance
+    command: str = ""  # the command line, recorded in config.json's provenance
 
 
 def with_defaults(cfg: SearchConfig) -> SearchConfig:
@@ -122,8 +136,15 @@ def with_defaults(cfg: SearchConfig) -> SearchConfig:
 
 def validate_config(cfg: SearchConfig) -> None:
     """Cheap checks of the numbers, the output folder and the storage, before anything is read or written."""
-    for name, allow_zero in (("trials", True), ("k_best", False), ("sweep", False), ("batch_size", False),
-                             ("val_limit", False), ("test_limit", False), ("calib_size", False)):
+    for name, allow_zero in (
+        ("trials", True),
+        ("k_best", False),
+        ("sweep", False),
+        ("batch_size", False),
+        ("val_limit", False),
+        ("test_limit", False),
+        ("calib_size", False),
+    ):
         v = getattr(cfg, name)
         if v is not None and (v < 0 or (v == 0 and not allow_zero)):
             raise InputError(f"--{name.replace('_', '-')} must be {'≥ 0' if allow_zero else 'positive'}, got {v}")
@@ -136,13 +157,21 @@ def _space(cfg: SearchConfig, inputs: Inputs) -> ilp.SearchSpace:
     """The search space; an all-zero objective when there is no sensitivity yet (the demo skeleton)."""
     bits = cfg.bits or list(inputs.cost.candidate_bits)
     if not set(bits) <= set(inputs.cost.candidate_bits):
-        raise InputError(f"--bits {','.join(map(str, bits))} are not all candidates of the supernet "
-                         f"({','.join(map(str, inputs.cost.candidate_bits))})")
+        raise InputError(
+            f"--bits {','.join(map(str, bits))} are not all candidates of the supernet "
+            f"({','.join(map(str, inputs.cost.candidate_bits))})"
+        )
     n_choices = len(bits) ** (2 if cfg.untied else 1)
     objective = cfg.objective if inputs.sensitivity else np.zeros((len(inputs.cost.names), n_choices))
     groups = ilp.tied_groups(inputs.model) if not cfg.no_tie else []
-    return ilp.build_space(inputs.cost, sensitivity=inputs.sensitivity or None, objective=objective,
-                           tied_wa=not cfg.untied, groups=groups, bits=bits)
+    return ilp.build_space(
+        inputs.cost,
+        sensitivity=inputs.sensitivity or None,
+        objective=objective,
+        tied_wa=not cfg.untied,
+        groups=groups,
+        bits=bits,
+    )
 
 
 def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
@@ -152,11 +181,10 @@ def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
         demo.check_demo_args(cfg.model, cfg.data, cfg.sensitivity, cfg.data_dir)
         pre = demo.skeleton_inputs(cfg.data_dir)
     else:
-        pre = checkpoint_inputs(cfg.checkpoint, cfg.sensitivity, model=cfg.model, data=cfg.data,
-                                data_dir=cfg.data_dir)
-        find_data_dir(pre.data, pre.data_dir)       # DataError (one line) before any candidate is evaluated
+        pre = checkpoint_inputs(cfg.checkpoint, cfg.sensitivity, model=cfg.model, data=cfg.data, data_dir=cfg.data_dir)
+        find_data_dir(pre.data, pre.data_dir)  # DataError (one line) before any candidate is evaluated
     budgets = parse_budgets(pre.cost, cfg.budget, cfg.size, cfg.avg_bits)
-    ilp.solve(_space(cfg, pre), budgets)      # InfeasibleError (with the feasible range) for a combination
+    ilp.solve(_space(cfg, pre), budgets)  # InfeasibleError (with the feasible range) for a combination
     return pre, budgets
 
 
@@ -181,8 +209,14 @@ class SplitLoader:
     def splits(self):
         if self._splits is None:
             i = self.inputs
-            self._splits = load_dataset(i.data, i.data_dir, val_size=i.val_size, seed=i.seed,
-                                        val_limit=self.cfg.val_limit, calib_size=self.cfg.calib_size)
+            self._splits = load_dataset(
+                i.data,
+                i.data_dir,
+                val_size=i.val_size,
+                seed=i.seed,
+                val_limit=self.cfg.val_limit,
+                calib_size=self.cfg.calib_size,
+            )
         return self._splits
 
     def val_calib(self):
@@ -195,22 +229,34 @@ class SplitLoader:
 
     def info(self, n_val: int, n_test: int) -> tuple[so.SplitInfo, so.SplitInfo]:
         i = self.inputs
-        val = so.SplitInfo("validation", f"{n_val} images: the first {n_val} of the {i.val_size} held out of "
-                                         f"{i.data} train (seed {i.seed}); every candidate was scored on them")
-        test = so.SplitInfo("test", f"{n_test} images: {'the first ' + str(n_test) + ' of ' if self.cfg.test_limit else ''}"
-                                    f"{i.data}'s test set")
+        val = so.SplitInfo(
+            "validation",
+            f"{n_val} images: the first {n_val} of the {i.val_size} held out of "
+            f"{i.data} train (seed {i.seed}); every candidate was scored on them",
+        )
+        test = so.SplitInfo(
+            "test",
+            f"{n_test} images: {'the first ' + str(n_test) + ' of ' if self.cfg.test_limit else ''}{i.data}'s test set",
+        )
         return val, test
 
 
 def make_evaluator(cfg: SearchConfig, inputs: Inputs, data: SplitLoader, device, out: Path) -> Evaluator:
     """The cached evaluator of this supernet and split (the cache key names everything the scores depend on)."""
-    ctx = {"checkpoint": inputs.checkpoint_sha, "data": inputs.data, "val_size": inputs.val_size,
-           "val_limit": cfg.val_limit, "seed": inputs.seed, "calib_size": cfg.calib_size}
+    ctx = {
+        "checkpoint": inputs.checkpoint_sha,
+        "data": inputs.data,
+        "val_size": inputs.val_size,
+        "val_limit": cfg.val_limit,
+        "seed": inputs.seed,
+        "calib_size": cfg.calib_size,
+    }
     cache = out / "evals.json"
     if cfg.force and cache.exists():
         cache.unlink()
-    return Evaluator(inputs.model, data.val_calib, bn=cfg.bn, batch_size=cfg.batch_size, cache_path=cache,
-                     context=ctx, device=device)
+    return Evaluator(
+        inputs.model, data.val_calib, bn=cfg.bn, batch_size=cfg.batch_size, cache_path=cache, context=ctx, device=device
+    )
 
 
 def ilp_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list) -> tuple[list[dict], list]:
@@ -235,7 +281,7 @@ def earlier_picks(out: Path, space: ilp.SearchSpace, inputs: Inputs) -> list[dic
             cfg, doc = sx.load(p)
             uc = space.unit_choice_of(cfg)
         except (sx.ExportError, ConfigError):
-            continue     # another model, space or schema: not a candidate of this search
+            continue  # another model, space or schema: not a candidate of this search
         if doc["provenance"].get("checkpoint_sha256") == inputs.checkpoint_sha:
             rows.append(ilp._row(space, uc, source=doc["source"], pick_at=p.parent.name))
     return rows
@@ -245,29 +291,42 @@ def study_name(cfg: SearchConfig, inputs: Inputs, space: ilp.SearchSpace, ev: Ev
     """One study per supernet, evaluation context, search space, budget, sampler and seed."""
     bkey = "_".join(f"{b.kind}{b.limit if b.kind != 'plain_avg' else b.value:.6g}" for b in budgets)
     # the study's parameters are the space's units and choices: a different space is a different study
-    skey = hashlib.sha1(json.dumps([space.unit_names(), space.choices, space.objective_name]).encode()
-                        ).hexdigest()[:8]
+    skey = hashlib.sha1(json.dumps([space.unit_names(), space.choices, space.objective_name]).encode()).hexdigest()[:8]
     return f"hasb-{inputs.model_name}-{ev.context_key}-{skey}-{bkey}-{cfg.optuna_sampler}-s{cfg.seed}"
 
 
-def optuna_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list, ev: Evaluator, name: str,
-                      seeds: list, out: Path) -> list[dict]:
+def optuna_candidates(
+    cfg: SearchConfig, space: ilp.SearchSpace, cons: list, ev: Evaluator, name: str, seeds: list, out: Path
+) -> list[dict]:
     """Rows of the COMPLETE trials of the Optuna study (run or resumed until it holds ``cfg.trials``)."""
     if cfg.force and cfg.storage is None and (out / "optuna.db").exists():
         try:
             optuna.delete_study(study_name=name, storage=f"sqlite:///{(out / 'optuna.db').resolve()}")
         except KeyError:
-            pass     # no such study yet
+            pass  # no such study yet
 
     def fn(config):
         r = ev.evaluate(config)
         return r.accuracy, r.loss
+
     so.log(f"[search] Optuna study {name!r}: {cfg.trials} trials ({cfg.optuna_sampler})", cfg.progress)
-    study = run_study(space, fn, constraints=cons, storage=cfg.storage, out_dir=out, study_name=name,
-                      n_trials=cfg.trials, sampler=cfg.optuna_sampler, seed=cfg.seed, seeds=seeds,
-                      progress=cfg.progress)
-    return [ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))
-            for _, t in study_trials_frame(study, space).iterrows()]
+    study = run_study(
+        space,
+        fn,
+        constraints=cons,
+        storage=cfg.storage,
+        out_dir=out,
+        study_name=name,
+        n_trials=cfg.trials,
+        sampler=cfg.optuna_sampler,
+        seed=cfg.seed,
+        seeds=seeds,
+        progress=cfg.progress,
+    )
+    return [
+        ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))
+        for _, t in study_trials_frame(study, space).iterrows()
+    ]
 
 
 def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -283,8 +342,12 @@ def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list
     cand.insert(0, "config_id", cand["digest"].str[:10])
     # one row per distinct config (first source wins: uniform labels are kept; earlier picks keep their folder)
     prio = {"uniform": 0, "ilp": 1, "optuna": 2}
-    uniq = (cand.assign(_p=cand.source.map(prio)).sort_values(["_p"], kind="stable").drop_duplicates("digest")
-            .drop(columns="_p"))
+    uniq = (
+        cand.assign(_p=cand.source.map(prio))
+        .sort_values(["_p"], kind="stable")
+        .drop_duplicates("digest")
+        .drop(columns="_p")
+    )
     picks = cand.dropna(subset=["pick_at"]).drop_duplicates("digest").set_index("digest").pick_at
     uniq["pick_at"] = uniq.digest.map(picks)
     uniq["sources"] = [",".join(sorted(set(cand.source[cand.digest == d]))) for d in uniq.digest]
@@ -296,7 +359,7 @@ def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list
 def pick(uniq: pd.DataFrame) -> pd.Series:
     """The most accurate config within every budget (ties: fewer BitOPs, then the lower proxy objective)."""
     feas = uniq[uniq.fits]
-    if feas.empty:   # cannot happen: the ILP optimum at the budget is feasible
+    if feas.empty:  # cannot happen: the ILP optimum at the budget is feasible
         raise ilp.InfeasibleError("no evaluated config meets the budget")
     return feas.sort_values(["accuracy", "bitops", "objective"], ascending=[False, True, True]).iloc[0]
 
@@ -313,8 +376,11 @@ def search(cfg: SearchConfig, inputs: Inputs, budgets: list[Budget], device) -> 
     rows, seeds = ilp_candidates(cfg, space, cons)
     rows += earlier_picks(out, space, inputs)
     configs = {r["digest"]: space.config(r["unit_choice"]) for r in rows}
-    so.log(f"[search] {space.n_units} units × {len(space.choices)} choices; evaluating {len(configs)} ILP/uniform/"
-           f"earlier configs ({sum(ev.cached(c) is None for c in configs.values())} new)", cfg.progress)
+    so.log(
+        f"[search] {space.n_units} units × {len(space.choices)} choices; evaluating {len(configs)} ILP/uniform/"
+        f"earlier configs ({sum(ev.cached(c) is None for c in configs.values())} new)",
+        cfg.progress,
+    )
     ev.evaluate_many(list(configs.values()), progress=cfg.progress, desc="evaluate")
     if not cfg.no_optuna and cfg.trials > 0:
         rows += optuna_candidates(cfg, space, cons, ev, study_name(cfg, inputs, space, ev, budgets), seeds, out)
@@ -323,9 +389,11 @@ def search(cfg: SearchConfig, inputs: Inputs, budgets: list[Budget], device) -> 
     chosen = space.config(cand.unit_choice[cand.digest == best.digest].iloc[0])
     test = ev.score(chosen, data.test())
     val_info, test_info = data.info(int(ev.evaluate(chosen).n), test.n)
-    scores = {"validation": so.split_score(ev.evaluate(chosen), val_info, selected_on=True, n_candidates=len(uniq)),
-              "test": so.split_score(test, test_info, selected_on=False),
-              "bn": {"mode": cfg.bn, "calibration_images": ev.calibration_images()}}
+    scores = {
+        "validation": so.split_score(ev.evaluate(chosen), val_info, selected_on=True, n_candidates=len(uniq)),
+        "test": so.split_score(test, test_info, selected_on=False),
+        "bn": {"mode": cfg.bn, "calibration_images": ev.calibration_images()},
+    }
     return write_outputs(cfg, inputs, budgets, space, ev, cand, uniq, best, chosen, scores, t0)
 
 
@@ -354,57 +422,126 @@ def tool_exports(model, chosen: BitConfig, folder: Path) -> tuple[dict | None, d
     return hawq, notes
 
 
-def write_document(cfg: SearchConfig, inputs: Inputs, budgets, binds: bool, space, best, chosen: BitConfig,
-                   scores: dict, folder: Path, deploy: Path) -> Path:
+def write_document(
+    cfg: SearchConfig,
+    inputs: Inputs,
+    budgets,
+    binds: bool,
+    space,
+    best,
+    chosen: BitConfig,
+    scores: dict,
+    folder: Path,
+    deploy: Path,
+) -> Path:
     """config.json of the pick: its config, costs, validation and test scores (with SEs) and provenance."""
     spec = get_spec(inputs.model)
     hawq, notes = tool_exports(inputs.model, chosen, folder)
     metrics = {k: float(best[k]) for k in sx.METRIC_KEYS}
     doc = sx.make_document(
-        model_name=inputs.model_name, build=build_record(inputs.model), bits=spec.bits,
-        config=chosen, fixed={n: ("fp" if spec.fixed_bit is None else spec.fixed_bit) for n in spec.fixed},
-        metrics=metrics, budgets=budgets, budget_binds=binds, source=str(best.source),
-        provenance={"sensitivity_fingerprint": inputs.sensitivity.get("fingerprint"),
-                    "checkpoint_sha256": inputs.checkpoint_sha, "hasb_version": hasb.__version__,
-                    "command": cfg.command, "demo": inputs.demo, "objective": space.objective_name,
-                    "bn": cfg.bn, "data": inputs.data},
-        integer_checkpoint=deploy.name, scores=scores, hawq_bit_config=hawq, tool_notes=notes)
+        model_name=inputs.model_name,
+        build=build_record(inputs.model),
+        bits=spec.bits,
+        config=chosen,
+        fixed={n: ("fp" if spec.fixed_bit is None else spec.fixed_bit) for n in spec.fixed},
+        metrics=metrics,
+        budgets=budgets,
+        budget_binds=binds,
+        source=str(best.source),
+        provenance={
+            "sensitivity_fingerprint": inputs.sensitivity.get("fingerprint"),
+            "checkpoint_sha256": inputs.checkpoint_sha,
+            "hasb_version": hasb.__version__,
+            "command": cfg.command,
+            "demo": inputs.demo,
+            "objective": space.objective_name,
+            "bn": cfg.bn,
+            "data": inputs.data,
+        },
+        integer_checkpoint=deploy.name,
+        scores=scores,
+        hawq_bit_config=hawq,
+        tool_notes=notes,
+    )
     return sx.write(doc, folder / "config.json")
 
 
-def write_outputs(cfg: SearchConfig, inputs: Inputs, budgets, space, ev: Evaluator, cand: pd.DataFrame,
-                  uniq: pd.DataFrame, best, chosen: BitConfig, scores: dict, t0: float) -> dict:
+def write_outputs(
+    cfg: SearchConfig,
+    inputs: Inputs,
+    budgets,
+    space,
+    ev: Evaluator,
+    cand: pd.DataFrame,
+    uniq: pd.DataFrame,
+    best,
+    chosen: BitConfig,
+    scores: dict,
+    t0: float,
+) -> dict:
     """Shared tables at the top of ``out``; config.json, deploy.pt, table.csv and plots in the budget's folder."""
     out = Path(cfg.out)
     folder = out / so.budget_dir_name(budgets)
     folder.mkdir(parents=True, exist_ok=True)
-    binds = any(space.metric_range(c.metric)[1] > c.limit * (1 + 1e-12) or c.equality
-                for c in (ilp.constraint_from_budget(b) for b in budgets))
+    binds = any(
+        space.metric_range(c.metric)[1] > c.limit * (1 + 1e-12) or c.equality
+        for c in (ilp.constraint_from_budget(b) for b in budgets)
+    )
     uniq["chosen"] = uniq.digest == best.digest
-    with ev.calibrated(chosen) as scored:   # the BN statistics the score used, not the stored ones
-        deploy = sx.export_integer(scored, chosen, folder / "deploy.pt",
-                                   extra={"source": "search.pareto", "scores": scores})
-    paths = {"config": write_document(cfg, inputs, budgets, binds, space, best, chosen, scores, folder, deploy),
-             "integer_checkpoint": deploy, "table_csv": so.write_table(folder, uniq), **so.write_shared(out, cand, uniq)}
-    paths["plot_png"], paths["plot_svg"] = so.plot(uniq, best, scores["test"], budgets, inputs.cost, folder,
-                                                   inputs.model_name, scores["validation"])
+    with ev.calibrated(chosen) as scored:  # the BN statistics the score used, not the stored ones
+        deploy = sx.export_integer(
+            scored, chosen, folder / "deploy.pt", extra={"source": "search.pareto", "scores": scores}
+        )
+    paths = {
+        "config": write_document(cfg, inputs, budgets, binds, space, best, chosen, scores, folder, deploy),
+        "integer_checkpoint": deploy,
+        "table_csv": so.write_table(folder, uniq),
+        **so.write_shared(out, cand, uniq),
+    }
+    paths["plot_png"], paths["plot_svg"] = so.plot(
+        uniq, best, scores["test"], budgets, inputs.cost, folder, inputs.model_name, scores["validation"]
+    )
     summary = {
-        "model": inputs.model_name, "demo": inputs.demo, "budget": [b.text for b in budgets], "budget_binds": binds,
-        "folder": str(folder), "folder_name": folder.name,
-        "chosen": {"config_id": best.config_id, "config": best.config, "source": best.source,
-                   **{k: float(best[k]) for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes",
-                                                  "accuracy", "accuracy_se", "loss")},
-                   "test_accuracy": scores["test"]["accuracy"], "test_se": scores["test"]["se"]},
-        "scores": scores, "bn": bn_text(scores["bn"]), "monotone": so.monotone_note(uniq, folder.name),
-        "n_candidates": int(len(uniq)), "n_front": int(uniq.on_front.sum()), "n_evaluated_now": ev.n_evaluated,
-        "paths": {k: str(v) for k, v in paths.items()}, "seconds": round(time.perf_counter() - t0, 2),
+        "model": inputs.model_name,
+        "demo": inputs.demo,
+        "budget": [b.text for b in budgets],
+        "budget_binds": binds,
+        "folder": str(folder),
+        "folder_name": folder.name,
+        "chosen": {
+            "config_id": best.config_id,
+            "config": best.config,
+            "source": best.source,
+            **{
+                k: float(best[k])
+                for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "accuracy_se", "loss")
+            },
+            "test_accuracy": scores["test"]["accuracy"],
+            "test_se": scores["test"]["se"],
+        },
+        "scores": scores,
+        "bn": bn_text(scores["bn"]),
+        "monotone": so.monotone_note(uniq, folder.name),
+        "n_candidates": int(len(uniq)),
+        "n_front": int(uniq.on_front.sum()),
+        "n_evaluated_now": ev.n_evaluated,
+        "paths": {k: str(v) for k, v in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
     }
     if not binds:
         summary["note"] = "the budget does not bind: every config fits; picked the most accurate config overall"
-    so.print_table(uniq, best, summary, budgets, file=sys.stderr if cfg.json else sys.stdout,
-                   quiet=not cfg.progress)
+    so.print_table(uniq, best, summary, budgets, file=sys.stderr if cfg.json else sys.stdout, quiet=not cfg.progress)
     return summary
 
 
-__all__ = ["SearchConfig", "run_search", "search", "prepare", "validate_config", "with_defaults", "DEFAULT_OUT",
-           "tabulate", "pick"]
+__all__ = [
+    "SearchConfig",
+    "run_search",
+    "search",
+    "prepare",
+    "validate_config",
+    "with_defaults",
+    "DEFAULT_OUT",
+    "tabulate",
+    "pick",
+]

@@ -8,6 +8,7 @@ all of Fashion-MNIST on one GPU:  ``python -m search.recipes resnet20-gpu --out 
 
 The recipes chain training (hasb) → sensitivity (analysis), so they live in the search layer, above both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,19 @@ from hasb.train import TrainConfig, TrainError, load_supernet, train
 def cpu_small(stage: str = "multi", out: str = "runs/cpu_small", **kw) -> TrainConfig:
     """small_cnn, 8k training images, batch 128: ~20 s per epoch and stage on 2 CPU cores."""
     # the supernet stage starts from trained weights with a fresh Adam: a lower lr keeps the 2-bit sub-nets intact
-    base = dict(stage=stage, model="small_cnn", out=out, epochs=2 if stage == "multi" else 1, batch_size=128,
-                lr=3e-3 if stage == "multi" else 1e-3, wd=5e-5, train_limit=8192, val_limit=1000, warmup_epochs=0, device="cpu")
+    base = dict(
+        stage=stage,
+        model="small_cnn",
+        out=out,
+        epochs=2 if stage == "multi" else 1,
+        batch_size=128,
+        lr=3e-3 if stage == "multi" else 1e-3,
+        wd=5e-5,
+        train_limit=8192,
+        val_limit=1000,
+        warmup_epochs=0,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -43,15 +55,41 @@ def gpu_resnet20(stage: str = "multi", out: str = "runs/resnet20", **kw) -> Trai
     Sizing: ~30 s per eager multi-precision epoch at b256 on one H100/H200 (4 bit passes + validation of each
     bit), a supernet epoch about the same; ``compile=True`` halves the step (benchmarks/RESULTS.md).
     """
-    base = dict(stage=stage, model="resnet20", out=out, epochs=8 if stage == "multi" else 6, batch_size=256,
-                lr=2e-3 if stage == "multi" else 5e-4, wd=5e-5, augment=True, device="cuda", bf16=True)
+    base = dict(
+        stage=stage,
+        model="resnet20",
+        out=out,
+        epochs=8 if stage == "multi" else 6,
+        batch_size=256,
+        lr=2e-3 if stage == "multi" else 5e-4,
+        wd=5e-5,
+        augment=True,
+        device="cuda",
+        bf16=True,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 # what a finished stage must agree on to be reused (progress, overwrite, out, init paths may differ)
-_REUSE_KEYS = ("stage", "model", "data", "epochs", "bits", "batch_size", "lr", "wd", "alrs", "sampler", "sigma",
-               "train_limit", "val_limit", "augment", "fixed_bits", "seed")
+_REUSE_KEYS = (
+    "stage",
+    "model",
+    "data",
+    "epochs",
+    "bits",
+    "batch_size",
+    "lr",
+    "wd",
+    "alrs",
+    "sampler",
+    "sigma",
+    "train_limit",
+    "val_limit",
+    "augment",
+    "fixed_bits",
+    "seed",
+)
 
 
 def _done(out: Path, cfg: TrainConfig) -> bool:
@@ -64,8 +102,10 @@ def _done(out: Path, cfg: TrainConfig) -> bool:
     diff = [k for k in _REUSE_KEYS if k in have and have[k] != want[k]]
     if diff:
         what = ", ".join(f"{k}={have[k]!r}, now {want[k]!r}" for k in diff[:3])
-        raise TrainError(f"{out} holds a finished run with other settings ({what}); "
-                         f"pass --overwrite to retrain it or choose another --out")
+        raise TrainError(
+            f"{out} holds a finished run with other settings ({what}); "
+            f"pass --overwrite to retrain it or choose another --out"
+        )
     return True
 
 
@@ -76,22 +116,39 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     statistics: the multi stage never trains the 'fp' BN entries of quantized layers).
     """
     qmodel = load_supernet(multi_pt)
-    bits = list(get_spec(qmodel).bits)          # Ω for the supernet's own candidates ({4,3,2} too)
+    bits = list(get_spec(qmodel).bits)  # Ω for the supernet's own candidates ({4,3,2} too)
     model = float_twin(qmodel).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256, device=device))[:2]
     # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
     cfg = SensitivityConfig(rtol=0.1, max_hvp=max_hvp, estimator="layer", bits=bits, include_fixed=False)
-    res = compute_sensitivity(model, calib, cfg, model_name=build_record(model)["name"],
-                              fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}",
-                              measured_on={"data": splits.name, "split": "calib",
-                                           "n_images": sum(len(y) for _, y in calib), "network": "float twin"})
+    res = compute_sensitivity(
+        model,
+        calib,
+        cfg,
+        model_name=build_record(model)["name"],
+        fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}",
+        measured_on={
+            "data": splits.name,
+            "split": "calib",
+            "n_images": sum(len(y) for _, y in calib),
+            "network": "float twin",
+        },
+    )
     return res.to_json(out / "sensitivity.json")
 
 
-def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: str | Path, *, sensitivity_splits: dict,
-               sensitivity: str | Path | Callable | None = None, max_hvp: int = 96, progress: bool = False,
-               overwrite: bool = False, **kw) -> dict:
+def run_recipe(
+    make_cfg: Callable[..., TrainConfig],
+    out_dir: str | Path,
+    *,
+    sensitivity_splits: dict,
+    sensitivity: str | Path | Callable | None = None,
+    max_hvp: int = 96,
+    progress: bool = False,
+    overwrite: bool = False,
+    **kw,
+) -> dict:
     """The one-shot pipeline: multi-precision stage → sensitivity → HASB supernet; returns paths and timings.
 
     Args:
@@ -123,51 +180,90 @@ def run_recipe(make_cfg: Callable[..., TrainConfig], out_dir: str | Path, *, sen
     elif (out / "sensitivity.json").is_file() and not overwrite:
         sens = out / "sensitivity.json"
     else:
-        sens = sensitivity_for(multi_dir / "model.pt", out, sensitivity_splits, max_hvp=max_hvp,
-                               device="cpu" if cfg.device == "auto" else cfg.device)
+        sens = sensitivity_for(
+            multi_dir / "model.pt",
+            out,
+            sensitivity_splits,
+            max_hvp=max_hvp,
+            device="cpu" if cfg.device == "auto" else cfg.device,
+        )
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
-    cfg = make_cfg("supernet", str(sup_dir), init=str(multi_dir / "model.pt"), sampler=sampler,
-                   sensitivity=str(sens) if sens else None, progress=progress, overwrite=True, **kw)
+    cfg = make_cfg(
+        "supernet",
+        str(sup_dir),
+        init=str(multi_dir / "model.pt"),
+        sampler=sampler,
+        sensitivity=str(sens) if sens else None,
+        progress=progress,
+        overwrite=True,
+        **kw,
+    )
     if overwrite or not _done(sup_dir, cfg):
         train(cfg)
     t["supernet"] = time.time() - t0
-    return {"multi": multi_dir / "model.pt", "supernet": sup_dir / "model.pt", "sensitivity": sens,
-            "sampler": sampler, "seconds": t}
+    return {
+        "multi": multi_dir / "model.pt",
+        "supernet": sup_dir / "model.pt",
+        "sensitivity": sens,
+        "sampler": sampler,
+        "seconds": t,
+    }
 
 
-def demo_recipe(out_dir: str | Path = "runs/demo/train", *, sensitivity: str | Path | Callable | None = None,
-                progress: bool = False, overwrite: bool = False) -> dict:
+def demo_recipe(
+    out_dir: str | Path = "runs/demo/train",
+    *,
+    sensitivity: str | Path | Callable | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """The search demo's supernet: :func:`run_recipe` with :func:`cpu_small` (small_cnn, 8k images, ~90 s on 2 CPU
     cores); same arguments and return value."""
-    return run_recipe(cpu_small, out_dir, sensitivity_splits=dict(train_limit=8192, val_limit=1000),
-                      sensitivity=sensitivity, progress=progress, overwrite=overwrite)
+    return run_recipe(
+        cpu_small,
+        out_dir,
+        sensitivity_splits=dict(train_limit=8192, val_limit=1000),
+        sensitivity=sensitivity,
+        progress=progress,
+        overwrite=overwrite,
+    )
 
 
-def gpu_recipe(out_dir: str | Path = "runs/resnet20", *, progress: bool = True, overwrite: bool = False,
-               **kw) -> dict:
+def gpu_recipe(out_dir: str | Path = "runs/resnet20", *, progress: bool = True, overwrite: bool = False, **kw) -> dict:
     """ResNet-20 on full Fashion-MNIST on one GPU: :func:`run_recipe` with :func:`gpu_resnet20` (256 HVPs)."""
-    return run_recipe(gpu_resnet20, out_dir, sensitivity_splits={}, max_hvp=256, progress=progress,
-                      overwrite=overwrite, **kw)
+    return run_recipe(
+        gpu_resnet20, out_dir, sensitivity_splits={}, max_hvp=256, progress=progress, overwrite=overwrite, **kw
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search.recipes",
-                                description="Run a training recipe end to end (multi-precision → sensitivity → "
-                                            "HASB supernet) and print where its outputs went.")
-    p.add_argument("recipe", choices=("demo", "resnet20-gpu"),
-                   help="demo: small_cnn, 8k images, CPU (~90 s); resnet20-gpu: ResNet-20, all 55k images, one GPU")
+    p = argparse.ArgumentParser(
+        prog="python -m search.recipes",
+        description="Run a training recipe end to end (multi-precision → sensitivity → "
+        "HASB supernet) and print where its outputs went.",
+    )
+    p.add_argument(
+        "recipe",
+        choices=("demo", "resnet20-gpu"),
+        help="demo: small_cnn, 8k images, CPU (~90 s); resnet20-gpu: ResNet-20, all 55k images, one GPU",
+    )
     p.add_argument("--out", default=None, help="run directory (default runs/demo/train or runs/resnet20)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="retrain finished stages")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
-    p.add_argument("--bits", default=None, type=parse_bits,
-                   help="candidate bits, comma separated (default 8,6,4,2; e.g. 4,3,2; resnet20-gpu only)")
+    p.add_argument(
+        "--bits",
+        default=None,
+        type=parse_bits,
+        help="candidate bits, comma separated (default 8,6,4,2; e.g. 4,3,2; resnet20-gpu only)",
+    )
     return p
 
 
-def run_named(recipe: str, out: str | None = None, *, force: bool = False, compile: bool = False,
-              bits: list | None = None) -> dict:
+def run_named(
+    recipe: str, out: str | None = None, *, force: bool = False, compile: bool = False, bits: list | None = None
+) -> dict:
     """Run the recipe called ``recipe`` ("demo" or "resnet20-gpu"); returns :func:`run_recipe`'s dict."""
     kw = {"bits": bits} if bits else {}
     if recipe == "demo":
@@ -184,14 +280,20 @@ def _print_result(r: dict) -> None:
 def main(argv=None) -> int:
     """``python -m search.recipes {demo,resnet20-gpu} --out DIR``: run a recipe end to end, print where it went."""
     a = build_parser().parse_args(argv)
-    return run_cli(lambda: _print_result(run_named(a.recipe, a.out, force=a.force, compile=a.compile,
-                                                   bits=a.bits)))
+    return run_cli(lambda: _print_result(run_named(a.recipe, a.out, force=a.force, compile=a.compile, bits=a.bits)))
 
 
-__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for", "run_named",
-           "main"]
+__all__ = [
+    "cpu_small",
+    "gpu_resnet20",
+    "run_recipe",
+    "demo_recipe",
+    "gpu_recipe",
+    "sensitivity_for",
+    "run_named",
+    "main",
+]
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
