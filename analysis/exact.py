@@ -31,6 +31,7 @@ The model runs in **eval mode** (restored after): per-sample functions need Batc
 running statistics (in train mode each sample's output depends on the whole batch), and dropout
 must be off.  Not distributed: every process computes the full result over the batches it is given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -58,7 +59,8 @@ class ExactTraceError(HasbError):
 # -- when is the Gauss–Newton block the Hessian block? -------------------------------------------------------
 # Op names (torch function __name__ with underscores stripped).  Each is piecewise linear in every tensor
 # argument, so it has zero second derivative almost everywhere and passes dependence on W_l through.
-_PIECEWISE_LINEAR = frozenset("""
+_PIECEWISE_LINEAR = frozenset(
+    """
     add radd iadd sub rsub isub neg pos cat concat concatenate stack hstack vstack reshape view view_as
     reshape_as flatten unflatten permute transpose t contiguous getitem mean sum cumsum avg_pool1d avg_pool2d
     avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d
@@ -68,12 +70,15 @@ _PIECEWISE_LINEAR = frozenset("""
     narrow select to type float double half clone where masked_fill max amax min amin maximum minimum
     index_select gather pixel_shuffle channel_shuffle interpolate identity batch_norm dropout dropout1d
     dropout2d dropout3d feature_alpha_dropout alpha_dropout
-""".split())
+""".split()
+)
 # Linear in each argument separately: nonlinear in W_l only if two arguments both depend on W_l.
-_MULTILINEAR = frozenset("""
+_MULTILINEAR = frozenset(
+    """
     conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear bilinear matmul rmatmul mm
     bmm mul rmul imul einsum addmm baddbmm outer dot tensordot
-""".split())
+""".split()
+)
 _DIVISION = {"div": 1, "truediv": 1, "true_divide": 1, "divide": 1, "itruediv": 1, "rtruediv": 0}
 _NO_DEPENDENCE = frozenset({"detach", "zeros_like", "ones_like", "empty_like", "randn_like", "rand_like"})
 
@@ -100,7 +105,7 @@ class _Dependence(TorchFunctionMode):
     def __init__(self, weights: Sequence[torch.Tensor], names: Sequence[str], where):
         super().__init__()
         self.deps = {id(w): frozenset({l}) for l, w in enumerate(weights)}
-        self.keep = list(weights)          # ids stay unique while the tensors are alive
+        self.keep = list(weights)  # ids stay unique while the tensors are alive
         self.names, self.where = list(names), where
         self.flags: list[list[str]] = [[] for _ in names]
 
@@ -115,9 +120,10 @@ class _Dependence(TorchFunctionMode):
         name = _op_name(func)
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not outs or not torch.is_grad_enabled() or name in _NO_DEPENDENCE:
-            return out           # sizes, dtypes: no tensor; detached / no_grad tensors: constants
-        arg_deps = [self.deps.get(id(t), frozenset()) for t in tree_leaves((args, kwargs))
-                    if isinstance(t, torch.Tensor)]
+            return out  # sizes, dtypes: no tensor; detached / no_grad tensors: constants
+        arg_deps = [
+            self.deps.get(id(t), frozenset()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        ]
         union = frozenset().union(*arg_deps) if arg_deps else frozenset()
         if not union:
             return out
@@ -161,7 +167,7 @@ def layer_exactness(model: nn.Module, example_input: torch.Tensor, params=None) 
         calls[mod_name[mod]] = calls.get(mod_name[mod], 0) + 1
 
     def post(*_):
-        stack.pop()       # returns None: a forward hook's return value would replace the output
+        stack.pop()  # returns None: a forward hook's return value would replace the output
 
     hooks = [m.register_forward_pre_hook(pre) for m in mod_name]
     hooks += [m.register_forward_hook(post) for m in mod_name]
@@ -212,7 +218,7 @@ class ExactTraceResult(TraceResult):
     hessian_exact: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     reasons: list[str] = field(default_factory=list)
     n_samples: int = 0
-    columns: int = 0             # columns per sample (C, T·V or the sampled k)
+    columns: int = 0  # columns per sample (C, T·V or the sampled k)
     sampled: bool = False
     n_vjp: int = 0
     grad_equiv: float = 0.0
@@ -225,9 +231,15 @@ class ExactTraceResult(TraceResult):
 
     def to_json(self) -> dict:
         out = super().to_json()
-        out.update(curvature="hessian" if self.hessian_exact.all() else "gauss-newton", reasons=self.reasons,
-                   n_samples=self.n_samples, columns=self.columns, sampled=self.sampled, n_vjp=self.n_vjp,
-                   grad_equiv=self.grad_equiv)
+        out.update(
+            curvature="hessian" if self.hessian_exact.all() else "gauss-newton",
+            reasons=self.reasons,
+            n_samples=self.n_samples,
+            columns=self.columns,
+            sampled=self.sampled,
+            n_vjp=self.n_vjp,
+            grad_equiv=self.grad_equiv,
+        )
         return out
 
 
@@ -235,7 +247,7 @@ def _draw(probs: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tens
     """k sampled columns per sample of probs [B, T, V]: positions t uniform, classes c ~ p_t; both [B, k] int64."""
     B, T, V = probs.shape
     t = torch.randint(0, T, (B, k), generator=gen)
-    p_sel = probs[torch.arange(B)[:, None], t]                                   # [B, k, V]
+    p_sel = probs[torch.arange(B)[:, None], t]  # [B, k, V]
     c = torch.multinomial(p_sel.reshape(B * k, V), 1, replacement=True, generator=gen).reshape(B, k)
     return t, c
 
@@ -256,14 +268,15 @@ def _columns(probs: torch.Tensor, drawn: tuple[torch.Tensor, torch.Tensor] | Non
         return u.reshape(B, T * V, T, V), probs.reshape(B, T * V) / T
     t, c = drawn
     k = t.shape[1]
-    p_sel = probs[torch.arange(B)[:, None], t]                                   # [B, k, V]
+    p_sel = probs[torch.arange(B)[:, None], t]  # [B, k, V]
     u = torch.zeros(B, k, T, V, dtype=probs.dtype)
     u[torch.arange(B)[:, None], torch.arange(k)[None, :], t] = nn.functional.one_hot(c, V).to(probs.dtype) - p_sel
     return u, torch.full((B, k), 1.0 / k, dtype=probs.dtype)
 
 
-def _sq_norms(model: nn.Module, names: list[str], primals: tuple, x: torch.Tensor, u: torch.Tensor,
-              col_chunk: int) -> torch.Tensor:
+def _sq_norms(
+    model: nn.Module, names: list[str], primals: tuple, x: torch.Tensor, u: torch.Tensor, col_chunk: int
+) -> torch.Tensor:
     """‖J_nlᵀ u_nk‖² for x [S, *in] and u [S, K, *out] (out: one sample's logits shape) → [S, L, K] float64."""
     from torch.func import functional_call, vjp, vmap
 
@@ -272,10 +285,10 @@ def _sq_norms(model: nn.Module, names: list[str], primals: tuple, x: torch.Tenso
             out = functional_call(model, dict(zip(names, ps, strict=True)), (x_n.unsqueeze(0),), strict=False)
             return out.squeeze(0)
 
-        _, vjp_fn = vjp(f, *primals)           # one forward per sample, shared by its columns
+        _, vjp_fn = vjp(f, *primals)  # one forward per sample, shared by its columns
         parts = []
         for j in range(0, u_n.shape[0], col_chunk):
-            gs = vmap(vjp_fn)(u_n[j:j + col_chunk])
+            gs = vmap(vjp_fn)(u_n[j : j + col_chunk])
             parts.append(torch.stack([g.flatten(1).square().sum(1, dtype=torch.float64) for g in gs]))
         return torch.cat(parts, 1)
 
@@ -289,8 +302,10 @@ def _probs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     with torch.no_grad(), composite():
         logits = model(x)
     if logits.dim() not in (2, 3):
-        raise ExactTraceError(f"model output has shape {tuple(logits.shape)}; accepted: logits [B, C] or "
-                              f"sequence logits [B, T, V] with softmax cross-entropy")
+        raise ExactTraceError(
+            f"model output has shape {tuple(logits.shape)}; accepted: logits [B, C] or "
+            f"sequence logits [B, T, V] with softmax cross-entropy"
+        )
     if not torch.isfinite(logits).all():
         raise ExactTraceError("model output has non-finite logits: the curvature is undefined")
     seq = logits.dim() == 3
@@ -298,7 +313,7 @@ def _probs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (p if seq else p[:, None, :]), seq
 
 
-_MAX_COLUMN_ELEMENTS = 1 << 27      # one sample's exact cotangent block [T·V, T, V]: 1 GiB in float64
+_MAX_COLUMN_ELEMENTS = 1 << 27  # one sample's exact cotangent block [T·V, T, V]: 1 GiB in float64
 
 
 def _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk):
@@ -308,26 +323,36 @@ def _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk):
     B, T, V = probs.shape
     K = T * V if k is None else k
     if k is None and K * T * V > _MAX_COLUMN_ELEMENTS:
-        raise ExactTraceError(f"all {T}×{V} (position, class) columns of one sample make a {K}×{T}×{V} cotangent "
-                              f"block; pass classes=k (e.g. 64) to sample columns, with a standard error")
+        raise ExactTraceError(
+            f"all {T}×{V} (position, class) columns of one sample make a {K}×{T}×{V} cotangent "
+            f"block; pass classes=k (e.g. 64) to sample columns, with a standard error"
+        )
     per_call = max(1, chunk // K)
     col_chunk = max(1, min(K, chunk))
-    drawn = None if k is None else _draw(probs, k, gen)    # all draws first: results independent of chunk
+    drawn = None if k is None else _draw(probs, k, gen)  # all draws first: results independent of chunk
     zs, ws = [], []
     for s in range(0, B, per_call):
-        u, w = _columns(probs[s:s + per_call], None if drawn is None else (drawn[0][s:s + per_call],
-                                                                           drawn[1][s:s + per_call]))
-        u = (u if seq else u[:, :, 0]).to(x.device, primals[0].dtype)           # [S, K, *out]
-        zs.append(_sq_norms(model, names, primals, x[s:s + per_call], u, col_chunk).cpu())
+        u, w = _columns(
+            probs[s : s + per_call], None if drawn is None else (drawn[0][s : s + per_call], drawn[1][s : s + per_call])
+        )
+        u = (u if seq else u[:, :, 0]).to(x.device, primals[0].dtype)  # [S, K, *out]
+        zs.append(_sq_norms(model, names, primals, x[s : s + per_call], u, col_chunk).cpu())
         ws.append(w)
-    z, w = torch.cat(zs), torch.cat(ws)                                           # [B, L, K], [B, K]
+    z, w = torch.cat(zs), torch.cat(ws)  # [B, L, K], [B, K]
     contrib = (z * w[:, None, :]).sum(-1)
     var = z.var(dim=-1, unbiased=True) if k is not None else None
     return contrib, var, K
 
 
-def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], params=None, *,
-                       chunk: int = 64, classes: int | None = None, seed: int = 0) -> ExactTraceResult:
+def exact_layer_traces(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    params=None,
+    *,
+    chunk: int = 64,
+    classes: int | None = None,
+    seed: int = 0,
+) -> ExactTraceResult:
     """Per-layer traces Tr(G_ll) (= Tr(H_ll) where :func:`exactness_check` allows) of the softmax
     cross-entropy loss averaged over all samples (and positions) of ``batches``.
 
@@ -349,8 +374,9 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ExactTraceError(f"chunk must be an int ≥ 1 (backward passes per vmap call); got {chunk!r}")
     if classes is not None and (not isinstance(classes, int) or classes < 2):
-        raise ExactTraceError(f"classes must be None (all columns) or an int ≥ 2 (sampled, with an SE); "
-                              f"got {classes!r}")
+        raise ExactTraceError(
+            f"classes must be None (all columns) or an int ≥ 2 (sampled, with an SE); got {classes!r}"
+        )
     named = resolve_params(model, params)
     if not named:
         raise ExactTraceError("the parameter subset is empty")
@@ -362,7 +388,7 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
     n = n_vjp = 0
     sampled = False
     with eval_mode(model):
-        _probs(model, batches[0][0].to(dev))      # also hasb's lazy scale init, on batch 0 as hvp does
+        _probs(model, batches[0][0].to(dev))  # also hasb's lazy scale init, on batch 0 as hvp does
         per_layer = layer_exactness(model, batches[0][0][:1].to(dev), named)
         for x, y in batches:
             x = x.to(dev)
@@ -381,9 +407,21 @@ def exact_layer_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, t
         raise ExactTraceError(f"non-finite traces for {bad}: the model's outputs or weights are not finite")
     hess = np.array([not per_layer[nm] for nm in names])
     return ExactTraceResult(
-        names=names, n_params=[p.numel() for p in primals], trace=trace, stderr=(var_sum.sqrt() / n).numpy(),
-        n_hvp=np.zeros(L, np.int64), converged=np.ones(L, bool), exact=hess & (not sampled),
-        estimator="exact" if hess.all() else "gauss-newton", total_hvp=0,
-        settings=dict(chunk=chunk, classes=classes, seed=seed), hessian_exact=hess,
-        reasons=[f"{nm}: {r}" for nm in names for r in per_layer[nm]], n_samples=n, columns=K,
-        sampled=sampled, n_vjp=n_vjp, grad_equiv=n_vjp / n)
+        names=names,
+        n_params=[p.numel() for p in primals],
+        trace=trace,
+        stderr=(var_sum.sqrt() / n).numpy(),
+        n_hvp=np.zeros(L, np.int64),
+        converged=np.ones(L, bool),
+        exact=hess & (not sampled),
+        estimator="exact" if hess.all() else "gauss-newton",
+        total_hvp=0,
+        settings=dict(chunk=chunk, classes=classes, seed=seed),
+        hessian_exact=hess,
+        reasons=[f"{nm}: {r}" for nm in names for r in per_layer[nm]],
+        n_samples=n,
+        columns=K,
+        sampled=sampled,
+        n_vjp=n_vjp,
+        grad_equiv=n_vjp / n,
+    )

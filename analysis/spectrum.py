@@ -12,6 +12,7 @@ steps give T = S Θ Sᵀ; the quadrature nodes θ_i with weights τ_i = S_{1i}²
 the probe-averaged Σ τ_i N(λ; θ_i, σ²), so it integrates to 1 and its first
 moment is the probe average of vᵀHv, an unbiased estimate of Tr(H)/n.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,14 +28,17 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 def operator_matvec(op: HessianOperator, block: int | None = None) -> tuple[MatVec, int]:
     """(matvec, n) for the whole subset (``block=None``) or for the diagonal block H_ll (``block=l``)."""
     if block is None:
+
         def mv(x: torch.Tensor) -> torch.Tensor:
             V = unflatten(x.to(op.dtype, copy=False).to(op.device)[None], op.shapes)
             return flatten(op.hvp(V))[0].double()
+
         return mv, sum(op.numels)
 
     def mvb(x: torch.Tensor) -> torch.Tensor:
         v = x.to(op.dtype).to(op.device).reshape(1, *op.shapes[block])
         return op.block_hvp({block: v})[block].reshape(-1).double()
+
     return mvb, op.numels[block]
 
 
@@ -56,8 +60,8 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, m: int) -> tuple[torch.Tensor, tor
         w = matvec(q).double()
         a = torch.dot(q, w)
         alpha.append(a)
-        for _ in range(2):   # full reorthogonalisation, twice is enough (Kahan–Parlett)
-            w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+        for _ in range(2):  # full reorthogonalisation, twice is enough (Kahan–Parlett)
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         b = w.norm()
         if b <= 1e-10 * max(abs(float(a)), 1e-30):
             break
@@ -67,7 +71,12 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, m: int) -> tuple[torch.Tensor, tor
         beta.append(b)
         q = w / b
     k = len(alpha)
-    return torch.stack(alpha), (torch.stack(beta[:k - 1]) if k > 1 else torch.zeros(0, dtype=torch.float64)), Q[:k], b_next
+    return (
+        torch.stack(alpha),
+        (torch.stack(beta[: k - 1]) if k > 1 else torch.zeros(0, dtype=torch.float64)),
+        Q[:k],
+        b_next,
+    )
 
 
 def tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -77,8 +86,17 @@ def tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return T
 
 
-def top_eigenvalues(matvec: MatVec, n: int, k: int = 1, *, max_iter: int = 100, tol: float = 1e-6,
-                    which: str = "LA", seed: int = 0, device=None) -> np.ndarray:
+def top_eigenvalues(
+    matvec: MatVec,
+    n: int,
+    k: int = 1,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    which: str = "LA",
+    seed: int = 0,
+    device=None,
+) -> np.ndarray:
     """The k algebraically largest (``which="LA"``) or largest-magnitude (``"LM"``) eigenvalues, descending.
 
     Runs Lanczos from a Gaussian start for m = max(k+10, 20) steps, doubling m (restart from the same
@@ -100,11 +118,12 @@ def top_eigenvalues(matvec: MatVec, n: int, k: int = 1, *, max_iter: int = 100, 
             done = bool(np.all(res <= tol * np.maximum(np.abs(theta[order].cpu().numpy()), 1e-30)))
         if done:
             return np.sort(theta[order].cpu().numpy())[::-1]
-        m = min(2 * m, n, max_iter)   # restart with a longer run (simple and robust; cost is HVPs anyway)
+        m = min(2 * m, n, max_iter)  # restart with a longer run (simple and robust; cost is HVPs anyway)
 
 
-def slq_nodes(matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, seed: int = 0,
-              device=None) -> tuple[np.ndarray, np.ndarray]:
+def slq_nodes(
+    matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, seed: int = 0, device=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes θ [n_probes, m'] and weights τ (rows sum to 1) from Rademacher unit probes."""
     g = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
@@ -113,14 +132,23 @@ def slq_nodes(matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, seed: i
         alpha, beta, _, _ = lanczos(matvec, v, m)
         theta, S = torch.linalg.eigh(tridiag(alpha, beta))
         th, w = np.full(m, np.nan), np.zeros(m)
-        th[:len(theta)], w[:len(theta)] = theta.cpu().numpy(), (S[0] ** 2).cpu().numpy()
+        th[: len(theta)], w[: len(theta)] = theta.cpu().numpy(), (S[0] ** 2).cpu().numpy()
         nodes.append(th)
         weights.append(w)
     return np.array(nodes), np.array(weights)
 
 
-def slq_density(matvec: MatVec, n: int, *, n_probes: int = 4, m: int = 64, grid_points: int = 1024,
-                sigma: float | None = None, seed: int = 0, device=None) -> dict:
+def slq_density(
+    matvec: MatVec,
+    n: int,
+    *,
+    n_probes: int = 4,
+    m: int = 64,
+    grid_points: int = 1024,
+    sigma: float | None = None,
+    seed: int = 0,
+    device=None,
+) -> dict:
     """Gaussian-broadened eigenvalue density on a grid.
 
     Returns {"grid": [G], "density": [G], "nodes", "weights", "sigma"}: ``grid`` spans the nodes ± 6σ,

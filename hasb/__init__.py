@@ -7,31 +7,56 @@ The verbs::
     hasb.set_config(model, hasb.BitConfig({...}))    # per-layer bits
     cost = hasb.CostModel.from_model(model)          # MACs, BitOPs, size, budgets
 """
+
 from .config import BitConfig, ConfigError, atomic_write_bytes, atomic_write_text
 from .cost import Budget, BudgetError, CostModel, layer_bitops
 from .modules import QConv2d, QLinear, SwitchBatchNorm
 from .quantize import (
-                       DEFAULT_BITS,
-                       QuantSpec,
-                       batchnorms,
-                       candidate_bits,
-                       get_config,
-                       get_spec,
-                       init_quantizers,
-                       quantize_model,
-                       quantized_layers,
-                       restore_fixed,
-                       searchable_layers,
-                       set_config,
-                       set_fp,
-                       uniform_config,
-                       use_config,
+    DEFAULT_BITS,
+    QuantSpec,
+    batchnorms,
+    candidate_bits,
+    get_config,
+    get_spec,
+    init_quantizers,
+    quantize_model,
+    quantized_layers,
+    restore_fixed,
+    searchable_layers,
+    set_config,
+    set_fp,
+    uniform_config,
+    use_config,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["BitConfig", "ConfigError", "atomic_write_bytes", "atomic_write_text", "Budget", "BudgetError", "CostModel",
-           "layer_bitops", "QConv2d", "QLinear", "SwitchBatchNorm", "DEFAULT_BITS", "QuantSpec", "batchnorms",
-           "candidate_bits", "get_config", "get_spec", "init_quantizers", "quantize_model", "quantized_layers",
-           "restore_fixed", "searchable_layers", "set_config", "set_fp", "uniform_config", "use_config",
-           "__version__"]
+__all__ = [
+    "BitConfig",
+    "ConfigError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "Budget",
+    "BudgetError",
+    "CostModel",
+    "layer_bitops",
+    "QConv2d",
+    "QLinear",
+    "SwitchBatchNorm",
+    "DEFAULT_BITS",
+    "QuantSpec",
+    "batchnorms",
+    "candidate_bits",
+    "get_config",
+    "get_spec",
+    "init_quantizers",
+    "quantize_model",
+    "quantized_layers",
+    "restore_fixed",
+    "searchable_layers",
+    "set_config",
+    "set_fp",
+    "uniform_config",
+    "use_config",
+    "__version__",
+]

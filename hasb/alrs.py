@@ -16,6 +16,7 @@ Eq. 6's gradient term (λ minus a mean of clipped max |∇s|) is not used: as pr
 it yields negative learning rates for λ = 5e-4, and the reference code does not
 implement it either (method notes §2).  Weights always keep the scheduled λ.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,13 @@ def cosine_factor(step: int, total_steps: int, final: float = 0.0) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def group_lrs(base_lrs: Mapping[str, float], schedule: float, bit: int, factors: Mapping[int, float],
-              alrs_groups: Sequence[str] = ("scales",)) -> dict[str, float]:
+def group_lrs(
+    base_lrs: Mapping[str, float],
+    schedule: float,
+    bit: int,
+    factors: Mapping[int, float],
+    alrs_groups: Sequence[str] = ("scales",),
+) -> dict[str, float]:
     """Learning rate of every parameter group for one bit pass.
 
     Args:

@@ -23,17 +23,33 @@ from .train_config import RESUME_FREE, TrainConfig, TrainError
 CKPT_FORMAT = "hasb-train"
 NEEDED = ("config", "model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng")
 # what an interrupted atomic write of this run's files leaves behind (config.atomic_write_*'s mkstemp names)
-STALE_TMP = (".checkpoint.pt.*.tmp", ".model.pt.*.tmp", ".metrics.csv.*.tmp", ".metrics.json.*.tmp",
-             ".train_config.json.*.tmp")
+STALE_TMP = (
+    ".checkpoint.pt.*.tmp",
+    ".model.pt.*.tmp",
+    ".metrics.csv.*.tmp",
+    ".metrics.json.*.tmp",
+    ".train_config.json.*.tmp",
+)
 
 
-def save_checkpoint(path: Path, *, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, pos: dict,
-                    sampler: BitSampler | None, sgen: torch.Generator, pskd: dict, history: list,
-                    loss_sums: dict[int, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    cfg: TrainConfig,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    pos: dict,
+    sampler: BitSampler | None,
+    sgen: torch.Generator,
+    pskd: dict,
+    history: list,
+    loss_sums: dict[int, Any],
+) -> None:
     """Write everything needed to continue exactly. ``pos``: epoch, step_in_epoch, global_step;
     ``loss_sums``: bit → the epoch's running sum of per-step training losses so far (a tensor or float)."""
     obj = {
-        "format": CKPT_FORMAT, "version": 1,
+        "format": CKPT_FORMAT,
+        "version": 1,
         "config": cfg.to_json(),
         "build": json.dumps(build_record(model)),
         "spec": json.dumps(get_spec(model).to_dict()),
@@ -41,8 +57,11 @@ def save_checkpoint(path: Path, *, cfg: TrainConfig, model: nn.Module, opt: torc
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
         **{k: int(pos[k]) for k in ("epoch", "step_in_epoch", "global_step")},
-        "rng": {"torch": torch.get_rng_state(), "sampler": sgen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "sampler": sgen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
         "sampler": sampler.state_dict() if sampler is not None else None,
         "pskd": {k: (None if v is None else v.detach().cpu().clone()) for k, v in pskd.items()},
         "history": json.dumps(history),
@@ -71,8 +90,10 @@ def check_resume(cfg: TrainConfig, ckpt: dict, path: Path) -> None:
     diff = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
     if diff:
         k = diff[0]
-        raise TrainError(f"--resume: option {k!r} differs from the checkpoint {path} ({old.get(k)!r} vs {new[k]!r}); "
-                         f"resume with the original settings")
+        raise TrainError(
+            f"--resume: option {k!r} differs from the checkpoint {path} ({old.get(k)!r} vs {new[k]!r}); "
+            f"resume with the original settings"
+        )
 
 
 def resume_loss_sums(ckpt: dict, bits: list[int], device: torch.device) -> dict[int, Any]:
@@ -89,18 +110,32 @@ def clean_stale_tmp(out: Path) -> list[Path]:
     return gone
 
 
-def save_trained(model: nn.Module, path: Path, cfg: TrainConfig, bits: list[int], history: list,
-                 sampler: BitSampler | None) -> None:
+def save_trained(
+    model: nn.Module, path: Path, cfg: TrainConfig, bits: list[int], history: list, sampler: BitSampler | None
+) -> None:
     """The finished run's ``model.pt`` (:func:`hasb.export.save_quantized`), at its top bit, in eval mode."""
     set_config(model, bits[0])
     model.eval()
-    extra = {"stage": cfg.stage, "train_config": cfg.to_dict(), "bn": "tbn" if tbn_enabled(model) else "bit",
-             "metrics": history[-1] if history else {}}
+    extra = {
+        "stage": cfg.stage,
+        "train_config": cfg.to_dict(),
+        "bn": "tbn" if tbn_enabled(model) else "bit",
+        "metrics": history[-1] if history else {},
+    }
     if sampler is not None:
-        extra["sampler"] = {"kind": sampler.kind, "probabilities": {n: {str(b): p for b, p in d.items()}
-                                                                     for n, d in sampler.probabilities().items()}}
+        extra["sampler"] = {
+            "kind": sampler.kind,
+            "probabilities": {n: {str(b): p for b, p in d.items()} for n, d in sampler.probabilities().items()},
+        }
     save_quantized(model, path, extra=extra)
 
 
-__all__ = ["CKPT_FORMAT", "save_checkpoint", "read_train_checkpoint", "check_resume", "resume_loss_sums",
-           "clean_stale_tmp", "save_trained"]
+__all__ = [
+    "CKPT_FORMAT",
+    "save_checkpoint",
+    "read_train_checkpoint",
+    "check_resume",
+    "resume_loss_sums",
+    "clean_stale_tmp",
+    "save_trained",
+]

@@ -26,26 +26,59 @@ from typing import Any, TypeVar
 
 from .errors import HasbError
 
-__all__ = ["option", "add_options", "config_from_args", "run_cli", "parse_bits", "resolve_device",
-           "set_threads", "out_option", "force_option", "device_option", "quiet_option", "bits_option",
-           "model_option", "data_option", "data_dir_option", "seed_option", "threads_option", "DEFAULT_BITS_TEXT"]
+__all__ = [
+    "option",
+    "add_options",
+    "config_from_args",
+    "run_cli",
+    "parse_bits",
+    "resolve_device",
+    "set_threads",
+    "out_option",
+    "force_option",
+    "device_option",
+    "quiet_option",
+    "bits_option",
+    "model_option",
+    "data_option",
+    "data_dir_option",
+    "seed_option",
+    "threads_option",
+    "DEFAULT_BITS_TEXT",
+]
 
 T = TypeVar("T")
 DEFAULT_BITS_TEXT = "8,6,4,2"
 MAX_BITS = 8
 
 
-def option(default: Any = MISSING, *, help: str, flag: str | None = None, parse: Callable[[str], Any] | None = None,
-           choices: Sequence[str] | None = None, aliases: Sequence[str] = (), negate: str | None = None,
-           default_factory: Callable[[], Any] | None = None, required: bool = False) -> Any:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    choices: Sequence[str] | None = None,
+    aliases: Sequence[str] = (),
+    negate: str | None = None,
+    default_factory: Callable[[], Any] | None = None,
+    required: bool = False,
+) -> Any:
     """A dataclass field that is also a CLI option.
 
     ``flag`` defaults to ``--field-name``; ``parse`` converts the string (default: the field's type); a bool field
     is a switch (``--flag`` sets True), or with ``negate="--no-x"`` a switch that sets False. ``aliases`` keep old
     spellings working.
     """
-    meta = {"help": help, "flag": flag, "parse": parse, "choices": choices, "aliases": tuple(aliases),
-            "negate": negate, "required": required}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "parse": parse,
+        "choices": choices,
+        "aliases": tuple(aliases),
+        "negate": negate,
+        "required": required,
+    }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,8 +87,9 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None, parse:
 def _scalar_type(tp: Any) -> Any:
     """int for ``int``/``Optional[int]``/``int | None``; the same for float and str; None otherwise."""
     if isinstance(tp, str):
-        tp = {"int": int, "float": float, "str": str, "bool": bool}.get(tp.replace(" | None", "").replace(
-            "Optional[", "").rstrip("]"), None)
+        tp = {"int": int, "float": float, "str": str, "bool": bool}.get(
+            tp.replace(" | None", "").replace("Optional[", "").rstrip("]"), None
+        )
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -88,8 +122,9 @@ def _add_field(parser: argparse.ArgumentParser, f: Field, hint: Any) -> None:
     names = [flag, *m["aliases"]]
     if _scalar_type(hint) is bool:
         if m["negate"]:
-            parser.add_argument(m["negate"], *m["aliases"], dest=f.name, action="store_false", default=default,
-                                help=m["help"])
+            parser.add_argument(
+                m["negate"], *m["aliases"], dest=f.name, action="store_false", default=default, help=m["help"]
+            )
         else:
             parser.add_argument(*names, dest=f.name, action="store_true", default=default, help=m["help"])
         return
@@ -97,8 +132,15 @@ def _add_field(parser: argparse.ArgumentParser, f: Field, hint: Any) -> None:
     # argparse's "invalid value" with the message lost
     kind = str if m["parse"] else (_scalar_type(hint) or str)
     shown = f" (default: {_show(default)})" if default is not None and not m["required"] else ""
-    parser.add_argument(*names, dest=f.name, type=kind, choices=m["choices"], required=m["required"],
-                        default=default, help=m["help"] + shown)
+    parser.add_argument(
+        *names,
+        dest=f.name,
+        type=kind,
+        choices=m["choices"],
+        required=m["required"],
+        default=default,
+        help=m["help"] + shown,
+    )
 
 
 def _show(v: Any) -> str:
@@ -135,6 +177,7 @@ def run_cli(call: Callable[[], int | None]) -> int:
 
 # -- the meaning of the common options ------------------------------------------------------------------------
 
+
 def parse_bits(text: str | Sequence[int], what: str = "--bits") -> list[int]:
     """``"8,6,4,2"`` (or a sequence) → ``[8, 6, 4, 2]``: distinct integers in 1..8, highest first."""
     if isinstance(text, str):
@@ -142,8 +185,9 @@ def parse_bits(text: str | Sequence[int], what: str = "--bits") -> list[int]:
         try:
             bits = [int(t) for t in parts]
         except ValueError:
-            raise HasbError(f"{what} must be comma-separated integers in 1..{MAX_BITS} like 8,6,4,2, "
-                            f"got {text!r}") from None
+            raise HasbError(
+                f"{what} must be comma-separated integers in 1..{MAX_BITS} like 8,6,4,2, got {text!r}"
+            ) from None
     else:
         bits = [int(b) for b in text]
     if not bits or any(not 1 <= b <= MAX_BITS for b in bits):
@@ -213,9 +257,13 @@ def bits_option(help: str = "candidate bits, comma separated, highest first", de
 
 
 def model_option(default: str | None = None, required: bool = False) -> Any:
-    return option(default, required=required, help="zoo model (resnet20, resnet18, resnet50, mobilenet_v2, "
-                  "small_cnn, tiny_mlp, vit_tiny) or package.module:callable (importable: on PYTHONPATH; called "
-                  "with num_classes=, in_channels=, image_size= keywords, returns an nn.Module)")
+    return option(
+        default,
+        required=required,
+        help="zoo model (resnet20, resnet18, resnet50, mobilenet_v2, "
+        "small_cnn, tiny_mlp, vit_tiny) or package.module:callable (importable: on PYTHONPATH; called "
+        "with num_classes=, in_channels=, image_size= keywords, returns an nn.Module)",
+    )
 
 
 def data_option(default: str = "fashion-mnist") -> Any:
@@ -223,8 +271,7 @@ def data_option(default: str = "fashion-mnist") -> Any:
 
 
 def data_dir_option() -> Any:
-    return option(None, help="folder with the dataset files (default: the Debian dataset location or "
-                  "$HASB_DATA_DIR)")
+    return option(None, help="folder with the dataset files (default: the Debian dataset location or $HASB_DATA_DIR)")
 
 
 def seed_option(default: int = 0) -> Any:

@@ -1,4 +1,5 @@
 """BitConfig: per-layer (weight bits, activation bits), as data with a JSON round trip."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .errors import HasbError
 
-Bit = int | None          # None = full precision ("fp" in JSON)
+Bit = int | None  # None = full precision ("fp" in JSON)
 BitLike = int | str | None
 MAX_BITS = 16
 
@@ -63,7 +64,9 @@ class BitConfig:
                 try:
                     w_raw, a_raw = wb
                 except (TypeError, ValueError):
-                    raise ConfigError(f"layer {name!r}: expected a bit or a pair (w_bits, a_bits), got {wb!r}") from None
+                    raise ConfigError(
+                        f"layer {name!r}: expected a bit or a pair (w_bits, a_bits), got {wb!r}"
+                    ) from None
                 w, a = parse_bit(w_raw, name), parse_bit(a_raw, name)
             clean[str(name)] = (w, a)
         self.layers = clean
@@ -109,8 +112,13 @@ class BitConfig:
         return hashlib.sha1(self.to_json(indent=None).encode()).hexdigest()[:16]
 
     # -- validation --------------------------------------------------------------
-    def validate(self, allowed: Mapping[str, Iterable[int]], fixed: Mapping[str, Bit] = {},
-                 complete: bool = True, allow_fp: bool = True) -> None:
+    def validate(
+        self,
+        allowed: Mapping[str, Iterable[int]],
+        fixed: Mapping[str, Bit] = {},
+        complete: bool = True,
+        allow_fp: bool = True,
+    ) -> None:
         """Check names and bits against a model's layers.
 
         Args:
@@ -122,16 +130,22 @@ class BitConfig:
         for name, (w, a) in self.layers.items():
             if name in fixed:
                 if (w, a) != (fixed[name], fixed[name]):
-                    raise ConfigError(f"layer {name!r} is fixed at {bit_str(fixed[name])}; got w={bit_str(w)} a={bit_str(a)}")
+                    raise ConfigError(
+                        f"layer {name!r} is fixed at {bit_str(fixed[name])}; got w={bit_str(w)} a={bit_str(a)}"
+                    )
                 continue
             if name not in allowed:
                 near = ", ".join(list(allowed)[:6])
-                raise ConfigError(f"unknown layer {name!r}; searchable layers are: {near}{', ...' if len(allowed) > 6 else ''}")
+                raise ConfigError(
+                    f"unknown layer {name!r}; searchable layers are: {near}{', ...' if len(allowed) > 6 else ''}"
+                )
             cands = sorted(allowed[name])
             for kind, b in (("weight", w), ("activation", a)):
                 if (b is None and not allow_fp) or (b is not None and b not in cands):
-                    raise ConfigError(f"layer {name!r}: {kind} bit {bit_str(b)} is not a candidate; accepted: "
-                                      f"{', '.join(map(str, cands))}{' or fp' if allow_fp else ''}")
+                    raise ConfigError(
+                        f"layer {name!r}: {kind} bit {bit_str(b)} is not a candidate; accepted: "
+                        f"{', '.join(map(str, cands))}{' or fp' if allow_fp else ''}"
+                    )
         if complete:
             missing = [n for n in allowed if n not in self.layers]
             if missing:
@@ -144,8 +158,9 @@ class BitConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> BitConfig:
         if not isinstance(d, Mapping) or "layers" not in d or not isinstance(d["layers"], Mapping):
-            raise ConfigError("a BitConfig JSON must be an object with a 'layers' object "
-                              "({name: {'w_bits': b, 'a_bits': b}})")
+            raise ConfigError(
+                "a BitConfig JSON must be an object with a 'layers' object ({name: {'w_bits': b, 'a_bits': b}})"
+            )
         out = {}
         for n, v in d["layers"].items():
             if isinstance(v, Mapping):
@@ -177,7 +192,7 @@ class BitConfig:
             raise ConfigError(f"config file not found: {p}")
         d = json.loads(p.read_text())
         if isinstance(d, Mapping) and "config" in d and "layers" not in d:
-            d = d["config"]   # an exported search result wraps the config
+            d = d["config"]  # an exported search result wraps the config
         return cls.from_dict(d)
 
 
@@ -197,7 +212,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ Definitions (the only place they live):
 * Plain average bit: the reference code's unweighted mean of per-layer weight
   bits over searchable layers (kept for fidelity; it ignores layer size).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,8 @@ class BudgetError(HasbError):
 @dataclass(frozen=True)
 class LayerCost:
     name: str
-    kind: str            # "conv" or "linear"
-    macs: int            # per sample
+    kind: str  # "conv" or "linear"
+    macs: int  # per sample
     weight_params: int
     bias_params: int
     searchable: bool
@@ -92,8 +93,9 @@ class CostModel:
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, example_input: torch.Tensor | None = None,
-                   candidate_bits: Sequence[int] | None = None) -> CostModel:
+    def from_model(
+        cls, model: nn.Module, example_input: torch.Tensor | None = None, candidate_bits: Sequence[int] | None = None
+    ) -> CostModel:
         """Trace one forward pass (batch size taken from ``example_input``) and record every Conv2d/Linear.
 
         MACs per sample are summed over every call of a module (a weight-shared module applied twice, or at two
@@ -109,17 +111,26 @@ class CostModel:
                 continue
 
             def hook(mod, inp, out, name=name):
-                per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1] \
-                    if isinstance(mod, nn.Conv2d) else mod.in_features
+                per_out = (
+                    (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+                    if isinstance(mod, nn.Conv2d)
+                    else mod.in_features
+                )
                 macs = out.numel() // batch * per_out
-                if name in records:     # a further call of the same module: its work adds up
+                if name in records:  # a further call of the same module: its work adds up
                     records[name] = dataclasses.replace(records[name], macs=records[name].macs + int(macs))
                     return
                 fixed = spec is not None and name in spec.fixed
                 records[name] = LayerCost(
-                    name=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear", macs=int(macs),
-                    weight_params=mod.weight.numel(), bias_params=0 if mod.bias is None else mod.bias.numel(),
-                    searchable=not fixed, fixed_bit=spec.fixed_bit if fixed else None)
+                    name=name,
+                    kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
+                    macs=int(macs),
+                    weight_params=mod.weight.numel(),
+                    bias_params=0 if mod.bias is None else mod.bias.numel(),
+                    searchable=not fixed,
+                    fixed_bit=spec.fixed_bit if fixed else None,
+                )
+
             hooks.append(m.register_forward_hook(hook))
         was = model.training
         model.eval()
@@ -152,8 +163,11 @@ class CostModel:
         return float(sum(layer_bitops(l.macs, l.fixed_bit, l.fixed_bit) for l in self.layers if not l.searchable))
 
     def fixed_bytes(self) -> float:
-        return float(sum(l.weight_params * eff_bits(l.fixed_bit) / 8 + l.bias_params * 4
-                         for l in self.layers if not l.searchable))
+        return float(
+            sum(
+                l.weight_params * eff_bits(l.fixed_bit) / 8 + l.bias_params * 4 for l in self.layers if not l.searchable
+            )
+        )
 
     def total_macs(self) -> int:
         return sum(l.macs for l in self.layers)
@@ -173,8 +187,9 @@ class CostModel:
         return self.fixed_bitops() + sum(layer_bitops(l.macs, w, a) for l, w, a in self._pairs(config))
 
     def size_bytes(self, config: BitConfig) -> float:
-        return self.fixed_bytes() + sum(l.weight_params * eff_bits(w) / 8 + l.bias_params * 4
-                                        for l, w, _ in self._pairs(config))
+        return self.fixed_bytes() + sum(
+            l.weight_params * eff_bits(w) / 8 + l.bias_params * 4 for l, w, _ in self._pairs(config)
+        )
 
     def uniform_bitops(self, bit: float) -> float:
         """BitOPs with every searchable layer at W``bit``/A``bit`` (``bit`` may be fractional)."""
@@ -195,9 +210,13 @@ class CostModel:
         return float(np.mean([eff_bits(w) for _, w, _ in self._pairs(config)]))
 
     def summary(self, config: BitConfig) -> dict:
-        return {"bitops": self.bitops(config), "gbitops": self.bitops(config) / 1e9,
-                "size_bytes": self.size_bytes(config), "avg_bit_equivalent": self.avg_bit_equivalent(config),
-                "plain_avg_bits": self.plain_avg_bits(config)}
+        return {
+            "bitops": self.bitops(config),
+            "gbitops": self.bitops(config) / 1e9,
+            "size_bytes": self.size_bytes(config),
+            "avg_bit_equivalent": self.avg_bit_equivalent(config),
+            "plain_avg_bits": self.plain_avg_bits(config),
+        }
 
     # -- budgets ---------------------------------------------------------------------
     def feasible_range(self, kind: str) -> tuple[float, float]:
@@ -250,7 +269,7 @@ def _fmt_range(kind: str, lo: float, hi: float) -> str:
 _UNITS_BITOPS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _UNITS_SIZE = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _NUM = r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?nan|[+-]?inf)"
-AVG_BITS_MAX = 32.0   # a bare number at most this is an average bit; above it, BitOPs
+AVG_BITS_MAX = 32.0  # a bare number at most this is an average bit; above it, BitOPs
 
 
 def parse_budget_text(text, kind: str | None = None) -> Budget:

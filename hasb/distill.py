@@ -9,6 +9,7 @@
   previous epoch (one-hot at epoch 0).  The trainer stores it per sample index.
 * ``"none"``: plain cross-entropy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def pskd_target(labels: torch.Tensor, p_prev: torch.Tensor | None, alpha: float,
     return (1.0 - alpha) * onehot + alpha * p_prev.to(onehot)
 
 
-def inplace_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
-                 weight: float = 0.5) -> torch.Tensor:
+def inplace_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, weight: float = 0.5
+) -> torch.Tensor:
     """Label CE mixed with soft CE to the (detached) teacher probabilities; teacher None → CE only."""
     ce = F.cross_entropy(logits.float(), labels)
     if teacher is None or weight == 0:

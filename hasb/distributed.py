@@ -30,6 +30,7 @@ def init_dist(device_kind: str) -> Dist:
     if world <= 1:
         return Dist()
     import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -38,6 +39,7 @@ def init_dist(device_kind: str) -> Dist:
 def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
     """Average the gradients present on every rank (the same set everywhere: configs are drawn identically)."""
     import torch.distributed as dist
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
@@ -47,13 +49,14 @@ def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
     i = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[i:i + n].view_as(g))
+        g.copy_(flat[i : i + n].view_as(g))
         i += n
 
 
 def allreduce_bn_stats(model: nn.Module, world: int) -> None:
     """Average every BN running mean/var over the ranks (each saw its slice of the batches)."""
     import torch.distributed as dist
+
     for n, b in model.named_buffers():
         if n.endswith("running_mean") or n.endswith("running_var"):
             dist.all_reduce(b)
@@ -63,6 +66,7 @@ def allreduce_bn_stats(model: nn.Module, world: int) -> None:
 def allreduce_mean(values: list[float], world: int) -> list[float]:
     """The mean over ranks of each value (float64)."""
     import torch.distributed as dist
+
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return [float(v) / world for v in t]
@@ -71,6 +75,7 @@ def allreduce_mean(values: list[float], world: int) -> list[float]:
 def broadcast_state(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank."""
     import torch.distributed as dist
+
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, 0)
@@ -79,19 +84,29 @@ def broadcast_state(model: nn.Module) -> None:
 def gather_rows(p: torch.Tensor, n_global: int, d: Dist) -> torch.Tensor:
     """The rows of the global batch from every rank's slice ``[rank::world]`` (all-gathered), shape [n_global, …]."""
     import torch.distributed as dist
+
     parts = [torch.empty_like(p) for _ in range(d.world)]
     dist.all_gather(parts, p.contiguous())
     full = torch.empty(n_global, *p.shape[1:], dtype=p.dtype, device=p.device)
     for r in range(d.world):
-        full[r::d.world] = parts[r]
+        full[r :: d.world] = parts[r]
     return full
 
 
 def barrier(d: Dist) -> None:
     if d.world > 1:
         import torch.distributed as dist
+
         dist.barrier()
 
 
-__all__ = ["Dist", "init_dist", "allreduce_grads", "allreduce_bn_stats", "allreduce_mean", "broadcast_state",
-           "gather_rows", "barrier"]
+__all__ = [
+    "Dist",
+    "init_dist",
+    "allreduce_grads",
+    "allreduce_bn_stats",
+    "allreduce_mean",
+    "broadcast_state",
+    "gather_rows",
+    "barrier",
+]

@@ -9,6 +9,7 @@ config's outputs are reproduced bit for bit.
 ``export_deployment`` writes a single-config view: the integers each layer runs
 at (W_l, derived from W_h by integer round-shift) with their effective scales.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises several types for truncated / foreign files
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} is not a hasb checkpoint (top level is {type(obj).__name__})")
     return obj
@@ -78,7 +81,7 @@ def quantized_state(model: nn.Module) -> dict:
             "bias": None if m.bias is None else m.bias.detach().cpu().clone(),
         }
         if m.fixed and spec.fixed_bit is None:
-            entry["weight"] = m.weight.detach().cpu().clone()      # fp layer: kept as float
+            entry["weight"] = m.weight.detach().cpu().clone()  # fp layer: kept as float
         else:
             entry["w_int"] = m.int_weight().cpu()
         entry["w_scale"] = m.w_scale.detach().cpu().clone()
@@ -91,7 +94,8 @@ def quantized_state(model: nn.Module) -> dict:
     rest = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in qparams}
     bn_modes = {n: m.mode for n, m in model.named_modules() if isinstance(m, SwitchBatchNorm)}
     return {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "spec": json.dumps(spec.to_dict()),
         "build": json.dumps(getattr(model, "hasb_build", None)),
         "config": get_config(model).to_json(indent=None),
@@ -114,11 +118,12 @@ def _ensure_bn_keys(model: nn.Module, rest: dict, bn_modes: dict) -> None:
         if not isinstance(bn, SwitchBatchNorm):
             continue
         prefix = f"{name}.bns."
-        keys = {k[len(prefix):].split(".")[0] for k in rest if k.startswith(prefix)}
+        keys = {k[len(prefix) :].split(".")[0] for k in rest if k.startswith(prefix)}
         template = next(iter(bn.bns.values()))
         for k in sorted(keys - set(bn.bns.keys())):
-            new = type(template)(template.num_features, template.eps, template.momentum, template.affine,
-                                 template.track_running_stats)
+            new = type(template)(
+                template.num_features, template.eps, template.momentum, template.affine, template.track_running_stats
+            )
             bn.bns[k] = new.to(next(template.parameters(), torch.empty(0)).device).train(template.training)
         bn.mode = bn_modes.get(name, bn.mode)
 
@@ -128,9 +133,11 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
     spec = get_spec(model)
     saved_spec = QuantSpec.from_dict(json.loads(obj["spec"]))
     if list(saved_spec.order) != list(spec.order) or tuple(saved_spec.bits) != tuple(spec.bits):
-        raise CheckpointError("checkpoint is for another model or bit set: layers/bits differ "
-                              f"(file: {len(saved_spec.order)} layers, bits {list(saved_spec.bits)}; "
-                              f"model: {len(spec.order)} layers, bits {list(spec.bits)})")
+        raise CheckpointError(
+            "checkpoint is for another model or bit set: layers/bits differ "
+            f"(file: {len(saved_spec.order)} layers, bits {list(saved_spec.bits)}; "
+            f"model: {len(spec.order)} layers, bits {list(spec.bits)})"
+        )
     layers = quantized_layers(model)
     with torch.no_grad():
         for name, e in obj["layers"].items():
@@ -151,9 +158,13 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
     _ensure_bn_keys(model, rest, json.loads(obj.get("bn_modes", "{}")))
     missing, unexpected = model.load_state_dict(rest, strict=False)
     qnames = set(layers)
-    missing = [k for k in missing if k.rsplit(".", 1)[0] not in qnames and not any(k.startswith(n + ".") for n in qnames)]
+    missing = [
+        k for k in missing if k.rsplit(".", 1)[0] not in qnames and not any(k.startswith(n + ".") for n in qnames)
+    ]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     link_batchnorms(model)
 
 
@@ -184,8 +195,11 @@ def _deployment_layers(model: nn.Module) -> dict[str, dict]:
     """Per quantized layer at its current bits: integers, effective scales, activation step (see export_deployment)."""
     out = {}
     for name, m in quantized_layers(model).items():
-        e: dict[str, Any] = {"w_bits": bit_str(m.w_bit), "a_bits": bit_str(m.a_bit),
-                             "bias": None if m.bias is None else m.bias.detach().cpu().clone()}
+        e: dict[str, Any] = {
+            "w_bits": bit_str(m.w_bit),
+            "a_bits": bit_str(m.a_bit),
+            "bias": None if m.bias is None else m.bias.detach().cpu().clone(),
+        }
         if m.w_bit is None:
             e["weight"] = m.weight.detach().cpu().clone()
         else:
@@ -213,9 +227,16 @@ def export_deployment(model: nn.Module, config, path: str | Path, extra: dict | 
         bns = {n: {k: v.detach().cpu().clone() for k, v in bn.active.state_dict().items()} for n, bn in switch.items()}
         owners = [n + "." for n in (*quantized_layers(model), *switch)]
         rest = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(tuple(owners))}
-        obj = {"format": DEPLOY_FORMAT, "version": VERSION, "config": cfg.to_json(indent=None),
-               "build": json.dumps(getattr(model, "hasb_build", None)), "layers": _deployment_layers(model),
-               "batchnorm": bns, "rest": rest, "extra": json.dumps(extra or {})}
+        obj = {
+            "format": DEPLOY_FORMAT,
+            "version": VERSION,
+            "config": cfg.to_json(indent=None),
+            "build": json.dumps(getattr(model, "hasb_build", None)),
+            "layers": _deployment_layers(model),
+            "batchnorm": bns,
+            "rest": rest,
+            "extra": json.dumps(extra or {}),
+        }
     return _save(obj, path)
 
 
@@ -230,7 +251,7 @@ class _InputFakeQuant:
         self.a_bits = a_bits
         if a_bits is not None:
             self.register_buffer("a_scale", a_scale.reshape(()).float().clone())
-            self.a_range = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2 ** a_bits - 1)
+            self.a_range = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits is None:
@@ -256,8 +277,17 @@ def _deployed_layer(float_layer: nn.Module, e: dict) -> nn.Module:
     """The deployed twin of one float conv/linear from its export entry ``e``."""
     if isinstance(float_layer, nn.Conv2d):
         c = float_layer
-        new: nn.Module = DeployedConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
-                                        c.dilation, c.groups, c.bias is not None, c.padding_mode)
+        new: nn.Module = DeployedConv2d(
+            c.in_channels,
+            c.out_channels,
+            c.kernel_size,
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+            c.bias is not None,
+            c.padding_mode,
+        )
     elif isinstance(float_layer, nn.Linear):
         new = DeployedLinear(float_layer.in_features, float_layer.out_features, float_layer.bias is not None)
     else:
@@ -286,8 +316,9 @@ def load_deployment(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     """
     obj = read_checkpoint(path)
     if obj.get("format") != DEPLOY_FORMAT:
-        raise CheckpointError(f"{path} is not a hasb deployment (format={obj.get('format')!r}, "
-                              f"expected {DEPLOY_FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not a hasb deployment (format={obj.get('format')!r}, expected {DEPLOY_FORMAT!r})"
+        )
     for key in ("layers", "batchnorm", "rest", "build"):
         if key not in obj:
             raise CheckpointError(f"{path} misses {key!r} (written by an older hasb; re-run the search to export)")

@@ -28,6 +28,7 @@ gradients of the composite path of :func:`hasb.quantizer.quantize_activation`
 (x / s, not ATen's x · (1/s) of its fused fake-quant kernel), also for
 bf16/fp16 inputs, whose dtype rounding it reproduces.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,11 +62,11 @@ if triton is not None:
     @triton.jit
     def _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr):
         """Eq. 1 then Eq. 2 on float32 lanes: the INT-l code W_l as float."""
-        w_h = libdevice.rint(tl.div_rn(w, s))            # torch.round: half to even
+        w_h = libdevice.rint(tl.div_rn(w, s))  # torch.round: half to even
         w_h = tl.minimum(tl.maximum(w_h, qn_h), qp_h)
         if DELTA0:
             return w_h
-        x = w_h * inv_pow                                # exact: division by a power of two
+        x = w_h * inv_pow  # exact: division by a power of two
         if HALF_EVEN:
             r = libdevice.rint(x)
         else:
@@ -73,8 +74,21 @@ if triton is not None:
         return tl.minimum(tl.maximum(r, qn), qp)
 
     @triton.jit
-    def _wq_fwd_kernel(w_ptr, s_ptr, out_ptr, K, qn_h, qp_h, qn, qp, inv_pow, pow2,
-                       HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr, BLOCK: tl.constexpr):
+    def _wq_fwd_kernel(
+        w_ptr,
+        s_ptr,
+        out_ptr,
+        K,
+        qn_h,
+        qp_h,
+        qn,
+        qp,
+        inv_pow,
+        pow2,
+        HALF_EVEN: tl.constexpr,
+        DELTA0: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         c = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < K
@@ -85,8 +99,24 @@ if triton is not None:
         tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
 
     @triton.jit
-    def _wq_bwd_kernel(w_ptr, s_ptr, go_ptr, gw_ptr, gs_ptr, K, qn_h, qp_h, qn, qp, inv_pow, pow2, gfac,
-                       HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr, BLOCK: tl.constexpr):
+    def _wq_bwd_kernel(
+        w_ptr,
+        s_ptr,
+        go_ptr,
+        gw_ptr,
+        gs_ptr,
+        K,
+        qn_h,
+        qp_h,
+        qn,
+        qp,
+        inv_pow,
+        pow2,
+        gfac,
+        HALF_EVEN: tl.constexpr,
+        DELTA0: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         c = tl.program_id(0)
         base = c.to(tl.int64) * K
         s = tl.load(s_ptr + c)
@@ -102,9 +132,8 @@ if triton is not None:
             inside = (q >= qn) & (q <= qp)
             tl.store(gw_ptr + base + offs, tl.where(inside, go, 0.0), mask=mask)
             inner = tl.where(inside, w_l - q, tl.minimum(tl.maximum(q, qn), qp))
-            acc += go * inner                            # masked lanes carry go = 0
+            acc += go * inner  # masked lanes carry go = 0
         tl.store(gs_ptr + c, tl.sum(acc, axis=0) * gfac)
-
 
     @triton.jit
     def _aq_fwd_kernel(x_ptr, s_ptr, out_ptr, N, qn, qp, LOWP: tl.constexpr, BLOCK: tl.constexpr):
@@ -112,7 +141,7 @@ if triton is not None:
         mask = offs < N
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr)
-        if LOWP:   # the composite's type promotion: the 0-dim float32 step and x / s are rounded to x's dtype
+        if LOWP:  # the composite's type promotion: the 0-dim float32 step and x / s are rounded to x's dtype
             s = s.to(out_ptr.dtype.element_ty).to(tl.float32)
             q = tl.div_rn(x, s).to(out_ptr.dtype.element_ty).to(tl.float32)
         else:
@@ -121,8 +150,7 @@ if triton is not None:
         tl.store(out_ptr + offs, (r * s).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _aq_bwd_kernel(x_ptr, s_ptr, go_ptr, gx_ptr, part_ptr, N, qn, qp, g, LOWP: tl.constexpr,
-                       BLOCK: tl.constexpr):
+    def _aq_bwd_kernel(x_ptr, s_ptr, go_ptr, gx_ptr, part_ptr, N, qn, qp, g, LOWP: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -137,7 +165,7 @@ if triton is not None:
         inside = (q >= qn) & (q <= qp)
         tl.store(gx_ptr + offs, tl.where(inside, go, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
         qc = tl.minimum(tl.maximum(q, qn), qp)
-        inner = tl.where(inside, libdevice.rint(qc) - qc, qc)   # masked lanes: go = 0
+        inner = tl.where(inside, libdevice.rint(qc) - qc, qc)  # masked lanes: go = 0
         tl.store(part_ptr + pid, tl.sum(go * inner, axis=0) * g)
 
 
@@ -146,7 +174,7 @@ def _consts(bit: int, high_bit: int) -> tuple[float, ...]:
     qn_h, qp_h = Q.int_range(high_bit)
     qn, qp = Q.int_range(bit)
     delta = high_bit - bit
-    return float(qn_h), float(qp_h), float(qn), float(qp), 2.0 ** -delta, 2.0 ** delta
+    return float(qn_h), float(qp_h), float(qn), float(qp), 2.0**-delta, 2.0**delta
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -164,8 +192,16 @@ def _launch_forward(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: in
     out = torch.empty_like(w)
     c, k = w.shape[0], w[0].numel()
     grid = (c, triton.cdiv(k, _BLOCK_FWD))
-    _wq_fwd_kernel[grid](w, scale, out, k, *_consts(bit, high_bit), HALF_EVEN=rounding == "half_even",
-                         DELTA0=bit == high_bit, BLOCK=_BLOCK_FWD)
+    _wq_fwd_kernel[grid](
+        w,
+        scale,
+        out,
+        k,
+        *_consts(bit, high_bit),
+        HALF_EVEN=rounding == "half_even",
+        DELTA0=bit == high_bit,
+        BLOCK=_BLOCK_FWD,
+    )
     return out
 
 
@@ -175,8 +211,19 @@ def _launch_backward(w, scale, grad, bit, high_bit, rounding, g):
     grad_s = torch.empty_like(scale)
     c, k = w.shape[0], w[0].numel()
     gfac = g * 2.0 ** (high_bit - bit)
-    _wq_bwd_kernel[(c,)](w, scale, grad, grad_w, grad_s, k, *_consts(bit, high_bit), gfac,
-                         HALF_EVEN=rounding == "half_even", DELTA0=bit == high_bit, BLOCK=_BLOCK_BWD)
+    _wq_bwd_kernel[(c,)](
+        w,
+        scale,
+        grad,
+        grad_w,
+        grad_s,
+        k,
+        *_consts(bit, high_bit),
+        gfac,
+        HALF_EVEN=rounding == "half_even",
+        DELTA0=bit == high_bit,
+        BLOCK=_BLOCK_BWD,
+    )
     return grad_w, grad_s
 
 
@@ -196,7 +243,7 @@ class FusedDoubleRoundLSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         w, scale = ctx.saved_tensors
-        if torch.is_grad_enabled():   # create_graph=True: differentiate the composite instead
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             bit, high_bit, rounding, _ = ctx.meta
             return _composite_grads(ctx, (w, scale), grad_out, Q.quantize_weight, bit, high_bit, rounding)
         grad_w, grad_s = _launch_backward(w.detach(), scale.detach(), _like(grad_out, w), *ctx.meta)
@@ -207,7 +254,7 @@ def _composite_grads(ctx, inputs, grad_out, fn, *args):
     """The composite path's gradients w.r.t. ``inputs`` as a differentiable graph (for double backward)."""
     with Q.composite_ops():
         out = fn(*inputs, *args)
-    needs = ctx.needs_input_grad[:len(inputs)]
+    needs = ctx.needs_input_grad[: len(inputs)]
     want = [t for t, need in zip(inputs, needs, strict=True) if need]
     grads = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))
     return tuple(next(grads) if need else None for need in needs) + (None,) * (len(ctx.needs_input_grad) - len(inputs))
@@ -215,13 +262,24 @@ def _composite_grads(ctx, inputs, grad_out, fn, *args):
 
 def fused_applies(w: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether :func:`quantize_weight` takes the kernel path for these tensors in the current context."""
-    return (triton is not None and w.is_cuda and w.dtype == torch.float32 and scale.dtype == torch.float32
-            and w.dim() >= 1 and w.numel() > 0 and scale.numel() == w.shape[0] and scale.is_contiguous()
-            and scale.device == w.device and _dense(w) and Q._use_fused())
+    return (
+        triton is not None
+        and w.is_cuda
+        and w.dtype == torch.float32
+        and scale.dtype == torch.float32
+        and w.dim() >= 1
+        and w.numel() > 0
+        and scale.numel() == w.shape[0]
+        and scale.is_contiguous()
+        and scale.device == w.device
+        and _dense(w)
+        and Q._use_fused()
+    )
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: int,
-                    rounding: Q.Rounding = "half_up") -> torch.Tensor:
+def quantize_weight(
+    w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: int, rounding: Q.Rounding = "half_up"
+) -> torch.Tensor:
     """Drop-in for :func:`hasb.quantizer.quantize_weight` (same args, shapes, values and gradients).
 
     Args:
@@ -249,8 +307,9 @@ def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) 
     """round(clip(x / s)) · s of a dense ``x`` (any of _ACT_DTYPES), ``scale`` a one-element float32 tensor."""
     out = torch.empty_like(x)
     n = x.numel()
-    _aq_fwd_kernel[(triton.cdiv(n, _BLOCK_ACT),)](x, scale, out, n, float(qn), float(qp),
-                                                  LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT)
+    _aq_fwd_kernel[(triton.cdiv(n, _BLOCK_ACT),)](
+        x, scale, out, n, float(qn), float(qp), LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
+    )
     return out
 
 
@@ -260,8 +319,9 @@ def _launch_act_backward(x, scale, grad, qn, qp, g):
     n = x.numel()
     blocks = triton.cdiv(n, _BLOCK_ACT)
     partial = torch.empty(blocks, device=x.device, dtype=torch.float32)
-    _aq_bwd_kernel[(blocks,)](x, scale, grad, grad_x, partial, n, float(qn), float(qp), g,
-                              LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT)
+    _aq_bwd_kernel[(blocks,)](
+        x, scale, grad, grad_x, partial, n, float(qn), float(qp), g, LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
+    )
     return grad_x, partial.sum().reshape(scale.shape).to(scale.dtype)
 
 
@@ -283,7 +343,7 @@ class FusedLSQActivation(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, scale = ctx.saved_tensors
         bit, signed, qn, qp, g = ctx.meta
-        if torch.is_grad_enabled():   # create_graph=True: differentiate the composite instead
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             return _composite_grads(ctx, (x, scale), grad_out, Q.quantize_activation, bit, signed)
         xd = x.detach() if _dense(x) else x.detach().contiguous()
         grad_x, grad_s = _launch_act_backward(xd, scale.detach(), _like(grad_out, xd), qn, qp, g)
@@ -292,8 +352,16 @@ class FusedLSQActivation(torch.autograd.Function):
 
 def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether :func:`quantize_activation` takes the kernel path for these tensors in the current context."""
-    return (triton is not None and x.is_cuda and x.dtype in _ACT_DTYPES and scale.dtype == torch.float32
-            and scale.numel() == 1 and scale.device == x.device and x.numel() > 0 and Q._use_fused())
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.dtype in _ACT_DTYPES
+        and scale.dtype == torch.float32
+        and scale.numel() == 1
+        and scale.device == x.device
+        and x.numel() > 0
+        and Q._use_fused()
+    )
 
 
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool) -> torch.Tensor:

@@ -12,11 +12,13 @@ from pathlib import Path
 from .config import atomic_write_text
 
 # how BN is used when the training stages score themselves (search re-calibrates BN per config instead)
-BN_NOTE = {"multi": "per-bit BN as trained",
-           "supernet": "Transitional BN as trained, not re-calibrated (search re-calibrates BN per config, so its "
-                       "scores differ)",
-           "supernet-bit": "per-bit BN as trained, not re-calibrated (search re-calibrates BN per config, so its "
-                           "scores differ)"}
+BN_NOTE = {
+    "multi": "per-bit BN as trained",
+    "supernet": "Transitional BN as trained, not re-calibrated (search re-calibrates BN per config, so its "
+    "scores differ)",
+    "supernet-bit": "per-bit BN as trained, not re-calibrated (search re-calibrates BN per config, so its "
+    "scores differ)",
+}
 
 
 def bit_name(b: int) -> str:
@@ -30,16 +32,20 @@ def binomial_se(p: float, n: int) -> float:
 
 def accuracy_fields(b: int, acc: float, val_loss: float, n: int) -> dict:
     """The row's columns for bit ``b``: accuracy, its standard error and the mean validation CE loss."""
-    return {f"acc_{bit_name(b)}": acc, f"se_acc_{bit_name(b)}": binomial_se(acc, n),
-            f"val_loss_{bit_name(b)}": val_loss}
+    return {
+        f"acc_{bit_name(b)}": acc,
+        f"se_acc_{bit_name(b)}": binomial_se(acc, n),
+        f"val_loss_{bit_name(b)}": val_loss,
+    }
 
 
 def summary_line(stage: str, row: dict, bits: list[int], epochs: int) -> str:
     """``[multi] epoch 2/3 loss=… val split (n=…, BN …): w8a8=0.8125±0.0345 …`` (± one binomial SE)."""
-    accs = " ".join(f"{bit_name(b)}={row[f'acc_{bit_name(b)}']:.4f}±{row[f'se_acc_{bit_name(b)}']:.4f}"
-                    for b in bits)
-    return (f"[{stage}] epoch {row['epoch']}/{epochs} loss={row['loss']:.4f} {row['val_split']} split "
-            f"(n={row['val_n']}, {row['bn']}): {accs} (± 1 SE)")
+    accs = " ".join(f"{bit_name(b)}={row[f'acc_{bit_name(b)}']:.4f}±{row[f'se_acc_{bit_name(b)}']:.4f}" for b in bits)
+    return (
+        f"[{stage}] epoch {row['epoch']}/{epochs} loss={row['loss']:.4f} {row['val_split']} split "
+        f"(n={row['val_n']}, {row['bn']}): {accs} (± 1 SE)"
+    )
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:

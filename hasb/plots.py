@@ -10,18 +10,21 @@ Inputs follow the artifact contract (notes: sensitivity.json / pareto.csv /
 metrics.csv); column names are listed in each docstring.  Units: traces are
 dimensionless (loss curvature), BitOPs are shown in G (1e9) per sample, bits in bits.
 """
+
 from __future__ import annotations
 
-from .errors import HasbError
 import io
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)   # headless by default; an already chosen backend is kept
+from .errors import HasbError
+
+matplotlib.use("Agg", force=False)  # headless by default; an already chosen backend is kept
 
 import numpy as np
 import pandas as pd
@@ -32,14 +35,24 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 __all__ = [
-    "PlotError", "DPI", "figure_size", "bit_color", "save_figure", "figure_png_bytes",
-    "plot_traces", "plot_omega_heatmap", "plot_spectral_density", "plot_bit_probabilities",
-    "plot_bit_allocation", "plot_pareto", "plot_training_curves",
+    "PlotError",
+    "DPI",
+    "figure_size",
+    "bit_color",
+    "save_figure",
+    "figure_png_bytes",
+    "plot_traces",
+    "plot_omega_heatmap",
+    "plot_spectral_density",
+    "plot_bit_probabilities",
+    "plot_bit_allocation",
+    "plot_pareto",
+    "plot_training_curves",
 ]
 
-DPI = 100                      # pixels per inch of saved PNGs (figure_size × DPI = pixel size)
-_ROW_HEIGHT = 0.28             # inches per layer row in heatmaps
-_COL_WIDTH = 0.36              # inches per layer in per-layer bar charts
+DPI = 100  # pixels per inch of saved PNGs (figure_size × DPI = pixel size)
+_ROW_HEIGHT = 0.28  # inches per layer row in heatmaps
+_COL_WIDTH = 0.36  # inches per layer in per-layer bar charts
 NEG_COLOR = "#d62728"
 POS_COLOR = "#1f77b4"
 FIXED_COLOR = "#9e9e9e"
@@ -61,7 +74,7 @@ def figure_size(kind: str, n: int = 0) -> tuple[float, float]:
     pareto, training.
     """
     n = max(int(n), 1)
-    if kind in ("traces", "probabilities"):   # + ~2 in for the legend outside the axes
+    if kind in ("traces", "probabilities"):  # + ~2 in for the legend outside the axes
         return (round(max(8.0, 3.6 + _COL_WIDTH * n), 2), 5.0)
     if kind == "allocation":
         return (round(max(8.0, 1.8 + _COL_WIDTH * n), 2), 7.5)
@@ -73,11 +86,12 @@ def figure_size(kind: str, n: int = 0) -> tuple[float, float]:
         return (8.0, 5.5)
     if kind == "training":
         return (11.0, 4.5)
-    raise PlotError(f"unknown figure kind {kind!r}; accepted: traces, omega, spectral, probabilities, allocation, "
-                    "pareto, training")
+    raise PlotError(
+        f"unknown figure kind {kind!r}; accepted: traces, omega, spectral, probabilities, allocation, pareto, training"
+    )
 
 
-def bit_color(bit: Optional[int]) -> str:
+def bit_color(bit: int | None) -> str:
     """The colour used for ``bit`` in every figure (``None`` = fp)."""
     if bit in _BIT_COLORS:
         return _BIT_COLORS[bit]
@@ -85,11 +99,11 @@ def bit_color(bit: Optional[int]) -> str:
     return mcolors.to_hex(cmap(min(max(int(bit), 1), 16) / 16.0))
 
 
-def _bit_label(bit: Optional[int]) -> str:
+def _bit_label(bit: int | None) -> str:
     return "fp" if bit is None else f"{bit}-bit"
 
 
-def _parse_bit(b: Any) -> Optional[int]:
+def _parse_bit(b: Any) -> int | None:
     if b is None:
         return None
     if isinstance(b, str):
@@ -111,7 +125,7 @@ def _bit_keyed(row: Mapping, layer: Any) -> dict:
         raise PlotError(f"layer {layer!r}: expected {{bit: number}}, got {row!r}") from None
 
 
-def _new_figure(size: tuple[float, float], ax: Optional[Axes] = None) -> tuple[Figure, Axes]:
+def _new_figure(size: tuple[float, float], ax: Axes | None = None) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
@@ -143,12 +157,12 @@ def figure_png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path: Union[str, Path, Sequence[Union[str, Path]]], dpi: int = DPI) -> list[Path]:
+def save_figure(fig: Figure, path: str | Path | Sequence[str | Path], dpi: int = DPI) -> list[Path]:
     """Write ``fig`` to one or more paths; format by suffix (``.png`` or ``.svg``), each atomically.
 
     The PNG has exactly ``fig.get_size_inches() × dpi`` pixels.  Returns the written paths.
     """
-    from hasb import atomic_write_bytes   # the project's one atomic writer (temp file + rename)
+    from hasb import atomic_write_bytes  # the project's one atomic writer (temp file + rename)
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out = []
@@ -163,8 +177,9 @@ def save_figure(fig: Figure, path: Union[str, Path, Sequence[Union[str, Path]]],
 
 
 # ---------------------------------------------------------------------------------------------- traces
-def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, value: str = "trace",
-                title: Optional[str] = None) -> Figure:
+def plot_traces(
+    df: pd.DataFrame, ax: Axes | None = None, log: bool = True, value: str = "trace", title: str | None = None
+) -> Figure:
     """Per-layer Hessian trace with error bars of ± 1 standard error (SE), said so in the title and legend.
 
     Args:
@@ -210,54 +225,87 @@ def plot_traces(df: pd.DataFrame, ax: Optional[Axes] = None, log: bool = True, v
         floor = 0.0
     heights = np.where(zero, np.nan, mag)
     base_colors = np.where(searchable, POS_COLOR, FIXED_COLOR)
-    face = [NEG_COLOR if n else c for n, c in zip(neg, base_colors)]
-    bars = ax.bar(x, np.nan_to_num(heights, nan=0.0) - (floor if log else 0.0), bottom=floor if log else 0.0,
-                  color=face, edgecolor="black", linewidth=0.4, width=0.75, zorder=2)
-    for b, n in zip(bars, neg):
+    face = [NEG_COLOR if n else c for n, c in zip(neg, base_colors, strict=False)]
+    bars = ax.bar(
+        x,
+        np.nan_to_num(heights, nan=0.0) - (floor if log else 0.0),
+        bottom=floor if log else 0.0,
+        color=face,
+        edgecolor="black",
+        linewidth=0.4,
+        width=0.75,
+        zorder=2,
+    )
+    for b, n in zip(bars, neg, strict=False):
         if n:
             b.set_hatch("//")
     # Error bars: on a log axis the lower bar may cross zero; clip it to the floor instead of dropping it.
     lower = np.minimum(se, np.where(log, np.maximum(mag - floor * 1.0001, 0.0), mag))
     ok = ~zero
-    ax.errorbar(x[ok], mag[ok], yerr=np.vstack([lower[ok], se[ok]]), fmt="none", ecolor="black", elinewidth=0.9,
-                capsize=2.5, zorder=3)
+    ax.errorbar(
+        x[ok],
+        mag[ok],
+        yerr=np.vstack([lower[ok], se[ok]]),
+        fmt="none",
+        ecolor="black",
+        elinewidth=0.9,
+        capsize=2.5,
+        zorder=3,
+    )
     if zero.any():
-        ax.scatter(x[zero], np.full(zero.sum(), floor * (1.5 if log else 1.0) if log else 0.0), marker="x",
-                   color="black", zorder=4)
+        ax.scatter(
+            x[zero],
+            np.full(zero.sum(), floor * (1.5 if log else 1.0) if log else 0.0),
+            marker="x",
+            color="black",
+            zorder=4,
+        )
 
     _layer_ticks(ax, names)
     unit = "Tr(H_l)" if value == "trace" else "Tr(H_l) / n_l"
     ax.set_ylabel(f"|{unit}|" + (" (log scale)" if log else "") + "  [loss curvature, unitless]")
     ax.set_xlabel("layer (execution order)")
     # one SE convention everywhere: the bars are ± 1 SE and both the title and the legend say so
-    ax.set_title((title or ("Per-layer Hessian trace" if value == "trace" else "Per-parameter Hessian trace"))
-                 + " (bars: ± 1 SE)")
+    ax.set_title(
+        (title or ("Per-layer Hessian trace" if value == "trace" else "Per-parameter Hessian trace"))
+        + " (bars: ± 1 SE)"
+    )
     ax.grid(axis="y", which="major", alpha=0.3, zorder=0)
     handles = [Patch(facecolor=POS_COLOR, edgecolor="black", label="trace > 0 (searchable)")]
     if (~searchable).any():
         handles.append(Patch(facecolor=FIXED_COLOR, edgecolor="black", label="fixed layer (not searched)"))
     if neg.any():
-        handles.append(Patch(facecolor=NEG_COLOR, edgecolor="black", hatch="//",
-                             label=f"trace < 0: |trace| shown ({int(neg.sum())} layer{'s' if neg.sum() > 1 else ''})"))
+        handles.append(
+            Patch(
+                facecolor=NEG_COLOR,
+                edgecolor="black",
+                hatch="//",
+                label=f"trace < 0: |trace| shown ({int(neg.sum())} layer{'s' if neg.sum() > 1 else ''})",
+            )
+        )
     if zero.any():
         handles.append(ax.scatter([], [], marker="x", color="black", label="trace = 0"))
-    handles.append(matplotlib.lines.Line2D([], [], color="black", marker="|", linestyle="none", markersize=10,
-                                           label="± 1 SE (standard error)"))
+    handles.append(
+        matplotlib.lines.Line2D(
+            [], [], color="black", marker="|", linestyle="none", markersize=10, label="± 1 SE (standard error)"
+        )
+    )
     # outside the axes: bars of any height can sit under an in-axes legend
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
 # ---------------------------------------------------------------------------------------------- omega
-def _layer_bit_frame(data: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame], value: str, what: str,
-                     descending: bool) -> pd.DataFrame:
+def _layer_bit_frame(
+    data: Mapping[str, Mapping[Any, float]] | pd.DataFrame, value: str, what: str, descending: bool
+) -> pd.DataFrame:
     """Layers × bits DataFrame (columns: bits) from {layer: {bit: x}}, a wide frame, or a long frame
     (layer, bit, ``value``).  ``what`` names the argument in errors."""
     if isinstance(data, pd.DataFrame):
         df = data.copy()
         if "layer" in df.columns:
             df = df.set_index("layer")
-        if {"bit", value} <= set(df.columns):   # long form → wide
+        if {"bit", value} <= set(df.columns):  # long form → wide
             df = df.reset_index().pivot(index="layer", columns="bit", values=value)
     elif isinstance(data, Mapping):
         if not data:
@@ -273,8 +321,12 @@ def _layer_bit_frame(data: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame
     return df[order].astype(float)
 
 
-def plot_omega_heatmap(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame], ax: Optional[Axes] = None,
-                       annotate: bool = True, title: Optional[str] = None) -> Figure:
+def plot_omega_heatmap(
+    omega: Mapping[str, Mapping[Any, float]] | pd.DataFrame,
+    ax: Axes | None = None,
+    annotate: bool = True,
+    title: str | None = None,
+) -> Figure:
     """Heatmap of Ω_l(b) = (Tr(H_l)/n_l)·‖Q_b(W_l) − W_l‖² for layers (rows) × candidate bits (columns).
 
     Args:
@@ -298,8 +350,9 @@ def plot_omega_heatmap(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFr
         vmin, vmax = vmin / 10, vmax * 10
     masked = np.ma.masked_where(~(np.isfinite(vals) & (vals > 0)), vals)
     ax.set_facecolor("#dddddd")
-    im = ax.imshow(masked, aspect="auto", cmap="magma_r", norm=mcolors.LogNorm(vmin=vmin, vmax=vmax),
-                   interpolation="nearest")
+    im = ax.imshow(
+        masked, aspect="auto", cmap="magma_r", norm=mcolors.LogNorm(vmin=vmin, vmax=vmax), interpolation="nearest"
+    )
     ax.set_xticks(np.arange(df.shape[1]))
     ax.set_xticklabels([_bit_label(b) for b in df.columns])
     _layer_ticks(ax, [str(i) for i in df.index], axis="y")
@@ -318,16 +371,21 @@ def plot_omega_heatmap(omega: Union[Mapping[str, Mapping[Any, float]], pd.DataFr
                 if v <= 0:
                     ax.text(j, i, "≤0", ha="center", va="center", fontsize=7, color="black")
                     continue
-                dark = norm(v) > 0.55   # light text on dark cells
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+                dark = norm(v) > 0.55  # light text on dark cells
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     return fig
 
 
 # ---------------------------------------------------------------------------------------------- spectrum
-def plot_spectral_density(grid: Sequence[float], density: Sequence[float],
-                          eigenvalues: Optional[Sequence[float]] = None, ax: Optional[Axes] = None,
-                          log: bool = True, top_k: int = 5, title: Optional[str] = None) -> Figure:
+def plot_spectral_density(
+    grid: Sequence[float],
+    density: Sequence[float],
+    eigenvalues: Sequence[float] | None = None,
+    ax: Axes | None = None,
+    log: bool = True,
+    top_k: int = 5,
+    title: str | None = None,
+) -> Figure:
     """Eigenvalue spectral density of the Hessian (stochastic Lanczos quadrature) with top eigenvalues marked.
 
     Args:
@@ -340,8 +398,9 @@ def plot_spectral_density(grid: Sequence[float], density: Sequence[float],
     g = np.asarray(grid, dtype=float).ravel()
     d = np.asarray(density, dtype=float).ravel()
     if g.size == 0 or g.shape != d.shape:
-        raise PlotError(f"plot_spectral_density: grid and density must be non-empty and of equal length, "
-                        f"got {g.size} and {d.size}")
+        raise PlotError(
+            f"plot_spectral_density: grid and density must be non-empty and of equal length, got {g.size} and {d.size}"
+        )
     fig, ax = _new_figure(figure_size("spectral"), ax)
     if log:
         posd = d[d > 0]
@@ -359,13 +418,27 @@ def plot_spectral_density(grid: Sequence[float], density: Sequence[float],
         ev = np.sort(np.asarray(eigenvalues, dtype=float))[::-1][:top_k]
         ymax = ax.get_ylim()[1]
         for i, e in enumerate(ev):
-            ax.axvline(e, color=NEG_COLOR, linestyle="--", linewidth=1.0, alpha=0.8,
-                       label="top eigenvalues (Lanczos)" if i == 0 else None)
+            ax.axvline(
+                e,
+                color=NEG_COLOR,
+                linestyle="--",
+                linewidth=1.0,
+                alpha=0.8,
+                label="top eigenvalues (Lanczos)" if i == 0 else None,
+            )
         # Label only the largest few and stagger heights: close eigenvalues would otherwise overlap.
         for i, e in enumerate(ev[:3]):
-            ax.annotate(f"λ{i + 1}={e:.3g}", xy=(e, ymax), xytext=(-4, -12 - 12 * i), textcoords="offset points",
-                        ha="right", va="top", fontsize=8, color=NEG_COLOR,
-                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9))
+            ax.annotate(
+                f"λ{i + 1}={e:.3g}",
+                xy=(e, ymax),
+                xytext=(-4, -12 - 12 * i),
+                textcoords="offset points",
+                ha="right",
+                va="top",
+                fontsize=8,
+                color=NEG_COLOR,
+                bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.9),
+            )
     ax.set_xlabel("eigenvalue λ of the loss Hessian  [loss curvature, unitless]")
     ax.set_ylabel("density" + (" (log scale)" if log else ""))
     ax.set_title(title or "Hessian eigenvalue spectral density")
@@ -375,9 +448,12 @@ def plot_spectral_density(grid: Sequence[float], density: Sequence[float],
 
 
 # ---------------------------------------------------------------------------------------------- probabilities
-def plot_bit_probabilities(probs: Union[Mapping[str, Mapping[Any, float]], pd.DataFrame],
-                           ax: Optional[Axes] = None, sensitive: Optional[Iterable[str]] = None,
-                           title: Optional[str] = None) -> Figure:
+def plot_bit_probabilities(
+    probs: Mapping[str, Mapping[Any, float]] | pd.DataFrame,
+    ax: Axes | None = None,
+    sensitive: Iterable[str] | None = None,
+    title: str | None = None,
+) -> Figure:
     """HASB bit-switching probabilities per layer as stacked bars (each bar sums to 1).
 
     Args:
@@ -390,21 +466,24 @@ def plot_bit_probabilities(probs: Union[Mapping[str, Mapping[Any, float]], pd.Da
     sums = df.sum(axis=1).to_numpy()
     if not np.allclose(sums, 1.0, atol=1e-3):
         bad = df.index[np.argmax(np.abs(sums - 1))]
-        raise PlotError(f"plot_bit_probabilities: probabilities of layer {bad!r} sum to "
-                        f"{sums[np.argmax(np.abs(sums - 1))]:.4g}, expected 1")
+        raise PlotError(
+            f"plot_bit_probabilities: probabilities of layer {bad!r} sum to "
+            f"{sums[np.argmax(np.abs(sums - 1))]:.4g}, expected 1"
+        )
     names = [str(i) for i in df.index]
     fig, ax = _new_figure(figure_size("probabilities", len(names)), ax)
     x = np.arange(len(names))
     bottom = np.zeros(len(names))
     for b in df.columns:
         p = df[b].to_numpy()
-        ax.bar(x, p, bottom=bottom, color=bit_color(b), edgecolor="white", linewidth=0.5, width=0.75,
-               label=_bit_label(b))
+        ax.bar(
+            x, p, bottom=bottom, color=bit_color(b), edgecolor="white", linewidth=0.5, width=0.75, label=_bit_label(b)
+        )
         bottom += p
     _layer_ticks(ax, names)
     if sensitive is not None:
         sens = set(sensitive)
-        for t, n in zip(ax.get_xticklabels(), names):
+        for t, n in zip(ax.get_xticklabels(), names, strict=False):
             if n in sens:
                 t.set_fontweight("bold")
     ax.set_ylim(0, 1)
@@ -418,15 +497,22 @@ def plot_bit_probabilities(probs: Union[Mapping[str, Mapping[Any, float]], pd.Da
     ax2.set_ylim(0, max(bits.max(), expected.max()) * 1.05)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1[::-1] + h2, l1[::-1] + l2, fontsize=8, title="bit (W = A)", title_fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.07, 1.0))
+    ax.legend(
+        h1[::-1] + h2,
+        l1[::-1] + l2,
+        fontsize=8,
+        title="bit (W = A)",
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.07, 1.0),
+    )
     ax.set_title(title or "HASB bit-switching probabilities per layer")
     return fig
 
 
 # ---------------------------------------------------------------------------------------------- allocation
-def _config_pairs(cfg: Any) -> dict[str, tuple[Optional[int], Optional[int]]]:
-    if hasattr(cfg, "layers") and isinstance(cfg.layers, Mapping):   # hasb.BitConfig
+def _config_pairs(cfg: Any) -> dict[str, tuple[int | None, int | None]]:
+    if hasattr(cfg, "layers") and isinstance(cfg.layers, Mapping):  # hasb.BitConfig
         cfg = cfg.layers
     if not isinstance(cfg, Mapping):
         raise PlotError(f"a config must be a BitConfig or {{layer: (w, a)}}, got {type(cfg).__name__}")
@@ -441,7 +527,7 @@ def _config_pairs(cfg: Any) -> dict[str, tuple[Optional[int], Optional[int]]]:
     return out
 
 
-def plot_bit_allocation(configs: Mapping[str, Any], macs: Any, title: Optional[str] = None) -> Figure:
+def plot_bit_allocation(configs: Mapping[str, Any], macs: Any, title: str | None = None) -> Figure:
     """Chosen bits per layer for one or more budgets, and each layer's share of the config's BitOPs.
 
     Args:
@@ -453,13 +539,13 @@ def plot_bit_allocation(configs: Mapping[str, Any], macs: Any, title: Optional[s
     where they differ, as ◆ markers.  Bottom panel: share (%) of the config's total BitOPs per layer
     (BitOPs = MACs · b_w · b_a via ``hasb.cost.layer_bitops``).
     """
-    from hasb.cost import layer_bitops   # the one home of the BitOPs formula
+    from hasb.cost import layer_bitops  # the one home of the BitOPs formula
 
     if not isinstance(configs, Mapping) or not configs:
         raise PlotError("plot_bit_allocation: configs must be a non-empty {label: config} dict")
     pairs = {str(k): _config_pairs(v) for k, v in configs.items()}
     fixed_total = 0.0
-    if hasattr(macs, "layers") and hasattr(macs, "fixed_bitops"):      # a CostModel
+    if hasattr(macs, "layers") and hasattr(macs, "fixed_bitops"):  # a CostModel
         order = [l.name for l in macs.layers]
         mac = {l.name: float(l.macs) for l in macs.layers}
         fixed_total = float(macs.fixed_bitops())
@@ -490,37 +576,67 @@ def plot_bit_allocation(configs: Mapping[str, Any], macs: Any, title: Optional[s
         off = (k - (n_cfg - 1) / 2) * width
         w = [cfg.get(n, (None, None))[0] if n in cfg else np.nan for n in names]
         a = [cfg.get(n, (None, None))[1] if n in cfg else np.nan for n in names]
-        heights = [np.nan if n not in cfg else (32 if wb is None else wb) for n, wb in zip(names, w)]
-        cols = [bit_color(wb) if n in cfg else "white" for n, wb in zip(names, w)]
-        used_bits.update(wb for n, wb in zip(names, w) if n in cfg)
-        bars = ax.bar(x + off, np.nan_to_num(heights), width=width, color=cols, edgecolor="black", linewidth=0.4,
-                      hatch=hatches[k % len(hatches)])
-        diff = [(i, ab) for i, (n, wb, ab) in enumerate(zip(names, w, a)) if n in cfg and ab != wb]
+        heights = [np.nan if n not in cfg else (32 if wb is None else wb) for n, wb in zip(names, w, strict=False)]
+        cols = [bit_color(wb) if n in cfg else "white" for n, wb in zip(names, w, strict=False)]
+        used_bits.update(wb for n, wb in zip(names, w, strict=False) if n in cfg)
+        ax.bar(
+            x + off,
+            np.nan_to_num(heights),
+            width=width,
+            color=cols,
+            edgecolor="black",
+            linewidth=0.4,
+            hatch=hatches[k % len(hatches)],
+        )
+        diff = [(i, ab) for i, (n, wb, ab) in enumerate(zip(names, w, a, strict=False)) if n in cfg and ab != wb]
         if diff:
             any_act = True
-            ax.scatter([x[i] + off for i, _ in diff], [32 if ab is None else ab for _, ab in diff], marker="D",
-                       s=14, color="black", zorder=4)
+            ax.scatter(
+                [x[i] + off for i, _ in diff],
+                [32 if ab is None else ab for _, ab in diff],
+                marker="D",
+                s=14,
+                color="black",
+                zorder=4,
+            )
         total = fixed_total + sum(layer_bitops(mac[n], *cfg[n]) for n in cfg if n in mac and n not in fixed_names)
         share = [100.0 * layer_bitops(mac[n], *cfg[n]) / total if n in cfg else 0.0 for n in names]
-        ax2.bar(x + off, share, width=width, color="#4c72b0", alpha=0.35 + 0.65 * (k + 1) / n_cfg,
-                edgecolor="black", linewidth=0.4, hatch=hatches[k % len(hatches)],
-                label=f"{label}  ({total / 1e9:.3g} GBitOPs)")
+        ax2.bar(
+            x + off,
+            share,
+            width=width,
+            color="#4c72b0",
+            alpha=0.35 + 0.65 * (k + 1) / n_cfg,
+            edgecolor="black",
+            linewidth=0.4,
+            hatch=hatches[k % len(hatches)],
+            label=f"{label}  ({total / 1e9:.3g} GBitOPs)",
+        )
     # the full 0..8 (or higher) scale even when a config uses only low bits, so heights compare across figures
     maxbit = max([32 if b is None else b for b in used_bits] + [8])
     ax.set_ylim(0, maxbit * 1.1)
-    ticks = sorted({32 if b is None else b for b in used_bits} | {2, 4, 6, 8} if maxbit <= 8 else
-                   {32 if b is None else b for b in used_bits})
+    ticks = sorted(
+        {32 if b is None else b for b in used_bits} | {2, 4, 6, 8}
+        if maxbit <= 8
+        else {32 if b is None else b for b in used_bits}
+    )
     ax.set_yticks(ticks)
     ax.set_ylabel("weight bits  [bits]")
     ax.set_title(title or "Bit allocation per layer")
     ax.grid(axis="y", alpha=0.3)
-    bit_handles = [Patch(facecolor=bit_color(b), edgecolor="black", label=_bit_label(b))
-                   for b in sorted(used_bits, key=lambda b: 99 if b is None else b, reverse=True)]
+    bit_handles = [
+        Patch(facecolor=bit_color(b), edgecolor="black", label=_bit_label(b))
+        for b in sorted(used_bits, key=lambda b: 99 if b is None else b, reverse=True)
+    ]
     if any_act:
-        bit_handles.append(matplotlib.lines.Line2D([], [], marker="D", color="black", linestyle="none",
-                                                   markersize=4, label="activation bits (≠ weight)"))
-    ax.legend(handles=bit_handles, fontsize=8, title="bit", title_fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
+        bit_handles.append(
+            matplotlib.lines.Line2D(
+                [], [], marker="D", color="black", linestyle="none", markersize=4, label="activation bits (≠ weight)"
+            )
+        )
+    ax.legend(
+        handles=bit_handles, fontsize=8, title="bit", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     ax2.set_ylabel("share of config BitOPs  [%]")
     ax2.set_xlabel("layer (execution order; MACs per sample from the cost model)")
     ax2.grid(axis="y", alpha=0.3)
@@ -541,7 +657,7 @@ def _gbitops(df: pd.DataFrame, what: str) -> np.ndarray:
     raise PlotError(f"plot_pareto: {what} needs a 'gbitops' or 'bitops' column; got {list(df.columns)}")
 
 
-def _acc_scale(*frames: Optional[pd.DataFrame]) -> float:
+def _acc_scale(*frames: pd.DataFrame | None) -> float:
     """Accuracies in [0, 1] are shown in percent; ones already in percent are left alone."""
     vals = [f["accuracy"].to_numpy(dtype=float) for f in frames if f is not None and len(f)]
     if not vals:
@@ -564,7 +680,7 @@ def _uniform_label(row: Mapping) -> str:
     return "uniform"
 
 
-def _avg_funcs(avg_bits_fn: Any) -> Optional[tuple[Callable, Callable]]:
+def _avg_funcs(avg_bits_fn: Any) -> tuple[Callable, Callable] | None:
     """(G BitOPs → avg bits, avg bits → G BitOPs), vectorised, from a CostModel or a (fwd, inv) pair on BitOPs."""
     if avg_bits_fn is None:
         return None
@@ -586,10 +702,17 @@ def _avg_funcs(avg_bits_fn: Any) -> Optional[tuple[Callable, Callable]]:
     return g_to_bits, bits_to_g
 
 
-def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None,
-                uniform_df: Optional[pd.DataFrame] = None, chosen: Optional[Mapping[str, Any]] = None,
-                budget_bitops: Optional[float] = None, avg_bits_fn: Any = None, ax: Optional[Axes] = None,
-                title: Optional[str] = None, accuracy_label: Optional[str] = None) -> Figure:
+def plot_pareto(
+    points_df: pd.DataFrame,
+    front_df: pd.DataFrame | None = None,
+    uniform_df: pd.DataFrame | None = None,
+    chosen: Mapping[str, Any] | None = None,
+    budget_bitops: float | None = None,
+    avg_bits_fn: Any = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    accuracy_label: str | None = None,
+) -> Figure:
     """Accuracy vs BitOPs: all evaluated configs, the non-dominated front, uniform configs, the chosen one.
 
     Args:
@@ -623,15 +746,32 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
     y = points_df["accuracy"].to_numpy(dtype=float) * scale
     src = points_df["source"].astype(str).to_numpy() if "source" in points_df.columns else np.full(len(x), "config")
     if "accuracy_se" in points_df.columns:
-        ax.errorbar(x, y, yerr=points_df["accuracy_se"].to_numpy(dtype=float) * scale, fmt="none",
-                    ecolor="#7f7f7f", elinewidth=0.7, alpha=0.5, zorder=1)
+        ax.errorbar(
+            x,
+            y,
+            yerr=points_df["accuracy_se"].to_numpy(dtype=float) * scale,
+            fmt="none",
+            ecolor="#7f7f7f",
+            elinewidth=0.7,
+            alpha=0.5,
+            zorder=1,
+        )
     for s in dict.fromkeys(src):
         if s == "uniform":
-            continue   # drawn below with labels
+            continue  # drawn below with labels
         m = src == s
         col, mk = _SOURCE_STYLE.get(s, ("#7f7f7f", "o"))
-        ax.scatter(x[m], y[m], s=18, color=col, marker=mk, alpha=0.55, linewidths=0,
-                   label=f"{s} configs ({int(m.sum())})", zorder=2)
+        ax.scatter(
+            x[m],
+            y[m],
+            s=18,
+            color=col,
+            marker=mk,
+            alpha=0.55,
+            linewidths=0,
+            label=f"{s} configs ({int(m.sum())})",
+            zorder=2,
+        )
     if front_df is not None and len(front_df):
         fx = _gbitops(front_df, "front_df")
         fy = front_df["accuracy"].to_numpy(dtype=float) * scale
@@ -641,15 +781,31 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
     if uniform_df is not None and len(uniform_df):
         ux = _gbitops(uniform_df, "uniform_df")
         uy = uniform_df["accuracy"].to_numpy(dtype=float) * scale
-        ax.scatter(ux, uy, s=46, marker="s", facecolor="white", edgecolor="black", linewidths=1.3,
-                   label="uniform configs", zorder=4)
+        ax.scatter(
+            ux,
+            uy,
+            s=46,
+            marker="s",
+            facecolor="white",
+            edgecolor="black",
+            linewidths=1.3,
+            label="uniform configs",
+            zorder=4,
+        )
         order = np.argsort(ux)
         for rank, i in enumerate(order):
             # alternate above/below: neighbouring uniform points (w2a2, w3a3) sit close in BitOPs
             dy = 9 if rank % 2 == 0 else -13
-            ax.annotate(_uniform_label(uniform_df.iloc[i].to_dict()), xy=(ux[i], uy[i]), xytext=(0, dy),
-                        textcoords="offset points", ha="center", fontsize=8, zorder=5,
-                        bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8))
+            ax.annotate(
+                _uniform_label(uniform_df.iloc[i].to_dict()),
+                xy=(ux[i], uy[i]),
+                xytext=(0, dy),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                zorder=5,
+                bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8),
+            )
     funcs = _avg_funcs(avg_bits_fn)
     if budget_bitops is not None and np.isfinite(budget_bitops):
         blab = f"budget {budget_bitops / 1e9:.3g} GBitOPs"
@@ -661,8 +817,17 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
         cx = float(_gbitops(cdf, "chosen")[0])
         cy = float(cdf["accuracy"].iloc[0]) * scale
         lab = chosen.get("label") or "chosen config"
-        ax.scatter([cx], [cy], s=240, marker="*", color="gold", edgecolor="black", linewidths=1.0, zorder=6,
-                   label=f"{lab}: {cy:.2f}% @ {cx:.3g} GBitOPs")
+        ax.scatter(
+            [cx],
+            [cy],
+            s=240,
+            marker="*",
+            color="gold",
+            edgecolor="black",
+            linewidths=1.0,
+            zorder=6,
+            label=f"{lab}: {cy:.2f}% @ {cx:.3g} GBitOPs",
+        )
         _chosen_error_bars(ax, chosen, cx, cy, scale)
     ax.set_xlabel("BitOPs per sample  [GBitOPs = 10⁹ bit-operations]")
     ax.set_ylabel(accuracy_label or "accuracy  [%]")
@@ -671,24 +836,40 @@ def plot_pareto(points_df: pd.DataFrame, front_df: Optional[pd.DataFrame] = None
     if funcs is not None:
         sec = ax.secondary_xaxis("top", functions=funcs)
         sec.set_xlabel("average-bit equivalent  [bits]")
-    ax.legend(fontsize=8, loc="best", framealpha=0.9)   # "best": fronts differ in shape run to run
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)  # "best": fronts differ in shape run to run
     return fig
 
 
 def _chosen_error_bars(ax: Axes, chosen: Mapping[str, Any], cx: float, cy: float, scale: float) -> None:
     """±1 SE of the chosen config's score, and its held-out (test) score beside it when given."""
     if chosen.get("accuracy_se") is not None:
-        ax.errorbar([cx], [cy], yerr=[float(chosen["accuracy_se"]) * scale], fmt="none", ecolor="black",
-                    elinewidth=1.2, capsize=3, zorder=6)
+        ax.errorbar(
+            [cx],
+            [cy],
+            yerr=[float(chosen["accuracy_se"]) * scale],
+            fmt="none",
+            ecolor="black",
+            elinewidth=1.2,
+            capsize=3,
+            zorder=6,
+        )
     if chosen.get("test_accuracy") is not None:
         ty = float(chosen["test_accuracy"]) * scale
-        ax.errorbar([cx], [ty], yerr=[float(chosen.get("test_se") or 0.0) * scale], fmt="D", color="#d62728",
-                    markersize=6, capsize=3, zorder=6,
-                    label=f"{chosen.get('test_label') or 'chosen, held-out test'}: {ty:.2f}%")
+        ax.errorbar(
+            [cx],
+            [ty],
+            yerr=[float(chosen.get("test_se") or 0.0) * scale],
+            fmt="D",
+            color="#d62728",
+            markersize=6,
+            capsize=3,
+            zorder=6,
+            label=f"{chosen.get('test_label') or 'chosen, held-out test'}: {ty:.2f}%",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- training
-def plot_training_curves(metrics: pd.DataFrame, title: Optional[str] = None) -> Figure:
+def plot_training_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
     """Per-epoch training curves: accuracy per bit (``acc_w8a8``… columns) and loss.
 
     Args:
@@ -706,22 +887,29 @@ def plot_training_curves(metrics: pd.DataFrame, title: Optional[str] = None) -> 
     ep = metrics["epoch"].to_numpy(dtype=float)
     scale = 100.0 if np.nanmax(metrics[acc_cols].to_numpy(dtype=float)) <= 1.0 + 1e-9 else 1.0
 
-    def bit_of(c: str) -> Optional[int]:
+    def bit_of(c: str) -> int | None:
         m = re.search(r"w(\d+|fp)a", c)
         return _parse_bit(m.group(1)) if m else None
 
     for c in sorted(acc_cols, key=lambda c: -(bit_of(c) or 99)):
         b = bit_of(c)
-        ax1.plot(ep, metrics[c].to_numpy(dtype=float) * scale, marker="o", markersize=3,
-                 color=bit_color(b) if b is not None else None, label=c.replace("acc_", ""))
+        ax1.plot(
+            ep,
+            metrics[c].to_numpy(dtype=float) * scale,
+            marker="o",
+            markersize=3,
+            color=bit_color(b) if b is not None else None,
+            label=c.replace("acc_", ""),
+        )
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("validation accuracy  [%]")
     ax1.set_title("Accuracy per bit-width")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8, title="config", title_fontsize=8)
     if "loss" in metrics.columns:
-        ax2.plot(ep, metrics["loss"].to_numpy(dtype=float), color="black", marker="o", markersize=3,
-                 label="training loss")
+        ax2.plot(
+            ep, metrics["loss"].to_numpy(dtype=float), color="black", marker="o", markersize=3, label="training loss"
+        )
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("loss  [cross-entropy, nats]")
     ax2.set_title("Loss and learning rates")

@@ -31,6 +31,7 @@ Everything is written with detach tricks rather than a custom autograd.Function
 so that ``torch.compile`` and forward-mode AD (used by the Hessian engine) see
 plain differentiable ops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,7 +115,7 @@ def derive_int(w_h: torch.Tensor, bit: int, high_bit: int, rounding: Rounding = 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """Value of ``x``, gradient multiplied by ``g`` (LSQ's gradient scaling)."""
     xg = x * g
-    return x.detach() + (xg - xg.detach())   # value exactly x (no float round-off), gradient g
+    return x.detach() + (xg - xg.detach())  # value exactly x (no float round-off), gradient g
 
 
 def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -225,8 +226,9 @@ def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:
     return r / 2 ** (high_bit - 1)
 
 
-def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: int = 1 << 16,
-                          grid: int = 64) -> torch.Tensor:
+def init_activation_scale(
+    x: torch.Tensor, bit: int, signed: bool, max_samples: int = 1 << 16, grid: int = 64
+) -> torch.Tensor:
     """Data-driven init: the step that minimises the quantization MSE on a subsample of ``x``.
 
     Searched over ``grid`` steps between 1% and 100% of the percentile range
@@ -244,7 +246,7 @@ def init_activation_scale(x: torch.Tensor, bit: int, signed: bool, max_samples: 
     if not signed:
         lo = torch.zeros_like(lo)
     s_max = torch.clamp((hi - lo) / (qp - qn), min=1e-6)
-    steps = s_max * torch.linspace(0.01, 1.0, grid, device=flat.device)              # [grid]
+    steps = s_max * torch.linspace(0.01, 1.0, grid, device=flat.device)  # [grid]
     q = torch.clamp(torch.round(flat[None, :] / steps[:, None]), qn, qp) * steps[:, None]
     mse = (q - flat[None, :]).square().mean(1)
     return steps[torch.argmin(mse)]

@@ -4,6 +4,7 @@ The recipes chain training (hasb) → sensitivity (analysis) → supernet, so th
 module is the ONE upward import from hasb into search, whitelisted in the import-linter contract, and exists only
 so the documented command and ``from hasb.recipes import ...`` keep working; new code imports search.recipes.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,17 @@ from search.recipes import (
     sensitivity_for,
 )
 
-__all__ = ["cpu_small", "gpu_resnet20", "run_recipe", "demo_recipe", "gpu_recipe", "sensitivity_for", "run_named",
-           "main", "_done"]
+__all__ = [
+    "cpu_small",
+    "gpu_resnet20",
+    "run_recipe",
+    "demo_recipe",
+    "gpu_recipe",
+    "sensitivity_for",
+    "run_named",
+    "main",
+    "_done",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ Distributions ``p_l`` (over the candidate bits):
 Samplers hold no random state: ``sample`` takes a ``torch.Generator`` that the
 trainer owns and checkpoints, so resuming reproduces the same draws.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -37,8 +38,6 @@ from .config import BitConfig
 from .sensitivity_file import SensitivityError, load_sensitivity, traces_for_model
 
 SAMPLERS = ("hasb", "uniform", "tempered")
-
-
 
 
 def sigma_schedule(epoch: int, epochs: int, sigma: float = 0.5, warmup_epochs: int = 0) -> float:
@@ -94,8 +93,16 @@ class BitSampler:
 
     kind = "custom"
 
-    def __init__(self, layers: Sequence[str], bits: Sequence[int], probs: torch.Tensor, *, sigma: float = 0.5,
-                 epochs: int = 1, warmup_epochs: int = 0):
+    def __init__(
+        self,
+        layers: Sequence[str],
+        bits: Sequence[int],
+        probs: torch.Tensor,
+        *,
+        sigma: float = 0.5,
+        epochs: int = 1,
+        warmup_epochs: int = 0,
+    ):
         self.layers = list(layers)
         self.bits = [int(b) for b in sorted(set(bits), reverse=True)]
         if list(bits) != self.bits:
@@ -115,7 +122,10 @@ class BitSampler:
 
     def probabilities(self) -> dict[str, dict[int, float]]:
         """layer → {bit: p} of a switching layer's draw."""
-        return {n: {b: float(p) for b, p in zip(self.bits, row, strict=True)} for n, row in zip(self.layers, self.probs, strict=True)}
+        return {
+            n: {b: float(p) for b, p in zip(self.bits, row, strict=True)}
+            for n, row in zip(self.layers, self.probs, strict=True)
+        }
 
     def sample(self, base_bit: int, epoch: int, generator: torch.Generator | None = None) -> BitConfig:
         """One pass's config: each layer switches with probability σ_e to a draw from p_l, else keeps ``base_bit``.
@@ -133,8 +143,15 @@ class BitSampler:
         return BitConfig({n: (b, b) for n, b in zip(self.layers, chosen, strict=True)})
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "layers": list(self.layers), "bits": list(self.bits), "probs": self.probs.clone(),
-                "sigma": self.sigma, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs}
+        return {
+            "kind": self.kind,
+            "layers": list(self.layers),
+            "bits": list(self.bits),
+            "probs": self.probs.clone(),
+            "sigma": self.sigma,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+        }
 
     def load_state_dict(self, d: Mapping) -> None:
         if list(d["layers"]) != self.layers or list(d["bits"]) != self.bits:
@@ -174,19 +191,32 @@ class TemperedSampler(BitSampler):
 
     kind = "tempered"
 
-    def __init__(self, layers: Sequence[str], bits: Sequence[int], omega: Mapping[str, Mapping], tau: float = 1.0, **kw):
+    def __init__(
+        self, layers: Sequence[str], bits: Sequence[int], omega: Mapping[str, Mapping], tau: float = 1.0, **kw
+    ):
         try:
-            om = torch.tensor([[float(omega[n][str(b)] if str(b) in omega[n] else omega[n][b]) for b in bits]
-                               for n in layers], dtype=torch.float64)
+            om = torch.tensor(
+                [[float(omega[n][str(b)] if str(b) in omega[n] else omega[n][b]) for b in bits] for n in layers],
+                dtype=torch.float64,
+            )
         except (KeyError, TypeError) as e:
             raise SensitivityError(f"omega lacks an entry for a searchable layer/bit: {e}") from None
         self.tau = float(tau)
         super().__init__(layers, bits, tempered_probabilities(om, list(bits), tau), **kw)
 
 
-def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sensitivity: dict | None = None,
-                  model_name: str | None = None, sigma: float = 0.5, epochs: int = 1, warmup_epochs: int = 0,
-                  tau: float = 1.0) -> BitSampler:
+def build_sampler(
+    kind: str,
+    layers: Sequence[str],
+    bits: Sequence[int],
+    *,
+    sensitivity: dict | None = None,
+    model_name: str | None = None,
+    sigma: float = 0.5,
+    epochs: int = 1,
+    warmup_epochs: int = 0,
+    tau: float = 1.0,
+) -> BitSampler:
     """The sampler named ``kind`` (one of SAMPLERS); hasb/tempered need a loaded sensitivity dict."""
     bits = sorted({int(b) for b in bits}, reverse=True)
     kw = dict(sigma=sigma, epochs=epochs, warmup_epochs=warmup_epochs)
@@ -205,6 +235,18 @@ def build_sampler(kind: str, layers: Sequence[str], bits: Sequence[int], *, sens
     return TemperedSampler(layers, bits, omega, tau=tau, **kw)
 
 
-__all__ = ["SAMPLERS", "SensitivityError", "sigma_schedule", "default_warmup", "hasb_probabilities",
-           "tempered_probabilities", "BitSampler", "HASBSampler", "UniformSampler", "TemperedSampler",
-           "load_sensitivity", "traces_for_model", "build_sampler"]
+__all__ = [
+    "SAMPLERS",
+    "SensitivityError",
+    "sigma_schedule",
+    "default_warmup",
+    "hasb_probabilities",
+    "tempered_probabilities",
+    "BitSampler",
+    "HASBSampler",
+    "UniformSampler",
+    "TemperedSampler",
+    "load_sensitivity",
+    "traces_for_model",
+    "build_sampler",
+]

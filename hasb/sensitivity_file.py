@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 from .errors import HasbError
 
-__all__ = ["VERSION", "LAYER_KEYS", "SensitivityError", "load_sensitivity", "validate_sensitivity",
-           "traces_for_model", "check_for_model"]
+__all__ = [
+    "VERSION",
+    "LAYER_KEYS",
+    "SensitivityError",
+    "load_sensitivity",
+    "validate_sensitivity",
+    "traces_for_model",
+    "check_for_model",
+]
 
 VERSION = 1
 LAYER_KEYS = ("layer", "n_params", "trace", "trace_per_param", "stderr", "n_hvp", "searchable")
@@ -28,7 +35,7 @@ class SensitivityError(HasbError):
     """A sensitivity file is missing, malformed, or belongs to another model or layer set."""
 
 
-def load_sensitivity(path: Union[str, Path]) -> dict:
+def load_sensitivity(path: str | Path) -> dict:
     """Read and validate sensitivity.json (a file, or a run folder holding one); SensitivityError names the problem."""
     p = Path(path)
     if p.is_dir():
@@ -53,8 +60,14 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
         bad("top level must be a JSON object")
     if d.get("version") != VERSION:
         bad(f"version must be {VERSION}, got {d.get('version')!r}")
-    for k, typ in (("model", str), ("fingerprint", str), ("bits", list), ("layers", list), ("omega", dict),
-                   ("negative_traces", list)):
+    for k, typ in (
+        ("model", str),
+        ("fingerprint", str),
+        ("bits", list),
+        ("layers", list),
+        ("omega", dict),
+        ("negative_traces", list),
+    ):
         if not isinstance(d.get(k), typ):
             bad(f"key {k!r} missing or not a {typ.__name__}")
     bits = d["bits"]
@@ -69,7 +82,7 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
             bad(f"layers[{i}] lacks {miss}; each layer needs {list(LAYER_KEYS)}")
         for k in ("trace", "trace_per_param", "stderr"):
             if k == "stderr" and row[k] is None:
-                continue   # null = not estimated (the HVP budget ran out before 2 samples of this layer)
+                continue  # null = not estimated (the HVP budget ran out before 2 samples of this layer)
             if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not math.isfinite(row[k]):
                 bad(f"layers[{i}] ({row['layer']}): {k} must be a finite number, got {row[k]!r}")
         if not isinstance(row["searchable"], bool):
@@ -77,8 +90,10 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
         names.append(row["layer"])
     searchable = {r["layer"] for r in d["layers"] if r["searchable"]}
     if set(d["omega"]) != searchable:
-        bad(f"omega must have exactly the searchable layers; missing {sorted(searchable - set(d['omega']))[:3]}, "
-            f"extra {sorted(set(d['omega']) - searchable)[:3]}")
+        bad(
+            f"omega must have exactly the searchable layers; missing {sorted(searchable - set(d['omega']))[:3]}, "
+            f"extra {sorted(set(d['omega']) - searchable)[:3]}"
+        )
     for n, om in d["omega"].items():
         if not isinstance(om, dict) or set(om) != {str(b) for b in bits}:
             bad(f"omega[{n!r}] must map every bit of {bits} (as strings) to a number")
@@ -89,12 +104,18 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
         bad(f"negative_traces names unknown layers {unknown[:3]}")
     if "density" in d and d["density"] is not None:
         den = d["density"]
-        if not (isinstance(den, dict) and isinstance(den.get("grid"), list) and isinstance(den.get("density"), list)
-                and len(den["grid"]) == len(den["density"])):
+        if not (
+            isinstance(den, dict)
+            and isinstance(den.get("grid"), list)
+            and isinstance(den.get("density"), list)
+            and len(den["grid"]) == len(den["density"])
+        ):
             bad("density must be {'grid': [...], 'density': [...]} of equal length")
 
 
-def traces_for_model(sens: dict, model_name: str, layers: Sequence[str], where: str = "sensitivity file") -> dict[str, float]:
+def traces_for_model(
+    sens: dict, model_name: str, layers: Sequence[str], where: str = "sensitivity file"
+) -> dict[str, float]:
     """Per-parameter traces of exactly ``layers``; clear error if the file is for another model or layer set."""
     name = sens.get("model")
     if name is not None and model_name is not None and str(name) != str(model_name):
@@ -108,8 +129,9 @@ def traces_for_model(sens: dict, model_name: str, layers: Sequence[str], where: 
     missing = [n for n in layers if n not in rows]
     extra = [n for n in rows if n not in layers]
     if missing or extra:
-        raise SensitivityError(f"{where} does not match the model's searchable layers (missing {missing[:3]}, "
-                               f"unexpected {extra[:3]})")
+        raise SensitivityError(
+            f"{where} does not match the model's searchable layers (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     out = {}
     for n in layers:
         v = rows[n].get("trace_per_param")
@@ -129,6 +151,8 @@ def check_for_model(sens: dict, model_name: str, layers: Sequence[str], where: s
         raise SensitivityError(f"{where} is for model {name!r}, but the checkpoint is a {model_name!r}")
     missing = [n for n in layers if n not in sens["omega"]]
     if missing:
-        raise SensitivityError(f"{where} does not match the model's layers: no omega for {missing[0]!r} "
-                               f"({len(missing)} of {len(layers)} searchable layers missing)")
+        raise SensitivityError(
+            f"{where} does not match the model's layers: no omega for {missing[0]!r} "
+            f"({len(missing)} of {len(layers)} searchable layers missing)"
+        )
     return sens

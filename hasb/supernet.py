@@ -13,6 +13,7 @@ entries that config uses and re-estimate them as a cumulative average
 Only running statistics change; affine parameters, weights and every other BN
 entry are untouched, and module modes and momenta are restored afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,13 @@ def _as_batches(batches) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, config: BitConfig | dict | int | str | None, batches: Iterable,
-                   *, device: str | torch.device | None = None) -> int:
+def recalibrate_bn(
+    model: nn.Module,
+    config: BitConfig | dict | int | str | None,
+    batches: Iterable,
+    *,
+    device: str | torch.device | None = None,
+) -> int:
     """Re-estimate the running statistics of the BN entries ``config`` uses, in place; returns the batch count.
 
     Args:
@@ -101,7 +107,7 @@ def recalibrate_bn(model: nn.Module, config: BitConfig | dict | int | str | None
         entries = {id(m): m for m in active_bn_entries(model).values()}.values()
         saved_momentum = [(m, m.momentum) for m in entries]
         try:
-            model.eval()      # everything else (dropout, other BNs) in eval
+            model.eval()  # everything else (dropout, other BNs) in eval
             for m in entries:
                 m.reset_running_stats()
                 m.momentum = None

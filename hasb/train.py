@@ -106,6 +106,7 @@ USER_ERRORS = (TrainError, ConfigError, SensitivityError, CheckpointError, DataE
 # ----------------------------------------------------------------------------------------------------------------
 # parameter groups
 
+
 def param_categories(model: nn.Module) -> dict[str, str]:
     """Parameter name → category: ``weight`` | ``quant`` (w_scale, act_scales) | ``bn`` | ``bias`` | ``other``."""
     cats: dict[str, str] = {}
@@ -132,8 +133,10 @@ def param_groups(model: nn.Module, wd: float, scales_include: Sequence[str] = SC
     """Explicit optimizer groups ``weights`` (wd), ``scales`` (wd 0, ALRS) and ``no_decay`` (wd 0); empty ones dropped."""
     bad = [c for c in scales_include if c not in SCALE_CATEGORIES]
     if bad:
-        raise TrainError(f"unknown scales-group categor{'y' if len(bad) == 1 else 'ies'} {bad}; "
-                         f"accepted: {', '.join(SCALE_CATEGORIES)}")
+        raise TrainError(
+            f"unknown scales-group categor{'y' if len(bad) == 1 else 'ies'} {bad}; "
+            f"accepted: {', '.join(SCALE_CATEGORIES)}"
+        )
     cats = param_categories(model)
     groups: dict[str, list] = {"weights": [], "scales": [], "no_decay": []}
     for name, p in model.named_parameters():
@@ -146,6 +149,7 @@ def param_groups(model: nn.Module, wd: float, scales_include: Sequence[str] = SC
 
 # ----------------------------------------------------------------------------------------------------------------
 # model construction
+
 
 def _resolve_model_pt(path: str | Path) -> Path:
     p = Path(path)
@@ -164,13 +168,17 @@ def _load_float_init(model: nn.Module, path: str) -> None:
         if k in obj and isinstance(obj[k], dict):
             obj = obj[k]
     if obj.get("format") is not None:
-        raise TrainError(f"--init {path} is a {obj.get('format')} file; the multi stage wants a float state dict "
-                         f"(the supernet stage takes a multi-precision model.pt)")
+        raise TrainError(
+            f"--init {path} is a {obj.get('format')} file; the multi stage wants a float state dict "
+            f"(the supernet stage takes a multi-precision model.pt)"
+        )
     try:
         model.load_state_dict(obj, strict=True)
     except RuntimeError as e:
-        raise TrainError(f"--init {path} does not fit model {(build_record(model) or {}).get('name', '?')}: "
-                         f"{str(e).splitlines()[0][:300]}") from None
+        raise TrainError(
+            f"--init {path} does not fit model {(build_record(model) or {}).get('name', '?')}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from None
 
 
 @torch.no_grad()
@@ -188,7 +196,7 @@ def _float_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 128) ->
         m.train()
     try:
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         for m, mom in saved:
             m.momentum = mom
@@ -198,19 +206,25 @@ def _float_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 128) ->
 def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module, dict | None]:
     """The model to train (and, for supernet, the multi-stage extra dict)."""
     bits = validate_config(cfg)
-    if ckpt is not None:   # resume: rebuild from the checkpoint's own description
+    if ckpt is not None:  # resume: rebuild from the checkpoint's own description
         build = json.loads(ckpt["build"])
         spec = json.loads(ckpt["spec"])
         model = build_model(**build)
-        quantize_model(model, spec["bits"], fixed=list(spec["fixed"]) or "none",
-                       fixed_bits="fp" if spec["fixed_bit"] is None else spec["fixed_bit"], rounding=spec["rounding"])
+        quantize_model(
+            model,
+            spec["bits"],
+            fixed=list(spec["fixed"]) or "none",
+            fixed_bits="fp" if spec["fixed_bit"] is None else spec["fixed_bit"],
+            rounding=spec["rounding"],
+        )
         if ckpt["tbn"]:
             enable_tbn(model)
         model.load_state_dict(ckpt["model"], strict=True)
         return model, None
     if cfg.stage == "multi":
-        model = build_model(cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                            image_size=splits.image_size)
+        model = build_model(
+            cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
+        )
         if cfg.init:
             _load_float_init(model, cfg.init)
         else:
@@ -229,8 +243,9 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
         raise TrainError(f"--init {cfg.init} is not a training output (stage={extra.get('stage')!r})")
     not_cand = [b for b in bits if b not in spec.bits]
     if not_cand:
-        raise TrainError(f"bits {not_cand} are not in the candidate set of {cfg.init}; accepted: "
-                         f"{', '.join(map(str, spec.bits))}")
+        raise TrainError(
+            f"bits {not_cand} are not in the candidate set of {cfg.init}; accepted: {', '.join(map(str, spec.bits))}"
+        )
     name = (build_record(model) or {}).get("name")
     if cfg.model and name and cfg.model != name:
         raise TrainError(f"--model {cfg.model} does not match --init (a {name} model)")
@@ -248,8 +263,17 @@ def _build_sampler(cfg: TrainConfig, model: nn.Module, bits: list[int]) -> BitSa
     name = (build_record(model) or {}).get("name")
     warm = default_warmup(cfg.epochs) if cfg.warmup_epochs is None else int(cfg.warmup_epochs)
     try:
-        return build_sampler(cfg.sampler, searchable_layers(model), bits, sensitivity=sens,
-                             model_name=name, sigma=cfg.sigma, epochs=cfg.epochs, warmup_epochs=warm, tau=cfg.tau)
+        return build_sampler(
+            cfg.sampler,
+            searchable_layers(model),
+            bits,
+            sensitivity=sens,
+            model_name=name,
+            sigma=cfg.sigma,
+            epochs=cfg.epochs,
+            warmup_epochs=warm,
+            tau=cfg.tau,
+        )
     except SensitivityError as e:
         raise SensitivityError(f"--sensitivity {cfg.sensitivity}: {e}") from None
 
@@ -257,9 +281,17 @@ def _build_sampler(cfg: TrainConfig, model: nn.Module, bits: list[int]) -> BitSa
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config, *, batch_size: int = 512,
-             device=None, bf16: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config,
+    *,
+    batch_size: int = 512,
+    device=None,
+    bf16: bool = False,
+) -> tuple[float, float]:
     """(accuracy, mean CE loss) of ``config`` (BitConfig or uniform bit) on ``data``; model left in eval mode."""
     device = device or next(model.parameters()).device
     model.eval()
@@ -272,7 +304,6 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config, 
         correct += int((z.argmax(1) == y).sum())
         n += len(y)
     return correct / max(n, 1), loss / max(n, 1)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +329,9 @@ class Run:
     pskd: dict = field(default_factory=lambda: {"prev": None, "cur": None})
     history: list = field(default_factory=list)
     epoch0: int = 0
-    skip: int = 0                  # steps of epoch0 already done (resume mid-epoch)
+    skip: int = 0  # steps of epoch0 already done (resume mid-epoch)
     global_step: int = 0
-    loss_sums: dict = field(default_factory=dict)   # epoch0's running loss sums at the resume point
+    loss_sums: dict = field(default_factory=dict)  # epoch0's running loss sums at the resume point
     stopped: bool = False
 
     @property
@@ -333,8 +364,10 @@ def _open_checkpoint(cfg: TrainConfig, out: Path) -> dict | None:
         check_resume(cfg, ckpt, path)
         return ckpt
     if not cfg.overwrite and (path.exists() or (out / "model.pt").exists()):
-        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, --force (--overwrite) "
-                         f"to replace it, or choose another --out")
+        raise TrainError(
+            f"{out} already holds a training run; pass --resume to continue it, --force (--overwrite) "
+            f"to replace it, or choose another --out"
+        )
     return None
 
 
@@ -344,25 +377,46 @@ def _prepare(cfg: TrainConfig) -> Run:
     device, dist_ = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt = _open_checkpoint(cfg, Path(cfg.out))
-    splits = load_dataset(cfg.data, cfg.data_dir, val_size=cfg.val_size, train_limit=cfg.train_limit,
-                          val_limit=cfg.val_limit)
+    splits = load_dataset(
+        cfg.data, cfg.data_dir, val_size=cfg.val_size, train_limit=cfg.train_limit, val_limit=cfg.val_limit
+    )
     model, _ = _build_model(cfg, splits, ckpt)
     if cfg.stage == "multi" and tuple(bits) != tuple(get_spec(model).bits):
         raise TrainError("resume: bits differ from the checkpoint's model")
     sampler = _build_sampler(cfg, model, bits)
     model.to(device).train()
     opt = torch.optim.Adam([dict(g) for g in param_groups(model, cfg.wd, cfg.scales_include)], lr=cfg.lr)
-    ctx = StepContext(model=model, fwd=model, opt=opt, base_lrs={g["name"]: cfg.lr for g in opt.param_groups},
-                      factors=A.alrs_factors(bits, cfg.alrs, cfg.alrs_alpha), distill=cfg.distill,
-                      kd_weight=cfg.kd_weight, bf16=cfg.bf16, dist=dist_)
+    ctx = StepContext(
+        model=model,
+        fwd=model,
+        opt=opt,
+        base_lrs={g["name"]: cfg.lr for g in opt.param_groups},
+        factors=A.alrs_factors(bits, cfg.alrs, cfg.alrs_alpha),
+        distill=cfg.distill,
+        kd_weight=cfg.kd_weight,
+        bf16=cfg.bf16,
+        dist=dist_,
+    )
     n_train = len(splits.train[0])
     if cfg.batch_size % dist_.world:
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by the {dist_.world} processes")
     steps = n_train // cfg.batch_size
     if steps == 0:
         raise TrainError(f"the training set ({n_train} images) is smaller than one batch ({cfg.batch_size})")
-    run = Run(cfg, bits, Path(cfg.out), dist_, device, splits, model, ctx, sampler,
-              torch.Generator().manual_seed(cfg.seed + 7919), steps, steps * cfg.epochs)
+    run = Run(
+        cfg,
+        bits,
+        Path(cfg.out),
+        dist_,
+        device,
+        splits,
+        model,
+        ctx,
+        sampler,
+        torch.Generator().manual_seed(cfg.seed + 7919),
+        steps,
+        steps * cfg.epochs,
+    )
     if cfg.distill == "pskd":
         run.pskd["cur"] = torch.zeros(n_train, splits.num_classes)
     if ckpt is not None:
@@ -397,7 +451,7 @@ def _start(run: Run) -> None:
     if run.cfg.compile:
         if run.cfg.stage == "multi":
             run.ctx.fwd = torch.compile(run.model)
-        else:   # per-layer configs vary every pass: compile leaves (≤ one graph per bit each) not the whole net
+        else:  # per-layer configs vary every pass: compile leaves (≤ one graph per bit each) not the whole net
             for m in run.model.modules():
                 if isinstance(m, QUANT_TYPES):
                     m.compile()
@@ -414,7 +468,7 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(run.epoch0, cfg.epochs):
         t0 = time.time()
         done = _train_epoch(run, epoch)
-        if done is None:          # stopped mid-epoch by max_steps (a checkpoint was written)
+        if done is None:  # stopped mid-epoch by max_steps (a checkpoint was written)
             run.stopped = True
             break
         _end_epoch(run, epoch, *done, t0)
@@ -436,16 +490,22 @@ def _train_epoch(run: Run, epoch: int) -> tuple[dict, int] | None:
     run.loss_sums, run.skip = {}, 0
     dgen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     x_all, y_all = run.splits.train
-    it = batches((x_all, torch.arange(len(x_all))), cfg.batch_size, shuffle=True, generator=dgen,
-                 augment=cfg.augment, drop_last=True)
+    it = batches(
+        (x_all, torch.arange(len(x_all))),
+        cfg.batch_size,
+        shuffle=True,
+        generator=dgen,
+        augment=cfg.augment,
+        drop_last=True,
+    )
     bar = _progress_bar(run, epoch, skip)
     alpha_t = pskd_alpha(epoch, cfg.epochs, cfg.pskd_alpha_T)
     stopped = False
     for s, (xb, ib) in enumerate(it):
-        if s < skip:      # resume mid-epoch: same order, same augmentation RNG draws
+        if s < skip:  # resume mid-epoch: same order, same augmentation RNG draws
             continue
         for b, loss in _step(run, epoch, xb, y_all[ib], ib, alpha_t).items():
-            loss_sum[b] = loss_sum[b] + loss   # on device: no sync per pass
+            loss_sum[b] = loss_sum[b] + loss  # on device: no sync per pass
         n_steps += 1
         run.global_step += 1
         _update_bar(bar, loss_sum[run.bits[0]], n_steps)
@@ -457,13 +517,14 @@ def _train_epoch(run: Run, epoch: int) -> tuple[dict, int] | None:
     return None if stopped else (loss_sum, n_steps)
 
 
-def _step(run: Run, epoch: int, xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor,
-          alpha_t: float) -> dict[int, torch.Tensor]:
+def _step(
+    run: Run, epoch: int, xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, alpha_t: float
+) -> dict[int, torch.Tensor]:
     """One global step on this rank's slice of the batch (``ib``: the batch's sample indices); bit → loss."""
     d, device = run.dist, run.device
     ib_local = ib
     if d.world > 1:
-        xb, yb, ib_local = xb[d.rank::d.world], yb[d.rank::d.world], ib[d.rank::d.world]
+        xb, yb, ib_local = xb[d.rank :: d.world], yb[d.rank :: d.world], ib[d.rank :: d.world]
     xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
     sched = A.cosine_factor(run.global_step, run.total_steps)
     soft = None
@@ -499,9 +560,18 @@ def _mid_epoch_checkpoint(run: Run, epoch: int, step_in_epoch: int, loss_sum: di
 
 
 def _save(run: Run, epoch: int, step_in_epoch: int, loss_sum: dict) -> None:
-    save_checkpoint(run.ckpt_path, cfg=run.cfg, model=run.model, opt=run.ctx.opt,
-                    pos={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step},
-                    sampler=run.sampler, sgen=run.sgen, pskd=run.pskd, history=run.history, loss_sums=loss_sum)
+    save_checkpoint(
+        run.ckpt_path,
+        cfg=run.cfg,
+        model=run.model,
+        opt=run.ctx.opt,
+        pos={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step},
+        sampler=run.sampler,
+        sgen=run.sgen,
+        pskd=run.pskd,
+        history=run.history,
+        loss_sums=loss_sum,
+    )
 
 
 def _end_epoch(run: Run, epoch: int, loss_sum: dict, n_steps: int, t0: float) -> None:
@@ -512,7 +582,7 @@ def _end_epoch(run: Run, epoch: int, loss_sum: dict, n_steps: int, t0: float) ->
         run.pskd["prev"], run.pskd["cur"] = run.pskd["cur"].clone(), run.pskd["cur"]
     if d.world > 1:
         allreduce_bn_stats(run.model, d.world)
-        sums = allreduce_mean(sums + [float(n_steps)], d.world)[:len(bits)]
+        sums = allreduce_mean(sums + [float(n_steps)], d.world)[: len(bits)]
     row = _epoch_row(run, epoch, dict(zip(bits, sums, strict=True)), n_steps, t0)
     run.history.append(row)
     run.model.train()
@@ -556,35 +626,42 @@ def _epoch_row(run: Run, epoch: int, sums: dict[int, float], n_steps: int, t0: f
 def _progress_bar(run: Run, epoch: int, skip: int) -> Any:
     if not (run.cfg.progress and run.dist.main):
         return None
-    return tqdm(total=run.steps_per_epoch, initial=skip, desc=f"{run.cfg.stage} epoch {epoch + 1}/{run.cfg.epochs}",
-                leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=run.steps_per_epoch,
+        initial=skip,
+        desc=f"{run.cfg.stage} epoch {epoch + 1}/{run.cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def _update_bar(bar: Any, top_sum: Any, n_steps: int) -> None:
     if bar is None:
         return
     bar.update(1)
-    if n_steps % 20 == 1:   # reading the loss syncs the device; not every step
+    if n_steps % 20 == 1:  # reading the loss syncs the device; not every step
         bar.set_postfix(loss=f"{float(top_sum) / n_steps:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's parser, generated from :class:`TrainConfig`'s fields."""
     p = argparse.ArgumentParser(
         prog="python -m hasb.train",
         description="Train a Double Rounding multi-precision model (stage multi) or the HASB mixed-precision "
-                    "supernet from it (stage supernet). Writes DIR/checkpoint.pt, metrics.csv/json, "
-                    "train_config.json and finally DIR/model.pt. Bad input: one line on stderr, exit code 2.")
+        "supernet from it (stage supernet). Writes DIR/checkpoint.pt, metrics.csv/json, "
+        "train_config.json and finally DIR/model.pt. Bad input: one line on stderr, exit code 2.",
+    )
     return add_options(p, TrainConfig)
 
 
 def _run(ns: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, ns, bits=parse_bits(ns.bits))
     validate_config(cfg)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))     # torchrun: share the cores between local ranks
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: share the cores between local ranks
     set_threads(cfg.threads if cfg.threads is not None or local == 1 else max(1, default_threads() // local))
     out = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -598,8 +675,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _run(ns))
 
 
-__all__ = ["TrainConfig", "TrainError", "USER_ERRORS", "STAGES", "SCALE_CATEGORIES", "RESUME_FREE", "CKPT_FORMAT",
-           "train", "evaluate", "load_supernet", "param_groups", "param_categories", "build_parser", "main"]
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "USER_ERRORS",
+    "STAGES",
+    "SCALE_CATEGORIES",
+    "RESUME_FREE",
+    "CKPT_FORMAT",
+    "train",
+    "evaluate",
+    "load_supernet",
+    "param_groups",
+    "param_categories",
+    "build_parser",
+    "main",
+]
 
 
 if __name__ == "__main__":

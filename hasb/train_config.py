@@ -29,8 +29,18 @@ from .sampler import SAMPLERS
 STAGES = ("multi", "supernet")
 SCALE_CATEGORIES = ("quant", "bn", "bias")
 # fields that may differ between a run and its --resume (they do not change what is computed)
-RESUME_FREE = {"resume", "max_steps", "progress", "checkpoint_every", "device", "compile", "out", "data_dir",
-               "overwrite", "threads"}
+RESUME_FREE = {
+    "resume",
+    "max_steps",
+    "progress",
+    "checkpoint_every",
+    "device",
+    "compile",
+    "out",
+    "data_dir",
+    "overwrite",
+    "threads",
+}
 
 
 class TrainError(HasbError):
@@ -45,37 +55,65 @@ def _csv_list(text: str) -> list[str]:
 class TrainConfig:
     """Everything a training run depends on; JSON round trip via ``to_json``/``from_json``."""
 
-    stage: str = option("multi", choices=STAGES, help="multi: all-bit training (Alg. A.2); supernet: per-layer "
-                        "stochastic bit switching from a multi-precision model.pt (Alg. A.3)")
-    model: str | None = model_option()     # multi: required; supernet: taken from --init
+    stage: str = option(
+        "multi",
+        choices=STAGES,
+        help="multi: all-bit training (Alg. A.2); supernet: per-layer "
+        "stochastic bit switching from a multi-precision model.pt (Alg. A.3)",
+    )
+    model: str | None = model_option()  # multi: required; supernet: taken from --init
     data: str = data_option()
     data_dir: str | None = data_dir_option()
     out: str = out_option("run directory", default="runs/train", required=True)
     epochs: int = option(1, help="epochs")
     # the CLI keeps the text and parses it with hasb.cli.parse_bits inside the exit-code policy (one error line)
-    bits: list = option(default_factory=lambda: list(DEFAULT_BITS), parse=str, help="candidate bits, comma "
-                        "separated (distinct, in 1..8); in the supernet stage a subset of --init's candidates")
+    bits: list = option(
+        default_factory=lambda: list(DEFAULT_BITS),
+        parse=str,
+        help="candidate bits, comma "
+        "separated (distinct, in 1..8); in the supernet stage a subset of --init's candidates",
+    )
     batch_size: int = option(128, help="global batch size (split over DDP ranks)")
     lr: float = option(2e-3, help="initial Adam learning rate λ₀ of every group, cosine annealed per step")
     wd: float = option(5e-5, help="weight decay of the weights group (scales: 0)")
-    alrs: str = option("code", choices=A.ALRS_MODES, help="ALRS on the scales group: code (λ·α^k, k = rank from "
-                       "the top bit), paper (Eq. 7), off")
+    alrs: str = option(
+        "code",
+        choices=A.ALRS_MODES,
+        help="ALRS on the scales group: code (λ·α^k, k = rank from the top bit), paper (Eq. 7), off",
+    )
     alrs_alpha: float = option(0.1, help="α of --alrs code, in (0, 1]")
-    scales_include: list = option(default_factory=lambda: list(SCALE_CATEGORIES), parse=_csv_list,
-                                  help="what joins the ALRS scales group: any of quant (w_scale, act_scales), bn "
-                                  "(BN affine), bias; the rest of these go to a no-decay group at λ")
-    sampler: str = option("hasb", choices=SAMPLERS, help="supernet per-layer bit sampler: hasb (Alg. 1, needs "
-                          "--sensitivity), uniform, tempered (p ∝ exp(-Ω/τ), needs --sensitivity)")
-    sensitivity: str | None = option(None, help="sensitivity.json from analysis.sensitivity (per-parameter "
-                                     "traces of the searchable layers; must be for the same model)")
+    scales_include: list = option(
+        default_factory=lambda: list(SCALE_CATEGORIES),
+        parse=_csv_list,
+        help="what joins the ALRS scales group: any of quant (w_scale, act_scales), bn "
+        "(BN affine), bias; the rest of these go to a no-decay group at λ",
+    )
+    sampler: str = option(
+        "hasb",
+        choices=SAMPLERS,
+        help="supernet per-layer bit sampler: hasb (Alg. 1, needs "
+        "--sensitivity), uniform, tempered (p ∝ exp(-Ω/τ), needs --sensitivity)",
+    )
+    sensitivity: str | None = option(
+        None,
+        help="sensitivity.json from analysis.sensitivity (per-parameter "
+        "traces of the searchable layers; must be for the same model)",
+    )
     sigma: float = option(0.5, help="maximum switching probability σ in [0, 1] (σ_e = σ·(e+1)/E after warm-up)")
     warmup_epochs: int | None = option(None, help="epochs with σ_e = 0 (default round(E·10/90))")
     tau: float = option(1.0, help="temperature of --sampler tempered (> 0)")
     tbn: bool = option(True, negate="--no-tbn", help="supernet: keep per-bit BN instead of Transitional BN")
-    init: str | None = option(None, help="multi: a float state dict (torch.save, loaded with weights_only); "
-                              "supernet: the multi-precision model.pt (or its run directory)")
-    distill: str = option("inplace", choices=DISTILL_MODES, help="inplace: lower bits learn from the top bit's "
-                          "softmax in the same step; pskd: progressive self-KD (the paper's KD); none")
+    init: str | None = option(
+        None,
+        help="multi: a float state dict (torch.save, loaded with weights_only); "
+        "supernet: the multi-precision model.pt (or its run directory)",
+    )
+    distill: str = option(
+        "inplace",
+        choices=DISTILL_MODES,
+        help="inplace: lower bits learn from the top bit's "
+        "softmax in the same step; pskd: progressive self-KD (the paper's KD); none",
+    )
     kd_weight: float = option(0.5, help="soft-target weight of --distill inplace, in [0, 1]")
     pskd_alpha_T: float = 0.7
     train_limit: int | None = option(None, help="use only the first N (≥ 1) training images")
@@ -86,8 +124,9 @@ class TrainConfig:
     seed: int = seed_option()
     device: str = device_option()
     bf16: bool = option(False, help="bfloat16 autocast (GPU)")
-    compile: bool = option(False, help="torch.compile (whole model in the multi stage, each quantized layer in "
-                           "the supernet stage)")
+    compile: bool = option(
+        False, help="torch.compile (whole model in the multi stage, each quantized layer in the supernet stage)"
+    )
     checkpoint_every: int = option(0, help="also checkpoint every N steps (0: end of each epoch only)")
     resume: bool = option(False, help="continue DIR/checkpoint.pt exactly (same options)")
     overwrite: bool = option(False, flag="--force", aliases=("--overwrite",), help="replace an existing run in --out")
@@ -141,10 +180,10 @@ def _at_least(cfg: TrainConfig, name: str, lo: int) -> None:
 
 def validate_config(cfg: TrainConfig) -> list[int]:
     """Check every option's value (cheap, before any work); returns the candidate bits, highest first."""
-    for name, choices in (("stage", STAGES), ("alrs", A.ALRS_MODES), ("distill", DISTILL_MODES),
-                          ("sampler", SAMPLERS)):
-        _check(getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; accepted: "
-               f"{', '.join(choices)}")
+    for name, choices in (("stage", STAGES), ("alrs", A.ALRS_MODES), ("distill", DISTILL_MODES), ("sampler", SAMPLERS)):
+        _check(
+            getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; accepted: {', '.join(choices)}"
+        )
     _check(cfg.stage != "multi" or bool(cfg.model), "--model is required for the multi stage")
     _finite(cfg, "lr", 0.0, lo_open=True)
     _finite(cfg, "wd", 0.0)
@@ -158,11 +197,16 @@ def validate_config(cfg: TrainConfig) -> list[int]:
     _at_least(cfg, "threads", 1)
     for name in ("checkpoint_every", "warmup_epochs"):
         _at_least(cfg, name, 0)
-    _check(cfg.fixed_bits == "fp" or str(cfg.fixed_bits).isdigit() and 1 <= int(cfg.fixed_bits) <= 8,
-           f"--fixed-bits must be fp or an integer in 1..8, got {cfg.fixed_bits!r}")
+    _check(
+        cfg.fixed_bits == "fp" or str(cfg.fixed_bits).isdigit() and 1 <= int(cfg.fixed_bits) <= 8,
+        f"--fixed-bits must be fp or an integer in 1..8, got {cfg.fixed_bits!r}",
+    )
     bad = [c for c in cfg.scales_include if c not in SCALE_CATEGORIES]
-    _check(not bad, f"unknown --scales-include categor{'y' if len(bad) == 1 else 'ies'} {bad}; accepted: "
-           f"{', '.join(SCALE_CATEGORIES)}")
+    _check(
+        not bad,
+        f"unknown --scales-include categor{'y' if len(bad) == 1 else 'ies'} {bad}; accepted: "
+        f"{', '.join(SCALE_CATEGORIES)}",
+    )
     try:
         return parse_bits(cfg.bits)
     except HasbError as e:

@@ -36,8 +36,8 @@ class StepContext:
     model: nn.Module
     fwd: nn.Module
     opt: torch.optim.Optimizer
-    base_lrs: dict[str, float]           # group name → λ₀
-    factors: dict[int, float]            # bit → ALRS multiplier of the scales group
+    base_lrs: dict[str, float]  # group name → λ₀
+    factors: dict[int, float]  # bit → ALRS multiplier of the scales group
     distill: str = "inplace"
     kd_weight: float = 0.5
     bf16: bool = False
@@ -46,9 +46,9 @@ class StepContext:
 
 @dataclass
 class Batch:
-    x: torch.Tensor                      # [B, C, H, W] this rank's slice
-    y: torch.Tensor                      # [B] labels
-    soft: torch.Tensor | None = None     # [B, classes] PSKD targets, or None
+    x: torch.Tensor  # [B, C, H, W] this rank's slice
+    y: torch.Tensor  # [B] labels
+    soft: torch.Tensor | None = None  # [B, classes] PSKD targets, or None
 
 
 def autocast(device, enabled: bool):
@@ -67,8 +67,9 @@ def pass_loss(ctx: StepContext, z: torch.Tensor, batch: Batch, teacher: torch.Te
     return F.cross_entropy(z.float(), batch.y)
 
 
-def bit_pass(ctx: StepContext, conf: BitConfig | int, bit: int, schedule: float, batch: Batch,
-             teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def bit_pass(
+    ctx: StepContext, conf: BitConfig | int, bit: int, schedule: float, batch: Batch, teacher: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step at config ``conf`` (base bit ``bit``); returns (loss, logits [B, classes])."""
     set_config(ctx.model, conf)
     lrs = A.group_lrs(ctx.base_lrs, schedule, bit, ctx.factors)
@@ -85,8 +86,9 @@ def bit_pass(ctx: StepContext, conf: BitConfig | int, bit: int, schedule: float,
     return loss, z
 
 
-def multi_precision_step(ctx: StepContext, batch: Batch, bits: list[int],
-                         schedule: float) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def multi_precision_step(
+    ctx: StepContext, batch: Batch, bits: list[int], schedule: float
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Alg. A.2: one pass per candidate bit, high → low, each with its own optimizer step.
 
     Returns (bit → detached float loss, the top bit's softmax [B, classes] — the in-place teacher / PSKD record).
@@ -102,8 +104,15 @@ def multi_precision_step(ctx: StepContext, batch: Batch, bits: list[int],
     return losses, p_top
 
 
-def supernet_step(ctx: StepContext, batch: Batch, bits: list[int], schedule: float, sampler: BitSampler,
-                  epoch: int, gen: torch.Generator) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def supernet_step(
+    ctx: StepContext,
+    batch: Batch,
+    bits: list[int],
+    schedule: float,
+    sampler: BitSampler,
+    epoch: int,
+    gen: torch.Generator,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Alg. A.3: per base bit (high → low) a per-layer config drawn by ``sampler``, one optimizer step each.
 
     Returns (base bit → detached float loss, the top base bit's softmax [B, classes]).
@@ -111,7 +120,7 @@ def supernet_step(ctx: StepContext, batch: Batch, bits: list[int], schedule: flo
     losses: dict[int, torch.Tensor] = {}
     teacher = p_top = None
     for k, b in enumerate(bits):
-        conf = sampler.sample(b, epoch, gen)       # Alg. 1: each layer keeps b or switches with p_l
+        conf = sampler.sample(b, epoch, gen)  # Alg. 1: each layer keeps b or switches with p_l
         loss, z = bit_pass(ctx, conf, b, schedule, batch, teacher)
         if k == 0:
             p_top = torch.softmax(z.detach().float(), 1)

@@ -11,6 +11,7 @@ writes it, so the notebook can show that message and go on with the other sectio
 The only thing derived here is the cost model (MACs per layer) of the run's model, built from
 its name with ``hasb.CostModel`` — a shape trace, not a result.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,7 +93,7 @@ def find_search_dir(root: Path, budget: str | None = None) -> Path | None:
         name = budget if budget.startswith(BUDGET_PREFIX) else BUDGET_PREFIX + budget
         if (root / name) in subs:
             return root / name
-        have = ", ".join(d.name[len(BUDGET_PREFIX):] for d in subs) or "none"
+        have = ", ".join(d.name[len(BUDGET_PREFIX) :] for d in subs) or "none"
         raise ArtifactError(f"--budget {budget}: no search outputs in {root / name}; budgets in {root}: {have}")
     cands = ([root] if _has_search(root) else []) + subs
     return max(cands, key=_newest_mtime) if cands else None
@@ -115,10 +116,12 @@ class Run:
     def open(cls, run_dir: str | Path, budget: str | None = None) -> Run:
         p = Path(run_dir)
         if not p.is_dir():
-            raise ArtifactError(f"run directory {str(p)!r} does not exist; make one with the commands: "
-                                + "; ".join(c.format(run=p) for c in COMMANDS.values()))
+            raise ArtifactError(
+                f"run directory {str(p)!r} does not exist; make one with the commands: "
+                + "; ".join(c.format(run=p) for c in COMMANDS.values())
+            )
         run = cls(p, budget)
-        run.search_dir()   # an unknown budget is an error now, not in the sections
+        run.search_dir()  # an unknown budget is an error now, not in the sections
         return run
 
     def search_dir(self) -> Path | None:
@@ -154,9 +157,15 @@ class Run:
             paths += [(st, d / f) for f in ("metrics.csv", "metrics.json", "train_config.json", "model.pt")]
         d = self.search_dir() or self.root
         paths += [("pareto", d / f) for f in SEARCH_FILES]
-        rows = [{"artifact": str(p.relative_to(self.root)), "present": p.is_file(),
-                 "size_kB": round(p.stat().st_size / 1e3, 1) if p.is_file() else None, "made by": self.cmd(key)}
-                for key, p in paths]
+        rows = [
+            {
+                "artifact": str(p.relative_to(self.root)),
+                "present": p.is_file(),
+                "size_kB": round(p.stat().st_size / 1e3, 1) if p.is_file() else None,
+                "made by": self.cmd(key),
+            }
+            for key, p in paths
+        ]
         return pd.DataFrame(rows)
 
     # -- sensitivity -----------------------------------------------------------------------------------
@@ -184,17 +193,24 @@ class Run:
     def omega(self) -> dict:
         om = self.sensitivity().get("omega")
         if not om:
-            raise MissingArtifact("Ω_l(b) table", [self.root / "sensitivity.json"], self.cmd("sensitivity"),
-                                  detail="sensitivity.json has no 'omega' entry")
+            raise MissingArtifact(
+                "Ω_l(b) table",
+                [self.root / "sensitivity.json"],
+                self.cmd("sensitivity"),
+                detail="sensitivity.json has no 'omega' entry",
+            )
         return om
 
     def spectrum(self) -> tuple[list, list, list | None]:
         s = self.sensitivity()
         dens = s.get("density")
         if not dens or "grid" not in dens or "density" not in dens:
-            raise MissingArtifact("spectral density", [self.root / "sensitivity.json"],
-                                  self.cmd("sensitivity") + " (with the spectral density enabled; see --help)",
-                                  detail="sensitivity.json has no 'density' entry")
+            raise MissingArtifact(
+                "spectral density",
+                [self.root / "sensitivity.json"],
+                self.cmd("sensitivity") + " (with the spectral density enabled; see --help)",
+                detail="sensitivity.json has no 'density' entry",
+            )
         return dens["grid"], dens["density"], s.get("eigenvalues")
 
     # -- training ----------------------------------------------------------------------------------------
@@ -246,18 +262,22 @@ class Run:
             d = None
         if d is not None and (d / "model.pt").is_file():
             import torch
+
             try:
                 obj = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
                 extra = json.loads(obj.get("extra", "{}")) if isinstance(obj, dict) else {}
-            except Exception as e:   # unreadable export: fall back to the traces, but say so
+            except Exception as e:  # unreadable export: fall back to the traces, but say so
                 print(f"could not read {d / 'model.pt'}: {e}")
                 extra = {}
             smp = extra.get("sampler") or {}
             probs = smp.get("probabilities")
             if probs:
                 # HASB rows are non-uniform exactly for sensitive layers (p ∝ b); uniform sampler: none.
-                sensitive = [n for n, row in probs.items() if max(row.values()) - min(row.values()) > 1e-9] \
-                    if smp.get("kind") == "hasb" else None
+                sensitive = (
+                    [n for n, row in probs.items() if max(row.values()) - min(row.values()) > 1e-9]
+                    if smp.get("kind") == "hasb"
+                    else None
+                )
                 return probs, sensitive, f"{d / 'model.pt'} (sampler {smp.get('kind', '?')} used in training)"
         sens = self.sensitivity()
         df = self.traces()
@@ -265,8 +285,12 @@ class Run:
         if "trace_per_param" not in df.columns:
             raise ArtifactError("sensitivity.json layers lack 'trace_per_param'")
         from hasb.sampler import HASBSampler
-        smp = HASBSampler(list(df["layer"]), [int(b) for b in sens["bits"]],
-                          dict(zip(df["layer"], df["trace_per_param"].astype(float), strict=True)))
+
+        smp = HASBSampler(
+            list(df["layer"]),
+            [int(b) for b in sens["bits"]],
+            dict(zip(df["layer"], df["trace_per_param"].astype(float), strict=True)),
+        )
         return smp.probabilities(), smp.sensitive(), "hasb.sampler.HASBSampler on sensitivity.json traces"
 
     # -- search --------------------------------------------------------------------------------------------
@@ -287,9 +311,12 @@ class Run:
         return _read_json(self.search_file("config.json", "config.json (the chosen config)"))
 
     def model_name(self) -> str:
-        for getter in (lambda: self.chosen().get("model"), lambda: self.sensitivity().get("model"),
-                       lambda: self.train_config("supernet").get("model"),
-                       lambda: self.train_config("multi").get("model")):
+        for getter in (
+            lambda: self.chosen().get("model"),
+            lambda: self.sensitivity().get("model"),
+            lambda: self.train_config("supernet").get("model"),
+            lambda: self.train_config("multi").get("model"),
+        ):
             try:
                 name = getter()
             except (MissingArtifact, ArtifactError, AttributeError):
@@ -298,8 +325,12 @@ class Run:
                 name = name.get("name")
             if name:
                 return str(name)
-        raise MissingArtifact("the model name", [self.root / "config.json", self.root / "sensitivity.json"],
-                              self.cmd("pareto"), detail="no artifact names the model")
+        raise MissingArtifact(
+            "the model name",
+            [self.root / "config.json", self.root / "sensitivity.json"],
+            self.cmd("pareto"),
+            detail="no artifact names the model",
+        )
 
     def cost_model(self, bits: list | None = None):
         """hasb.CostModel of the run's model (MACs from one traced forward pass; no weights needed)."""
@@ -307,6 +338,7 @@ class Run:
             return self._cache["cost"]
         import hasb
         from hasb.models import build_model
+
         name = self.model_name()
         build = {}
         for src in (self.chosen, lambda: self.train_config("supernet"), lambda: self.train_config("multi")):
@@ -336,6 +368,7 @@ def config_from_record(rec: Any, names: list[str]):
     searchable layer in ``names`` order.
     """
     from hasb import BitConfig
+
     if isinstance(rec, dict):
         inner = rec.get("config", rec)
         if isinstance(inner, dict) and "layers" in inner:
@@ -350,8 +383,9 @@ def config_from_record(rec: Any, names: list[str]):
     else:
         w = a = s.split("-")
     if len(w) != len(names) or len(a) != len(names):
-        raise ArtifactError(f"config string {s[:40]!r} has {len(w)} entries but the model has {len(names)} "
-                            "searchable layers")
+        raise ArtifactError(
+            f"config string {s[:40]!r} has {len(w)} entries but the model has {len(names)} searchable layers"
+        )
     return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a, strict=True)})
 
 
@@ -371,8 +405,11 @@ def budget_bitops(chosen: dict, cost) -> float | None:
         if b is None:
             continue
         if isinstance(b, dict):
-            if b.get("kind") in ("bitops", "avg_bits") and isinstance(b.get("limit"), (int, float)) \
-                    and math.isfinite(b["limit"]):
+            if (
+                b.get("kind") in ("bitops", "avg_bits")
+                and isinstance(b.get("limit"), (int, float))
+                and math.isfinite(b["limit"])
+            ):
                 return float(b["limit"])
             if b.get("kind") not in (None, "bitops", "avg_bits"):
                 continue
@@ -398,9 +435,14 @@ def _score_row(label: str, d: dict) -> dict | None:
     acc = d.get("accuracy")
     if not isinstance(acc, (int, float)) or isinstance(acc, bool):
         return None
-    pick = lambda keys: next((d[k] for k in keys if d.get(k) is not None), None)   # noqa: E731
-    return {"score": label, "split": pick(_SPLIT_KEYS), "n": pick(_N_KEYS), "accuracy": float(acc),
-            "se": pick(_SE_KEYS)}
+    pick = lambda keys: next((d[k] for k in keys if d.get(k) is not None), None)  # noqa: E731
+    return {
+        "score": label,
+        "split": pick(_SPLIT_KEYS),
+        "n": pick(_N_KEYS),
+        "accuracy": float(acc),
+        "se": pick(_SE_KEYS),
+    }
 
 
 def chosen_scores(chosen: dict) -> pd.DataFrame:

@@ -70,14 +70,20 @@ class BuildError(HasbError):
 class BuildConfig:
     """Options of ``python -m reports.build`` (each spelled once; argparse is generated from the fields)."""
 
-    run: str = option(None, required=True, help="run folder holding the artifacts (sensitivity.json; "
-                      "multi/ and supernet/ or train/multi/ and train/supernet/; pareto.csv, config.json at the top "
-                      "or in budget-<B>/)")
+    run: str = option(
+        None,
+        required=True,
+        help="run folder holding the artifacts (sensitivity.json; "
+        "multi/ and supernet/ or train/multi/ and train/supernet/; pareto.csv, config.json at the top "
+        "or in budget-<B>/)",
+    )
     out: str | None = out_option(
         help="folder for report.html and report_figures/ (default: the run folder). Deprecated, for one release: "
-             "a name ending in .html is the HTML file itself, figures in <name>_figures/ beside it")
-    budget: str | None = option(None, help="which search folder RUN/budget-<B>/ to report, e.g. 3.5 (default: "
-                                "the newest search outputs)")
+        "a name ending in .html is the HTML file itself, figures in <name>_figures/ beside it"
+    )
+    budget: str | None = option(
+        None, help="which search folder RUN/budget-<B>/ to report, e.g. 3.5 (default: the newest search outputs)"
+    )
     notebook: str = option(str(NOTEBOOK), help="notebook to execute (nbformat v4 with a cell tagged 'parameters')")
     show_code: bool = option(False, help="keep code cells in the HTML (hidden by default)")
     save_notebook: bool = option(False, help="also write the executed notebook (report.ipynb)")
@@ -135,16 +141,17 @@ def load_notebook(path: str | os.PathLike):
         raise BuildError(f"--notebook {str(p)!r} is not an nbformat v4 notebook (nbformat: {got!r})")
     cells = raw.get("cells")
     if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
-        raise BuildError(f"--notebook {str(p)!r} is not a valid nbformat v4 notebook: 'cells' must be a list of "
-                         "cell objects")
-    with warnings.catch_warnings():   # nbformat warns (a second stderr line) about missing cell ids
+        raise BuildError(
+            f"--notebook {str(p)!r} is not a valid nbformat v4 notebook: 'cells' must be a list of cell objects"
+        )
+    with warnings.catch_warnings():  # nbformat warns (a second stderr line) about missing cell ids
         warnings.simplefilter("ignore")
-        try:   # validate the plain dict first: nbformat.reads would log the error on stderr as well
+        try:  # validate the plain dict first: nbformat.reads would log the error on stderr as well
             nbformat.validate(copy.deepcopy(raw))
         except nbformat.ValidationError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BuildError(f"--notebook {str(p)!r} is not a valid nbformat v4 notebook: {first}") from None
-        nb = nbformat.reads(text, as_version=4)   # as the file says (v4): joins multi-line sources
+        nb = nbformat.reads(text, as_version=4)  # as the file says (v4): joins multi-line sources
     return nb
 
 
@@ -153,8 +160,9 @@ def check_out(outs: Outputs) -> None:
     their kind (the HTML/notebook not a folder, the figures not a file).  Writes nothing that stays."""
     folder = outs.folder
     if folder.exists() and not folder.is_dir():
-        raise BuildError(f"--out {str(folder)!r} is a file; give a folder (report.html and report_figures/ go "
-                         "inside it)")
+        raise BuildError(
+            f"--out {str(folder)!r} is a file; give a folder (report.html and report_figures/ go inside it)"
+        )
     base = folder
     while not base.exists():
         base = base.parent
@@ -162,9 +170,11 @@ def check_out(outs: Outputs) -> None:
         raise BuildError(f"--out {str(folder)!r}: {str(base)!r} is a file, so the folder cannot be made")
     for p, want_dir in ((outs.html, False), (outs.notebook, False), (outs.figures, True)):
         if p.exists() and p.is_dir() != want_dir:
-            raise BuildError(f"--out: {str(p)!r} exists and is a {'folder' if p.is_dir() else 'file'}; "
-                             "move it away or choose another --out")
-    try:   # the one reliable test of writability (os.access says yes to root on read-only file systems)
+            raise BuildError(
+                f"--out: {str(p)!r} exists and is a {'folder' if p.is_dir() else 'file'}; "
+                "move it away or choose another --out"
+            )
+    try:  # the one reliable test of writability (os.access says yes to root on read-only file systems)
         probe = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}probe-", dir=base)
     except OSError as e:
         raise BuildError(f"--out {str(folder)!r}: cannot write in {str(base)!r} ({e.strerror})") from None
@@ -184,8 +194,9 @@ def inject_parameters(nb, params: dict):
     nb = copy.deepcopy(nb)
     idx = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if idx is None:
-        raise BuildError("the notebook has no cell tagged 'parameters' (reports.build sets run_dir, fig_dir and "
-                         "budget after it)")
+        raise BuildError(
+            "the notebook has no cell tagged 'parameters' (reports.build sets run_dir, fig_dir and budget after it)"
+        )
     src = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
     cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(idx + 1, cell)
@@ -198,9 +209,12 @@ def _kernel_env(threads: int):
     """The kernel inherits this environment: headless matplotlib, this checkout importable, ``threads``."""
     keys = ("MPLBACKEND", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     backup = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MPLBACKEND="Agg", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                      PYTHONPATH=os.pathsep.join([str(REPO)] + ([backup["PYTHONPATH"]] if backup["PYTHONPATH"]
-                                                                else [])))
+    os.environ.update(
+        MPLBACKEND="Agg",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join([str(REPO)] + ([backup["PYTHONPATH"]] if backup["PYTHONPATH"] else [])),
+    )
     try:
         yield
     finally:
@@ -218,8 +232,13 @@ def execute(nb, cwd: Path, timeout: int = 600, kernel_name: str = "python3", thr
 
     with _kernel_env(threads or default_threads()):
         try:
-            client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, allow_errors=False,
-                                    resources={"metadata": {"path": str(cwd)}})
+            client = NotebookClient(
+                nb,
+                timeout=timeout,
+                kernel_name=kernel_name,
+                allow_errors=False,
+                resources={"metadata": {"path": str(cwd)}},
+            )
             client.execute()
         except CellExecutionError as e:
             # Sections trap their own errors; reaching here means setup failed (imports, run dir).
@@ -231,8 +250,9 @@ def export_html(nb, show_code: bool = False) -> str:
     """Standalone HTML: output images are inlined as base64; markdown images too (embed_images)."""
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(embed_images=True, exclude_input_prompt=True, exclude_output_prompt=True,
-                            exclude_input=not show_code)
+    exporter = HTMLExporter(
+        embed_images=True, exclude_input_prompt=True, exclude_output_prompt=True, exclude_input=not show_code
+    )
     body, _ = exporter.from_notebook_node(nb)
     return body
 
@@ -254,7 +274,7 @@ def clean_stale(folder: Path) -> None:
         return
     for d in folder.iterdir():
         for prefix in (STAGING_PREFIX, OLD_PREFIX):
-            pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+            pid = d.name[len(prefix) :].split("-", 1)[0] if d.name.startswith(prefix) else ""
             if pid.isdigit() and d.is_dir() and not _pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -264,10 +284,10 @@ def swap_in(staged: Path, outs: Outputs) -> None:
     so report.html is never beside figures of another build."""
     old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{os.getpid()}-", dir=outs.folder))
     try:
-        for name in outs.names:                   # html first: from here on no report.html claims the old figures
+        for name in outs.names:  # html first: from here on no report.html claims the old figures
             if (outs.folder / name).exists():
                 os.replace(outs.folder / name, old / name)
-        for name in reversed(outs.names):         # notebook, figures, then html last: the commit
+        for name in reversed(outs.names):  # notebook, figures, then html last: the commit
             if (staged / name).exists():
                 os.replace(staged / name, outs.folder / name)
     finally:
@@ -284,8 +304,9 @@ def render(cfg: BuildConfig, nb, run: Path, outs: Outputs, say) -> dict:
     try:
         figs = staged / outs.figures.name
         figs.mkdir()
-        nb = inject_parameters(nb, {"run_dir": str(run.resolve()), "fig_dir": str(figs.resolve()),
-                                    "budget": cfg.budget})
+        nb = inject_parameters(
+            nb, {"run_dir": str(run.resolve()), "fig_dir": str(figs.resolve()), "budget": cfg.budget}
+        )
         say(f"executing {len(nb.cells)} cells on kernel python3 (run {run})")
         nb = execute(nb, cwd=REPO, timeout=cfg.timeout, threads=cfg.threads)
         atomic_write_text(staged / outs.html.name, export_html(nb, show_code=cfg.show_code))
@@ -308,42 +329,46 @@ def build_report(cfg: BuildConfig) -> dict:
     check_run(run, cfg.budget)
     outs, deprecated = resolve_outputs(cfg.out, run)
     nb = load_notebook(cfg.notebook)
-    inject_parameters(nb, {"run_dir": "", "fig_dir": "", "budget": None})   # has a parameters cell?
+    inject_parameters(nb, {"run_dir": "", "fig_dir": "", "budget": None})  # has a parameters cell?
     check_out(outs)
     if cfg.threads is not None and cfg.threads < 1:
         raise BuildError(f"--threads must be ≥ 1, got {cfg.threads}")
     if deprecated:
-        print(f"warning: --out {outs.html} (an .html file) is deprecated and goes in the next release; give a "
-              f"folder: --out {outs.folder} writes {outs.folder / HTML_NAME} and {outs.folder / FIGURES_NAME}/",
-              file=sys.stderr)
+        print(
+            f"warning: --out {outs.html} (an .html file) is deprecated and goes in the next release; give a "
+            f"folder: --out {outs.folder} writes {outs.folder / HTML_NAME} and {outs.folder / FIGURES_NAME}/",
+            file=sys.stderr,
+        )
 
     def say(msg: str) -> None:
         if cfg.progress:
             print(f"[reports.build] {msg}", flush=True)
 
     t0 = time.time()
-    new = [p for p in (outs.folder, *outs.folder.parents) if not p.exists()]   # folders this build creates
+    new = [p for p in (outs.folder, *outs.folder.parents) if not p.exists()]  # folders this build creates
     outs.folder.mkdir(parents=True, exist_ok=True)
     clean_stale(outs.folder)
     try:
         manifest = render(cfg, nb, run, outs, say)
     except BaseException:
-        with contextlib.suppress(OSError):   # a failed build leaves no empty folders behind (rmdir: only empty)
+        with contextlib.suppress(OSError):  # a failed build leaves no empty folders behind (rmdir: only empty)
             for p in new:
                 p.rmdir()
         raise
     _warn_kernel(manifest.get("python"))
     manifest.update(html=str(outs.html), fig_dir=str(outs.figures))
     _print_sections(manifest, outs.figures)
-    say(f"wrote {outs.html} ({outs.html.stat().st_size / 1e3:.0f} kB) and {outs.figures}/ in "
-        f"{time.time() - t0:.1f}s")
+    say(f"wrote {outs.html} ({outs.html.stat().st_size / 1e3:.0f} kB) and {outs.figures}/ in {time.time() - t0:.1f}s")
     return manifest
 
 
 def _warn_kernel(kernel_py: str | None) -> None:
     if kernel_py and Path(kernel_py).resolve() != Path(sys.executable).resolve():
-        print(f"[reports.build] warning: the kernel ran {kernel_py}, not this interpreter {sys.executable}; "
-              "install a kernel spec for this environment: python -m ipykernel install --sys-prefix", flush=True)
+        print(
+            f"[reports.build] warning: the kernel ran {kernel_py}, not this interpreter {sys.executable}; "
+            "install a kernel spec for this environment: python -m ipykernel install --sys-prefix",
+            flush=True,
+        )
 
 
 def _print_sections(manifest: dict, fig_dir: Path) -> None:
@@ -369,10 +394,14 @@ def _exit_code(manifest: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m reports.build", description=(
-        "Execute reports/sensitivity.ipynb headless on a run folder and write a standalone HTML report "
-        "(report.html, figures as PNG in report_figures/) into --out. Exit 0: every section rendered or was "
-        "skipped for a missing artifact; 1: a section failed; 2: bad input (nothing written)."))
+    ap = argparse.ArgumentParser(
+        prog="python -m reports.build",
+        description=(
+            "Execute reports/sensitivity.ipynb headless on a run folder and write a standalone HTML report "
+            "(report.html, figures as PNG in report_figures/) into --out. Exit 0: every section rendered or was "
+            "skipped for a missing artifact; 1: a section failed; 2: bad input (nothing written)."
+        ),
+    )
     return add_options(ap, BuildConfig)
 
 

@@ -5,6 +5,7 @@ makes it and the notebook goes on; any other error is shown with its traceback, 
 ``error`` in the manifest (``python -m reports.build`` then exits non-zero) and the notebook
 still goes on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,16 +37,21 @@ class Report:
     def section(self, name: str):
         """Run a section's body; MissingArtifact → a visible note, other errors → traceback + 'error' status."""
         from IPython.display import Markdown, display
+
         self._current = name
         self.sections[name] = {"status": "ok", "figures": [], "message": ""}
         try:
             yield
         except MissingArtifact as e:
             self.sections[name].update(status="missing", message=str(e))
-            display(Markdown(f"> **Section skipped — missing artifact.** {e.what} not available.  \n"
-                             f"> Produce it with: `{e.command}`"))
+            display(
+                Markdown(
+                    f"> **Section skipped — missing artifact.** {e.what} not available.  \n"
+                    f"> Produce it with: `{e.command}`"
+                )
+            )
             print(f"[{name}] missing: {e}")
-        except (ArtifactError, Exception) as e:   # keep the other sections alive; the manifest flags it
+        except (ArtifactError, Exception) as e:  # keep the other sections alive; the manifest flags it
             self.sections[name].update(status="error", message=f"{type(e).__name__}: {e}")
             display(Markdown(f"> **Section failed:** `{type(e).__name__}: {e}`"))
             traceback.print_exc(file=sys.stdout)
@@ -57,6 +63,7 @@ class Report:
         from IPython.display import Image, display
 
         from hasb import atomic_write_bytes
+
         png = figure_png_bytes(fig, dpi=self.dpi)
         if self.fig_dir is not None:
             atomic_write_bytes(self.fig_dir / f"{name}.png", png)
@@ -69,5 +76,7 @@ class Report:
         if self.fig_dir is None:
             return None
         from hasb import atomic_write_text
-        return atomic_write_text(self.fig_dir / MANIFEST, json.dumps(
-            {"python": sys.executable, "sections": self.sections}, indent=2))
+
+        return atomic_write_text(
+            self.fig_dir / MANIFEST, json.dumps({"python": sys.executable, "sections": self.sections}, indent=2)
+        )

@@ -10,6 +10,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 def have_fmnist() -> bool:
     from hasb.data import find_data_dir
+
     try:
         find_data_dir("fashion-mnist")
         return True
@@ -21,4 +22,5 @@ def have_fmnist() -> bool:
 def fmnist_small():
     """A small deterministic slice of real Fashion-MNIST (the README's setup installs it)."""
     from hasb.data import load_dataset
+
     return load_dataset("fashion-mnist", train_limit=2048, val_limit=512)

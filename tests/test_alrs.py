@@ -1,4 +1,5 @@
 """ALRS learning rates per group and bit, exactly as specified (method notes §2)."""
+
 import math
 
 import pytest
@@ -7,11 +8,11 @@ from hasb import alrs as A
 
 
 def test_code_mode_factors_8642():
-    assert A.alrs_factors([2, 8, 4, 6], "code") == {8: 1.0, 6: 0.1, 4: 0.1 ** 2, 2: 0.1 ** 3}
+    assert A.alrs_factors([2, 8, 4, 6], "code") == {8: 1.0, 6: 0.1, 4: 0.1**2, 2: 0.1**3}
 
 
 def test_code_mode_432_differs_from_paper():
-    assert A.alrs_factors([4, 3, 2], "code") == {4: 1.0, 3: 0.1, 2: 0.1 ** 2}
+    assert A.alrs_factors([4, 3, 2], "code") == {4: 1.0, 3: 0.1, 2: 0.1**2}
     assert A.alrs_factors([4, 3, 2], "paper") == {4: 1.0, 3: 0.5, 2: 0.1}
 
 
@@ -64,11 +65,24 @@ def test_trainer_applies_alrs_per_pass(tmp_path):
 
     torch.optim.Adam.step = spy
     try:
-        train(TrainConfig(model="tiny_mlp", out=str(tmp_path / "r"), epochs=1, batch_size=64, train_limit=128,
-                          val_limit=64, lr=1e-3, alrs="paper", bits=[8, 6, 4, 2], distill="none", progress=False))
+        train(
+            TrainConfig(
+                model="tiny_mlp",
+                out=str(tmp_path / "r"),
+                epochs=1,
+                batch_size=64,
+                train_limit=128,
+                val_limit=64,
+                lr=1e-3,
+                alrs="paper",
+                bits=[8, 6, 4, 2],
+                distill="none",
+                progress=False,
+            )
+        )
     finally:
         torch.optim.Adam.step = orig
-    assert len(seen) == 2 * 4          # 2 steps × 4 bits, no extra step
+    assert len(seen) == 2 * 4  # 2 steps × 4 bits, no extra step
     for step in range(2):
         sched = A.cosine_factor(step, 2)
         for k, eta in enumerate([1.0, 0.1, 0.01, 0.001]):
@@ -100,7 +114,20 @@ def test_trainer_takes_its_lrs_from_group_lrs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(A, "group_lrs", marked)
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    train(TrainConfig(model="tiny_mlp", out=str(tmp_path / "r"), epochs=1, batch_size=64, train_limit=128,
-                      val_limit=64, lr=1e-3, alrs="code", bits=[8, 4], distill="none", progress=False))
+    train(
+        TrainConfig(
+            model="tiny_mlp",
+            out=str(tmp_path / "r"),
+            epochs=1,
+            batch_size=64,
+            train_limit=128,
+            val_limit=64,
+            lr=1e-3,
+            alrs="code",
+            bits=[8, 4],
+            distill="none",
+            progress=False,
+        )
+    )
     assert [b for b, _ in calls] == [8, 4, 8, 4]
     assert seen == [lrs for _, lrs in calls]

@@ -1,4 +1,5 @@
 """Distributed HVPs (gloo, 2 CPU processes) equal the single-process result."""
+
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,6 @@ def test_distributed_equals_single_process(tmp_path):
     s = distributed_reference()
     assert d["n_total"] == s["n_total"] == 80
     for a, b in zip(d["hv"] + d["block"], s["hv"] + s["block"], strict=False):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)     # only the summation order differs
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)  # only the summation order differs
     assert torch.allclose(d["trace"], s["trace"], rtol=1e-8)
     assert torch.allclose(d["stderr"], s["stderr"], rtol=1e-6)

@@ -1,4 +1,5 @@
 """analysis.exact: per-sample layer traces against exact Hessian / Gauss–Newton blocks (float64, tiny nets)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +31,13 @@ def hessian_block_traces(model, batches, names):
     n = sum(len(y) for _, y in batches)
     out = []
     for nm in names:
+
         def f(w, nm=nm):
             tot = 0.0
             for x, y in batches:
                 tot = tot + len(y) * loss_for(functional_call(model, {nm: w}, (x,), strict=False), y)
             return tot / n
+
         w0 = dict(model.named_parameters())[nm].detach().clone()
         with composite():
             H = torch.autograd.functional.hessian(f, w0, vectorize=True)
@@ -53,7 +56,7 @@ def gauss_newton_traces(model, batches, names):
             logits = model(x).detach()
             J = torch.autograd.functional.jacobian(lambda w, nm=nm, x=x: functional_call(model, {nm: w}, (x,)), w0)
             seq = logits.dim() == 3
-            p = torch.softmax(logits if seq else logits[:, None], -1)               # [B, T, V]
+            p = torch.softmax(logits if seq else logits[:, None], -1)  # [B, T, V]
             J = J.reshape(*p.shape, w0.numel())
             M = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
             tot += torch.einsum("btvw,btvk,btwk->", M, J, J).item() / p.shape[1]
@@ -78,9 +81,22 @@ def mlp():
 
 def depthwise_net():
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
-                         nn.Hardtanh(), nn.Conv2d(4, 6, 1), nn.ReLU(), nn.AvgPool2d(2), nn.Dropout(0.3),
-                         nn.Flatten(), nn.Linear(24, 5)).to(DT).eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU6(),
+            nn.Conv2d(4, 4, 3, padding=1, groups=4),
+            nn.Hardtanh(),
+            nn.Conv2d(4, 6, 1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Dropout(0.3),
+            nn.Flatten(),
+            nn.Linear(24, 5),
+        )
+        .to(DT)
+        .eval()
+    )
 
 
 def randomize_bn(model):
@@ -142,7 +158,7 @@ def test_depthwise_conv_net_equals_hessian():
 
 def test_residual_batchnorm_maxpool_equals_hessian():
     torch.manual_seed(2)
-    model = randomize_bn(ResBlockNet().to(DT)).train()      # exact_layer_traces switches to eval and back
+    model = randomize_bn(ResBlockNet().to(DT)).train()  # exact_layer_traces switches to eval and back
     batches = batches_for((3, 4, 4), 5)
     r = exact_layer_traces(model, batches, chunk=16)
     assert model.training
@@ -153,15 +169,24 @@ def test_residual_batchnorm_maxpool_equals_hessian():
 
 def test_sequence_logits_equal_hessian_of_position_mean():
     torch.manual_seed(3)
-    r = check_equal_to_hessian(TinySeq().to(DT), batches_for((4, 3), 6, seq_len=4),
-                               ["inp.weight", "mix.weight", "out.weight"])
-    assert r.columns == 4 * 6                 # every (position, class) column
+    r = check_equal_to_hessian(
+        TinySeq().to(DT), batches_for((4, 3), 6, seq_len=4), ["inp.weight", "mix.weight", "out.weight"]
+    )
+    assert r.columns == 4 * 6  # every (position, class) column
 
 
 def quantized_net():
     torch.manual_seed(4)
-    m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2),
-                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
     x = torch.randn(8, 1, 6, 6)
     q = hasb.quantize_model(randomize_bn(m), bits=(8, 4, 2), example_input=x, fixed="none").to(DT).eval()
     return q
@@ -173,13 +198,13 @@ def test_quantized_net_equals_hessian_at_fixed_config():
     batches = batches_for((1, 6, 6), 5)
     hasb.set_config(q, 2)
     with torch.no_grad():
-        q(batches[0][0])                     # activation scales from batch 0 before the reference is taken
+        q(batches[0][0])  # activation scales from batch 0 before the reference is taken
     ok, reasons = exactness_check(q, batches[0][0][:1])
     assert ok, reasons
     r = check_equal_to_hessian(q, batches)
     hasb.set_fp(q)
     fp = exact_layer_traces(q, batches)
-    assert np.all(np.abs(fp.trace - r.trace) > 1e-3 * np.abs(fp.trace))    # 2-bit quantization is active
+    assert np.all(np.abs(fp.trace - r.trace) > 1e-3 * np.abs(fp.trace))  # 2-bit quantization is active
 
 
 class GeluNet(nn.Module):
@@ -226,10 +251,10 @@ def test_column_sampling_is_unbiased_and_its_se_matches_the_spread(which):
     S = 60
     t, se = sampled_runs(model, batches, classes, range(S))
     # mean of S independent estimates: its SE is sqrt(Σ SE_s²)/S
-    assert np.all(np.abs(t.mean(0) - exact) <= 4 * np.sqrt((se ** 2).sum(0)) / S)
+    assert np.all(np.abs(t.mean(0) - exact) <= 4 * np.sqrt((se**2).sum(0)) / S)
     # reported SE vs the spread over seeds: the sample std of S=60 draws has ≈ 1/sqrt(2·59) ≈ 9% relative
     # error (normal case), so a ratio outside [1/1.6, 1.6] would be a > 4-sigma event for a correct SE
-    ratio = t.std(0, ddof=1) / np.sqrt((se ** 2).mean(0))
+    ratio = t.std(0, ddof=1) / np.sqrt((se**2).mean(0))
     assert np.all((ratio > 1 / 1.6) & (ratio < 1.6)), ratio
 
 
@@ -271,7 +296,7 @@ def test_exactness_check_flags_reuse_training_mode_and_nonlinear_ops():
     att, xs = _SelfAttention(), torch.randn(1, 3, 4)
     per = layer_exactness(att, xs, ["q.weight", "v.weight", "out.weight"])
     assert any("softmax" in r for r in per["q.weight"]) and any("used twice" in r for r in per["q.weight"])
-    assert per["v.weight"] == [] and per["out.weight"] == []     # linear after the softmax: exact blocks
+    assert per["v.weight"] == [] and per["out.weight"] == []  # linear after the softmax: exact blocks
     # torch's fused attention is one opaque op: every weight inside it is reported (conservative)
     mha = nn.MultiheadAttention(4, 1, batch_first=True)
     ok, reasons = exactness_check(_TorchAttention(mha), xs, ["mha.in_proj_weight", "head.weight"])
@@ -310,16 +335,16 @@ def test_bad_inputs_are_one_line_errors():
     conv = nn.Conv2d(1, 2, 3).to(DT)
     with pytest.raises(ExactTraceError, match="logits"):
         exact_layer_traces(conv, [(torch.randn(2, 1, 4, 4, dtype=DT), torch.zeros(2, dtype=torch.long))])
-    many = exact_layer_traces(model, batches, classes=50)       # ≥ all columns: computed exactly
+    many = exact_layer_traces(model, batches, classes=50)  # ≥ all columns: computed exactly
     assert not many.sampled and np.all(many.stderr == 0)
     np.testing.assert_allclose(many.trace, exact_layer_traces(model, batches).trace, rtol=1e-12)
 
 
 def test_chunking_does_not_change_the_result():
     model, batches = depthwise_net(), batches_for((2, 4, 4), 5)
-    ref = exact_layer_traces(model, batches, chunk=64)            # many samples per vmap call
-    for chunk in (1, 3):                                           # one column per call; columns split
+    ref = exact_layer_traces(model, batches, chunk=64)  # many samples per vmap call
+    for chunk in (1, 3):  # one column per call; columns split
         np.testing.assert_allclose(exact_layer_traces(model, batches, chunk=chunk).trace, ref.trace, rtol=1e-12)
     a = exact_layer_traces(model, batches, classes=3, seed=7, chunk=2)
     b = exact_layer_traces(model, batches, classes=3, seed=7, chunk=64)
-    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-12)      # same columns drawn whatever the chunking
+    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-12)  # same columns drawn whatever the chunking

@@ -1,4 +1,5 @@
 """Sensitivity table, file contract, activation traces, CLI, and the PyHessian cross-check."""
+
 from __future__ import annotations
 
 import copy
@@ -39,15 +40,20 @@ from tests.support.analysis_fixtures import (
 @pytest.fixture(scope="module")
 def result():
     model, batches = tiny_problem()
-    return model, batches, compute_sensitivity(model, batches, SensitivityConfig(
-        bits=[8, 4, 2], rtol=0.2, max_hvp=600, seed=0, backend="double_backward"))
+    return (
+        model,
+        batches,
+        compute_sensitivity(
+            model, batches, SensitivityConfig(bits=[8, 4, 2], rtol=0.2, max_hvp=600, seed=0, backend="double_backward")
+        ),
+    )
 
 
 def test_omega_table_and_ranking(result):
     model, batches, res = result
     f = res.frame
     assert list(f.layer) == ["conv1", "conv2", "conv3", "fc"]
-    assert list(f.searchable) == [False, True, True, False]          # first/last fixed
+    assert list(f.searchable) == [False, True, True, False]  # first/last fixed
     assert set(res.omega) == {"conv2", "conv3"}
     q = hasb.quantize_model(copy.deepcopy(model), bits=[8, 4, 2], example_input=batches[0][0][:2])
     for n in res.omega:
@@ -55,7 +61,7 @@ def test_omega_table_and_ranking(result):
         for b in (8, 4, 2):
             d = weight_perturbation(q.get_submodule(n), b)
             assert np.isclose(res.omega[n][str(b)], max(t, 0) * d, rtol=1e-12)
-        assert res.omega[n]["2"] > res.omega[n]["4"] > res.omega[n]["8"]     # coarser grid, larger error
+        assert res.omega[n]["2"] > res.omega[n]["4"] > res.omega[n]["8"]  # coarser grid, larger error
     assert res.ranking()[0] == max(res.omega, key=lambda n: res.omega[n]["2"])
     assert not any(p.requires_grad is False for p in model.parameters())
 
@@ -81,12 +87,15 @@ def test_json_contract_round_trip(result, tmp_path):
 
 def test_negative_traces_reported():
     model, batches = tiny_problem()
-    res = compute_sensitivity(model, batches, SensitivityConfig(bits=[8, 4], rtol=0.3, max_hvp=300,
-                                                                    backend="double_backward"),
-                              loss_fn=lambda o, y: -F.cross_entropy(o, y))      # concave: every trace < 0
+    res = compute_sensitivity(
+        model,
+        batches,
+        SensitivityConfig(bits=[8, 4], rtol=0.3, max_hvp=300, backend="double_backward"),
+        loss_fn=lambda o, y: -F.cross_entropy(o, y),
+    )  # concave: every trace < 0
     assert res.negative_traces == ["conv1", "conv2", "conv3", "fc"]
     assert res.frame.negative.all()
-    assert all(v == 0 for om in res.omega.values() for v in om.values())       # policy: Ω uses max(t, 0)
+    assert all(v == 0 for om in res.omega.values() for v in om.values())  # policy: Ω uses max(t, 0)
 
 
 def test_quantized_model_measured_at_a_trained_config_never_fp():
@@ -99,17 +108,17 @@ def test_quantized_model_measured_at_a_trained_config_never_fp():
     r_default = compute_sensitivity(q, batches, SensitivityConfig(**kw))
     r8 = compute_sensitivity(q, batches, SensitivityConfig(at=8, **kw))
     r4 = compute_sensitivity(q, batches, SensitivityConfig(at=4, **kw))
-    assert hasb.get_config(q) == before                                # bits restored
+    assert hasb.get_config(q) == before  # bits restored
     assert r_default.measured_at["network"] == "quantized" and r_default.measured_at["uniform_bit"] == 8
     assert np.array_equal(r_default.frame.trace, r8.frame.trace)
     assert not np.allclose(r4.frame.trace, r8.frame.trace, rtol=1e-3)  # the 4-bit network is another function
-    with hasb.use_config(q, 8):                                         # the same numbers as measuring it directly
+    with hasb.use_config(q, 8):  # the same numbers as measuring it directly
         op = HessianOperator(q, batches, [f"{n}.weight" for n in q.hasb_spec.order], backend="double_backward")
         direct = estimate_traces(op, "layer", rtol=0.3, max_hvp=200, seed=1)
     assert np.array_equal(r8.frame.trace.to_numpy(), direct.trace)
     with pytest.raises(SensitivityError, match="not candidates"):
         compute_sensitivity(q, batches, SensitivityConfig(bits=[6]))
-    with pytest.raises(HasbError, match="build"):                      # no build record: no float twin
+    with pytest.raises(HasbError, match="build"):  # no build record: no float twin
         compute_sensitivity(q, batches, SensitivityConfig(at="fp", **kw))
 
 
@@ -118,7 +127,7 @@ def test_degenerate_networks_and_traces_raise():
     kw = dict(rtol=0.3, max_hvp=100, backend="double_backward")
     hot = copy.deepcopy(model)
     with torch.no_grad():
-        hot.fc.bias[0] = 1e4                                             # every sample: p(class 0) = 1
+        hot.fc.bias[0] = 1e4  # every sample: p(class 0) = 1
     with pytest.raises(DegenerateSensitivityError, match="saturated softmax"):
         compute_sensitivity(hot, batches, SensitivityConfig(**kw))
     nan_batches = [(x.clone().fill_(float("nan")), y) for x, y in batches]
@@ -131,7 +140,7 @@ def test_degenerate_networks_and_traces_raise():
         check_traces(frame.assign(trace=[1.0, 2.0], stderr=[0.1, np.inf]), 10)
     with pytest.raises(DegenerateSensitivityError, match="non-finite trace"):
         check_traces(frame.assign(trace=[1.0, np.nan], stderr=[0.1, 0.1]), 10)
-    check_traces(frame.assign(trace=[1.0, -2.0], stderr=[0.1, 0.0]), 10)   # negative and exact layers are fine
+    check_traces(frame.assign(trace=[1.0, -2.0], stderr=[0.1, 0.0]), 10)  # negative and exact layers are fine
 
 
 def test_activation_traces_vs_exact():
@@ -156,7 +165,7 @@ def test_activation_traces_vs_exact():
 def _run(argv, capsys):
     try:
         code = main([str(a) for a in argv])
-    except SystemExit as e:          # argparse's usage errors (one line: see _OneLineParser)
+    except SystemExit as e:  # argparse's usage errors (one line: see _OneLineParser)
         code = e.code
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -164,12 +173,35 @@ def _run(argv, capsys):
 
 def test_cli_runs_and_caches(tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--model", "tiny_mlp", "--batches", "1", "--batch-size", "16", "--max-hvp", "40", "--rtol", "0.5",
-            "--block", "4", "--sketch", "4", "--no-progress", "--backend", "double_backward", "--out", out]
+    base = [
+        "--model",
+        "tiny_mlp",
+        "--batches",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-hvp",
+        "40",
+        "--rtol",
+        "0.5",
+        "--block",
+        "4",
+        "--sketch",
+        "4",
+        "--no-progress",
+        "--backend",
+        "double_backward",
+        "--out",
+        out,
+    ]
     code, o, e = _run(base, capsys)
     assert code == 0, e
-    assert {p.name for p in out.iterdir()} == {"sensitivity.json", "sensitivity.csv", "sensitivity.png",
-                                               "sensitivity.manifest.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "sensitivity.json",
+        "sensitivity.csv",
+        "sensitivity.png",
+        "sensitivity.manifest.json",
+    }
     d = load_sensitivity(out)
     assert d["model"] == "tiny_mlp" and [r["searchable"] for r in d["layers"]] == [False, True, False]
     code, o, e = _run(base, capsys)
@@ -189,9 +221,31 @@ def test_cli_help_lists_every_flag(capsys):
         main(["--help"])
     assert ex.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--data-dir", "--checkpoint", "--bits", "--batches", "--batch-size", "--rtol",
-                 "--max-hvp", "--estimator", "--backend", "--seed", "--out", "--force", "--overwrite", "--activations",
-                 "--top-k", "--at", "--device", "--quiet", "--no-progress", "--threads", "--max-confidence"):
+    for flag in (
+        "--model",
+        "--data",
+        "--data-dir",
+        "--checkpoint",
+        "--bits",
+        "--batches",
+        "--batch-size",
+        "--rtol",
+        "--max-hvp",
+        "--estimator",
+        "--backend",
+        "--seed",
+        "--out",
+        "--force",
+        "--overwrite",
+        "--activations",
+        "--top-k",
+        "--at",
+        "--device",
+        "--quiet",
+        "--no-progress",
+        "--threads",
+        "--max-confidence",
+    ):
         assert flag in text
 
 
@@ -201,8 +255,9 @@ def test_pyhessian_cross_check():
     PyHessian 0.1 stops as soon as its running mean is negative (``abs(Δ)/(mean+1e-6) < tol`` is then
     negative), even with tol=0, so its samples are collected one ``trace(maxIter=1)`` call at a time.
     """
-    pyhessian = pytest.importorskip("pyhessian", reason="pyhessian (optional extra: pip install pyhessian==0.1 "
-                                                        "--no-deps) is not installed")
+    pyhessian = pytest.importorskip(
+        "pyhessian", reason="pyhessian (optional extra: pip install pyhessian==0.1 --no-deps) is not installed"
+    )
     torch.manual_seed(0)
     model = build_model("small_cnn").eval()
     g = torch.Generator().manual_seed(0)
@@ -216,7 +271,7 @@ def test_pyhessian_cross_check():
     ours = hutchinson_full(op, rtol=0.0, max_hvp=iters, seed=0)
     # per-layer sums of one probe = its full-model sample; so the model trace is Σ_l t̂_l with samples summed
     t_ours = ours.trace.sum()
-    se_ours = np.sqrt(np.sum(ours.stderr ** 2))   # conservative upper bound is fine: used only as a tolerance
+    se_ours = np.sqrt(np.sum(ours.stderr**2))  # conservative upper bound is fine: used only as a tolerance
     se_ph = samples.std(ddof=1) / np.sqrt(iters)
     assert abs(t_ours - samples.mean()) <= 4 * np.hypot(se_ours, se_ph), (t_ours, samples.mean(), se_ours, se_ph)
 
@@ -234,27 +289,47 @@ def trained_export(tmp_path_factory, fmnist_small):
 
 def _calib_batches(n: int = 64):
     from hasb.data import load_dataset
-    x, y = load_dataset("fashion-mnist", None, calib_size=1024).calib     # the CLI's own selection
+
+    x, y = load_dataset("fashion-mnist", None, calib_size=1024).calib  # the CLI's own selection
     return [(x[:n], y[:n])]
 
 
 def test_cli_measures_a_trained_network_of_an_export(trained_export, tmp_path, capsys):
     """Default: the quantized model at its top bit; --at fp: the float twin. Both equal direct computations."""
     path, _ = trained_export
-    q = load_quantized(path)[0]          # the network in the file (its latent weights are re-derived integers)
+    q = load_quantized(path)[0]  # the network in the file (its latent weights are re-derived integers)
     settings = dict(estimator="full", max_hvp=6, rtol=0.0, seed=0, backend="double_backward")
-    base = ["--model", TINY_RESNET20, "--checkpoint", path, "--batches", "1", "--batch-size", "32", "--max-hvp",
-            "6", "--rtol", "0", "--estimator", "full", "--backend", "double_backward", "--no-progress"]
+    base = [
+        "--model",
+        TINY_RESNET20,
+        "--checkpoint",
+        path,
+        "--batches",
+        "1",
+        "--batch-size",
+        "32",
+        "--max-hvp",
+        "6",
+        "--rtol",
+        "0",
+        "--estimator",
+        "full",
+        "--backend",
+        "double_backward",
+        "--no-progress",
+    ]
     batches = _calib_batches(32)
-    for at, net, want in ((None, q, {"network": "quantized", "uniform_bit": 8}),
-                          ("fp", float_twin(q), {"network": "float_twin", "bn_bit": 8})):
+    for at, net, want in (
+        (None, q, {"network": "quantized", "uniform_bit": 8}),
+        ("fp", float_twin(q), {"network": "float_twin", "bn_bit": 8}),
+    ):
         out = tmp_path / f"at-{at}"
         code, o, e = _run(base + ["--out", out] + (["--at", at] if at else []), capsys)
         assert code == 0, e
         d = load_sensitivity(out)
         assert {k: d["measured_at"][k] for k in want} == want
         t = np.array([r["trace"] for r in d["layers"]])
-        assert len(t) == 22 and np.isfinite(t).all() and (t != 0).sum() >= 11     # old code: all 0 on ResNet-20
+        assert len(t) == 22 and np.isfinite(t).all() and (t != 0).sum() >= 11  # old code: all 0 on ResNet-20
         ref = compute_sensitivity(net, batches, SensitivityConfig(at=8 if at is None else None, **settings))
         # same probes, same data: only float32 round-off (export round trip, thread count) may differ, ~1e-5
         # relative; the untrained fp path the old CLI measured differs by O(1)
@@ -277,6 +352,7 @@ def test_table_json_and_figure_use_one_quantity_and_one_se(tmp_path, capsys):
     import matplotlib.pyplot as plt
 
     from hasb.plots import plot_traces
+
     frame = pd.DataFrame(d["layers"])
     for title in (None, "custom"):
         fig = plot_traces(frame, value="trace_per_param", title=title)
@@ -285,17 +361,37 @@ def test_table_json_and_figure_use_one_quantity_and_one_se(tmp_path, capsys):
         assert "± 1 SE" in ax.get_title() and any("± 1 SE" in t for t in labels), (ax.get_title(), labels)
         assert "2 SE" not in ax.get_title()
         bars = [c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
-        seg = bars[0].lines[2][0].get_segments()[1]          # layer 1's error bar: [value - SE, value + SE]
+        seg = bars[0].lines[2][0].get_segments()[1]  # layer 1's error bar: [value - SE, value + SE]
         assert seg[1][1] - abs(frame.trace_per_param[1]) == pytest.approx(frame.stderr_per_param[1], rel=1e-9)
         plt.close(fig)
 
 
-_TINY = ["--model", "tiny_mlp", "--batches", "1", "--batch-size", "16", "--max-hvp", "40", "--rtol", "0.5",
-         "--block", "4", "--sketch", "4", "--quiet", "--backend", "double_backward", "--device", "cpu"]
+_TINY = [
+    "--model",
+    "tiny_mlp",
+    "--batches",
+    "1",
+    "--batch-size",
+    "16",
+    "--max-hvp",
+    "40",
+    "--rtol",
+    "0.5",
+    "--block",
+    "4",
+    "--sketch",
+    "4",
+    "--quiet",
+    "--backend",
+    "double_backward",
+    "--device",
+    "cpu",
+]
 
 
 def _bad_export(tmp_path, name, **change):
     from hasb.export import quantized_state
+
     q = hasb.quantize_model(build_model("tiny_mlp"), bits=[8, 4])
     obj = quantized_state(q)
     for k, v in change.items():
@@ -320,8 +416,10 @@ def _bad_cases(tmp_path):
         "empty checkpoint": (["--checkpoint", tmp_path / "empty.pt"], "empty file"),
         "export missing keys": (["--checkpoint", _bad_export(tmp_path, "nospec.pt", spec=None)], "missing ['spec']"),
         "export bad json": (["--checkpoint", _bad_export(tmp_path, "badjson.pt", config="{oops")], "malformed"),
-        "export names other code": (["--checkpoint", _bad_export(tmp_path, "other.pt", build='{"name": "this:nothing"}')],
-                                    "'this:nothing' model"),
+        "export names other code": (
+            ["--checkpoint", _bad_export(tmp_path, "other.pt", build='{"name": "this:nothing"}')],
+            "'this:nothing' model",
+        ),
         "bad device": (["--device", "tpu"], "--device"),
         "bits out of range": (["--bits", "9,4"], "--bits"),
         "bits repeated": (["--bits", "8,8"], "twice"),
@@ -335,15 +433,33 @@ def _bad_cases(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out not writable", "empty checkpoint", "export missing keys",
-                                  "export bad json", "export names other code", "bad device", "bits out of range",
-                                  "bits repeated", "bad at", "at on a float model", "bad rtol", "unknown model",
-                                  "missing checkpoint", "checkpoint not torch", "too many images"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out is a file",
+        "out not writable",
+        "empty checkpoint",
+        "export missing keys",
+        "export bad json",
+        "export names other code",
+        "bad device",
+        "bits out of range",
+        "bits repeated",
+        "bad at",
+        "at on a float model",
+        "bad rtol",
+        "unknown model",
+        "missing checkpoint",
+        "checkpoint not torch",
+        "too many images",
+    ],
+)
 def test_cli_rejects_bad_input_before_any_work(case, tmp_path, capsys, monkeypatch):
     """Exit 2, one stderr line naming the problem, no traceback, nothing written, and no HVP computed."""
     import os
 
     import analysis.sensitivity as S
+
     if case == "out not writable" and os.geteuid() == 0:
         pytest.skip("root can write anywhere")
     argv, word = _bad_cases(tmp_path)[case]
@@ -360,16 +476,17 @@ def test_cli_rejects_bad_input_before_any_work(case, tmp_path, capsys, monkeypat
 
 def test_crash_between_renames_never_reports_cached_and_stale_stages_go(tmp_path, capsys, monkeypatch):
     import analysis.sensitivity as S
+
     out = tmp_path / "run"
     assert _run(_TINY + ["--out", out], capsys)[0] == 0
     real = S.os.replace
     calls = []
 
-    def crash_after_first(src, dst):      # os.replace is global: count only the renames into --out
+    def crash_after_first(src, dst):  # os.replace is global: count only the renames into --out
         if Path(dst).parent == out:
             calls.append(dst)
             if len(calls) == 2:
-                raise KeyboardInterrupt      # killed between two renames of the set
+                raise KeyboardInterrupt  # killed between two renames of the set
         real(src, dst)
 
     monkeypatch.setattr(S.os, "replace", crash_after_first)

@@ -5,6 +5,7 @@ Statistical tolerances: estimates must lie within 4 reported standard errors of 
 over independent seeds to within a factor the sampling error of a 12-sample standard deviation
 explains (10 seeds: relative SD of the SD ≈ 1/sqrt(2·9) ≈ 0.24, so [0.4, 1.9] is beyond ±2.5 of it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,16 +38,22 @@ def _rel(a, b):
 def test_exact_blocks_match_autograd_hessian(problem):
     model, batches, op, blocks, _ = problem
     from torch.func import functional_call
+
     w0 = model.conv1.weight.detach().clone()
     n = sum(len(y) for _, y in batches)
 
     def loss(w):
-        return sum(torch.nn.functional.cross_entropy(functional_call(model, {"conv1.weight": w}, (x,)), y) * len(y)
-                   for x, y in batches) / n
+        return (
+            sum(
+                torch.nn.functional.cross_entropy(functional_call(model, {"conv1.weight": w}, (x,)), y) * len(y)
+                for x, y in batches
+            )
+            / n
+        )
 
     H = torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), w0.numel())
     assert torch.allclose(H, blocks[0], rtol=1e-10, atol=1e-13)
-    assert _rel(blocks[2], blocks[2].T) < 1e-12       # symmetric (a check of the HVP itself)
+    assert _rel(blocks[2], blocks[2].T) < 1e-12  # symmetric (a check of the HVP itself)
 
 
 def test_backends_agree(problem):
@@ -82,20 +89,23 @@ def test_auto_backend_and_bad_input(problem):
         HessianOperator(model, batches, params=["nope.weight"])
 
 
-@pytest.mark.parametrize("estimator,kw", [
-    ("layer", dict(max_hvp=4 * 16, block=8, exact_switch=False)),
-    ("hutchpp", dict(max_hvp=4 * (2 * 4 + 16), sketch=4, block=8, exact_switch=False)),
-    ("full", dict(max_hvp=32, block=8)),
-])
+@pytest.mark.parametrize(
+    "estimator,kw",
+    [
+        ("layer", dict(max_hvp=4 * 16, block=8, exact_switch=False)),
+        ("hutchpp", dict(max_hvp=4 * (2 * 4 + 16), sketch=4, block=8, exact_switch=False)),
+        ("full", dict(max_hvp=32, block=8)),
+    ],
+)
 def test_estimator_unbiased_and_se_calibrated(problem, estimator, kw):
     """Fixed budget (rtol=0), 10 seeds: pooled mean within 4 SE of exact; SE matches the seed spread."""
     _, _, op, _, exact = problem
     runs = [estimate_traces(op, estimator, rtol=0.0, seed=s, **kw) for s in range(10)]
     tr = np.array([r.trace for r in runs])
     se = np.array([r.stderr for r in runs])
-    pooled_se = np.sqrt((se ** 2).mean(0) / len(runs))
+    pooled_se = np.sqrt((se**2).mean(0) / len(runs))
     assert np.all(np.abs(tr.mean(0) - exact) <= 4 * pooled_se), (tr.mean(0), exact, pooled_se)
-    ratio = tr.std(0, ddof=1) / np.sqrt((se ** 2).mean(0))
+    ratio = tr.std(0, ddof=1) / np.sqrt((se**2).mean(0))
     assert np.all((ratio > 0.4) & (ratio < 1.9)), ratio
 
 
@@ -114,7 +124,7 @@ def test_exact_paths(problem):
     """Layers computed exactly (sketch covers the block, or the exact switch) carry SE 0 and the exact trace."""
     _, _, op, _, exact = problem
     r = estimate_traces(op, "hutchpp", sketch=40, rtol=0.5, max_hvp=1000, seed=0)
-    assert r.exact[0] and r.exact[3] and r.stderr[0] == 0     # conv1 (36 weights) and fc (40) ≤ sketch
+    assert r.exact[0] and r.exact[3] and r.stderr[0] == 0  # conv1 (36 weights) and fc (40) ≤ sketch
     assert np.allclose(r.trace[[0, 3]], exact[[0, 3]], rtol=1e-10)
     r2 = estimate_traces(op, "layer", rtol=0.005, max_hvp=1000, seed=0)
     ex = np.flatnonzero(r2.exact)
@@ -137,8 +147,9 @@ def test_lanczos_top_eigenvalues(problem, sub_op):
     top = top_eigenvalues(mv, n, k=3, max_iter=120, tol=1e-8)
     assert np.allclose(top, ev[::-1][:3], rtol=1e-6, atol=1e-10)
     mvb, nb = operator_matvec(problem[2], block=1)
-    assert np.isclose(top_eigenvalues(mvb, nb, k=1, max_iter=120)[0], torch.linalg.eigvalsh(blocks[1])[-1].item(),
-                      rtol=1e-6)
+    assert np.isclose(
+        top_eigenvalues(mvb, nb, k=1, max_iter=120)[0], torch.linalg.eigvalsh(blocks[1])[-1].item(), rtol=1e-6
+    )
     lm = top_eigenvalues(mv, n, k=1, which="LM", max_iter=120)
     assert np.isclose(abs(lm[0]), np.abs(ev).max(), rtol=1e-6)
 
@@ -193,6 +204,8 @@ def test_quantized_model_is_straight_through():
     hf = fop.hvp(Vm)
     hqm = op.hvp(Vm)
     for a, b, mk in zip(hqm, hf, masks, strict=False):
-        assert _rel(a * mk, b * mk) < 1e-6   # w_scale is float32: Ŵ carries float32 round-off
+        assert _rel(a * mk, b * mk) < 1e-6  # w_scale is float32: Ŵ carries float32 round-off
     orig = HessianOperator(tiny_problem(seed=1)[0], batches, backend="double_backward")
-    assert sum(_rel(a, b) for a, b in zip(hq["double_backward"], orig.hvp(V), strict=False)) > 1e-3   # quantization matters
+    assert (
+        sum(_rel(a, b) for a, b in zip(hq["double_backward"], orig.hvp(V), strict=False)) > 1e-3
+    )  # quantization matters

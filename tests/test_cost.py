@@ -1,4 +1,5 @@
 """Cost model exact on hand-computed nets: MACs, params, BitOPs, size, average-bit equivalent, budgets."""
+
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from hasb.cost import BudgetError, parse_budget_text
 class Hand(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)        # 8x8 -> 4x4
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)  # 8x8 -> 4x4
         self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4, bias=False)
         self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
         self.head = nn.Linear(16, 10)
@@ -31,7 +32,7 @@ def hand_model(**kw):
 
 def test_macs_and_params_exact():
     m = hand_model()
-    cm = hasb.CostModel.from_model(m, torch.randn(5, 3, 8, 8))   # batch size must not matter
+    cm = hasb.CostModel.from_model(m, torch.randn(5, 3, 8, 8))  # batch size must not matter
     got = {l.name: l.macs for l in cm.layers}
     assert got == MACS
     params = {l.name: (l.weight_params, l.bias_params) for l in cm.layers}
@@ -61,6 +62,7 @@ def test_fixed_layers_at_8_bits_counted_at_8():
 
 def test_attention_linear_layers_counted_per_token():
     from hasb.models import build_model
+
     m = hasb.quantize_model(build_model("vit_tiny"))
     cm = hasb.CostModel.from_model(m)
     macs = {l.name: l.macs for l in cm.layers}
@@ -72,9 +74,17 @@ def test_attention_linear_layers_counted_per_token():
     assert macs["patch_embed"] == 16 * 64 * 49
 
 
-@pytest.mark.parametrize("text,kind,limit", [
-    ("3.5", "avg_bits", None), ("25.1GBOPs", "bitops", 25.1e9), ("2.51e10", "bitops", 2.51e10),
-    ("4.2MB", "size", 4.2e6), ("300KiB", "size", 300 * 1024), ("7 MBOPs", "bitops", 7e6)])
+@pytest.mark.parametrize(
+    "text,kind,limit",
+    [
+        ("3.5", "avg_bits", None),
+        ("25.1GBOPs", "bitops", 25.1e9),
+        ("2.51e10", "bitops", 2.51e10),
+        ("4.2MB", "size", 4.2e6),
+        ("300KiB", "size", 300 * 1024),
+        ("7 MBOPs", "bitops", 7e6),
+    ],
+)
 def test_budget_syntax(text, kind, limit):
     b = parse_budget_text(text)
     assert b.kind == kind
@@ -98,9 +108,9 @@ def test_infeasible_budget_states_range():
         cm.parse_budget(f"{lo * 0.9:.6e}")
     b = cm.parse_budget("3.5")
     assert b.limit == pytest.approx(cm.uniform_bitops(3.5))
-    with pytest.raises(BudgetError, match="BitOPs"):   # a bare number above 32 is read as BitOPs
+    with pytest.raises(BudgetError, match="BitOPs"):  # a bare number above 32 is read as BitOPs
         cm.parse_budget("100")
-    big = cm.parse_budget("9999GBOPs")   # above the largest config: accepted, does not bind
+    big = cm.parse_budget("9999GBOPs")  # above the largest config: accepted, does not bind
     assert cm.within(hasb.BitConfig.uniform(cm.names, 8), big)
 
 
@@ -128,10 +138,10 @@ def test_module_called_twice_counts_every_call(downsample, hw):
     m = hasb.quantize_model(Twice(downsample), example_input=torch.randn(2, 4, 8, 8))
     cm = hasb.CostModel.from_model(m, torch.randn(3, 4, 8, 8))
     shared = next(l for l in cm.layers if l.name == "shared")
-    assert shared.macs == sum(16 * n for n in hw)          # 2,048 (twice at 8×8) or 1,280 (8×8 then 4×4)
-    assert shared.weight_params == 16                      # parameters once
+    assert shared.macs == sum(16 * n for n in hw)  # 2,048 (twice at 8×8) or 1,280 (8×8 then 4×4)
+    assert shared.weight_params == 16  # parameters once
     assert [l.name for l in cm.layers].count("shared") == 1
-    assert cm.names == ["shared"]                          # stem and head are the fixed first/last layers
+    assert cm.names == ["shared"]  # stem and head are the fixed first/last layers
     c8, c4 = hasb.BitConfig({"shared": 8}), hasb.BitConfig({"shared": 4})
-    assert cm.size_bytes(c8) - cm.size_bytes(c4) == 16 * (8 - 4) / 8     # its 16 weights, once
+    assert cm.size_bytes(c8) - cm.size_bytes(c4) == 16 * (8 - 4) / 8  # its 16 weights, once
     assert cm.bitops(c8) - cm.bitops(c4) == shared.macs * (64 - 16)

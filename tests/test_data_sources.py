@@ -1,4 +1,5 @@
 """Data sources: the user's own IDX files checked, every --data spec, splits disjoint and seed-deterministic."""
+
 import gzip
 import math
 import sys
@@ -55,7 +56,7 @@ def test_idx_32px_records_real_shape(tmp_path):
 def test_idx_normalisation_from_the_files_not_the_name(tmp_path):
     """--data mnist --data-dir mine: mean/std are the files' own (uniform bytes: ~0.5/0.29, not MNIST's)."""
     s = load_dataset("mnist", str(idx_dir(tmp_path, n_train=200)), val_size=40)
-    whole = torch.cat([s.train[0], s.val[0]])          # train ∪ val = the whole training file
+    whole = torch.cat([s.train[0], s.val[0]])  # train ∪ val = the whole training file
     assert abs(float(whole.mean())) < 1e-4 and abs(float(whole.std(unbiased=False)) - 1) < 1e-4
     norm = s.describe()["normalisation"]
     assert abs(norm["mean"] - 0.5) < 0.02 and abs(norm["mean"] - 0.1307) > 0.3
@@ -68,7 +69,7 @@ def test_idx_corrupt_files_name_the_file(tmp_path, damage):
     bad = img
     if damage == "gzip_cut":
         raw = img.read_bytes()
-        img.write_bytes(raw[:len(raw) // 2])
+        img.write_bytes(raw[: len(raw) // 2])
     elif damage == "random_bytes":
         img.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     elif damage == "payload_cut":
@@ -112,7 +113,7 @@ def check_seeds(load, same=(), differ=()):
 
 
 def make_npz(path, n=120, shape=(3, 5), classes=4, **extra):
-    x = np.arange(n * int(np.prod(shape)), dtype=np.float32).reshape(n, *shape)   # every example distinct
+    x = np.arange(n * int(np.prod(shape)), dtype=np.float32).reshape(n, *shape)  # every example distinct
     np.savez(path, x=x, y=np.arange(n) % classes, **extra)
     return path
 
@@ -135,22 +136,29 @@ def test_npz_given_val_test_are_used(tmp_path):
     assert len(s.train[0]) == 120
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "no such file"),
-    ("no_y", "needs arrays 'x' and 'y'"),
-    ("length", "as long as x"),
-    ("shape", "x_val examples have shape"),
-    ("range", "y_val out of range.*accepted 0..3"),
-    ("float_labels", "must be integers"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "no such file"),
+        ("no_y", "needs arrays 'x' and 'y'"),
+        ("length", "as long as x"),
+        ("shape", "x_val examples have shape"),
+        ("range", "y_val out of range.*accepted 0..3"),
+        ("float_labels", "must be integers"),
+    ],
+)
 def test_npz_bad_input(tmp_path, case, match):
     p = tmp_path / "d.npz"
     x = np.zeros((20, 4), np.float32)
     y = np.arange(20) % 4
-    arrays = {"missing": None, "no_y": {"x": x}, "length": {"x": x, "y": y[:10]},
-              "shape": {"x": x, "y": y, "x_val": np.zeros((3, 5)), "y_val": np.zeros(3, int)},
-              "range": {"x": x, "y": y, "x_val": np.zeros((3, 4)), "y_val": np.array([0, 1, 9])},
-              "float_labels": {"x": x, "y": y.astype(float)}}[case]
+    arrays = {
+        "missing": None,
+        "no_y": {"x": x},
+        "length": {"x": x, "y": y[:10]},
+        "shape": {"x": x, "y": y, "x_val": np.zeros((3, 5)), "y_val": np.zeros(3, int)},
+        "range": {"x": x, "y": y, "x_val": np.zeros((3, 4)), "y_val": np.array([0, 1, 9])},
+        "float_labels": {"x": x, "y": y.astype(float)},
+    }[case]
     if arrays is not None:
         np.savez(p, **arrays)
     with pytest.raises(DataError, match=match) as e:
@@ -160,6 +168,7 @@ def test_npz_bad_input(tmp_path, case, match):
 
 def make_folder(root, classes=3, per_class=6, size=6, mode="RGB"):
     from PIL import Image
+
     g = np.random.default_rng(0)
     for c in range(classes):
         (root / f"class{c}").mkdir(parents=True)
@@ -174,13 +183,16 @@ def test_imagefolder_splits_resize_normalise(tmp_path):
     s = load_dataset(f"imagefolder:{root}", size=8)
     check_splits(s)
     assert s.input_shape == (3, 8, 8) and s.image_size == 8 and s.num_classes == 3
-    assert sorted(s.test[1].tolist()) == [0, 1, 2] and sorted(s.val[1].tolist()) == [0, 1, 2]   # one per class
+    assert sorted(s.test[1].tolist()) == [0, 1, 2] and sorted(s.val[1].tolist()) == [0, 1, 2]  # one per class
     m = s.train[0].mean(dim=(0, 2, 3))
     sd = s.train[0].permute(1, 0, 2, 3).flatten(1).std(1, unbiased=False)
-    assert m.abs().max() < 1e-5 and (sd - 1).abs().max() < 1e-4     # normalised with the train split's stats
+    assert m.abs().max() < 1e-5 and (sd - 1).abs().max() < 1e-4  # normalised with the train split's stats
     # held-out images do not depend on the seed (hash split); calibration does
-    check_seeds(lambda seed: load_dataset(f"imagefolder:{root}", size=8, seed=seed, calib_size=5),
-                same=("val", "test"), differ=("calib",))
+    check_seeds(
+        lambda seed: load_dataset(f"imagefolder:{root}", size=8, seed=seed, calib_size=5),
+        same=("val", "test"),
+        differ=("calib",),
+    )
 
 
 def test_imagefolder_grayscale_and_given_stats(tmp_path):
@@ -189,12 +201,15 @@ def test_imagefolder_grayscale_and_given_stats(tmp_path):
     assert s.input_shape == (1, 4, 4) and 0 <= float(s.train[0].min()) and float(s.train[0].max()) <= 1
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "no such folder"),
-    ("empty_class", "class folder 'class1' holds no images"),
-    ("unreadable", "cannot .*image .*bad.png"),
-    ("one_class", "need at least 2"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "no such folder"),
+        ("empty_class", "class folder 'class1' holds no images"),
+        ("unreadable", "cannot .*image .*bad.png"),
+        ("one_class", "need at least 2"),
+    ],
+)
 def test_imagefolder_bad_input(tmp_path, case, match):
     root = tmp_path / "imgs"
     if case != "missing":
@@ -225,7 +240,7 @@ def test_text_files_split_whole_and_seeded(tmp_path):
     assert a["val"] and a["test"]
     s = src.splits(0)
     assert s.task == "lm" and s.input_shape == (16,) and s.num_classes == 256
-    assert torch.equal(s.train[0][:, 1:], s.train[1][:, :-1])       # targets = inputs shifted by one byte
+    assert torch.equal(s.train[0][:, 1:], s.train[1][:, :-1])  # targets = inputs shifted by one byte
     # the val windows are exactly the val files' bytes, in hash order
     val_bytes = b"".join((root / f).read_bytes() for f in a["val"])
     got = bytes(s.val[0].flatten().numpy())
@@ -234,15 +249,21 @@ def test_text_files_split_whole_and_seeded(tmp_path):
     for k, files in a.items():
         seen = set(np.unique(getattr(s, k)[0].numpy()).tolist()) & {128 + i for i in range(40)}
         assert seen and seen <= {128 + int(f[1:3]) for f in files}
-    check_seeds(lambda seed: open_source(f"text:{root}", context=16).splits(seed), same=("val", "test"),
-                differ=("train", "calib"))
+    check_seeds(
+        lambda seed: open_source(f"text:{root}", context=16).splits(seed),
+        same=("val", "test"),
+        differ=("train", "calib"),
+    )
 
 
-@pytest.mark.parametrize("case,match", [
-    ("nothing", "no files found"),
-    ("empty", "empty or too small"),
-    ("one_file", "files are split whole"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("nothing", "no files found"),
+        ("empty", "empty or too small"),
+        ("one_file", "files are split whole"),
+    ],
+)
 def test_text_bad_input(tmp_path, case, match):
     root = tmp_path / "c"
     root.mkdir()
@@ -258,6 +279,7 @@ def test_text_bad_input(tmp_path, case, match):
 
 def test_python_stdlib_bounded_and_versioned():
     import platform
+
     src = open_source("python-stdlib", context=32, limit=20_000)
     d = src.describe()
     assert d["python"] == platform.python_version() and d["task"] == "lm"
@@ -276,7 +298,8 @@ def test_user_callable(tmp_path, monkeypatch):
         "def make(n=30):\n"
         "    x = torch.arange(n * 4.).view(n, 4)\n"
         "    return {'train': TensorDataset(x, torch.arange(n) % 3), 'test': TensorDataset(-x[:6], torch.arange(6) % 3)}\n"
-        "def wrong():\n    return 42\n")
+        "def wrong():\n    return 42\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     s = load_dataset("mydata:make", val_size=5, n=40)
     check_splits(s)
@@ -298,6 +321,7 @@ def test_unknown_spec_lists_accepted(spec):
 def test_evaluate_metric_accuracy_and_bits(tmp_path):
     """Accuracy with its binomial SE; bits per byte = nats / ln 2 for a uniform byte model (8 bits exactly)."""
     from hasb.data import evaluate_metric
+
     x = torch.randn(50, 4)
     y = (x[:, 0] > 0).long()
     lin = torch.nn.Linear(4, 2)
@@ -324,8 +348,14 @@ def test_evaluate_metric_accuracy_and_bits(tmp_path):
 
 def test_parse_data_opts():
     from hasb.data import parse_data_opts
+
     assert parse_data_opts("size=64, mean=0.5/0.25/0, context=256,limit=none,name=abc") == {
-        "size": 64, "mean": [0.5, 0.25, 0], "context": 256, "limit": None, "name": "abc"}
+        "size": 64,
+        "mean": [0.5, 0.25, 0],
+        "context": 256,
+        "limit": None,
+        "name": "abc",
+    }
     assert parse_data_opts(None) == {} and parse_data_opts("") == {}
     with pytest.raises(DataError, match="key=value pairs"):
         parse_data_opts("size64")
@@ -346,8 +376,11 @@ def test_idx_splits_disjoint_and_seeded(tmp_path):
     s = load_dataset("mnist", d, val_size=16, calib_size=8)
     check_splits(s)
     assert len(s.val[0]) == 16 and len(s.train[0]) == 64 and len(s.test[0]) == 20
-    check_seeds(lambda seed: load_dataset("mnist", d, val_size=16, calib_size=8, seed=seed), same=("test",),
-                differ=("val", "calib"))
+    check_seeds(
+        lambda seed: load_dataset("mnist", d, val_size=16, calib_size=8, seed=seed),
+        same=("test",),
+        differ=("val", "calib"),
+    )
 
 
 def test_data_dir_only_for_idx(tmp_path):

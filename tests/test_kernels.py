@@ -5,6 +5,7 @@ same float32 quotient q (the kernels' only error is then their own products and 
 composite itself within the composite's worst-case float32 error (it forms W_l - q by cancellation, so each of its
 terms carries round-off relative to |q|, and its reduction order is PyTorch's).
 """
+
 import math
 
 import pytest
@@ -17,8 +18,8 @@ cuda = pytest.mark.skipif(not K.available(), reason="needs CUDA and Triton")
 
 # conv and linear weight shapes, odd sizes, K below / equal to / above the kernels' block sizes
 SHAPES = [(64, 3, 7, 7), (37, 5, 3, 3), (128, 64, 3, 3), (10, 512), (1000, 513), (3, 4607), (5, 1)]
-BITS = [(8, 8), (6, 8), (4, 8), (2, 8), (3, 6), (2, 4)]   # (bit, high_bit)
-U = 2.0**-24   # float32 unit round-off
+BITS = [(8, 8), (6, 8), (4, 8), (2, 8), (3, 6), (2, 4)]  # (bit, high_bit)
+U = 2.0**-24  # float32 unit round-off
 UNIT = {torch.float32: U, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -78,10 +79,10 @@ def test_fused_weight_equals_composite(shape, bit, high_bit, rounding):
     out = K.quantize_weight(w, scale, bit, high_bit, rounding)
     assert type(out.grad_fn).__name__.startswith("FusedDoubleRoundLSQ")
     out.backward(grad)
-    assert torch.equal(out, ref_out)   # integers times s_h·2^Δ: bit-exact
+    assert torch.equal(out, ref_out)  # integers times s_h·2^Δ: bit-exact
     # ∂W: the composite forms grad·s_eff/s_eff (two roundings), the kernel passes grad through: ≤ 2 ulp
     assert torch.allclose(w.grad, ref_gw, rtol=4 * U, atol=0)
-    assert torch.equal(w.grad == 0, ref_gw == 0)   # the same STE mask
+    assert torch.equal(w.grad == 0, ref_gw == 0)  # the same STE mask
     _check_weight_scale_grad(scale.grad, ref_gs, w, scale, bit, high_bit, rounding, grad)
 
 
@@ -112,9 +113,10 @@ def test_double_backward_falls_back_to_composite():
     w, scale, grad = _case((16, 8, 3, 3), 8, "cuda", seed=2)
     x = torch.randn(4, 8, 5, 5, device="cuda").requires_grad_()
     s_x = torch.tensor(0.05, device="cuda", requires_grad=True)
-    for fn, ref_fn, a, s, gr, args in ((K.quantize_weight, Q.quantize_weight, w, scale, grad, (4, 8, "half_up")),
-                                       (K.quantize_activation, Q.quantize_activation, x, s_x, torch.randn_like(x),
-                                        (4, True))):
+    for fn, ref_fn, a, s, gr, args in (
+        (K.quantize_weight, Q.quantize_weight, w, scale, grad, (4, 8, "half_up")),
+        (K.quantize_activation, Q.quantize_activation, x, s_x, torch.randn_like(x), (4, True)),
+    ):
         with Q.composite_ops():
             ref = _second_derivatives(ref_fn, a, s, gr, *args)
         got = _second_derivatives(fn, a, s, gr, *args)
@@ -162,7 +164,7 @@ def test_fused_activation_equals_composite(shape, channels_last, bit, signed, dt
     assert torch.equal((x.grad == 0)[big], (ref_gx == 0)[big])
     terms = _act_terms(x, scale, bit, signed, grad)
     blocks = math.ceil(x.numel() / 2048)
-    tight = (11 + blocks + 4) * U * terms.abs().sum()   # products, 11-level block tree, sum of block partials
+    tight = (11 + blocks + 4) * U * terms.abs().sum()  # products, 11-level block tree, sum of block partials
     assert abs(scale.grad.double() - terms.sum()) <= tight
     # the composite forms each term by cancellation in x's dtype (round-off ∝ |q|), any summation order
     qmag = (grad.double().abs() * (x.detach().double().abs() / scale.detach().double() + 2**bit + 1)).sum()
@@ -179,11 +181,12 @@ def test_composite_contexts_take_the_reference():
         assert not K.fused_applies(w, scale) and not K.act_fused_applies(x, s)
     assert not K.fused_applies(w.double(), scale.double())
     assert not K.act_fused_applies(x.double(), s)
-    assert not K.fused_applies(w.detach().t(), scale[:4])   # not dense rows: composite
+    assert not K.fused_applies(w.detach().t(), scale[:4])  # not dense rows: composite
 
 
 def test_cpu_takes_the_composite(monkeypatch):
     """Off-GPU the kernels are never launched and the results (values and gradients) are the reference's."""
+
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched off-GPU")
 
@@ -204,8 +207,10 @@ def test_cpu_takes_the_composite(monkeypatch):
     out = K.quantize_activation(x, s, 4, True)
     ref = Q.quantize_activation(x, s, 4, True)
     assert torch.equal(out, ref)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out.sum(), (x, s)),
-                                                 torch.autograd.grad(ref.sum(), (x, s)), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(out.sum(), (x, s)), torch.autograd.grad(ref.sum(), (x, s)), strict=True)
+    )
 
 
 def test_bad_arguments_rejected():

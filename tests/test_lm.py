@@ -1,4 +1,5 @@
 """The byte-level language model: causal, ln 256 at initialisation, learns real text, every Linear quantizable."""
+
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def one_thread():
 
 
 def test_zoo_entries():
-    m = build_model("lm_tiny", num_classes=10, in_channels=3, image_size=32)   # vision arguments ignored
+    m = build_model("lm_tiny", num_classes=10, in_channels=3, image_size=32)  # vision arguments ignored
     assert isinstance(m, ByteLM) and m.context == 64 and m.head.out_features == 256
     assert build_model("lm_tiny", context=32).context == 32
     n_small = sum(p.numel() for p in build_model("lm_small").parameters())
@@ -40,10 +41,10 @@ def test_causal():
     x = torch.randint(0, 256, (3, 64))
     for t in (0, 17, 62):
         x2 = x.clone()
-        x2[:, t + 1:] = (x2[:, t + 1:] + 1 + torch.randint(0, 255, x2[:, t + 1:].shape)) % 256
+        x2[:, t + 1 :] = (x2[:, t + 1 :] + 1 + torch.randint(0, 255, x2[:, t + 1 :].shape)) % 256
         with torch.no_grad():
             a, b = m(x), m(x2)
-        assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+        assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=0)
         assert (a[:, t + 1] - b[:, t + 1]).abs().max() > 1e-3
 
 
@@ -92,7 +93,7 @@ def test_quantize_model_covers_every_linear():
     torch.manual_seed(0)
     m = build_model("lm_tiny")
     linears = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
-    assert len(linears) == 2 * 6 + 1                     # q, k, v, o, fc1, fc2 per block + head
+    assert len(linears) == 2 * 6 + 1  # q, k, v, o, fc1, fc2 per block + head
     x = m.example_input(4)
     with torch.no_grad():
         ref = m(x)
@@ -100,10 +101,10 @@ def test_quantize_model_covers_every_linear():
     spec = hasb.get_spec(m)
     assert set(spec.order) == linears
     assert all(isinstance(m.get_submodule(n), QLinear) for n in linears)
-    assert set(spec.fixed) == {"blocks.0.attn.q", "head"}         # first and last executed Linear
+    assert set(spec.fixed) == {"blocks.0.attn.q", "head"}  # first and last executed Linear
     hasb.set_fp(m)
     with torch.no_grad():
-        assert torch.allclose(m(x), ref, atol=1e-5)               # fp path = the float model
+        assert torch.allclose(m(x), ref, atol=1e-5)  # fp path = the float model
         hasb.set_config(m, 2)
         hasb.restore_fixed(m)
         low = m(x)
@@ -114,6 +115,7 @@ def test_forward_backward_every_bit():
     """As the image zoo's test in test_quantize_model.py, on byte inputs: fp = float model, finite scale
     gradients at every config, outputs change with the bits."""
     import random
+
     torch.manual_seed(0)
     model = build_model("lm_tiny").eval()
     x = model.example_input(2)

@@ -1,4 +1,5 @@
 """quantize_model on every zoo model; BitConfig validation and JSON; export/load round trip; data errors."""
+
 import json
 import random
 
@@ -111,12 +112,13 @@ def test_export_load_round_trip_bit_exact(tmp_path, name):
         read_checkpoint,
         save_quantized,
     )
+
     torch.manual_seed(1)
     model = hasb.quantize_model(build_model(name))
     x = torch.randn(3, 1, 28, 28)
     model.train()
     hasb.init_quantizers(model, x)
-    for b in (8, 4):   # move BN statistics away from their init
+    for b in (8, 4):  # move BN statistics away from their init
         hasb.set_config(model, b)
         model(x)
     model.eval()
@@ -124,7 +126,7 @@ def test_export_load_round_trip_bit_exact(tmp_path, name):
     hasb.set_config(model, mixed)
     path = save_quantized(model, tmp_path / "m.pt", extra={"note": "x"})
     obj = torch.load(path, weights_only=True)
-    assert next(iter(obj["layers"].values()))["weight"].dtype == torch.float32   # fp first layer kept float
+    assert next(iter(obj["layers"].values()))["weight"].dtype == torch.float32  # fp first layer kept float
     assert any(e.get("w_int") is not None and e["w_int"].dtype == torch.int8 for e in obj["layers"].values())
     loaded, extra = load_quantized(path)
     assert extra == {"note": "x"} and hasb.get_config(loaded) == mixed
@@ -140,6 +142,7 @@ def test_export_load_round_trip_bit_exact(tmp_path, name):
 
 def test_corrupt_checkpoint_clear_error(tmp_path):
     from hasb.export import CheckpointError, load_quantized
+
     p = tmp_path / "bad.pt"
     p.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
@@ -158,6 +161,7 @@ def test_unknown_model_and_user_callable():
 
 def test_missing_data_dir_error(tmp_path):
     from hasb.data import DataError, load_dataset
+
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=str(tmp_path))
 
@@ -167,6 +171,7 @@ def test_real_fashion_mnist_splits(fmnist_small):
     assert d.train[0].shape[1:] == (1, 28, 28) and len(d.val[0]) == 512 and len(d.test[0]) == 10000
     assert d.train[1].min() == 0 and d.train[1].max() == 9
     from hasb.data import load_dataset
+
     again = load_dataset("fashion-mnist", train_limit=2048, val_limit=512)
     assert torch.equal(again.val[0], d.val[0])
     other = load_dataset("fashion-mnist", train_limit=2048, val_limit=512, seed=1)
@@ -182,6 +187,7 @@ def test_activation_init_sees_training_statistics(bits):
     came out ×4 larger per layer (10⁹ at the last block): every activation then quantizes to 0, for good.
     """
     from hasb.train import _float_bn_stats
+
     torch.manual_seed(0)
     model = build_model("resnet20")
     x = torch.randn(256, 1, 28, 28)
@@ -189,7 +195,11 @@ def test_activation_init_sees_training_statistics(bits):
     hasb.quantize_model(model, bits)
     bn_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     hasb.init_quantizers(model, x[:128])
-    scales = {k: float(v) for k, v in model.state_dict().items() if ".act_scales." in k and not k.startswith(("conv1.", "fc."))}
+    scales = {
+        k: float(v)
+        for k, v in model.state_dict().items()
+        if ".act_scales." in k and not k.startswith(("conv1.", "fc."))
+    }
     # post-BN-ReLU inputs have unit scale: MSE-optimal steps lie well below 1 at 2..8 bits
     worst = max(scales, key=scales.get)
     assert scales[worst] < 2.0, f"{worst} = {scales[worst]:.3g}"

@@ -1,4 +1,5 @@
 """Double Rounding quantizer: integer formulas, ranges, idempotence, per-channel LSQ gradients."""
+
 import math
 
 import pytest
@@ -46,8 +47,11 @@ def test_roundings_differ_on_ties():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from([(8, 8), (8, 6), (8, 4), (8, 2), (4, 3), (4, 2)]), st.integers(0, 2**31 - 1),
-       st.sampled_from(Q.ROUNDINGS))
+@given(
+    st.sampled_from([(8, 8), (8, 6), (8, 4), (8, 2), (4, 3), (4, 2)]),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(Q.ROUNDINGS),
+)
 def test_ranges_and_idempotence(hl, seed, rounding):
     h, l = hl
     g = torch.Generator().manual_seed(seed)
@@ -84,9 +88,11 @@ def test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding, composi
         with Q.composite_ops():
             return test_per_channel_scale_gradient_matches_lsq_reference(bit, rounding, False)
     torch.manual_seed(bit)
-    w = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * torch.linspace(0.05, 1.0, 6, dtype=torch.float64).view(-1, 1, 1, 1))
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64) * torch.linspace(0.05, 1.0, 6, dtype=torch.float64).view(
+        -1, 1, 1, 1
+    )
     w.requires_grad_(True)
-    s = (Q.init_weight_scale(w, 8) * 0.7).requires_grad_(True)   # < 3σ range at 8 bit: some clipping
+    s = (Q.init_weight_scale(w, 8) * 0.7).requires_grad_(True)  # < 3σ range at 8 bit: some clipping
     G = torch.randn_like(w)
     (Q.quantize_weight(w, s, bit, 8, rounding) * G).sum().backward()
     ref = lsq_reference_scale_grad(w.detach(), s.detach(), G, bit, 8, rounding)
@@ -109,19 +115,20 @@ def test_activation_lsq_values_and_gradient(composite):
             return test_activation_lsq_values_and_gradient(False)
     x = torch.tensor([-1.0, 0.04, 0.26, 0.5, 2.0], requires_grad=True)
     s = torch.tensor(0.1, requires_grad=True)
-    y = Q.quantize_activation(x, s, 2, signed=False)   # range 0..3
+    y = Q.quantize_activation(x, s, 2, signed=False)  # range 0..3
     assert torch.allclose(y, torch.tensor([0.0, 0.0, 0.3, 0.3, 0.3]))
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     inner = torch.tensor([0.0, 0.0 - 0.4, 3.0 - 2.6, 3.0, 3.0])
     g = 1 / math.sqrt(5 * 3)
     assert s.grad.item() == pytest.approx(g * inner.sum().item(), rel=1e-6)
-    ys = Q.quantize_activation(torch.tensor([-0.31, 0.31]), torch.tensor(0.1), 2, signed=True)   # -2..1
+    ys = Q.quantize_activation(torch.tensor([-0.31, 0.31]), torch.tensor(0.1), 2, signed=True)  # -2..1
     assert torch.allclose(ys, torch.tensor([-0.2, 0.1]))
 
 
 def test_exported_integers_reproduce_every_bit_with_integer_ops():
     from hasb.export import derive_from_export
+
     torch.manual_seed(0)
     w = torch.randn(8, 16)
     s = Q.init_weight_scale(w, 8)
@@ -161,9 +168,9 @@ def test_activation_init_minimises_mse_and_beats_percentile_rule_at_low_bits(bit
         return (torch.clamp(torch.round(x / step), 0, 2**bit - 1) * step - x).square().mean().item()
 
     assert mse(s) <= mse(rule) * (1 + 1e-6)
-    assert mse(s) <= mse(s * 0.9) * (1 + 1e-3)     # shrinking further only adds clipping error
+    assert mse(s) <= mse(s * 0.9) * (1 + 1e-3)  # shrinking further only adds clipping error
     if bit == 2:
-        assert mse(s) < 0.6 * mse(rule)      # the percentile rule rounds most post-ReLU values to 0
+        assert mse(s) < 0.6 * mse(rule)  # the percentile rule rounds most post-ReLU values to 0
 
 
 def test_one_bit_weights_signed_minus_one_zero_with_finite_gradients():

@@ -9,6 +9,7 @@ Fixture provenance (which path makes each artifact) — switch each to the real 
 * pareto.csv, candidates.csv, config.json: WRITTEN PER THE CONTRACT here, because ``search.pareto`` has
   no CLI yet (``_HAVE["pareto"]``).  BitOPs/avg bits come from hasb.CostModel; accuracies are synthetic.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,13 +60,17 @@ def _module_has_main(mod: str) -> bool:
     return spec is not None and spec.origin is not None and "def main(" in Path(spec.origin).read_text()
 
 
-_HAVE = {"sensitivity": _module_has_main("analysis.sensitivity"), "train": _module_has_main("hasb.train"),
-         "pareto": _module_has_main("search.pareto")}
+_HAVE = {
+    "sensitivity": _module_has_main("analysis.sensitivity"),
+    "train": _module_has_main("hasb.train"),
+    "pareto": _module_has_main("search.pareto"),
+}
 
 
 def _have_fmnist() -> bool:
     try:
         from hasb.data import find_data_dir
+
         find_data_dir("fashion-mnist")
         return True
     except Exception:
@@ -82,11 +87,20 @@ def write_sensitivity(run: Path, model: str = MODEL, seed: int = 0) -> dict:
     rows, omega = [], {}
     for i, l in enumerate(cost.layers):
         tr = float(np.exp(rng.normal(0.0, 1.5)))
-        if i == len(cost.layers) - 2:          # one negative trace: indefinite block, reported explicitly
+        if i == len(cost.layers) - 2:  # one negative trace: indefinite block, reported explicitly
             tr = -0.3 * tr
         n = l.weight_params
-        rows.append({"layer": l.name, "n_params": n, "trace": tr, "trace_per_param": tr / n,
-                     "stderr": abs(tr) * float(rng.uniform(0.05, 0.2)), "n_hvp": 64, "searchable": l.searchable})
+        rows.append(
+            {
+                "layer": l.name,
+                "n_params": n,
+                "trace": tr,
+                "trace_per_param": tr / n,
+                "stderr": abs(tr) * float(rng.uniform(0.05, 0.2)),
+                "n_hvp": 64,
+                "searchable": l.searchable,
+            }
+        )
         if l.searchable:
             m = qlayers[l.name]
             with torch.no_grad():
@@ -94,10 +108,18 @@ def write_sensitivity(run: Path, model: str = MODEL, seed: int = 0) -> dict:
     grid = np.linspace(-2.0, 60.0, 400)
     dens = np.exp(-0.5 * (grid / 0.6) ** 2) + 1e-3 * np.exp(-0.5 * ((grid - 45.0) / 2.0) ** 2)
     dens /= np.trapezoid(dens, grid)
-    sens = {"version": 1, "model": model, "fingerprint": "fixture-" + str(seed), "bits": list(BITS), "layers": rows,
-            "omega": omega, "negative_traces": [r["layer"] for r in rows if r["trace"] < 0],
-            "eigenvalues": [52.0, 47.5, 44.1, 30.2, 12.0], "density": {"grid": grid.tolist(), "density": dens.tolist()},
-            "meta": {"fixture": "tests/test_reports_build.py (contract-format, analysis CLI not yet available)"}}
+    sens = {
+        "version": 1,
+        "model": model,
+        "fingerprint": "fixture-" + str(seed),
+        "bits": list(BITS),
+        "layers": rows,
+        "omega": omega,
+        "negative_traces": [r["layer"] for r in rows if r["trace"] < 0],
+        "eigenvalues": [52.0, 47.5, 44.1, 30.2, 12.0],
+        "density": {"grid": grid.tolist(), "density": dens.tolist()},
+        "meta": {"fixture": "tests/test_reports_build.py (contract-format, analysis CLI not yet available)"},
+    }
     hasb.atomic_write_text(run / "sensitivity.json", json.dumps(sens))
     hasb.atomic_write_text(run / "sensitivity.csv", pd.DataFrame(rows).to_csv(index=False))
     return sens
@@ -127,9 +149,19 @@ def write_pareto(run: Path, model: str = MODEL, n: int = 60, seed: int = 0, budg
     def add(cfg, source):
         avg = cost.avg_bit_equivalent(cfg)
         acc = 0.90 - 0.6 * np.exp(-1.1 * avg) + (rng.normal(0, 0.004) if source != "uniform" else 0.0)
-        rows.append({"config_id": cfg.digest(), "bitops": cost.bitops(cfg), "gbitops": cost.bitops(cfg) / 1e9,
-                     "avg_bit_equivalent": avg, "size_bytes": cost.size_bytes(cfg), "accuracy": acc,
-                     "loss": 1.0 - acc, "source": source, "config": cfg.short()})
+        rows.append(
+            {
+                "config_id": cfg.digest(),
+                "bitops": cost.bitops(cfg),
+                "gbitops": cost.bitops(cfg) / 1e9,
+                "avg_bit_equivalent": avg,
+                "size_bytes": cost.size_bytes(cfg),
+                "accuracy": acc,
+                "loss": 1.0 - acc,
+                "source": source,
+                "config": cfg.short(),
+            }
+        )
 
     for b in BITS:
         add(hasb.BitConfig.uniform(cost.names, b), "uniform")
@@ -149,16 +181,34 @@ def write_pareto(run: Path, model: str = MODEL, n: int = 60, seed: int = 0, budg
     hasb.atomic_write_text(run / "pareto.csv", df.to_csv(index=False))
     limit = cost.parse_budget(budget).limit
     pick = df[df["bitops"] <= limit].sort_values("accuracy").iloc[-1]
-    cfg = next(hasb.BitConfig({nm: int(b) for nm, b in zip(cost.names, s.split("-"), strict=True)}) for s in [pick["config"]])
-    hasb.atomic_write_text(run / "config.json", json.dumps({
-        "version": 1, "model": model, "config": cfg.to_dict(), "bitops": float(pick["bitops"]),
-        "gbitops": float(pick["gbitops"]), "avg_bit_equivalent": float(pick["avg_bit_equivalent"]),
-        "accuracy": float(pick["accuracy"]), "budget": budget}))
+    cfg = next(
+        hasb.BitConfig({nm: int(b) for nm, b in zip(cost.names, s.split("-"), strict=True)}) for s in [pick["config"]]
+    )
+    hasb.atomic_write_text(
+        run / "config.json",
+        json.dumps(
+            {
+                "version": 1,
+                "model": model,
+                "config": cfg.to_dict(),
+                "bitops": float(pick["bitops"]),
+                "gbitops": float(pick["gbitops"]),
+                "avg_bit_equivalent": float(pick["avg_bit_equivalent"]),
+                "accuracy": float(pick["accuracy"]),
+                "budget": budget,
+            }
+        ),
+    )
 
 
 def _train(args: list[str]) -> None:
-    r = subprocess.run([sys.executable, "-m", "hasb.train", *args, "--no-progress"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hasb.train", *args, "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -171,8 +221,19 @@ def make_run(root: Path, real_training: bool, train_sub: str = "train") -> Path:
     if real_training:
         tiny = ["--train-limit", "64", "--val-limit", "64", "--batch-size", "64", "--epochs", "2"]
         _train(["--stage", "multi", "--model", MODEL, "--out", str(tdir / "multi"), *tiny])
-        _train(["--stage", "supernet", "--init", str(tdir / "multi" / "model.pt"), "--sensitivity",
-                str(run / "sensitivity.json"), "--out", str(tdir / "supernet"), *tiny])
+        _train(
+            [
+                "--stage",
+                "supernet",
+                "--init",
+                str(tdir / "multi" / "model.pt"),
+                "--sensitivity",
+                str(run / "sensitivity.json"),
+                "--out",
+                str(tdir / "supernet"),
+                *tiny,
+            ]
+        )
     else:
         for st in ("multi", "supernet"):
             write_metrics(tdir / st, st)
@@ -195,6 +256,7 @@ def built(tmp_path_factory):
 
 def _png_size_and_var(path: Path) -> tuple[tuple[int, int], float]:
     import matplotlib.image as mpimg
+
     img = mpimg.imread(path)
     return (img.shape[1], img.shape[0]), float(img[..., :3].var())
 
@@ -213,16 +275,23 @@ def test_html_has_every_section(built):
 
 def test_figures_saved_with_expected_size_and_not_blank(built):
     from reports.plots import DPI, figure_size
+
     run, out, manifest = built
     fig_dir = out.with_name("report_figures")
     assert json.loads((fig_dir / "manifest.json").read_text())["sections"] == manifest["sections"]
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".report-")]   # no staging left
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".report-")]  # no staging left
     n_layers = len(json.loads((run / "sensitivity.json").read_text())["layers"])
-    n_search = n_layers - 2   # first/last fixed
-    expected = {"traces": figure_size("traces", n_layers), "omega": figure_size("omega", n_search),
-                "spectral_density": figure_size("spectral"), "bit_probabilities": figure_size("probabilities", n_search),
-                "training_multi": figure_size("training"), "training_supernet": figure_size("training"),
-                "pareto": figure_size("pareto"), "bit_allocation": figure_size("allocation", n_search)}
+    n_search = n_layers - 2  # first/last fixed
+    expected = {
+        "traces": figure_size("traces", n_layers),
+        "omega": figure_size("omega", n_search),
+        "spectral_density": figure_size("spectral"),
+        "bit_probabilities": figure_size("probabilities", n_search),
+        "training_multi": figure_size("training"),
+        "training_supernet": figure_size("training"),
+        "pareto": figure_size("pareto"),
+        "bit_allocation": figure_size("allocation", n_search),
+    }
     assert sorted(expected) == sorted(f for v in FIGURES.values() for f in v)
     for name, (w, h) in expected.items():
         p = fig_dir / f"{name}.png"
@@ -266,39 +335,56 @@ def _bad_input(tmp_path: Path, case: str) -> list[str]:
     (run / "budget-3.5").mkdir()
     hasb.atomic_write_text(run / "budget-3.5" / "config.json", "{}")
     nb = json.loads(rbuild.NOTEBOOK.read_text())
-    files = {"nb.txt": "this is not json", "v3.ipynb": json.dumps({**nb, "nbformat": 3}),
-             "invalid.ipynb": json.dumps({**nb, "cells": "not a list"}),
-             "badcell.ipynb": json.dumps({**nb, "cells": [{"cell_type": "code", "metadata": {}}]}),
-             "noparams.ipynb": json.dumps({**nb, "cells": [c for c in nb["cells"]
-                                                            if "parameters" not in c["metadata"].get("tags", [])]}),
-             "afile": "x"}
+    files = {
+        "nb.txt": "this is not json",
+        "v3.ipynb": json.dumps({**nb, "nbformat": 3}),
+        "invalid.ipynb": json.dumps({**nb, "cells": "not a list"}),
+        "badcell.ipynb": json.dumps({**nb, "cells": [{"cell_type": "code", "metadata": {}}]}),
+        "noparams.ipynb": json.dumps(
+            {**nb, "cells": [c for c in nb["cells"] if "parameters" not in c["metadata"].get("tags", [])]}
+        ),
+        "afile": "x",
+    }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    argv = {"run missing": ["--run", str(tmp_path / "nope")],
-            "notebook missing": ["--notebook", str(tmp_path / "none.ipynb")],
-            "notebook not json": ["--notebook", str(tmp_path / "nb.txt")],
-            "notebook v3": ["--notebook", str(tmp_path / "v3.ipynb")],
-            "notebook invalid": ["--notebook", str(tmp_path / "invalid.ipynb")],
-            "notebook cell invalid": ["--notebook", str(tmp_path / "badcell.ipynb")],
-            "notebook without parameters": ["--notebook", str(tmp_path / "noparams.ipynb")],
-            "out is a file": ["--out", str(tmp_path / "afile")],
-            "out under a file": ["--out", str(tmp_path / "afile" / "sub")],
-            "out not writable": ["--out", "/proc/hasb-report-test"],   # unwritable for root too
-            "unknown budget": ["--budget", "7"],
-            "threads 0": ["--threads", "0"]}[case]
+    argv = {
+        "run missing": ["--run", str(tmp_path / "nope")],
+        "notebook missing": ["--notebook", str(tmp_path / "none.ipynb")],
+        "notebook not json": ["--notebook", str(tmp_path / "nb.txt")],
+        "notebook v3": ["--notebook", str(tmp_path / "v3.ipynb")],
+        "notebook invalid": ["--notebook", str(tmp_path / "invalid.ipynb")],
+        "notebook cell invalid": ["--notebook", str(tmp_path / "badcell.ipynb")],
+        "notebook without parameters": ["--notebook", str(tmp_path / "noparams.ipynb")],
+        "out is a file": ["--out", str(tmp_path / "afile")],
+        "out under a file": ["--out", str(tmp_path / "afile" / "sub")],
+        "out not writable": ["--out", "/proc/hasb-report-test"],  # unwritable for root too
+        "unknown budget": ["--budget", "7"],
+        "threads 0": ["--threads", "0"],
+    }[case]
     return (["--run", str(run)] if "--run" not in argv else []) + argv
 
 
-BAD = ["run missing", "notebook missing", "notebook not json", "notebook v3", "notebook invalid", "notebook cell invalid",
-       "notebook without parameters", "out is a file", "out under a file", "out not writable", "unknown budget",
-       "threads 0"]
+BAD = [
+    "run missing",
+    "notebook missing",
+    "notebook not json",
+    "notebook v3",
+    "notebook invalid",
+    "notebook cell invalid",
+    "notebook without parameters",
+    "out is a file",
+    "out under a file",
+    "out not writable",
+    "unknown budget",
+    "threads 0",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     argv = _bad_input(tmp_path, case)
     before = _snapshot(tmp_path)
-    with warnings.catch_warnings(record=True) as warned:   # a warning would be a second stderr line
+    with warnings.catch_warnings(record=True) as warned:  # a warning would be a second stderr line
         warnings.simplefilter("always")
         rc = rbuild.main(argv)
     out, err = capsys.readouterr()
@@ -319,6 +405,7 @@ def test_interrupted_swap_never_mixes_sets(tmp_path, monkeypatch):
         for d, tag in ((outs.folder, "old"), (tmp_path / "staged", "new")):
             if d.exists():
                 import shutil
+
                 shutil.rmtree(d)
             (d / "report_figures").mkdir(parents=True)
             (d / "report_figures" / "pareto.png").write_text(tag)
@@ -351,7 +438,7 @@ def test_failed_build_keeps_old_set_and_cleans_stale_staging(tmp_path, monkeypat
     (run / "report_figures").mkdir()
     (run / "report.html").write_text("old")
     (run / "report_figures" / "pareto.png").write_text("old")
-    dead = run / ".report-staging-999999999-abc"   # a pid no process has: a build that died
+    dead = run / ".report-staging-999999999-abc"  # a pid no process has: a build that died
     dead.mkdir()
 
     def boom(*a, **k):
@@ -368,6 +455,7 @@ def test_search_outputs_in_budget_folders(tmp_path):
     """search.pareto's per-budget folders RUN/budget-<B>/: the newest by default, --budget picks one; the
     chosen config's scores keep their split, size and standard error."""
     import os
+
     run = tmp_path / "run"
     for i, b in enumerate(("3.5", "5")):
         d = run / f"budget-{b}"
@@ -381,6 +469,7 @@ def test_search_outputs_in_budget_folders(tmp_path):
     with pytest.raises(rbuild.HasbError, match="3.5, 5"):
         Run.open(run, budget="4")
     from reports.artifacts import chosen_scores
+
     sc = chosen_scores(r.chosen()).set_index("split")
     assert sc.loc["test", "se"] == 0.01 and sc.loc["test", "n"] == 2000 and sc.loc["test", "accuracy"] == 0.69
     assert sc.loc[None if None in sc.index else sc.index[0], "accuracy"] == 0.7
@@ -417,6 +506,7 @@ def test_committed_notebook_is_the_generators_output():
 
 def test_inject_parameters_after_tagged_cell():
     import nbformat
+
     nb = nbformat.read(str(rbuild.NOTEBOOK), as_version=4)
     nbformat.validate(nb)
     nb2 = rbuild.inject_parameters(nb, {"run_dir": "x'; import os", "fig_dir": None})
@@ -424,7 +514,7 @@ def test_inject_parameters_after_tagged_cell():
     injected = nb2.cells[i + 1]
     assert "injected-parameters" in injected.metadata["tags"]
     ns: dict = {}
-    exec(injected.source, ns)     # the injected text is only literals: the quote stays inside the string
+    exec(injected.source, ns)  # the injected text is only literals: the quote stays inside the string
     assert ns["run_dir"] == "x'; import os" and ns["fig_dir"] is None
     assert len(nb2.cells) == len(nb.cells) + 1
     with pytest.raises(rbuild.BuildError):

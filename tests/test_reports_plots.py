@@ -1,4 +1,5 @@
 """Unit tests of reports.plots on small inputs: axes labels/units, negative traces flagged, sizes, bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,8 @@ import pandas as pd
 import pytest
 
 import hasb
-from hasb.models import build_model
 from hasb import plots as P
+from hasb.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +17,16 @@ def cost():
 
 
 def _traces(names, vals):
-    return pd.DataFrame({"layer": names, "trace": vals, "stderr": np.abs(vals) * 0.1, "n_params": 100,
-                         "trace_per_param": np.asarray(vals) / 100, "searchable": [True] * len(names)})
+    return pd.DataFrame(
+        {
+            "layer": names,
+            "trace": vals,
+            "stderr": np.abs(vals) * 0.1,
+            "n_params": 100,
+            "trace_per_param": np.asarray(vals) / 100,
+            "searchable": [True] * len(names),
+        }
+    )
 
 
 def test_traces_flags_negative_and_zero_on_log_axis():
@@ -32,8 +41,7 @@ def test_traces_flags_negative_and_zero_on_log_axis():
     assert "log scale" in ax.get_ylabel()
     # the negative layer's bar is red and hatched, drawn at |trace|
     bars = ax.patches[:5]
-    assert bars[1].get_hatch() == "//" and np.allclose(bars[1].get_facecolor()[:3],
-                                                       P.mcolors.to_rgb(P.NEG_COLOR))
+    assert bars[1].get_hatch() == "//" and np.allclose(bars[1].get_facecolor()[:3], P.mcolors.to_rgb(P.NEG_COLOR))
     assert np.isclose(bars[1].get_y() + bars[1].get_height(), 0.5)
 
 
@@ -68,7 +76,7 @@ def test_omega_heatmap_log_colourbar_and_bits(cost):
 
 def test_spectral_density_marks_top_eigenvalues():
     g = np.linspace(-1, 10, 50)
-    fig = P.plot_spectral_density(g, np.exp(-g ** 2) + 1e-4, eigenvalues=[1.0, 9.0, 5.0])
+    fig = P.plot_spectral_density(g, np.exp(-(g**2)) + 1e-4, eigenvalues=[1.0, 9.0, 5.0])
     ax = fig.axes[0]
     texts = [t.get_text() for t in ax.texts]
     assert texts[0] == "λ1=9" and "λ2=5" in texts
@@ -78,7 +86,7 @@ def test_spectral_density_marks_top_eigenvalues():
 
 
 def test_bit_probabilities_stacks_to_one_and_validates():
-    probs = {"a": {8: 0.4, 6: 0.3, 4: 0.2, 2: 0.1}, "b": {"8": .25, "6": .25, "4": .25, "2": .25}}
+    probs = {"a": {8: 0.4, 6: 0.3, 4: 0.2, 2: 0.1}, "b": {"8": 0.25, "6": 0.25, "4": 0.25, "2": 0.25}}
     fig = P.plot_bit_probabilities(probs, sensitive=["a"])
     ax = fig.axes[0]
     tops = {}
@@ -101,7 +109,7 @@ def test_bit_allocation_shares_use_cost_model(cost):
     ax, ax2 = fig.axes[0], fig.axes[1]
     assert "[bits]" in ax.get_ylabel() and "[%]" in ax2.get_ylabel()
     n = len(cost.names)
-    shares_mixed = [b.get_height() for b in ax2.patches[n:2 * n]]
+    shares_mixed = [b.get_height() for b in ax2.patches[n : 2 * n]]
     # share = layer BitOPs / the config's total BitOPs (fixed layers included), from the one cost model
     want = hasb.cost.layer_bitops(cost.layers[1].macs, 8, 8) / cost.bitops(mixed) * 100
     assert cost.layers[1].name == cost.names[0]
@@ -117,19 +125,30 @@ def test_pareto_units_secondary_axis_uniform_labels_and_chosen(cost):
     rows = []
     for b in (8, 4, 2):
         c = hasb.BitConfig.uniform(cost.names, b)
-        rows.append({"bitops": cost.bitops(c), "accuracy": 0.8 + 0.01 * b, "source": "uniform", "config": c.short(),
-                     "on_front": True})
+        rows.append(
+            {
+                "bitops": cost.bitops(c),
+                "accuracy": 0.8 + 0.01 * b,
+                "source": "uniform",
+                "config": c.short(),
+                "on_front": True,
+            }
+        )
     rows.append({"bitops": cost.uniform_bitops(5), "accuracy": 0.9, "source": "ilp", "config": "", "on_front": True})
     df = pd.DataFrame(rows)
-    fig = P.plot_pareto(df, chosen={"bitops": rows[-1]["bitops"], "accuracy": 0.9},
-                        budget_bitops=cost.uniform_bitops(5.5), avg_bits_fn=cost)
+    fig = P.plot_pareto(
+        df,
+        chosen={"bitops": rows[-1]["bitops"], "accuracy": 0.9},
+        budget_bitops=cost.uniform_bitops(5.5),
+        avg_bits_fn=cost,
+    )
     ax = fig.axes[0]
     assert "GBitOPs" in ax.get_xlabel() and "[%]" in ax.get_ylabel()
     labels = {t.get_text() for t in ax.texts}
     assert {"w8a8", "w4a4", "w2a2"} <= labels
     legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
     assert "90.00%" in legend and "budget" in legend and "5.5 avg bits" in legend
-    sec = ax.child_axes   # secondary_xaxis lives under the main axes
+    sec = ax.child_axes  # secondary_xaxis lives under the main axes
     assert sec and "average-bit" in sec[0].get_xlabel()
     # the secondary axis maps G BitOPs to the cost model's average-bit equivalent
     fwd, inv = P._avg_funcs(cost)
@@ -139,13 +158,21 @@ def test_pareto_units_secondary_axis_uniform_labels_and_chosen(cost):
 
 
 def test_training_curves_and_save_figure(tmp_path):
-    m = pd.DataFrame({"epoch": [1, 2], "loss": [2.0, 1.0], "acc_w8a8": [0.5, 0.7], "acc_w2a2": [0.4, 0.6],
-                      "lr_weights": [1e-3, 5e-4]})
+    m = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "loss": [2.0, 1.0],
+            "acc_w8a8": [0.5, 0.7],
+            "acc_w2a2": [0.4, 0.6],
+            "lr_weights": [1e-3, 5e-4],
+        }
+    )
     fig = P.plot_training_curves(m)
     assert "[%]" in fig.axes[0].get_ylabel()
     assert [l.get_label() for l in fig.axes[0].lines] == ["w8a8", "w2a2"]
     paths = P.save_figure(fig, [tmp_path / "t.png", tmp_path / "t.svg"])
     import matplotlib.image as mpimg
+
     img = mpimg.imread(paths[0])
     w, h = P.figure_size("training")
     assert img.shape[:2] == (round(h * P.DPI), round(w * P.DPI))

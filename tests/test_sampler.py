@@ -1,4 +1,5 @@
 """HASB / uniform / tempered samplers: empirical frequencies match the formulas (chi-square), schedule, state."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,8 @@ from hasb.sampler import (
 
 BITS = [8, 6, 4, 2]
 LAYERS = ["a", "b", "c", "d", "e"]
-TRACES = {"a": 0.9, "b": 0.05, "c": 0.3, "d": -0.01, "e": 0.31}   # mean 0.31: a and e sensitive (e: t = mean)
-N = 4000   # draws: expected counts ≥ 0.1·N = 400 per cell; a 0.25-vs-0.4 deviation gives χ² in the hundreds
+TRACES = {"a": 0.9, "b": 0.05, "c": 0.3, "d": -0.01, "e": 0.31}  # mean 0.31: a and e sensitive (e: t = mean)
+N = 4000  # draws: expected counts ≥ 0.1·N = 400 per cell; a 0.25-vs-0.4 deviation gives χ² in the hundreds
 
 
 def counts(sampler, base, epoch, n, seed=0):
@@ -28,7 +29,7 @@ def counts(sampler, base, epoch, n, seed=0):
         cfg = sampler.sample(base, epoch, g)
         assert list(cfg.layers) == sampler.layers
         for l, (w, a) in cfg.layers.items():
-            assert w == a                     # weight bit = activation bit
+            assert w == a  # weight bit = activation bit
             c[l][w] += 1
     return c
 
@@ -67,7 +68,7 @@ def test_uniform_and_tempered_frequencies():
     omega = {l: {"8": 1e-5 * i, "6": 1e-4 * i, "4": 1e-3 * i, "2": 2e-2 * i} for i, l in enumerate(LAYERS)}
     tau = 0.7
     t = TemperedSampler(LAYERS, BITS, omega, tau=tau, sigma=1.0, epochs=1)
-    ref = np.mean([omega[l]["2"] for l in LAYERS])     # documented normalisation: mean lowest-bit Ω
+    ref = np.mean([omega[l]["2"] for l in LAYERS])  # documented normalisation: mean lowest-bit Ω
     c = counts(t, 8, 0, N, seed=2)
     for l in LAYERS:
         w = np.exp(-np.array([omega[l][str(b)] for b in BITS]) / ref / tau)
@@ -85,7 +86,7 @@ def test_sigma_schedule_and_warmup():
     assert sigma_schedule(89, 90, 0.5, 10) == pytest.approx(0.5)
     s = HASBSampler(LAYERS, BITS, TRACES, sigma=0.5, epochs=4, warmup_epochs=2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):     # warm-up: never switches
+    for _ in range(200):  # warm-up: never switches
         assert set(s.sample(6, 1, g).w_bits()) == {6}
 
 
@@ -99,8 +100,10 @@ def test_state_dict_roundtrip_and_determinism():
 
 
 def test_sensitivity_validation():
-    sens = {"model": "resnet20", "layers": [{"layer": l, "trace_per_param": TRACES[l], "searchable": True}
-                                            for l in LAYERS]}
+    sens = {
+        "model": "resnet20",
+        "layers": [{"layer": l, "trace_per_param": TRACES[l], "searchable": True} for l in LAYERS],
+    }
     assert traces_for_model(sens, "resnet20", LAYERS) == TRACES
     with pytest.raises(SensitivityError, match="for model 'resnet20'"):
         traces_for_model(sens, "small_cnn", LAYERS)

@@ -1,5 +1,6 @@
 """Bad input to python -m search.pareto is rejected before any work: exit 2, one stderr line, no traceback, and no
 file or folder created anywhere (the storage, the data dir and --out are checked before anything is written)."""
+
 import os
 
 import pytest
@@ -24,12 +25,18 @@ def _case(case, tmp_path):
     (tmp_path / "afile").write_text("x")
     out = str(tmp_path / "out")
     return {
-        "journal_on_dir": (["--budget", "4", "--storage", f"journal:{tmp_path / 'adir'}", "--out", out],
-                           "is a directory"),
-        "journal_uncreatable": (["--budget", "4", "--storage", f"journal:{tmp_path / 'afile' / 'sub' / 's.log'}",
-                                 "--out", out], "cannot create"),
-        "sqlite_uncreatable": (["--budget", "4", "--storage", f"sqlite:///{tmp_path / 'afile' / 'x.db'}",
-                                "--out", out], "cannot create"),
+        "journal_on_dir": (
+            ["--budget", "4", "--storage", f"journal:{tmp_path / 'adir'}", "--out", out],
+            "is a directory",
+        ),
+        "journal_uncreatable": (
+            ["--budget", "4", "--storage", f"journal:{tmp_path / 'afile' / 'sub' / 's.log'}", "--out", out],
+            "cannot create",
+        ),
+        "sqlite_uncreatable": (
+            ["--budget", "4", "--storage", f"sqlite:///{tmp_path / 'afile' / 'x.db'}", "--out", out],
+            "cannot create",
+        ),
         "storage_garbage": (["--budget", "4", "--storage", "nonsense", "--out", out], "journal:FILE"),
         "data_dir_missing": (["--budget", "4", "--data-dir", str(tmp_path / "nodata"), "--out", out], "nodata"),
         "out_is_file": (["--budget", "4", "--out", str(tmp_path / "afile")], "not a directory"),
@@ -42,18 +49,31 @@ def _case(case, tmp_path):
     }[case]
 
 
-@pytest.mark.parametrize("case", ["journal_on_dir", "journal_uncreatable", "sqlite_uncreatable", "storage_garbage",
-                                  "data_dir_missing", "out_is_file", "out_uncreatable", "size_bitops_unit",
-                                  "size_unknown_unit", "bits_not_candidates", "device_unknown",
-                                  "negative_test_limit"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "journal_on_dir",
+        "journal_uncreatable",
+        "sqlite_uncreatable",
+        "storage_garbage",
+        "data_dir_missing",
+        "out_is_file",
+        "out_uncreatable",
+        "size_bitops_unit",
+        "size_unknown_unit",
+        "bits_not_candidates",
+        "device_unknown",
+        "negative_test_limit",
+    ],
+)
 def test_rejected_before_any_work(case, fake_run, tmp_path, capsys):
     ck, _ = fake_run
     args, expect = _case(case, tmp_path)
     before = _tree(tmp_path)
-    assert main(["--checkpoint", str(ck)] + FAST + args) == 2      # the case last: its option wins
+    assert main(["--checkpoint", str(ck)] + FAST + args) == 2  # the case last: its option wins
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert expect in err
     if case.startswith("size"):
-        assert "accepted: B, kB, MB" in err                       # the error names the accepted units
-    assert _tree(tmp_path) == before                              # nothing created, nothing changed
+        assert "accepted: B, kB, MB" in err  # the error names the accepted units
+    assert _tree(tmp_path) == before  # nothing created, nothing changed

@@ -1,5 +1,6 @@
 """search.pareto end to end on a tiny fake run (untrained quantized small_cnn + contract sensitivity), exports,
 the Pareto front on known point sets, and bad input (one line, exit 2, nothing written)."""
+
 import json
 import subprocess
 import sys
@@ -30,21 +31,21 @@ def fake_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- front
 def test_pareto_mask_known_sets():
     b = [1, 2, 3, 4, 2, 5, 3]
-    a = [.5, .6, .6, .9, .4, .9, .7]
+    a = [0.5, 0.6, 0.6, 0.9, 0.4, 0.9, 0.7]
     # (3,.6) is dominated by (2,.6); (2,.4) by (2,.6); (5,.9) by (4,.9)
     assert pareto_mask(b, a).tolist() == [True, True, False, True, False, False, True]
-    assert pareto_mask([1, 1], [.5, .5]).tolist() == [True, True]           # duplicates both stay
+    assert pareto_mask([1, 1], [0.5, 0.5]).tolist() == [True, True]  # duplicates both stay
     assert pareto_mask([], []).tolist() == []
 
 
 def test_hypervolume_known_and_monte_carlo():
     # two points (1, .5) and (2, .8) with reference (3, 0): 1·.5 + 1·.8 = 1.3
-    assert hypervolume([2, 1], [.8, .5], 3, 0) == pytest.approx(1.3)
-    assert hypervolume([4], [.9], 3, 0) == 0.0                         # beyond the reference cost
-    assert hypervolume([1, 2], [.9, .5], 3, 0) == pytest.approx(1.8)   # dominated point adds nothing
+    assert hypervolume([2, 1], [0.8, 0.5], 3, 0) == pytest.approx(1.3)
+    assert hypervolume([4], [0.9], 3, 0) == 0.0  # beyond the reference cost
+    assert hypervolume([1, 2], [0.9, 0.5], 3, 0) == pytest.approx(1.8)  # dominated point adds nothing
     rng = np.random.default_rng(0)
     c, a = rng.uniform(0, 1, 20), rng.uniform(0, 1, 20)
-    u = rng.uniform(0, 1, (200_000, 2))                                # area by sampling the unit box
+    u = rng.uniform(0, 1, (200_000, 2))  # area by sampling the unit box
     dom = ((c[None, :] <= u[:, :1]) & (a[None, :] >= u[:, 1:])).any(1)
     # binomial standard error of the fraction ≤ 0.5/sqrt(2e5) ≈ 0.0011: 5 SE
     assert hypervolume(c, a, 1.0, 0.0) == pytest.approx(dom.mean(), abs=0.0056)
@@ -54,7 +55,7 @@ def test_pareto_mask_matches_definition_on_random_sets():
     rng = np.random.default_rng(0)
     for _ in range(20):
         n = int(rng.integers(1, 40))
-        b = rng.integers(0, 8, n).astype(float)   # many ties on purpose
+        b = rng.integers(0, 8, n).astype(float)  # many ties on purpose
         a = rng.integers(0, 8, n) / 8
         m = pareto_mask(b, a)
         for i in range(n):
@@ -69,7 +70,7 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
     args = ["--budget", "5", "--size", "20kB", "--checkpoint", str(ck), "--out", str(out), "--json"] + FAST
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    folder = out / "budget-5_size-20kB"          # per-budget outputs in their own folder, shared ones at the top
+    folder = out / "budget-5_size-20kB"  # per-budget outputs in their own folder, shared ones at the top
     for f in ("pareto.csv", "candidates.csv"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     for f in ("pareto.png", "pareto.svg", "config.json", "deploy.pt", "table.csv"):
@@ -88,8 +89,18 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
     assert doc["provenance"]["checkpoint_sha256"] and doc["provenance"]["sensitivity_fingerprint"]
 
     pareto = pd.read_csv(out / "pareto.csv")
-    for c in ("config_id", "bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "loss", "source",
-              "on_front", "config"):
+    for c in (
+        "config_id",
+        "bitops",
+        "gbitops",
+        "avg_bit_equivalent",
+        "size_bytes",
+        "accuracy",
+        "loss",
+        "source",
+        "on_front",
+        "config",
+    ):
         assert c in pareto.columns
     assert set(pareto.source) <= {"ilp", "optuna", "uniform"} and {"ilp", "uniform"} <= set(pareto.source)
     assert pareto.on_front.tolist() == pareto_mask(pareto.bitops, pareto.accuracy).tolist()
@@ -122,8 +133,9 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
 def test_budget_above_largest_config_does_not_bind(fake_run, tmp_path, capsys):
     ck, _ = fake_run
     out = tmp_path / "o"
-    assert main(["--budget", "100GBOPs", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--json"]
-                + FAST) == 0
+    assert (
+        main(["--budget", "100GBOPs", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--json"] + FAST) == 0
+    )
     s = json.loads(capsys.readouterr().out)
     assert s["budget_binds"] is False and "does not bind" in s["note"]
     pareto = pd.read_csv(out / "pareto.csv")
@@ -138,18 +150,34 @@ def test_export_validates_and_rejects_tampering(fake_run, tmp_path):
     cfg = BitConfig({n: (4, 4) for n in hasb.searchable_layers(model)})
     cost = hasb.CostModel.from_model(model)
     s = cost.summary(cfg)
-    doc = sx.make_document(model_name="small_cnn", build=model.hasb_build, bits=spec.bits, config=cfg,
-                           fixed={n: "fp" for n in spec.fixed}, metrics={**s, "accuracy": 0.5, "loss": 1.0},
-                           budgets=[cost.parse_budget("4")], budget_binds=True, source="ilp",
-                           provenance={"sensitivity_fingerprint": "x", "checkpoint_sha256": "y",
-                                       "hasb_version": hasb.__version__, "command": "test"})
+    doc = sx.make_document(
+        model_name="small_cnn",
+        build=model.hasb_build,
+        bits=spec.bits,
+        config=cfg,
+        fixed={n: "fp" for n in spec.fixed},
+        metrics={**s, "accuracy": 0.5, "loss": 1.0},
+        budgets=[cost.parse_budget("4")],
+        budget_binds=True,
+        source="ilp",
+        provenance={
+            "sensitivity_fingerprint": "x",
+            "checkpoint_sha256": "y",
+            "hasb_version": hasb.__version__,
+            "command": "test",
+        },
+    )
     p = sx.write(doc, tmp_path / "c.json")
     cfg2, doc2 = sx.load(p)
     assert cfg2 == cfg and doc2["hawq_bit_config"] is None and doc2["schema_version"] == sx.SCHEMA_VERSION
     bad_cases = [
-        ("schema_version", 99), ("schema", "other"), ("source", "magic"), ("budget", []),
+        ("schema_version", 99),
+        ("schema", "other"),
+        ("source", "magic"),
+        ("budget", []),
         ("metrics", {**doc["metrics"], "accuracy": 1.5}),
-        ("hawq_bit_config", {"quant_x": "4"}), ("hawq_bit_config", [4]),
+        ("hawq_bit_config", {"quant_x": "4"}),
+        ("hawq_bit_config", [4]),
         ("config", {"layers": {**doc["config"]["layers"], "conv2": {"w_bits": 3, "a_bits": 3}}}),
     ]
     for key, val in bad_cases:
@@ -170,9 +198,22 @@ def _bad_sensitivity(sens_path, tmp_path, mutate, name):
     return str(p)
 
 
-@pytest.mark.parametrize("case", ["below", "negative", "nan", "text", "unknown_model", "other_model",
-                                  "sens_model", "sens_layers", "no_budget", "size_too_small", "missing_ckpt",
-                                  ])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "below",
+        "negative",
+        "nan",
+        "text",
+        "unknown_model",
+        "other_model",
+        "sens_model",
+        "sens_layers",
+        "no_budget",
+        "size_too_small",
+        "missing_ckpt",
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(case, fake_run, tmp_path, capsys):
     ck, sens = fake_run
     out = tmp_path / "never"
@@ -184,10 +225,20 @@ def test_bad_input_one_line_exit_2_nothing_written(case, fake_run, tmp_path, cap
         "text": ["--budget", "lots"] + base,
         "unknown_model": ["--budget", "4", "--model", "nosuchnet"] + base,
         "other_model": ["--budget", "4", "--model", "resnet20"] + base,
-        "sens_model": ["--budget", "4", "--sensitivity",
-                       _bad_sensitivity(sens, tmp_path, lambda d: d.update(model="resnet20"), "a")] + base,
-        "sens_layers": ["--budget", "4", "--sensitivity",
-                        _bad_sensitivity(sens, tmp_path, lambda d: d["omega"].pop("conv3"), "b")] + base,
+        "sens_model": [
+            "--budget",
+            "4",
+            "--sensitivity",
+            _bad_sensitivity(sens, tmp_path, lambda d: d.update(model="resnet20"), "a"),
+        ]
+        + base,
+        "sens_layers": [
+            "--budget",
+            "4",
+            "--sensitivity",
+            _bad_sensitivity(sens, tmp_path, lambda d: d["omega"].pop("conv3"), "b"),
+        ]
+        + base,
         "no_budget": base,
         "size_too_small": ["--size", "1kB"] + base,
         "missing_ckpt": ["--budget", "4", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)],
@@ -195,18 +246,42 @@ def test_bad_input_one_line_exit_2_nothing_written(case, fake_run, tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    expect = {"below": "feasible", "negative": "positive", "nan": "finite", "text": "not a number",
-              "unknown_model": "unknown model", "other_model": "small_cnn", "sens_model": "resnet20",
-              "sens_layers": "conv3", "no_budget": "no budget", "size_too_small": "feasible",
-              "missing_ckpt": "not found"}[case]
+    expect = {
+        "below": "feasible",
+        "negative": "positive",
+        "nan": "finite",
+        "text": "not a number",
+        "unknown_model": "unknown model",
+        "other_model": "small_cnn",
+        "sens_model": "resnet20",
+        "sens_layers": "conv3",
+        "no_budget": "no budget",
+        "size_too_small": "feasible",
+        "missing_ckpt": "not found",
+    }[case]
     assert expect in err
     assert not out.exists()
 
 
 def test_cli_subprocess_bad_budget_exit_code(fake_run, tmp_path):
     ck, _ = fake_run
-    r = subprocess.run([sys.executable, "-m", "search.pareto", "--budget", "0.5", "--checkpoint", str(ck),
-                        "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "search.pareto",
+            "--budget",
+            "0.5",
+            "--checkpoint",
+            str(ck),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "feasible average bits range is 2–8" in r.stderr
     assert not (tmp_path / "x").exists()
@@ -236,10 +311,12 @@ def test_budgets_keep_their_own_outputs_and_picks_are_monotone(fake_run, tmp_pat
 def test_budget_folder_names():
     from hasb.cost import Budget
     from search.outputs import budget_dir_name
+
     assert budget_dir_name([Budget("avg_bits", 3.5, 1.0, "3.5")]) == "budget-3.5"
     assert budget_dir_name([Budget("bitops", 25e9, 25e9, "25GBOPs")]) == "budget-25GBOPs"
-    assert budget_dir_name([Budget("avg_bits", 5, 1.0, "5"), Budget("size", 0.02, 20e3, "20kB")]) == \
-        "budget-5_size-20kB"
+    assert (
+        budget_dir_name([Budget("avg_bits", 5, 1.0, "5"), Budget("size", 0.02, 20e3, "20kB")]) == "budget-5_size-20kB"
+    )
     assert budget_dir_name([Budget("plain_avg", 3, 3, "3")]) == "budget-avg-bits-3"
 
 
@@ -247,15 +324,26 @@ def test_pareto_plot_draws_standard_errors():
     from matplotlib.container import ErrorbarContainer
 
     from hasb.plots import plot_pareto
-    df = pd.DataFrame({"gbitops": [1.0, 2.0, 3.0], "accuracy": [0.5, 0.6, 0.7], "accuracy_se": [0.02, 0.01, 0.03],
-                       "source": ["ilp", "ilp", "optuna"], "on_front": [True, True, True]})
-    fig = plot_pareto(df, chosen={"gbitops": 2.0, "accuracy": 0.6, "accuracy_se": 0.01, "test_accuracy": 0.58,
-                                  "test_se": 0.012}, accuracy_label="accuracy [%] on validation (n=2000), ± 1 SE")
+
+    df = pd.DataFrame(
+        {
+            "gbitops": [1.0, 2.0, 3.0],
+            "accuracy": [0.5, 0.6, 0.7],
+            "accuracy_se": [0.02, 0.01, 0.03],
+            "source": ["ilp", "ilp", "optuna"],
+            "on_front": [True, True, True],
+        }
+    )
+    fig = plot_pareto(
+        df,
+        chosen={"gbitops": 2.0, "accuracy": 0.6, "accuracy_se": 0.01, "test_accuracy": 0.58, "test_se": 0.012},
+        accuracy_label="accuracy [%] on validation (n=2000), ± 1 SE",
+    )
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
-    assert len(bars) == 3                                  # every point, the chosen one, its test score
+    assert len(bars) == 3  # every point, the chosen one, its test score
     seg = bars[0].lines[2][0].get_segments()
-    assert [round(float(s[1][1] - s[0][1]), 6) for s in seg] == [4.0, 2.0, 6.0]   # ±1 SE in percent points
+    assert [round(float(s[1][1] - s[0][1]), 6) for s in seg] == [4.0, 2.0, 6.0]  # ±1 SE in percent points
     assert ax.get_ylabel().startswith("accuracy [%] on validation")
 
 
@@ -263,7 +351,13 @@ def test_recipes_alias_forwards_to_search_recipes():
     """``python -m hasb.recipes`` (the documented command) is the search.recipes CLI; bad input: one line, exit 2."""
     import hasb.recipes
     import search.recipes
+
     assert hasb.recipes.main is search.recipes.main and hasb.recipes.demo_recipe is search.recipes.demo_recipe
-    r = subprocess.run([sys.executable, "-m", "hasb.recipes", "demo", "--bits", "4,3,2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "hasb.recipes", "demo", "--bits", "4,3,2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: --bits and --compile apply to the resnet20-gpu recipe only"

@@ -1,5 +1,6 @@
 """deploy.pt is the network that was scored: a plain module from hasb.export.load_deployment reproduces the
 accuracy config.json reports, image for image, on a real (short) training run on real Fashion-MNIST."""
+
 import json
 
 import pytest
@@ -20,10 +21,22 @@ pytestmark = pytest.mark.skipif(not have_fmnist(), reason="needs Fashion-MNIST (
 def trained_run(tmp_path_factory):
     """A multi-precision small_cnn trained for one short epoch on 512 real images, with a contract sensitivity."""
     d = tmp_path_factory.mktemp("real")
-    cfg = TrainConfig(stage="multi", model="small_cnn", out=str(d / "multi"), epochs=1, batch_size=64, lr=3e-3,
-                      train_limit=512, val_limit=128, warmup_epochs=0, device="cpu", progress=False)
+    cfg = TrainConfig(
+        stage="multi",
+        model="small_cnn",
+        out=str(d / "multi"),
+        epochs=1,
+        batch_size=64,
+        lr=3e-3,
+        train_limit=512,
+        val_limit=128,
+        warmup_epochs=0,
+        device="cpu",
+        progress=False,
+    )
     train(cfg)
     from hasb.export import load_quantized
+
     model, _ = load_quantized(d / "multi" / "model.pt")
     (d / "multi" / "sensitivity.json").write_text(json.dumps(fake_sensitivity(model)))
     return d / "multi" / "model.pt"
@@ -31,8 +44,29 @@ def trained_run(tmp_path_factory):
 
 def test_deployment_reproduces_config_accuracy_exactly(trained_run, tmp_path):
     out = tmp_path / "search"
-    assert main(["--budget", "4", "--checkpoint", str(trained_run), "--out", str(out), "--no-optuna",
-                 "--val-limit", "300", "--test-limit", "400", "--calib-size", "256", "--sweep", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--budget",
+                "4",
+                "--checkpoint",
+                str(trained_run),
+                "--out",
+                str(out),
+                "--no-optuna",
+                "--val-limit",
+                "300",
+                "--test-limit",
+                "400",
+                "--calib-size",
+                "256",
+                "--sweep",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((out / "budget-4" / "config.json").read_text())
     deployed = load_deployment(out / "budget-4" / "deploy.pt")
     # a plain torch module: no hasb switching layers left, every quantized layer replaced
@@ -46,7 +80,7 @@ def test_deployment_reproduces_config_accuracy_exactly(trained_run, tmp_path):
     for sc, data in ((val, splits.val), (test, (splits.test[0][:400], splits.test[1][:400]))):
         correct, _, n = score(deployed, data)
         assert n == sc["n"]
-        assert correct == sc["correct"]                    # the same images classified correctly
+        assert correct == sc["correct"]  # the same images classified correctly
         p = correct / n
         assert sc["se"] == pytest.approx((p * (1 - p) / n) ** 0.5)
     assert doc["metrics"]["accuracy"] == val["accuracy"]

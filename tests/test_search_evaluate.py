@@ -1,4 +1,5 @@
 """search.evaluate.Evaluator: correct accuracy/loss, BN statistics restored after re-calibration, caching."""
+
 import json
 
 import pytest
@@ -32,12 +33,14 @@ def test_matches_direct_computation_and_restores_bn(setup):
     ev = Evaluator(m, (val, calib), bn="recal", batch_size=40, calib_batch_size=32)
     r = ev.evaluate(cfg)
     after = bn_state(m)
-    assert all(torch.equal(before[k], after[k]) for k in before)     # supernet left untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)  # supernet left untouched
     # reference: recalibrate a copy by hand, then evaluate in one batch
     import copy
+
     ref = copy.deepcopy(m)
     hasb.set_config(ref, cfg)
     from hasb.supernet import recalibrate_bn
+
     recalibrate_bn(ref, cfg, [calib[0][:32], calib[0][32:]])
     ref.eval()
     with torch.no_grad():
@@ -64,8 +67,8 @@ def test_cache_memory_disk_and_context(setup, tmp_path):
     assert json.loads(path.read_text())["version"] == 1
     ev2 = Evaluator(m, data, cache_path=path, context={"checkpoint": "abc"})
     r2 = ev2.evaluate(cfg)
-    assert r2.cached and r2.accuracy == r.accuracy and len(calls) == 1     # no data loaded when cached
+    assert r2.cached and r2.accuracy == r.accuracy and len(calls) == 1  # no data loaded when cached
     ev3 = Evaluator(m, data, cache_path=path, context={"checkpoint": "other"})
-    assert not ev3.evaluate(cfg).cached and len(calls) == 2                # another checkpoint: recomputed
+    assert not ev3.evaluate(cfg).cached and len(calls) == 2  # another checkpoint: recomputed
     path.write_text("{broken")
     assert not Evaluator(m, (val, calib), cache_path=path).evaluate(cfg).cached

@@ -1,4 +1,5 @@
 """search.formats: the outputs parsed the way HAWQ (quant_train.py) and NNCF (manual precision init) parse them."""
+
 import json
 import re
 
@@ -20,7 +21,7 @@ def r18():
 
 @pytest.fixture(scope="module")
 def r20():
-    return hasb.quantize_model(build_model("resnet20"))          # stem and head full precision
+    return hasb.quantize_model(build_model("resnet20"))  # stem and head full precision
 
 
 def random_config(model, seed):
@@ -34,8 +35,11 @@ def random_config(model, seed):
 def hawq_q_resnet_modules(stages, units, identity_units, bottleneck=False):
     """Quantizer names of HAWQ's Q_ResNet18/50 (utils/models/q_resnet.py), as named_modules() lists them:
     name -> 'act' (QuantAct) or 'weight' (QuantBnConv2d / QuantLinear)."""
-    mods = {"quant_input": "act", ("quant_init_convbn" if bottleneck else "quant_init_block_convbn"): "weight",
-            "quant_act_int32": "act"}
+    mods = {
+        "quant_input": "act",
+        ("quant_init_convbn" if bottleneck else "quant_init_block_convbn"): "weight",
+        "quant_act_int32": "act",
+    }
     convs = 3 if bottleneck else 2
     for s in range(1, stages + 1):
         for u in range(1, units[s - 1] + 1):
@@ -83,7 +87,7 @@ def test_hawq_resnet20_per_quantizer_bits(seed, r20):
     cfg = random_config(m, seed)
     cfg = cfg.with_layers({"layer2.0.shortcut": cfg["layer2.0.conv1"], "layer3.0.shortcut": cfg["layer3.0.conv1"]})
     bc = formats.hawq_bit_config(m, cfg)
-    json.loads(json.dumps(bc))                                 # plain JSON: str -> int
+    json.loads(json.dumps(bc))  # plain JSON: str -> int
     modules = hawq_q_resnet_modules(3, [3, 3, 3], {(2, 1), (3, 1)})
     applied, all_matched = hawq_apply(modules, bc)
     assert all_matched
@@ -116,8 +120,10 @@ def test_hawq_small_cnn_convention():
 # ----------------------------------------------------------------------------------------------------------
 # NNCF: each [bits, scope] pair must be a 2-list of (int, str); the scope must equal a quantizer id (no "{re}"
 # here) or NNCF raises "Invalid scope name"; weight quantizer ids have the form below.
-NNCF_WEIGHT_ID = re.compile(r"(?P<model>\w+)(?P<path>(/\w+\[\w+\])*)/NNCF(Conv2d|Linear)\[(?P<leaf>\w+)\]"
-                            r"/(conv2d|linear)_(?P<call>\d+)\|WEIGHT")
+NNCF_WEIGHT_ID = re.compile(
+    r"(?P<model>\w+)(?P<path>(/\w+\[\w+\])*)/NNCF(Conv2d|Linear)\[(?P<leaf>\w+)\]"
+    r"/(conv2d|linear)_(?P<call>\d+)\|WEIGHT"
+)
 
 
 def nncf_weight_ids(model):
@@ -169,15 +175,20 @@ def test_nncf_manual_config_assigns_every_weight(arch):
     fixed = [ids_q.rsplit("/", 1)[0] for ids_q, n in ids.items() if n not in cfg.layers]
     assert sorted(doc["compression"]["ignored_scopes"]) == sorted(fixed) and len(fixed) == 2
     # execution order, as NNCF lists weight quantizers
-    assert [ids[s] for _, s in doc["compression"]["initializer"]["precision"]["bitwidth_per_scope"]] == \
-        [n for n in hasb.quantize.get_spec(m).order if n in cfg.layers]
+    assert [ids[s] for _, s in doc["compression"]["initializer"]["precision"]["bitwidth_per_scope"]] == [
+        n for n in hasb.quantize.get_spec(m).order if n in cfg.layers
+    ]
 
 
 def test_nncf_scope_matches_nncf_documented_resnet18_ids(r18):
     """The ids NNCF itself prints for torchvision's ResNet-18 (e.g. in its precision-init docs and tests)."""
     m = r18
-    scopes = [s for _, s in formats.nncf_config(m, uniform_config(m, 4), m.example_input_shape)["compression"]
-              ["initializer"]["precision"]["bitwidth_per_scope"]]
+    scopes = [
+        s
+        for _, s in formats.nncf_config(m, uniform_config(m, 4), m.example_input_shape)["compression"]["initializer"][
+            "precision"
+        ]["bitwidth_per_scope"]
+    ]
     assert "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT" in scopes
     assert "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0|WEIGHT" in scopes
     assert "ResNet/NNCFLinear[fc]/linear_0|WEIGHT" in scopes

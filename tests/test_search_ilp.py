@@ -1,4 +1,5 @@
 """search.ilp against brute-force enumeration on small random instances, and on real cost models."""
+
 import itertools
 
 import numpy as np
@@ -64,8 +65,10 @@ def test_milp_equals_brute_force(case, seed):
             target = float(rng.choice(np.unique(np.round(mets["plain_avg_bits"], 9))))
             cons = [ilp.Constraint("plain_avg_bits", target, equality=True)]
         elif case == "bitops+size":
-            cons = [ilp.Constraint("bitops", budgets_for(space, "bitops", rng, 1)[0]),
-                    ilp.Constraint("size_bytes", budgets_for(space, "size_bytes", rng, 1)[0])]
+            cons = [
+                ilp.Constraint("bitops", budgets_for(space, "bitops", rng, 1)[0]),
+                ilp.Constraint("size_bytes", budgets_for(space, "size_bytes", rng, 1)[0]),
+            ]
         else:
             cons = [ilp.Constraint(case, budgets_for(space, case, rng, 1)[0])]
         ok = feasible_mask(mets, cons)
@@ -75,7 +78,7 @@ def test_milp_equals_brute_force(case, seed):
             continue
         sol = ilp.solve(space, cons)
         assert sol.objective == pytest.approx(obj[ok].min(), rel=1e-9, abs=1e-12)
-        for c in cons:   # budgets respected, recomputed independently of the solver
+        for c in cons:  # budgets respected, recomputed independently of the solver
             assert c.holds(sol.metrics[c.metric])
 
 
@@ -127,13 +130,13 @@ def test_k_best_distinct_ordered_equal_brute_topk(seed):
     assert len({s.key() for s in sols}) == len(sols)
     objs = [s.objective for s in sols]
     assert objs == sorted(objs)
-    np.testing.assert_allclose(objs, np.sort(obj[ok])[:len(sols)], rtol=1e-9)
+    np.testing.assert_allclose(objs, np.sort(obj[ok])[: len(sols)], rtol=1e-9)
     assert [s.rank for s in sols] == list(range(len(sols)))
     assert all(s.metrics["bitops"] <= limit * (1 + 1e-9) for s in sols)
 
 
 def test_k_best_exhausts_small_space_without_leaking():
-    space = random_space(7, L=2)           # 16 configs
+    space = random_space(7, L=2)  # 16 configs
     X, obj, mets = brute(space)
     sols = ilp.k_best(space, [], 40)
     assert len(sols) == 16 and len({s.key() for s in sols}) == 16
@@ -143,7 +146,7 @@ def test_k_best_exhausts_small_space_without_leaking():
     df = ilp.sweep(space, budgets, k=3, method="milp", dedupe=False)
     for bud, g in df.groupby("budget"):
         ok = mets["bitops"] <= bud * (1 + 1e-12)
-        np.testing.assert_allclose(g.sort_values("rank").objective, np.sort(obj[ok])[:len(g)], rtol=1e-9)
+        np.testing.assert_allclose(g.sort_values("rank").objective, np.sort(obj[ok])[: len(g)], rtol=1e-9)
 
 
 def test_tied_groups_and_untied_pairs_brute_force():
@@ -205,7 +208,7 @@ def test_resnet_tied_groups_and_budgets(resnet20):
     r18 = hasb.quantize_model(build_model("resnet18"))
     assert ["layer2.0.conv1", "layer2.0.downsample.0"] in ilp.tied_groups(r18)
     rng = np.random.default_rng(1)
-    om = {n: {str(b): float(rng.lognormal()) * 4.0 ** -b for b in BITS} for n in cm.names}
+    om = {n: {str(b): float(rng.lognormal()) * 4.0**-b for b in BITS} for n in cm.names}
     space = ilp.build_space(cm, sensitivity={"omega": om}, groups=groups)
     for text, kind in [("3.5", None), ("0.2GBOPs", None), ("0.15MB", None), ("3", "plain_avg")]:
         try:
@@ -232,8 +235,15 @@ def test_resnet_tied_groups_and_budgets(resnet20):
 
 def test_empty_space_errors():
     with pytest.raises(ilp.SearchError, match="empty search space"):
-        ilp.SearchSpace(layers=[], choices=[(8, 8)], units=[], metrics={}, offsets={}, objective=np.zeros((0, 1)),
-                        allowed=np.zeros((0, 1), bool))
+        ilp.SearchSpace(
+            layers=[],
+            choices=[(8, 8)],
+            units=[],
+            metrics={},
+            offsets={},
+            objective=np.zeros((0, 1)),
+            allowed=np.zeros((0, 1), bool),
+        )
     with pytest.raises(ilp.SearchError, match="omega"):
         m = hasb.quantize_model(build_model("small_cnn"))
         ilp.build_space(hasb.CostModel.from_model(m), sensitivity={"omega": {}})
@@ -249,7 +259,7 @@ def just_below(v, rng):
 def check_against_brute(space, cons, obj, mets, k=1):
     """The k best under cons equal brute-force enumeration; an empty feasible set raises InfeasibleError."""
     ok = np.ones(len(obj), bool)
-    for c in cons:   # the same tolerance as Constraint.holds: a relative 1e-9 is round-off
+    for c in cons:  # the same tolerance as Constraint.holds: a relative 1e-9 is round-off
         ok &= mets[c.metric] <= c.limit + 1e-9 * max(abs(c.limit), 1.0)
     if not ok.any():
         with pytest.raises(ilp.InfeasibleError, match="feasible range"):
@@ -270,11 +280,11 @@ def test_budget_just_below_an_optimal_config_cost(metric):
     for seed in range(8):
         space = random_space(200 + seed)
         X, obj, mets = brute(space)
-        costs = [p[0] for p in brute_pareto(mets[metric], obj)]   # costs of configs optimal at their budget
+        costs = [p[0] for p in brute_pareto(mets[metric], obj)]  # costs of configs optimal at their budget
         picks = [costs[0], *rng.choice(costs[1:], size=min(4, len(costs) - 1), replace=False)]
-        for v in picks:            # costs[0] is the cheapest config: just below it nothing is feasible
+        for v in picks:  # costs[0] is the cheapest config: just below it nothing is feasible
             feasible += check_against_brute(space, [ilp.Constraint(metric, just_below(v, rng))], obj, mets)
-    assert feasible >= 8 * 3      # the test exercised feasible queries, not only infeasible ones
+    assert feasible >= 8 * 3  # the test exercised feasible queries, not only infeasible ones
 
 
 def test_k_best_and_two_constraints_just_below_costs():
@@ -283,8 +293,10 @@ def test_k_best_and_two_constraints_just_below_costs():
         space = random_space(300 + seed, L=4)
         X, obj, mets = brute(space)
         i, j = rng.integers(len(obj), size=2)
-        cons = [ilp.Constraint("bitops", just_below(mets["bitops"][i], rng)),
-                ilp.Constraint("size_bytes", just_below(mets["size_bytes"][j], rng))]
+        cons = [
+            ilp.Constraint("bitops", just_below(mets["bitops"][i], rng)),
+            ilp.Constraint("size_bytes", just_below(mets["size_bytes"][j], rng)),
+        ]
         check_against_brute(space, cons, obj, mets, k=4)
         check_against_brute(space, cons[:1], obj, mets, k=4)
 
@@ -304,7 +316,7 @@ def test_resnet20_budgets_just_below_frontier_values(resnet20):
     """Budgets re-used from ResNet-20 frontier values, nudged below: the MILP agrees with the exact frontier."""
     m, cm = resnet20
     rng = np.random.default_rng(3)
-    om = {n: {str(b): float(rng.lognormal()) * 4.0 ** -b for b in BITS} for n in cm.names}
+    om = {n: {str(b): float(rng.lognormal()) * 4.0**-b for b in BITS} for n in cm.names}
     space = ilp.build_space(cm, sensitivity={"omega": om}, groups=ilp.tied_groups(m))
     for metric in ("bitops", "plain_avg_bits"):
         fr = ilp.frontier(space, metric)
@@ -322,7 +334,7 @@ def test_frontier_merges_metric_values_equal_within_round_off(resnet20):
     """Plain averages reached in different summation orders (3.9999999999999996 vs 4.0) are one value."""
     m, cm = resnet20
     rng = np.random.default_rng(0)
-    om = {n: {str(b): float(rng.lognormal()) * 4.0 ** -b for b in BITS} for n in cm.names}
+    om = {n: {str(b): float(rng.lognormal()) * 4.0**-b for b in BITS} for n in cm.names}
     spaces = [ilp.build_space(cm, sensitivity={"omega": om}), random_space(5, L=3)]
     for space in spaces:
         v = ilp.frontier(space, "plain_avg_bits").metric_values
@@ -332,7 +344,7 @@ def test_frontier_merges_metric_values_equal_within_round_off(resnet20):
 def test_pareto_keep_and_value_grid():
     cost = np.array([4.0, 3.9999999999999996, 5.0, 3.0, np.inf])
     obj = np.array([1.0, 2.0, 0.5, 3.0, 0.0])
-    assert list(ilp.pareto_keep(cost, obj)) == [3, 0, 2]          # 3.9999999999999996 merged into 4.0's group
+    assert list(ilp.pareto_keep(cost, obj)) == [3, 0, 2]  # 3.9999999999999996 merged into 4.0's group
     assert ilp.value_grid(np.array([0, -2, -4, -6]) / 20) == pytest.approx(0.1, rel=1e-12)
     assert ilp.value_grid([0.0, 3 * 1024.0, 10 * 1024.0]) == 1024.0
     assert ilp.value_grid(np.random.default_rng(0).random(8)) == 0.0

@@ -1,4 +1,5 @@
 """search.optuna_search: interrupt/resume on SQLite loses no trial; two worker processes share a PostgreSQL study."""
+
 import os
 import shutil
 import socket
@@ -34,12 +35,13 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
     def interrupting(cfg):
         calls.append(cfg.digest())
         if len(calls) == 9:
-            raise KeyboardInterrupt       # what Ctrl-C does inside an objective
+            raise KeyboardInterrupt  # what Ctrl-C does inside an objective
         return synthetic_accuracy(space, cfg), 0.0
 
     with pytest.raises(KeyboardInterrupt):
-        run_study(space, interrupting, constraints=cons, out_dir=tmp_path, study_name="s", n_trials=20,
-                  seeds=seeds, seed=1)
+        run_study(
+            space, interrupting, constraints=cons, out_dir=tmp_path, study_name="s", n_trials=20, seeds=seeds, seed=1
+        )
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     before = optuna.load_study(study_name="s", storage=url).get_trials()
     done_before = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
@@ -60,7 +62,7 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
     for s in seeds:
         assert tuple(sorted(params_of(space, s).items())) in keys
     enq = [t for t in trials if t.system_attrs.get("fixed_params")]
-    assert len(enq) == len(seeds) + 1     # seeds + the one re-enqueued failed trial
+    assert len(enq) == len(seeds) + 1  # seeds + the one re-enqueued failed trial
     df = study_trials_frame(study, space)
     assert len(df) == 20 and df.trial.is_unique
     # resuming a finished study runs nothing
@@ -71,8 +73,16 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
 
 def test_constraint_marks_infeasible_trials(tmp_path):
     space, cons, seeds = _setup(3)
-    study = run_study(space, lambda c: (synthetic_accuracy(space, c), 0.0), constraints=cons,
-                      storage=f"journal:{tmp_path / 'j.log'}", study_name="j", n_trials=12, seeds=seeds, sampler="tpe")
+    study = run_study(
+        space,
+        lambda c: (synthetic_accuracy(space, c), 0.0),
+        constraints=cons,
+        storage=f"journal:{tmp_path / 'j.log'}",
+        study_name="j",
+        n_trials=12,
+        seeds=seeds,
+        sampler="tpe",
+    )
     df = study_trials_frame(study, space)
     assert len(df) == 12
     for _, r in df.iterrows():
@@ -95,29 +105,37 @@ def postgres(tmp_path_factory):
     # a private dir directly under the temp root: pytest's tmp dirs (mode 700, root-owned) are not
     # traversable by the postgres user
     import tempfile
+
     root = Path(tempfile.mkdtemp(prefix="hasb-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     as_user = []
-    if os.geteuid() == 0:     # postgres refuses to run as root: run its binaries as the postgres user
+    if os.geteuid() == 0:  # postgres refuses to run as root: run its binaries as the postgres user
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as a non-root user")
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    r = subprocess.run(as_user + [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        as_user + [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, f"initdb failed: {r.stderr[-1000:]}"
     port = _free_port()
     opts = f"-p {port} -k {sock} -c listen_addresses='' -c fsync=off"
-    r = subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l",
-                                  str(root / "log"), "start"], capture_output=True, text=True)
+    r = subprocess.run(
+        as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l", str(root / "log"), "start"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, f"pg_ctl start failed: {r.stderr[-1000:]}"
     try:
         yield f"postgresql://postgres@/postgres?host={sock}&port={port}"
     finally:
-        subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -144,10 +162,18 @@ def test_two_workers_share_one_postgres_study(postgres, tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     n = 30
-    procs = [subprocess.Popen([sys.executable, str(script), postgres, "shared", str(n), f"w{i}", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), postgres, "shared", str(n), f"w{i}", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs, strict=False):
         assert p.returncode == 0, e[-2000:]
     study = optuna.load_study(study_name="shared", storage=make_storage(postgres))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
@@ -158,5 +184,5 @@ def test_two_workers_share_one_postgres_study(postgres, tmp_path):
     assert len({t.number for t in complete}) == len(complete)
     space, cons, seeds = _setup()
     enq = [t for t in study.get_trials() if t.system_attrs.get("fixed_params")]
-    assert len(enq) == len(seeds)         # seeded once, by the worker that created the study
+    assert len(enq) == len(seeds)  # seeded once, by the worker that created the study
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))

@@ -1,4 +1,5 @@
 """DDP (torchrun, gloo, 2 CPU processes) matches one process on the same global batch."""
+
 import os
 import subprocess
 import sys
@@ -9,14 +10,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def args(out, batch=64, *extra):
-    return ["--model", "tiny_mlp", "--train-limit", "256", "--val-limit", "64", "--batch-size", str(batch),
-            "--epochs", "1", "--distill", "none", "--no-progress", "--device", "cpu", "--lr", "3e-3",
-            "--out", str(out), *extra]
+    return [
+        "--model",
+        "tiny_mlp",
+        "--train-limit",
+        "256",
+        "--val-limit",
+        "64",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1",
+        "--distill",
+        "none",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--lr",
+        "3e-3",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def train_cli(argv, launcher=()):
-    r = subprocess.run([sys.executable, *launcher, "-m", "hasb.train", *argv], capture_output=True, text=True,
-                       env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, *launcher, "-m", "hasb.train", *argv], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 

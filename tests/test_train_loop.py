@@ -1,4 +1,5 @@
 """Multi-precision / supernet training on real Fashion-MNIST slices: learning, exact resume, TBN, BN recalibration."""
+
 import json
 
 import pytest
@@ -13,8 +14,16 @@ BITS = [8, 6, 4, 2]
 
 
 def small_cfg(out, **kw):
-    base = dict(model="small_cnn", out=str(out), epochs=2, batch_size=64, train_limit=256, val_limit=128,
-                lr=3e-3, progress=False)
+    base = dict(
+        model="small_cnn",
+        out=str(out),
+        epochs=2,
+        batch_size=64,
+        train_limit=256,
+        val_limit=128,
+        lr=3e-3,
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -24,7 +33,7 @@ def small_cfg(out, **kw):
 # spread between thread counts ≤ 0.03 and between seeds ≤ 0.2 per bit. The old 512 images × 2 epochs at
 # 5e-3 (16 steps) gave 8-bit drops of -0.08 (1 thread) and 0.26 (2 threads): too few steps to be stable.
 MULTI = dict(epochs=3, train_limit=1024, lr=3e-3)
-MIN_DROP = 0.5     # > 0.6 below the smallest measured drop
+MIN_DROP = 0.5  # > 0.6 below the smallest measured drop
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +47,42 @@ def write_stub_sensitivity(path, model):
     names = hasb.searchable_layers(model)
     order = hasb.get_spec(model).order
     t = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
-    layers = [{"layer": n, "n_params": 1, "trace": t.get(n, 0.0), "trace_per_param": t.get(n, 0.0), "stderr": 0.0,
-               "n_hvp": 1, "searchable": n in names} for n in order]
-    omega = {n: {str(b): t[n] * 4.0 ** -b for b in BITS} for n in names}
-    path.write_text(json.dumps({"version": 1, "model": "small_cnn", "fingerprint": "stub", "bits": BITS,
-                                "layers": layers, "omega": omega, "negative_traces": []}))
+    layers = [
+        {
+            "layer": n,
+            "n_params": 1,
+            "trace": t.get(n, 0.0),
+            "trace_per_param": t.get(n, 0.0),
+            "stderr": 0.0,
+            "n_hvp": 1,
+            "searchable": n in names,
+        }
+        for n in order
+    ]
+    omega = {n: {str(b): t[n] * 4.0**-b for b in BITS} for n in names}
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "model": "small_cnn",
+                "fingerprint": "stub",
+                "bits": BITS,
+                "layers": layers,
+                "omega": omega,
+                "negative_traces": [],
+            }
+        )
+    )
     return path
 
 
 def test_loss_decreases_at_every_bit(multi_run):
     from hasb.data import load_dataset
+
     cfg = small_cfg(multi_run / "x", **MULTI)
     splits = load_dataset(train_limit=MULTI["train_limit"], val_limit=128)
     torch.manual_seed(cfg.seed)
-    init, _ = _build_model(cfg, splits, None)        # the same initial model train() starts from
+    init, _ = _build_model(cfg, splits, None)  # the same initial model train() starts from
     trained = load_supernet(multi_run)
     for b in BITS:
         l0 = evaluate(init, splits.train, b)[1]
@@ -65,8 +96,9 @@ def test_loss_decreases_at_every_bit(multi_run):
     assert {"lr_weights", "lr_scales"} <= set(hist[-1])
     for f in ("metrics.csv", "train_config.json", "checkpoint.pt", "model.pt"):
         assert (multi_run / f).is_file()
-    assert TrainConfig.from_json((multi_run / "train_config.json").read_text()) == \
-        TrainConfig.from_json(small_cfg(multi_run, **MULTI).to_json())
+    assert TrainConfig.from_json((multi_run / "train_config.json").read_text()) == TrainConfig.from_json(
+        small_cfg(multi_run, **MULTI).to_json()
+    )
 
 
 def test_one_optimizer_step_per_bit_no_extra_step(multi_run):
@@ -88,8 +120,14 @@ def test_kill_and_resume_is_exact(tmp_path, multi_run, stage):
     kw = dict(epochs=2, train_limit=256, val_limit=64, bits=[8, 4])
     if stage == "supernet":
         sens = write_stub_sensitivity(tmp_path / "sens.json", load_supernet(multi_run))
-        kw.update(stage="supernet", init=str(multi_run / "model.pt"), sensitivity=str(sens), warmup_epochs=0,
-                  distill="pskd", sigma=0.8)
+        kw.update(
+            stage="supernet",
+            init=str(multi_run / "model.pt"),
+            sensitivity=str(sens),
+            warmup_epochs=0,
+            distill="pskd",
+            sigma=0.8,
+        )
     train(small_cfg(tmp_path / "straight", **kw))
     train(small_cfg(tmp_path / "killed", max_steps=3, **kw))
     assert not (tmp_path / "killed" / "model.pt").exists()
@@ -117,7 +155,7 @@ def test_tbn_picks_prev_cur_entry(multi_run):
     x = torch.randn(8, 1, 28, 28)
     bn3 = m.get_submodule("bn3")
     with torch.no_grad():
-        bn3.bns["4"].running_mean.normal_()       # distinguishable per-bit entry
+        bn3.bns["4"].running_mean.normal_()  # distinguishable per-bit entry
     m.eval()
     ref = {}
     with torch.no_grad():
@@ -125,13 +163,13 @@ def test_tbn_picks_prev_cur_entry(multi_run):
             hasb.set_config(m, b)
             ref[b] = m(x)
     added = enable_tbn(m)
-    assert "bn3" in added and "bn1" not in added   # bn1's producer is the fixed first layer
+    assert "bn3" in added and "bn1" not in added  # bn1's producer is the fixed first layer
     assert set(bn3.bns.keys()) >= {f"{p}-{c}" for p in BITS for c in BITS}
     # pairs initialised from the per-bit BN of the current bit
     assert torch.equal(bn3.bns["8-4"].running_mean, bn3.bns["4"].running_mean)
     assert not torch.equal(bn3.bns["8-4"].running_mean, bn3.bns["8"].running_mean)
     with torch.no_grad():
-        for b in BITS:     # uniform configs: identical outputs to the per-bit model right after init
+        for b in BITS:  # uniform configs: identical outputs to the per-bit model right after init
             hasb.set_config(m, b)
             assert torch.equal(m(x), ref[b])
     # bn3 normalises conv3's output; conv3's predecessor is conv2
@@ -155,8 +193,8 @@ def test_recalibration_changes_running_stats_only(multi_run):
     assert n == 3
     for k, v in m.named_parameters():
         assert torch.equal(v, params0[k]), k
-    assert m.training and all(mod.training for mod in m.modules())   # modes restored
-    assert hasb.get_config(m) == before                              # config restored
+    assert m.training and all(mod.training for mod in m.modules())  # modes restored
+    assert hasb.get_config(m) == before  # config restored
     active = {"bn1.bns.fp", "bn2.bns.fp-8", "bn3.bns.8-4", "bn4.bns.4-2"}
     changed = {k.rsplit(".", 1)[0] for k, v in m.named_buffers() if not torch.equal(v, bufs0[k])}
     assert changed == active
@@ -174,7 +212,7 @@ def test_resume_mid_epoch_keeps_metrics_exact(tmp_path):
     epoch's running loss sums travel in the checkpoint."""
     kw = dict(epochs=2, train_limit=256, val_limit=64, bits=[8, 4])
     train(small_cfg(tmp_path / "straight", **kw))
-    train(small_cfg(tmp_path / "killed", max_steps=3, **kw))       # 4 steps per epoch: stops mid-epoch 1
+    train(small_cfg(tmp_path / "killed", max_steps=3, **kw))  # 4 steps per epoch: stops mid-epoch 1
     train(small_cfg(tmp_path / "killed", resume=True, **kw))
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed" / "metrics.json").read_text())

@@ -4,6 +4,7 @@ Run ``python tools/make_notebook.py`` from the repository root after editing; th
 can open it directly, and ``tests/test_reports_build.py`` checks that the committed file is exactly what this
 script writes.  Cell ids are their position (``cell-00`` …), so regenerating an unchanged notebook changes nothing.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,15 +29,21 @@ SECTIONS = {
 }
 # Figures each section writes into report_figures/ (name → file stem).
 FIGURES = {
-    "traces": ["traces"], "omega": ["omega"], "spectral_density": ["spectral_density"],
-    "bit_probabilities": ["bit_probabilities"], "training": ["training_multi", "training_supernet"],
-    "pareto": ["pareto"], "bit_allocation": ["bit_allocation"],
+    "traces": ["traces"],
+    "omega": ["omega"],
+    "spectral_density": ["spectral_density"],
+    "bit_probabilities": ["bit_probabilities"],
+    "training": ["training_multi", "training_supernet"],
+    "pareto": ["pareto"],
+    "bit_allocation": ["bit_allocation"],
 }
 
 
 # The cells in order: (kind, source[, tags]); md = markdown, code = code.
 CELLS = [
-    ("md", """
+    (
+        "md",
+        """
 # hasb sensitivity report
 
 This notebook reads what hasb's commands wrote into one run directory — Hessian sensitivity
@@ -49,14 +56,21 @@ This notebook reads what hasb's commands wrote into one run directory — Hessia
 
 Each section checks for its own artifact; a missing one is named together with the command that makes it,
 and the remaining sections still render.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 # Parameters (reports.build injects a cell after this one, like papermill)
 run_dir = "runs/demo"
 fig_dir = None   # where figures are saved as PNG; None = only display
 budget = None    # which RUN/budget-<B>/ search folder to show; None = the newest
-""", ["parameters"]),
-    ("code", """
+""",
+        ["parameters"],
+    ),
+    (
+        "code",
+        """
 import pandas as pd
 from IPython.display import Markdown, display
 
@@ -77,17 +91,24 @@ run = Run.open(run_dir, budget)
 report = Report(fig_dir)
 print("run directory:", run.root.resolve())
 print("search outputs from:", run.search_dir())
-"""),
-
-    ("md", f"## {SECTIONS['artifacts']}\n\nWhich files of the artifact contract this run holds, and the command "
-     "that makes each."),
-    ("code", """
+""",
+    ),
+    (
+        "md",
+        f"## {SECTIONS['artifacts']}\n\nWhich files of the artifact contract this run holds, and the command "
+        "that makes each.",
+    ),
+    (
+        "code",
+        """
 with report.section("artifacts"):
     display(run.inventory())
-"""),
-
-    ("md", f"""
-## {SECTIONS['traces']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["traces"]}
 
 **How to read it.** Each bar is the trace of the loss Hessian restricted to one layer's weights, Tr(H_l),
 estimated by Hutchinson probes; the whisker is the standard error of that estimate (the legend says how many).  A taller bar means the loss
@@ -95,8 +116,11 @@ curves more sharply along that layer's weights, so quantization noise there cost
 logarithmic: layers differ by orders of magnitude.  Red hatched bars are **negative** traces (the Hessian block is
 indefinite away from a minimum) drawn as |trace|; treat them as "flat or unreliable", not "very sensitive".
 Grey bars are layers kept at a fixed precision (first/last), which the search does not change.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("traces"):
     tr = run.traces()
     report.show(plot_traces(tr), "traces")
@@ -108,77 +132,102 @@ with report.section("traces"):
     cols = [c for c in ("layer", "n_params", "trace", "stderr", "trace_per_param", "stderr_per_param", "n_hvp",
                         "searchable") if c in tr]
     display(tr[cols])
-"""),
-
-    ("md", f"""
-## {SECTIONS['omega']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["omega"]}
 
 **How to read it.** Ω_l(b) = (Tr(H_l)/n_l)·‖Q_b(W_l) − W_l‖² estimates the loss increase of quantizing layer l
 alone to b bits (HAWQ-V2/V3's objective; the ILP search minimises Σ_l Ω_l(b_l)).  Rows are layers, columns
 candidate bits; darker is worse (log colour scale).  Reading across a row shows how fast a layer degrades as bits
 drop; reading down a column ranks layers at that bit.  Grey "≤0" cells come from negative traces.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("omega"):
     report.show(plot_omega_heatmap(run.omega()), "omega")
-"""),
-
-    ("md", f"""
-## {SECTIONS['spectral_density']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["spectral_density"]}
 
 **How to read it.** The density of Hessian eigenvalues (stochastic Lanczos quadrature), log-scaled, with the top
 eigenvalues from Lanczos as dashed lines.  Most mass near zero with a few large outliers is the usual picture;
 negative eigenvalues show the model is not at a minimum.  A large λ1 relative to the bulk means a few sharp
 directions dominate the curvature.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("spectral_density"):
     grid, density, eig = run.spectrum()
     report.show(plot_spectral_density(grid, density, eig), "spectral_density")
-"""),
-
-    ("md", f"""
-## {SECTIONS['bit_probabilities']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["bit_probabilities"]}
 
 **How to read it.** During mixed-precision supernet training each layer switches to a random bit drawn from its
 own distribution (HASB, Alg. 1 of arXiv 2502.01199).  Layers whose per-parameter trace t_l = Tr(H_l)/n_l is at least
 the mean are *sensitive* (bold names) and draw bit b with p ∝ b, favouring high bits; the others draw uniformly.
 Stacks show p_l(b); black dots give the expected bit Σ b·p on the right axis.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("bit_probabilities"):
     probs, sensitive, source = run.bit_probabilities()
     print("probabilities from:", source)
     report.show(plot_bit_probabilities(probs, sensitive=sensitive), "bit_probabilities")
-"""),
-
-    ("md", f"""
-## {SECTIONS['training']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["training"]}
 
 **How to read it.** Left: validation accuracy per epoch for each uniform bit-width sub-net (w8a8 … w2a2) of the
 shared weights; the gaps between curves are the price of fewer bits.  Right: training loss, with learning rates per
 parameter group (ALRS scales the quantization-scale learning rate per precision) on a log axis.
 The multi-precision stage comes first, the mixed-precision supernet starts from it.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 for stage in ("multi", "supernet"):
     with report.section(f"training_{stage}"):
         display(Markdown(f"**{stage} stage** — `{run.train_dir(stage)}`"))
         m = run.metrics(stage)
         report.show(plot_training_curves(m, title=f"Training curves — {stage} stage"), f"training_{stage}")
         display(m.tail(3))
-"""),
-
-    ("md", f"""
-## {SECTIONS['pareto']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["pareto"]}
 
 **How to read it.** Every evaluated bit configuration is a point: x is its cost in BitOPs per sample (bottom,
 in G = 10⁹; top, the equivalent uniform bit-width), y its validation accuracy.  The green step line is the Pareto
 front — no config is both cheaper and more accurate than a point on it.  Squares are uniform configs (w8a8 …) for
 reference: front points above and left of them are what mixed precision buys.  The dashed line is the budget and
 the star the config picked within it.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("pareto"):
     pts = run.pareto()
     cand = run.candidates()
@@ -206,16 +255,21 @@ with report.section("pareto"):
         display(chosen_scores(chosen))
     display(Markdown("**Pareto front**"))
     display((front if front is not None else pts)[cols].sort_values(cols[2] if len(cols) > 2 else cols[0]))
-"""),
-
-    ("md", f"""
-## {SECTIONS['bit_allocation']}
+""",
+    ),
+    (
+        "md",
+        f"""
+## {SECTIONS["bit_allocation"]}
 
 **How to read it.** Top: the bits each searchable layer gets in the chosen config and in front configs at
 neighbouring budgets (bar colour = bit, hatch = config).  Bottom: each layer's share of that config's BitOPs —
 layers with many MACs dominate the cost, so the search tends to cut their bits first unless their Ω is high.
-"""),
-    ("code", """
+""",
+    ),
+    (
+        "code",
+        """
 with report.section("bit_allocation"):
     cost = run.cost_model()
     chosen = run.chosen()
@@ -240,14 +294,17 @@ with report.section("bit_allocation"):
                 configs[f"front ({row['_avg']:.2f} avg bits)"] = c2
     configs = dict(sorted(configs.items(), key=lambda kv: cost.bitops(kv[1])))   # low → high budget
     report.show(plot_bit_allocation(configs, cost), "bit_allocation")
-"""),
-
+""",
+    ),
     ("md", "## Summary\n\nSection outcomes (ok / missing / error) and where the figures were saved."),
-    ("code", """
+    (
+        "code",
+        """
 report.write_manifest()
 display(pd.DataFrame([{"section": k, **{kk: (", ".join(v) if isinstance(v, list) else v) for kk, v in s.items()}}
                       for k, s in report.sections.items()]))
-"""),
+""",
+    ),
 ]
 
 
@@ -259,9 +316,13 @@ def build_notebook() -> nbformat.NotebookNode:
             cells.append(new_markdown_cell(src.strip()))
         else:
             cells.append(new_code_cell(src.strip(), metadata={"tags": tags[0]} if tags else {}))
-    nb = new_notebook(cells=cells, metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
-        "language_info": {"name": "python"}})
+    nb = new_notebook(
+        cells=cells,
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+            "language_info": {"name": "python"},
+        },
+    )
     return nb
 
 
@@ -277,6 +338,7 @@ def render() -> str:
 def main() -> None:
     sys.path.insert(0, str(REPO))
     from hasb import atomic_write_text
+
     atomic_write_text(NOTEBOOK, render())
     print(f"wrote {NOTEBOOK}")
 

@@ -14,6 +14,7 @@ Accepted specs:
 Source options (``size``, ``context``, ``limit``, ...) are keyword arguments of :func:`open_source` /
 :func:`load_dataset`; a CLI can take them as one string through :func:`parse_data_opts`.
 """
+
 from __future__ import annotations
 
 from .core import (
@@ -31,8 +32,15 @@ from .idx import DATASETS, FILES, MEAN, STD, IdxSource, find_data_dir, read_idx
 from .sources import callable_source, check_opts, imagefolder_source, npz_source
 from .text import TextSource, stdlib_source, text_source
 
-SPECS = ("fashion-mnist", "mnist", "npz:PATH", "imagefolder:DIR", "text:PATH_OR_GLOB", "python-stdlib",
-         "pkg.module:callable")
+SPECS = (
+    "fashion-mnist",
+    "mnist",
+    "npz:PATH",
+    "imagefolder:DIR",
+    "text:PATH_OR_GLOB",
+    "python-stdlib",
+    "pkg.module:callable",
+)
 _PREFIXED = {"npz": npz_source, "imagefolder": imagefolder_source, "text": text_source}
 
 
@@ -48,8 +56,7 @@ def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
             raise DataError(f"--data {spec}: takes no options, got {', '.join(sorted(opts))}")
         return IdxSource(spec, data_dir)
     if data_dir is not None:
-        raise DataError(f"--data-dir applies to {' and '.join(DATASETS)} only; --data {spec} names its own "
-                        f"files")
+        raise DataError(f"--data-dir applies to {' and '.join(DATASETS)} only; --data {spec} names its own files")
     if spec == "python-stdlib":
         check_opts(stdlib_source, opts, spec)
         return stdlib_source(**opts)
@@ -69,6 +76,7 @@ def parse_data_opts(text: str | None) -> dict:
     For a CLI's ``--data-opt``: comma-separated ``key=value`` pairs; ``/`` separates list items; ints, floats
     and ``none`` are converted, anything else stays a string.
     """
+
     def conv(v: str):
         if v.lower() == "none":
             return None
@@ -78,31 +86,65 @@ def parse_data_opts(text: str | None) -> dict:
             except ValueError:
                 pass
         return v
+
     out: dict = {}
     for pair in filter(None, (p.strip() for p in (text or "").split(","))):
         key, eq, val = pair.partition("=")
         if not eq or not key.strip().isidentifier() or not val.strip():
-            raise DataError(f"bad data option {pair!r}; accepted: key=value pairs separated by commas, e.g. "
-                            f"size=64,mean=0.5/0.5/0.5,context=256")
+            raise DataError(
+                f"bad data option {pair!r}; accepted: key=value pairs separated by commas, e.g. "
+                f"size=64,mean=0.5/0.5/0.5,context=256"
+            )
         items = [conv(v.strip()) for v in val.split("/")]
         out[key.strip()] = items if len(items) > 1 else items[0]
     return out
 
 
-def load_dataset(name: str = "fashion-mnist", data_dir: str | None = None, *, val_size: int = 5000,
-                 calib_size: int = 1024, seed: int = 0, train_limit: int | None = None,
-                 val_limit: int | None = None, **opts) -> Splits:
+def load_dataset(
+    name: str = "fashion-mnist",
+    data_dir: str | None = None,
+    *,
+    val_size: int = 5000,
+    calib_size: int = 1024,
+    seed: int = 0,
+    train_limit: int | None = None,
+    val_limit: int | None = None,
+    **opts,
+) -> Splits:
     """Deterministic :class:`Splits` of any ``--data`` spec from ``seed``.
 
     IDX datasets: val held out of the training file, calib a train subset, test the t10k files.
     ``train_limit``/``val_limit`` truncate (for fast tests and demos); ``opts`` go to the source.
     """
     src = open_source(name, data_dir, **opts)
-    return src.splits(seed, val_size=val_size, calib_size=calib_size, train_limit=train_limit,
-                      val_limit=val_limit)
+    return src.splits(seed, val_size=val_size, calib_size=calib_size, train_limit=train_limit, val_limit=val_limit)
 
 
-__all__ = ["DATASETS", "FILES", "MEAN", "STD", "SPECS", "TASKS", "DataError", "DataSource", "IdxSource", "Splits",
-           "TensorSource", "TextSource", "batches", "callable_source", "evaluate_metric", "find_data_dir",
-           "imagefolder_source", "load_dataset", "loss_fn", "metric_name", "npz_source", "open_source", "parse_data_opts", "read_idx",
-           "stdlib_source", "text_source"]
+__all__ = [
+    "DATASETS",
+    "FILES",
+    "MEAN",
+    "STD",
+    "SPECS",
+    "TASKS",
+    "DataError",
+    "DataSource",
+    "IdxSource",
+    "Splits",
+    "TensorSource",
+    "TextSource",
+    "batches",
+    "callable_source",
+    "evaluate_metric",
+    "find_data_dir",
+    "imagefolder_source",
+    "load_dataset",
+    "loss_fn",
+    "metric_name",
+    "npz_source",
+    "open_source",
+    "parse_data_opts",
+    "read_idx",
+    "stdlib_source",
+    "text_source",
+]

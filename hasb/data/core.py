@@ -9,6 +9,7 @@ provenance dict.  Two tasks exist:
 - ``"lm"``: ``x`` and ``y`` uint8 byte windows ``[N, T]`` (``y`` is ``x`` shifted by one byte); loss = next-byte
   cross-entropy in nats per byte; metric = bits per byte (loss / ln 2, lower is better).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,9 +63,16 @@ class Splits:
     def describe(self) -> dict:
         """Provenance: source, task, shapes, sizes per split, normalisation and anything the source recorded."""
         sizes = {k: int(len(getattr(self, k)[0])) for k in ("train", "val", "calib", "test")}
-        return {"data": self.name, "task": self.task, "metric": self.metric,
-                "higher_is_better": self.higher_is_better, "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "sizes": sizes, **self.info}
+        return {
+            "data": self.name,
+            "task": self.task,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "sizes": sizes,
+            **self.info,
+        }
 
 
 def metric_name(task: str) -> str:
@@ -79,8 +87,9 @@ def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mea
 
 
 @torch.no_grad()
-def evaluate_metric(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], task: str, *,
-                    batch_size: int = 256, device=None) -> dict:
+def evaluate_metric(
+    model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], task: str, *, batch_size: int = 256, device=None
+) -> dict:
     """The task's metric of ``model`` on ``data`` with its standard error; the model is put in eval mode.
 
     Returns ``{"metric", "value", "se", "loss_nats", "n"}``.  Accuracy: SE = sqrt(p(1-p)/n) over n examples.
@@ -102,11 +111,21 @@ def evaluate_metric(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tens
     n = len(v)
     if task == "lm":
         bits = bits_per_byte(v)
-        return {"metric": "bits_per_byte", "value": float(bits.mean()), "n": n, "loss_nats": float(v.mean()),
-                "se": float(bits.std() / math.sqrt(n)) if n > 1 else float("nan")}
+        return {
+            "metric": "bits_per_byte",
+            "value": float(bits.mean()),
+            "n": n,
+            "loss_nats": float(v.mean()),
+            "se": float(bits.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        }
     p = float(v[:, 0].mean())
-    return {"metric": "accuracy", "value": p, "se": math.sqrt(p * (1 - p) / n), "n": n,
-            "loss_nats": float(v[:, 1].mean())}
+    return {
+        "metric": "accuracy",
+        "value": p,
+        "se": math.sqrt(p * (1 - p) / n),
+        "n": n,
+        "loss_nats": float(v[:, 1].mean()),
+    }
 
 
 class DataSource(ABC):
@@ -119,8 +138,15 @@ class DataSource(ABC):
     task: str = "classification"
 
     @abstractmethod
-    def splits(self, seed: int = 0, *, val_size: int = 5000, calib_size: int = 1024,
-               train_limit: int | None = None, val_limit: int | None = None) -> Splits:
+    def splits(
+        self,
+        seed: int = 0,
+        *,
+        val_size: int = 5000,
+        calib_size: int = 1024,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+    ) -> Splits:
         """Deterministic splits from ``seed``; ``train_limit``/``val_limit`` truncate (fast tests, demos)."""
 
     def describe(self) -> dict:
@@ -150,8 +176,15 @@ class TensorSource(DataSource):
         self.arrays = check_arrays(name, arrays)
         self.num_classes = int(self.arrays["y"].max()) + 1
 
-    def splits(self, seed: int = 0, *, val_size: int = 5000, calib_size: int = 1024,
-               train_limit: int | None = None, val_limit: int | None = None) -> Splits:
+    def splits(
+        self,
+        seed: int = 0,
+        *,
+        val_size: int = 5000,
+        calib_size: int = 1024,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+    ) -> Splits:
         a = self.arrays
         x, y = a["x"], a["y"]
         g = np.random.default_rng(seed)
@@ -163,8 +196,10 @@ class TensorSource(DataSource):
             else:
                 take = min(val_size, (len(perm) - 1) // 2)
                 if take < 1:
-                    raise DataError(f"{self.name}: {len(x)} examples are too few to hold out a {key} split; "
-                                    f"give x_{key}/y_{key} or more data")
+                    raise DataError(
+                        f"{self.name}: {len(x)} examples are too few to hold out a {key} split; "
+                        f"give x_{key}/y_{key} or more data"
+                    )
                 idx, perm = perm[:take], perm[take:]
                 parts[key] = (x[idx], y[idx])
         tr_idx = perm[:train_limit] if train_limit is not None else perm
@@ -172,9 +207,16 @@ class TensorSource(DataSource):
         if val_limit is not None:
             vx, vy = vx[:val_limit], vy[:val_limit]
         calib_idx = perm[:calib_size]
-        return make_splits(self.name, "classification", self.num_classes, train=(x[tr_idx], y[tr_idx]),
-                           val=(vx, vy), calib=(x[calib_idx], y[calib_idx]), test=parts["test"],
-                           info={**self.info, "seed": seed})
+        return make_splits(
+            self.name,
+            "classification",
+            self.num_classes,
+            train=(x[tr_idx], y[tr_idx]),
+            val=(vx, vy),
+            calib=(x[calib_idx], y[calib_idx]),
+            test=parts["test"],
+            info={**self.info, "seed": seed},
+        )
 
     def describe(self) -> dict:
         return {**super().describe(), "num_classes": self.num_classes, **self.info}
@@ -183,8 +225,7 @@ class TensorSource(DataSource):
 def check_arrays(name: str, a: dict) -> dict:
     """Validate classification arrays: x/y present, equal lengths, integer labels, same per-example shapes."""
     if "x" not in a or "y" not in a:
-        raise DataError(f"{name}: needs arrays 'x' and 'y' (optional x_val, y_val, x_test, y_test); "
-                        f"got {sorted(a)}")
+        raise DataError(f"{name}: needs arrays 'x' and 'y' (optional x_val, y_val, x_test, y_test); got {sorted(a)}")
     out = {}
     for key in ("", "_val", "_test"):
         x, y = a.get("x" + key), a.get("y" + key)
@@ -194,8 +235,10 @@ def check_arrays(name: str, a: dict) -> dict:
             continue
         x, y = np.asarray(x), np.asarray(y)
         if y.ndim != 1 or len(y) != len(x):
-            raise DataError(f"{name}: y{key} must be a 1-D label array as long as x{key} "
-                            f"(got y{key} shape {y.shape}, x{key} shape {x.shape})")
+            raise DataError(
+                f"{name}: y{key} must be a 1-D label array as long as x{key} "
+                f"(got y{key} shape {y.shape}, x{key} shape {x.shape})"
+            )
         if len(x) == 0:
             raise DataError(f"{name}: x{key} is empty")
         if not np.issubdtype(y.dtype, np.integer):
@@ -203,15 +246,19 @@ def check_arrays(name: str, a: dict) -> dict:
         if not np.issubdtype(x.dtype, np.number):
             raise DataError(f"{name}: x{key} must be numeric, got dtype {x.dtype}")
         if key and x.shape[1:] != out["x"].shape[1:]:
-            raise DataError(f"{name}: x{key} examples have shape {x.shape[1:]}, x has {out['x'].shape[1:]}; "
-                            f"all splits must share one input shape")
+            raise DataError(
+                f"{name}: x{key} examples have shape {x.shape[1:]}, x has {out['x'].shape[1:]}; "
+                f"all splits must share one input shape"
+            )
         out["x" + key], out["y" + key] = x, y
     k = int(out["y"].max()) + 1
     for key in ("", "_val", "_test"):
         y = out.get("y" + key)
         if y is not None and (y.min() < 0 or y.max() >= k):
-            raise DataError(f"{name}: labels y{key} out of range: {int(y.min())}..{int(y.max())}; accepted "
-                            f"0..{k - 1} (the classes of the training labels y)")
+            raise DataError(
+                f"{name}: labels y{key} out of range: {int(y.min())}..{int(y.max())}; accepted "
+                f"0..{k - 1} (the classes of the training labels y)"
+            )
     if k < 2:
         raise DataError(f"{name}: the training labels hold a single class; need at least 2")
     return out
@@ -219,12 +266,16 @@ def check_arrays(name: str, a: dict) -> dict:
 
 def make_splits(name: str, task: str, num_classes: int, *, train, val, calib, test, info: dict) -> Splits:
     """Arrays → :class:`Splits`: float32/int64 for classification, uint8 windows for lm; shapes recorded."""
+
     def tens(pair):
         x, y = pair
         if task == "lm":
             return torch.from_numpy(np.array(x, copy=True)), torch.from_numpy(np.array(y, copy=True))
-        return (torch.as_tensor(np.array(x, dtype=np.float32, copy=True)),
-                torch.as_tensor(np.asarray(y, dtype=np.int64).copy()))
+        return (
+            torch.as_tensor(np.array(x, dtype=np.float32, copy=True)),
+            torch.as_tensor(np.asarray(y, dtype=np.int64).copy()),
+        )
+
     tr = tens(train)
     shape = tuple(int(s) for s in tr[0].shape[1:])
     if task == "lm":
@@ -232,21 +283,38 @@ def make_splits(name: str, task: str, num_classes: int, *, train, val, calib, te
     else:
         square = len(shape) == 3 and shape[1] == shape[2]
         image_size, in_channels = (shape[1] if square else None), (shape[0] if len(shape) == 3 else 1)
-    return Splits(train=tr, val=tens(val), calib=tens(calib), test=tens(test), name=name,
-                  num_classes=num_classes, in_channels=in_channels, image_size=image_size, input_shape=shape,
-                  task=task, info=info)
+    return Splits(
+        train=tr,
+        val=tens(val),
+        calib=tens(calib),
+        test=tens(test),
+        name=name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        input_shape=shape,
+        task=task,
+        info=info,
+    )
 
 
-def batches(data: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool = False,
-            generator: torch.Generator | None = None, augment: bool = False, drop_last: bool = False,
-            device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    drop_last: bool = False,
+    device=None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches from in-memory tensors; ``augment``: random 2-px shift + horizontal flip."""
     x, y = data
     n = len(x)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         xb, yb = x[idx], y[idx]
         if augment:
             xb = _augment(xb, generator)
@@ -260,6 +328,6 @@ def _augment(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     n, _, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-    x = xp[:, :, dy:dy + h, dx:dx + w]
+    x = xp[:, :, dy : dy + h, dx : dx + w]
     flip = torch.rand(n, generator=g) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)

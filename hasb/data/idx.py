@@ -11,6 +11,7 @@ files in the same layout they are those files' own.  They are taken over the who
 seeded train part, so every stage (training, sensitivity, search: different seeds or val sizes) normalises the
 same files identically.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,8 +28,10 @@ DATASETS = {
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist", "sudo apt-get install dataset-fashion-mnist"),
     "mnist": ("/usr/share/datasets/mnist", "place the MNIST IDX .gz files in a folder and pass --data-dir"),
 }
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 # the published constants; only documentation and a test check now — loading computes them from the files
 MEAN, STD = {"fashion-mnist": 0.2860, "mnist": 0.1307}, {"fashion-mnist": 0.3530, "mnist": 0.3081}
 
@@ -39,26 +42,32 @@ def _read_raw(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:   # BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot read it as a {'gzip' if path.suffix == '.gz' else 'raw'} IDX file "
-                        f"({e}); it is truncated or corrupt") from None
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: cannot read it as a {'gzip' if path.suffix == '.gz' else 'raw'} IDX file "
+            f"({e}); it is truncated or corrupt"
+        ) from None
 
 
 def read_idx(path: Path) -> np.ndarray:
     """An unsigned-byte IDX file (gzip'd if it ends in .gz) as a uint8 array of the header's dims."""
     raw = _read_raw(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex() or 'missing'}, "
-                        f"accepted 000008 followed by 1..4 dimensions)")
+        raise DataError(
+            f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex() or 'missing'}, "
+            f"accepted 000008 followed by 1..4 dimensions)"
+        )
     ndim = raw[3]
     head = 4 + 4 * ndim
     if len(raw) < head:
         raise DataError(f"{path}: IDX header cut short ({len(raw)} bytes, need {head})")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     want = int(np.prod(dims))
     if len(raw) - head != want:
-        raise DataError(f"{path}: IDX payload has {len(raw) - head} bytes, the header's dims {dims} need "
-                        f"{want}; the file is truncated or corrupt")
+        raise DataError(
+            f"{path}: IDX payload has {len(raw) - head} bytes, the header's dims {dims} need "
+            f"{want}; the file is truncated or corrupt"
+        )
     return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
 
 
@@ -69,8 +78,10 @@ def find_data_dir(name: str = "fashion-mnist", data_dir: str | None = None) -> P
     d = Path(data_dir or os.environ.get("HASB_DATA_DIR") or default)
     img = FILES["train"][0]
     if not any((d / (img + ext)).exists() for ext in (".gz", "")):
-        raise DataError(f"{name} not found in {d} (expected {img}.gz); install it with: {how}, "
-                        f"or pass --data-dir / set HASB_DATA_DIR")
+        raise DataError(
+            f"{name} not found in {d} (expected {img}.gz); install it with: {how}, "
+            f"or pass --data-dir / set HASB_DATA_DIR"
+        )
     return d
 
 
@@ -80,7 +91,9 @@ def _file(d: Path, stem: str) -> Path:
         return p
     if (d / stem).exists():
         return d / stem
-    raise DataError(f"{d}: missing {stem}.gz (the IDX layout needs {', '.join(s + '.gz' for f in FILES.values() for s in f)})")
+    raise DataError(
+        f"{d}: missing {stem}.gz (the IDX layout needs {', '.join(s + '.gz' for f in FILES.values() for s in f)})"
+    )
 
 
 def load_split(d: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[Path]]:
@@ -114,14 +127,18 @@ class IdxSource(DataSource):
         self.xtr, self.ytr, ftr = load_split(self.dir, "train")
         self.xte, self.yte, fte = load_split(self.dir, "test")
         if self.xte.shape[1:] != self.xtr.shape[1:]:
-            raise DataError(f"{fte[0]}: test images are {list(self.xte.shape[1:])}, training images "
-                            f"{list(self.xtr.shape[1:])}; they must match")
+            raise DataError(
+                f"{fte[0]}: test images are {list(self.xte.shape[1:])}, training images "
+                f"{list(self.xtr.shape[1:])}; they must match"
+            )
         self.num_classes = int(self.ytr.max()) + 1
         if self.num_classes < 2:
             raise DataError(f"{ftr[1]}: the training labels hold a single class; need at least 2")
         if int(self.yte.max()) >= self.num_classes:
-            raise DataError(f"{fte[1]}: test label {int(self.yte.max())} out of range; accepted 0.."
-                            f"{self.num_classes - 1} (the classes of the training labels)")
+            raise DataError(
+                f"{fte[1]}: test label {int(self.yte.max())} out of range; accepted 0.."
+                f"{self.num_classes - 1} (the classes of the training labels)"
+            )
         # exact pixel mean/std from the 256-bin histogram: no float copy of the whole file
         hist = np.bincount(self.xtr.reshape(-1), minlength=256).astype(np.float64)
         v = np.arange(256) / 255.0
@@ -132,17 +149,30 @@ class IdxSource(DataSource):
         self.files = {p.name: _sha256(p) for p in ftr + fte}
 
     def describe(self) -> dict:
-        return {**super().describe(), "data_dir": str(self.dir), "num_classes": self.num_classes,
-                "input_shape": [1, *self.xtr.shape[1:]], "normalisation": {"mean": self.mean, "std": self.std},
-                "files_sha256": self.files}
+        return {
+            **super().describe(),
+            "data_dir": str(self.dir),
+            "num_classes": self.num_classes,
+            "input_shape": [1, *self.xtr.shape[1:]],
+            "normalisation": {"mean": self.mean, "std": self.std},
+            "files_sha256": self.files,
+        }
 
-    def splits(self, seed: int = 0, *, val_size: int = 5000, calib_size: int = 1024,
-               train_limit: int | None = None, val_limit: int | None = None) -> Splits:
+    def splits(
+        self,
+        seed: int = 0,
+        *,
+        val_size: int = 5000,
+        calib_size: int = 1024,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+    ) -> Splits:
         """val held out of the training file by ``seed``, calib a train subset, test = the t10k files."""
         n = len(self.xtr)
         if not 0 < val_size < n:
-            raise DataError(f"{self.dir}: val_size {val_size} must be between 1 and {n - 1} (the training file "
-                            f"holds {n} images)")
+            raise DataError(
+                f"{self.dir}: val_size {val_size} must be between 1 and {n - 1} (the training file holds {n} images)"
+            )
         perm = np.random.default_rng(seed).permutation(n)
         val_idx, tr_idx = perm[:val_size], perm[val_size:]
         calib_idx = tr_idx[:calib_size]
@@ -157,6 +187,13 @@ class IdxSource(DataSource):
             return ((x.astype(np.float32) / 255.0 - self.mean) / self.std)[:, None], y
 
         info = {k: v for k, v in self.describe().items() if k not in ("data", "task", "metric")}
-        return make_splits(self.name, "classification", self.num_classes, train=norm(self.xtr, self.ytr, tr_idx),
-                           val=norm(self.xtr, self.ytr, val_idx), calib=norm(self.xtr, self.ytr, calib_idx),
-                           test=norm(self.xte, self.yte), info={**info, "seed": seed})
+        return make_splits(
+            self.name,
+            "classification",
+            self.num_classes,
+            train=norm(self.xtr, self.ytr, tr_idx),
+            val=norm(self.xtr, self.ytr, val_idx),
+            calib=norm(self.xtr, self.ytr, calib_idx),
+            test=norm(self.xte, self.yte),
+            info={**info, "seed": seed},
+        )

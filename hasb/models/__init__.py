@@ -1,4 +1,5 @@
 """Model zoo: plain torch.nn, any input channel count, plus any user model via ``package.module:callable``."""
+
 from __future__ import annotations
 
 import importlib
@@ -21,7 +22,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "tiny_mlp": tiny_mlp,
     "vit_tiny": vit_tiny,
-    "lm_tiny": lm_tiny,     # byte-level LMs: vocab 256, own context; vision arguments ignored (see models.lm)
+    "lm_tiny": lm_tiny,  # byte-level LMs: vocab 256, own context; vision arguments ignored (see models.lm)
     "lm_small": lm_small,
 }
 
@@ -52,8 +53,13 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_si
     model.example_input_shape = (in_channels, image_size, image_size)
     model.hasb_model_name = name
     # enough to rebuild the architecture when loading an export
-    model.hasb_build = {"name": name, "num_classes": num_classes, "in_channels": in_channels,
-                        "image_size": image_size, **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, bool, str))}}
+    model.hasb_build = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, bool, str))},
+    }
     return model
 
 

@@ -14,6 +14,7 @@ In the zoo (``build_model("lm_tiny")``) the vision arguments are ignored: the vo
 is the model's own ``context`` argument (``build_model("lm_small", context=512)``); a data source's windows must
 not be longer.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ class CausalSelfAttention(nn.Module):
         n, t, d = x.shape
         h = self.heads
 
-        def split(z):                                   # [N, T, d] → [N, h, T, d/h]
+        def split(z):  # [N, T, d] → [N, h, T, d/h]
             return z.view(n, t, h, d // h).transpose(1, 2)
+
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
         att = att.masked_fill(~self.mask[:t, :t], float("-inf")).softmax(-1)

@@ -1,4 +1,5 @@
 """MobileNetV2 with torchvision's module names (features.N.conv.M, classifier.1)."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -11,8 +12,11 @@ def _div(v: float, d: int = 8) -> int:
 
 class ConvBNReLU(nn.Sequential):
     def __init__(self, cin, cout, k=3, stride=1, groups=1):
-        super().__init__(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+        super().__init__(
+            nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(inplace=True),
+        )
 
 
 class InvertedResidual(nn.Module):
@@ -23,8 +27,11 @@ class InvertedResidual(nn.Module):
         hidden = int(round(cin * expand))
         self.use_res = stride == 1 and cin == cout
         layers = [] if expand == 1 else [ConvBNReLU(cin, hidden, 1)]
-        layers += [ConvBNReLU(hidden, hidden, 3, stride, groups=hidden),
-                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            ConvBNReLU(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -34,8 +41,16 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes=1000, in_channels=3, width_mult=1.0, small_input=False, dropout=0.2):
         super().__init__()
-        cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
-        if small_input:   # 28–32 px inputs: keep resolution in the first stages
+        cfg = [
+            (1, 16, 1, 1),
+            (6, 24, 2, 2),
+            (6, 32, 3, 2),
+            (6, 64, 4, 2),
+            (6, 96, 3, 1),
+            (6, 160, 3, 2),
+            (6, 320, 1, 1),
+        ]
+        if small_input:  # 28–32 px inputs: keep resolution in the first stages
             cfg[1] = (6, 24, 2, 1)
         cin = _div(32 * width_mult)
         last = _div(1280 * max(1.0, width_mult))

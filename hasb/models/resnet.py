@@ -4,6 +4,7 @@ ResNet-18/50 use torchvision's module names (conv1, bn1, layer1.0.conv1, ...,
 downsample.0/1, fc) so torchvision state dicts load unchanged.  ``small_input``
 swaps the 7×7/stride-2 stem + max-pool for a 3×3/stride-1 stem (28–32 px inputs).
 """
+
 from __future__ import annotations
 
 import torch
@@ -123,8 +124,10 @@ class ResNet(nn.Module):
     def _make(self, block, planes, n, stride=1):
         down = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                 nn.BatchNorm2d(planes * block.expansion))
+            down = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.inplanes, planes, stride, down)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, n)]

@@ -1,4 +1,5 @@
 """Small networks for fast tests and the CPU demo."""
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,9 @@ class SmallCNN(nn.Module):
         self.bn1 = nn.BatchNorm2d(w)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, 2, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * w)
-        self.conv3 = nn.Conv2d(2 * w, 2 * w, 3, 2, 1, groups=2 * w, bias=False)   # depthwise
+        self.conv3 = nn.Conv2d(2 * w, 2 * w, 3, 2, 1, groups=2 * w, bias=False)  # depthwise
         self.bn3 = nn.BatchNorm2d(2 * w)
-        self.conv4 = nn.Conv2d(2 * w, 4 * w, 3, 1, 1, groups=2, bias=False)        # grouped
+        self.conv4 = nn.Conv2d(2 * w, 4 * w, 3, 1, 1, groups=2, bias=False)  # grouped
         self.bn4 = nn.BatchNorm2d(4 * w)
         self.fc1 = nn.Linear(4 * w, 4 * w)
         self.fc = nn.Linear(4 * w, num_classes)

@@ -3,6 +3,7 @@
 Attention is written with explicit matmuls (not fused SDPA) so forward-mode AD
 (the Hessian engine's fast path) covers every op.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@
 with non-trivial running statistics (eval mode), ReLU and tanh; two batches of unequal size so the
 sample weighting of the batch average is exercised.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ def tiny_problem(seed: int = 0, dtype: torch.dtype = torch.float64, sizes=(24, 1
     y = torch.randint(0, 10, (n,), generator=g)
     out, i = [], 0
     for s in sizes:
-        out.append((x[i:i + s], y[i:i + s]))
+        out.append((x[i : i + s], y[i : i + s]))
         i += s
     return m, out
 
@@ -83,7 +84,7 @@ def distributed_worker(rank: int, world: int, init_file: str, out_path: str) -> 
         out = distributed_reference(sizes=(24, 16, 8, 20, 12))
         if rank == 0:
             torch.save(out, out_path)
-        dist.barrier()   # no rank tears gloo down while its peer is still in a collective (seen: SIGABRT under load)
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective (seen: SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
@@ -97,8 +98,13 @@ def distributed_reference(sizes=(24, 16, 8, 20, 12)) -> dict:
     hv = op.hvp(V)
     bh = op.block_hvp({1: V[1], 3: V[3]})
     r = estimate_traces(op, "hutchpp", rtol=0.1, max_hvp=200, sketch=4, seed=0)
-    return {"hv": hv, "block": [bh[1], bh[3]], "trace": torch.tensor(r.trace), "stderr": torch.tensor(r.stderr),
-            "n_total": op.n_total}
+    return {
+        "hv": hv,
+        "block": [bh[1], bh[3]],
+        "trace": torch.tensor(r.trace),
+        "stderr": torch.tensor(r.stderr),
+        "n_total": op.n_total,
+    }
 
 
 TINY_RESNET20 = "tests.support.analysis_fixtures:tiny_resnet20"
@@ -111,8 +117,9 @@ def tiny_resnet20(num_classes: int = 10, in_channels: int = 1, **_) -> nn.Module
     return PreActResNet((3, 3, 3), (4, 8, 8), num_classes, in_channels)
 
 
-def train_multi_precision(x: torch.Tensor, y: torch.Tensor, bits=(8, 4), steps: int = 30, batch: int = 32,
-                          lr: float = 0.01, seed: int = 0) -> nn.Module:
+def train_multi_precision(
+    x: torch.Tensor, y: torch.Tensor, bits=(8, 4), steps: int = 30, batch: int = 32, lr: float = 0.01, seed: int = 0
+) -> nn.Module:
     """A :func:`tiny_resnet20` trained as the multi-precision stage trains (every step, each bit in turn).
 
     x [N, 1, 28, 28], y [N]. Like the real stage, only the BN entries of ``bits`` ever see data: the fp path's

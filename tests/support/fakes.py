@@ -5,6 +5,7 @@ data, saved with ``hasb.export.save_quantized``; the sensitivity dict follows th
 Ω_l(b) = t_l · ||Q_b(W_l) − W_l||² computed from the model's own quantizer (``layer.quant_weight``) and
 random per-parameter traces t_l (no Hessian is computed: this is a fixture, not an analysis).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,18 +32,41 @@ def fake_sensitivity(model, seed: int = 0) -> dict:
         searchable = name not in spec.fixed
         n = m.weight.numel()
         tpp = float(rng.lognormal(0.0, 1.0))
-        layers.append({"layer": name, "n_params": n, "trace": tpp * n, "trace_per_param": tpp,
-                       "stderr": 0.05 * tpp * n, "n_hvp": 0, "searchable": searchable})
+        layers.append(
+            {
+                "layer": name,
+                "n_params": n,
+                "trace": tpp * n,
+                "trace_per_param": tpp,
+                "stderr": 0.05 * tpp * n,
+                "n_hvp": 0,
+                "searchable": searchable,
+            }
+        )
         if searchable:
             with torch.no_grad():
                 omega[name] = {str(b): tpp * float(((m.quant_weight(b) - m.weight) ** 2).sum()) for b in spec.bits}
     fp = hashlib.sha1(json.dumps([layers, seed], sort_keys=True).encode()).hexdigest()[:16]
-    return {"version": 1, "model": model.hasb_build["name"], "fingerprint": fp, "bits": list(spec.bits),
-            "layers": layers, "omega": omega, "negative_traces": [], "meta": {"fake": True, "seed": seed}}
+    return {
+        "version": 1,
+        "model": model.hasb_build["name"],
+        "fingerprint": fp,
+        "bits": list(spec.bits),
+        "layers": layers,
+        "omega": omega,
+        "negative_traces": [],
+        "meta": {"fake": True, "seed": seed},
+    }
 
 
-def make_fake_run(out: str | Path, model: str = "small_cnn", bits: Sequence[int] = (8, 6, 4, 2),
-                  seed: int = 0, calib: torch.Tensor | None = None, **build_kw) -> tuple[Path, Path]:
+def make_fake_run(
+    out: str | Path,
+    model: str = "small_cnn",
+    bits: Sequence[int] = (8, 6, 4, 2),
+    seed: int = 0,
+    calib: torch.Tensor | None = None,
+    **build_kw,
+) -> tuple[Path, Path]:
     """Write ``out/model.pt`` and ``out/sensitivity.json``; returns their paths."""
     torch.manual_seed(seed)
     m = hasb.quantize_model(build_model(model, **build_kw), bits=bits)
@@ -57,8 +81,9 @@ def make_fake_run(out: str | Path, model: str = "small_cnn", bits: Sequence[int]
     return ck, sp
 
 
-def synthetic_space(seed: int = 0, n_layers: int = 6, bits: Sequence[int] = (8, 6, 4, 2), tied_wa: bool = True,
-                    groups=None):
+def synthetic_space(
+    seed: int = 0, n_layers: int = 6, bits: Sequence[int] = (8, 6, 4, 2), tied_wa: bool = True, groups=None
+):
     """A random knapsack instance as a :class:`search.ilp.SearchSpace` (no model): BitOPs = MACs·w·a,
     size = params·w/8, plain average = w/L, objective ∝ sensitivity·(4^−w + 4^−a) with noise."""
     rng = np.random.default_rng(seed)
@@ -69,13 +94,22 @@ def synthetic_space(seed: int = 0, n_layers: int = 6, bits: Sequence[int] = (8, 
     macs = rng.integers(1_000, 100_000, L).astype(float)
     params = rng.integers(100, 10_000, L).astype(float)
     sens = rng.lognormal(0, 1.5, L)
-    obj = sens[:, None] * (4.0 ** -w + 4.0 ** -a)[None, :] * (1 + 0.3 * rng.random((L, len(choices))))
-    metrics = {"bitops": macs[:, None] * w * a, "size_bytes": params[:, None] * w / 8,
-               "plain_avg_bits": np.tile(w / L, (L, 1))}
+    obj = sens[:, None] * (4.0**-w + 4.0**-a)[None, :] * (1 + 0.3 * rng.random((L, len(choices))))
+    metrics = {
+        "bitops": macs[:, None] * w * a,
+        "size_bytes": params[:, None] * w / 8,
+        "plain_avg_bits": np.tile(w / L, (L, 1)),
+    }
     names = [f"l{i}" for i in range(L)]
-    return SearchSpace(layers=names, choices=choices, units=make_units(names, groups), metrics=metrics,
-                       offsets={"bitops": 1234.0, "size_bytes": 56.0, "plain_avg_bits": 0.0},
-                       objective=obj, allowed=np.ones((L, len(choices)), bool))
+    return SearchSpace(
+        layers=names,
+        choices=choices,
+        units=make_units(names, groups),
+        metrics=metrics,
+        offsets={"bitops": 1234.0, "size_bytes": 56.0, "plain_avg_bits": 0.0},
+        objective=obj,
+        allowed=np.ones((L, len(choices)), bool),
+    )
 
 
 def synthetic_accuracy(space, config) -> float:
