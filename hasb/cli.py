@@ -267,7 +267,11 @@ def model_option(default: str | None = None, required: bool = False) -> Any:
 
 
 def data_option(default: str = "fashion-mnist") -> Any:
-    return option(default, help="dataset: fashion-mnist or mnist (IDX files)")
+    return option(
+        default,
+        help="dataset: fashion-mnist, mnist, npz:PATH (arrays x, y [, x_val, y_val, x_test, "
+        "y_test]), imagefolder:DIR, text:PATH_OR_GLOB, python-stdlib or package.module:callable",
+    )
 
 
 def data_dir_option() -> Any:

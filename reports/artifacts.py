@@ -87,7 +87,7 @@ def find_search_dir(root: Path, budget: str | None = None) -> Path | None:
 
     ``budget`` (``3.5`` or ``budget-3.5``) names ``root/budget-<B>/``; :class:`ArtifactError` (a HasbError) when
     that folder is absent, naming the budgets there are.  Without it: the newest (by file time) of ``root``
-    itself (outputs written at the top, the layout before per-budget folders) and its ``budget-*`` folders."""
+    itself (when it holds a config.json: the layout before per-budget folders) and its ``budget-*`` folders."""
     subs = budget_dirs(root)
     if budget is not None:
         name = budget if budget.startswith(BUDGET_PREFIX) else BUDGET_PREFIX + budget
@@ -95,7 +95,8 @@ def find_search_dir(root: Path, budget: str | None = None) -> Path | None:
             return root / name
         have = ", ".join(d.name[len(BUDGET_PREFIX) :] for d in subs) or "none"
         raise ArtifactError(f"--budget {budget}: no search outputs in {root / name}; budgets in {root}: {have}")
-    cands = ([root] if _has_search(root) else []) + subs
+    # the top holds a pick only in the layout before per-budget folders; its shared pareto.csv alone is no pick
+    cands = ([root] if (root / "config.json").is_file() else []) + subs
     return max(cands, key=_newest_mtime) if cands else None
 
 

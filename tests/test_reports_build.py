@@ -519,3 +519,17 @@ def test_inject_parameters_after_tagged_cell():
     assert len(nb2.cells) == len(nb.cells) + 1
     with pytest.raises(rbuild.BuildError):
         rbuild.inject_parameters(nb, {"run_dir": object()})
+
+
+def test_shared_tables_at_the_top_do_not_hide_the_budget_folders_pick(tmp_path):
+    """search.pareto writes pareto.csv at the top after budget-<B>/config.json: the pick is still found."""
+    import os
+
+    from reports.artifacts import find_search_dir
+
+    sub = tmp_path / "budget-3.5"
+    sub.mkdir()
+    (sub / "config.json").write_text("{}")
+    (tmp_path / "pareto.csv").write_text("x\n")
+    os.utime(sub / "config.json", (1, 1))  # older than the shared table
+    assert find_search_dir(tmp_path) == sub

@@ -31,26 +31,43 @@ class UnknownModelError(HasbError):
     pass
 
 
+def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``package.module:callable`` (importable, e.g. on PYTHONPATH) called with num_classes= and in_channels=."""
+    mod_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UnknownModelError(f"cannot import model {name!r}: {e} (is its package on PYTHONPATH?)") from None
+    try:
+        return fn(num_classes=num_classes, in_channels=in_channels)
+    except Exception as e:  # the user's code: report it as theirs, in one line
+        raise UnknownModelError(
+            f"model {name!r} raised {type(e).__name__}: {e} (it is called with num_classes= "
+            f"and in_channels= keywords; call it directly to see the traceback)"
+        ) from None
+
+
 def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs) -> nn.Module:
     """Build a zoo model (or ``package.module:callable``) and tag it with ``example_input_shape``.
 
     Models on inputs under 64 px get the small-input stem (3×3, stride 1, no max-pool).
     """
-    kwargs.setdefault("small_input", image_size < 64)
     if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise UnknownModelError(f"cannot import model {name!r}: {e}") from None
-        model = fn(num_classes=num_classes, in_channels=in_channels)
+        model = _user_model(name, num_classes, in_channels)
     else:
+        if image_size is None and not name.startswith("lm_"):
+            raise UnknownModelError(
+                f"zoo model {name!r} needs square image inputs x of shape [N, C, S, S]; this "
+                "data has another shape: reshape it, or bring a model as package.module:callable"
+            )
+        kwargs.setdefault("small_input", image_size is not None and image_size < 64)
         if name not in MODELS:
             raise UnknownModelError(f"unknown model {name!r}; accepted: {', '.join(MODELS)} or package.module:callable")
         model = MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {name!r} did not return an nn.Module")
-    model.example_input_shape = (in_channels, image_size, image_size)
+    if not hasattr(model, "example_input_shape"):  # a model that knows its input (the LMs) keeps its own
+        model.example_input_shape = (in_channels, image_size, image_size)
     model.hasb_model_name = name
     # enough to rebuild the architecture when loading an export
     model.hasb_build = {
