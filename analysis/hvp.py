@@ -35,12 +35,14 @@ Distributed: if ``torch.distributed`` is initialised, each rank processes its
 shard ``batches[rank::world_size]`` of the (identical) batch list and the
 sample-weighted sums are all-reduced, so every rank holds the full-data result.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -53,7 +55,7 @@ from hasb.quantizer import composite_ops
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Probes = list[torch.Tensor]          # one [k, *shape] tensor per block
+Probes = list[torch.Tensor]  # one [k, *shape] tensor per block
 BACKENDS = ("auto", "double_backward", "func")
 
 
@@ -90,28 +92,35 @@ def layer_order(model: nn.Module, example: torch.Tensor | None = None) -> list[s
     return seen + [n for n in names.values() if n not in seen]
 
 
-def weight_params(model: nn.Module, include_fixed: bool = True,
-                  example: torch.Tensor | None = None) -> dict[str, nn.Parameter]:
+def weight_params(
+    model: nn.Module, include_fixed: bool = True, example: torch.Tensor | None = None
+) -> dict[str, nn.Parameter]:
     """``{"<layer>.weight": parameter}`` of every Conv2d/Linear, execution order.
 
     ``include_fixed=False`` drops hasb's fixed layers (first/last by default).
     """
     spec = getattr(model, "hasb_spec", None)
     fixed = set(spec.fixed) if (spec is not None and not include_fixed) else set()
-    return {f"{n}.weight": model.get_submodule(n).weight for n in layer_order(model, example) if n not in fixed}
+    return {
+        f"{n}.weight": cast(nn.Parameter, model.get_submodule(n).weight)
+        for n in layer_order(model, example)
+        if n not in fixed
+    }
 
 
 def resolve_params(model: nn.Module, params: None | Sequence[str] | dict) -> dict[str, torch.Tensor]:
     """Named parameter subset: ``None`` (default weights), a list of parameter names, or a name→tensor dict."""
     if params is None:
-        return weight_params(model)
+        return dict(weight_params(model))
     if isinstance(params, dict):
         return dict(params)
     named = dict(model.named_parameters())
     unknown = [n for n in params if n not in named]
     if unknown:
-        raise HVPError(f"unknown parameter name(s) {unknown[:5]}; accepted: names from model.named_parameters(), "
-                       f"e.g. {list(named)[:3]}")
+        raise HVPError(
+            f"unknown parameter name(s) {unknown[:5]}; accepted: names from model.named_parameters(), "
+            f"e.g. {list(named)[:3]}"
+        )
     return {n: named[n] for n in params}
 
 
@@ -126,7 +135,7 @@ def unflatten(M: torch.Tensor, shapes: Sequence[torch.Size]) -> Probes:
     out, i = [], 0
     for s in shapes:
         n = math.prod(s)
-        out.append(M[:, i:i + n].reshape(M.shape[0], *s))
+        out.append(M[:, i : i + n].reshape(M.shape[0], *s))
         i += n
     return out
 
@@ -150,7 +159,7 @@ def _all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
     dist.all_reduce(flat)
     i = 0
     for t in tensors:
-        t.copy_(flat[i:i + t.numel()].view_as(t))
+        t.copy_(flat[i : i + t.numel()].view_as(t))
         i += t.numel()
 
 
@@ -174,9 +183,18 @@ class HessianOperator:
         probe counts as one HVP).  ``backend``: the resolved backend.  ``calibration``: timings of "auto".
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], params=None, loss_fn: LossFn = F.cross_entropy,
-                 backend: str = "auto", max_block: int = 8, memory_limit: int | None = None,
-                 cache_graphs: bool | None = None, distributed: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        params=None,
+        loss_fn: LossFn = F.cross_entropy,
+        backend: str = "auto",
+        max_block: int = 8,
+        memory_limit: int | None = None,
+        cache_graphs: bool | None = None,
+        distributed: bool | None = None,
+    ):
         if backend not in BACKENDS:
             raise HVPError(f"unknown HVP backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         batches = list(batches)
@@ -245,8 +263,9 @@ class HessianOperator:
         k = V[0].shape[0]
         cols = []
         for j in range(k):
-            hv = torch.autograd.grad(g, self.params, grad_outputs=[v[j] for v in V], retain_graph=True,
-                                     allow_unused=True)
+            hv = torch.autograd.grad(
+                g, self.params, grad_outputs=[v[j] for v in V], retain_graph=True, allow_unused=True
+            )
             cols.append([torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params, strict=False)])
         return [torch.stack([c[b] for c in cols]) for b in range(len(self.params))]
 
@@ -279,7 +298,7 @@ class HessianOperator:
         # record the whole forward a second time (torch.func.grad and forward AD ignore it).
         with torch.no_grad(), composite():
             for s in range(0, k, chunk):
-                res = vmap(hvp_one)(*[v[s:s + chunk] for v in V])
+                res = vmap(hvp_one)(*[v[s : s + chunk] for v in V])
                 for o, r in zip(outs, res, strict=False):
                     o.append(r)
         return [torch.cat(o) for o in outs]
@@ -289,7 +308,6 @@ class HessianOperator:
             return self._chunk
         chunk = self.max_block
         if self.memory_limit and self.device.type == "cuda":
-
             peaks = []
             for kk in (1, 2):
                 torch.cuda.synchronize()
@@ -365,8 +383,10 @@ class HessianOperator:
     def _check(self, V: Sequence[torch.Tensor], blocks: Iterable[int]) -> None:
         for v, b in zip(V, blocks, strict=False):
             if tuple(v.shape[1:]) != tuple(self.shapes[b]):
-                raise HVPError(f"probe for {self.names[b]} has shape {tuple(v.shape)}, expected [k, "
-                               f"{', '.join(map(str, self.shapes[b]))}]")
+                raise HVPError(
+                    f"probe for {self.names[b]} has shape {tuple(v.shape)}, expected [k, "
+                    f"{', '.join(map(str, self.shapes[b]))}]"
+                )
 
     # -- backend choice ---------------------------------------------------------------------------------------
     def _calibrate(self) -> str:
@@ -389,19 +409,22 @@ class HessianOperator:
                         _sync(self.device)
                         t0 = time.perf_counter()
                         for i in range(1):
-                            hv = self._func(i, list(range(len(self.params))), V) if b == "func" else \
-                                self._db_full(self._grads(i), V)
+                            hv = (
+                                self._func(i, list(range(len(self.params))), V)
+                                if b == "func"
+                                else self._db_full(self._grads(i), V)
+                            )
                         del hv
                         _sync(self.device)
                         if rep == 1:
                             times[b] = (time.perf_counter() - t0) / k
-                except (RuntimeError, NotImplementedError) as e:   # forward AD not implemented for some op
+                except (RuntimeError, NotImplementedError) as e:  # forward AD not implemented for some op
                     self.calibration["func_error"] = str(e).splitlines()[0][:300]
         finally:
             self.local, self.cache_graphs = saved_local, saved_cache
             self._graphs.clear()
         self.calibration.update({f"{b}_s_per_probe": t for b, t in times.items()})
-        choice = min(times, key=times.get) if "func" in times else "double_backward"
+        choice = min(times, key=lambda b: times[b]) if "func" in times else "double_backward"
         if self.distributed:
             flag = torch.tensor([1.0 if choice == "func" else 0.0])
             dist.broadcast(flag, 0)

@@ -34,6 +34,7 @@ Estimators (Rademacher probes throughout; z denotes one sample):
 probes, SE = 0) when the projected number of samples still needed exceeds n_l:
 small layers (first conv, classifier) are then cheaper exactly than randomly.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,11 +84,11 @@ class TraceResult:
 
     names: list[str]
     n_params: list[int]
-    trace: np.ndarray           # t̂_l ≈ Tr(H_ll)
-    stderr: np.ndarray          # SE of t̂_l (0 for exact layers)
-    n_hvp: np.ndarray           # HVP columns spent on layer l (full: shared probes)
-    converged: np.ndarray       # bool: stopping rule met
-    exact: np.ndarray           # bool: trace computed exactly
+    trace: np.ndarray  # t̂_l ≈ Tr(H_ll)
+    stderr: np.ndarray  # SE of t̂_l (0 for exact layers)
+    n_hvp: np.ndarray  # HVP columns spent on layer l (full: shared probes)
+    converged: np.ndarray  # bool: stopping rule met
+    exact: np.ndarray  # bool: trace computed exactly
     estimator: str
     total_hvp: int
     settings: dict = field(default_factory=dict)
@@ -98,19 +99,30 @@ class TraceResult:
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: layer, n_params, trace, trace_per_param, stderr, n_hvp, converged, exact."""
-        return pd.DataFrame({
-            "layer": self.names, "n_params": self.n_params, "trace": self.trace,
-            "trace_per_param": self.trace_per_param, "stderr": self.stderr, "n_hvp": self.n_hvp,
-            "converged": self.converged, "exact": self.exact,
-        })
+        return pd.DataFrame(
+            {
+                "layer": self.names,
+                "n_params": self.n_params,
+                "trace": self.trace,
+                "trace_per_param": self.trace_per_param,
+                "stderr": self.stderr,
+                "n_hvp": self.n_hvp,
+                "converged": self.converged,
+                "exact": self.exact,
+            }
+        )
 
     def to_json(self) -> dict:
         rows = self.to_frame().to_dict(orient="records")
         for r in rows:
             for k, v in r.items():
                 r[k] = v.item() if hasattr(v, "item") else v
-        return {"estimator": self.estimator, "total_hvp": int(self.total_hvp), "settings": self.settings,
-                "layers": rows}
+        return {
+            "estimator": self.estimator,
+            "total_hvp": int(self.total_hvp),
+            "settings": self.settings,
+            "layers": rows,
+        }
 
     def to_json_str(self) -> str:
         return json.dumps(self.to_json(), indent=2)
@@ -151,13 +163,31 @@ def _exact_block_trace(op: HessianOperator, l: int, chunk: int = 256) -> float:
 def _result(op, st, exact, conv, n_hvp, est, start, settings) -> TraceResult:
     se = st.stderr()
     se = np.where(exact, 0.0, se)
-    return TraceResult(names=list(op.names), n_params=list(op.numels), trace=st.mean.copy(), stderr=se,
-                       n_hvp=n_hvp.copy(), converged=conv.copy(), exact=exact.copy(), estimator=est,
-                       total_hvp=op.n_hvp - start, settings=settings)
+    return TraceResult(
+        names=list(op.names),
+        n_params=list(op.numels),
+        trace=st.mean.copy(),
+        stderr=se,
+        n_hvp=n_hvp.copy(),
+        converged=conv.copy(),
+        exact=exact.copy(),
+        estimator=est,
+        total_hvp=op.n_hvp - start,
+        settings=settings,
+    )
 
 
-def hutchinson_full(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 1000, block: int = 8,
-                    seed: int = 0, floor: float = 0.01, min_samples: int = 8, progress=None) -> TraceResult:
+def hutchinson_full(
+    op: HessianOperator,
+    *,
+    rtol: float = 0.05,
+    max_hvp: int = 1000,
+    block: int = 8,
+    seed: int = 0,
+    floor: float = 0.01,
+    min_samples: int = 8,
+    progress=None,
+) -> TraceResult:
     """Girard–Hutchinson with full-model Rademacher probes; per-layer samples v_lᵀ(Hv)_l."""
     gen = torch.Generator().manual_seed(seed)
     L, start = len(op.names), op.n_hvp
@@ -175,12 +205,34 @@ def hutchinson_full(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 1
         conv = _converged(st, exact, rtol, floor, min_samples)
         if conv.all():
             break
-    return _result(op, st, exact, conv, n_hvp, "full", start,
-                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples))
+    return _result(
+        op,
+        st,
+        exact,
+        conv,
+        n_hvp,
+        "full",
+        start,
+        dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples),
+    )
 
 
-def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarray, n_hvp: np.ndarray,
-                         draw, *, rtol, max_hvp, block, floor, min_samples, start, exact_switch, progress):
+def _adaptive_restricted(
+    op: HessianOperator,
+    st: RunningStats,
+    exact: np.ndarray,
+    n_hvp: np.ndarray,
+    draw,
+    *,
+    rtol,
+    max_hvp,
+    block,
+    floor,
+    min_samples,
+    start,
+    exact_switch,
+    progress,
+):
     """Shared loop of the restricted estimators: each round, every unconverged layer gets ``block`` samples.
 
     ``draw(l, k) -> (probes [k, *shape_l], finish)`` builds layer l's probes; ``finish(HV)`` maps
@@ -191,7 +243,7 @@ def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarra
         budget = max_hvp - (op.n_hvp - start)
         if exact_switch:
             need = _needed(st, rtol, floor) - st.n
-            for l in np.flatnonzero(~conv):
+            for l in map(int, np.flatnonzero(~conv)):
                 cost = op.numels[l]
                 if st.n[l] >= min_samples and need[l] >= cost and cost <= budget:
                     t = _exact_block_trace(op, l)
@@ -202,9 +254,9 @@ def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarra
             conv = _converged(st, exact, rtol, floor, min_samples)
             if conv.all() or budget <= 0:
                 break
-        active = list(np.flatnonzero(~conv))
+        active = [int(i) for i in np.flatnonzero(~conv)]
         per = max(1, min(block, budget // max(len(active), 1)))
-        active = active[:max(1, budget // per)]
+        active = active[: max(1, budget // per)]
         probes, finishers = {}, {}
         for l in active:
             probes[int(l)], finishers[int(l)] = draw(int(l), per)
@@ -217,9 +269,18 @@ def _adaptive_restricted(op: HessianOperator, st: RunningStats, exact: np.ndarra
     return conv
 
 
-def hutchinson_layer(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 1000, block: int = 8,
-                     seed: int = 0, floor: float = 0.01, min_samples: int = 8, exact_switch: bool = True,
-                     progress=None) -> TraceResult:
+def hutchinson_layer(
+    op: HessianOperator,
+    *,
+    rtol: float = 0.05,
+    max_hvp: int = 1000,
+    block: int = 8,
+    seed: int = 0,
+    floor: float = 0.01,
+    min_samples: int = 8,
+    exact_switch: bool = True,
+    progress=None,
+) -> TraceResult:
     """Layer-restricted Hutchinson: z_l = v_lᵀH_ll v_l, all layers' probes batched through one graph per batch."""
     gen = torch.Generator().manual_seed(seed)
     L, start = len(op.names), op.n_hvp
@@ -229,11 +290,39 @@ def hutchinson_layer(op: HessianOperator, *, rtol: float = 0.05, max_hvp: int = 
         v = rademacher((k, *op.shapes[l]), gen, op.dtype, op.device)
         return v, lambda hv: _dot(v, hv)
 
-    conv = _adaptive_restricted(op, st, exact, n_hvp, draw, rtol=rtol, max_hvp=max_hvp, block=block, floor=floor,
-                                min_samples=min_samples, start=start, exact_switch=exact_switch, progress=progress)
-    return _result(op, st, exact, conv, n_hvp, "layer", start,
-                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples,
-                        exact_switch=exact_switch))
+    conv = _adaptive_restricted(
+        op,
+        st,
+        exact,
+        n_hvp,
+        draw,
+        rtol=rtol,
+        max_hvp=max_hvp,
+        block=block,
+        floor=floor,
+        min_samples=min_samples,
+        start=start,
+        exact_switch=exact_switch,
+        progress=progress,
+    )
+    return _result(
+        op,
+        st,
+        exact,
+        conv,
+        n_hvp,
+        "layer",
+        start,
+        dict(
+            rtol=rtol,
+            max_hvp=max_hvp,
+            block=block,
+            seed=seed,
+            floor=floor,
+            min_samples=min_samples,
+            exact_switch=exact_switch,
+        ),
+    )
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -244,9 +333,19 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return Q[:, keep]
 
 
-def hutchpp_layer(op: HessianOperator, *, sketch: int = 16, rtol: float = 0.05, max_hvp: int = 1000,
-                  block: int = 8, seed: int = 0, floor: float = 0.01, min_samples: int = 8,
-                  exact_switch: bool = True, progress=None) -> TraceResult:
+def hutchpp_layer(
+    op: HessianOperator,
+    *,
+    sketch: int = 16,
+    rtol: float = 0.05,
+    max_hvp: int = 1000,
+    block: int = 8,
+    seed: int = 0,
+    floor: float = 0.01,
+    min_samples: int = 8,
+    exact_switch: bool = True,
+    progress=None,
+) -> TraceResult:
     """Hutch++ deflation on every layer block: exact tr(QᵀH_llQ) on a sketched subspace + Hutchinson on the rest.
 
     Cost per layer: 2·min(sketch, n_l) HVPs up front (sketch and exact part), then one HVP per
@@ -259,10 +358,10 @@ def hutchpp_layer(op: HessianOperator, *, sketch: int = 16, rtol: float = 0.05, 
     # phase 1: sketch Y_l = H_ll S_l for every layer at once
     S = {l: rademacher((s[l], *op.shapes[l]), gen, op.dtype, op.device) for l in range(L)}
     Y = op.block_hvp(S)
-    Q = {l: _orth(Y[l].reshape(s[l], -1).T) for l in range(L)}        # [n_l, r_l] float64
+    Q = {l: _orth(Y[l].reshape(s[l], -1).T) for l in range(L)}  # [n_l, r_l] float64
     for l in range(L):
         if Q[l].shape[1] < s[l] and s[l] == op.numels[l]:
-            Q[l] = torch.eye(op.numels[l], dtype=torch.float64, device=Q[l].device)   # rank-deficient block
+            Q[l] = torch.eye(op.numels[l], dtype=torch.float64, device=Q[l].device)  # rank-deficient block
     # phase 2: the deflated part exactly
     QT = {l: Q[l].T.to(op.dtype).reshape(Q[l].shape[1], *op.shapes[l]) for l in range(L)}
     HQ = op.block_hvp(QT)
@@ -279,11 +378,40 @@ def hutchpp_layer(op: HessianOperator, *, sketch: int = 16, rtol: float = 0.05, 
         h = h.to(op.dtype).reshape(k, *op.shapes[l])
         return h, lambda hv: defl[l] + _dot(h, hv)
 
-    conv = _adaptive_restricted(op, st, exact, n_hvp, draw, rtol=rtol, max_hvp=max_hvp, block=block, floor=floor,
-                                min_samples=min_samples, start=start, exact_switch=exact_switch, progress=progress)
-    return _result(op, st, exact, conv, n_hvp, "hutchpp", start,
-                   dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples,
-                        sketch=sketch, exact_switch=exact_switch))
+    conv = _adaptive_restricted(
+        op,
+        st,
+        exact,
+        n_hvp,
+        draw,
+        rtol=rtol,
+        max_hvp=max_hvp,
+        block=block,
+        floor=floor,
+        min_samples=min_samples,
+        start=start,
+        exact_switch=exact_switch,
+        progress=progress,
+    )
+    return _result(
+        op,
+        st,
+        exact,
+        conv,
+        n_hvp,
+        "hutchpp",
+        start,
+        dict(
+            rtol=rtol,
+            max_hvp=max_hvp,
+            block=block,
+            seed=seed,
+            floor=floor,
+            min_samples=min_samples,
+            sketch=sketch,
+            exact_switch=exact_switch,
+        ),
+    )
 
 
 def estimate_traces(op: HessianOperator, estimator: str = DEFAULT_ESTIMATOR, **kw) -> TraceResult:
@@ -306,10 +434,12 @@ def _tick(progress, n: int) -> None:
 
 def _input_hook(eps: list, i: int):
     """Forward pre-hook adding a zero tensor ε (requires grad, stored in ``eps[i]``) to the layer's input."""
+
     def fn(mod, inp):
         e = torch.zeros_like(inp[0], requires_grad=True)
         eps[i] = e
         return (inp[0] + e,) + tuple(inp[1:])
+
     return fn
 
 
@@ -336,9 +466,20 @@ def _activation_graphs(model: torch.nn.Module, local, layers: Sequence[str], los
     return graphs, numel
 
 
-def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *, loss_fn=None, rtol: float = 0.05,
-                      max_probes: int = 256, block: int = 8, seed: int = 0, floor: float = 0.01,
-                      min_samples: int = 8, progress=None) -> TraceResult:
+def activation_traces(
+    model: torch.nn.Module,
+    batches,
+    layers: Sequence[str],
+    *,
+    loss_fn=None,
+    rtol: float = 0.05,
+    max_probes: int = 256,
+    block: int = 8,
+    seed: int = 0,
+    floor: float = 0.01,
+    min_samples: int = 8,
+    progress=None,
+) -> TraceResult:
     """Traces of the Hessian of the loss w.r.t. each layer's *input* activation (Rademacher, layer-restricted).
 
     A forward pre-hook adds a zero tensor ε_l (requires grad) to layer l's input, so ∂²L/∂ε_l² is the
@@ -352,18 +493,18 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
     model.eval()
     batches = list(batches)
     on = _dist_on()
-    local = batches[dist.get_rank()::dist.get_world_size()] if on else batches
-    n_total = torch.tensor([float(sum(len(y) for _, y in local))], dtype=torch.float64)
+    local = batches[dist.get_rank() :: dist.get_world_size()] if on else batches
+    n_total_t = torch.tensor([float(sum(len(y) for _, y in local))], dtype=torch.float64)
     if on:
-        dist.all_reduce(n_total)
-    n_total = float(n_total.item())
+        dist.all_reduce(n_total_t)
+    n_total = float(n_total_t.item())
     graphs, numel = _activation_graphs(model, local, layers, loss_fn)
     L = len(layers)
     gen = torch.Generator().manual_seed(seed + 1000003 * (dist.get_rank() if on else 0))
     st, exact, n_round = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)
     conv = _converged(st, exact, rtol, floor, min_samples)
     while not conv.all() and n_round.max() < max_probes:
-        active = list(np.flatnonzero(~conv))
+        active = [int(i) for i in np.flatnonzero(~conv)]
         k = max(1, min(block, max_probes - int(n_round.max())))
         sums = torch.zeros(len(active), k, dtype=torch.float64)
         for eps, g, w in graphs:
@@ -380,6 +521,15 @@ def activation_traces(model: torch.nn.Module, batches, layers: Sequence[str], *,
         _tick(progress, k * len(active))
         conv = _converged(st, exact, rtol, floor, min_samples)
     total = int(n_round.sum())
-    return TraceResult(names=list(layers), n_params=numel, trace=st.mean.copy(), stderr=st.stderr(),
-                       n_hvp=n_round, converged=conv, exact=exact, estimator="activation-layer", total_hvp=total,
-                       settings=dict(rtol=rtol, max_probes=max_probes, block=block, seed=seed, floor=floor))
+    return TraceResult(
+        names=list(layers),
+        n_params=numel,
+        trace=st.mean.copy(),
+        stderr=st.stderr(),
+        n_hvp=n_round,
+        converged=conv,
+        exact=exact,
+        estimator="activation-layer",
+        total_hvp=total,
+        settings=dict(rtol=rtol, max_probes=max_probes, block=block, seed=seed, floor=floor),
+    )

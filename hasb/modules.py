@@ -7,9 +7,11 @@ shared by all bits (Double Rounding), and one activation scale per candidate bit
 attributes switched at run time: no weights are copied.  ``None`` means full
 precision (``fp``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -24,9 +26,26 @@ def bit_key(bit: int | None) -> str:
     return FP if bit is None else str(int(bit))
 
 
-class QuantMixin:
+if TYPE_CHECKING:
+    # The mixin is only ever combined with an nn.Module (Conv2d / Linear); let the type checker see its methods.
+    _MixinBase = nn.Module
+else:
+    _MixinBase = object
+
+_Size2 = tuple[int, int]
+
+
+class QuantMixin(_MixinBase):
     """Shared state and logic of QConv2d and QLinear."""
 
+    # provided by the nn.Conv2d / nn.Linear half of the concrete class
+    weight: torch.Tensor
+    # set up by _init_quant
+    w_scale: nn.Parameter
+    act_scales: nn.ParameterDict
+    act_signed: torch.Tensor  # buffer
+    act_init: torch.Tensor  # buffer
+    _ready: dict[int, bool]
     candidate_bits: tuple[int, ...]
     high_bit: int
     rounding: Q.Rounding
@@ -34,8 +53,14 @@ class QuantMixin:
     a_bit: int | None
     fixed: bool
 
-    def _init_quant(self, bits: Iterable[int], rounding: Q.Rounding, act_signed: bool | None,
-                    fixed_bit: int | None = None, fixed: bool = False) -> None:
+    def _init_quant(
+        self,
+        bits: Iterable[int],
+        rounding: Q.Rounding,
+        act_signed: bool | None,
+        fixed_bit: int | None = None,
+        fixed: bool = False,
+    ) -> None:
         bits = tuple(sorted({int(b) for b in bits}, reverse=True))
         if fixed and fixed_bit is not None:
             bits = tuple(sorted(set(bits) | {int(fixed_bit)}, reverse=True))
@@ -51,14 +76,15 @@ class QuantMixin:
         self.register_buffer("act_init", torch.zeros(len(bits), dtype=torch.bool, device=dev))
         self.w_bit = fixed_bit if fixed else bits[0]
         self.a_bit = fixed_bit if fixed else bits[0]
-        self._ready: dict[int, bool] = {}   # bit -> signed, once that bit's scale is initialised
+        self._ready = {}  # bit -> signed, once that bit's scale is initialised
 
-    def _adopt(self, m: nn.Module, bits, rounding, act_signed, fixed_bit, fixed):
+    def _adopt(self, m: nn.Conv2d | nn.Linear, bits, rounding, act_signed, fixed_bit, fixed):
         """Take the float layer's weight and bias, then set up the quantizer state."""
         with torch.no_grad():
             self.weight.copy_(m.weight)
             if m.bias is not None:
-                self.bias.copy_(m.bias)
+                # built with bias iff m has one; the mixin only sees Module.__getattr__'s Tensor | Module
+                cast(torch.Tensor, self.bias).copy_(m.bias)
         self._init_quant(bits, rounding, act_signed, fixed_bit, fixed)
         return self
 
@@ -66,8 +92,10 @@ class QuantMixin:
     def set_bits(self, w_bit: int | None, a_bit: int | None) -> None:
         for b in (w_bit, a_bit):
             if b is not None and b not in self.candidate_bits:
-                raise ValueError(f"bit {b} is not a candidate of this layer; accepted: "
-                                 f"{', '.join(map(str, self.candidate_bits))} or 'fp'")
+                raise ValueError(
+                    f"bit {b} is not a candidate of this layer; accepted: "
+                    f"{', '.join(map(str, self.candidate_bits))} or 'fp'"
+                )
         self.w_bit, self.a_bit = w_bit, a_bit
 
     # -- quantization ----------------------------------------------------------
@@ -90,7 +118,7 @@ class QuantMixin:
         if b is None:
             return x
         scale = self.act_scales[str(b)]
-        if b not in self._ready:   # python-side cache: no device sync once initialised
+        if b not in self._ready:  # python-side cache: no device sync once initialised
             self._lazy_init(x, b)
         return Q.quantize_activation(x, scale, b, self._ready[b])
 
@@ -118,8 +146,20 @@ class QConv2d(QuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, bits, rounding="half_up", act_signed=None, fixed_bit=None, fixed=False):
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                m.groups, m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+        q = cls(
+            m.in_channels,
+            m.out_channels,
+            # torch stores these as tuple[int, ...]; a Conv2d's are always pairs (or a padding string)
+            cast(_Size2, m.kernel_size),
+            cast(_Size2, m.stride),
+            cast("str | _Size2", m.padding),
+            cast(_Size2, m.dilation),
+            m.groups,
+            m.bias is not None,
+            m.padding_mode,
+            device=m.weight.device,
+            dtype=m.weight.dtype,
+        )
         return q._adopt(m, bits, rounding, act_signed, fixed_bit, fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,11 +203,17 @@ class SwitchBatchNorm(nn.Module):
         self.num_features = bn.num_features
         self.bns = nn.ModuleDict()
         for k in keys:
-            b = type(bn)(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device if bn.affine else None)
+            b = type(bn)(
+                bn.num_features,
+                bn.eps,
+                bn.momentum,
+                bn.affine,
+                bn.track_running_stats,
+                device=bn.weight.device if bn.affine else None,
+            )
             b.load_state_dict(bn.state_dict())
             self.bns[k] = b
-        self.mode = "bit"            # "bit" (per-bit, multi-precision) or "pair" (Transitional BN)
+        self.mode = "bit"  # "bit" (per-bit, multi-precision) or "pair" (Transitional BN)
         self.override: str | None = None
         # producer / predecessor layers: plain references (not submodules), set by quantize_model
         self._producer: list = []

@@ -1,9 +1,11 @@
 """``quantize_model``: swap every Conv2d/Linear for its Double Rounding twin; switch configs at run time."""
+
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -22,11 +24,11 @@ class QuantSpec:
     """How a model was quantized; stored on the model as ``model.hasb_spec`` and in exports."""
 
     bits: tuple[int, ...] = DEFAULT_BITS
-    fixed: tuple[str, ...] = ()          # module paths of fixed layers
-    fixed_bit: int | None = None      # None = fp
+    fixed: tuple[str, ...] = ()  # module paths of fixed layers
+    fixed_bit: int | None = None  # None = fp
     rounding: str = "half_up"
-    order: tuple[str, ...] = ()          # quantized layers in execution order
-    bn_producers: dict = field(default_factory=dict)   # bn path -> [producer, predecessor]
+    order: tuple[str, ...] = ()  # quantized layers in execution order
+    bn_producers: dict = field(default_factory=dict)  # bn path -> [producer, predecessor]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -36,8 +38,23 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
-        return cls(bits=tuple(d["bits"]), fixed=tuple(d["fixed"]), fixed_bit=d["fixed_bit"],
-                   rounding=d["rounding"], order=tuple(d["order"]), bn_producers=dict(d["bn_producers"]))
+        return cls(
+            bits=tuple(d["bits"]),
+            fixed=tuple(d["fixed"]),
+            fixed_bit=d["fixed_bit"],
+            rounding=d["rounding"],
+            order=tuple(d["order"]),
+            bn_producers=dict(d["bn_producers"]),
+        )
+
+
+def _set_attr(obj: nn.Module, name: str, value: object) -> None:
+    """Set a plain (non-Tensor, non-Module) attribute; torch types ``Module.__setattr__`` as Tensor | Module only."""
+    setattr(obj, name, value)
+
+
+def _quant_layer(model: nn.Module, name: str) -> QConv2d | QLinear:
+    return cast("QConv2d | QLinear", model.get_submodule(name))
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -47,8 +64,11 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def _trace_order(model: nn.Module, example_input, types) -> list[tuple[str, nn.Module]]:
     calls: list[tuple[str, nn.Module]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append((n, mod)))
-             for n, m in model.named_modules() if isinstance(m, types)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append((n, mod)))
+        for n, m in model.named_modules()
+        if isinstance(m, types)
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -66,8 +86,10 @@ def _example(model: nn.Module, example_input):
         return example_input
     shape = getattr(model, "example_input_shape", None)
     if shape is None:
-        raise ValueError("quantize_model needs example_input (one batch, e.g. torch.randn(2, 3, 32, 32)) to find "
-                         "the execution order of layers and which layer each BatchNorm normalises")
+        raise ValueError(
+            "quantize_model needs example_input (one batch, e.g. torch.randn(2, 3, 32, 32)) to find "
+            "the execution order of layers and which layer each BatchNorm normalises"
+        )
     p = next(model.parameters())
     return torch.randn(2, *shape, device=p.device, dtype=p.dtype)
 
@@ -103,19 +125,22 @@ def quantize_model(
     bit_list, fbit = _check_quantize_args(bits, rounding, fixed_bits)
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
-        model.example_input_shape = tuple(ex.shape[1:])   # so later tracing (cost model) needs no input
+        _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
     calls = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = [n for n, m in calls if isinstance(m, (nn.Conv2d, nn.Linear))]
-    layer_order = list(dict.fromkeys(layer_order))   # a shared module called twice counts once
+    layer_order = list(dict.fromkeys(layer_order))  # a shared module called twice counts once
     if not layer_order:
         raise ValueError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
 
     fixed_set = _fixed_layers(fixed, layer_order)
     for name in layer_order:
         m = model.get_submodule(name)
-        cls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-        _set_submodule(model, name, cls.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit,
-                                                   fixed=name in fixed_set).train(m.training))
+        is_fixed = name in fixed_set
+        if isinstance(m, nn.Conv2d):
+            q = QConv2d.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
+        else:
+            q = QLinear.from_float(cast(nn.Linear, m), bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
+        _set_submodule(model, name, q.train(m.training))
 
     # BatchNorm: one per bit (+ fp), each fed by the quantized layer executed just before it
     producers = _bn_producers(calls)
@@ -123,12 +148,18 @@ def quantize_model(
     if fbit is not None and str(fbit) not in keys:
         keys.append(str(fbit))
     for n in producers:
-        old = model.get_submodule(n)
+        old = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(n))
         sbn = SwitchBatchNorm(old, keys).train(old.training)
         _set_submodule(model, n, sbn)
-    spec = QuantSpec(bits=bit_list, fixed=tuple(n for n in layer_order if n in fixed_set), fixed_bit=fbit,
-                     rounding=rounding, order=tuple(layer_order), bn_producers=producers)
-    model.hasb_spec = spec
+    spec = QuantSpec(
+        bits=bit_list,
+        fixed=tuple(n for n in layer_order if n in fixed_set),
+        fixed_bit=fbit,
+        rounding=rounding,
+        order=tuple(layer_order),
+        bn_producers=producers,
+    )
+    _set_attr(model, "hasb_spec", spec)
     link_batchnorms(model)
     return model
 
@@ -176,7 +207,7 @@ def link_batchnorms(model: nn.Module) -> None:
     """(Re)attach each SwitchBatchNorm to the layers whose bits select its entry."""
     spec = get_spec(model)
     for n, prod in spec.bn_producers.items():
-        bn = model.get_submodule(n)
+        bn = cast(SwitchBatchNorm, model.get_submodule(n))
         bn._producer = [model.get_submodule(prod[0])] if len(prod) > 0 else []
         bn._prev = [model.get_submodule(prod[1])] if len(prod) > 1 else []
 
@@ -191,7 +222,7 @@ def get_spec(model: nn.Module) -> QuantSpec:
 def quantized_layers(model: nn.Module) -> dict[str, QConv2d | QLinear]:
     """All quantized layers (fixed included), in execution order."""
     spec = get_spec(model)
-    return {n: model.get_submodule(n) for n in spec.order}
+    return {n: _quant_layer(model, n) for n in spec.order}
 
 
 def searchable_layers(model: nn.Module) -> list[str]:
@@ -234,7 +265,7 @@ def set_fp(model: nn.Module) -> None:
 def restore_fixed(model: nn.Module) -> None:
     spec = get_spec(model)
     for n in spec.fixed:
-        m = model.get_submodule(n)
+        m = _quant_layer(model, n)
         m.w_bit = m.a_bit = spec.fixed_bit
 
 
@@ -281,16 +312,30 @@ def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
                 set_config(model, b)
                 model(batch)
     finally:
-        for m, st in kept:          # running statistics and batch counters as they were
+        for m, st in kept:  # running statistics and batch counters as they were
             m.load_state_dict(st)
         set_config(model, saved)
         model.train(was)
 
 
 __all__ = [
-    "QuantSpec", "quantize_model", "get_spec", "quantized_layers", "searchable_layers", "batchnorms",
-    "get_config", "set_config", "set_fp", "restore_fixed", "use_config", "uniform_config", "candidate_bits",
-    "init_quantizers", "link_batchnorms", "bit_key", "Bit",
+    "QuantSpec",
+    "quantize_model",
+    "get_spec",
+    "quantized_layers",
+    "searchable_layers",
+    "batchnorms",
+    "get_config",
+    "set_config",
+    "set_fp",
+    "restore_fixed",
+    "use_config",
+    "uniform_config",
+    "candidate_bits",
+    "init_quantizers",
+    "link_batchnorms",
+    "bit_key",
+    "Bit",
 ]
 
 
