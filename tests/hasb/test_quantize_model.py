@@ -17,7 +17,7 @@ def _mixed(model, rng):
     return hasb.BitConfig({n: rng.choice(bits) for n in hasb.searchable_layers(model)})
 
 
-# image models here; the byte-level LMs (token inputs) get the same checks in tests/test_lm.py
+# image models here; the byte-level LMs (token inputs) get the same checks in tests/hasb/test_lm.py
 @pytest.mark.parametrize("name", sorted(n for n in MODELS if not n.startswith("lm_")))
 def test_zoo_forward_backward_every_bit(name):
     torch.manual_seed(0)

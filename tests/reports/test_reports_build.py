@@ -35,7 +35,7 @@ pytest.importorskip("ipykernel")
 from reports import build as rbuild  # noqa: E402
 from reports.artifacts import MissingArtifact, Run  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_tool(name: str):
@@ -118,7 +118,7 @@ def write_sensitivity(run: Path, model: str = MODEL, seed: int = 0) -> dict:
         "negative_traces": [r["layer"] for r in rows if r["trace"] < 0],
         "eigenvalues": [52.0, 47.5, 44.1, 30.2, 12.0],
         "density": {"grid": grid.tolist(), "density": dens.tolist()},
-        "meta": {"fixture": "tests/test_reports_build.py (contract-format, analysis CLI not yet available)"},
+        "meta": {"fixture": "tests/reports/test_reports_build.py (contract-format, analysis CLI not yet available)"},
     }
     hasb.atomic_write_text(run / "sensitivity.json", json.dumps(sens))
     hasb.atomic_write_text(run / "sensitivity.csv", pd.DataFrame(rows).to_csv(index=False))

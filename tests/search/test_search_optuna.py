@@ -17,7 +17,7 @@ from search.optuna_search import make_storage, params_of, run_study, study_trial
 from tests.support.fakes import synthetic_accuracy, synthetic_space
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _setup(seed=0):

@@ -17,7 +17,7 @@ from search import export as sx
 from search.pareto import hypervolume, main, pareto_mask
 from tests.support.fakes import make_fake_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--trials", "5", "--val-limit", "200", "--test-limit", "300", "--calib-size", "256", "--sweep", "8", "--quiet"]
 
 
