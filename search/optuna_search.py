@@ -273,18 +273,33 @@ def run_study(
 
 def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Sequence[int]], creator: bool) -> None:
     """Seeds once per study; failed trials (interrupted or killed) re-enqueued so none is lost."""
+    seed_now = creator or not _seeded_by_creator(study)
     trials = study.get_trials(deepcopy=False)
     live = {_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
     todo: list[dict] = []
-    if creator or not study.user_attrs.get("seeded"):
+    if seed_now:
         todo += [params_of(space, s) for s in seeds]
     todo += [dict(t.params) for t in trials if t.state == TrialState.FAIL and t.params]
     for p in todo:
         if _key(p) not in live:
             study.enqueue_trial(p, skip_if_exists=False)
             live.add(_key(p))
-    if creator or not study.user_attrs.get("seeded"):
+    if seed_now:
         study.set_user_attr("seeded", True)
+
+
+def _seeded_by_creator(study: optuna.Study, wait_s: float = 60.0) -> bool:
+    """True once the study's creator has enqueued the seeds (it marks the study last).
+
+    A worker that joins while the creator is still enqueueing waits for the mark instead of seeding a second
+    time; only when the mark never comes (the creator died before seeding) does it seed the study itself.
+    """
+    deadline = time.monotonic() + wait_s
+    while not study.user_attrs.get("seeded"):  # read from the storage on each access
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _objective(

@@ -186,3 +186,19 @@ def test_two_workers_share_one_postgres_study(postgres, tmp_path):
     enq = [t for t in study.get_trials() if t.system_attrs.get("fixed_params")]
     assert len(enq) == len(seeds)  # seeded once, by the worker that created the study
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_a_joining_worker_waits_for_the_creators_seeds_instead_of_seeding_twice():
+    """The race behind duplicated seeds: a worker that loads the study while its creator is still enqueueing."""
+    import threading
+
+    from search.optuna_search import _seeded_by_creator
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert not _seeded_by_creator(study, wait_s=0.3)  # the creator never marked it: the joiner must seed
+    timer = threading.Timer(0.3, study.set_user_attr, args=("seeded", True))
+    timer.start()
+    try:
+        assert _seeded_by_creator(study, wait_s=10)  # marked while waiting: the joiner does not seed
+    finally:
+        timer.cancel()
