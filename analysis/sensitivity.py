@@ -746,7 +746,7 @@ def load_model(name: str, checkpoint: Path | None, obj: dict | None, splits, see
         torch.manual_seed(seed)
         return build_model(name, **dims)
     if obj.get("format") == FORMAT:
-        return load_quantized(checkpoint)[0]
+        return load_quantized(checkpoint, trusted_model=name)[0]
     state = obj
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), dict):

@@ -168,20 +168,35 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
     link_batchnorms(model)
 
 
-def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild (zoo or ``pkg.mod:callable`` models) or fill ``model`` from an export; returns (model, extra).
+def build_recorded(build: dict, path: str | Path, trusted_model: str | None = None) -> nn.Module:
+    """The architecture a file records. A file never chooses code to import: a ``package.module:callable``
+    model is built only when the user named the same model (``trusted_model``, the CLIs' ``--model``)."""
+    if not isinstance(build, dict) or not build.get("name"):
+        raise CheckpointError(f"{path} does not record how to build its model; pass model=")
+    name = str(build["name"])
+    if ":" in name and name != trusted_model:
+        raise CheckpointError(
+            f"{path} was built by user code {name!r}; hasb imports code only when you name it: "
+            f"pass --model {name} (trusted_model= in Python)"
+        )
+    try:
+        return build_model(**build)
+    except TypeError as e:
+        raise CheckpointError(f"{path} records a model build hasb cannot use ({e})") from None
 
-    The model is left in eval mode at the config it was saved with.
+
+def load_quantized(
+    path: str | Path, model: nn.Module | None = None, *, trusted_model: str | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild (zoo models; ``pkg.mod:callable`` only when ``trusted_model`` names it) or fill ``model`` from an
+    export; returns (model, extra). The model is left in eval mode at the config it was saved with.
     """
     obj = read_checkpoint(path)
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a hasb export (format={obj.get('format')!r}, expected {FORMAT!r})")
     spec = QuantSpec.from_dict(json.loads(obj["spec"]))
     if model is None:
-        build = json.loads(obj["build"])
-        if not build:
-            raise CheckpointError(f"{path} does not record how to build its model; pass model=")
-        model = build_model(**build)
+        model = build_recorded(json.loads(obj["build"]), path, trusted_model)
     if getattr(model, "hasb_spec", None) is None:
         fixed = list(spec.fixed) if spec.fixed else "none"
         quantize_model(model, spec.bits, fixed=fixed, fixed_bits=bit_str(spec.fixed_bit), rounding=spec.rounding)
@@ -306,7 +321,7 @@ def _deployed_layer(float_layer: nn.Module, e: dict) -> nn.Module:
     return new
 
 
-def load_deployment(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_deployment(path: str | Path, model: nn.Module | None = None, *, trusted_model: str | None = None) -> nn.Module:
     """A plain torch module (eval mode) computing what ``export_deployment`` exported: no bit switching.
 
     The architecture is rebuilt from the file's ``build`` (a zoo model; ``model=`` gives a float model of the
@@ -323,10 +338,7 @@ def load_deployment(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         if key not in obj:
             raise CheckpointError(f"{path} misses {key!r} (written by an older hasb; re-run the search to export)")
     if model is None:
-        build = json.loads(obj["build"])
-        if not build:
-            raise CheckpointError(f"{path} does not record how to build its model; pass model=")
-        model = build_model(**build)
+        model = build_recorded(json.loads(obj["build"]), path, trusted_model)
     for name, e in obj["layers"].items():
         _set_module(model, name, _deployed_layer(model.get_submodule(name), e))
     for name, st in obj["batchnorm"].items():

@@ -156,9 +156,10 @@ def _resolve_model_pt(path: str | Path) -> Path:
     return p / "model.pt" if p.is_dir() else p
 
 
-def load_supernet(path: str | Path) -> nn.Module:
-    """The trained model from ``DIR/model.pt`` (or a directory containing it), in eval mode."""
-    model, _ = load_quantized(_resolve_model_pt(path))
+def load_supernet(path: str | Path, trusted_model: str | None = None) -> nn.Module:
+    """The trained model from ``DIR/model.pt`` (or a directory containing it), in eval mode (user-code models
+    only when ``trusted_model`` names them: see hasb.export.build_recorded)."""
+    model, _ = load_quantized(_resolve_model_pt(path), trusted_model=trusted_model)
     return model.eval()
 
 
@@ -237,7 +238,7 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
     # supernet
     if not cfg.init:
         raise TrainError("the supernet stage needs --init PATH (the multi-precision run's model.pt or its directory)")
-    model, extra = load_quantized(_resolve_model_pt(cfg.init))
+    model, extra = load_quantized(_resolve_model_pt(cfg.init), trusted_model=cfg.model)
     spec = get_spec(model)
     if extra.get("stage") not in (None, "multi", "supernet"):
         raise TrainError(f"--init {cfg.init} is not a training output (stage={extra.get('stage')!r})")

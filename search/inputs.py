@@ -127,7 +127,7 @@ def checkpoint_inputs(
     training data.
     """
     ck = checkpoint_file(checkpoint)
-    net, extra = load_quantized(ck)
+    net, extra = load_quantized(ck, trusted_model=model)
     name = (getattr(net, "hasb_build", None) or {}).get("name", "?")
     if model is not None and model != name:
         raise InputError(f"checkpoint {ck} is a {name!r} model, not --model {model!r}")
