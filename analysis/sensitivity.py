@@ -44,7 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,6 @@ from hasb.cli import (
 )
 from hasb.config import BitConfig
 from hasb.data import load_dataset
-from hasb.errors import HasbError
 from hasb.export import FORMAT, CheckpointError, load_quantized, read_checkpoint
 from hasb.models import build_model
 from hasb.plots import plot_traces, save_figure
@@ -542,19 +541,6 @@ MANIFEST = "sensitivity.manifest.json"  # written last: sha256 of each output; t
 EXPORT_KEYS = ("spec", "build", "config", "layers", "rest")
 
 
-def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse ``type=`` that keeps a HasbError's own message (argparse hides a plain ValueError's)."""
-
-    def conv(text: str) -> Any:
-        try:
-            return fn(text)
-        except HasbError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    conv.__name__ = getattr(fn, "__name__", "value")
-    return conv
-
-
 @dataclass
 class SensitivityCLIConfig:
     """``python -m analysis.sensitivity``: each option declared once (hasb.cli.option) with its help."""
@@ -589,7 +575,7 @@ class SensitivityCLIConfig:
     )
     bits: list | None = option(
         None,
-        parse=_argtype(parse_bits),
+        parse=parse_bits,
         help="candidate bits for Ω, e.g. 8,6,4,2 (default: the checkpoint's candidates, else 8,6,4,2)",
     )
     batches: int = option(4, help="number of batches")
@@ -894,10 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    cfg = config_from_args(SensitivityCLIConfig, ns)
     started = _init_distributed()
     try:
-        return run_cli(lambda: run_sensitivity(cfg))
+        return run_cli(lambda: run_sensitivity(config_from_args(SensitivityCLIConfig, ns)))
     finally:
         if started:
             dist.destroy_process_group()

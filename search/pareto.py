@@ -67,8 +67,7 @@ def _run(cfg: SearchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = config_from_argv(argv)
-    return run_cli(lambda: _run(cfg))
+    return run_cli(lambda: _run(config_from_argv(argv)))
 
 
 __all__ = [
