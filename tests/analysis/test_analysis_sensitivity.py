@@ -297,7 +297,7 @@ def _calib_batches(n: int = 64):
 def test_cli_measures_a_trained_network_of_an_export(trained_export, tmp_path, capsys):
     """Default: the quantized model at its top bit; --at fp: the float twin. Both equal direct computations."""
     path, _ = trained_export
-    q = load_quantized(path)[0]  # the network in the file (its latent weights are re-derived integers)
+    q = load_quantized(path, trusted_model=TINY_RESNET20)[0]  # the network in the file (re-derived integers)
     settings = dict(estimator="full", max_hvp=6, rtol=0.0, seed=0, backend="double_backward")
     base = [
         "--model",
