@@ -344,6 +344,49 @@ def _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk):
     return contrib, var, K
 
 
+def _check_exact_args(batches: list, chunk: int, classes: int | None) -> None:
+    """ExactTraceError unless there is a batch, ``chunk`` is an int ≥ 1 and ``classes`` is None or an int ≥ 2."""
+    if not batches:
+        raise ExactTraceError("no batches given: the traces need at least one (x, y) batch")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ExactTraceError(f"chunk must be an int ≥ 1 (backward passes per vmap call); got {chunk!r}")
+    if classes is not None and (not isinstance(classes, int) or classes < 2):
+        raise ExactTraceError(
+            f"classes must be None (all columns) or an int ≥ 2 (sampled, with an SE); got {classes!r}"
+        )
+
+
+def _sum_batches(model, names, primals, batches, classes, gen, chunk):
+    """Sums over ``batches`` (model already in eval mode): (Σ contributions [L] float64, Σ variance/K [L],
+    samples N, backward passes, whether any batch sampled columns, columns per sample K of the last batch)."""
+    L = len(names)
+    dev = primals[0].device
+    total, var_sum = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    n = n_vjp = 0
+    sampled = False
+    for x, y in batches:
+        x = x.to(dev)
+        probs, seq = _probs(model, x)
+        k = classes if classes is not None and classes < probs.shape[1] * probs.shape[2] else None
+        contrib, var, K = _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk)
+        total += contrib.sum(0)
+        if var is not None:
+            var_sum += var.sum(0) / K
+            sampled = True
+        n += len(y)
+        n_vjp += K * x.shape[0]
+    return total, var_sum, n, n_vjp, sampled, K
+
+
+def _finite_mean(total: torch.Tensor, n: int, names: list[str]) -> np.ndarray:
+    """Per-layer trace total / n [L] as numpy; ExactTraceError naming the layers whose trace is not finite."""
+    trace = (total / n).numpy()
+    if not np.isfinite(trace).all():
+        bad = [nm for nm, t in zip(names, trace, strict=True) if not np.isfinite(t)]
+        raise ExactTraceError(f"non-finite traces for {bad}: the model's outputs or weights are not finite")
+    return trace
+
+
 def exact_layer_traces(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -369,42 +412,17 @@ def exact_layer_traces(
         :class:`ExactTraceResult`: trace (per layer, loss units per weight²), stderr, hessian_exact, reasons.
     """
     batches = list(batches)
-    if not batches:
-        raise ExactTraceError("no batches given: the traces need at least one (x, y) batch")
-    if not (isinstance(chunk, int) and chunk >= 1):
-        raise ExactTraceError(f"chunk must be an int ≥ 1 (backward passes per vmap call); got {chunk!r}")
-    if classes is not None and (not isinstance(classes, int) or classes < 2):
-        raise ExactTraceError(
-            f"classes must be None (all columns) or an int ≥ 2 (sampled, with an SE); got {classes!r}"
-        )
+    _check_exact_args(batches, chunk, classes)
     named = resolve_params(model, params)
     if not named:
         raise ExactTraceError("the parameter subset is empty")
     names, primals = list(named), tuple(p.detach() for p in named.values())
-    dev = primals[0].device
-    gen = torch.Generator().manual_seed(seed)
-    L = len(names)
-    total, var_sum = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
-    n = n_vjp = 0
-    sampled = False
+    dev, gen, L = primals[0].device, torch.Generator().manual_seed(seed), len(names)
     with eval_mode(model):
         _probs(model, batches[0][0].to(dev))  # also hasb's lazy scale init, on batch 0 as hvp does
         per_layer = layer_exactness(model, batches[0][0][:1].to(dev), named)
-        for x, y in batches:
-            x = x.to(dev)
-            probs, seq = _probs(model, x)
-            k = classes if classes is not None and classes < probs.shape[1] * probs.shape[2] else None
-            contrib, var, K = _batch_terms(model, names, primals, x, probs, seq, k, gen, chunk)
-            total += contrib.sum(0)
-            if var is not None:
-                var_sum += var.sum(0) / K
-                sampled = True
-            n += len(y)
-            n_vjp += K * x.shape[0]
-    trace = (total / n).numpy()
-    if not np.isfinite(trace).all():
-        bad = [nm for nm, t in zip(names, trace, strict=True) if not np.isfinite(t)]
-        raise ExactTraceError(f"non-finite traces for {bad}: the model's outputs or weights are not finite")
+        total, var_sum, n, n_vjp, sampled, K = _sum_batches(model, names, primals, batches, classes, gen, chunk)
+    trace = _finite_mean(total, n, names)
     hess = np.array([not per_layer[nm] for nm in names])
     return ExactTraceResult(
         names=names,

@@ -464,6 +464,24 @@ def _table(res, spec, qlayers, bits: list[int]) -> tuple[pd.DataFrame, dict]:
     return frame, omega
 
 
+def _meta(res, op, outputs: dict, quantized_input: bool, n_total: int, n_batches: int) -> dict:
+    """The result's ``meta``: estimator, HVP count, backend (per-sample-vjp when ``op`` is None), settings, data."""
+    return {
+        "estimator": res.estimator,
+        "total_hvp": int(res.total_hvp),
+        "backend": op.backend if op is not None else "per-sample-vjp",
+        "calibration": op.calibration if op is not None else None,
+        "settings": res.settings,
+        "quantized_input": quantized_input,
+        "outputs": outputs,
+        "n_samples": n_total,
+        "n_batches": n_batches,
+        "negative_policy": "omega uses max(t, 0)",
+        "se_convention": SE_CONVENTION,
+        "torch": torch.__version__,
+    }
+
+
 def compute_sensitivity(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -503,20 +521,7 @@ def compute_sensitivity(
     check_traces(frame, c.max_hvp)
     n_total = int(op.n_total) if op is not None else int(res.n_samples)
     on = {**(measured_on or {}), "n_images": n_total, "n_batches": len(batches)}
-    meta = {
-        "estimator": res.estimator,
-        "total_hvp": int(res.total_hvp),
-        "backend": op.backend if op is not None else "per-sample-vjp",
-        "calibration": op.calibration if op is not None else None,
-        "settings": res.settings,
-        "quantized_input": qmodel is model,
-        "outputs": outputs,
-        "n_samples": n_total,
-        "n_batches": len(batches),
-        "negative_policy": "omega uses max(t, 0)",
-        "se_convention": SE_CONVENTION,
-        "torch": torch.__version__,
-    }
+    meta = _meta(res, op, outputs, qmodel is model, n_total, len(batches))
     name = model_name or (getattr(model, "hasb_build", None) or {}).get("name", type(model).__name__)
     return SensitivityResult(
         frame=frame,

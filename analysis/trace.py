@@ -333,6 +333,31 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return Q[:, keep]
 
 
+def _hutchpp_deflate(
+    op: HessianOperator, sketch: int, gen: torch.Generator, st: RunningStats, exact: np.ndarray, n_hvp: np.ndarray
+) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Hutch++ phases 1-2 for every layer: basis Q_l [n_l, r_l] float64 of the sketch H_ll S_l and the exact
+    deflated trace tr(Q_lᵀH_llQ_l); counts the HVPs in ``n_hvp`` and marks layers fully spanned as exact."""
+    L = len(op.names)
+    s = {l: min(sketch, op.numels[l]) for l in range(L)}
+    # phase 1: sketch Y_l = H_ll S_l for every layer at once
+    S = {l: rademacher((s[l], *op.shapes[l]), gen, op.dtype, op.device) for l in range(L)}
+    Y = op.block_hvp(S)
+    Q = {l: _orth(Y[l].reshape(s[l], -1).T) for l in range(L)}  # [n_l, r_l] float64
+    for l in range(L):
+        if Q[l].shape[1] < s[l] and s[l] == op.numels[l]:
+            Q[l] = torch.eye(op.numels[l], dtype=torch.float64, device=Q[l].device)  # rank-deficient block
+    # phase 2: the deflated part exactly
+    QT = {l: Q[l].T.to(op.dtype).reshape(Q[l].shape[1], *op.shapes[l]) for l in range(L)}
+    HQ = op.block_hvp(QT)
+    defl = {l: float(_dot(QT[l], HQ[l]).sum()) for l in range(L)}
+    for l in range(L):
+        n_hvp[l] += s[l] + Q[l].shape[1]
+        if Q[l].shape[1] >= op.numels[l]:
+            st.mean[l], exact[l] = defl[l], True
+    return Q, defl
+
+
 def hutchpp_layer(
     op: HessianOperator,
     *,
@@ -354,22 +379,7 @@ def hutchpp_layer(
     gen = torch.Generator().manual_seed(seed)
     L, start = len(op.names), op.n_hvp
     st, exact, n_hvp = RunningStats(L), np.zeros(L, bool), np.zeros(L, np.int64)
-    s = {l: min(sketch, op.numels[l]) for l in range(L)}
-    # phase 1: sketch Y_l = H_ll S_l for every layer at once
-    S = {l: rademacher((s[l], *op.shapes[l]), gen, op.dtype, op.device) for l in range(L)}
-    Y = op.block_hvp(S)
-    Q = {l: _orth(Y[l].reshape(s[l], -1).T) for l in range(L)}  # [n_l, r_l] float64
-    for l in range(L):
-        if Q[l].shape[1] < s[l] and s[l] == op.numels[l]:
-            Q[l] = torch.eye(op.numels[l], dtype=torch.float64, device=Q[l].device)  # rank-deficient block
-    # phase 2: the deflated part exactly
-    QT = {l: Q[l].T.to(op.dtype).reshape(Q[l].shape[1], *op.shapes[l]) for l in range(L)}
-    HQ = op.block_hvp(QT)
-    defl = {l: float(_dot(QT[l], HQ[l]).sum()) for l in range(L)}
-    for l in range(L):
-        n_hvp[l] += s[l] + Q[l].shape[1]
-        if Q[l].shape[1] >= op.numels[l]:
-            st.mean[l], exact[l] = defl[l], True
+    Q, defl = _hutchpp_deflate(op, sketch, gen, st, exact, n_hvp)
     _tick(progress, int(n_hvp.sum()))
 
     def draw(l, k):
@@ -378,40 +388,13 @@ def hutchpp_layer(
         h = h.to(op.dtype).reshape(k, *op.shapes[l])
         return h, lambda hv: defl[l] + _dot(h, hv)
 
+    run = dict(rtol=rtol, max_hvp=max_hvp, block=block, floor=floor, min_samples=min_samples)
     conv = _adaptive_restricted(
-        op,
-        st,
-        exact,
-        n_hvp,
-        draw,
-        rtol=rtol,
-        max_hvp=max_hvp,
-        block=block,
-        floor=floor,
-        min_samples=min_samples,
-        start=start,
-        exact_switch=exact_switch,
-        progress=progress,
+        op, st, exact, n_hvp, draw, start=start, exact_switch=exact_switch, progress=progress, **run
     )
-    return _result(
-        op,
-        st,
-        exact,
-        conv,
-        n_hvp,
-        "hutchpp",
-        start,
-        dict(
-            rtol=rtol,
-            max_hvp=max_hvp,
-            block=block,
-            seed=seed,
-            floor=floor,
-            min_samples=min_samples,
-            sketch=sketch,
-            exact_switch=exact_switch,
-        ),
-    )
+    settings = dict(rtol=rtol, max_hvp=max_hvp, block=block, seed=seed, floor=floor, min_samples=min_samples)
+    settings.update(sketch=sketch, exact_switch=exact_switch)
+    return _result(op, st, exact, conv, n_hvp, "hutchpp", start, settings)
 
 
 def estimate_traces(op: HessianOperator, estimator: str = DEFAULT_ESTIMATOR, **kw) -> TraceResult:
@@ -466,6 +449,26 @@ def _activation_graphs(model: torch.nn.Module, local, layers: Sequence[str], los
     return graphs, numel
 
 
+def _global_samples(local, on: bool) -> float:
+    """Number of samples in ``local`` batches, summed over all ranks when torch.distributed is on."""
+    n_total_t = torch.tensor([float(sum(len(y) for _, y in local))], dtype=torch.float64)
+    if on:
+        dist.all_reduce(n_total_t)
+    return float(n_total_t.item())
+
+
+def _probe_sums(graphs: list, active: list[int], k: int, gen: torch.Generator) -> torch.Tensor:
+    """One probe round: Σ_b n_b·vᵀ(∇²_ε L_b)v for k Rademacher probes per active layer, [len(active), k] float64."""
+    sums = torch.zeros(len(active), k, dtype=torch.float64)
+    for eps, g, w in graphs:
+        for a, l in enumerate(active):
+            v = rademacher((k, *eps[l].shape), gen, eps[l].dtype, eps[l].device)
+            for j in range(k):
+                (hv,) = torch.autograd.grad(g[l], eps[l], grad_outputs=v[j], retain_graph=True)
+                sums[a, j] += w * float((v[j].double() * hv.double()).sum())
+    return sums
+
+
 def activation_traces(
     model: torch.nn.Module,
     batches,
@@ -494,10 +497,7 @@ def activation_traces(
     batches = list(batches)
     on = _dist_on()
     local = batches[dist.get_rank() :: dist.get_world_size()] if on else batches
-    n_total_t = torch.tensor([float(sum(len(y) for _, y in local))], dtype=torch.float64)
-    if on:
-        dist.all_reduce(n_total_t)
-    n_total = float(n_total_t.item())
+    n_total = _global_samples(local, on)
     graphs, numel = _activation_graphs(model, local, layers, loss_fn)
     L = len(layers)
     gen = torch.Generator().manual_seed(seed + 1000003 * (dist.get_rank() if on else 0))
@@ -506,13 +506,7 @@ def activation_traces(
     while not conv.all() and n_round.max() < max_probes:
         active = [int(i) for i in np.flatnonzero(~conv)]
         k = max(1, min(block, max_probes - int(n_round.max())))
-        sums = torch.zeros(len(active), k, dtype=torch.float64)
-        for eps, g, w in graphs:
-            for a, l in enumerate(active):
-                v = rademacher((k, *eps[l].shape), gen, eps[l].dtype, eps[l].device)
-                for j in range(k):
-                    (hv,) = torch.autograd.grad(g[l], eps[l], grad_outputs=v[j], retain_graph=True)
-                    sums[a, j] += w * float((v[j].double() * hv.double()).sum())
+        sums = _probe_sums(graphs, active, k, gen)
         if on:
             _all_reduce_([sums])
         for a, l in enumerate(active):

@@ -94,6 +94,53 @@ def _example(model: nn.Module, example_input):
     return torch.randn(2, *shape, device=p.device, dtype=p.dtype)
 
 
+def _layer_order(calls: list[tuple[str, nn.Module]]) -> list[str]:
+    """Paths of the Conv2d/Linear layers in first-call order (a shared module called twice counts once)."""
+    layer_order = [n for n, m in calls if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layer_order = list(dict.fromkeys(layer_order))
+    if not layer_order:
+        raise ValueError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
+    return layer_order
+
+
+def _swap_layers(
+    model: nn.Module,
+    layer_order: list[str],
+    fixed_set: set[str],
+    bit_list: tuple[int, ...],
+    rounding: str,
+    act_signed: bool | None,
+    fbit: Bit,
+) -> None:
+    """Replace each Conv2d/Linear of ``layer_order`` in place by its QConv2d/QLinear twin (same training mode)."""
+    for name in layer_order:
+        m = model.get_submodule(name)
+        is_fixed = name in fixed_set
+        if isinstance(m, nn.Conv2d):
+            q = QConv2d.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
+        else:
+            q = QLinear.from_float(cast(nn.Linear, m), bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
+        _set_submodule(model, name, q.train(m.training))
+
+
+def _swap_batchnorms(
+    model: nn.Module, calls: list[tuple[str, nn.Module]], bit_list: tuple[int, ...], fbit: Bit
+) -> dict[str, list[str]]:
+    """Replace each BatchNorm by a SwitchBatchNorm (one BN per bit, + fp and the fixed bit); return bn -> producers.
+
+    Each BatchNorm is fed by the quantized layer executed just before it.
+    """
+    producers = _bn_producers(calls)
+    keys = [str(b) for b in bit_list] + [FP]
+    if fbit is not None and str(fbit) not in keys:
+        keys.append(str(fbit))
+    for n in producers:
+        old = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(n))
+        sbn = SwitchBatchNorm(old, keys).train(old.training)
+        _set_submodule(model, n, sbn)
+    return producers
+
+
 def quantize_model(
     model: nn.Module,
     bits: Sequence[int] = DEFAULT_BITS,
@@ -127,30 +174,10 @@ def quantize_model(
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
     calls = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
-    layer_order = [n for n, m in calls if isinstance(m, (nn.Conv2d, nn.Linear))]
-    layer_order = list(dict.fromkeys(layer_order))  # a shared module called twice counts once
-    if not layer_order:
-        raise ValueError("model has no Conv2d or Linear layer reached by the example input: nothing to quantize")
-
+    layer_order = _layer_order(calls)
     fixed_set = _fixed_layers(fixed, layer_order)
-    for name in layer_order:
-        m = model.get_submodule(name)
-        is_fixed = name in fixed_set
-        if isinstance(m, nn.Conv2d):
-            q = QConv2d.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
-        else:
-            q = QLinear.from_float(cast(nn.Linear, m), bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
-        _set_submodule(model, name, q.train(m.training))
-
-    # BatchNorm: one per bit (+ fp), each fed by the quantized layer executed just before it
-    producers = _bn_producers(calls)
-    keys = [str(b) for b in bit_list] + [FP]
-    if fbit is not None and str(fbit) not in keys:
-        keys.append(str(fbit))
-    for n in producers:
-        old = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(n))
-        sbn = SwitchBatchNorm(old, keys).train(old.training)
-        _set_submodule(model, n, sbn)
+    _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit)
+    producers = _swap_batchnorms(model, calls, bit_list, fbit)
     spec = QuantSpec(
         bits=bit_list,
         fixed=tuple(n for n in layer_order if n in fixed_set),

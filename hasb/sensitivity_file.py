@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import HasbError
 
@@ -53,9 +54,28 @@ def load_sensitivity(path: str | Path) -> dict:
 def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
     """Raise SensitivityError naming the first violation of the format."""
 
-    def bad(msg):
+    def bad(msg: str) -> NoReturn:
         raise SensitivityError(f"{where}: {msg}")
 
+    _check_top_level(d, bad)
+    names = _check_layers(d["layers"], bad)
+    _check_omega(d, bad)
+    unknown = [n for n in d["negative_traces"] if n not in names]
+    if unknown:
+        bad(f"negative_traces names unknown layers {unknown[:3]}")
+    if "density" in d and d["density"] is not None:
+        den = d["density"]
+        if not (
+            isinstance(den, dict)
+            and isinstance(den.get("grid"), list)
+            and isinstance(den.get("density"), list)
+            and len(den["grid"]) == len(den["density"])
+        ):
+            bad("density must be {'grid': [...], 'density': [...]} of equal length")
+
+
+def _check_top_level(d: dict, bad: Callable[[str], NoReturn]) -> None:
+    """Check the object, its version, the types of the top-level keys and that ``bits`` are integers."""
     if not isinstance(d, dict):
         bad("top level must be a JSON object")
     if d.get("version") != VERSION:
@@ -73,8 +93,12 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
     bits = d["bits"]
     if not bits or any(not isinstance(b, int) or isinstance(b, bool) for b in bits):
         bad(f"'bits' must be a non-empty list of integers, got {bits!r}")
+
+
+def _check_layers(layers: list, bad: Callable[[str], NoReturn]) -> list[str]:
+    """Check every layer row (keys, finite numbers, boolean ``searchable``); return the layer names in order."""
     names = []
-    for i, row in enumerate(d["layers"]):
+    for i, row in enumerate(layers):
         if not isinstance(row, dict):
             bad(f"layers[{i}] is not an object")
         miss = [k for k in LAYER_KEYS if k not in row]
@@ -88,6 +112,12 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
         if not isinstance(row["searchable"], bool):
             bad(f"layers[{i}] ({row['layer']}): searchable must be true/false")
         names.append(row["layer"])
+    return names
+
+
+def _check_omega(d: dict, bad: Callable[[str], NoReturn]) -> None:
+    """Check that ``omega`` maps exactly the searchable layers, each to a finite number per candidate bit."""
+    bits = d["bits"]
     searchable = {r["layer"] for r in d["layers"] if r["searchable"]}
     if set(d["omega"]) != searchable:
         bad(
@@ -99,18 +129,6 @@ def validate_sensitivity(d: dict, where: str = "sensitivity") -> None:
             bad(f"omega[{n!r}] must map every bit of {bits} (as strings) to a number")
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in om.values()):
             bad(f"omega[{n!r}] has a non-finite value")
-    unknown = [n for n in d["negative_traces"] if n not in names]
-    if unknown:
-        bad(f"negative_traces names unknown layers {unknown[:3]}")
-    if "density" in d and d["density"] is not None:
-        den = d["density"]
-        if not (
-            isinstance(den, dict)
-            and isinstance(den.get("grid"), list)
-            and isinstance(den.get("density"), list)
-            and len(den["grid"]) == len(den["density"])
-        ):
-            bad("density must be {'grid': [...], 'density': [...]} of equal length")
 
 
 def traces_for_model(

@@ -104,23 +104,26 @@ def _need(cond: bool, msg: str) -> None:
         raise ExportError(f"invalid {SCHEMA} document: {msg}")
 
 
+_REQUIRED_KEYS = (
+    "schema",
+    "schema_version",
+    "model",
+    "bits",
+    "config",
+    "fixed_layers",
+    "hawq_bit_config",
+    "metrics",
+    "budget",
+    "budget_binds",
+    "source",
+    "provenance",
+)
+
+
 def validate(doc: Any) -> None:
     """Hand-written schema check; raises ExportError naming the first problem."""
     _need(isinstance(doc, Mapping), "top level must be an object")
-    for k in (
-        "schema",
-        "schema_version",
-        "model",
-        "bits",
-        "config",
-        "fixed_layers",
-        "hawq_bit_config",
-        "metrics",
-        "budget",
-        "budget_binds",
-        "source",
-        "provenance",
-    ):
+    for k in _REQUIRED_KEYS:
         _need(k in doc, f"missing key {k!r}")
     _need(doc["schema"] == SCHEMA, f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
     _need(
@@ -135,6 +138,23 @@ def validate(doc: Any) -> None:
         and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16 for b in bits),
         "bits must be a non-empty list of ints 1..16",
     )
+    _validate_layers(doc, bits)
+    _validate_metrics(doc["metrics"])
+    _validate_budget(doc["budget"])
+    _need(isinstance(doc["budget_binds"], bool), "budget_binds must be true/false")
+    _need(doc["source"] in SOURCES, f"source must be one of {SOURCES}")
+    prov = doc["provenance"]
+    _need(isinstance(prov, Mapping), "provenance must be an object")
+    for k in ("sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command"):
+        _need(k in prov, f"provenance misses {k!r}")
+    ic = doc.get("integer_checkpoint")
+    _need(ic is None or (isinstance(ic, str) and ic), "integer_checkpoint must be a path string or null")
+    if "scores" in doc:
+        _validate_scores(doc["scores"])
+
+
+def _validate_layers(doc: Mapping, bits: list) -> None:
+    """The searched config (each layer's bits among ``bits``), the fixed layers apart from it, HAWQ's dict."""
     try:
         cfg = BitConfig.from_dict(doc["config"])
     except ConfigError as e:
@@ -154,14 +174,20 @@ def validate(doc: Any) -> None:
         ),
         "hawq_bit_config must be null or an object of quantizer name -> int bits",
     )
-    m = doc["metrics"]
+
+
+def _validate_metrics(m: Any) -> None:
+    """Every METRIC_KEYS entry finite; bitops and size positive, gbitops = bitops / 1e9, accuracy in [0, 1]."""
     _need(isinstance(m, Mapping), "metrics must be an object")
     for k in METRIC_KEYS:
         _need(k in m and isinstance(m[k], (int, float)) and math.isfinite(m[k]), f"metrics.{k} must be a finite number")
     _need(m["bitops"] > 0 and m["size_bytes"] > 0, "metrics.bitops and size_bytes must be positive")
     _need(abs(m["gbitops"] * 1e9 - m["bitops"]) <= 1e-6 * m["bitops"], "metrics.gbitops != bitops / 1e9")
     _need(0.0 <= m["accuracy"] <= 1.0, "metrics.accuracy must be in [0, 1]")
-    buds = doc["budget"]
+
+
+def _validate_budget(buds: Any) -> None:
+    """A non-empty list of budgets, each of a known kind with a positive finite value."""
     _need(isinstance(buds, list) and len(buds) > 0, "budget must be a non-empty list")
     for b in buds:
         _need(isinstance(b, Mapping) and b.get("kind") in BUDGET_KINDS, f"budget kind must be one of {BUDGET_KINDS}")
@@ -169,16 +195,6 @@ def validate(doc: Any) -> None:
             isinstance(b.get("value"), (int, float)) and math.isfinite(b["value"]) and b["value"] > 0,
             "budget value must be a positive number",
         )
-    _need(isinstance(doc["budget_binds"], bool), "budget_binds must be true/false")
-    _need(doc["source"] in SOURCES, f"source must be one of {SOURCES}")
-    prov = doc["provenance"]
-    _need(isinstance(prov, Mapping), "provenance must be an object")
-    for k in ("sensitivity_fingerprint", "checkpoint_sha256", "hasb_version", "command"):
-        _need(k in prov, f"provenance misses {k!r}")
-    ic = doc.get("integer_checkpoint")
-    _need(ic is None or (isinstance(ic, str) and ic), "integer_checkpoint must be a path string or null")
-    if "scores" in doc:
-        _validate_scores(doc["scores"])
 
 
 def _validate_scores(scores: Any) -> None:

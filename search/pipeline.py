@@ -466,6 +466,29 @@ def write_document(
     return sx.write(doc, folder / "config.json")
 
 
+def _budget_binds(space, budgets) -> bool:
+    """Whether some budget binds: an equality, or a limit below the largest value of its metric in ``space``."""
+    return any(
+        space.metric_range(c.metric)[1] > c.limit * (1 + 1e-12) or c.equality
+        for c in (ilp.constraint_from_budget(b) for b in budgets)
+    )
+
+
+def _chosen_summary(best, scores: dict) -> dict:
+    """The summary's ``chosen`` entry: the pick's id, config, source, costs, validation and test scores."""
+    return {
+        "config_id": best.config_id,
+        "config": best.config,
+        "source": best.source,
+        **{
+            k: float(best[k])
+            for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "accuracy_se", "loss")
+        },
+        "test_accuracy": scores["test"]["accuracy"],
+        "test_se": scores["test"]["se"],
+    }
+
+
 def write_outputs(
     cfg: SearchConfig,
     inputs: Inputs,
@@ -483,10 +506,7 @@ def write_outputs(
     out = Path(cfg.out)
     folder = out / so.budget_dir_name(budgets)
     folder.mkdir(parents=True, exist_ok=True)
-    binds = any(
-        space.metric_range(c.metric)[1] > c.limit * (1 + 1e-12) or c.equality
-        for c in (ilp.constraint_from_budget(b) for b in budgets)
-    )
+    binds = _budget_binds(space, budgets)
     uniq["chosen"] = uniq.digest == best.digest
     with ev.calibrated(chosen) as scored:  # the BN statistics the score used, not the stored ones
         deploy = sx.export_integer(
@@ -508,17 +528,7 @@ def write_outputs(
         "budget_binds": binds,
         "folder": str(folder),
         "folder_name": folder.name,
-        "chosen": {
-            "config_id": best.config_id,
-            "config": best.config,
-            "source": best.source,
-            **{
-                k: float(best[k])
-                for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "accuracy_se", "loss")
-            },
-            "test_accuracy": scores["test"]["accuracy"],
-            "test_se": scores["test"]["se"],
-        },
+        "chosen": _chosen_summary(best, scores),
         "scores": scores,
         "bn": bn_text(scores["bn"]),
         "monotone": so.monotone_note(uniq, folder.name),

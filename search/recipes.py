@@ -138,6 +138,26 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     return res.to_json(out / "sensitivity.json")
 
 
+def _stage_sensitivity(
+    sensitivity: str | Path | Callable | None,
+    multi_pt: Path,
+    out: Path,
+    overwrite: bool,
+    splits_kw: dict,
+    max_hvp: int,
+    device: str,
+) -> Path | None:
+    """The sensitivity.json for the supernet stage: the given file, the callable's, a finished one in ``out``
+    (unless ``overwrite``), or one computed by :func:`sensitivity_for`."""
+    if callable(sensitivity):
+        return Path(sensitivity(multi_pt))
+    if sensitivity is not None:
+        return Path(sensitivity)
+    if (out / "sensitivity.json").is_file() and not overwrite:
+        return out / "sensitivity.json"
+    return sensitivity_for(multi_pt, out, splits_kw, max_hvp=max_hvp, device=device)
+
+
 def run_recipe(
     make_cfg: Callable[..., TrainConfig],
     out_dir: str | Path,
@@ -172,44 +192,18 @@ def run_recipe(
         train(cfg)
     t["multi"] = time.time() - t0
     t0 = time.time()
-    sens: Path | None
-    if callable(sensitivity):
-        sens = Path(sensitivity(multi_dir / "model.pt"))
-    elif sensitivity is not None:
-        sens = Path(sensitivity)
-    elif (out / "sensitivity.json").is_file() and not overwrite:
-        sens = out / "sensitivity.json"
-    else:
-        sens = sensitivity_for(
-            multi_dir / "model.pt",
-            out,
-            sensitivity_splits,
-            max_hvp=max_hvp,
-            device="cpu" if cfg.device == "auto" else cfg.device,
-        )
+    device = "cpu" if cfg.device == "auto" else cfg.device
+    sens = _stage_sensitivity(sensitivity, multi_dir / "model.pt", out, overwrite, sensitivity_splits, max_hvp, device)
     t["sensitivity"] = time.time() - t0
     sampler = "hasb" if sens is not None else "uniform"
     t0 = time.time()
-    cfg = make_cfg(
-        "supernet",
-        str(sup_dir),
-        init=str(multi_dir / "model.pt"),
-        sampler=sampler,
-        sensitivity=str(sens) if sens else None,
-        progress=progress,
-        overwrite=True,
-        **kw,
-    )
+    sup_kw = dict(init=str(multi_dir / "model.pt"), sampler=sampler, sensitivity=str(sens) if sens else None)
+    cfg = make_cfg("supernet", str(sup_dir), **sup_kw, progress=progress, overwrite=True, **kw)
     if overwrite or not _done(sup_dir, cfg):
         train(cfg)
     t["supernet"] = time.time() - t0
-    return {
-        "multi": multi_dir / "model.pt",
-        "supernet": sup_dir / "model.pt",
-        "sensitivity": sens,
-        "sampler": sampler,
-        "seconds": t,
-    }
+    paths = {"multi": multi_dir / "model.pt", "supernet": sup_dir / "model.pt"}
+    return {**paths, "sensitivity": sens, "sampler": sampler, "seconds": t}
 
 
 def demo_recipe(

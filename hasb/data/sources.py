@@ -108,19 +108,10 @@ def _channel_stats(x: np.ndarray, given: Sequence[float] | None, what: str, c: i
     return np.broadcast_to(v, (c,))
 
 
-def imagefolder_source(
-    path: str, size: int = 32, mean=None, std=None, val_frac: float = 0.1, test_frac: float = 0.1
-) -> TensorSource:
-    """``imagefolder:DIR``: one sub-folder per class, decoded with Pillow, resized to ``size``×``size``.
-
-    Split per class by a stable hash of each file's path (no seed: the test images never move); grayscale when
-    every image is, RGB otherwise.  Normalised per channel with ``mean``/``std`` when given, else with those of
-    the training split.
-    """
+def _all_gray(per_class: dict[str, list[Path]]) -> bool:
+    """Whether every image is single-channel (Pillow modes 1, L, I, I;16, F); DataError on an unreadable file."""
     from PIL import Image
 
-    root = Path(path)
-    per_class = _class_files(root)
     gray = True
     for files in per_class.values():
         for f in files:
@@ -129,7 +120,13 @@ def imagefolder_source(
                     gray &= im.mode in ("1", "L", "I", "I;16", "F")
             except OSError as e:
                 raise DataError(f"imagefolder: cannot read image {f} ({e}); accepted: images Pillow can read") from None
-    mode = "L" if gray else "RGB"
+    return gray
+
+
+def _split_arrays(
+    per_class: dict[str, list[Path]], root: Path, size: int, mode: str, val_frac: float, test_frac: float, path: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Split name -> (images (N, C, size, size) float, labels (N,) int64); labels number the classes in order."""
     parts: dict[str, tuple[list, list]] = {k: ([], []) for k in ("train", "val", "test")}
     for label, files in enumerate(per_class.values()):
         for split, fs in _assign(files, root, val_frac, test_frac).items():
@@ -139,7 +136,22 @@ def imagefolder_source(
         raise DataError(
             f"imagefolder:{path}: too few images to hold out val and test; need at least 3 images in some class"
         )
-    arr = {k: (np.stack(v[0]), np.asarray(v[1], dtype=np.int64)) for k, v in parts.items()}
+    return {k: (np.stack(v[0]), np.asarray(v[1], dtype=np.int64)) for k, v in parts.items()}
+
+
+def imagefolder_source(
+    path: str, size: int = 32, mean=None, std=None, val_frac: float = 0.1, test_frac: float = 0.1
+) -> TensorSource:
+    """``imagefolder:DIR``: one sub-folder per class, decoded with Pillow, resized to ``size``×``size``.
+
+    Split per class by a stable hash of each file's path (no seed: the test images never move); grayscale when
+    every image is, RGB otherwise.  Normalised per channel with ``mean``/``std`` when given, else with those of
+    the training split.
+    """
+    root = Path(path)
+    per_class = _class_files(root)
+    mode = "L" if _all_gray(per_class) else "RGB"
+    arr = _split_arrays(per_class, root, size, mode, val_frac, test_frac, path)
     c = arr["train"][0].shape[1]
     m, s = _channel_stats(arr["train"][0], mean, "mean", c), _channel_stats(arr["train"][0], std, "std", c)
     if (s <= 0).any():
@@ -160,18 +172,9 @@ def imagefolder_source(
         },
         "split": f"per class by sha256 of the relative path: test {test_frac}, val {val_frac}",
     }
-    return TensorSource(
-        f"imagefolder:{path}",
-        {
-            "x": norm["train"],
-            "y": arr["train"][1],
-            "x_val": norm["val"],
-            "y_val": arr["val"][1],
-            "x_test": norm["test"],
-            "y_test": arr["test"][1],
-        },
-        info,
-    )
+    splits = {"x": norm["train"], "y": arr["train"][1], "x_val": norm["val"], "y_val": arr["val"][1]}
+    splits.update(x_test=norm["test"], y_test=arr["test"][1])
+    return TensorSource(f"imagefolder:{path}", splits, info)
 
 
 def _stack(ds, what: str) -> tuple[np.ndarray, np.ndarray]:
