@@ -11,7 +11,7 @@ import torch
 
 import hasb
 from hasb.models import build_model
-from hasb.quantize import quantized_layers, searchable_layers, use_config
+from hasb.quantize import batchnorms, quantized_layers, searchable_layers, use_config
 from hasb.quantizer import int_range
 from search.onnx_export import OnnxExportError, export_onnx
 
@@ -23,6 +23,18 @@ MIXED = {"conv2": (8, 4), "conv3": (2, 2), "conv4": (4, 6), "fc1": (6, 2)}  # w/
 CASES = [("small_cnn", 4), ("small_cnn", MIXED), ("tiny_mlp", 2)]  # tiny_mlp: tanh → signed 2-bit input
 
 
+def _distinct_batchnorms(model) -> None:
+    """Give every per-bit BN entry its own statistics and affine terms, so exporting the wrong entry shows."""
+    for sbn in batchnorms(model).values():
+        for bn in sbn.bns.values():
+            c = bn.num_features
+            bn.running_mean.copy_(0.1 * torch.randn(c))
+            bn.running_var.copy_(0.5 + 1.5 * torch.rand(c))
+            with torch.no_grad():
+                bn.weight.copy_(1 + 0.2 * torch.randn(c))
+                bn.bias.copy_(0.1 * torch.randn(c))
+
+
 @pytest.fixture(scope="module")
 def models():
     """Quantized (8,6,4,2) zoo models, activation scales initialised on a batch, eval mode; 256 test inputs."""
@@ -30,6 +42,7 @@ def models():
     out = {}
     for name in ("small_cnn", "tiny_mlp"):
         m = hasb.quantize_model(build_model(name), bits=(8, 6, 4, 2))
+        _distinct_batchnorms(m)
         hasb.init_quantizers(m, torch.randn(64, 1, 28, 28))
         out[name] = m.eval()
     return out, torch.randn(256, 1, 28, 28)
@@ -42,10 +55,13 @@ def _run(path, x: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("name,config", CASES)
 def test_onnxruntime_reproduces_fake_quant(models, tmp_path, name, config):
-    # Same integer weights, same activation integers (both round half to even), so only float32 op order
-    # differs (conv/GEMM accumulation in another order: ~1e-7 relative per layer).  1e-4 of the largest logit
-    # leaves room for that and nothing else: a missing Clip, a wrong scale or a one-step weight error moves
-    # logits by ≥ 1e-2 relative.
+    # Same integer weights; activations rounded half to even on both sides.  What differs is float32 only:
+    # conv/GEMM sums in another order (~1e-7 relative: every row within 1e-5 of the largest logit), and torch's
+    # fake-quant kernels compute x·(1/s) where onnxruntime computes x/s, so an activation within an ulp of a .5
+    # tie can round the other way (one step; 1e-3..1e-2 of the largest logit in its row).  Measured on 4 seeds ×
+    # 4,096 inputs: ≤ 5 such rows at 8-bit activations, ≤ 1 at 4 bits, 0 at 2 bits — a rate that depends on the
+    # CPU's summation order, so the bound is on the fraction of rows (≥ 99% within 1e-5), not on the worst row.
+    # A missing Clip, a wrong scale or BN entry moves nearly every row by ≥ 1e-2.
     nets, x = models
     model = nets[name]
     path = export_onnx(model, config, tmp_path / "m.onnx", x[:1])
@@ -53,7 +69,8 @@ def test_onnxruntime_reproduces_fake_quant(models, tmp_path, name, config):
         ref = model(x).numpy()
     out = _run(path, x)  # batch 256 through a file exported with batch 1: the batch axis is dynamic
     assert out.shape == ref.shape == (256, 10)
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    row_err = np.abs(out - ref).max(1)
+    assert (row_err <= 1e-5 * np.abs(ref).max()).mean() >= 0.99
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
 
 
