@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 
 import hasb
 from hasb.cli import (
@@ -45,6 +47,7 @@ from hasb.cli import (
 from hasb.config import BitConfig, ConfigError, atomic_write_text
 from hasb.cost import Budget
 from hasb.data import find_data_dir, load_dataset
+from hasb.errors import HasbError
 from hasb.models import build_record
 from hasb.quantize import get_spec
 
@@ -61,6 +64,7 @@ from .inputs import (
     checkpoint_inputs,
     parse_budgets,
 )
+from .onnx_export import deployment_to_onnx
 from .optuna_search import SAMPLERS, run_study, study_trials_frame, validate_storage
 
 DEFAULT_OUT = "runs/demo"
@@ -404,12 +408,23 @@ def bn_text(bn: dict) -> str:
     return "stored statistics (Transitional BN / per-bit entries), not re-calibrated"
 
 
-def tool_exports(model, chosen: BitConfig, folder: Path) -> tuple[dict | None, dict[str, str]]:
-    """HAWQ's bit_config dict (or None) and nncf_config.json in ``folder``; notes say what each covers."""
+def onnx_export(deploy: Path, folder: Path, shape) -> str:
+    """model.onnx beside deploy.pt (converted from it: the integers and BN statistics that were scored)."""
+    if importlib.util.find_spec("onnx") is None:
+        return "not written: install hasb[onnx] (onnx, onnxruntime) for model.onnx"
+    try:
+        deployment_to_onnx(deploy, folder / "model.onnx", torch.zeros(1, *shape))
+    except HasbError as e:
+        return f"not written: {e}"
+    return "model.onnx: QuantizeLinear/Clip/DequantizeLinear around each quantized layer, int8 weights (opset 13)"
+
+
+def tool_exports(model, chosen: BitConfig, folder: Path, deploy: Path) -> tuple[dict | None, dict[str, str]]:
+    """HAWQ's bit_config dict (or None), nncf_config.json and model.onnx in ``folder``; notes say what each is."""
     notes = {}
     try:
         hawq = formats.hawq_bit_config(model, chosen)
-        notes["hawq"] = "per-quantizer bits in HAWQ's q_resnet names (exact for resnet18; see search.formats)"
+        notes["hawq"] = "per-quantizer bits: HAWQ's q_resnet names for resnet18, hasb's quant_<layer> names elsewhere"
     except formats.FormatError as e:
         hawq, notes["hawq"] = None, f"not written: {e}"
     shape = getattr(model, "example_input_shape", None)
@@ -419,6 +434,7 @@ def tool_exports(model, chosen: BitConfig, folder: Path) -> tuple[dict | None, d
     nncf = formats.nncf_config(model, chosen, shape)
     atomic_write_text(folder / "nncf_config.json", json.dumps(nncf, indent=2))
     notes["nncf"] = "nncf_config.json: NNCF's manual precision config (weights only; NNCF keeps 8-bit activations)"
+    notes["onnx"] = onnx_export(deploy, folder, shape)
     return hawq, notes
 
 
@@ -436,7 +452,7 @@ def write_document(
 ) -> Path:
     """config.json of the pick: its config, costs, validation and test scores (with SEs) and provenance."""
     spec = get_spec(inputs.model)
-    hawq, notes = tool_exports(inputs.model, chosen, folder)
+    hawq, notes = tool_exports(inputs.model, chosen, folder, deploy)
     metrics = {k: float(best[k]) for k in sx.METRIC_KEYS}
     doc = sx.make_document(
         model_name=inputs.model_name,
