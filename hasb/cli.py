@@ -15,13 +15,16 @@ Exit codes (:func:`run_cli`): 0 success; 2 a user error (any :class:`~hasb.error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, Field, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import HasbError
@@ -284,3 +287,35 @@ def seed_option(default: int = 0) -> Any:
 
 def threads_option() -> Any:
     return option(None, help="CPU threads for torch (default: the cores available to this process)", parse=int)
+
+
+LOCK_NAME = ".hasb.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the run folder ``out`` (created if missing) while a run writes into it.
+
+    A second run on the same folder fails at once with a HasbError naming the holder, instead of silently
+    overwriting the first run's outputs. The lock is an ``flock`` on ``out/.hasb.lock``: the OS releases it when
+    the process dies, so a killed run never leaves a stale lock.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise HasbError(
+                f"{folder} is in use by another hasb run ({holder}); wait for it or use another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

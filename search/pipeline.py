@@ -36,6 +36,7 @@ from hasb.cli import (
     force_option,
     model_option,
     option,
+    out_lock,
     out_option,
     parse_bits,
     quiet_option,
@@ -199,8 +200,9 @@ def run_search(cfg: SearchConfig) -> dict:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     pre, budgets = prepare(cfg)
-    inputs = demo.demo_inputs(Path(cfg.out), cfg.data_dir) if pre.demo else pre
-    return search(cfg, inputs, budgets, device)
+    with out_lock(cfg.out):  # a second search on the same --out fails clearly instead of mixing outputs
+        inputs = demo.demo_inputs(Path(cfg.out), cfg.data_dir) if pre.demo else pre
+        return search(cfg, inputs, budgets, device)
 
 
 class SplitLoader:

@@ -77,3 +77,20 @@ def test_rejected_before_any_work(case, fake_run, tmp_path, capsys):
     if case.startswith("size"):
         assert "accepted: B, kB, MB" in err  # the error names the accepted units
     assert _tree(tmp_path) == before  # nothing created, nothing changed
+
+
+def test_a_second_search_on_the_same_out_fails_clearly_and_changes_nothing(tmp_path, capsys):
+    """Two writers on one --out: the second gets one clear line (exit 2) instead of mixing outputs."""
+    from hasb.cli import out_lock
+    from search.pareto import main
+
+    ck, _ = make_fake_run(tmp_path / "run")
+    out = tmp_path / "out"
+    with out_lock(out):  # the first run, still writing
+        before = sorted(p.name for p in out.iterdir())
+        code = main(["--budget", "4", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "in use by another hasb run" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == before
+    # the lock is released with its holder: the same command now runs
+    assert main(["--budget", "4", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", "--quiet"]) == 0
