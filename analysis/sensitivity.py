@@ -79,7 +79,7 @@ from hasb.cli import (
 from hasb.config import BitConfig
 from hasb.data import load_dataset
 from hasb.export import FORMAT, CheckpointError, load_quantized, read_checkpoint
-from hasb.models import build_model
+from hasb.models import build_model, build_record
 from hasb.plots import plot_traces, save_figure
 from hasb.quantize import (
     DEFAULT_BITS,
@@ -522,7 +522,7 @@ def compute_sensitivity(
     n_total = int(op.n_total) if op is not None else int(res.n_samples)
     on = {**(measured_on or {}), "n_images": n_total, "n_batches": len(batches)}
     meta = _meta(res, op, outputs, qmodel is model, n_total, len(batches))
-    name = model_name or (getattr(model, "hasb_build", None) or {}).get("name", type(model).__name__)
+    name = model_name or (build_record(model) or {}).get("name", type(model).__name__)
     return SensitivityResult(
         frame=frame,
         bits=bits,
@@ -693,7 +693,7 @@ def fingerprint(model: nn.Module, checkpoint: Path | None, data: dict, settings:
     """Cache key: model build + weights + checkpoint bytes + data selection + settings."""
     blob = json.dumps(
         {
-            "build": getattr(model, "hasb_build", None),
+            "build": build_record(model),
             "state": state_digest(model),
             "checkpoint": _file_digest(checkpoint) if checkpoint else None,
             "data": data,

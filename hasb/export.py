@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import quantizer as Q
 from .config import BitConfig, atomic_write_bytes, bit_str
 from .errors import HasbError
-from .models import build_model
+from .models import build_model, build_record
 from .modules import SwitchBatchNorm
 from .quantize import (
     QuantSpec,
@@ -97,7 +97,7 @@ def quantized_state(model: nn.Module) -> dict:
         "format": FORMAT,
         "version": VERSION,
         "spec": json.dumps(spec.to_dict()),
-        "build": json.dumps(getattr(model, "hasb_build", None)),
+        "build": json.dumps(build_record(model)),
         "config": get_config(model).to_json(indent=None),
         "bn_modes": json.dumps(bn_modes),
         "layers": out_layers,
@@ -246,7 +246,7 @@ def export_deployment(model: nn.Module, config, path: str | Path, extra: dict | 
             "format": DEPLOY_FORMAT,
             "version": VERSION,
             "config": cfg.to_json(indent=None),
-            "build": json.dumps(getattr(model, "hasb_build", None)),
+            "build": json.dumps(build_record(model)),
             "layers": _deployment_layers(model),
             "batchnorm": bns,
             "rest": rest,

@@ -17,7 +17,7 @@ from typing import Any
 from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
 from hasb.errors import HasbError
 from hasb.export import load_quantized
-from hasb.models import MODELS, UnknownModelError
+from hasb.models import MODELS, UnknownModelError, build_record
 from hasb.quantize import searchable_layers
 from hasb.sensitivity_file import check_for_model, load_sensitivity
 
@@ -128,7 +128,7 @@ def checkpoint_inputs(
     """
     ck = checkpoint_file(checkpoint)
     net, extra = load_quantized(ck, trusted_model=model)
-    name = (getattr(net, "hasb_build", None) or {}).get("name", "?")
+    name = (build_record(net) or {}).get("name", "?")
     if model is not None and model != name:
         raise InputError(f"checkpoint {ck} is a {name!r} model, not --model {model!r}")
     sens_path = Path(sensitivity) if sensitivity else ck.parent / "sensitivity.json"
