@@ -173,27 +173,7 @@ def _run(argv, capsys):
 
 def test_cli_runs_and_caches(tmp_path, capsys):
     out = tmp_path / "run"
-    base = [
-        "--model",
-        "tiny_mlp",
-        "--batches",
-        "1",
-        "--batch-size",
-        "16",
-        "--max-hvp",
-        "40",
-        "--rtol",
-        "0.5",
-        "--block",
-        "4",
-        "--sketch",
-        "4",
-        "--no-progress",
-        "--backend",
-        "double_backward",
-        "--out",
-        out,
-    ]
+    base = [*_TINY, "--out", out]  # the shared tiny settings (defined below)
     code, o, e = _run(base, capsys)
     assert code == 0, e
     assert {p.name for p in out.iterdir()} == {
