@@ -30,7 +30,7 @@ from .quantize import (
     get_config,
     get_spec,
     link_batchnorms,
-    quantize_model,
+    quantize_like,
     quantized_layers,
     set_config,
     use_config,
@@ -198,8 +198,7 @@ def load_quantized(
     if model is None:
         model = build_recorded(json.loads(obj["build"]), path, trusted_model)
     if getattr(model, "hasb_spec", None) is None:
-        fixed = list(spec.fixed) if spec.fixed else "none"
-        quantize_model(model, spec.bits, fixed=fixed, fixed_bits=bit_str(spec.fixed_bit), rounding=spec.rounding)
+        quantize_like(model, spec)
     load_quantized_state(model, obj)
     set_config(model, BitConfig.from_json(obj["config"]))
     model.eval()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .cli import parse_bits
-from .config import Bit, BitConfig, BitLike, ConfigError, parse_bit
+from .config import Bit, BitConfig, BitLike, ConfigError, bit_str, parse_bit
 from .models import build_model, build_record
 from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, bit_key
 from .quantizer import ROUNDINGS
@@ -29,6 +29,20 @@ class QuantSpec:
     rounding: str = "half_up"
     order: tuple[str, ...] = ()  # quantized layers in execution order
     bn_producers: dict = field(default_factory=dict)  # bn path -> [producer, predecessor]
+    # Weight-only mode: every searchable layer's activations run at ``act_bit`` (None = fp) whatever its weight bit;
+    # off (the default, and the paper's W=A setting for vision), activations follow the weight bit.
+    weight_only: bool = False
+    act_bit: int | None = None
+
+    def pair(self, w_bit: Bit) -> tuple[Bit, Bit]:
+        """(weight bits, activation bits) of a searchable layer whose weights run at ``w_bit``."""
+        return (w_bit, self.act_bit) if self.weight_only else (w_bit, w_bit)
+
+    def tie(self, config: BitConfig) -> BitConfig:
+        """``config`` with every searchable layer's activation bits set as this spec's mode prescribes."""
+        if not self.weight_only:
+            return config
+        return BitConfig({n: (wa if n in self.fixed else self.pair(wa[0])) for n, wa in config.layers.items()})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,6 +59,8 @@ class QuantSpec:
             rounding=d["rounding"],
             order=tuple(d["order"]),
             bn_producers=dict(d["bn_producers"]),
+            weight_only=bool(d.get("weight_only", False)),  # exports written before weight-only mode: off
+            act_bit=d.get("act_bit"),
         )
 
 
@@ -84,6 +100,9 @@ def _trace_order(model: nn.Module, example_input, types) -> list[tuple[str, nn.M
 def _example(model: nn.Module, example_input):
     if example_input is not None:
         return example_input
+    make = getattr(model, "example_input", None)
+    if callable(make):  # models whose inputs are not float tensors (byte LMs take ids)
+        return make(2)
     shape = getattr(model, "example_input_shape", None)
     if shape is None:
         raise ValueError(
@@ -150,6 +169,8 @@ def quantize_model(
     fixed_bits: BitLike = "fp",
     rounding: str = "half_up",
     act_signed: bool | None = None,
+    weight_only: bool = False,
+    act_bits: BitLike = "fp",
 ) -> nn.Module:
     """Quantize ``model`` in place (and return it).
 
@@ -166,10 +187,13 @@ def quantize_model(
         rounding: second-rounding mode, ``"half_up"`` (default) or ``"half_even"``.
         act_signed: force signed/unsigned activation ranges; ``None`` decides per
             layer from data (signed when its first input has negatives).
+        weight_only: only the weights switch bits; activations of searchable layers run at ``act_bits``
+            (``"fp"``, the default, or one of ``bits``) in every config.  How language models are deployed.
     """
     if getattr(model, "hasb_spec", None) is not None:
         raise ValueError("model is already quantized (it has hasb_spec)")
     bit_list, fbit = _check_quantize_args(bits, rounding, fixed_bits)
+    abit = _check_act_bits(act_bits, bit_list) if weight_only else None
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
@@ -185,10 +209,27 @@ def quantize_model(
         rounding=rounding,
         order=tuple(layer_order),
         bn_producers=producers,
+        weight_only=weight_only,
+        act_bit=abit,
     )
     _set_attr(model, "hasb_spec", spec)
     link_batchnorms(model)
     return model
+
+
+def quantize_like(model: nn.Module, spec: QuantSpec | dict) -> nn.Module:
+    """Quantize a float ``model`` as ``spec`` (a :class:`QuantSpec` or its dict) describes: how exports and
+    checkpoints are rebuilt."""
+    s = spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
+    return quantize_model(
+        model,
+        s.bits,
+        fixed=list(s.fixed) or "none",
+        fixed_bits=bit_str(s.fixed_bit),
+        rounding=s.rounding,
+        weight_only=s.weight_only,
+        act_bits=bit_str(s.act_bit),
+    )
 
 
 def _check_quantize_args(bits: Sequence[int], rounding: str, fixed_bits: BitLike) -> tuple[tuple[int, ...], Bit]:
@@ -203,6 +244,13 @@ def _check_quantize_args(bits: Sequence[int], rounding: str, fixed_bits: BitLike
     if fbit is not None and fbit > 8:
         raise ConfigError(f"fixed_bits must be 'fp' or 1..8, got {fixed_bits!r}")
     return bit_list, fbit
+
+
+def _check_act_bits(act_bits: BitLike, bits: tuple[int, ...]) -> Bit:
+    abit = parse_bit(act_bits)
+    if abit is not None and abit not in bits:
+        raise ConfigError(f"act_bits must be 'fp' or one of the candidate bits {list(bits)}, got {act_bits!r}")
+    return abit
 
 
 def _fixed_layers(fixed: str | Sequence[str] | None, layer_order: list[str]) -> set[str]:
@@ -271,10 +319,11 @@ def get_config(model: nn.Module) -> BitConfig:
 def set_config(model: nn.Module, config: BitConfig | dict | BitLike) -> None:
     """Switch the model to ``config`` (a BitConfig, a {layer: bits} dict, or one uniform bit). No weights are copied."""
     if not isinstance(config, (BitConfig, dict)):
-        config = BitConfig.uniform(searchable_layers(model), config)
+        config = uniform_config(model, config)
     elif isinstance(config, dict):
         config = BitConfig(config)
     spec = get_spec(model)
+    config = spec.tie(config)
     layers = quantized_layers(model)
     allowed = {n: spec.bits for n in searchable_layers(model)}
     config.validate(allowed, fixed={n: spec.fixed_bit for n in spec.fixed}, complete=True)
@@ -310,7 +359,8 @@ def use_config(model: nn.Module, config) -> Iterator[nn.Module]:
 
 
 def uniform_config(model: nn.Module, bit: BitLike) -> BitConfig:
-    return BitConfig.uniform(searchable_layers(model), bit)
+    """Every searchable layer at weight bit ``bit`` (activations as the spec's mode prescribes)."""
+    return get_spec(model).tie(BitConfig.uniform(searchable_layers(model), bit))
 
 
 def candidate_bits(model: nn.Module) -> tuple[int, ...]:
@@ -358,6 +408,7 @@ __all__ = [
     "restore_fixed",
     "use_config",
     "uniform_config",
+    "quantize_like",
     "candidate_bits",
     "init_quantizers",
     "link_batchnorms",

@@ -77,6 +77,7 @@ from .modules import QUANT_TYPES
 from .quantize import (
     get_spec,
     init_quantizers,
+    quantize_like,
     quantize_model,
     searchable_layers,
     set_config,
@@ -211,13 +212,7 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
         build = json.loads(ckpt["build"])
         spec = json.loads(ckpt["spec"])
         model = build_model(**build)
-        quantize_model(
-            model,
-            spec["bits"],
-            fixed=list(spec["fixed"]) or "none",
-            fixed_bits="fp" if spec["fixed_bit"] is None else spec["fixed_bit"],
-            rounding=spec["rounding"],
-        )
+        quantize_like(model, spec)
         if ckpt["tbn"]:
             enable_tbn(model)
         model.load_state_dict(ckpt["model"], strict=True)

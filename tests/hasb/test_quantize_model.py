@@ -205,3 +205,33 @@ def test_activation_init_sees_training_statistics(bits):
     assert scales[worst] < 2.0, f"{worst} = {scales[worst]:.3g}"
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in bn_before.items()), "init must not change BN statistics"
+
+
+def test_weight_only_mode_keeps_activations_and_round_trips(tmp_path):
+    """Weight-only: every config's activations stay at the spec's act bit (fp here), so the output equals a
+    model whose weights alone are quantized; the mode survives export/load bit-exactly; BitOPs use fp activations."""
+    torch.manual_seed(0)
+    m = hasb.quantize_model(build_model("lm_tiny"), bits=(8, 4, 2), weight_only=True, act_bits="fp")
+    x = m.example_input(3)
+    hasb.set_config(m, 2)
+    assert {a for _, a in hasb.get_config(m).layers.values()} == {None}
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+        for layer in hasb.quantize.quantized_layers(m).values():
+            assert layer.a_bit is None or layer.fixed
+    path = hasb.export.save_quantized(m, tmp_path / "m.pt")
+    m2, _ = hasb.export.load_quantized(path, trusted_model="lm_tiny")
+    assert hasb.get_spec(m2).weight_only and hasb.get_spec(m2).act_bit is None
+    hasb.set_config(m2, 2)
+    with torch.no_grad():
+        assert torch.equal(m2(x), y)
+    cost = hasb.CostModel.from_model(m)
+    cfg = hasb.get_config(m)
+    w_and_a = hasb.quantize_model(build_model("lm_tiny"), bits=(8, 4, 2))
+    hasb.set_config(w_and_a, 2)
+    wa_cost = hasb.CostModel.from_model(w_and_a)
+    searchable = cost.bitops(cfg) - cost.fixed_bitops()  # fixed first/last layers are fp in both
+    assert searchable == 16 * (wa_cost.bitops(hasb.get_config(w_and_a)) - wa_cost.fixed_bitops())  # A: 32 vs 2 bits
+    with pytest.raises(ConfigError, match="act_bits"):
+        hasb.quantize_model(build_model("lm_tiny"), bits=(8, 4, 2), weight_only=True, act_bits=6)
