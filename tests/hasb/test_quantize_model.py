@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import hasb
+import hasb.export
 from hasb.config import ConfigError
 from hasb.models import MODELS, UnknownModelError, build_model
 
