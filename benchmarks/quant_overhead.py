@@ -1,130 +1,171 @@
-"""Forward+backward time of zoo models quantized at uniform 8/4/2 bits and a mixed config, ÷ the float model.
+"""The quantized training step ÷ the float step (issue 15), optimizer included, measured side by side in one run.
 
-Both are measured in the same run on the same device, batch and dtype.  Prints a
-table of milliseconds per step and the ratio to the float step.
+For each model: the float step (eager and ``torch.compile``), one hasb W4A4 pass (eager through the composite ops,
+eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and the 4-pass multi-precision step
+(one forward/backward per candidate bit, one optimizer step), eager with kernels and compiled.  Compile cost:
+seconds spent in the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while
+the active bits are Python ints on the layers).
 
-CPU:  python benchmarks/quant_overhead.py
-GPU:  python benchmarks/quant_overhead.py --device cuda --models resnet18,mobilenet_v2 --image-size 224 \
-          --in-channels 3 --batch 256 --bf16 [--compile]
+GPU:  python -m benchmarks.quant_overhead --device cuda
+CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3   (smoke)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import random
+import statistics
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hasb
+from hasb import kernels as K
 from hasb.models import build_model
 
+DEFAULT_MODELS = "resnet18@224:b256,mobilenet_v2@224:b128,resnet18@32:b256,lm_small@256:b64"
 
-def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, bf16: bool) -> float:
-    """Median ms of one forward + backward (no optimizer step)."""
-    loss_fn = nn.CrossEntropyLoss()
-    dev = x.device.type
+
+def parse_model(spec: str) -> tuple[str, int, int]:
+    """``name@size:bBATCH`` → (zoo name, image size or LM context, batch)."""
+    name, rest = spec.split("@")
+    size, batch = rest.split(":b")
+    return name, int(size), int(batch)
+
+
+def make(name: str, size: int, batch: int, dev: torch.device):
+    """(float model, inputs, targets, loss function) for one benchmark row."""
+    torch.manual_seed(0)
+    if name.startswith("lm_"):
+        model = build_model(name, context=size).to(dev)
+        x = torch.randint(0, 256, (batch, size), device=dev)
+        return (
+            model,
+            x,
+            torch.randint(0, 256, (batch, size), device=dev),
+            lambda o, y: F.cross_entropy(o.flatten(0, 1), y.flatten()),
+        )
+    classes = 1000 if size >= 64 else 10
+    model = build_model(name, num_classes=classes, in_channels=3, image_size=size).to(dev)
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    return model, x, torch.randint(0, classes, (batch,), device=dev), F.cross_entropy
+
+
+def timed(step, iters: int, warmup: int, dev: torch.device) -> tuple[float, float]:
+    """(median ms of ``step()`` over ``iters`` after ``warmup``, seconds the warm-up took: compile time)."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync()
+    first = time.perf_counter() - t0
     times = []
-    for i in range(iters + 3):
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(iters):
         t = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:  # warm-up (and compilation) excluded
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times), first
+
+
+def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool):
+    """One optimizer step over one forward/backward per entry of ``bits`` (None: the model as it is)."""
+
+    def step():
+        for b in bits:
+            if b is not None:
+                hasb.set_config(model, b)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(x), y)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs it is given and hands them to inductor."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return compile_fx(gm, example_inputs)
+
+
+def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool) -> dict:
+    counter = GraphCounter()
+    run = torch.compile(model, backend=counter) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    ms, first = timed(train_step(run, x, y, loss_fn, opt, bits, args.bf16), args.iters, args.warmup, dev)
+    return {"ms": ms, "first_s": first, "graphs": counter.graphs}
+
+
+def row(spec: str, args, dev: torch.device) -> dict:
+    name, size, batch = parse_model(spec)
+    fmodel, x, y, loss_fn = make(name, size, batch, dev)
+    qmodel = hasb.quantize_model(copy.deepcopy(fmodel), bits=(8, 6, 4, 2), example_input=x[:2])
+    hasb.init_quantizers(qmodel, x[:8])
+    qmodel.train()
+    r = {"model": spec}
+    r["float"] = measure(fmodel, x, y, loss_fn, [None], args, dev, False)
+    r["float_c"] = measure(copy.deepcopy(fmodel), x, y, loss_fn, [None], args, dev, True)
+    hasb.set_config(qmodel, 4)
+    K.enable(False)
+    r["w4_composite"] = measure(qmodel, x, y, loss_fn, [None], args, dev, False)
+    K.enable(True)
+    r["w4_kernels"] = measure(qmodel, x, y, loss_fn, [None], args, dev, False)
+    r["multi_kernels"] = measure(qmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, False)
+    torch._dynamo.reset()
+    r["w4_c"] = measure(qmodel, x, y, loss_fn, [None], args, dev, True)
+    r["multi_c"] = measure(qmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, True)
+    torch._dynamo.reset()
+    print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
+    return r
+
+
+def print_table(rows: list[dict], args, dev: torch.device) -> None:
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"\n{where}, torch {torch.__version__}, {'bf16 autocast' if args.bf16 else 'fp32'}, SGD step included, "
+        f"median of {args.iters} after {args.warmup} warm-up steps; ratios ÷ the float step of the same mode"
+    )
+    print(
+        "| model | float eager ms | float compiled ms | W4A4 eager composite | W4A4 eager kernels | W4A4 compiled "
+        "| 4-pass eager kernels ÷ eager float | 4-pass compiled ÷ compiled float | compile s float / 4-pass (graphs) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fe, fc = r["float"]["ms"], r["float_c"]["ms"]
+        print(
+            f"| {r['model']} | {fe:.2f} | {fc:.2f} | {r['w4_composite']['ms'] / fe:.2f}x | "
+            f"{r['w4_kernels']['ms'] / fe:.2f}x | {r['w4_c']['ms'] / fc:.2f}x | {r['multi_kernels']['ms'] / fe:.2f}x | "
+            f"{r['multi_c']['ms'] / fc:.2f}x | {r['float_c']['first_s']:.0f} / {r['multi_c']['first_s']:.0f} "
+            f"({r['float_c']['graphs']} / {r['multi_c']['graphs']}) |"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--models", default="small_cnn,resnet20,resnet18,mobilenet_v2,vit_tiny", help="comma-separated zoo names"
-    )
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--image-size", type=int, default=28)
-    ap.add_argument("--in-channels", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both the float and quantized models")
-    ap.add_argument(
-        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune"
-    )
-    ap.add_argument("--configs", default="w8a8,w4a4,w2a2,mixed", help="which quantized configs to time")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument(
-        "--composite",
-        action="store_true",
-        help="activation LSQ from plain ops instead of ATen's fused fake-quant kernel (eager only)",
-    )
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated name@size:bBATCH")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=8, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation happens here)")
+    ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default on CUDA: bf16)")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.composite:
-        hasb.quantizer._state.composite = True
-    rows = []
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        fmodel = (
-            build_model(
-                name,
-                num_classes=1000 if args.image_size >= 64 else 10,
-                in_channels=args.in_channels,
-                image_size=args.image_size,
-            )
-            .to(dev)
-            .train()
-        )
-        x = torch.randn(args.batch, args.in_channels, args.image_size, args.image_size, device=dev)
-        y = torch.randint(0, 10, (args.batch,), device=dev)
-        if args.channels_last:
-            fmodel = fmodel.to(memory_format=torch.channels_last)
-            x = x.to(memory_format=torch.channels_last)
-        qmodel = hasb.quantize_model(copy.deepcopy(fmodel), example_input=x[:2])
-        hasb.init_quantizers(qmodel, x[:8])
-        qmodel.train()
-        rng = random.Random(0)
-        mixed = hasb.BitConfig({n: rng.choice(hasb.candidate_bits(qmodel)) for n in hasb.searchable_layers(qmodel)})
-        run_f = torch.compile(fmodel, mode=args.compile_mode) if args.compile else fmodel
-        run_q = torch.compile(qmodel, mode=args.compile_mode) if args.compile else qmodel
-        t_fp = step_time(run_f, x, y, args.iters, args.bf16)
-        row = {"model": name, "float_ms": t_fp}
-        wanted = args.configs.split(",")
-        for label, cfg in (("w8a8", 8), ("w4a4", 4), ("w2a2", 2), ("mixed", mixed)):
-            if label not in wanted:
-                row[label] = float("nan")
-                continue
-            hasb.set_config(qmodel, cfg)
-            row[label] = step_time(run_q, x, y, args.iters, args.bf16)
-            print(f"  {name} {label}: {row[label]:.1f} ms ({row[label] / t_fp:.2f}x float)", flush=True)
-        rows.append(row)
-        print(
-            f"{name}: float {t_fp:.1f} ms, "
-            + ", ".join(f"{k} {row[k] / t_fp:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed")),
-            flush=True,
-        )
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(
-        f"\nforward+backward, {dev_name}, batch {args.batch}, {args.image_size}px, "
-        f"{'bf16' if args.bf16 else 'fp32'}, {('compiled ' + (args.compile_mode or 'default')) if args.compile else 'eager'}{', composite' if args.composite else ''}{', channels_last' if args.channels_last else ''}, torch {torch.__version__}"
-    )
-    print("| model | float ms | w8a8 | w4a4 | w2a2 | mixed |\n|---|---|---|---|---|---|")
-    for r in rows:
-        f = r["float_ms"]
-        print(
-            f"| {r['model']} | {f:.1f} | "
-            + " | ".join(f"{r[k] / f:.2f}x" for k in ("w8a8", "w4a4", "w2a2", "mixed"))
-            + " |"
-        )
+    args.bf16 = args.bf16 and dev.type == "cuda"
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    rows = [row(spec, args, dev) for spec in args.models.split(",")]
+    print_table(rows, args, dev)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ bf16/fp16 inputs, whose dtype rounding it reproduces.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -50,6 +51,20 @@ _BLOCK_ACT = 2048
 # bound once: the fallbacks, even if the module attributes are patched to point here
 _reference_weight = Q.quantize_weight
 _reference_activation = Q.quantize_activation
+
+
+# Roundings the weight kernel implements; any other mode (added to the quantizer later) takes the composite.
+KERNEL_ROUNDINGS = ("half_up", "half_even")
+# The layers use the kernels wherever they apply (CUDA eager); HASB_KERNELS=0 or :func:`enable` (False) turns
+# them off, e.g. to measure them against the composite in one process.
+_enabled = os.environ.get("HASB_KERNELS", "1") != "0"
+
+
+def enable(on: bool = True) -> bool:
+    """Switch the fused kernels on or off for every quantized layer; returns the previous setting."""
+    global _enabled
+    prev, _enabled = _enabled, bool(on)
+    return prev
 
 
 def available() -> bool:
@@ -263,7 +278,8 @@ def _composite_grads(ctx, inputs, grad_out, fn, *args):
 def fused_applies(w: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether :func:`quantize_weight` takes the kernel path for these tensors in the current context."""
     return (
-        triton is not None
+        _enabled
+        and triton is not None
         and w.is_cuda
         and w.dtype == torch.float32
         and scale.dtype == torch.float32
@@ -293,7 +309,7 @@ def quantize_weight(
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(Q.ROUNDINGS)}")
     if bit > high_bit:
         raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
-    if not fused_applies(w, scale):
+    if rounding not in KERNEL_ROUNDINGS or not fused_applies(w, scale):
         return _reference_weight(w, scale, bit, high_bit, rounding)
     g = 1.0 / math.sqrt(w[0].numel() * Q.int_range(bit)[1])
     return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
@@ -353,7 +369,8 @@ class FusedLSQActivation(torch.autograd.Function):
 def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether :func:`quantize_activation` takes the kernel path for these tensors in the current context."""
     return (
-        triton is not None
+        _enabled
+        and triton is not None
         and x.is_cuda
         and x.dtype in _ACT_DTYPES
         and scale.dtype == torch.float32

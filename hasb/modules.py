@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels as K
 from . import quantizer as Q
 
 FP = "fp"
@@ -103,7 +104,8 @@ class QuantMixin(_MixinBase):
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
-        return Q.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
+        # the fused Triton kernels where they apply (CUDA eager), else the composite reference
+        return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
     def int_weight(self, bit: int | None = None) -> torch.Tensor:
         """Integer weights (int8 tensor) at ``bit`` (default the stored high bit)."""
@@ -120,7 +122,7 @@ class QuantMixin(_MixinBase):
         scale = self.act_scales[str(b)]
         if b not in self._ready:  # python-side cache: no device sync once initialised
             self._lazy_init(x, b)
-        return Q.quantize_activation(x, scale, b, self._ready[b])
+        return K.quantize_activation(x, scale, b, self._ready[b])
 
     @torch.compiler.disable
     def _lazy_init(self, x: torch.Tensor, b: int) -> None:
