@@ -219,3 +219,40 @@ def test_bad_arguments_rejected():
         K.quantize_weight(w, scale, 4, 8, "stochastic")
     with pytest.raises(ValueError, match="exceeds"):
         K.quantize_weight(w, scale, 8, 4)
+
+
+@cuda
+@pytest.mark.parametrize("bit", [8, 4, 2])
+def test_quantized_model_uses_kernels_with_the_composite_values(bit):
+    """The layers take the kernels by default on CUDA: a whole quantized network's output equals the composite's
+    exactly and its parameter gradients agree to float32 accumulation-order noise; switching them off works."""
+    import hasb
+    from hasb.models import build_model
+
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet20"), bits=(8, 6, 4, 2)).cuda()
+    x = torch.randn(16, 1, 28, 28, device="cuda")
+    hasb.init_quantizers(model, x)
+    hasb.set_config(model, bit)
+    model.eval()
+    launched = []
+    orig = K._launch_forward
+    try:
+        K._launch_forward = lambda *a: launched.append(1) or orig(*a)
+        results = []
+        for on in (True, False):
+            prev = K.enable(on)
+            try:
+                model.zero_grad()
+                out = model(x)
+                out.square().sum().backward()
+                results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+            finally:
+                K.enable(prev)
+    finally:
+        K._launch_forward = orig
+    assert launched  # the kernel path ran while enabled
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
