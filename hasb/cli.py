@@ -269,7 +269,8 @@ def model_option(default: str | None = None, required: bool = False) -> Any:
         default,
         required=required,
         help="zoo model (resnet20, resnet18, resnet50, mobilenet_v2, "
-        "small_cnn, tiny_mlp, vit_tiny) or package.module:callable (importable: on PYTHONPATH; called "
+        "small_cnn, tiny_mlp, vit_tiny; byte-level language models lm_tiny, lm_small for text data) or "
+        "package.module:callable (importable: on PYTHONPATH; called "
         "with num_classes=, in_channels=, image_size= keywords, returns an nn.Module)",
     )
 

@@ -217,10 +217,11 @@ def _stage_sensitivity(
     max_hvp: int,
     device: str,
 ) -> Path | None:
-    """The sensitivity.json for the supernet stage: the given file, the callable's, a finished one in ``out``
-    (unless ``overwrite``), or one computed by :func:`sensitivity_for`."""
+    """The sensitivity.json for the supernet stage: the given file, the callable's (None: no file, the supernet
+    samples uniformly), a finished one in ``out`` (unless ``overwrite``), or one computed by :func:`sensitivity_for`."""
     if callable(sensitivity):
-        return Path(sensitivity(multi_pt))
+        got = sensitivity(multi_pt)
+        return None if got is None else Path(got)
     if sensitivity is not None:
         return Path(sensitivity)
     if (out / "sensitivity.json").is_file() and not overwrite:
@@ -273,8 +274,8 @@ def run_recipe(
         out_dir: writes ``float/`` (with ``pretrain``), ``multi/``, ``sensitivity.json`` and ``supernet/`` below
             it; finished stages are reused unless ``overwrite``.
         sensitivity_splits: ``load_dataset`` arguments for the traces (``name``, source options, limits).
-        sensitivity: a sensitivity.json to use, or a callable ``f(multi_model_pt) -> path``; default computes one
-            with ``analysis.sensitivity.compute_sensitivity``.
+        sensitivity: a sensitivity.json to use, or a callable ``f(multi_model_pt) -> path | None`` (None: the
+            supernet samples uniformly); default computes one with ``analysis.sensitivity.compute_sensitivity``.
         pretrain: train the float model first (stage ``float``) and start the multi stage from it.
         kw: TrainConfig overrides for every stage (device, progress, ...).
     Returns:
@@ -341,16 +342,23 @@ LM_RECIPES = {
 
 
 def lm_recipe(
-    name: str = "lm-cpu", out_dir: str | Path | None = None, *, progress: bool = True, overwrite: bool = False, **kw
+    name: str = "lm-cpu",
+    out_dir: str | Path | None = None,
+    *,
+    sensitivity: str | Path | Callable | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    **kw,
 ) -> dict:
     """The byte LM on python-stdlib: float pre-training → weight-only multi-precision → sensitivity → supernet
     (:func:`run_recipe` with ``pretrain=True``); ``name`` is ``lm-cpu`` (:func:`lm_cpu`) or ``lm-gpu``
-    (:func:`lm_gpu`); ``kw``: TrainConfig overrides for every stage."""
+    (:func:`lm_gpu`); ``sensitivity`` as in :func:`run_recipe`; ``kw``: TrainConfig overrides for every stage."""
     make_cfg, default_out, sens_data, max_hvp = LM_RECIPES[name]
     return run_recipe(
         make_cfg,
         out_dir or default_out,
         sensitivity_splits=sens_data,
+        sensitivity=sensitivity,
         max_hvp=max_hvp,
         progress=progress,
         overwrite=overwrite,
