@@ -437,8 +437,9 @@ def _prepare(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     ckpt = _open_checkpoint(cfg, Path(cfg.out))
     splits = _load_splits(cfg)
+    check_model_fits(cfg.model, cfg.data, splits.task)  # a user data source's task is known once it is open
     model, _ = _build_model(cfg, splits, ckpt)
-    check_model_fits((build_record(model) or {}).get("name"), cfg.data, splits.task)
+    check_model_fits((build_record(model) or {}).get("name"), cfg.data, splits.task)  # supernet: --init's model
     if cfg.stage == "multi" and tuple(bits) != tuple(get_spec(model).bits):
         raise TrainError("resume: bits differ from the checkpoint's model")
     bits = [None] if cfg.stage == "float" else bits
