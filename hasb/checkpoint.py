@@ -52,7 +52,7 @@ def save_checkpoint(
         "version": 1,
         "config": cfg.to_json(),
         "build": json.dumps(build_record(model)),
-        "spec": json.dumps(get_spec(model).to_dict()),
+        "spec": json.dumps(get_spec(model).to_dict() if is_quantized(model) else None),  # None: the float stage
         "tbn": bool(tbn_enabled(model)),
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(),
@@ -110,6 +110,33 @@ def clean_stale_tmp(out: Path) -> list[Path]:
     return gone
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model quantized by :func:`hasb.quantize.quantize_model` (the float stage trains one that is not)."""
+    return getattr(model, "hasb_spec", None) is not None
+
+
+FLOAT_FORMAT = "hasb-float"  # the float stage's model.pt: {"state_dict": tensors, "hasb": JSON} — no "format" key
+
+
+def save_float(model: nn.Module, path: Path, cfg: TrainConfig, history: list) -> None:
+    """The float stage's ``model.pt``: ``{"state_dict": ..., "hasb": JSON}``, atomically.
+
+    The state dict is what ``--init`` (training) and ``--checkpoint`` (sensitivity, search) read; ``hasb`` records
+    what it is (``kind``: ``hasb-float``), the build record (an LM's ``context`` included), the training options
+    and the last metrics row. It has no top-level ``format`` key, so readers treat it as a plain float state dict.
+    """
+    meta = {
+        "kind": FLOAT_FORMAT,
+        "build": build_record(model),
+        "train_config": cfg.to_dict(),
+        "metrics": history[-1] if history else {},
+    }
+    obj = {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "hasb": json.dumps(meta)}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_trained(
     model: nn.Module, path: Path, cfg: TrainConfig, bits: list[int], history: list, sampler: BitSampler | None
 ) -> None:
@@ -138,4 +165,7 @@ __all__ = [
     "resume_loss_sums",
     "clean_stale_tmp",
     "save_trained",
+    "save_float",
+    "is_quantized",
+    "FLOAT_FORMAT",
 ]

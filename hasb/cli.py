@@ -6,7 +6,8 @@ once with :func:`option` (help next to the field); :func:`add_options` turns the
 
 Common options have one spelling and one meaning everywhere; declare them with the helpers below
 (``out_option``, ``force_option``, ``device_option``, ``quiet_option``, ``bits_option``, ``model_option``,
-``data_option``, ``seed_option``, ``threads_option``) rather than re-spelling them.
+``data_option``, ``data_opts_option``, ``seed_option``, ``threads_option``, ``act_bits_option``) rather than
+re-spelling them.
 
 Exit codes (:func:`run_cli`): 0 success; 2 a user error (any :class:`~hasb.errors.HasbError`, printed as one line
 ``error: ...`` on stderr); 1 a bug (the traceback is kept).
@@ -47,6 +48,10 @@ __all__ = [
     "data_dir_option",
     "seed_option",
     "threads_option",
+    "act_bits_option",
+    "parse_act_bits",
+    "act_mode",
+    "data_opts_option",
     "DEFAULT_BITS_TEXT",
 ]
 
@@ -264,7 +269,8 @@ def model_option(default: str | None = None, required: bool = False) -> Any:
         default,
         required=required,
         help="zoo model (resnet20, resnet18, resnet50, mobilenet_v2, "
-        "small_cnn, tiny_mlp, vit_tiny) or package.module:callable (importable: on PYTHONPATH; called "
+        "small_cnn, tiny_mlp, vit_tiny; byte-level language models lm_tiny, lm_small for text data) or "
+        "package.module:callable (importable: on PYTHONPATH; called "
         "with num_classes=, in_channels=, image_size= keywords, returns an nn.Module)",
     )
 
@@ -287,6 +293,48 @@ def seed_option(default: int = 0) -> Any:
 
 def threads_option() -> Any:
     return option(None, help="CPU threads for torch (default: the cores available to this process)", parse=int)
+
+
+def parse_act_bits(text: str | int, what: str = "--act-bits") -> str:
+    """``same`` (activations at each layer's weight bit: W+A), ``fp`` or ``N`` in 1..8 (weight-only) → that text."""
+    t = str(text).strip().lower()
+    if t in ("same", "fp") or (t.isdigit() and 1 <= int(t) <= MAX_BITS):
+        return t
+    raise HasbError(f"{what} must be same, fp or an integer in 1..{MAX_BITS}, got {text!r}")
+
+
+def act_mode(act_bits: str) -> dict[str, Any]:
+    """``--act-bits`` → ``quantize_model`` keywords: ``{}`` for ``same`` (W+A), else ``weight_only=True`` and
+    ``act_bits`` (``"fp"`` or an int)."""
+    t = parse_act_bits(act_bits)
+    if t == "same":
+        return {}
+    return {"weight_only": True, "act_bits": t if t == "fp" else int(t)}
+
+
+def act_bits_option(default: str = "same") -> Any:
+    return option(
+        default,
+        parse=parse_act_bits,
+        help="activation bits: same (each layer's activations at its weight bit, W+A), fp or N (weight-only: "
+        "only weights switch bits, activations stay fp or at N bits, N one of the candidate bits)",
+    )
+
+
+def _parse_data_opts(text: str) -> dict:
+    from .data import parse_data_opts  # heavy (torch): only when the option is given
+
+    return parse_data_opts(text)
+
+
+def data_opts_option() -> Any:
+    return option(
+        default_factory=dict,
+        flag="--data-opt",
+        parse=_parse_data_opts,
+        help="data source options, key=value pairs separated by commas (e.g. context=64,limit=2000000 for text; "
+        "size=64,mean=0.5/0.5/0.5 for imagefolder)",
+    )
 
 
 LOCK_NAME = ".hasb.lock"

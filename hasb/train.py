@@ -1,12 +1,19 @@
-"""One-shot training: multi-precision Double Rounding with ALRS, then the HASB mixed-precision supernet.
+"""One-shot training: float pre-training, multi-precision Double Rounding with ALRS, the HASB mixed-precision
+supernet.
 
 Library: ``train(TrainConfig(...)) -> Path`` (the run directory); ``load_supernet(path) -> model``.
-CLI: ``python -m hasb.train --stage multi|supernet --model M --data D --epochs E --out DIR`` (``--help``); the
-options are :class:`~hasb.train_config.TrainConfig`'s fields.
+CLI: ``python -m hasb.train --stage float|multi|supernet --model M --data D --epochs E --out DIR`` (``--help``);
+the options are :class:`~hasb.train_config.TrainConfig`'s fields.
 
-Stage ``multi`` runs Alg. A.2 and stage ``supernet`` Alg. A.3 every step (:mod:`hasb.train_step`); the supernet
+Stage ``float`` trains the zoo model unquantized and writes a float state dict (``--init`` of the multi stage);
+stage ``multi`` runs Alg. A.2 and stage ``supernet`` Alg. A.3 every step (:mod:`hasb.train_step`); the supernet
 stage starts from a multi-precision ``model.pt`` and uses Transitional BN keyed by (previous layer's bit, this
-layer's bit).
+layer's bit) — for models with BatchNorm. LayerNorm models (the byte LMs) keep no running statistics: nothing is
+shared across bits, so there is no Transitional BN and nothing to re-calibrate.
+
+Task-aware (:mod:`hasb.data`): the data source's task picks the loss (cross-entropy per example, or per byte for
+the byte LMs, distillation included) and the validation metric (accuracy, or bits per byte — lower is better),
+each recorded with its standard error, split and size. ``--act-bits fp|N`` trains in weight-only mode.
 
 Optimizer: Adam with explicit parameter groups — ``weights`` (conv/linear weights, weight decay), ``scales``
 (quantizer scales, plus per-bit BN affine parameters and biases by default as in the reference;
@@ -14,8 +21,9 @@ Optimizer: Adam with explicit parameter groups — ``weights`` (conv/linear weig
 remaining parameter; wd 0). Learning rates follow a per-step cosine schedule without warm-up.
 
 Run directory: ``train_config.json``, ``checkpoint.pt`` (:mod:`hasb.checkpoint`; resumable exactly, metrics
-included), ``metrics.csv``/``metrics.json`` (:mod:`hasb.metrics`; per epoch, validation accuracies with split,
-size and standard error), and at the end ``model.pt`` (:func:`hasb.export.save_quantized`).
+included), ``metrics.csv``/``metrics.json`` (:mod:`hasb.metrics`; per epoch, the validation metric per precision
+with split, size and standard error), and at the end ``model.pt`` (:func:`hasb.export.save_quantized`; the float
+stage: :func:`hasb.checkpoint.save_float`).
 
 Distributed (:mod:`hasb.distributed`): launch with ``torchrun --nproc_per_node K -m hasb.train ...``; every rank
 takes its slice of the same global batch and gradients are all-reduced (averaged) before every per-bit step.
@@ -35,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import alrs as A
@@ -43,12 +50,15 @@ from .checkpoint import (
     CKPT_FORMAT,
     check_resume,
     clean_stale_tmp,
+    is_quantized,
     read_train_checkpoint,
     resume_loss_sums,
     save_checkpoint,
+    save_float,
     save_trained,
 )
 from .cli import (
+    act_mode,
     add_options,
     config_from_args,
     default_threads,
@@ -57,8 +67,8 @@ from .cli import (
     run_cli,
     set_threads,
 )
-from .config import ConfigError, atomic_write_text
-from .data import DataError, batches, load_dataset
+from .config import ConfigError, atomic_write_text, bit_str
+from .data import DataError, batches, check_model_fits, evaluate_metric, load_dataset
 from .distill import pskd_alpha, pskd_target
 from .distributed import (
     Dist,
@@ -71,8 +81,8 @@ from .distributed import (
 )
 from .errors import HasbError
 from .export import CheckpointError, load_quantized, read_checkpoint
-from .metrics import BN_NOTE, accuracy_fields, bit_name, summary_line, write_metrics
-from .models import UnknownModelError, build_model, build_record
+from .metrics import BN_NOTE, metric_fields, pass_name, summary_line, write_metrics
+from .models import UnknownModelError, build_model, build_record, model_task, state_dict_mismatch
 from .modules import QUANT_TYPES
 from .quantize import (
     get_spec,
@@ -97,6 +107,7 @@ from .train_step import (
     Batch,
     StepContext,
     autocast,
+    float_step,
     multi_precision_step,
     supernet_step,
 )
@@ -165,22 +176,25 @@ def load_supernet(path: str | Path, trusted_model: str | None = None) -> nn.Modu
 
 
 def _load_float_init(model: nn.Module, path: str) -> None:
+    """Load a float state dict (plain, or under ``state_dict``/``model``, e.g. the float stage's model.pt) strictly;
+    a mismatch names the missing, unexpected and differently shaped keys."""
     obj = read_checkpoint(path)
+    if obj.get("format") is not None:
+        raise TrainError(
+            f"--init {path} is a {obj.get('format')} file; the float and multi stages want a float state dict "
+            f"(the supernet stage takes a multi-precision model.pt)"
+        )
     for k in ("state_dict", "model"):
         if k in obj and isinstance(obj[k], dict):
             obj = obj[k]
-    if obj.get("format") is not None:
-        raise TrainError(
-            f"--init {path} is a {obj.get('format')} file; the multi stage wants a float state dict "
-            f"(the supernet stage takes a multi-precision model.pt)"
-        )
-    try:
-        model.load_state_dict(obj, strict=True)
-    except RuntimeError as e:
-        raise TrainError(
-            f"--init {path} does not fit model {(build_record(model) or {}).get('name', '?')}: "
-            f"{str(e).splitlines()[0][:300]}"
-        ) from None
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TrainError(f"--init {path} is not a float state dict (a dict of tensors)")
+    name = (build_record(model) or {}).get("name", "?")
+    why = state_dict_mismatch(model, obj)
+    if why:
+        hint = " (a byte LM's context follows the data's window length: --data-opt context=N)" if "pos." in why else ""
+        raise TrainError(f"--init {path} does not fit model {name}: {why}{hint}")
+    model.load_state_dict(obj, strict=True)
 
 
 @torch.no_grad()
@@ -205,32 +219,54 @@ def _float_bn_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 128) ->
         model.train(was)
 
 
+def _zoo_model(cfg: TrainConfig, splits) -> nn.Module:
+    """A fresh ``cfg.model`` for ``splits``; a byte LM's context is the data's window length T."""
+    extra = {"context": splits.image_size} if splits.task == "lm" and model_task(cfg.model) == "lm" else {}
+    return build_model(
+        cfg.model,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        image_size=splits.image_size,
+        **extra,
+    )
+
+
+def _rebuild(ckpt: dict) -> nn.Module:
+    """Resume: the model rebuilt from the checkpoint's own description (quantized unless the float stage's)."""
+    build = json.loads(ckpt["build"])
+    spec = json.loads(ckpt["spec"])
+    model = build_model(**build)
+    if spec is not None:
+        quantize_like(model, spec)
+    if ckpt["tbn"]:
+        enable_tbn(model)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
 def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module, dict | None]:
     """The model to train (and, for supernet, the multi-stage extra dict)."""
     bits = validate_config(cfg)
-    if ckpt is not None:  # resume: rebuild from the checkpoint's own description
-        build = json.loads(ckpt["build"])
-        spec = json.loads(ckpt["spec"])
-        model = build_model(**build)
-        quantize_like(model, spec)
-        if ckpt["tbn"]:
-            enable_tbn(model)
-        model.load_state_dict(ckpt["model"], strict=True)
+    if ckpt is not None:
+        return _rebuild(ckpt), None
+    if cfg.stage == "supernet":
+        return _supernet_model(cfg, bits)
+    model = _zoo_model(cfg, splits)
+    if cfg.init:
+        _load_float_init(model, cfg.init)
+    if cfg.stage == "float":
         return model, None
-    if cfg.stage == "multi":
-        model = build_model(
-            cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
-        )
-        if cfg.init:
-            _load_float_init(model, cfg.init)
-        else:
-            # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
-            # train-mode ones: activation scales initialised on them would clip almost everything
-            _float_bn_stats(model, splits.calib[0][:512])
-        quantize_model(model, bits, fixed_bits=cfg.fixed_bits)
-        init_quantizers(model, splits.calib[0][:256])
-        return model, None
-    # supernet
+    if not cfg.init:
+        # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
+        # train-mode ones: activation scales initialised on them would clip almost everything
+        _float_bn_stats(model, splits.calib[0][:512])
+    quantize_model(model, bits, fixed_bits=cfg.fixed_bits, **act_mode(cfg.act_bits))
+    init_quantizers(model, splits.calib[0][:256])
+    return model, None
+
+
+def _supernet_model(cfg: TrainConfig, bits: list[int]) -> tuple[nn.Module, dict]:
+    """The multi-precision model of ``--init`` (its weight-only mode inherited), checked against the options."""
     if not cfg.init:
         raise TrainError("the supernet stage needs --init PATH (the multi-precision run's model.pt or its directory)")
     model, extra = load_quantized(_resolve_model_pt(cfg.init), trusted_model=cfg.model)
@@ -245,6 +281,12 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
     name = (build_record(model) or {}).get("name")
     if cfg.model and name and cfg.model != name:
         raise TrainError(f"--model {cfg.model} does not match --init (a {name} model)")
+    mode = "same" if not spec.weight_only else str(bit_str(spec.act_bit))
+    if cfg.act_bits != "same" and cfg.act_bits != mode:
+        raise TrainError(
+            f"--act-bits {cfg.act_bits} does not match --init (trained with activations {mode}); the supernet "
+            f"stage inherits the mode: leave --act-bits out or give {mode}"
+        )
     if cfg.tbn:
         enable_tbn(model)
     return model.train(), extra
@@ -279,27 +321,39 @@ def _build_sampler(cfg: TrainConfig, model: nn.Module, bits: list[int]) -> BitSa
 
 
 @torch.no_grad()
+def evaluate_config(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config,
+    task: str = "classification",
+    *,
+    batch_size: int = 512,
+    device=None,
+    bf16: bool = False,
+) -> dict:
+    """:func:`hasb.data.evaluate_metric` of ``config`` (BitConfig or uniform bit; ignored for an unquantized model)
+    on ``data``: ``{"metric", "value", "se", "loss_nats", "n"}``; model left in eval mode."""
+    device = device or next(model.parameters()).device
+    if is_quantized(model):
+        set_config(model, config)
+    with autocast(device, bf16):
+        return evaluate_metric(model, data, task, batch_size=batch_size, device=device)
+
+
 def evaluate(
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
     config,
     *,
+    task: str = "classification",
     batch_size: int = 512,
     device=None,
     bf16: bool = False,
 ) -> tuple[float, float]:
-    """(accuracy, mean CE loss) of ``config`` (BitConfig or uniform bit) on ``data``; model left in eval mode."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    set_config(model, config)
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches(data, batch_size, device=device):
-        with autocast(device, bf16):
-            z = model(x)
-        loss += float(F.cross_entropy(z.float(), y, reduction="sum"))
-        correct += int((z.argmax(1) == y).sum())
-        n += len(y)
-    return correct / max(n, 1), loss / max(n, 1)
+    """(metric, mean CE loss in nats) of ``config`` on ``data``: accuracy for classification, bits per byte for
+    ``task="lm"``; see :func:`evaluate_config` for the standard error and size."""
+    r = evaluate_config(model, data, config, task, batch_size=batch_size, device=device, bf16=bf16)
+    return r["value"], r["loss_nats"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,7 +365,7 @@ class Run:
     """A validated, built training run and its position in the schedule."""
 
     cfg: TrainConfig
-    bits: list[int]
+    bits: list  # the trained precisions' keys: candidate bits, highest first; [None] (the float model) in stage float
     out: Path
     dist: Dist
     device: torch.device
@@ -333,6 +387,14 @@ class Run:
     @property
     def ckpt_path(self) -> Path:
         return self.out / "checkpoint.pt"
+
+    @property
+    def labels(self) -> dict:
+        """Key → metrics label: ``w8a8``; ``w8afp`` in weight-only mode; ``fp`` for the float stage."""
+        if not is_quantized(self.model):
+            return {b: pass_name(None, None) for b in self.bits}
+        spec = get_spec(self.model)
+        return {b: pass_name(*spec.pair(b)) for b in self.bits}
 
 
 def _pick_device(name: str) -> tuple[torch.device, Dist]:
@@ -370,15 +432,17 @@ def _open_checkpoint(cfg: TrainConfig, out: Path) -> dict | None:
 def _prepare(cfg: TrainConfig) -> Run:
     """Validate everything (options, device, checkpoint, data, model, sensitivity) and build the run; writes nothing."""
     bits = validate_config(cfg)
+    check_model_fits(cfg.model, cfg.data)  # an LM on images (or a CNN on text): one line before any work
     device, dist_ = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt = _open_checkpoint(cfg, Path(cfg.out))
-    splits = load_dataset(
-        cfg.data, cfg.data_dir, val_size=cfg.val_size, train_limit=cfg.train_limit, val_limit=cfg.val_limit
-    )
+    splits = _load_splits(cfg)
+    check_model_fits(cfg.model, cfg.data, splits.task)  # a user data source's task is known once it is open
     model, _ = _build_model(cfg, splits, ckpt)
+    check_model_fits((build_record(model) or {}).get("name"), cfg.data, splits.task)  # supernet: --init's model
     if cfg.stage == "multi" and tuple(bits) != tuple(get_spec(model).bits):
         raise TrainError("resume: bits differ from the checkpoint's model")
+    bits = [None] if cfg.stage == "float" else bits
     sampler = _build_sampler(cfg, model, bits)
     model.to(device).train()
     opt = torch.optim.Adam([dict(g) for g in param_groups(model, cfg.wd, cfg.scales_include)], lr=cfg.lr)
@@ -387,18 +451,19 @@ def _prepare(cfg: TrainConfig) -> Run:
         fwd=model,
         opt=opt,
         base_lrs={g["name"]: cfg.lr for g in opt.param_groups},
-        factors=A.alrs_factors(bits, cfg.alrs, cfg.alrs_alpha),
+        factors={None: 1.0} if cfg.stage == "float" else A.alrs_factors(bits, cfg.alrs, cfg.alrs_alpha),
         distill=cfg.distill,
         kd_weight=cfg.kd_weight,
         bf16=cfg.bf16,
         dist=dist_,
+        task=splits.task,
     )
     n_train = len(splits.train[0])
     if cfg.batch_size % dist_.world:
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by the {dist_.world} processes")
     steps = n_train // cfg.batch_size
     if steps == 0:
-        raise TrainError(f"the training set ({n_train} images) is smaller than one batch ({cfg.batch_size})")
+        raise TrainError(f"the training set ({n_train} examples) is smaller than one batch ({cfg.batch_size})")
     run = Run(
         cfg,
         bits,
@@ -414,10 +479,43 @@ def _prepare(cfg: TrainConfig) -> Run:
         steps * cfg.epochs,
     )
     if cfg.distill == "pskd":
-        run.pskd["cur"] = torch.zeros(n_train, splits.num_classes)
+        run.pskd["cur"] = _pskd_store(splits)
     if ckpt is not None:
         _restore(run, ckpt)
     return run
+
+
+def _load_splits(cfg: TrainConfig):
+    """The data source's splits; ``--augment`` (2-px shifts, flips) needs image batches ``[N, C, H, W]``."""
+    splits = load_dataset(
+        cfg.data,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        train_limit=cfg.train_limit,
+        val_limit=cfg.val_limit,
+        **cfg.data_opts,
+    )
+    if cfg.augment and len(splits.input_shape) != 3:
+        raise TrainError(
+            f"--augment shifts and flips images [C, H, W]; --data {cfg.data} gives inputs of shape "
+            f"{list(splits.input_shape)} ({splits.task}): leave --augment out"
+        )
+    return splits
+
+
+PSKD_MAX_BYTES = 8 << 30  # the per-sample PSKD record lives in host memory
+
+
+def _pskd_store(splits) -> torch.Tensor:
+    """Zeros for the per-sample top-bit softmax of the epoch: ``[N, K]`` or, per byte, ``[N, T, 256]``."""
+    shape = (len(splits.train[0]), *splits.train[1].shape[1:], splits.num_classes)
+    size = 4 * int(torch.Size(shape).numel())
+    if size > PSKD_MAX_BYTES:
+        raise TrainError(
+            f"--distill pskd would keep a softmax per training {'byte' if splits.task == 'lm' else 'example'} "
+            f"({size / 2**30:.1f} GiB for shape {list(shape)}); use --distill inplace or a smaller --train-limit"
+        )
+    return torch.zeros(shape)
 
 
 def _restore(run: Run, ckpt: dict) -> None:
@@ -445,7 +543,7 @@ def _start(run: Run) -> None:
     if run.dist.world > 1:
         broadcast_state(run.model)
     if run.cfg.compile:
-        if run.cfg.stage == "multi":
+        if run.cfg.stage in ("float", "multi"):
             run.ctx.fwd = torch.compile(run.model)
         else:  # per-layer configs vary every pass: compile leaves (≤ one graph per bit each) not the whole net
             for m in run.model.modules():
@@ -472,7 +570,10 @@ def train(cfg: TrainConfig) -> Path:
             run.stopped = epoch + 1 < cfg.epochs
             break
     if run.dist.main and not run.stopped:
-        save_trained(run.model, run.out / "model.pt", cfg, run.bits, run.history, run.sampler)
+        if cfg.stage == "float":
+            save_float(run.model, run.out / "model.pt", cfg, run.history)
+        else:
+            save_trained(run.model, run.out / "model.pt", cfg, run.bits, run.history, run.sampler)
     barrier(run.dist)
     return run.out
 
@@ -526,9 +627,12 @@ def _step(
     soft = None
     if run.cfg.distill == "pskd":
         prev = run.pskd["prev"]
-        soft = pskd_target(yb, None if prev is None else prev[ib_local].to(device), alpha_t, run.splits.num_classes)
+        prev = None if prev is None else prev[ib_local].to(device)
+        soft = pskd_target(yb.long(), prev, alpha_t, run.splits.num_classes)
     batch = Batch(xb, yb, soft)
-    if run.sampler is None:
+    if run.cfg.stage == "float":
+        losses, p_top = float_step(run.ctx, batch, sched)
+    elif run.sampler is None:
         losses, p_top = multi_precision_step(run.ctx, batch, run.bits, sched)
     else:
         losses, p_top = supernet_step(run.ctx, batch, run.bits, sched, run.sampler, epoch, run.sgen)
@@ -586,33 +690,47 @@ def _end_epoch(run: Run, epoch: int, loss_sum: dict, n_steps: int, t0: float) ->
         write_metrics(run.out, run.history)
         _save(run, epoch + 1, 0, {})
         if cfg.progress:
-            print(summary_line(cfg.stage, row, bits, cfg.epochs), file=sys.stderr)
+            print(summary_line(cfg.stage, row, list(run.labels.values()), cfg.epochs), file=sys.stderr)
 
 
 def _bn_note(run: Run) -> str:
+    """How the scores below use normalisation statistics (hasb.metrics.BN_NOTE)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.model.modules()):
+        return BN_NOTE["none"]
+    if run.cfg.stage == "float":
+        return "float BN as trained"
     if run.cfg.stage == "multi":
         return BN_NOTE["multi"]
     return BN_NOTE["supernet" if tbn_enabled(run.model) else "supernet-bit"]
 
 
-def _epoch_row(run: Run, epoch: int, sums: dict[int, float], n_steps: int, t0: float) -> dict[str, Any]:
-    """One metrics row: mean training losses, validation accuracy ± SE per bit (split, size, BN), lrs, σ."""
-    cfg, bits = run.cfg, run.bits
+def _epoch_row(run: Run, epoch: int, sums: dict, n_steps: int, t0: float) -> dict[str, Any]:
+    """One metrics row: mean training losses, the validation metric ± SE per precision (metric, split, size, BN),
+    lrs, σ (columns: :mod:`hasb.metrics`)."""
+    cfg, bits, labels = run.cfg, run.bits, run.labels
     n = max(n_steps, 1)
     row: dict[str, Any] = {"epoch": epoch + 1, "step": run.global_step, "loss": sum(sums.values()) / n / len(bits)}
     for b in bits:
-        row[f"loss_{bit_name(b)}"] = sums[b] / n
+        row[f"loss_{labels[b]}"] = sums[b] / n
     if run.dist.main:
-        n_val = len(run.splits.val[1])
-        row.update(val_split="val", val_n=n_val, bn=_bn_note(run))
+        val = run.splits.val
+        row.update(
+            metric=run.splits.metric,
+            higher_is_better=run.splits.higher_is_better,
+            val_split="val",
+            val_n=len(val[1]),
+            bn=_bn_note(run),
+        )
+        if run.splits.task == "lm":
+            row["val_bytes"] = int(val[1].numel())
         for b in bits:
-            acc, vloss = evaluate(run.model, run.splits.val, b, device=run.device, bf16=cfg.bf16)
-            row.update(accuracy_fields(b, acc, vloss, n_val))
+            res = evaluate_config(run.model, val, b, run.splits.task, device=run.device, bf16=cfg.bf16)
+            row.update(metric_fields(labels[b], res))
     sched = A.cosine_factor(run.global_step - 1, run.total_steps)
     for g in run.ctx.opt.param_groups:
         row[f"lr_{g['name']}"] = run.ctx.base_lrs[g["name"]] * sched
-    for b in bits:
-        row[f"lr_scales_{bit_name(b)}"] = cfg.lr * sched * run.ctx.factors[b]
+    for b in bits if cfg.stage != "float" else ():  # ALRS: per-bit lr of the scales group
+        row[f"lr_scales_{labels[b]}"] = cfg.lr * sched * run.ctx.factors[b]
     if run.sampler is not None:
         row["sigma"] = run.sampler.sigma_at(epoch)
     row["epoch_s"] = time.time() - t0
@@ -647,8 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's parser, generated from :class:`TrainConfig`'s fields."""
     p = argparse.ArgumentParser(
         prog="python -m hasb.train",
-        description="Train a Double Rounding multi-precision model (stage multi) or the HASB mixed-precision "
-        "supernet from it (stage supernet). Writes DIR/checkpoint.pt, metrics.csv/json, "
+        description="Train a float model (stage float), a Double Rounding multi-precision model from it "
+        "(stage multi) or the HASB mixed-precision supernet from that (stage supernet), on images or (byte LMs "
+        "lm_tiny, lm_small) text. Writes DIR/checkpoint.pt, metrics.csv/json, "
         "train_config.json and finally DIR/model.pt. Bad input: one line on stderr, exit code 2.",
     )
     return add_options(p, TrainConfig)
@@ -681,6 +800,7 @@ __all__ = [
     "CKPT_FORMAT",
     "train",
     "evaluate",
+    "evaluate_config",
     "load_supernet",
     "param_groups",
     "param_categories",

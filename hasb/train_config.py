@@ -10,12 +10,15 @@ from dataclasses import asdict, dataclass
 
 from . import alrs as A
 from .cli import (
+    act_bits_option,
     data_dir_option,
     data_option,
+    data_opts_option,
     device_option,
     model_option,
     option,
     out_option,
+    parse_act_bits,
     parse_bits,
     quiet_option,
     seed_option,
@@ -26,7 +29,7 @@ from .errors import HasbError
 from .quantize import DEFAULT_BITS
 from .sampler import SAMPLERS
 
-STAGES = ("multi", "supernet")
+STAGES = ("float", "multi", "supernet")
 SCALE_CATEGORIES = ("quant", "bn", "bias")
 # fields that may differ between a run and its --resume (they do not change what is computed)
 RESUME_FREE = {
@@ -58,12 +61,14 @@ class TrainConfig:
     stage: str = option(
         "multi",
         choices=STAGES,
-        help="multi: all-bit training (Alg. A.2); supernet: per-layer "
+        help="float: plain training of the float zoo model (writes a float state dict model.pt for --init); "
+        "multi: all-bit training (Alg. A.2); supernet: per-layer "
         "stochastic bit switching from a multi-precision model.pt (Alg. A.3)",
     )
-    model: str | None = model_option()  # multi: required; supernet: taken from --init
+    model: str | None = model_option()  # float, multi: required; supernet: taken from --init
     data: str = data_option()
     data_dir: str | None = data_dir_option()
+    data_opts: dict = data_opts_option()
     out: str = out_option("run directory", default="runs/train", required=True)
     epochs: int = option(1, help="epochs")
     # the CLI keeps the text and parses it with hasb.cli.parse_bits inside the exit-code policy (one error line)
@@ -121,6 +126,8 @@ class TrainConfig:
     val_size: int = 5000
     augment: bool = option(False, help="random 2-px shifts + horizontal flips")
     fixed_bits: str = option("fp", help="precision of the fixed first/last layers: fp or an int in 1..8")
+    # multi: chooses the mode; supernet: the mode of --init (same = inherit; anything else must match it)
+    act_bits: str = act_bits_option()
     seed: int = seed_option()
     device: str = device_option()
     bf16: bool = option(False, help="bfloat16 autocast (GPU)")
@@ -184,7 +191,7 @@ def validate_config(cfg: TrainConfig) -> list[int]:
         _check(
             getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; accepted: {', '.join(choices)}"
         )
-    _check(cfg.stage != "multi" or bool(cfg.model), "--model is required for the multi stage")
+    _check(cfg.stage == "supernet" or bool(cfg.model), f"--model is required for the {cfg.stage} stage")
     _finite(cfg, "lr", 0.0, lo_open=True)
     _finite(cfg, "wd", 0.0)
     _finite(cfg, "alrs_alpha", 0.0, 1.0, lo_open=True)
@@ -208,9 +215,15 @@ def validate_config(cfg: TrainConfig) -> list[int]:
         f"{', '.join(SCALE_CATEGORIES)}",
     )
     try:
-        return parse_bits(cfg.bits)
+        bits = parse_bits(cfg.bits)
+        act = parse_act_bits(cfg.act_bits)
     except HasbError as e:
         raise TrainError(str(e)) from None
+    _check(
+        not act.isdigit() or int(act) in bits,
+        f"--act-bits {act} is not one of the candidate bits {bits}; accepted: same, fp or one of them",
+    )
+    return bits
 
 
 __all__ = ["TrainConfig", "TrainError", "STAGES", "SCALE_CATEGORIES", "RESUME_FREE", "validate_config"]

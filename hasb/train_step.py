@@ -8,8 +8,12 @@ an optimizer step — each precision updates the shared weights in turn. There i
 Alg. A.3 (supernet, :func:`supernet_step`): the same passes, but each base bit's pass runs a per-layer config drawn
 by the bit sampler (HASB by default).
 
-Losses: in-place distillation (lower bits learn from the top bit's softmax of the same step), progressive self-KD
-targets (``Batch.soft``) or plain cross-entropy.
+The float stage (:func:`float_step`) is one plain pass per step on the unquantized model.
+
+Losses (:func:`pass_loss`): in-place distillation (lower bits learn from the top bit's softmax of the same step),
+progressive self-KD targets (``Batch.soft``) or plain cross-entropy (:func:`hasb.data.loss_fn` of the task). A
+language model's logits ``[B, T, 256]`` are distilled per byte: logits, targets and soft targets are flattened to
+``[B·T, 256]`` rows first, so every byte position is one row of the same losses.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import alrs as A
 from .config import BitConfig
+from .data import loss_fn
 from .distill import inplace_loss, soft_cross_entropy
 from .distributed import Dist, allreduce_grads
 from .quantize import set_config
@@ -42,13 +46,14 @@ class StepContext:
     kd_weight: float = 0.5
     bf16: bool = False
     dist: Dist = field(default_factory=Dist)
+    task: str = "classification"  # hasb.data's task: "classification" or "lm"
 
 
 @dataclass
 class Batch:
-    x: torch.Tensor  # [B, C, H, W] this rank's slice
-    y: torch.Tensor  # [B] labels
-    soft: torch.Tensor | None = None  # [B, classes] PSKD targets, or None
+    x: torch.Tensor  # [B, C, H, W] images or [B, T] byte ids: this rank's slice
+    y: torch.Tensor  # [B] labels or [B, T] next bytes
+    soft: torch.Tensor | None = None  # [B, classes] or [B, T, 256] PSKD targets, or None
 
 
 def autocast(device, enabled: bool):
@@ -59,22 +64,51 @@ def autocast(device, enabled: bool):
 
 
 def pass_loss(ctx: StepContext, z: torch.Tensor, batch: Batch, teacher: torch.Tensor | None) -> torch.Tensor:
-    """The loss of one pass: PSKD soft targets, in-place distillation from ``teacher`` (top bit) or CE."""
+    """The loss of one pass: PSKD soft targets, in-place distillation from ``teacher`` (top bit) or the task's CE.
+
+    ``z``: logits ``[B, K]`` or ``[B, T, K]``; ``teacher``/``batch.soft``: probabilities of the same shape. Every
+    loss is a mean over rows of ``[·, K]`` (examples, or bytes for a language model), in nats.
+    """
+    if batch.soft is None and ctx.distill != "inplace":
+        return loss_fn(ctx.task, z, batch.y)
+    k = z.shape[-1]
+    rows = z.reshape(-1, k)
     if batch.soft is not None:
-        return soft_cross_entropy(z, batch.soft)
-    if ctx.distill == "inplace":
-        return inplace_loss(z, batch.y, teacher, ctx.kd_weight)
-    return F.cross_entropy(z.float(), batch.y)
+        return soft_cross_entropy(rows, batch.soft.reshape(-1, k))
+    return inplace_loss(
+        rows, batch.y.reshape(-1).long(), None if teacher is None else teacher.reshape(-1, k), ctx.kd_weight
+    )
+
+
+def top_probs(z: torch.Tensor) -> torch.Tensor:
+    """The detached softmax over the last (class/byte) axis: the in-place teacher and the PSKD record."""
+    return torch.softmax(z.detach().float(), -1)
+
+
+def _set_lrs(ctx: StepContext, lrs: dict[str, float]) -> None:
+    for g in ctx.opt.param_groups:
+        g["lr"] = lrs[g["name"]]
+
+
+def float_step(ctx: StepContext, batch: Batch, schedule: float) -> tuple[dict[None, torch.Tensor], torch.Tensor]:
+    """The float stage's step: one pass of the unquantized model, every group at λ₀·schedule (no ALRS: there are
+    no bits). Returns ({None: detached loss}, softmax of the logits) — ``None`` is the float model's key."""
+    _set_lrs(ctx, {g: lr * schedule for g, lr in ctx.base_lrs.items()})
+    loss, z = _optimizer_pass(ctx, batch, None)
+    return {None: loss.detach().float()}, top_probs(z)
 
 
 def bit_pass(
     ctx: StepContext, conf: BitConfig | int, bit: int, schedule: float, batch: Batch, teacher: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step at config ``conf`` (base bit ``bit``); returns (loss, logits [B, classes])."""
+    """One optimizer step at config ``conf`` (base bit ``bit``); returns (loss, logits [B, classes] or [B, T, 256])."""
     set_config(ctx.model, conf)
-    lrs = A.group_lrs(ctx.base_lrs, schedule, bit, ctx.factors)
-    for g in ctx.opt.param_groups:
-        g["lr"] = lrs[g["name"]]
+    _set_lrs(ctx, A.group_lrs(ctx.base_lrs, schedule, bit, ctx.factors))
+    return _optimizer_pass(ctx, batch, teacher)
+
+
+def _optimizer_pass(ctx: StepContext, batch: Batch, teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward (gradients averaged over DDP ranks), one optimizer step; returns (loss, logits)."""
     with autocast(batch.x.device, ctx.bf16):
         z = ctx.fwd(batch.x)
     loss = pass_loss(ctx, z, batch, teacher)
@@ -91,14 +125,15 @@ def multi_precision_step(
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Alg. A.2: one pass per candidate bit, high → low, each with its own optimizer step.
 
-    Returns (bit → detached float loss, the top bit's softmax [B, classes] — the in-place teacher / PSKD record).
+    Returns (bit → detached float loss, the top bit's softmax [B, classes] or [B, T, 256] — the in-place teacher /
+    PSKD record).
     """
     losses: dict[int, torch.Tensor] = {}
     teacher = p_top = None
     for k, b in enumerate(bits):
         loss, z = bit_pass(ctx, b, b, schedule, batch, teacher)
         if k == 0:
-            p_top = torch.softmax(z.detach().float(), 1)
+            p_top = top_probs(z)
             teacher = p_top if ctx.distill == "inplace" else None
         losses[b] = loss.detach().float()
     return losses, p_top
@@ -123,10 +158,20 @@ def supernet_step(
         conf = sampler.sample(b, epoch, gen)  # Alg. 1: each layer keeps b or switches with p_l
         loss, z = bit_pass(ctx, conf, b, schedule, batch, teacher)
         if k == 0:
-            p_top = torch.softmax(z.detach().float(), 1)
+            p_top = top_probs(z)
             teacher = p_top if ctx.distill == "inplace" else None
         losses[b] = loss.detach().float()
     return losses, p_top
 
 
-__all__ = ["StepContext", "Batch", "autocast", "pass_loss", "bit_pass", "multi_precision_step", "supernet_step"]
+__all__ = [
+    "StepContext",
+    "Batch",
+    "autocast",
+    "pass_loss",
+    "top_probs",
+    "bit_pass",
+    "float_step",
+    "multi_precision_step",
+    "supernet_step",
+]

@@ -17,6 +17,7 @@ Source options (``size``, ``context``, ``limit``, ...) are keyword arguments of 
 
 from __future__ import annotations
 
+from ..models import model_task
 from .core import (
     TASKS,
     DataError,
@@ -68,6 +69,35 @@ def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
     if sep and rest and prefix.replace(".", "").replace("_", "").isalnum() and rest.isidentifier():
         return callable_source(spec, **opts)
     raise DataError(f"unknown --data {spec!r}; accepted: {', '.join(SPECS)}")
+
+
+def spec_task(spec: str) -> str | None:
+    """The task of a ``--data`` spec without opening it: ``"lm"`` for text sources, ``"classification"`` for the
+    image/array ones, None for user code (``pkg.module:callable``), whose task is known only once it runs."""
+    spec = (spec or "").strip()
+    prefix = spec.partition(":")[0]
+    if spec == "python-stdlib" or prefix == "text":
+        return "lm"
+    if spec in DATASETS or prefix in ("npz", "imagefolder"):
+        return "classification"
+    return None
+
+
+def check_model_fits(model: str | None, data: str, task: str | None = None) -> None:
+    """A :class:`DataError` when model ``model`` (a name) is for another task than ``--data data`` (``task``: the
+    opened source's task, else read from the spec); silent when either is not known (user code)."""
+    want, have = model_task(model), task or spec_task(data)
+    if want is None or have is None or want == have:
+        return
+    if want == "lm":
+        raise DataError(
+            f"--model {model} is a byte-level language model but --data {data} is {have} data; accepted for "
+            f"{model}: text:PATH_OR_GLOB, python-stdlib (or a package.module:callable source of task lm)"
+        )
+    raise DataError(
+        f"--model {model} is an image classifier but --data {data} is byte-level text (task {have}); use "
+        f"--model lm_tiny or lm_small, or classification data (fashion-mnist, mnist, npz:PATH, imagefolder:DIR)"
+    )
 
 
 def parse_data_opts(text: str | None) -> dict:
@@ -135,6 +165,7 @@ __all__ = [
     "TextSource",
     "batches",
     "callable_source",
+    "check_model_fits",
     "evaluate_metric",
     "find_data_dir",
     "imagefolder_source",
@@ -145,6 +176,7 @@ __all__ = [
     "open_source",
     "parse_data_opts",
     "read_idx",
+    "spec_task",
     "stdlib_source",
     "text_source",
 ]

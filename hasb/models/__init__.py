@@ -27,8 +27,42 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+LM_MODELS = ("lm_tiny", "lm_small")  # byte-level language models: task "lm" (hasb.data); the rest classify
+
+
 class UnknownModelError(HasbError):
     pass
+
+
+def model_task(name: str | None) -> str | None:
+    """The task a model name is for: ``"lm"`` (the byte LMs), ``"classification"`` (the other zoo models), or
+    None for user code (``package.module:callable``) and no name, whose task is not known before it runs."""
+    if not name or ":" in name:
+        return None
+    return "lm" if name in LM_MODELS else "classification" if name in MODELS else None
+
+
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """Why ``state`` cannot be loaded into ``model`` strictly, naming keys (missing, unexpected, other shape);
+    empty when it fits."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
+        for k in want
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(want[k].shape)
+    ]
+    parts = []
+    for what, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("other shapes (file vs model)", shapes),
+    ):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{what}: {', '.join(keys[:5])}{more}")
+    return "; ".join(parts)
 
 
 def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -87,4 +121,12 @@ def build_record(model: nn.Module) -> dict | None:
     return dict(rec) if isinstance(rec, dict) else None
 
 
-__all__ = ["MODELS", "build_model", "build_record", "UnknownModelError"]
+__all__ = [
+    "MODELS",
+    "LM_MODELS",
+    "build_model",
+    "build_record",
+    "model_task",
+    "state_dict_mismatch",
+    "UnknownModelError",
+]
