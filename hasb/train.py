@@ -227,7 +227,7 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
             # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
             # train-mode ones: activation scales initialised on them would clip almost everything
             _float_bn_stats(model, splits.calib[0][:512])
-        quantize_model(model, bits, fixed_bits=cfg.fixed_bits)
+        quantize_model(model, bits, fixed_bits=cfg.fixed_bits, rounding=cfg.rounding or "half_up")
         init_quantizers(model, splits.calib[0][:256])
         return model, None
     # supernet
@@ -235,6 +235,8 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
         raise TrainError("the supernet stage needs --init PATH (the multi-precision run's model.pt or its directory)")
     model, extra = load_quantized(_resolve_model_pt(cfg.init), trusted_model=cfg.model)
     spec = get_spec(model)
+    if cfg.rounding is not None and cfg.rounding != spec.rounding:
+        raise TrainError(f"--rounding {cfg.rounding} differs from --init's {spec.rounding}; the supernet keeps it")
     if extra.get("stage") not in (None, "multi", "supernet"):
         raise TrainError(f"--init {cfg.init} is not a training output (stage={extra.get('stage')!r})")
     not_cand = [b for b in bits if b not in spec.bits]
