@@ -134,10 +134,12 @@ WORKLOADS: dict[str, Workload] = {
 
 
 def smoke(wl: Workload) -> Workload:
-    """The same workload shrunk to seconds on a CPU: small_cnn, 128 training images, one epoch, few configs."""
+    """The same workload shrunk to seconds on a CPU: small_cnn at bits {4,2}, 128 training images, one epoch, few
+    configs (every code path, none of the statistics)."""
     return dataclasses.replace(
         wl,
         model="small_cnn",
+        bits=(4, 2),
         epochs=1,
         super_epochs=1,
         batch_size=64,
@@ -147,7 +149,7 @@ def smoke(wl: Workload) -> Workload:
         eval_val=64,
         calib=64,
         test_limit=128,
-        budgets=(3.0, 5.0),
+        budgets=(2.5, 3.5),
         n_search=3,
         n_proxy=12,
         n_mixed=2,
@@ -755,6 +757,7 @@ def _check(cfg: EvidenceConfig) -> tuple[list[str], list[int]]:
 def _claim_out(out: Path, settings: dict) -> None:
     """``out`` holds results of these settings only: a rerun with other sizes must not mix with them."""
     meta = out / "settings.json"
+    settings = json.loads(json.dumps(settings))  # tuples as the file holds them (lists)
     if meta.is_file() and json.loads(meta.read_text()) != settings:
         raise HasbError(f"{out} holds evidence of other settings ({meta}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
