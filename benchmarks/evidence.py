@@ -365,6 +365,17 @@ def _space(ctx: Ctx, model, seed: int) -> ilp.SearchSpace:
     return ilp.build_space(cost, sensitivity=sens, objective="omega", groups=ilp.tied_groups(model))
 
 
+def random_unit_choices(space: ilp.SearchSpace, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` random configs of the space (tied layers move together), spread over the average bit: per config
+    a random preference over the choices, then one draw per unit."""
+    allowed = space.unit_allowed()
+    out = []
+    for _ in range(n):
+        pref = rng.random(len(space.choices))
+        out.append(np.array([rng.choice(np.flatnonzero(a), p=pref[a] / pref[a].sum()) for a in allowed]))
+    return out
+
+
 def random_within(space: ilp.SearchSpace, limit: float, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` distinct random unit choices with BitOPs ≤ ``limit``: uniform draws, then random units lowered one
     step at a time until the config fits (so they sit near the budget, where the good configs are)."""
@@ -419,7 +430,7 @@ def _search_budget(ctx: Ctx, space, ev: Evaluator, test, b: float, seed: int) ->
     vals = {f"{k}@{b}": wl.scale * ev.score(c, test).accuracy for k, c in picks.items()}
     vals[f"ilp_beaten@{b}"] = 100.0 * float(np.mean([a > ilp_val for a in rand_acc]))
     vals[f"optuna_within@{b}"] = 100.0 * len(feasible) / max(len(trials), 1)
-    vals[f"ilp_avgbit@{b}"] = space.evaluate(space.unit_choice_of(picks["ilp"]))["avg_bit_equivalent"]
+    vals[f"ilp_avgbit@{b}"] = float(space.cost.avg_bit_equivalent(picks["ilp"]))
     return vals
 
 
@@ -439,10 +450,11 @@ def cell_proxy(ctx: Ctx, cell: str, seed: int) -> dict:
     """Arm f: Spearman ρ(Σ Ω, measured validation loss − the top-bit config's) over random configs."""
     sc = _scoring(ctx, ctx.run_dir("super_hasb", seed) / "model.pt")
     space = _space(ctx, sc.model, seed)
-    configs = random_configs(space.layers, ctx.wl.bits, ctx.wl.n_proxy, random.Random(10_000 + seed))
+    ucs = random_unit_choices(space, ctx.wl.n_proxy, np.random.default_rng(10_000 + seed))
+    configs = [space.config(uc) for uc in ucs]
     base = sc.ev.evaluate(hasb.uniform_config(sc.model, ctx.wl.bits[0])).loss
     d_loss = [r.loss - base for r in sc.ev.evaluate_many(configs)]
-    omega = [space.evaluate(space.unit_choice_of(c))["objective"] for c in configs]
+    omega = [space.evaluate(uc)["objective"] for uc in ucs]
     if not (np.all(np.isfinite(d_loss)) and np.all(np.isfinite(omega))) or np.ptp(omega) == 0 or np.ptp(d_loss) == 0:
         raise HasbError(f"degenerate proxy data for seed {seed}: Σ Ω or the losses are constant or not finite")
     rho = float(scipy.stats.spearmanr(omega, d_loss).statistic)

@@ -126,3 +126,16 @@ def test_random_configs_within_budget_are_distinct_and_fit():
     assert all(space.evaluate(u)["bitops"] <= limit for u in ucs)
     # near the budget, not all at the bottom: the repair lowers one unit at a time
     assert max(space.evaluate(u)["avg_bit_equivalent"] for u in ucs) > 3.0
+
+
+def test_random_unit_choices_keep_tied_layers_together_and_spread_the_bits():
+    model = hasb.quantize_model(build_model("resnet20_narrow"))
+    cost = hasb.CostModel.from_model(model)
+    groups = ilp.tied_groups(model)
+    space = ilp.build_space(cost, objective=np.zeros((len(cost.names), 4)), groups=groups)
+    assert space.n_units < len(space.layers)  # shortcuts tied: a layer-wise random config would leave the space
+    ucs = E.random_unit_choices(space, 40, np.random.default_rng(0))
+    for uc in ucs:
+        assert np.array_equal(space.unit_choice_of(space.config(uc)), uc)
+    avg = [space.evaluate(uc)["avg_bit_equivalent"] for uc in ucs]
+    assert max(avg) - min(avg) > 2.0  # per-config preferences spread the average bit (BitOPs-weighted)
