@@ -34,12 +34,13 @@ workload needs only its entry in ``WORKLOADS`` once ``hasb.train`` trains ``--da
 ``metric`` the prefix of the per-bit column that ``metrics.json`` then records (arms a-c read
 ``<metric>_w<b>a<b>``; arms d-f score through ``search.evaluate.Evaluator``, which must be task-aware too).
 
-Sizing (the defaults; ``--smoke`` runs everything tiny on the CPU in under a minute): see ``WORKLOADS``; each
-entry states the seconds it expects per cell on one H200, from per-epoch times measured on the 2-core CPU
-with 1/8 of the data, scaled by 8 (data) and divided by ~50 (H200 vs 2 CPU cores), and the whole-run estimate.
+Sizing: ``WORKLOADS`` holds each workload's sizes, chosen so that its whole run (all arms, 3 seeds, 6 cells at
+a time) takes about 10 minutes on one H200 (estimate and its derivation, from measured per-epoch times, in
+benchmarks/RESULTS.md, "Evidence across seeds"); ``--smoke`` shrinks any workload to a CPU check of every code
+path (small_cnn, bits {4,2}, 128 images: seconds per cell; no statistics to read from it).
 
     HASB_DATA_DIR=.data/fashion-mnist PYTHONPATH=. python -m benchmarks.evidence --workload mbv2-fmnist \\
-        --out $OUT/ev --jobs 6 --time-limit 540          # repeat the same command until it prints "complete"
+        --out $OUT/ev --time-limit 540          # repeat the same command until it prints "complete"
 """
 
 from __future__ import annotations
@@ -114,21 +115,25 @@ class Workload:
         return d
 
 
-# Estimates on one H200, eager bf16, 4 cells at a time (derivation in benchmarks/RESULTS.md, "Evidence"):
+# Sizes chosen so that one workload's whole run (all arms, 3 seeds, 6 cells at a time) takes about 10 minutes on
+# one H200; ``est`` = expected seconds per cell while 6 run side by side.  Derivation: benchmarks/RESULTS.md,
+# "Evidence across seeds".
 WORKLOADS: dict[str, Workload] = {
     "mbv2-fmnist": Workload(
         "mbv2-fmnist",
         model="mobilenet_v2",
         epochs=2,
         super_epochs=2,
-        est={"multi": 60, "lsq": 20, "sens": 15, "super": 60, "search": 120, "proxy": 50},
+        train_limit=20000,
+        est={"multi": 130, "lsq": 45, "sens": 30, "super": 140, "search": 150, "proxy": 45},
     ),
     "resnet20-narrow": Workload(
         "resnet20-narrow",
         model="resnet20_narrow",
         epochs=3,
         super_epochs=2,
-        est={"multi": 45, "lsq": 15, "sens": 8, "super": 35, "search": 70, "proxy": 30},
+        train_limit=40000,
+        est={"multi": 150, "lsq": 50, "sens": 25, "super": 115, "search": 80, "proxy": 30},
     ),
 }
 
@@ -206,6 +211,11 @@ def needs(cell: str) -> list[str]:
     if cell in ("search", "proxy"):
         return ["super_hasb", "sens"]
     return []
+
+
+def leaf(cell: str) -> bool:
+    """No other cell needs this one (so it can wait while the dependency chain runs)."""
+    return cell in ("msb", "alrs_off") or cell.startswith("lsq")
 
 
 def kind(cell: str) -> str:
@@ -540,7 +550,8 @@ class Scheduler:
                     proc.join()
                     del running[job]
                     self._finished(job, proc.exitcode == 0)
-            ready = [j for j in todo if j not in running and self.state(j) == "ready"]
+            # the chain multi → sens → supernets → search/proxy first; cells nothing waits for fill the gaps
+            ready = sorted((j for j in todo if j not in running and self.state(j) == "ready"), key=lambda j: leaf(j[0]))
             for job in ready[: max(0, self.jobs - len(running))]:
                 if not self.fits(job[0]):
                     self.skipped.add(job)
@@ -666,7 +677,8 @@ def groups(wl: Workload) -> list[Group]:
         Group(
             "e",
             f"e. search on the HASB supernet per average-bit budget: picks made on validation ({wl.eval_val} images), "
-            f"scored once on test; random = best of {wl.n_search} within the budget, Optuna = best of "
+            f"scored once on test ({wl.test_limit or 10000} images); random = best of {wl.n_search} within the "
+            f"budget, Optuna = best of "
             f"{wl.n_search} TPE trials",
             [str(b) for b in wl.budgets],
             Row("uniform at or below the budget", at("uniform")),
@@ -746,7 +758,7 @@ class EvidenceConfig:
     seeds: list = option(default_factory=lambda: [0, 1, 2], parse=_csv, help="comma-separated seeds (≥ 3 for CIs)")
     out: str = out_option("results folder (cells/, runs/, logs/, evidence.md, evidence.json)", required=True)
     device: str = device_option()
-    jobs: int | None = option(None, help="cells at once, each a process (default: 1 on cpu, 4 on cuda)")
+    jobs: int | None = option(None, help="cells at once, each a process (default: 1 on cpu, 6 on cuda)")
     time_limit: float | None = option(None, help="seconds: start a cell only if it should finish by then")
     smoke: bool = option(False, help="tiny settings (small_cnn, 128 images, one epoch): a CPU check of every code path")
 
@@ -791,7 +803,7 @@ def run_evidence(cfg: EvidenceConfig) -> int:
     arms, seeds = _check(cfg)
     wl = smoke(WORKLOADS[cfg.workload]) if cfg.smoke else WORKLOADS[cfg.workload]
     device = str(resolve_device(cfg.device))
-    jobs = cfg.jobs or (1 if device == "cpu" else 4)
+    jobs = cfg.jobs or (1 if device == "cpu" else 6)
     out = Path(cfg.out)
     _claim_out(out, wl.settings())
     ctx = Ctx(wl, out, device, threads=max(1, (os.cpu_count() or 1) // jobs))
