@@ -26,6 +26,22 @@ def log(msg: str) -> None:
     print(f"[train-step-time {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _median_ms(fn, iters: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` calls after 3 warm-ups (synchronised on CUDA)."""
+    ts = []
+    for i in range(iters + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            ts.append(time.perf_counter() - t)
+    ts.sort()
+    return 1000 * ts[len(ts) // 2]
+
+
 def step_times(
     model_name: str, device: torch.device, batch: int, bf16: bool, iters: int, compiled_multi: bool = False
 ) -> dict:
@@ -33,20 +49,6 @@ def step_times(
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     out = {}
-
-    def timed(fn) -> float:
-        ts = []
-        for i in range(iters + 3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:
-                ts.append(time.perf_counter() - t)
-        ts.sort()
-        return 1000 * ts[len(ts) // 2]
 
     for compiled in (False, True):
         if compiled and device.type != "cuda":
@@ -82,9 +84,9 @@ def step_times(
         for b in BITS if with_multi else [8]:  # compile each bit's graph before timing
             hasb.set_config(qm, b)
             step(qfwd, qopt)
-        f = timed(lambda ffwd=ffwd, fopt=fopt: step(ffwd, fopt))
-        q = timed(one_pass)
-        m = timed(multi) if with_multi else float("nan")
+        f = _median_ms(lambda ffwd=ffwd, fopt=fopt: step(ffwd, fopt), iters, device)
+        q = _median_ms(one_pass, iters, device)
+        m = _median_ms(multi, iters, device) if with_multi else float("nan")
         out[tag] = {"float_ms": f, "w8a8_pass_ms": q, "multi4_ms": m, "pass_ratio": q / f, "multi_ratio": m / f}
         log(f"step time {tag}: float {f:.2f} ms, one pass {q:.2f} ms ({q / f:.2f}x), 4-pass {m:.2f} ms ({m / f:.2f}x)")
     return out
