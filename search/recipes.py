@@ -78,6 +78,7 @@ _REUSE_KEYS = (
     "data",
     "epochs",
     "bits",
+    "rounding",
     "batch_size",
     "lr",
     "wd",
