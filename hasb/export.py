@@ -356,5 +356,8 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def derive_from_export(w_int_h: torch.Tensor, bit: int, high_bit: int, rounding: str = "half_up") -> torch.Tensor:
-    """Lower-bit integers from exported INT-h integers with integer ops only (add, arithmetic shift, clamp)."""
+    """Lower-bit integers from exported INT-h integers with integer ops only (add, arithmetic shift, clamp).
+
+    ``rounding`` is the model's (``spec.rounding``): ``msb`` is the bare shift ``W_h >> (h-l)``.
+    """
     return Q.derive_int(w_int_h.to(torch.int32), bit, high_bit, rounding).to(torch.int8)

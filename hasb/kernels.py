@@ -7,7 +7,7 @@ and runs it as two CUDA launches per layer and step:
 * forward (one launch, grid [C_out, ceil(K / BLOCK)]):
   Ŵ_l = clip(R(clip(round(W / s_h)) / 2^Δ)) · s_h · 2^Δ, bit-identical to the
   composite (correctly rounded division, round-half-even for Eq. 1, the chosen
-  ``rounding`` for Eq. 2);
+  ``rounding`` for Eq. 2: half-up, half-even or ``msb`` truncation);
 * backward (one launch, one program per output channel):
   ∂L/∂W = ∂L/∂Ŵ · 1[Qn ≤ q ≤ Qp] and the per-channel LSQ scale gradient
   ∂L/∂s_h[c] = g · 2^Δ · Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)),
@@ -54,7 +54,7 @@ _reference_activation = Q.quantize_activation
 
 
 # Roundings the weight kernel implements; any other mode (added to the quantizer later) takes the composite.
-KERNEL_ROUNDINGS = ("half_up", "half_even")
+KERNEL_ROUNDINGS = ("half_up", "half_even", "msb")
 # The layers use the kernels wherever they apply (CUDA eager); HASB_KERNELS=0 or :func:`enable` (False) turns
 # them off, e.g. to measure them against the composite in one process.
 _enabled = os.environ.get("HASB_KERNELS", "1") != "0"
@@ -75,7 +75,9 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN: tl.constexpr, DELTA0: tl.constexpr):
+    def _double_round(
+        w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN: tl.constexpr, TRUNC: tl.constexpr, DELTA0: tl.constexpr
+    ):
         """Eq. 1 then Eq. 2 on float32 lanes: the INT-l code W_l as float."""
         w_h = libdevice.rint(tl.div_rn(w, s))  # torch.round: half to even
         w_h = tl.minimum(tl.maximum(w_h, qn_h), qp_h)
@@ -84,6 +86,8 @@ if triton is not None:
         x = w_h * inv_pow  # exact: division by a power of two
         if HALF_EVEN:
             r = libdevice.rint(x)
+        elif TRUNC:  # MSB slicing: floor = arithmetic shift right
+            r = tl.floor(x)
         else:
             r = tl.floor(x + 0.5)
         return tl.minimum(tl.maximum(r, qn), qp)
@@ -101,6 +105,7 @@ if triton is not None:
         inv_pow,
         pow2,
         HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
         DELTA0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -110,7 +115,7 @@ if triton is not None:
         base = c.to(tl.int64) * K
         w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
         s = tl.load(s_ptr + c)
-        w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, DELTA0)
+        w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
         tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
 
     @triton.jit
@@ -129,6 +134,7 @@ if triton is not None:
         pow2,
         gfac,
         HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
         DELTA0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -142,7 +148,7 @@ if triton is not None:
             mask = offs < K
             w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
             go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, DELTA0)
+            w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
             q = tl.div_rn(w, s_eff)
             inside = (q >= qn) & (q <= qp)
             tl.store(gw_ptr + base + offs, tl.where(inside, go, 0.0), mask=mask)
@@ -214,6 +220,7 @@ def _launch_forward(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: in
         k,
         *_consts(bit, high_bit),
         HALF_EVEN=rounding == "half_even",
+        TRUNC=rounding == "msb",
         DELTA0=bit == high_bit,
         BLOCK=_BLOCK_FWD,
     )
@@ -236,6 +243,7 @@ def _launch_backward(w, scale, grad, bit, high_bit, rounding, g):
         *_consts(bit, high_bit),
         gfac,
         HALF_EVEN=rounding == "half_even",
+        TRUNC=rounding == "msb",
         DELTA0=bit == high_bit,
         BLOCK=_BLOCK_BWD,
     )
@@ -300,7 +308,7 @@ def quantize_weight(
 
     Args:
         w: float weight [C_out, ...]; scale: per-channel step s_h [C_out], positive.
-        bit: target bit l ≤ high_bit; rounding: ``half_up`` or ``half_even`` (Eq. 2).
+        bit: target bit l ≤ high_bit; rounding: ``half_up``, ``half_even`` or ``msb`` (Eq. 2).
     Returns:
         Ŵ_l, same shape as ``w``, through the fused kernels when :func:`fused_applies`,
         else through the composite reference.

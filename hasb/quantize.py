@@ -184,7 +184,8 @@ def quantize_model(
             layer feeds each BatchNorm.  Zoo models carry ``example_input_shape`` and may omit it.
         fixed: ``"first_last"`` (default, as the paper), ``"none"``, or explicit module paths.
         fixed_bits: precision of fixed layers: ``"fp"`` (default) or an int (e.g. 8).
-        rounding: second-rounding mode, ``"half_up"`` (default) or ``"half_even"``.
+        rounding: how lower bits derive from the stored INT-h code: ``"half_up"`` (default) or ``"half_even"``
+            (Double Rounding), or ``"msb"`` (MSB slicing: W_l = W_h >> (h-l), the top bits; scale s_h·2^(h-l)).
         act_signed: force signed/unsigned activation ranges; ``None`` decides per
             layer from data (signed when its first input has negatives).
         weight_only: only the weights switch bits; activations of searchable layers run at ``act_bits``

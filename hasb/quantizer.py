@@ -15,6 +15,15 @@ hardware does, and our default) or ``half_even`` (``torch.round``: what the
 reference code trains with).  Train and deploy with the same one; ties are
 frequent because W_h is an integer.
 
+``msb`` is MSB slicing (MatQuant-style) instead of a second rounding: R = floor,
+i.e. W_l = W_h >> Δ (arithmetic shift, no rounding offset), so W_l is exactly the
+top l bits of the two's-complement INT-h code and never needs the clip.  The
+scale relation is the same as for the other modes, s_l = s_h · 2^(h-l) (Eq. 3),
+so Ŵ_l = (W_h >> Δ) · s_h · 2^Δ: truncation moves every weight down by
+(W_h mod 2^Δ) · s_h ∈ [0, (2^Δ - 1) · s_h], a bias of about -(2^Δ - 1)/2 · s_h on
+average that the LSQ scale (and the weights) must learn around.  Its gradients are
+the same LSQ formulas with W_l the sliced code (see :func:`quantize_weight`).
+
 Gradients are LSQ's (Esser et al. 2020), made right where the reference code is
 not: the scale gradient is kept **per channel** (the reference sums it over the
 whole tensor, so every channel moves identically), includes the chain factor
@@ -42,8 +51,8 @@ from typing import Literal
 
 import torch
 
-Rounding = Literal["half_up", "half_even"]
-ROUNDINGS = ("half_up", "half_even")
+Rounding = Literal["half_up", "half_even", "msb"]
+ROUNDINGS = ("half_up", "half_even", "msb")
 
 _state = threading.local()
 
@@ -79,8 +88,9 @@ def round_shift(w_int: torch.Tensor, delta: int, rounding: Rounding = "half_up")
     """R(w_int / 2^delta) for integer-valued ``w_int`` (any float or int dtype).
 
     ``half_up`` equals the integer op ``(w + 2^(delta-1)) >> delta`` (arithmetic
-    shift); ``half_even`` equals ``torch.round(w / 2^delta)``.  Exact in float32
-    for |w| < 2^24 because division by a power of two is exact.
+    shift); ``half_even`` equals ``torch.round(w / 2^delta)``; ``msb`` equals
+    ``w >> delta`` (floor: the top bits of the two's-complement code).  Exact in
+    float32 for |w| < 2^24 because division by a power of two is exact.
     """
     if delta == 0:
         return w_int
@@ -90,11 +100,15 @@ def round_shift(w_int: torch.Tensor, delta: int, rounding: Rounding = "half_up")
             return torch.floor(x + 0.5)
         if rounding == "half_even":
             return torch.round(x)
+        if rounding == "msb":
+            return torch.floor(x)
     else:
         if rounding == "half_up":
             return (w_int + (1 << (delta - 1))) >> delta
         if rounding == "half_even":
             return torch.round(w_int.double() / 2**delta).to(w_int.dtype)
+        if rounding == "msb":
+            return w_int >> delta
     raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
 
 

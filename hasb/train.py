@@ -256,6 +256,7 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
         _load_float_init(model, cfg.init)
     if cfg.stage == "float":
         return model, None
+<<<<<<< HEAD
     if not cfg.init:
         # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
         # train-mode ones: activation scales initialised on them would clip almost everything
@@ -267,10 +268,28 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
 
 def _supernet_model(cfg: TrainConfig, bits: list[int]) -> tuple[nn.Module, dict]:
     """The multi-precision model of ``--init`` (its weight-only mode inherited), checked against the options."""
+=======
+    if cfg.stage == "multi":
+        model = build_model(
+            cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
+        )
+        if cfg.init:
+            _load_float_init(model, cfg.init)
+        else:
+            # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
+            # train-mode ones: activation scales initialised on them would clip almost everything
+            _float_bn_stats(model, splits.calib[0][:512])
+        quantize_model(model, bits, fixed_bits=cfg.fixed_bits, rounding=cfg.rounding or "half_up")
+        init_quantizers(model, splits.calib[0][:256])
+        return model, None
+    # supernet
+>>>>>>> h-ev
     if not cfg.init:
         raise TrainError("the supernet stage needs --init PATH (the multi-precision run's model.pt or its directory)")
     model, extra = load_quantized(_resolve_model_pt(cfg.init), trusted_model=cfg.model)
     spec = get_spec(model)
+    if cfg.rounding is not None and cfg.rounding != spec.rounding:
+        raise TrainError(f"--rounding {cfg.rounding} differs from --init's {spec.rounding}; the supernet keeps it")
     if extra.get("stage") not in (None, "multi", "supernet"):
         raise TrainError(f"--init {cfg.init} is not a training output (stage={extra.get('stage')!r})")
     not_cand = [b for b in bits if b not in spec.bits]

@@ -27,6 +27,7 @@ from .cli import (
 from .distill import DISTILL_MODES
 from .errors import HasbError
 from .quantize import DEFAULT_BITS
+from .quantizer import ROUNDINGS
 from .sampler import SAMPLERS
 
 STAGES = ("float", "multi", "supernet")
@@ -77,6 +78,12 @@ class TrainConfig:
         parse=str,
         help="candidate bits, comma "
         "separated (distinct, in 1..8); in the supernet stage a subset of --init's candidates",
+    )
+    rounding: str | None = option(
+        None,
+        choices=ROUNDINGS,
+        help="how lower bits derive from the stored INT-h code: half_up / half_even (Double Rounding) or msb "
+        "(MSB slicing: the top bits, W_h >> (h-l)); default half_up; the supernet stage takes --init's",
     )
     batch_size: int = option(128, help="global batch size (split over DDP ranks)")
     lr: float = option(2e-3, help="initial Adam learning rate λ₀ of every group, cosine annealed per step")
@@ -191,6 +198,10 @@ def validate_config(cfg: TrainConfig) -> list[int]:
         _check(
             getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; accepted: {', '.join(choices)}"
         )
+    _check(
+        cfg.rounding is None or cfg.rounding in ROUNDINGS,
+        f"unknown --rounding {cfg.rounding!r}; accepted: {', '.join(ROUNDINGS)}",
+    )
     _check(cfg.stage == "supernet" or bool(cfg.model), f"--model is required for the {cfg.stage} stage")
     _finite(cfg, "lr", 0.0, lo_open=True)
     _finite(cfg, "wd", 0.0)

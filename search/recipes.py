@@ -146,6 +146,7 @@ _REUSE_KEYS = (
     "act_bits",
     "epochs",
     "bits",
+    "rounding",
     "batch_size",
     "lr",
     "wd",
@@ -178,8 +179,13 @@ def _done(out: Path, cfg: TrainConfig) -> bool:
     return True
 
 
-def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 96, device: str = "cpu") -> Path | None:
+def sensitivity_for(
+    multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 96, device: str = "cpu", backend: str = "auto"
+) -> Path | None:
     """Per-layer traces of the demo's multi-precision model via analysis.sensitivity; returns the JSON path.
+
+    ``backend``: the HVP backend (``auto`` times both on the model first: seconds on a CPU, which a tiny run
+    may not want to spend).
 
     Traces are taken on the float twin of the multi-precision model (its float weights with the top bit's BN
     statistics: the multi stage never trains the 'fp' BN entries of quantized layers).
@@ -190,7 +196,9 @@ def sensitivity_for(multi_pt: Path, out: Path, splits_kw: dict, max_hvp: int = 9
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256 if splits.task != "lm" else 64, device=device))[:2]
     # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
-    cfg = SensitivityConfig(rtol=0.1, max_hvp=max_hvp, estimator="layer", bits=bits, include_fixed=False)
+    cfg = SensitivityConfig(
+        rtol=0.1, max_hvp=max_hvp, estimator="layer", bits=bits, include_fixed=False, backend=backend
+    )
     res = compute_sensitivity(
         model,
         calib,

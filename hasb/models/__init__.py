@@ -10,12 +10,13 @@ import torch.nn as nn
 from ..errors import HasbError
 from .lm import lm_small, lm_tiny
 from .mobilenetv2 import mobilenet_v2
-from .resnet import resnet18, resnet20, resnet50
+from .resnet import resnet18, resnet20, resnet20_narrow, resnet50
 from .small import small_cnn, tiny_mlp
 from .vit import vit_tiny
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
+    "resnet20_narrow": resnet20_narrow,  # half width (8/16/32): the evidence benchmark's second vision workload
     "resnet18": resnet18,
     "resnet50": resnet50,
     "mobilenet_v2": mobilenet_v2,

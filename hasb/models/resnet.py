@@ -139,8 +139,14 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet20(num_classes=10, in_channels=3, **_):
-    return PreActResNet((3, 3, 3), (16, 32, 64), num_classes, in_channels)
+def resnet20(num_classes=10, in_channels=3, width=16, **_):
+    """Pre-activation ResNet-20, stage widths (w, 2w, 4w) with w = ``width`` (16: the paper's CIFAR net)."""
+    return PreActResNet((3, 3, 3), (width, 2 * width, 4 * width), num_classes, in_channels)
+
+
+def resnet20_narrow(num_classes=10, in_channels=3, **_):
+    """ResNet-20 at half width (8/16/32 channels, ~68k parameters): fewer spare channels, so bits matter more."""
+    return resnet20(num_classes, in_channels, width=8)
 
 
 def resnet18(num_classes=1000, in_channels=3, small_input=False, **_):

@@ -236,3 +236,36 @@ def test_weight_only_mode_keeps_activations_and_round_trips(tmp_path):
     assert searchable == 16 * (wa_cost.bitops(hasb.get_config(w_and_a)) - wa_cost.fixed_bitops())  # A: 32 vs 2 bits
     with pytest.raises(ConfigError, match="act_bits"):
         hasb.quantize_model(build_model("lm_tiny"), bits=(8, 4, 2), weight_only=True, act_bits=6)
+
+
+@pytest.mark.parametrize("rounding", ["msb", "half_even"])
+def test_rounding_modes_export_load_and_deploy_bit_exact(tmp_path, rounding):
+    """Every rounding mode round-trips bit for bit: the INT-h export at every bit and a mixed config, and the
+    single-config deployment at every bit (its integers = the INT-h integers shifted by integer ops only)."""
+    from hasb.export import derive_from_export, export_deployment, load_deployment, load_quantized, save_quantized
+
+    torch.manual_seed(2)
+    model = hasb.quantize_model(build_model("small_cnn"), rounding=rounding)
+    x = torch.randn(8, 1, 28, 28)
+    model.train()
+    hasb.init_quantizers(model, x)
+    for b in (8, 6, 4, 2):  # every per-bit BN entry away from its init
+        hasb.set_config(model, b)
+        model(x)
+    model.eval()
+    loaded, _ = load_quantized(save_quantized(model, tmp_path / "m.pt"))
+    assert hasb.get_spec(loaded).rounding == rounding
+    for cfg in (8, 6, 4, 2, _mixed(model, random.Random(0))):
+        hasb.set_config(model, cfg)
+        hasb.set_config(loaded, cfg)
+        assert torch.equal(model(x), loaded(x)), f"outputs differ at {cfg}"
+    name0 = hasb.searchable_layers(model)[0]
+    w8 = model.get_submodule(name0).int_weight()
+    for b in (8, 6, 4, 2):
+        path = export_deployment(model, b, tmp_path / f"d{b}.pt")
+        w_b = hasb.export.read_checkpoint(path)["layers"][name0]["w_int"]
+        assert torch.equal(w_b, derive_from_export(w8, b, 8, rounding))
+        with hasb.use_config(model, b):
+            assert torch.equal(load_deployment(path)(x), model(x)), f"deployment differs at w{b}"
+    if rounding == "msb":  # the deployed integers are the top bits: W_2 = W_8 >> 6
+        assert torch.equal(derive_from_export(w8, 2, 8, "msb"), (w8.to(torch.int32) >> 6).to(torch.int8))

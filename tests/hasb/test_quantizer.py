@@ -39,11 +39,43 @@ def test_half_even_equals_torch_round(hl, ints):
     assert torch.equal(Q.derive_int(w_h, l, h, "half_even"), expect)
 
 
+def _top_bits(v: int, h: int, l: int) -> int:
+    """The top l bits of v's h-bit two's-complement code, read as a signed l-bit integer (by string slicing)."""
+    code = format(v % 2**h, f"0{h}b")[:l]
+    u = int(code, 2)
+    return u - 2**l if code[0] == "1" else u
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(BIT_PAIRS), st.lists(st.integers(-128, 127), min_size=1, max_size=64))
+def test_msb_keeps_the_top_bits_of_the_stored_code(hl, ints):
+    h, l = hl
+    lo, hi = Q.int_range(h)
+    vals = [min(max(v, lo), hi) for v in ints]
+    expect = torch.tensor([_top_bits(v, h, l) for v in vals], dtype=torch.int32)
+    w_h = torch.tensor(vals, dtype=torch.int32)
+    assert torch.equal(Q.derive_int(w_h, l, h, "msb"), expect)  # integer path: w >> Δ
+    assert torch.equal(Q.derive_int(w_h.float(), l, h, "msb").to(torch.int32), expect)  # float path: floor
+
+
+def test_msb_scale_relation_and_truncation_bias():
+    # Ŵ_l = (W_h >> Δ)·s_h·2^Δ: never above the INT-h value, at most (2^Δ - 1)·s_h below it
+    torch.manual_seed(0)
+    w = torch.randn(6, 50)
+    s = Q.init_weight_scale(w, 8)
+    w8 = Q.quantize_weight(w, s, 8, 8, "msb")
+    for bit in (6, 4, 2):
+        gap = (w8 - Q.quantize_weight(w, s, bit, 8, "msb")) / s[:, None]
+        assert gap.min() >= 0 and gap.max() <= 2 ** (8 - bit) - 1 + 1e-4
+        assert gap.mean() > 0.25 * (2 ** (8 - bit) - 1)  # a real downward bias (uniform residues: mean ≈ half)
+
+
 def test_roundings_differ_on_ties():
     # 6/4 = 1.5 and -6/4 = -1.5: half-up gives 2 and -1, half-even gives 2 and -2
     w = torch.tensor([6.0, -6.0, 2.0, -2.0])
     assert Q.derive_int(w, 6, 8, "half_up").tolist() == [2, -1, 1, 0]
     assert Q.derive_int(w, 6, 8, "half_even").tolist() == [2, -2, 0, -0]
+    assert Q.derive_int(w, 6, 8, "msb").tolist() == [1, -2, 0, -1]  # floor: the top bits
 
 
 @settings(max_examples=40, deadline=None)

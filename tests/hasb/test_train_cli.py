@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import hasb
+
 PY = sys.executable
 
 
@@ -289,3 +291,19 @@ def test_one_bit_trains(tmp_path):
 
     ck = read_checkpoint(out / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_rounding_option_reaches_the_model_and_the_supernet_keeps_it(tmp_path, capsys):
+    from hasb.export import load_quantized
+    from hasb.train import main
+
+    out = tmp_path / "run"
+    common = ["--train-limit", "128", "--val-limit", "64", "--batch-size", "64", "--quiet", "--threads", "1"]
+    assert main(["--model", "tiny_mlp", "--rounding", "msb", "--out", str(out), *common]) == 0
+    model, extra = load_quantized(out / "model.pt")
+    assert hasb.get_spec(model).rounding == "msb" and extra["train_config"]["rounding"] == "msb"
+    sup = ["--stage", "supernet", "--init", str(out), "--sampler", "uniform", *common]
+    assert main([*sup, "--rounding", "half_up", "--out", str(tmp_path / "s1")]) == 2
+    assert "--rounding half_up differs from --init's msb" in capsys.readouterr().err
+    assert main([*sup, "--out", str(tmp_path / "s2")]) == 0
+    assert hasb.get_spec(load_quantized(tmp_path / "s2" / "model.pt")[0]).rounding == "msb"
