@@ -256,34 +256,17 @@ def _build_model(cfg: TrainConfig, splits, ckpt: dict | None) -> tuple[nn.Module
         _load_float_init(model, cfg.init)
     if cfg.stage == "float":
         return model, None
-<<<<<<< HEAD
     if not cfg.init:
         # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
         # train-mode ones: activation scales initialised on them would clip almost everything
         _float_bn_stats(model, splits.calib[0][:512])
-    quantize_model(model, bits, fixed_bits=cfg.fixed_bits, **act_mode(cfg.act_bits))
+    quantize_model(model, bits, fixed_bits=cfg.fixed_bits, rounding=cfg.rounding or "half_up", **act_mode(cfg.act_bits))
     init_quantizers(model, splits.calib[0][:256])
     return model, None
 
 
 def _supernet_model(cfg: TrainConfig, bits: list[int]) -> tuple[nn.Module, dict]:
     """The multi-precision model of ``--init`` (its weight-only mode inherited), checked against the options."""
-=======
-    if cfg.stage == "multi":
-        model = build_model(
-            cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size
-        )
-        if cfg.init:
-            _load_float_init(model, cfg.init)
-        else:
-            # from scratch, BN running stats are 0/1 and eval-mode activations far smaller than the
-            # train-mode ones: activation scales initialised on them would clip almost everything
-            _float_bn_stats(model, splits.calib[0][:512])
-        quantize_model(model, bits, fixed_bits=cfg.fixed_bits, rounding=cfg.rounding or "half_up")
-        init_quantizers(model, splits.calib[0][:256])
-        return model, None
-    # supernet
->>>>>>> h-ev
     if not cfg.init:
         raise TrainError("the supernet stage needs --init PATH (the multi-precision run's model.pt or its directory)")
     model, extra = load_quantized(_resolve_model_pt(cfg.init), trusted_model=cfg.model)
