@@ -555,11 +555,10 @@ def _measured_on(on: dict | None, batches: list, n_total: int, task: str) -> dic
     return out
 
 
-def _plan(net, where, batches, names, c: SensitivityConfig, task_loss: bool) -> tuple[EstimatorChoice, dict]:
-    """(estimator choice, {"<layer>.weight": exactness reasons}) for the network ``where`` switches ``net`` to."""
+def _plan(net, batches, names, c: SensitivityConfig, task_loss: bool) -> tuple[EstimatorChoice, dict]:
+    """(estimator choice, {"<layer>.weight": exactness reasons}) for ``net`` at its active config."""
     params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
-    with where:
-        per_layer = per_layer_exactness(net, batches[0][0][:1].to(next(net.parameters()).device), params)
+    per_layer = per_layer_exactness(net, batches[0][0][:1].to(next(net.parameters()).device), params)
     try:
         choice = choose_estimator(c.estimator, c.curvature, per_layer, task_loss, c.needs_hvp)
     except HasbError as e:
@@ -609,9 +608,9 @@ def compute_sensitivity(
     weight_only = bool(getattr(getattr(model, "hasb_spec", None), "weight_only", False))
     names = [n for n in spec.order if c.include_fixed or n not in spec.fixed]
     net, where, measured_at = measured_network(model, c.at)
-    choice, per_layer = _plan(net, where, batches, names, c, task_loss)
     with where:
         outputs = check_outputs(net, batches, loss_fn, c.max_confidence, task)
+        choice, per_layer = _plan(net, batches, names, c, task_loss)
         res, both, (eig, dens, act), op, gn = _measure(
             net, batches, names, c, loss, choice, per_layer, progress, weight_only
         )
@@ -1064,6 +1063,7 @@ def _report(res: SensitivityResult, cfg: SensitivityCLIConfig) -> None:
         f"wrote {cfg.out / 'sensitivity.json'}: {len(res.frame)} layers, {m['total_hvp']} HVPs "
         f"({m['backend']}), negative traces: {res.negative_traces or 'none'}"
     )
+    print(res.table())
     print(f"estimator: {ch['used']} ({'auto: ' if ch['requested'] == 'auto' else ''}{ch['why']})")
     gn = m.get("gauss_newton")
     if gn is not None:
@@ -1071,7 +1071,6 @@ def _report(res: SensitivityResult, cfg: SensitivityCLIConfig) -> None:
         print(f"Gauss-Newton traces: {how}; Ω driven by the {m['curvature']} trace (--curvature)")
     if "activations" in m:
         print(f"activation traces {m['activations']}")
-    print(res.table())
 
 
 def _is_rank0() -> bool:
