@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from analysis.curvature import choose_estimator
 from analysis.sensitivity import SensitivityConfig, SensitivityError, compute_sensitivity
 from hasb.models import build_model
+from hasb.sensitivity_file import load_sensitivity
 
 DT = torch.float64
 
@@ -213,3 +214,117 @@ def test_lm_saturated_softmax_per_byte_and_nan_loss_are_errors():
         model.head.weight.fill_(float("nan"))
     with pytest.raises(DegenerateSensitivityError, match="loss is nan"):
         compute_sensitivity(model, batches, SensitivityConfig(max_hvp=4), task="lm")
+
+
+# -- the CLI on lm_tiny + python-stdlib ---------------------------------------------------------------------------
+_LM_CLI = [
+    "--model",
+    "lm_tiny",
+    "--data",
+    "python-stdlib",
+    "--data-opt",
+    "limit=6000",
+    "--batches",
+    "1",
+    "--batch-size",
+    "3",
+    "--max-hvp",
+    "52",
+    "--rtol",
+    "0",
+    "--block",
+    "2",
+    "--gn-columns",
+    "4",
+    "--quiet",
+    "--backend",
+    "double_backward",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+
+
+def _cli(argv, capsys):
+    from analysis.sensitivity import main
+
+    try:
+        with one_thread():  # restores the thread count that --threads 1 sets
+            code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _check_lm_json(d: dict, context: int, n_layers: int = 13) -> None:
+    """Finite non-zero traces of both curvatures, and the record of bits, windows × bytes and the Python version."""
+    import platform
+
+    on = d["measured_on"]
+    assert on["task"] == "lm" and on["split"] == "calib" and on["data"] == "python-stdlib"
+    assert (on["n_windows"], on["bytes_per_window"], on["n_bytes"]) == (3, context, 3 * context)
+    assert on["python"] == platform.python_version() == on["source"]["python"]
+    assert on["source"]["context"] == context and on["source"]["limit_bytes_per_split"] == 6000
+    assert d["bits"] == [8, 6, 4, 2] and d["meta"]["task"] == "lm"
+    assert d["meta"]["estimator_choice"]["used"] == "layer" and d["meta"]["curvature"] == "hessian"
+    assert len(d["layers"]) == n_layers
+    for key in ("trace", "hessian_trace", "gn_trace", "gn_stderr"):
+        v = np.array([r[key] for r in d["layers"]])
+        assert np.isfinite(v).all() and (v != 0).all(), key
+
+
+def test_cli_on_lm_tiny_and_python_stdlib_random_float_and_export(tmp_path, capsys):
+    """Random init (the data takes the LM's context, 64), a float state_dict of context 16 (its context
+    read from pos.weight), and a hasb export of that LM (measured at its top bit)."""
+    from hasb.export import save_quantized
+    from hasb.quantize import quantize_model
+
+    code, o, e = _cli([*_LM_CLI, "--out", tmp_path / "rand"], capsys)
+    assert code == 0, e
+    assert "3 windows × 64 bytes = 192 bytes" in o and "estimator: layer (auto: not piecewise linear" in o, o
+    _check_lm_json(load_sensitivity(tmp_path / "rand"), 64)
+    torch.manual_seed(1)
+    lm = build_model("lm_tiny", context=16)
+    torch.save(lm.state_dict(), tmp_path / "float.pt")
+    code, o, e = _cli([*_LM_CLI, "--out", tmp_path / "float", "--checkpoint", tmp_path / "float.pt"], capsys)
+    assert code == 0, e
+    _check_lm_json(load_sensitivity(tmp_path / "float"), 16)
+    q = quantize_model(lm, bits=[8, 4])
+    save_quantized(q, tmp_path / "export.pt")
+    code, o, e = _cli([*_LM_CLI, "--out", tmp_path / "q", "--checkpoint", tmp_path / "export.pt"], capsys)
+    assert code == 0, e
+    d = load_sensitivity(tmp_path / "q")
+    assert d["bits"] == [8, 4] and d["measured_at"]["network"] == "quantized" and d["measured_at"]["uniform_bit"] == 8
+    assert set(d["omega"]) == {r["layer"] for r in d["layers"] if r["searchable"]} and len(d["omega"]) == 11
+
+
+def test_cli_weight_only_export_skips_activation_terms(tmp_path, capsys):
+    from hasb.export import save_quantized
+    from hasb.quantize import quantize_model
+
+    torch.manual_seed(2)
+    q = quantize_model(build_model("lm_tiny", context=8), bits=[8, 4], weight_only=True)
+    save_quantized(q, tmp_path / "wo.pt")
+    argv = [*_LM_CLI, "--out", tmp_path / "wo", "--checkpoint", tmp_path / "wo.pt", "--activations"]
+    code, o, e = _cli(argv, capsys)
+    assert code == 0, e
+    d = load_sensitivity(tmp_path / "wo")
+    assert d["meta"]["weight_only"] is True and "activation" not in d
+    assert d["meta"]["activations"].startswith("skipped: weight-only") and "skipped: weight-only" in o
+    assert d["meta"]["omega_terms"].startswith("weight perturbation only")
+
+
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--model", "tiny_mlp"], "does not take"),  # a vision model on byte windows
+        (["--data-opt", "context=128"], "longer than the model's context of 64"),
+        (["--data-opt", "size=3"], "size"),  # not an option of the text source
+    ],
+)
+def test_cli_lm_mismatches_are_one_line_errors(argv, word, tmp_path, capsys):
+    code, o, e = _cli([*_LM_CLI, *argv, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and e.count("\n") == 1 and word in e and "Traceback" not in e, e
+    assert not (tmp_path / "run").exists()
