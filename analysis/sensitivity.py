@@ -136,8 +136,10 @@ __all__ = [
 class SensitivityResult:
     """Per-layer traces, Ω table and ranking.
 
-    ``frame`` columns: layer, n_params, trace, trace_per_param, stderr, n_hvp, searchable, negative,
-    significant_negative, exact, converged, omega_<b> for each bit (NaN for fixed layers), rank
+    ``frame`` columns: layer, n_params, trace, trace_per_param, stderr, stderr_per_param (of the curvature that
+    drives Ω: ``meta["curvature"]``), n_hvp, converged, exact, hessian_trace, hessian_stderr, gn_trace,
+    gn_stderr (both curvatures; NaN = not measured), hessian_exact (Gauss–Newton block = Hessian block for this
+    layer), searchable, negative, significant_negative, omega_<b> for each bit (NaN for fixed layers), rank
     (1 = most sensitive by Ω at the lowest bit; searchable layers only).
     """
 
@@ -152,7 +154,7 @@ class SensitivityResult:
     activation: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
     measured_at: dict = field(default_factory=dict)  # which network: see measured_network
-    measured_on: dict = field(default_factory=dict)  # which images: data, split, n_images, n_batches
+    measured_on: dict = field(default_factory=dict)  # which examples: data, split, sizes (see _measured_on)
 
     def table(self) -> str:
         """The printed table: per-parameter traces with their own ± 1 SE, under a header saying what they were
@@ -169,7 +171,13 @@ class SensitivityResult:
             f"{size}; network: {_describe(self.measured_at)}"
         )
         cols = ["layer", "n_params", "trace_per_param", "stderr_per_param", "n_hvp", "rank"]
-        return head + "\n" + self.frame[cols].to_string(index=False)
+        f = self.frame[cols].copy()
+        both = self.frame.reindex(columns=["hessian_trace", "gn_trace"])
+        if both.notna().all().all() and not both.hessian_trace.equals(both.gn_trace):  # the other curvature, ± 1 SE
+            other = "hessian" if self.meta.get("curvature") == "gauss-newton" else "gn"
+            f[f"{other}_per_param"] = self.frame[f"{other}_trace"] / self.frame.n_params
+            f[f"{other}_stderr_per_param"] = self.frame[f"{other}_stderr"] / self.frame.n_params
+        return head + "\n" + f.to_string(index=False)
 
     @property
     def trace_per_param(self) -> dict[str, float]:
@@ -543,6 +551,30 @@ def _meta(res, op, outputs: dict, quantized_input: bool, n_total: int, n_batches
 OMEGA_TERMS = "weight perturbation only: omega_l(b) = max(t_l, 0) * ||Q_b(W_l) - W_l||^2"
 
 
+def _losses(loss_fn, task: str):
+    """(the caller's custom loss or None for the task's own, the loss to differentiate).  F.cross_entropy on a
+    classification task is the task's loss by its other name."""
+    if loss_fn is F.cross_entropy and task == "classification":
+        loss_fn = None
+    return loss_fn, loss_fn or functools.partial(task_loss_fn, task)
+
+
+def _curvature_meta(c: SensitivityConfig, choice: EstimatorChoice, gn, weight_only: bool, task: str) -> dict:
+    """``meta`` entries: the estimator choice and why, the curvature driving Ω, how the Gauss–Newton traces were
+    measured (None if not), weight-only mode (activation traces skipped), Ω's terms and the task."""
+    meta = {
+        "estimator_choice": choice.to_dict(),
+        "curvature": "gauss-newton" if c.curvature == "gn" else "hessian",
+        "gauss_newton": gn_meta(gn),
+        "weight_only": weight_only,
+        "omega_terms": OMEGA_TERMS,
+        "task": task,
+    }
+    if c.activations and weight_only:
+        meta["activations"] = "skipped: weight-only model (activations run at a fixed width; nothing to search)"
+    return meta
+
+
 def _measured_on(on: dict | None, batches: list, n_total: int, task: str) -> dict:
     """What the traces were measured on: the caller's record plus sizes (images, or windows × bytes for an LM)."""
     out = {**(on or {}), "n_samples": n_total, "n_batches": len(batches), "task": task}
@@ -599,10 +631,8 @@ def compute_sensitivity(
     batches = list(batches)
     if not batches:
         raise SensitivityError("no batches: the Hessian needs at least one (x, y) batch")
-    if loss_fn is F.cross_entropy and task == "classification":
-        loss_fn = None  # the task's own loss, by its other name
+    loss_fn, loss = _losses(loss_fn, task)
     task_loss = loss_fn is None
-    loss = loss_fn or functools.partial(task_loss_fn, task)
     qmodel, bits = _q_reference(model, c.bits, batches[0][0])
     spec = qmodel.hasb_spec
     weight_only = bool(getattr(getattr(model, "hasb_spec", None), "weight_only", False))
@@ -618,31 +648,11 @@ def compute_sensitivity(
     check_traces(frame, c.max_hvp)
     n_total = int(op.n_total) if op is not None else int(gn.n_samples)
     meta = _meta(res, op, outputs, qmodel is model, n_total, len(batches))
-    meta.update(
-        estimator_choice=choice.to_dict(),
-        curvature="gauss-newton" if c.curvature == "gn" else "hessian",
-        gauss_newton=gn_meta(gn),
-        weight_only=weight_only,
-        omega_terms=OMEGA_TERMS,
-        task=task,
-    )
-    if c.activations and weight_only:
-        meta["activations"] = "skipped: weight-only model (activations run at a fixed width; nothing to search)"
+    meta.update(_curvature_meta(c, choice, gn, weight_only, task))
     name = model_name or (build_record(model) or {}).get("name", type(model).__name__)
-    return SensitivityResult(
-        frame=frame,
-        bits=bits,
-        omega=omega,
-        negative_traces=list(frame.layer[frame.negative]),
-        model_name=name,
-        fingerprint=fingerprint,
-        eigenvalues=eig,
-        density=dens,
-        activation=act,
-        meta=meta,
-        measured_at=measured_at,
-        measured_on=_measured_on(measured_on, batches, n_total, task),
-    )
+    on = _measured_on(measured_on, batches, n_total, task)
+    negative = list(frame.layer[frame.negative])
+    return SensitivityResult(frame, bits, omega, negative, name, fingerprint, eig, dens, act, meta, measured_at, on)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------

@@ -228,6 +228,9 @@ def test_cli_help_lists_every_flag(capsys):
         "--no-progress",
         "--threads",
         "--max-confidence",
+        "--curvature",
+        "--gn-columns",
+        "--data-opt",
     ):
         assert flag in text
 
