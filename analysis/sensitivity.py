@@ -27,9 +27,22 @@ non-negative estimate of the expected increase is the projection onto [0, ∞).
 curvature estimate says perturbing it is harmless or noise.  Ties at Ω = 0 are
 ranked by the raw trace.
 
+Estimator and curvature (issue 16, :mod:`analysis.curvature`): ``estimator="auto"`` (default) measures with the
+exact per-sample estimator where the net is piecewise linear in every measured layer (then Gauss–Newton =
+Hessian, no SE) and with layer-restricted Hutchinson otherwise, recording the Gauss–Newton trace beside the
+Hessian one (``hessian_trace``/``gn_trace`` per layer); ``curvature`` ("hessian" default, or "gn") picks which
+drives t_l and Ω.  The choice and its reason are printed and recorded in ``meta.estimator_choice``.
+
+Language models (issue 13): the loss is the data source's task loss (:func:`hasb.data.loss_fn`; next-byte
+cross-entropy for ``task="lm"``), the batches are byte windows, the saturation check uses the per-byte max
+probability, and ``measured_on`` records windows × bytes (and the Python version for python-stdlib).  Ω is
+the weight perturbation only; a weight-only model (``spec.weight_only``) skips activation traces.
+
 CLI::
 
     python -m analysis.sensitivity --model resnet20 --checkpoint runs/r20/multi/model.pt --out runs/r20 [--at 8|fp]
+    python -m analysis.sensitivity --model lm_tiny --data python-stdlib --data-opt limit=2000000 --batch-size 32 \
+        --checkpoint runs/lm/multi/model.pt --out runs/lm [--curvature gn]
 """
 
 from __future__ import annotations

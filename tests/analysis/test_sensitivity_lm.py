@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from analysis.curvature import choose_estimator
 from analysis.sensitivity import SensitivityConfig, SensitivityError, compute_sensitivity
 from hasb.models import build_model
-from hasb.sensitivity_file import load_sensitivity
+from hasb.sensitivity_file import load_sensitivity, validate_sensitivity
 
 DT = torch.float64
 
@@ -287,7 +287,11 @@ def test_cli_on_lm_tiny_and_python_stdlib_random_float_and_export(tmp_path, caps
     code, o, e = _cli([*_LM_CLI, "--out", tmp_path / "rand"], capsys)
     assert code == 0, e
     assert "3 windows × 64 bytes = 192 bytes" in o and "estimator: layer (auto: not piecewise linear" in o, o
-    _check_lm_json(load_sensitivity(tmp_path / "rand"), 64)
+    d = load_sensitivity(tmp_path / "rand")
+    _check_lm_json(d, 64)
+    d["layers"][3]["gn_trace"] = None  # the reader refuses a curvature that is present but not a finite number
+    with pytest.raises(SensitivityError, match="gn_trace must be a finite number"):
+        validate_sensitivity(d)
     torch.manual_seed(1)
     lm = build_model("lm_tiny", context=16)
     torch.save(lm.state_dict(), tmp_path / "float.pt")
