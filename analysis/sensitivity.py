@@ -969,6 +969,8 @@ def validate(cfg: SensitivityCLIConfig) -> tuple[torch.device, Any, dict | None]
             raise SensitivityError(f"--{k.replace('_', '-')} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.top_k < 0:
         raise SensitivityError(f"--top-k must be ≥ 0, got {cfg.top_k}")
+    if cfg.gn_columns < 0 or cfg.gn_columns == 1:
+        raise SensitivityError(f"--gn-columns must be 0 (all columns) or ≥ 2 (sampled), got {cfg.gn_columns}")
     if not (cfg.rtol >= 0 and math.isfinite(cfg.rtol)) or not 0 <= cfg.floor < 1:
         raise SensitivityError(f"--rtol must be finite ≥ 0 and --floor in [0, 1) (got {cfg.rtol}, {cfg.floor})")
     if not 0 < cfg.max_confidence <= 1:

@@ -416,6 +416,9 @@ def _bad_cases(tmp_path):
         "missing checkpoint": (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
         "checkpoint not torch": (["--checkpoint", tmp_path / "afile"], "checkpoint"),
         "too many images": (["--batches", "100000"], "exceeds"),
+        "bad gn columns": (["--gn-columns", "1"], "--gn-columns"),
+        "bad curvature": (["--curvature", "fisher"], "--curvature"),
+        "bad data option": (["--data-opt", "context"], "bad data option"),
     }
 
 
@@ -438,6 +441,9 @@ def _bad_cases(tmp_path):
         "missing checkpoint",
         "checkpoint not torch",
         "too many images",
+        "bad gn columns",
+        "bad curvature",
+        "bad data option",
     ],
 )
 def test_cli_rejects_bad_input_before_any_work(case, tmp_path, capsys, monkeypatch):
