@@ -27,9 +27,22 @@ non-negative estimate of the expected increase is the projection onto [0, ∞).
 curvature estimate says perturbing it is harmless or noise.  Ties at Ω = 0 are
 ranked by the raw trace.
 
+Estimator and curvature (issue 16, :mod:`analysis.curvature`): ``estimator="auto"`` (default) measures with the
+exact per-sample estimator where the net is piecewise linear in every measured layer (then Gauss–Newton =
+Hessian, no SE) and with layer-restricted Hutchinson otherwise, recording the Gauss–Newton trace beside the
+Hessian one (``hessian_trace``/``gn_trace`` per layer); ``curvature`` ("hessian" default, or "gn") picks which
+drives t_l and Ω.  The choice and its reason are printed and recorded in ``meta.estimator_choice``.
+
+Language models (issue 13): the loss is the data source's task loss (:func:`hasb.data.loss_fn`; next-byte
+cross-entropy for ``task="lm"``), the batches are byte windows, the saturation check uses the per-byte max
+probability, and ``measured_on`` records windows × bytes (and the Python version for python-stdlib).  Ω is
+the weight perturbation only; a weight-only model (``spec.weight_only``) skips activation traces.
+
 CLI::
 
     python -m analysis.sensitivity --model resnet20 --checkpoint runs/r20/multi/model.pt --out runs/r20 [--at 8|fp]
+    python -m analysis.sensitivity --model lm_tiny --data python-stdlib --data-opt limit=2000000 --batch-size 32 \
+        --checkpoint runs/lm/multi/model.pt --out runs/lm [--curvature gn]
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -77,7 +91,9 @@ from hasb.cli import (
     threads_option,
 )
 from hasb.config import BitConfig
-from hasb.data import load_dataset
+from hasb.data import load_dataset, parse_data_opts
+from hasb.data import loss_fn as task_loss_fn
+from hasb.errors import HasbError
 from hasb.export import FORMAT, CheckpointError, load_quantized, read_checkpoint
 from hasb.models import build_model, build_record
 from hasb.plots import plot_traces, save_figure
@@ -96,13 +112,25 @@ from hasb.sensitivity_file import (
     validate_sensitivity,
 )
 
+from .curvature import (
+    AUTO,
+    CURVATURES,
+    DEFAULT_CURVATURE,
+    DEFAULT_GN_COLUMNS,
+    ESTIMATOR_CHOICES,
+    EstimatorChoice,
+    both_traces,
+    choose_estimator,
+    gn_meta,
+    per_layer_exactness,
+)
 from .exact import exact_layer_traces
 from .hvp import BACKENDS, HessianOperator
 from .spectrum import operator_matvec, slq_density, top_eigenvalues
-from .trace import DEFAULT_ESTIMATOR, ESTIMATORS, activation_traces, estimate_traces
+from .trace import activation_traces, estimate_traces
 
-# the trace estimators of analysis.trace, plus the exact per-sample one of analysis.exact
-SENSITIVITY_ESTIMATORS = (*ESTIMATORS, "exact")
+# auto, the exact per-sample estimator of analysis.exact, and the Hutchinson estimators of analysis.trace
+SENSITIVITY_ESTIMATORS = ESTIMATOR_CHOICES
 
 __all__ = [
     "SensitivityConfig",
@@ -121,8 +149,10 @@ __all__ = [
 class SensitivityResult:
     """Per-layer traces, Ω table and ranking.
 
-    ``frame`` columns: layer, n_params, trace, trace_per_param, stderr, n_hvp, searchable, negative,
-    significant_negative, exact, converged, omega_<b> for each bit (NaN for fixed layers), rank
+    ``frame`` columns: layer, n_params, trace, trace_per_param, stderr, stderr_per_param (of the curvature that
+    drives Ω: ``meta["curvature"]``), n_hvp, converged, exact, hessian_trace, hessian_stderr, gn_trace,
+    gn_stderr (both curvatures; NaN = not measured), hessian_exact (Gauss–Newton block = Hessian block for this
+    layer), searchable, negative, significant_negative, omega_<b> for each bit (NaN for fixed layers), rank
     (1 = most sensitive by Ω at the lowest bit; searchable layers only).
     """
 
@@ -137,19 +167,30 @@ class SensitivityResult:
     activation: pd.DataFrame | None = None
     meta: dict = field(default_factory=dict)
     measured_at: dict = field(default_factory=dict)  # which network: see measured_network
-    measured_on: dict = field(default_factory=dict)  # which images: data, split, n_images, n_batches
+    measured_on: dict = field(default_factory=dict)  # which examples: data, split, sizes (see _measured_on)
 
     def table(self) -> str:
         """The printed table: per-parameter traces with their own ± 1 SE, under a header saying what they were
         measured on."""
         on = self.measured_on
         where = ", ".join(f"{k} {on[k]}" for k in ("data", "split") if k in on)
+        if on.get("task") == "lm":
+            size = f"{on['n_windows']} windows × {on['bytes_per_window']} bytes = {on['n_bytes']} bytes"
+        else:
+            size = f"{on.get('n_images', '?')} images"
+        tr = "Tr(G_l)/n_l (Gauss-Newton)" if self.meta.get("curvature") == "gauss-newton" else "Tr(H_l)/n_l"
         head = (
-            f"Tr(H_l)/n_l ± 1 SE (stderr_per_param = stderr/n_params), measured on {where + ', ' if where else ''}"
-            f"{on.get('n_images', '?')} images; network: {_describe(self.measured_at)}"
+            f"{tr} ± 1 SE (stderr_per_param = stderr/n_params), measured on {where + ', ' if where else ''}"
+            f"{size}; network: {_describe(self.measured_at)}"
         )
         cols = ["layer", "n_params", "trace_per_param", "stderr_per_param", "n_hvp", "rank"]
-        return head + "\n" + self.frame[cols].to_string(index=False)
+        f = self.frame[cols].copy()
+        both = self.frame.reindex(columns=["hessian_trace", "gn_trace"])
+        if both.notna().all().all() and not both.hessian_trace.equals(both.gn_trace):  # the other curvature, ± 1 SE
+            other = "hessian" if self.meta.get("curvature") == "gauss-newton" else "gn"
+            f[f"{other}_per_param"] = self.frame[f"{other}_trace"] / self.frame.n_params
+            f[f"{other}_stderr_per_param"] = self.frame[f"{other}_stderr"] / self.frame.n_params
+        return head + "\n" + f.to_string(index=False)
 
     @property
     def trace_per_param(self) -> dict[str, float]:
@@ -276,38 +317,49 @@ def measured_network(model: nn.Module, at=None) -> tuple[nn.Module, contextlib.A
 def check_outputs(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn=F.cross_entropy,
+    loss_fn=None,
     max_confidence: float = MAX_CONFIDENCE,
+    task: str = "classification",
 ) -> dict:
-    """Mean loss and mean max softmax probability over ``batches`` (sample-weighted); Degenerate... if unusable.
+    """Mean loss and mean max softmax probability over ``batches``; DegenerateSensitivityError if unusable.
 
-    Returns {"loss": float, "mean_max_prob": float (NaN for a non-default loss_fn), "n_images": int}.
+    The loss is ``loss_fn`` (default: the task's, :func:`hasb.data.loss_fn`), sample-weighted over batches.
+    The max probability is averaged per prediction: per sample for logits [B, C], per byte for an LM's
+    [B, T, 256] (its softmax saturates the same way).  A non-finite loss is always an error; the saturation
+    check applies to the task's softmax cross-entropy only (another loss_fn gets NaN and no check).
+    Returns {"loss": float, "mean_max_prob": float, "n_samples": int, "n_predictions": int} (+ "n_images" for
+    classification).
     """
+    task_loss = loss_fn is None
+    loss_fn = loss_fn or (lambda out, y: task_loss_fn(task, out, y))
     dev = next(model.parameters()).device
     model.eval()
     tot_loss = tot_p = 0.0
-    n = 0
+    n = n_pred = 0
     with torch.no_grad():
         for x, y in batches:
             out = model(x.to(dev))
             tot_loss += float(loss_fn(out, y.to(dev))) * len(y)
-            tot_p += float(out.double().softmax(-1).amax(-1).sum())
-            n += len(y)
-    loss, pmax = tot_loss / n, tot_p / n
+            pmax = out.double().softmax(-1).amax(-1)  # [B] or [B, T]
+            tot_p, n, n_pred = tot_p + float(pmax.sum()), n + len(y), n_pred + pmax.numel()
+    loss, pmax = tot_loss / n, tot_p / n_pred
+    unit = "windows" if task == "lm" else "images"
     if not math.isfinite(loss):
         raise DegenerateSensitivityError(
-            f"the measured network's loss is {loss} on the {n} calibration images; "
+            f"the measured network's loss is {loss} on the {n} calibration {unit}; "
             "check the checkpoint (was it trained?) and which network is measured (--at)"
         )
-    if loss_fn is not F.cross_entropy:
+    if not task_loss:
         pmax = float("nan")  # the softmax check is the cross-entropy's; other losses are the caller's
     elif pmax > max_confidence:
+        per = "per byte " if task == "lm" else ""
         raise DegenerateSensitivityError(
-            f"saturated softmax: mean max-probability {pmax:.6f} > {max_confidence} on the {n} calibration images "
-            "(its Hessian is ~0); check the checkpoint was trained and that --at names a trained network "
+            f"saturated softmax: mean max-probability {per}{pmax:.6f} > {max_confidence} on the {n} calibration "
+            f"{unit} (its Hessian is ~0); check the checkpoint was trained and that --at names a trained network "
             "(e.g. --at 8, or --at fp for the float twin)"
         )
-    return {"loss": loss, "mean_max_prob": pmax, "n_images": n}
+    out = {"loss": loss, "mean_max_prob": pmax, "n_samples": n, "n_predictions": n_pred}
+    return out if task == "lm" else {**out, "n_images": n}
 
 
 def check_traces(frame: pd.DataFrame, max_hvp: int) -> None:
@@ -345,7 +397,9 @@ def _q_reference(model: nn.Module, bits, example: torch.Tensor) -> tuple[nn.Modu
     if not bits or any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
         raise SensitivityError(f"bits must be integers in 1..8, got {list(bits)}")
     p0 = next(model.parameters())
-    q = hasb.quantize_model(copy.deepcopy(model), bits=bits, example_input=example[:2].to(p0.device, p0.dtype))
+    ex = example[:2].to(p0.device)
+    ex = ex.to(p0.dtype) if ex.is_floating_point() else ex  # byte LMs take integer ids, not floats
+    q = hasb.quantize_model(copy.deepcopy(model), bits=bits, example_input=ex)
     return q, sorted({int(b) for b in bits}, reverse=True)
 
 
@@ -353,17 +407,23 @@ def _q_reference(model: nn.Module, bits, example: torch.Tensor) -> tuple[nn.Modu
 class SensitivityConfig:
     """Estimator settings of :func:`compute_sensitivity` (no I/O; the CLI builds one from its flags).
 
-    bits: candidate bits for Ω (None: the model's candidates, else 8,6,4,2). rtol, max_hvp, estimator, floor,
-    block, sketch, seed: see analysis.trace. backend: "auto", "double_backward" or "func". include_fixed: also
-    estimate the fixed (first/last) layers (searchable=False). top_k: top Hessian eigenvalues (Lanczos);
-    density: an SLQ eigenvalue density; activations: activation-Hessian traces. at: which network of a quantized
-    model (see :func:`measured_network`). max_confidence: see MAX_CONFIDENCE.
+    bits: candidate bits for Ω (None: the model's candidates, else 8,6,4,2). estimator: "auto" (exact where the
+    net is piecewise linear, else Hutchinson "layer": :mod:`analysis.curvature`), "exact", or a Hutchinson
+    estimator of analysis.trace ("layer", "hutchpp", "full"). curvature: which trace drives Ω, "hessian" or
+    "gn" (Gauss–Newton). gn_columns: Gauss–Newton columns per sample (all when a sample has at most this many,
+    else this many sampled, with an SE; 0 = always all). rtol, max_hvp, floor, block, sketch, seed: see
+    analysis.trace. backend: "auto", "double_backward" or "func". include_fixed: also estimate the fixed
+    (first/last) layers (searchable=False). top_k: top Hessian eigenvalues (Lanczos); density: an SLQ
+    eigenvalue density; activations: activation-Hessian traces (skipped for weight-only models). at: which
+    network of a quantized model (see :func:`measured_network`). max_confidence: see MAX_CONFIDENCE.
     """
 
     bits: Sequence[int] | None = None
     rtol: float = 0.05
     max_hvp: int = 2000
-    estimator: str = DEFAULT_ESTIMATOR
+    estimator: str = AUTO
+    curvature: str = DEFAULT_CURVATURE
+    gn_columns: int = DEFAULT_GN_COLUMNS
     backend: str = "auto"
     seed: int = 0
     include_fixed: bool = True
@@ -381,7 +441,9 @@ class SensitivityConfig:
             raise SensitivityError(
                 f"unknown estimator {self.estimator!r}; accepted: {', '.join(SENSITIVITY_ESTIMATORS)}"
             )
-        if self.estimator == "exact" and (self.top_k or self.density or self.activations):
+        if self.curvature not in CURVATURES:
+            raise SensitivityError(f"unknown curvature {self.curvature!r}; accepted: {', '.join(CURVATURES)}")
+        if self.estimator == "exact" and self.needs_hvp:
             raise SensitivityError(
                 "--estimator exact gives traces only; use --estimator layer with --top-k, --density or --activations"
             )
@@ -389,23 +451,26 @@ class SensitivityConfig:
             raise SensitivityError(f"unknown backend {self.backend!r}; accepted: {', '.join(BACKENDS)}")
         if not (self.rtol >= 0 and self.max_hvp >= 1):
             raise SensitivityError(f"rtol must be ≥ 0 and max_hvp ≥ 1 (got rtol={self.rtol}, max_hvp={self.max_hvp})")
+        if not (isinstance(self.gn_columns, int) and self.gn_columns >= 0 and self.gn_columns != 1):
+            raise SensitivityError(f"gn_columns must be 0 (all) or an int ≥ 2, got {self.gn_columns!r}")
+
+    @property
+    def needs_hvp(self) -> bool:
+        """Whether something besides the traces needs the HVP operator (eigenvalues, density, activations)."""
+        return bool(self.top_k or self.density or self.activations)
 
 
-def _measure(net: nn.Module, batches, names: list[str], c: SensitivityConfig, loss_fn, progress: bool):
-    """(TraceResult, eigenvalues|None, density|None, activation frame|None, HessianOperator) of ``net``."""
-    params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
-    if c.estimator == "exact":  # per-sample Gauss-Newton columns: exact traces, no HVP operator
-        return exact_layer_traces(net, batches, params, seed=c.seed), None, None, None, None
+def _hutchinson(op: HessianOperator, estimator: str, c: SensitivityConfig, progress: bool):
+    """Hessian traces by the Hutchinson ``estimator`` on ``op`` (with a tqdm bar of HVPs when ``progress``)."""
     pbar = None
     try:
         if progress:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=c.max_hvp, desc="HVPs", unit="hvp", file=sys.stderr)
-        op = HessianOperator(net, batches, params, loss_fn=loss_fn, backend=c.backend, max_block=c.block)
-        res = estimate_traces(
+        return estimate_traces(
             op,
-            c.estimator,
+            estimator,
             rtol=c.rtol,
             max_hvp=c.max_hvp,
             block=c.block,
@@ -414,39 +479,53 @@ def _measure(net: nn.Module, batches, names: list[str], c: SensitivityConfig, lo
             sketch=c.sketch,
             progress=pbar,
         )
-        eig = dens = act = None
-        if c.top_k > 0:
-            mv, n = operator_matvec(op)
-            eig = top_eigenvalues(mv, n, c.top_k, seed=c.seed, device=op.device).tolist()
-        if c.density:
-            mv, n = operator_matvec(op)
-            dens = slq_density(mv, n, seed=c.seed, device=op.device)
-        if c.activations:
-            act = (
-                activation_traces(
-                    net,
-                    batches,
-                    names,
-                    loss_fn=loss_fn,
-                    rtol=c.rtol,
-                    max_probes=max(c.max_hvp // 8, 16),
-                    block=c.block,
-                    seed=c.seed,
-                    floor=c.floor,
-                )
-                .to_frame()
-                .drop(columns=["exact"])
-            )
-        op.clear()
     finally:
         if pbar is not None:
             pbar.close()
-    return res, eig, dens, act, op
 
 
-def _table(res, spec, qlayers, bits: list[int]) -> tuple[pd.DataFrame, dict]:
-    """The per-layer frame (trace columns, negative flags, Ω per bit, rank) and the Ω dict."""
-    frame = res.to_frame()
+def _extras(op, net, batches, names, c: SensitivityConfig, loss_fn, weight_only: bool):
+    """(top eigenvalues | None, SLQ density | None, activation-trace frame | None) from the HVP operator."""
+    eig = dens = act = None
+    if c.top_k > 0:
+        mv, n = operator_matvec(op)
+        eig = top_eigenvalues(mv, n, c.top_k, seed=c.seed, device=op.device).tolist()
+    if c.density:
+        mv, n = operator_matvec(op)
+        dens = slq_density(mv, n, seed=c.seed, device=op.device)
+    if c.activations and not weight_only:  # weight-only: activations run at a fixed width, nothing to search
+        kw = dict(rtol=c.rtol, max_probes=max(c.max_hvp // 8, 16), block=c.block, seed=c.seed, floor=c.floor)
+        act = activation_traces(net, batches, names, loss_fn=loss_fn, **kw).to_frame().drop(columns=["exact"])
+    return eig, dens, act
+
+
+def _measure(
+    net, batches, names, c: SensitivityConfig, loss_fn, choice: EstimatorChoice, per_layer, progress, weight_only=False
+):
+    """(driving TraceResult, both-curvature columns, (eig, density, activations), HessianOperator | None,
+    Gauss–Newton result | None) of ``net``: Hutchinson and/or the per-sample Gauss–Newton estimator as
+    ``choice`` says."""
+    params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
+    hess = gn = op = None
+    extras: tuple = (None, None, None)
+    if choice.hessian_by == "hutchinson" or c.needs_hvp:
+        op = HessianOperator(net, batches, params, loss_fn=loss_fn, backend=c.backend, max_block=c.block)
+        if choice.hessian_by == "hutchinson":
+            hess = _hutchinson(op, choice.used, c, progress)
+        extras = _extras(op, net, batches, names, c, loss_fn, weight_only)
+        op.clear()
+    if choice.gn:  # per-sample Gauss-Newton columns (exact, or sampled with an SE)
+        gn = exact_layer_traces(net, batches, params, classes=c.gn_columns or None, seed=c.seed)
+    drive, cols = both_traces(hess, gn, choice, per_layer)
+    return drive, cols, extras, op, gn
+
+
+def _table(res, spec, qlayers, bits: list[int], both: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """The per-layer frame (trace columns of the driving curvature, ``both`` curvatures' columns, negative flags,
+    Ω per bit, rank) and the Ω dict."""
+    frame = res.to_frame().drop(columns=["hessian_exact"], errors="ignore")
+    if both is not None:
+        frame = pd.concat([frame, both.reset_index(drop=True)], axis=1)
     frame.insert(int(frame.columns.get_loc("stderr")) + 1, "stderr_per_param", frame.stderr / frame.n_params)
     frame["layer"] = [n[: -len(".weight")] for n in frame.layer]
     frame["searchable"] = [n not in spec.fixed for n in frame.layer]
@@ -482,26 +561,81 @@ def _meta(res, op, outputs: dict, quantized_input: bool, n_total: int, n_batches
     }
 
 
+OMEGA_TERMS = "weight perturbation only: omega_l(b) = max(t_l, 0) * ||Q_b(W_l) - W_l||^2"
+
+
+def _losses(loss_fn, task: str):
+    """(the caller's custom loss or None for the task's own, the loss to differentiate).  F.cross_entropy on a
+    classification task is the task's loss by its other name."""
+    if loss_fn is F.cross_entropy and task == "classification":
+        loss_fn = None
+    return loss_fn, loss_fn or functools.partial(task_loss_fn, task)
+
+
+def _curvature_meta(c: SensitivityConfig, choice: EstimatorChoice, gn, weight_only: bool, task: str) -> dict:
+    """``meta`` entries: the estimator choice and why, the curvature driving Ω, how the Gauss–Newton traces were
+    measured (None if not), weight-only mode (activation traces skipped), Ω's terms and the task."""
+    meta = {
+        "estimator_choice": choice.to_dict(),
+        "curvature": "gauss-newton" if c.curvature == "gn" else "hessian",
+        "gauss_newton": gn_meta(gn),
+        "weight_only": weight_only,
+        "omega_terms": OMEGA_TERMS,
+        "task": task,
+    }
+    if c.activations and weight_only:
+        meta["activations"] = "skipped: weight-only model (activations run at a fixed width; nothing to search)"
+    return meta
+
+
+def _measured_on(on: dict | None, batches: list, n_total: int, task: str) -> dict:
+    """What the traces were measured on: the caller's record plus sizes (images, or windows × bytes for an LM)."""
+    out = {**(on or {}), "n_samples": n_total, "n_batches": len(batches), "task": task}
+    if task == "lm":
+        T = int(batches[0][0].shape[1])
+        out.update(n_windows=n_total, bytes_per_window=T, n_bytes=n_total * T)
+        out.pop("n_images", None)
+    else:
+        out["n_images"] = n_total
+    return out
+
+
+def _plan(net, batches, names, c: SensitivityConfig, task_loss: bool) -> tuple[EstimatorChoice, dict]:
+    """(estimator choice, {"<layer>.weight": exactness reasons}) for ``net`` at its active config."""
+    params = {f"{n}.weight": net.get_submodule(n).weight for n in names}
+    per_layer = per_layer_exactness(net, batches[0][0][:1].to(next(net.parameters()).device), params)
+    try:
+        choice = choose_estimator(c.estimator, c.curvature, per_layer, task_loss, c.needs_hvp)
+    except HasbError as e:
+        raise SensitivityError(str(e)) from None
+    return choice, per_layer
+
+
 def compute_sensitivity(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     config: SensitivityConfig | None = None,
     *,
-    loss_fn=F.cross_entropy,
+    loss_fn=None,
+    task: str = "classification",
     progress: bool = False,
     fingerprint: str = "",
     model_name: str | None = None,
     measured_on: dict | None = None,
 ) -> SensitivityResult:
-    """Per-layer Hessian traces (with SE) of a trained network and the Ω table for ``config.bits``.
+    """Per-layer curvature traces (with SE) of a trained network and the Ω table for ``config.bits``.
 
     Args:
         model: a float model (measured as it is; a quantized deep copy supplies Q_b) or a hasb quantized model,
             measured where ``config.at`` says (:func:`measured_network`; default its highest candidate bit, never
             the untrained fp path); its learned w_scale defines Q_b.
-        batches: list of (x [B, C, H, W], y [B]); the Hessian is of their sample-weighted mean loss.
-        config: estimator settings (default ``SensitivityConfig()``).
-        measured_on: what the batches are (e.g. {"data", "split", "n_images"}), recorded in the result.
+        batches: list of (x, y): images x [B, C, H, W] with labels y [B], or byte windows x, y [B, T] (task "lm");
+            the curvature is of their sample-weighted mean loss.
+        config: estimator settings (default ``SensitivityConfig()``: estimator auto, curvature hessian).
+        loss_fn: None (default) = the task's softmax cross-entropy (:func:`hasb.data.loss_fn`, next-byte for
+            "lm"); any other (logits, y) → scalar disables the Gauss–Newton trace and the saturation check.
+        task: "classification" or "lm" (a :class:`hasb.data.Splits` ``task``).
+        measured_on: what the batches are (e.g. {"data", "split"}), recorded in the result with the sizes.
     Raises DegenerateSensitivityError for a saturated softmax, a non-finite loss, all-zero traces or any
     non-finite trace or standard error.
     """
@@ -510,33 +644,28 @@ def compute_sensitivity(
     batches = list(batches)
     if not batches:
         raise SensitivityError("no batches: the Hessian needs at least one (x, y) batch")
+    loss_fn, loss = _losses(loss_fn, task)
+    task_loss = loss_fn is None
     qmodel, bits = _q_reference(model, c.bits, batches[0][0])
     spec = qmodel.hasb_spec
+    weight_only = bool(getattr(getattr(model, "hasb_spec", None), "weight_only", False))
     names = [n for n in spec.order if c.include_fixed or n not in spec.fixed]
     net, where, measured_at = measured_network(model, c.at)
     with where:
-        outputs = check_outputs(net, batches, loss_fn, c.max_confidence)
-        res, eig, dens, act, op = _measure(net, batches, names, c, loss_fn, progress)
-    frame, omega = _table(res, spec, quantized_layers(qmodel), bits)
+        outputs = check_outputs(net, batches, loss_fn, c.max_confidence, task)
+        choice, per_layer = _plan(net, batches, names, c, task_loss)
+        res, both, (eig, dens, act), op, gn = _measure(
+            net, batches, names, c, loss, choice, per_layer, progress, weight_only
+        )
+    frame, omega = _table(res, spec, quantized_layers(qmodel), bits, both)
     check_traces(frame, c.max_hvp)
-    n_total = int(op.n_total) if op is not None else int(res.n_samples)
-    on = {**(measured_on or {}), "n_images": n_total, "n_batches": len(batches)}
+    n_total = int(op.n_total) if op is not None else int(gn.n_samples)
     meta = _meta(res, op, outputs, qmodel is model, n_total, len(batches))
+    meta.update(_curvature_meta(c, choice, gn, weight_only, task))
     name = model_name or (build_record(model) or {}).get("name", type(model).__name__)
-    return SensitivityResult(
-        frame=frame,
-        bits=bits,
-        omega=omega,
-        negative_traces=list(frame.layer[frame.negative]),
-        model_name=name,
-        fingerprint=fingerprint,
-        eigenvalues=eig,
-        density=dens,
-        activation=act,
-        meta=meta,
-        measured_at=measured_at,
-        measured_on=on,
-    )
+    on = _measured_on(measured_on, batches, n_total, task)
+    negative = list(frame.layer[frame.negative])
+    return SensitivityResult(frame, bits, omega, negative, name, fingerprint, eig, dens, act, meta, measured_at, on)
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------
@@ -560,10 +689,18 @@ class SensitivityCLIConfig:
     )
     data: str = data_option()
     data_dir: str | None = data_dir_option()
+    data_opt: dict = option(
+        None,
+        parse=parse_data_opts,
+        help="options of the --data source as key=value pairs, e.g. context=64,limit=200000 for text:/python-stdlib "
+        "(context: bytes per window, default the LM's own context; limit: bytes per split) or size=64 for "
+        "imagefolder:",
+    )
     split: str = option(
         "calib",
         choices=("calib", "val", "train", "test"),
-        help="images: calib (a fixed train subset, the paper's ~1000 training images), val, train, test",
+        help="examples (images, or byte windows of an LM): calib (a fixed train subset, the paper's ~1000 "
+        "training images), val, train, test",
     )
     checkpoint: Path | None = option(
         None,
@@ -584,19 +721,33 @@ class SensitivityCLIConfig:
         help="candidate bits for Ω, e.g. 8,6,4,2 (default: the checkpoint's candidates, else 8,6,4,2)",
     )
     batches: int = option(4, help="number of batches")
-    batch_size: int = option(256, help="images per batch (4 × 256 = 1024 images)")
+    batch_size: int = option(256, help="examples (images or byte windows) per batch (4 × 256 = 1024 images)")
     rtol: float = option(
         0.05, help="stop when every layer's SE ≤ rtol·|trace| (layers below --floor of the largest use floor·largest)"
     )
     floor: float = option(0.01, help="relative floor of the stopping rule")
     max_hvp: int = option(2000, help="budget of Hessian-vector products")
     estimator: str = option(
-        DEFAULT_ESTIMATOR,
+        AUTO,
         choices=SENSITIVITY_ESTIMATORS,
-        help="exact: per-sample Gauss-Newton columns, equal to the Hessian block trace for piecewise-linear "
-        "nets (ReLU, BN in eval; reported per layer as hessian_exact), no SE; layer: layer-restricted Hutchinson "
-        "(fewest HVPs on ResNet-20, see benchmarks/RESULTS.md); hutchpp: per-layer Hutch++ "
-        "deflation; full: full-model probes (PyHessian-style)",
+        help="auto (default): exact where the net is piecewise linear in every measured layer (ReLU-like, BN in "
+        "eval, each weight used once), else layer; printed and recorded with the reason. exact: per-sample "
+        "Gauss-Newton columns, equal to the Hessian block trace for piecewise-linear nets (reported per layer as "
+        "hessian_exact), no SE when all columns are used; layer: layer-restricted Hutchinson (fewest HVPs on "
+        "ResNet-20, see benchmarks/RESULTS.md); hutchpp: per-layer Hutch++ deflation; full: full-model probes "
+        "(PyHessian-style)",
+    )
+    curvature: str = option(
+        DEFAULT_CURVATURE,
+        choices=CURVATURES,
+        help="which trace drives HASB and Ω: hessian (default) or gn (Gauss-Newton, PSD). For nets that are not "
+        "piecewise linear (GELU, softmax attention) both are measured and recorded per layer (hessian_trace, "
+        "gn_trace); for piecewise-linear ones they are equal",
+    )
+    gn_columns: int = option(
+        DEFAULT_GN_COLUMNS,
+        help="Gauss-Newton columns per sample: all (exact) when a sample has at most this many (classes, or "
+        "positions × 256 bytes for an LM), else this many sampled, with an SE; 0 = always all",
     )
     sketch: int = option(16, help="hutchpp sketch columns per layer")
     block: int = option(8, help="probes per layer per round / vmap block")
@@ -626,6 +777,8 @@ class SensitivityCLIConfig:
             rtol=self.rtol,
             max_hvp=self.max_hvp,
             estimator=self.estimator,
+            curvature=self.curvature,
+            gn_columns=self.gn_columns,
             backend=self.backend,
             seed=self.seed,
             include_fixed=not self.exclude_fixed,
@@ -730,20 +883,32 @@ def check_checkpoint(path: Path, model_name: str) -> dict:
     return obj
 
 
-def load_model(name: str, checkpoint: Path | None, obj: dict | None, splits, seed: int) -> nn.Module:
-    """A zoo model: from a hasb export, from a float state_dict, or freshly initialised with ``seed``."""
-    dims = dict(num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size)
-    if checkpoint is None:
-        torch.manual_seed(seed)
-        return build_model(name, **dims)
-    if obj.get("format") == FORMAT:
-        return load_quantized(checkpoint, trusted_model=name)[0]
+def _float_state(checkpoint: Path, obj: dict) -> dict:
+    """The tensors of a float checkpoint (a state_dict, or one under "state_dict" / "model"); CheckpointError else."""
     state = obj
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), dict):
             state = obj[key]
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{checkpoint} is neither a hasb export nor a float state_dict (a dict of tensors)")
+    return state
+
+
+def load_model(name: str, checkpoint: Path | None, obj: dict | None, dims: dict, seed: int) -> nn.Module:
+    """A zoo model: from a hasb export, from a float state_dict, or freshly initialised with ``seed``.
+
+    ``dims``: build_model's keywords (num_classes, in_channels, image_size); a byte LM's float state_dict also
+    fixes its context (the rows of ``pos.weight``).
+    """
+    if checkpoint is None:
+        torch.manual_seed(seed)
+        return build_model(name, **dims)
+    assert obj is not None
+    if obj.get("format") == FORMAT:
+        return load_quantized(checkpoint, trusted_model=name)[0]
+    state = _float_state(checkpoint, obj)
+    if _is_lm_name(name) and isinstance(state.get("pos.weight"), torch.Tensor):
+        dims = {**dims, "context": int(state["pos.weight"].shape[0])}
     model = build_model(name, **dims)
     try:
         model.load_state_dict(state)
@@ -751,6 +916,47 @@ def load_model(name: str, checkpoint: Path | None, obj: dict | None, splits, see
         first = str(e).splitlines()[1:2] or [str(e)[:200]]
         raise CheckpointError(f"{checkpoint} does not fit --model {name}: {first[0].strip()[:200]}") from None
     return model
+
+
+LM_DIMS = dict(num_classes=256, in_channels=1, image_size=None)  # the zoo LMs ignore them (hasb.models.lm)
+
+
+def _is_lm_name(name: str) -> bool:
+    """A zoo byte-level language model (``lm_tiny``, ``lm_small``): built before the data, which takes its context."""
+    return ":" not in name and name.startswith("lm_")
+
+
+def _text_spec(spec: str) -> bool:
+    return spec.strip() == "python-stdlib" or spec.strip().startswith("text:")
+
+
+def load_model_and_data(cfg: SensitivityCLIConfig, obj: dict | None, calib_size: int):
+    """(model, splits).  A zoo LM is built first and its context becomes the text source's window length unless
+    --data-opt sets one; a vision model is built for the data's classes and shape.  Mismatches (an LM on images,
+    a vision model on byte windows, windows longer than the LM's context) are one-line SensitivityErrors."""
+    opts = dict(cfg.data_opt or {})
+    model = None
+    if _is_lm_name(cfg.model):
+        model = load_model(cfg.model, cfg.checkpoint, obj, LM_DIMS, cfg.seed)
+        if _text_spec(cfg.data) and getattr(model, "context", None):
+            opts.setdefault("context", int(model.context))
+    splits = load_dataset(cfg.data, cfg.data_dir, calib_size=calib_size, **opts)
+    if (splits.task == "lm") != _is_lm_name(cfg.model) and ":" not in cfg.model:
+        what = "byte windows (a language-model task)" if splits.task == "lm" else "images (classification)"
+        raise SensitivityError(
+            f"--data {cfg.data} gives {what}, which --model {cfg.model} does not take; accepted: lm_tiny / lm_small "
+            f"with text:PATH_OR_GLOB or python-stdlib, a vision model with image data"
+        )
+    if model is None:
+        dims = dict(num_classes=splits.num_classes, in_channels=splits.in_channels, image_size=splits.image_size)
+        model = load_model(cfg.model, cfg.checkpoint, obj, dims, cfg.seed)
+    ctx = getattr(model, "context", None)
+    if splits.task == "lm" and isinstance(ctx, int) and splits.input_shape[0] > ctx:
+        raise SensitivityError(
+            f"--data windows of {splits.input_shape[0]} bytes are longer than the model's context of {ctx}; "
+            f"pass --data-opt context={ctx} (or less)"
+        )
+    return model, splits
 
 
 def validate(cfg: SensitivityCLIConfig) -> tuple[torch.device, Any, dict | None]:
@@ -763,6 +969,8 @@ def validate(cfg: SensitivityCLIConfig) -> tuple[torch.device, Any, dict | None]
             raise SensitivityError(f"--{k.replace('_', '-')} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.top_k < 0:
         raise SensitivityError(f"--top-k must be ≥ 0, got {cfg.top_k}")
+    if cfg.gn_columns < 0 or cfg.gn_columns == 1:
+        raise SensitivityError(f"--gn-columns must be 0 (all columns) or ≥ 2 (sampled), got {cfg.gn_columns}")
     if not (cfg.rtol >= 0 and math.isfinite(cfg.rtol)) or not 0 <= cfg.floor < 1:
         raise SensitivityError(f"--rtol must be finite ≥ 0 and --floor in [0, 1) (got {cfg.rtol}, {cfg.floor})")
     if not 0 < cfg.max_confidence <= 1:
@@ -808,46 +1016,86 @@ def write_outputs(res: SensitivityResult, out: Path, title: str) -> Path:
 
 
 def _batches_of(cfg: SensitivityCLIConfig, splits) -> list:
-    n_img = cfg.batches * cfg.batch_size
+    n = cfg.batches * cfg.batch_size
     x, y = getattr(splits, cfg.split)
-    if len(x) < n_img:
-        raise SensitivityError(f"--batches × --batch-size = {n_img} exceeds the {len(x)} images of split {cfg.split}")
-    return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, n_img, cfg.batch_size)]
+    if len(x) < n:
+        unit = "windows" if splits.task == "lm" else "images"
+        raise SensitivityError(f"--batches × --batch-size = {n} exceeds the {len(x)} {unit} of split {cfg.split}")
+    return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+
+
+def _json_safe(d: dict) -> dict:
+    """``d`` with anything JSON cannot hold (paths, numpy scalars) as strings / numbers."""
+    return json.loads(json.dumps(d, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def cli_measured_on(cfg: SensitivityCLIConfig, splits) -> dict:
+    """What the CLI measures on: data, split, batches, and the source's own record (``source``: splits.describe(),
+    e.g. python-stdlib's Python version, files and bytes per split); ``python`` lifted to the top when present."""
+    src = _json_safe(splits.describe())
+    on = {"data": cfg.data, "split": cfg.split, "batches": cfg.batches, "batch_size": cfg.batch_size, "source": src}
+    if "python" in src:
+        on["python"] = src["python"]
+    if splits.task == "lm":
+        on["bytes_per_window"] = int(splits.input_shape[0])
+    return on
+
+
+def _where(on: dict) -> str:
+    """ "<data> <split> split, N images" or "..., N windows × T bytes = M bytes" from a measured_on record."""
+    head = f"{on.get('data', '?')} {on.get('split', '?')} split"
+    if on.get("task") == "lm":
+        return f"{head}, {on['n_windows']} windows × {on['bytes_per_window']} bytes = {on['n_bytes']} bytes"
+    return f"{head}, {on.get('n_images', '?')} images"
 
 
 def run_sensitivity(cfg: SensitivityCLIConfig) -> int:
     """The CLI's one library call: validate, load, reuse a verified cache or compute, write the set atomically."""
     device, at, obj = validate(cfg)
     remove_stale_stages(cfg.out)
-    n_img = cfg.batches * cfg.batch_size
-    splits = load_dataset(cfg.data, cfg.data_dir, calib_size=max(1024, n_img) if cfg.split == "calib" else 1024)
+    n = cfg.batches * cfg.batch_size
+    model, splits = load_model_and_data(cfg, obj, max(1024, n) if cfg.split == "calib" else 1024)
     batches = _batches_of(cfg, splits)
-    model = load_model(cfg.model, cfg.checkpoint, obj, splits, cfg.seed).to(device)
+    model = model.to(device)
     scfg = cfg.estimator_config(at)
-    measured_on = {
-        "data": cfg.data,
-        "split": cfg.split,
-        "n_images": n_img,
-        "batches": cfg.batches,
-        "batch_size": cfg.batch_size,
-    }
+    measured_on = cli_measured_on(cfg, splits)
     fp = fingerprint(model, cfg.checkpoint, measured_on, {"cfg": asdict(scfg), "at": str(cfg.at)})
     if not cfg.force and cached(cfg.out, fp):
         print(f"cached: {cfg.out / 'sensitivity.json'} (fingerprint {fp}); --force recomputes")
         return 0
     res = compute_sensitivity(
-        model, batches, scfg, progress=cfg.progress, fingerprint=fp, model_name=cfg.model, measured_on=measured_on
+        model,
+        batches,
+        scfg,
+        task=splits.task,
+        progress=cfg.progress,
+        fingerprint=fp,
+        model_name=cfg.model,
+        measured_on=measured_on,
     )
     res.meta.update({"checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "device": str(device)})
     if _is_rank0():
-        where = f"{cfg.data} {cfg.split} split, {n_img} images"
-        write_outputs(res, cfg.out, f"{cfg.model}: Tr(H_l)/n_l ({res.meta['estimator']}; {where})")
-        print(
-            f"wrote {cfg.out / 'sensitivity.json'}: {len(res.frame)} layers, {res.meta['total_hvp']} HVPs "
-            f"({res.meta['backend']}), negative traces: {res.negative_traces or 'none'}"
-        )
-        print(res.table())
+        _report(res, cfg)
     return 0
+
+
+def _report(res: SensitivityResult, cfg: SensitivityCLIConfig) -> None:
+    """Write the outputs and print what was measured, how (estimator and why, curvature) and the table."""
+    m = res.meta
+    ch = m["estimator_choice"]
+    write_outputs(res, cfg.out, f"{cfg.model}: Tr/n_l, {m['curvature']} ({m['estimator']}; {_where(res.measured_on)})")
+    print(
+        f"wrote {cfg.out / 'sensitivity.json'}: {len(res.frame)} layers, {m['total_hvp']} HVPs "
+        f"({m['backend']}), negative traces: {res.negative_traces or 'none'}"
+    )
+    print(res.table())
+    print(f"estimator: {ch['used']} ({'auto: ' if ch['requested'] == 'auto' else ''}{ch['why']})")
+    gn = m.get("gauss_newton")
+    if gn is not None:
+        how = f"{gn['columns_per_sample']} sampled columns per sample, ± 1 SE" if gn["sampled"] else "all columns"
+        print(f"Gauss-Newton traces: {how}; Ω driven by the {m['curvature']} trace (--curvature)")
+    if "activations" in m:
+        print(f"activation traces {m['activations']}")
 
 
 def _is_rank0() -> bool:

@@ -3,8 +3,12 @@
 The format (``version`` 1): ``model`` (zoo name or callable path), ``fingerprint``, ``bits`` (candidate bits),
 ``layers`` (one object per weight layer with ``LAYER_KEYS``: per-layer trace, per-parameter trace
 ``trace_per_param`` = Tr(H_ll)/n_l, its standard error ``stderr`` of the per-layer trace (null when not
-estimated), the number of Hessian-vector products, and whether the layer is searchable), ``omega`` (searchable
-layer -> bit (as a string) -> Ω, the predicted loss increase), ``negative_traces`` and optionally ``density``.
+estimated), the number of Hessian-vector products, and whether the layer is searchable; optionally both
+curvatures, ``OPTIONAL_LAYER_KEYS``: ``hessian_trace``/``hessian_stderr`` and ``gn_trace``/``gn_stderr``
+(Gauss–Newton), each absent when not measured, finite when present — ``trace`` is the one of them that drives Ω,
+named by ``meta.curvature``), ``omega`` (searchable layer -> bit (as a string) -> Ω, the predicted loss
+increase), ``negative_traces`` and optionally ``density``.  ``measured_on`` says what the traces were measured
+on (data, split, and ``n_images`` or, for a byte LM, ``n_windows`` × ``bytes_per_window`` = ``n_bytes``).
 It lives in hasb, the lowest layer that reads it (the HASB sampler needs the traces).
 """
 
@@ -21,6 +25,7 @@ from .errors import HasbError
 __all__ = [
     "VERSION",
     "LAYER_KEYS",
+    "OPTIONAL_LAYER_KEYS",
     "SensitivityError",
     "load_sensitivity",
     "validate_sensitivity",
@@ -30,6 +35,7 @@ __all__ = [
 
 VERSION = 1
 LAYER_KEYS = ("layer", "n_params", "trace", "trace_per_param", "stderr", "n_hvp", "searchable")
+OPTIONAL_LAYER_KEYS = ("hessian_trace", "hessian_stderr", "gn_trace", "gn_stderr")
 
 
 class SensitivityError(HasbError):
@@ -104,9 +110,9 @@ def _check_layers(layers: list, bad: Callable[[str], NoReturn]) -> list[str]:
         miss = [k for k in LAYER_KEYS if k not in row]
         if miss:
             bad(f"layers[{i}] lacks {miss}; each layer needs {list(LAYER_KEYS)}")
-        for k in ("trace", "trace_per_param", "stderr"):
-            if k == "stderr" and row[k] is None:
-                continue  # null = not estimated (the HVP budget ran out before 2 samples of this layer)
+        for k in ("trace", "trace_per_param", "stderr", *OPTIONAL_LAYER_KEYS):
+            if k not in row or (k == "stderr" and row[k] is None):
+                continue  # stderr null = not estimated (the HVP budget ran out before 2 samples of this layer)
             if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) or not math.isfinite(row[k]):
                 bad(f"layers[{i}] ({row['layer']}): {k} must be a finite number, got {row[k]!r}")
         if not isinstance(row["searchable"], bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from analysis.sensitivity import (
     weight_perturbation,
 )
 from analysis.trace import activation_traces, estimate_traces, hutchinson_full
+from hasb.data import loss_fn
 from hasb.errors import HasbError
 from hasb.export import load_quantized, save_quantized
 from hasb.models import build_model
@@ -112,8 +114,9 @@ def test_quantized_model_measured_at_a_trained_config_never_fp():
     assert r_default.measured_at["network"] == "quantized" and r_default.measured_at["uniform_bit"] == 8
     assert np.array_equal(r_default.frame.trace, r8.frame.trace)
     assert not np.allclose(r4.frame.trace, r8.frame.trace, rtol=1e-3)  # the 4-bit network is another function
-    with hasb.use_config(q, 8):  # the same numbers as measuring it directly
-        op = HessianOperator(q, batches, [f"{n}.weight" for n in q.hasb_spec.order], backend="double_backward")
+    with hasb.use_config(q, 8):  # the same numbers as measuring it directly (with the task's loss, the default)
+        names = [f"{n}.weight" for n in q.hasb_spec.order]
+        op = HessianOperator(q, batches, names, loss_fn=partial(loss_fn, "classification"), backend="double_backward")
         direct = estimate_traces(op, "layer", rtol=0.3, max_hvp=200, seed=1)
     assert np.array_equal(r8.frame.trace.to_numpy(), direct.trace)
     with pytest.raises(SensitivityError, match="not candidates"):
@@ -225,6 +228,9 @@ def test_cli_help_lists_every_flag(capsys):
         "--no-progress",
         "--threads",
         "--max-confidence",
+        "--curvature",
+        "--gn-columns",
+        "--data-opt",
     ):
         assert flag in text
 
@@ -410,6 +416,9 @@ def _bad_cases(tmp_path):
         "missing checkpoint": (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
         "checkpoint not torch": (["--checkpoint", tmp_path / "afile"], "checkpoint"),
         "too many images": (["--batches", "100000"], "exceeds"),
+        "bad gn columns": (["--gn-columns", "1"], "--gn-columns"),
+        "bad curvature": (["--curvature", "fisher"], "--curvature"),
+        "bad data option": (["--data-opt", "context"], "bad data option"),
     }
 
 
@@ -432,6 +441,9 @@ def _bad_cases(tmp_path):
         "missing checkpoint",
         "checkpoint not torch",
         "too many images",
+        "bad gn columns",
+        "bad curvature",
+        "bad data option",
     ],
 )
 def test_cli_rejects_bad_input_before_any_work(case, tmp_path, capsys, monkeypatch):
