@@ -70,6 +70,19 @@ def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
     raise DataError(f"unknown --data {spec!r}; accepted: {', '.join(SPECS)}")
 
 
+def spec_task(spec: str) -> str | None:
+    """The task of a ``--data`` spec without reading any data; None for a user callable (known once called)."""
+    spec = (spec or "").strip()
+    prefix, sep, _ = spec.partition(":")
+    if spec in DATASETS:
+        return IdxSource.task
+    if spec == "python-stdlib" or (sep and prefix == "text"):
+        return TextSource.task
+    if sep and prefix in _PREFIXED:
+        return TensorSource.task
+    return None
+
+
 def parse_data_opts(text: str | None) -> dict:
     """``"size=64,mean=0.49/0.48/0.45,context=256"`` → ``{"size": 64, "mean": [0.49, 0.48, 0.45], ...}``.
 
@@ -144,6 +157,7 @@ __all__ = [
     "npz_source",
     "open_source",
     "parse_data_opts",
+    "spec_task",
     "read_idx",
     "stdlib_source",
     "text_source",
