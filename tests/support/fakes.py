@@ -147,16 +147,27 @@ def make_fake_lm_run(
     act_bits: str | int = "fp",
     context: int = 32,
     seed: int = 0,
+    float_steps: int = 0,
 ) -> tuple[Path, Path]:
     """A quantized ``lm_tiny`` supernet as a training run would leave it: ``out/model.pt`` (its extra records the
-    training config: data ``text:<corpus>``, seed, val size) and a contract ``out/sensitivity.json``."""
-    from hasb.data import open_source
+    training config: data ``text:<corpus>``, seed, val size) and a contract ``out/sensitivity.json``.
+
+    ``float_steps`` Adam steps (batch 32) on the float model first, so that fewer weight bits cost bits per byte.
+    """
+    from hasb.data import batches, loss_fn, open_source
 
     torch.manual_seed(seed)
-    m = hasb.quantize_model(
-        build_model("lm_tiny", context=context), bits=bits, weight_only=weight_only, act_bits=act_bits
-    )
     splits = open_source(f"text:{corpus}", context=context).splits(seed, calib_size=32)
+    net = build_model("lm_tiny", context=context)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for step, (x, y) in enumerate(batches(splits.train, 32, shuffle=True, generator=g, drop_last=True)):
+        if step >= float_steps:
+            break
+        opt.zero_grad()
+        loss_fn("lm", net(x), y).backward()
+        opt.step()
+    m = hasb.quantize_model(net, bits=bits, weight_only=weight_only, act_bits=act_bits)
     hasb.init_quantizers(m, splits.calib[0].long())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
