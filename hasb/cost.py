@@ -45,6 +45,13 @@ from .quantize import DEFAULT_BITS, QuantSpec, _example
 
 FP_BITS = 32
 BUDGET_KINDS = ("avg_bits", "bitops", "size", "eff_bits", "plain_avg")
+KIND_WORDS = {
+    "avg_bits": "average-bit",
+    "bitops": "BitOPs",
+    "size": "size",
+    "eff_bits": "effective-bits",
+    "plain_avg": "plain average bit",
+}
 
 
 def eff_bits(b: Bit) -> int:
@@ -348,17 +355,20 @@ def parse_budget_text(text, kind: str | None = None) -> Budget:
         raise BudgetError(f"budget {s!r} must be positive; {accepted}")
     if unit in _UNITS_SIZE or kind == "size":
         if kind not in (None, "size"):
-            raise BudgetError(f"budget {s!r} is a size but a {kind} budget was expected")
+            raise BudgetError(f"budget {s!r} is a size but a {KIND_WORDS[kind]} budget was expected")
         mult = _UNITS_SIZE.get(unit, 1) if unit else 1e6
         return Budget("size", val, val * mult, s)
     if unit in _UNITS_EFF_BITS or kind == "eff_bits":
         if kind not in (None, "eff_bits") or (unit and unit not in _UNITS_EFF_BITS):
-            raise BudgetError(f"budget {s!r} is not in effective bits (like 3.5ebits); a {kind} budget was expected")
+            raise BudgetError(
+                f"budget {s!r} is not in effective bits (like 3.5ebits); a {KIND_WORDS[kind or 'eff_bits']} "
+                "budget was expected"
+            )
         return Budget("eff_bits", val, float("nan"), s)
     um = re.fullmatch(r"([kmgt]?)(?:bops|bitops|bop)", unit)
     if um:
         if kind not in (None, "bitops"):
-            raise BudgetError(f"budget {s!r} is in BitOPs but a {kind} budget was expected")
+            raise BudgetError(f"budget {s!r} is in BitOPs but a {KIND_WORDS[kind]} budget was expected")
         return Budget("bitops", val, val * _UNITS_BITOPS[um.group(1)], s)
     if unit:
         raise BudgetError(f"budget {s!r} has unknown unit {m.group(2)!r}; {accepted}")
