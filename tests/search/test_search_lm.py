@@ -2,6 +2,7 @@
 budgets in effective bits and BitOPs, weight-only supernets, deploy.pt reproducing the recorded score."""
 
 import json
+import re
 
 import matplotlib
 import numpy as np
@@ -169,3 +170,16 @@ def test_weight_only_fixed_activation_bit_in_bitops_and_avg_bits(tmp_path):
     assert cost.avg_bit_equivalent(cfg) == pytest.approx(4.0, rel=1e-12)
     assert cost.uniform_bitops(3.0) == pytest.approx(cost.fixed_bitops() + searchable * 3 * 8, rel=1e-12)
     assert all(layer.a_bit == 8 for n, layer in quantized_layers(m).items() if n not in get_spec(m).fixed)
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [("1ebits", "feasible effective bits range is 2–8"), ("3.5bpw", "accepted: .*3.5ebits")],
+)
+def test_bad_effective_bits_budget_one_line_exit_2_nothing_written(lm_run, tmp_path, capsys, budget, message):
+    out = tmp_path / "s"
+    assert main(["--budget", budget, "--checkpoint", str(lm_run[0]), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert re.search(message, err)
+    assert not out.exists()
