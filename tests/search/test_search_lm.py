@@ -113,9 +113,14 @@ def test_weight_only_search_never_quantizes_activations(lm_run, tmp_path, monkey
     assert seen == {None}  # fixed layers are fp too: no layer ever saw quantized activations
     for s in pd.read_csv(out / "candidates.csv").config:
         assert s.split("|a")[1].split("-") == ["fp"] * len(s.split("|a")[1].split("-"))
-    deployed = load_deployment(next(out.glob("budget-*")) / "deploy.pt")
+    deployed = load_deployment(out / "budget-3ebits" / "deploy.pt")
     layers = [m for m in deployed.modules() if isinstance(m, DeployedLinear)]
     assert layers and all(m.a_bits is None for m in layers)
+    # a higher budget never picks worse: lower (or equal) validation bits per byte than the tighter budget's pick
+    assert main(["--budget", "6ebits", "--checkpoint", str(ck), "--out", str(out), "--no-optuna", *FAST]) == 0
+    tight, loose = (json.loads((out / f"budget-{b}" / "config.json").read_text()) for b in ("3ebits", "6ebits"))
+    assert loose["metrics"]["bits_per_byte"] <= tight["metrics"]["bits_per_byte"]
+    assert loose["metrics"]["effective_bits"] <= 6 and tight["metrics"]["effective_bits"] <= 3
 
 
 def test_lm_evaluator_scores_like_evaluate_metric_and_skips_bn(lm_run):
