@@ -188,3 +188,23 @@ def test_bad_effective_bits_budget_one_line_exit_2_nothing_written(lm_run, tmp_p
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert re.search(message, err)
     assert not out.exists()
+
+
+def test_data_setup_task_and_context(lm_run):
+    from hasb.data import spec_task
+    from search.inputs import data_setup, recorded_data_opts
+
+    model, _ = load_quantized(lm_run[0])
+    corpus = lm_run[1]
+    assert [spec_task(s) for s in ("python-stdlib", f"text:{corpus}", "mnist", "npz:x.npz", "pkg.mod:fn")] == [
+        "lm",
+        "lm",
+        "classification",
+        "classification",
+        None,
+    ]
+    assert data_setup(f"text:{corpus}", None, {}, model)[:2] == ("lm", {"context": CONTEXT})  # the model's context
+    assert data_setup(f"text:{corpus}", None, {"context": 16}, model)[:2] == ("lm", {"context": 16})
+    assert data_setup("fashion-mnist", None, {}, model)[:2] == ("classification", {})
+    assert recorded_data_opts({"data_opt": "context=16,limit=none"}) == {"context": 16, "limit": None}
+    assert recorded_data_opts({"data_opts": {"context": 8}}) == {"context": 8} and recorded_data_opts({}) == {}
