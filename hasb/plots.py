@@ -712,8 +712,11 @@ def plot_pareto(
     ax: Axes | None = None,
     title: str | None = None,
     accuracy_label: str | None = None,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
 ) -> Figure:
-    """Accuracy vs BitOPs: all evaluated configs, the non-dominated front, uniform configs, the chosen one.
+    """A score (accuracy, or another metric such as bits per byte) vs BitOPs: all evaluated configs, the
+    non-dominated front, uniform configs, the chosen one.
 
     Args:
         points_df: evaluated configs; columns ``accuracy`` (fraction or %) and ``gbitops`` or
@@ -727,29 +730,34 @@ def plot_pareto(
         budget_bitops: the budget in BitOPs (not G); drawn as a vertical line.
         avg_bits_fn: ``hasb.CostModel`` or ``(bitops → avg bits, avg bits → bitops)``; adds a top axis
             in average-bit equivalent.
-        accuracy_label: y-axis label naming the split and size (default ``accuracy [%]``).
-    An ``accuracy_se`` column (same units as ``accuracy``) draws ±1 SE error bars on every point.
+        accuracy_label: y-axis label naming the split and size (default ``accuracy [%]`` / the metric's name).
+        metric: the score column (``accuracy``, shown in %; any other, e.g. ``bits_per_byte``, shown as is); every
+            ``accuracy`` key above then reads ``<metric>`` (``<metric>_se``, ``test_<metric>`` in ``chosen``).
+        higher_is_better: direction of the metric (False for bits per byte); the legend says it.
+    A ``<metric>_se`` column (same units as the metric) draws ±1 SE error bars on every point.
     """
     if not isinstance(points_df, pd.DataFrame):
         points_df = pd.DataFrame(points_df)
-    _need_columns(points_df, ["accuracy"], "plot_pareto points")
+    ycol, se_col = metric, f"{metric}_se"
+    _need_columns(points_df, [ycol], "plot_pareto points")
     if points_df.empty:
         raise PlotError("plot_pareto: no points to plot")
     if uniform_df is None and "source" in points_df.columns:
         uniform_df = points_df[points_df["source"] == "uniform"]
     if front_df is None and "on_front" in points_df.columns:
         front_df = points_df[points_df["on_front"].astype(str).str.lower().isin(["true", "1"])]
-    scale = _acc_scale(points_df, front_df, uniform_df)
+    scale = _acc_scale(points_df, front_df, uniform_df) if ycol == "accuracy" else 1.0
+    unit = "%" if ycol == "accuracy" else ""
     fig, ax = _new_figure(figure_size("pareto"), ax)
 
     x = _gbitops(points_df, "points_df")
-    y = points_df["accuracy"].to_numpy(dtype=float) * scale
+    y = points_df[ycol].to_numpy(dtype=float) * scale
     src = points_df["source"].astype(str).to_numpy() if "source" in points_df.columns else np.full(len(x), "config")
-    if "accuracy_se" in points_df.columns:
+    if se_col in points_df.columns:
         ax.errorbar(
             x,
             y,
-            yerr=points_df["accuracy_se"].to_numpy(dtype=float) * scale,
+            yerr=points_df[se_col].to_numpy(dtype=float) * scale,
             fmt="none",
             ecolor="#7f7f7f",
             elinewidth=0.7,
@@ -774,13 +782,14 @@ def plot_pareto(
         )
     if front_df is not None and len(front_df):
         fx = _gbitops(front_df, "front_df")
-        fy = front_df["accuracy"].to_numpy(dtype=float) * scale
+        fy = front_df[ycol].to_numpy(dtype=float) * scale
         o = np.argsort(fx)
-        ax.step(fx[o], fy[o], where="post", color="#2ca02c", linewidth=1.8, label="Pareto front", zorder=3)
+        front_label = "Pareto front" + ("" if higher_is_better else " (lower is better)")
+        ax.step(fx[o], fy[o], where="post", color="#2ca02c", linewidth=1.8, label=front_label, zorder=3)
         ax.scatter(fx[o], fy[o], s=22, color="#2ca02c", zorder=3)
     if uniform_df is not None and len(uniform_df):
         ux = _gbitops(uniform_df, "uniform_df")
-        uy = uniform_df["accuracy"].to_numpy(dtype=float) * scale
+        uy = uniform_df[ycol].to_numpy(dtype=float) * scale
         ax.scatter(
             ux,
             uy,
@@ -815,7 +824,7 @@ def plot_pareto(
     if chosen is not None:
         cdf = pd.DataFrame([dict(chosen)])
         cx = float(_gbitops(cdf, "chosen")[0])
-        cy = float(cdf["accuracy"].iloc[0]) * scale
+        cy = float(cdf[ycol].iloc[0]) * scale
         lab = chosen.get("label") or "chosen config"
         ax.scatter(
             [cx],
@@ -826,12 +835,12 @@ def plot_pareto(
             edgecolor="black",
             linewidths=1.0,
             zorder=6,
-            label=f"{lab}: {cy:.2f}% @ {cx:.3g} GBitOPs",
+            label=f"{lab}: {_fmt_score(cy, unit)} @ {cx:.3g} GBitOPs",
         )
-        _chosen_error_bars(ax, chosen, cx, cy, scale)
+        _chosen_error_bars(ax, chosen, cx, cy, scale, ycol, unit)
     ax.set_xlabel("BitOPs per sample  [GBitOPs = 10⁹ bit-operations]")
-    ax.set_ylabel(accuracy_label or "accuracy  [%]")
-    ax.set_title(title or "Accuracy vs BitOPs", pad=10)
+    ax.set_ylabel(accuracy_label or ("accuracy  [%]" if ycol == "accuracy" else ycol.replace("_", " ")))
+    ax.set_title(title or f"{ycol.replace('_', ' ').capitalize()} vs BitOPs", pad=10)
     ax.grid(alpha=0.3)
     if funcs is not None:
         sec = ax.secondary_xaxis("top", functions=funcs)
@@ -840,21 +849,27 @@ def plot_pareto(
     return fig
 
 
-def _chosen_error_bars(ax: Axes, chosen: Mapping[str, Any], cx: float, cy: float, scale: float) -> None:
+def _fmt_score(v: float, unit: str) -> str:
+    return f"{v:.2f}{unit}" if unit else f"{v:.4g}"
+
+
+def _chosen_error_bars(
+    ax: Axes, chosen: Mapping[str, Any], cx: float, cy: float, scale: float, col: str = "accuracy", unit: str = "%"
+) -> None:
     """±1 SE of the chosen config's score, and its held-out (test) score beside it when given."""
-    if chosen.get("accuracy_se") is not None:
+    if chosen.get(f"{col}_se") is not None:
         ax.errorbar(
             [cx],
             [cy],
-            yerr=[float(chosen["accuracy_se"]) * scale],
+            yerr=[float(chosen[f"{col}_se"]) * scale],
             fmt="none",
             ecolor="black",
             elinewidth=1.2,
             capsize=3,
             zorder=6,
         )
-    if chosen.get("test_accuracy") is not None:
-        ty = float(chosen["test_accuracy"]) * scale
+    if chosen.get(f"test_{col}") is not None:
+        ty = float(chosen[f"test_{col}"]) * scale
         ax.errorbar(
             [cx],
             [ty],
@@ -864,7 +879,7 @@ def _chosen_error_bars(ax: Axes, chosen: Mapping[str, Any], cx: float, cy: float
             markersize=6,
             capsize=3,
             zorder=6,
-            label=f"{chosen.get('test_label') or 'chosen, held-out test'}: {ty:.2f}%",
+            label=f"{chosen.get('test_label') or 'chosen, held-out test'}: {_fmt_score(ty, unit)}",
         )
 
 

@@ -24,6 +24,8 @@ import pandas as pd
 
 from hasb.errors import HasbError
 from hasb.sensitivity_file import load_sensitivity
+from search.evaluate import METRICS, Metric
+from search.outputs import axis_label
 
 # The command that produces each artifact; {run} is the run directory.
 COMMANDS = {
@@ -295,11 +297,27 @@ class Run:
         return smp.probabilities(), smp.sensitive(), "hasb.sampler.HASBSampler on sensitivity.json traces"
 
     # -- search --------------------------------------------------------------------------------------------
+    def metric(self) -> Metric:
+        """The search's score metric (search.evaluate.Metric): config.json's ``metric``, else pareto.csv's
+        ``metric`` column, else accuracy (outputs written before language models)."""
+        for get in (
+            lambda: (self.chosen().get("metric") or {}).get("name"),
+            lambda: _read_csv(self.search_file("pareto.csv", "pareto.csv"))["metric"].iloc[0],
+        ):
+            try:
+                name = get()
+            except (MissingArtifact, ArtifactError, AttributeError, KeyError, IndexError):
+                continue
+            if name in METRICS:
+                return METRICS[name]
+        return METRICS["accuracy"]
+
     def pareto(self) -> pd.DataFrame:
         p = self.search_file("pareto.csv", "pareto.csv")
         df = _read_csv(p)
-        if "accuracy" not in df.columns or not ({"bitops", "gbitops"} & set(df.columns)):
-            raise ArtifactError(f"{p} needs columns accuracy and bitops/gbitops; got {list(df.columns)}")
+        name = self.metric().name
+        if name not in df.columns or not ({"bitops", "gbitops"} & set(df.columns)):
+            raise ArtifactError(f"{p} needs columns {name} and bitops/gbitops; got {list(df.columns)}")
         return df
 
     def candidates(self) -> pd.DataFrame | None:
@@ -341,21 +359,26 @@ class Run:
         from hasb.models import build_model
 
         name = self.model_name()
-        build = {}
+        build: dict = {}
         for src in (self.chosen, lambda: self.train_config("supernet"), lambda: self.train_config("multi")):
             try:
                 b = src().get("build") or src().get("hasb_build")
             except (MissingArtifact, ArtifactError, AttributeError):
                 continue
-            if isinstance(b, dict):
-                build = {k: v for k, v in b.items() if k in ("num_classes", "in_channels", "image_size")}
+            if isinstance(b, dict):  # every recorded build argument (an LM's context changes its MACs)
+                build = {k: v for k, v in b.items() if k != "name"}
                 break
         if bits is None:
             try:
                 bits = [int(b) for b in self.sensitivity()["bits"]]
             except (MissingArtifact, ArtifactError, KeyError):
                 bits = list(hasb.DEFAULT_BITS)
-        model = hasb.quantize_model(build_model(name, **build), bits=tuple(bits))
+        try:
+            wo = self.chosen().get("weight_only")
+        except (MissingArtifact, ArtifactError):
+            wo = None
+        mode = {"weight_only": True, "act_bits": wo.get("a_bits", "fp")} if isinstance(wo, dict) else {}
+        model = hasb.quantize_model(build_model(name, **build), bits=tuple(bits), **mode)
         cost = hasb.CostModel.from_model(model)
         self._cache["cost"] = cost
         return cost
@@ -390,11 +413,68 @@ def config_from_record(rec: Any, names: list[str]):
     return BitConfig({n: (wb, ab) for n, wb, ab in zip(names, w, a, strict=True)})
 
 
+def doc_metric(chosen: dict) -> Metric:
+    """The metric of a config.json (``metric.name``; accuracy for documents written before it)."""
+    m = chosen.get("metric")
+    return METRICS.get(m.get("name", "accuracy"), METRICS["accuracy"]) if isinstance(m, dict) else METRICS["accuracy"]
+
+
 def chosen_point(chosen: dict) -> dict | None:
-    """{accuracy, bitops|gbitops} of config.json (top level, or under ``metrics`` as search.export writes)."""
+    """{<metric>, bitops|gbitops} of config.json (top level, or under ``metrics`` as search.export writes), with
+    the validation SE (``<metric>_se``) and the held-out test score (``test_<metric>``, ``test_se``) when given;
+    the metric is ``accuracy`` or, for a language model, ``bits_per_byte``."""
+    name = doc_metric(chosen).name
     src = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else chosen
-    pick = {k: src[k] for k in ("accuracy", "bitops", "gbitops") if src.get(k) is not None}
-    return pick if "accuracy" in pick and ({"bitops", "gbitops"} & set(pick)) else None
+    pick = {k: src[k] for k in (name, "bitops", "gbitops") if src.get(k) is not None}
+    if name not in pick or not ({"bitops", "gbitops"} & set(pick)):
+        return None
+    sc = chosen.get("scores") if isinstance(chosen.get("scores"), dict) else {}
+    for split, keys in (("validation", (f"{name}_se",)), ("test", (f"test_{name}", "test_se"))):
+        d = sc.get(split)
+        if isinstance(d, dict) and isinstance(d.get(name), (int, float)):
+            vals = (d.get("se"),) if split == "validation" else (d[name], d.get("se"))
+            pick.update({k: v for k, v in zip(keys, vals, strict=True) if v is not None})
+    return pick
+
+
+def pareto_view(run: Run) -> dict:
+    """What the report's Pareto section draws and tables, in the run's metric: ``plot`` (keyword arguments of
+    hasb.plots.plot_pareto: points, front, uniform configs, chosen point, budget, average-bit axis, the metric
+    and its axis label naming split and size), ``front_table``, ``chosen`` (config.json or None) and ``notes``
+    (why a part is missing)."""
+    m, pts, notes = run.metric(), run.pareto(), []
+    cand = run.candidates()
+    points = cand if cand is not None and len(cand) >= len(pts) and m.name in cand else pts
+    front = pts[pts["on_front"].astype(str).str.lower().isin(["true", "1"])] if "on_front" in pts else None
+    uniform = pts[pts["source"] == "uniform"] if "source" in pts else None
+    cost = chosen = None
+    try:
+        cost = run.cost_model()
+    except Exception as e:  # the top axis needs the model; the plot is still useful without it
+        notes.append(f"no average-bit axis: {e}")
+    try:
+        chosen = run.chosen()
+    except (MissingArtifact, ArtifactError) as e:
+        notes.append(f"no chosen config: {e}")
+    val = (chosen or {}).get("scores", {}).get("validation") if isinstance((chosen or {}).get("scores"), dict) else None
+    plot = {
+        "points_df": points,
+        "front_df": front,
+        "uniform_df": uniform,
+        "chosen": chosen_point(chosen) if chosen is not None else None,
+        "budget_bitops": budget_bitops(chosen, cost) if (chosen is not None and cost is not None) else None,
+        "avg_bits_fn": cost,
+        "metric": m.name,
+        "higher_is_better": m.higher_is_better,
+        "accuracy_label": axis_label(m, val) if isinstance(val, dict) and "n" in val else None,
+    }
+    cols = [
+        c
+        for c in ("config_id", "source", "gbitops", "avg_bit_equivalent", "effective_bits", m.name, m.se_col)
+        if c in pts
+    ]
+    table = (front if front is not None else pts)[cols].sort_values(cols[2] if len(cols) > 2 else cols[0])
+    return {"plot": plot, "front_table": table, "chosen": chosen, "metric": m, "notes": notes}
 
 
 def budget_bitops(chosen: dict, cost) -> float | None:
@@ -432,8 +512,8 @@ _SPLIT_KEYS = ("split", "accuracy_split")
 _N_KEYS = ("n", "n_images", "accuracy_n", "size", "n_samples")
 
 
-def _score_row(label: str, d: dict) -> dict | None:
-    acc = d.get("accuracy")
+def _score_row(label: str, d: dict, name: str = "accuracy") -> dict | None:
+    acc = d.get(name)
     if not isinstance(acc, (int, float)) or isinstance(acc, bool):
         return None
     pick = lambda keys: next((d[k] for k in keys if d.get(k) is not None), None)  # noqa: E731
@@ -441,23 +521,25 @@ def _score_row(label: str, d: dict) -> dict | None:
         "score": label,
         "split": pick(_SPLIT_KEYS),
         "n": pick(_N_KEYS),
-        "accuracy": float(acc),
-        "se": pick(_SE_KEYS),
+        name: float(acc),
+        "se": pick((f"{name}_se", *_SE_KEYS)),
     }
 
 
 def chosen_scores(chosen: dict) -> pd.DataFrame:
-    """Every accuracy config.json states for the chosen config, one row each: score (where it was found),
-    split, n (images), accuracy (fraction), se (its standard error; None when the file gives none).
+    """Every score config.json states for the chosen config, one row each: score (where it was found),
+    split, n (images, or windows for a language model), the metric (``accuracy`` as a fraction, or
+    ``bits_per_byte``; the column is named by it), se (its standard error; None when the file gives none).
 
     Tolerant of both layouts: a plain ``metrics.accuracy`` (selection score), and scores nested as objects with
     an ``accuracy`` (e.g. ``"test": {"accuracy", "se", "split", "n"}``) under the top level, ``metrics`` or a
     ``scores`` object/list."""
-    rows = []
+    rows: list[dict] = []
+    name = doc_metric(chosen).name
     metrics = chosen.get("metrics") if isinstance(chosen.get("metrics"), dict) else {}
     for label, d in (("metrics", metrics), ("config.json", chosen)):
-        row = _score_row(label, d)
-        if row is not None and not any(r["accuracy"] == row["accuracy"] for r in rows):
+        row = _score_row(label, d, name)
+        if row is not None and not any(r[name] == row[name] for r in rows):
             rows.append(row)
     nested = [(k, v) for src in (chosen, metrics) for k, v in src.items() if isinstance(v, dict)]
     sc = chosen.get("scores")
@@ -466,8 +548,8 @@ def chosen_scores(chosen: dict) -> pd.DataFrame:
     elif isinstance(sc, dict):
         nested += [(k, v) for k, v in sc.items() if isinstance(v, dict)]
     for k, v in nested:
-        row = _score_row(k, v)
+        row = _score_row(k, v, name)
         if row is not None:
             row["split"] = row["split"] or k
             rows.append(row)
-    return pd.DataFrame(rows, columns=["score", "split", "n", "accuracy", "se"])
+    return pd.DataFrame(rows, columns=["score", "split", "n", name, "se"])

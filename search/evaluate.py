@@ -1,11 +1,18 @@
-"""Accuracy and loss of any bit config of a trained supernet on the validation split.
+"""The task's metric (and loss) of any bit config of a trained supernet on the validation split.
+
+The metric follows the data's task (``hasb.data.evaluate_metric``, the one home of the formulas): accuracy with
+its binomial standard error for classification, bits per byte (lower is better) with the standard error of the
+mean over token windows for language models.  :class:`Metric` names and orients it for everything downstream.
 
 Per config: switch bits (no weights copied), optionally re-calibrate the BN entries
 that config uses on calibration batches (``bn="recal"``, default: the supernet's
 stored statistics were accumulated over *other* configs), run the full
 validation split in batches, restore the BN statistics so the supernet is left as
 it was.  ``bn="stored"`` uses the stored entries instead (Transitional BN pair keys
-when the model has them, else per-bit entries), as the paper does.
+when the model has them, else per-bit entries), as the paper does.  A model without
+BatchNorm (the byte LMs: LayerNorm normalises each token by its own statistics, so
+there is nothing per config to re-estimate) is scored as it is: re-calibration is a
+no-op and :meth:`Evaluator.bn_info` says so.
 
 Results are cached by config digest, in memory and optionally in a JSON file (one
 section per *context*: checkpoint hash, data, BN mode, split sizes), so a re-run
@@ -15,6 +22,7 @@ of the search costs nothing and a changed checkpoint never reuses stale numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,41 +31,102 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hasb.config import BitConfig, atomic_write_text
+from hasb.data import TASKS, evaluate_metric, metric_name
 from hasb.errors import HasbError
 from hasb.quantize import batchnorms, use_config
 from hasb.supernet import recalibrate_bn
 
 BN_MODES = ("recal", "stored")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: task-aware results (metric, value, se)
 
 Data = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """How a task's score is named, oriented and shown (the value itself comes from hasb.data.evaluate_metric).
+
+    ``name`` is the column/key everywhere (``accuracy``, ``bits_per_byte``; its SE column is ``<name>_se``).
+    """
+
+    name: str
+    higher_is_better: bool
+    label: str  # in words, for axes and text
+    percent: bool  # shown ×100 with "%"
+    unit: str  # what n counts
+    se_text: str  # how the standard error was measured
+
+    @property
+    def se_col(self) -> str:
+        return f"{self.name}_se"
+
+    def oriented(self, values) -> np.ndarray:
+        """Values turned so that larger is better (for Pareto masks and "best" picks): [N] float."""
+        v = np.asarray(values, dtype=float)
+        return v if self.higher_is_better else -v
+
+    def fmt(self, value: float, se: float) -> str:
+        """``76.50 ± 0.95 %`` or ``2.412 ± 0.013 bits/byte``."""
+        if self.percent:
+            return f"{100 * value:.2f} ± {100 * se:.2f} %"
+        return f"{value:.4f} ± {se:.4f} bits/byte"
+
+    def short(self, value: float) -> str:
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.4f} bits/byte"
+
+
+METRICS = {
+    "accuracy": Metric(
+        "accuracy", True, "accuracy", True, "images", "binomial standard error sqrt(p(1-p)/n) over n images"
+    ),
+    "bits_per_byte": Metric(
+        "bits_per_byte",
+        False,
+        "bits per byte",
+        False,
+        "windows",
+        "standard error of the mean over n windows (s.d. of per-window bits per byte / sqrt(n))",
+    ),
+}
+
+
+def metric_for(task: str) -> Metric:
+    """The :class:`Metric` of a data task (``classification``: accuracy ↑; ``lm``: bits per byte ↓)."""
+    if task not in TASKS:
+        raise HasbError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    return METRICS[metric_name(task)]
+
+
 @dataclass
 class EvalResult:
-    """accuracy in [0, 1], mean cross-entropy loss (nats), n scored samples, seconds spent (0 if cached)."""
+    """One config's score: ``value`` of ``metric`` (accuracy in [0, 1] or bits per byte), its standard error,
+    the mean cross-entropy ``loss`` (nats per example / per byte), ``n`` scored examples or windows, seconds
+    spent (0 if cached)."""
 
-    accuracy: float
+    value: float
+    se: float
     loss: float
     n: int
+    metric: str = "accuracy"
     seconds: float = 0.0
     cached: bool = False
+
+    @property
+    def accuracy(self) -> float:
+        if self.metric != "accuracy":
+            raise AttributeError(f"this score is {self.metric}, not accuracy")
+        return self.value
 
     @property
     def correct(self) -> int:
         """Number of correctly classified samples (accuracy · n, exact: accuracy was correct / n)."""
         return round(self.accuracy * self.n)
-
-    @property
-    def se(self) -> float:
-        """Binomial standard error of the accuracy, sqrt(p(1−p)/n), in [0, 0.5]."""
-        return binomial_se(self.accuracy, self.n)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -71,26 +140,23 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def score(
-    model: nn.Module, data: Data, batch_size: int = 1000, device: str | torch.device = "cpu"
-) -> tuple[int, float, int]:
-    """(correct count, summed cross-entropy in nats, n) of ``model`` in eval mode on ``data`` = (x [N, ...], y [N]).
+    model: nn.Module,
+    data: Data,
+    task: str = "classification",
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> EvalResult:
+    """The task's metric of ``model`` in eval mode on ``data`` (``hasb.data.evaluate_metric``), as an EvalResult.
 
     Pure scoring, no config switching: also used on a plain deployed module (hasb.export.load_deployment).
+    The model's train/eval mode is restored.
     """
-    x, y = data
-    correct, loss_sum = 0, 0.0
     was = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
-            for s in range(0, len(x), batch_size):
-                xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
-                out = model(xb)
-                loss_sum += float(F.cross_entropy(out.float(), yb, reduction="sum"))
-                correct += int((out.argmax(1) == yb).sum())
+        d = evaluate_metric(model, data, task, batch_size=batch_size, device=torch.device(device))
     finally:
         model.train(was)
-    return correct, loss_sum, len(x)
+    return EvalResult(float(d["value"]), float(d["se"]), float(d["loss_nats"]), int(d["n"]), d["metric"])
 
 
 class Evaluator:
@@ -98,8 +164,10 @@ class Evaluator:
 
     Args:
         model: quantized supernet (``hasb.quantize_model`` / ``hasb.train.load_supernet``).
-        data: ``(val, calib)`` pairs of (x [N, C, H, W], y [N]) or a zero-argument callable returning them
-            (called on the first cache miss only, so fully cached runs never load data).
+        data: ``(val, calib)`` pairs of (x, y) tensors as the task's splits hold them (``hasb.data.Splits``) or a
+            zero-argument callable returning them (called on the first cache miss only, so fully cached runs never
+            load data).
+        task: the data's task (``classification`` or ``lm``): decides the metric (:func:`metric_for`).
         bn: ``"recal"`` (default) or ``"stored"``.
         batch_size: evaluation batch size; calibration uses the same.
         calib_batches: at most this many calibration batches (default: all of ``calib``).
@@ -116,6 +184,7 @@ class Evaluator:
         data: tuple[Data, Data] | Callable[[], tuple[Data, Data]],
         *,
         bn: str = "recal",
+        task: str = "classification",
         batch_size: int = 1000,
         calib_batches: int | None = None,
         calib_batch_size: int = 256,
@@ -128,13 +197,15 @@ class Evaluator:
         self.model = model
         self._data = data
         self.bn = bn
+        self.task, self.metric = task, metric_for(task)
+        self.has_bn = bool(batchnorms(model))
         self.batch_size = int(batch_size)
         self.calib_batches = calib_batches
         self.calib_batch_size = int(calib_batch_size)
         self.device = torch.device(device)
         self.cache_path = Path(cache_path) if cache_path else None
         ctx = dict(context or {})
-        ctx.update(bn=bn, calib_batch_size=self.calib_batch_size, calib_batches=calib_batches)
+        ctx.update(bn=bn, task=task, calib_batch_size=self.calib_batch_size, calib_batches=calib_batches)
         self.context = ctx
         self.context_key = hashlib.sha1(json.dumps(ctx, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self._mem: dict[str, EvalResult] = {}
@@ -154,9 +225,10 @@ class Evaluator:
             return  # a broken cache is only a cache: recompute
         self._file = d
         for dig, r in d["contexts"].get(self.context_key, {}).get("results", {}).items():
-            self._mem[dig] = EvalResult(
-                float(r["accuracy"]), float(r["loss"]), int(r["n"]), float(r.get("seconds", 0.0)), cached=True
-            )
+            try:
+                self._mem[dig] = EvalResult(**{**r, "cached": True})
+            except TypeError:
+                continue  # an entry of another layout: recompute it
 
     def _save_cache(self) -> None:
         if self.cache_path is None:
@@ -166,12 +238,24 @@ class Evaluator:
         atomic_write_text(self.cache_path, json.dumps(self._file, default=str))
 
     def calibration_images(self) -> int:
-        """Images the BN re-calibration of each config runs on (0 with ``bn="stored"``): whole batches only."""
-        if self.bn != "recal":
+        """Examples the BN re-calibration of each config runs on (0 with ``bn="stored"`` or without BatchNorm):
+        whole batches only."""
+        if self.bn != "recal" or not self.has_bn:
             return 0
         n, bs = len(self._splits()[1][0]), self.calib_batch_size
         used = n - n % bs if n >= bs else n
         return used if self.calib_batches is None else min(used, self.calib_batches * bs)
+
+    def bn_info(self) -> dict:
+        """How BatchNorm was handled: ``{"mode": "recal"|"stored"|"none", "calibration_images": int[, "note"]}``."""
+        if not self.has_bn:
+            return {
+                "mode": "none",
+                "calibration_images": 0,
+                "note": "the model has no BatchNorm (LayerNorm normalises each token by its own statistics): "
+                "nothing to re-calibrate, every config scored as it is",
+            }
+        return {"mode": self.bn, "calibration_images": self.calibration_images()}
 
     def save(self) -> None:
         """Write the cache file now (evaluate(save=False) defers it)."""
@@ -208,7 +292,7 @@ class Evaluator:
         snapshot = None
         try:
             with use_config(model, cfg):
-                if self.bn == "recal":
+                if self.bn == "recal" and self.has_bn:
                     # keep the supernet's stored statistics: recal touches only the entries this config uses
                     snapshot = [
                         (bn.active, {k: v.clone() for k, v in bn.active.state_dict().items()})
@@ -229,12 +313,12 @@ class Evaluator:
             model.train(was)
 
     def evaluate(self, config: BitConfig | dict, save: bool = True) -> EvalResult:
-        """Accuracy and loss of ``config`` on the validation split (cached by ``config.digest()``)."""
+        """The metric and loss of ``config`` on the validation split (cached by ``config.digest()``)."""
         cfg = config if isinstance(config, BitConfig) else BitConfig(dict(config))
         dig = cfg.digest()
         hit = self._mem.get(dig)
         if hit is not None:
-            return EvalResult(hit.accuracy, hit.loss, hit.n, hit.seconds, cached=True)
+            return dataclasses.replace(hit, cached=True)
         res = self.score(cfg, self._splits()[0])
         self._mem[dig] = res
         self.n_evaluated += 1
@@ -243,13 +327,14 @@ class Evaluator:
         return res
 
     def score(self, config: BitConfig | dict, data: Data) -> EvalResult:
-        """Accuracy and loss of ``config`` on any split ``data`` (not cached; e.g. the held-out test split)."""
+        """The metric and loss of ``config`` on any split ``data`` (not cached; e.g. the held-out test split)."""
         t0 = time.perf_counter()
-        with self.calibrated(config) as model:
-            correct, loss_sum, n = score(model, data, self.batch_size, self.device)
-        if n == 0:
+        if len(data[0]) == 0:
             raise HasbError("cannot score a config on an empty split")
-        return EvalResult(correct / n, loss_sum / n, n, time.perf_counter() - t0)
+        with self.calibrated(config) as model:
+            r = score(model, data, self.task, self.batch_size, self.device)
+        r.seconds = time.perf_counter() - t0
+        return r
 
     def evaluate_many(
         self, configs: Sequence[BitConfig], progress: bool = False, desc: str = "evaluate"
@@ -283,4 +368,14 @@ def file_digest(path: str | Path, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-__all__ = ["Evaluator", "EvalResult", "BN_MODES", "binomial_se", "score", "file_digest"]
+__all__ = [
+    "Evaluator",
+    "EvalResult",
+    "Metric",
+    "METRICS",
+    "metric_for",
+    "BN_MODES",
+    "binomial_se",
+    "score",
+    "file_digest",
+]

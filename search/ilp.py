@@ -1,8 +1,9 @@
 """Exact per-layer bit allocation: a multiple-choice knapsack solved with ``scipy.optimize.milp`` (HiGHS).
 
 Decision: one choice per *unit* (a searchable layer, or a group of tied layers
-that must share their bits), a choice being a (w_bits, a_bits) pair; W = A by
-default.  Binary variables ``x[u, c]`` with ``Σ_c x[u, c] = 1``.
+that must share their bits), a choice being a (w_bits, a_bits) pair: the model
+spec's pair of each candidate bit (``QuantSpec.pair``: W = A, or W b / A at the
+fixed activation width of a weight-only model), or every (w, a) when untied.  Binary variables ``x[u, c]`` with ``Σ_c x[u, c] = 1``.
 
 Objective (minimised):
 
@@ -10,7 +11,9 @@ Objective (minimised):
   sensitivity analysis (``sensitivity["omega"]``).  In untied mode the
   activation bit is charged the layer's Ω at that bit as a proxy (activation
   perturbation is not measured), i.e. ½(Ω_l(w) + Ω_l(a)), so that a tied pair
-  (b, b) costs exactly Ω_l(b).
+  (b, b) costs exactly Ω_l(b).  When every choice shares one activation width
+  (weight-only models, activations at fp or one fixed bit) only Ω_l(w) varies and
+  it is the objective.
 * ``"paper"`` — the reference code's *maximise* Σ_l t_l·b_l (t = trace per
   parameter), i.e. minimise −Σ t_l·b_l.
 
@@ -54,13 +57,19 @@ import pandas as pd
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-from hasb.config import BitConfig, ConfigError
+from hasb.config import BitConfig, ConfigError, bit_str
 from hasb.cost import Budget, BudgetError, CostModel
 from hasb.errors import HasbError
 
 Choice = tuple[int, int]
 METRICS = ("bitops", "size_bytes", "plain_avg_bits")
-BUDGET_METRIC = {"avg_bits": "bitops", "bitops": "bitops", "size": "size_bytes", "plain_avg": "plain_avg_bits"}
+BUDGET_METRIC = {
+    "avg_bits": "bitops",
+    "bitops": "bitops",
+    "size": "size_bytes",
+    "eff_bits": "size_bytes",  # effective bits are an affine function of the size (hasb.cost)
+    "plain_avg": "plain_avg_bits",
+}
 
 
 class SearchError(HasbError):
@@ -161,6 +170,8 @@ class SearchSpace:
             out[k] = float(self.offsets.get(k, 0.0) + m[rows, lc].sum())
         if self.cost is not None and "bitops" in out:
             out["avg_bit_equivalent"] = self.cost.bitops_to_avg_bits(out["bitops"])
+        if self.cost is not None and "size_bytes" in out:
+            out["effective_bits"] = self.cost.size_to_eff_bits(out["size_bytes"])
         return out
 
     def metric_range(self, metric: str) -> tuple[float, float]:
@@ -170,10 +181,12 @@ class SearchSpace:
         return float(off + np.nanmin(m, axis=1).sum()), float(off + np.nanmax(m, axis=1).sum())
 
 
-def _choices(bits: Sequence[int], tied_wa: bool) -> list[Choice]:
+def _choices(bits: Sequence[int], tied_wa: bool, pair=None) -> list[Choice]:
+    """Candidate (w, a) pairs, highest first: ``pair(b)`` of each bit when tied (default (b, b); a model's
+    ``CostModel.pair`` / ``QuantSpec.pair``), every (w, a) combination when not."""
     bits = sorted({int(b) for b in bits}, reverse=True)
     if tied_wa:
-        return [(b, b) for b in bits]
+        return [tuple(pair(b)) if pair is not None else (b, b) for b in bits]
     return [(w, a) for w in bits for a in bits]
 
 
@@ -201,7 +214,12 @@ def build_space(
     layers = cost.names
     if not layers:
         raise SearchError("empty search space: the model has no searchable layer")
-    choices = _choices(bits or cost.candidate_bits, tied_wa)
+    if cost.weight_only and not tied_wa:
+        raise SearchError(
+            "untied (w, a) search needs switchable activations; this model is weight-only (activations fixed at "
+            f"{bit_str(cost.pair(1)[1])}): search it tied"
+        )
+    choices = _choices(bits or cost.candidate_bits, tied_wa, cost.pair)
     metrics, offsets = linearize_costs(cost, layers, choices)
     if isinstance(objective, str):
         if sensitivity is None:
@@ -258,9 +276,11 @@ def objective_matrix(
                 f"({len(missing)} missing): was it computed for this model?"
             )
         out = np.zeros((len(layers), len(choices)))
+        one_act = len({a for _, a in choices}) == 1  # weight-only: the activation term is the same everywhere
         for l, n in enumerate(layers):
             om = {str(k): float(v) for k, v in omega[n].items()}
             for c, (w, a) in enumerate(choices):
+                a = w if one_act else a
                 for b in {w, a}:
                     if str(b) not in om:
                         raise SearchError(
@@ -274,7 +294,8 @@ def objective_matrix(
         missing = [n for n in layers if n not in tpp]
         if missing:
             raise SearchError(f"sensitivity has no trace for searchable layer {missing[0]!r}")
-        return np.array([[-tpp[n] * 0.5 * (w + a) for (w, a) in choices] for n in layers])
+        one_act = len({a for _, a in choices}) == 1
+        return np.array([[-tpp[n] * 0.5 * (w + (w if one_act else a)) for (w, a) in choices] for n in layers])
     raise SearchError(f"unknown objective {kind!r}; accepted: omega, paper")
 
 
@@ -393,6 +414,8 @@ def infeasible_message(space: SearchSpace, cons: Sequence[Constraint]) -> str:
                 )
         elif c.metric == "size_bytes":
             rng = f"size {lo / 1e6:.4g}–{hi / 1e6:.4g} MB"
+            if space.cost is not None:
+                rng += f" (effective bits {space.cost.size_to_eff_bits(lo):.3g}–{space.cost.size_to_eff_bits(hi):.3g})"
         else:
             rng = f"plain average bit {lo:g}–{hi:g}"
         parts.append(rng)
@@ -730,10 +753,12 @@ def budget_grid(space: SearchSpace, n: int = 100, metric: str = "bitops") -> np.
 
 
 def uniform_choices(space: SearchSpace) -> list[tuple[int, np.ndarray]]:
-    """(bit, unit choice) of every uniform W=A config in the space."""
+    """(weight bit, unit choice) of every uniform config in the space: every layer at the pair of one bit
+    (W = A, or W b / A fixed for a weight-only model; ``hasb.quantize.uniform_config``)."""
+    pair = space.cost.pair if space.cost is not None else (lambda b: (b, b))
     out = []
     for c, (w, a) in enumerate(space.choices):
-        if w == a and space.unit_allowed()[:, c].all():
+        if (w, a) == tuple(pair(w)) and space.unit_allowed()[:, c].all():
             out.append((w, np.full(space.n_units, c)))
     return out
 

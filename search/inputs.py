@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
+from hasb.data import open_source, parse_data_opts, spec_task
 from hasb.errors import HasbError
 from hasb.export import load_quantized
 from hasb.models import MODELS, UnknownModelError, build_record
@@ -44,6 +45,9 @@ class Inputs:
     seed: int = 0
     demo: bool = False
     extra: dict = field(default_factory=dict)
+    task: str = "classification"  # the data's task: decides the metric (search.evaluate.metric_for)
+    data_opts: dict = field(default_factory=dict)  # source options (hasb.data.open_source), e.g. context=64
+    source: Any = None  # the opened hasb.data.DataSource, once validated (None: opened when first needed)
 
 
 SIZE_UNITS_TEXT = "B, kB, MB, GB, KiB, MiB, GiB (a bare number is MB)"
@@ -81,8 +85,8 @@ def parse_budgets(
     out += [cost.parse_budget(t, "plain_avg") for t in avg_bits or ()]
     if not out:
         raise InputError(
-            "no budget given: pass --budget 3.5 (average-bit equivalent), --budget 25GBOPs, "
-            "--size 1.2MB or --avg-bits 3"
+            "no budget given: pass --budget 3.5 (average-bit equivalent), --budget 25GBOPs, --budget 3.5ebits "
+            "(effective bits), --size 1.2MB or --avg-bits 3"
         )
     return out
 
@@ -100,6 +104,33 @@ def checkpoint_file(path: str | Path) -> Path:
     if not p.is_file():
         raise InputError(f"checkpoint not found: {p}")
     return p
+
+
+def recorded_data_opts(tc: dict) -> dict:
+    """Data-source options a training config recorded (``data_opt``/``data_opts``: a dict or ``k=v,...`` text)."""
+    raw = tc.get("data_opt", tc.get("data_opts"))
+    if isinstance(raw, dict):
+        return dict(raw)
+    return parse_data_opts(raw) if isinstance(raw, str) else {}
+
+
+def data_setup(spec: str, data_dir: str | None, opts: dict, model) -> tuple[str, dict, Any]:
+    """(task, source options, the opened source or None) of the search's data, without reading it where the spec
+    tells the task.
+
+    A language-model source (``text:``/``python-stdlib``) without ``context`` gets the model's own context
+    (its ``example_input_shape``), so windows are never longer than the model takes.  A user callable is
+    opened (called) here, since only it knows its task.
+    """
+    opts, source = dict(opts), None
+    task = spec_task(spec)
+    if task is None:
+        source = open_source(spec, data_dir, **opts)  # a user callable: only calling it tells
+        task = source.task
+    shape = getattr(model, "example_input_shape", None)
+    if task == "lm" and spec_task(spec) == "lm" and "context" not in opts and shape is not None and len(shape) == 1:
+        opts["context"] = int(shape[0])
+    return task, opts, source
 
 
 def _train_config(extra: dict) -> dict:
@@ -120,11 +151,12 @@ def checkpoint_inputs(
     model: str | None = None,
     data: str | None = None,
     data_dir: str | None = None,
+    data_opts: dict | None = None,
 ) -> Inputs:
     """Inputs of a trained supernet: its model.pt and sensitivity.json (default: next to the checkpoint).
 
-    ``model`` (when given) must name the checkpoint's model; ``data``/``data_dir`` default to the checkpoint's
-    training data.
+    ``model`` (when given) must name the checkpoint's model; ``data``/``data_dir``/``data_opts`` default to the
+    checkpoint's training data (``data_opts`` given here update the recorded ones).
     """
     ck = checkpoint_file(checkpoint)
     net, extra = load_quantized(ck, trusted_model=model)
@@ -142,6 +174,9 @@ def checkpoint_inputs(
         raise InputError("empty search space: the model has no searchable layer")
     sens = check_for_model(load_sensitivity(sens_path), name, layers, str(sens_path))
     tc = _train_config(extra)
+    data = data or tc.get("data") or "fashion-mnist"
+    data_dir = data_dir or tc.get("data_dir")
+    task, opts, source = data_setup(data, data_dir, {**recorded_data_opts(tc), **(data_opts or {})}, net)
     return Inputs(
         model=net,
         model_name=name,
@@ -149,11 +184,14 @@ def checkpoint_inputs(
         sensitivity=sens,
         checkpoint=ck,
         checkpoint_sha=file_digest(ck),
-        data=data or tc.get("data") or "fashion-mnist",
-        data_dir=data_dir or tc.get("data_dir"),
+        data=data,
+        data_dir=data_dir,
         val_size=int(tc.get("val_size") or 5000),
         seed=int(tc.get("seed") or 0),
         extra=extra,
+        task=task,
+        data_opts=opts,
+        source=source,
     )
 
 
@@ -166,4 +204,6 @@ __all__ = [
     "check_model_name",
     "checkpoint_file",
     "checkpoint_inputs",
+    "data_setup",
+    "recorded_data_opts",
 ]

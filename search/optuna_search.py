@@ -1,4 +1,5 @@
-"""Black-box multi-objective search with Optuna: accuracy ↑ and BitOPs ↓ over per-layer bits.
+"""Black-box multi-objective search with Optuna: the task's metric (accuracy ↑, or bits per byte ↓) and BitOPs ↓
+over per-layer bits.
 
 One categorical parameter per unit (a layer, or a tied group), the budget as a
 constraint (``constraints_func``: normalised excess of each constrained metric,
@@ -197,13 +198,15 @@ def _key(params: dict) -> tuple:
 
 
 def study_trials_frame(study: optuna.Study, space: SearchSpace):
-    """COMPLETE trials as rows (number, accuracy, bitops, feasible, digest, config, unit_choice, worker)."""
+    """COMPLETE trials as rows (trial, value: the first objective (accuracy or the task's metric), gbitops, feasible,
+    loss, digest, unit_choice, worker); ``accuracy`` repeats ``value`` for older readers."""
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         uc = unit_choice_of_params(space, t.params)
         rows.append(
             {
                 "trial": t.number,
+                "value": t.values[0],
                 "accuracy": t.values[0],
                 "gbitops": t.values[1],
                 "feasible": all(c <= 0 for c in t.user_attrs.get("constraint", [0.0])),
@@ -230,17 +233,20 @@ def run_study(
     seeds: Sequence[Sequence[int]] = (),
     worker: str | None = None,
     progress: bool = False,
+    direction: str = "maximize",
 ) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials.
 
     Args:
         space: the search space (units, choices, metrics) from :func:`search.ilp.build_space`.
-        evaluate_fn: config -> (accuracy in [0, 1], loss); e.g. ``lambda c: (r := ev.evaluate(c)).accuracy, r.loss``.
+        evaluate_fn: config -> (metric value, loss); e.g. ``lambda c: (r := ev.evaluate(c)).value, r.loss``.
         constraints: Budgets/Constraints; each contributes (metric − limit)/limit to ``constraints_func``.
         storage: a spec for :func:`make_storage` or an Optuna storage object; None = SQLite in ``out_dir``.
         n_trials: target number of COMPLETE trials in the study (over all workers and runs).
         seeds: unit-choice vectors enqueued once per study (ILP solutions, uniform configs).
         worker: a label recorded on each trial (which process ran it).
+        direction: of the metric: ``"maximize"`` (accuracy) or ``"minimize"`` (bits per byte); part of the study,
+            so a study is never resumed with the other direction (Optuna refuses that).
     Returns the study.
     """
     cons = _as_constraints(constraints)
@@ -253,7 +259,7 @@ def run_study(
             study_name=study_name,
             storage=storage,
             sampler=smp,
-            directions=["maximize", "minimize"],
+            directions=[direction, "minimize"],
             load_if_exists=False,
         )
         creator = True

@@ -1,4 +1,6 @@
-"""``python -m search.pareto --budget 3.5``: the accuracy-vs-BitOPs front of a supernet and the best config in budget.
+"""``python -m search.pareto --budget 3.5``: the score-vs-BitOPs front of a supernet and the best config in budget.
+
+The score follows the data's task: accuracy (classification) or bits per byte (language models, lower is better).
 
 A thin CLI: parse → :class:`search.pipeline.SearchConfig` → :func:`search.pipeline.run_search` → exit code
 (a user error: one line ``error: ...`` on stderr, exit 2; nothing written).  Without ``--checkpoint`` a built-in
@@ -31,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     """argparse generated from SearchConfig's fields (repeatable budgets added from their field metadata)."""
     p = argparse.ArgumentParser(
         prog="python -m search.pareto",
-        description="Search per-layer bits of a trained supernet under BitOPs/size budgets; plot the accuracy-vs-"
-        "BitOPs front and export the most accurate config in budget, scored once on held-out test "
+        description="Search per-layer bits of a trained supernet under BitOPs/size/effective-bits budgets; plot the "
+        "accuracy- (or bits-per-byte-) vs-BitOPs front and export the best config in budget, scored once on held-out test "
         "data. Without --checkpoint a built-in demo (small_cnn on Fashion-MNIST) is trained on first "
         f"use and cached in --out (default {DEFAULT_OUT}).",
     )

@@ -4,10 +4,12 @@
    and its sensitivity.json; without them the built-in demo (small_cnn on real Fashion-MNIST) is trained and
    analysed on first use and cached in ``out``.  Everything cheap is validated before anything is trained,
    evaluated or written.
-2. Budgets from ``hasb.CostModel`` (average-bit equivalent, BitOPs, size, the paper's plain average; all apply).
+2. Budgets from ``hasb.CostModel`` (average-bit equivalent, BitOPs, size, effective bits, the paper's plain
+   average; all apply).
 3. Candidates: the exact ILP frontier over a BitOPs sweep, the k best ILP configs at the budget, uniform configs,
    the picks of earlier budgets in ``out`` (so picks are monotone in the budget) and an Optuna study.
-4. Every candidate is scored on the validation split (BN re-calibrated per config, cached); the most accurate
+4. Every candidate is scored on the validation split with the data task's metric (accuracy ↑ for classification,
+   bits per byte ↓ for language models; BN re-calibrated per config where the model has BN; cached); the best
    config in budget is scored ONCE on the held-out test split, which selection never sees.
 5. Outputs: shared pareto.csv / candidates.csv at the top of ``out``; per budget ``out/budget-3.5/``: config.json
    (validation and test scores with standard errors), deploy.pt (the scored network), table.csv, pareto.png/svg.
@@ -45,9 +47,9 @@ from hasb.cli import (
     set_threads,
     threads_option,
 )
-from hasb.config import BitConfig, ConfigError, atomic_write_text
+from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str
 from hasb.cost import Budget
-from hasb.data import find_data_dir, load_dataset
+from hasb.data import DATASETS, find_data_dir, open_source, parse_data_opts
 from hasb.errors import HasbError
 from hasb.models import build_record
 from hasb.quantize import get_spec
@@ -55,7 +57,7 @@ from hasb.quantize import get_spec
 from . import demo, formats, ilp
 from . import export as sx
 from . import outputs as so
-from .evaluate import Evaluator
+from .evaluate import METRICS, Evaluator, Metric
 from .front import pareto_mask
 from .inputs import (
     InputError,
@@ -83,14 +85,26 @@ def repeatable(help: str):
 class SearchConfig:
     """Every option of the search, declared once (the CLI is generated from these fields)."""
 
-    budget: list = repeatable("average-bit equivalent (3.5) or BitOPs (25GBOPs, 2.5e10); repeatable; all apply")
+    budget: list = repeatable(
+        "average-bit equivalent (3.5), BitOPs (25GBOPs, 2.5e10) or effective bits, the parameter-weighted mean "
+        "weight bit of the searchable layers (3.5ebits); repeatable; all apply"
+    )
     size: list = repeatable("model size budget, e.g. 1.2MB, 300kB (bare number = MB); repeatable")
     avg_bits: list = repeatable("the paper's plain (unweighted) average bit budget, e.g. 3; repeatable")
     model: str | None = model_option()
     checkpoint: str | None = option(None, help="supernet model.pt (hasb.train / hasb.export) or its run directory")
     sensitivity: str | None = option(None, help="sensitivity.json (default: next to the checkpoint)")
-    data: str | None = option(None, help="dataset: fashion-mnist or mnist (default: the checkpoint's training data)")
+    data: str | None = option(
+        None,
+        help="dataset: fashion-mnist, mnist, npz:PATH, imagefolder:DIR, text:PATH_OR_GLOB, python-stdlib or "
+        "package.module:callable (default: the checkpoint's training data)",
+    )
     data_dir: str | None = data_dir_option()
+    data_opt: str | None = option(
+        None,
+        help="data source options as key=value pairs, e.g. context=64,limit=200000 (default: the training run's; "
+        "a text source's context defaults to the model's)",
+    )
     out: str = out_option("run directory; each budget's outputs go to OUT/budget-<budget>/", default=DEFAULT_OUT)
     bits: list | None = option(
         None,
@@ -186,11 +200,26 @@ def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
         demo.check_demo_args(cfg.model, cfg.data, cfg.sensitivity, cfg.data_dir)
         pre = demo.skeleton_inputs(cfg.data_dir)
     else:
-        pre = checkpoint_inputs(cfg.checkpoint, cfg.sensitivity, model=cfg.model, data=cfg.data, data_dir=cfg.data_dir)
-        find_data_dir(pre.data, pre.data_dir)  # DataError (one line) before any candidate is evaluated
+        pre = checkpoint_inputs(
+            cfg.checkpoint,
+            cfg.sensitivity,
+            model=cfg.model,
+            data=cfg.data,
+            data_dir=cfg.data_dir,
+            data_opts=parse_data_opts(cfg.data_opt),
+        )
+        check_data(pre)  # DataError (one line) before any candidate is evaluated
     budgets = parse_budgets(pre.cost, cfg.budget, cfg.size, cfg.avg_bits)
     ilp.solve(_space(cfg, pre), budgets)  # InfeasibleError (with the feasible range) for a combination
     return pre, budgets
+
+
+def check_data(inputs: Inputs) -> None:
+    """The data exists and reads: the IDX files are found, any other source is opened (and kept for the search)."""
+    if inputs.data in DATASETS:
+        find_data_dir(inputs.data, inputs.data_dir)
+    elif inputs.source is None:
+        inputs.source = open_source(inputs.data, inputs.data_dir, **inputs.data_opts)
 
 
 def run_search(cfg: SearchConfig) -> dict:
@@ -215,13 +244,9 @@ class SplitLoader:
     def splits(self):
         if self._splits is None:
             i = self.inputs
-            self._splits = load_dataset(
-                i.data,
-                i.data_dir,
-                val_size=i.val_size,
-                seed=i.seed,
-                val_limit=self.cfg.val_limit,
-                calib_size=self.cfg.calib_size,
+            src = i.source or open_source(i.data, i.data_dir, **i.data_opts)
+            self._splits = src.splits(
+                i.seed, val_size=i.val_size, val_limit=self.cfg.val_limit, calib_size=self.cfg.calib_size
             )
         return self._splits
 
@@ -234,6 +259,8 @@ class SplitLoader:
         return x[:n], y[:n]
 
     def info(self, n_val: int, n_test: int) -> tuple[so.SplitInfo, so.SplitInfo]:
+        if self.inputs.task == "lm":
+            return self._lm_info(n_val, n_test)
         i = self.inputs
         val = so.SplitInfo(
             "validation",
@@ -243,6 +270,26 @@ class SplitLoader:
         test = so.SplitInfo(
             "test",
             f"{n_test} images: {'the first ' + str(n_test) + ' of ' if self.cfg.test_limit else ''}{i.data}'s test set",
+        )
+        return val, test
+
+    def _lm_info(self, n_val: int, n_test: int) -> tuple[so.SplitInfo, so.SplitInfo]:
+        """Split descriptions of a language-model source: windows × bytes of held-out files."""
+        d = self.splits().describe()
+        t, files = int(self.splits().input_shape[0]), d.get("files", {})
+        held = d.get("split", "whole files by a hash of their path")
+        first = lambda n, tot: f"the first {n} of {tot}" if n < tot else f"all {n}"  # noqa: E731
+        val = so.SplitInfo(
+            "validation",
+            f"{n_val} windows × {t} bytes: {first(n_val, len(self.splits().val[0]))} windows of the "
+            f"{files.get('val', '?')} val files of {self.inputs.data} ({held}); every candidate was scored on them",
+            window_bytes=t,
+        )
+        test = so.SplitInfo(
+            "test",
+            f"{n_test} windows × {t} bytes: {first(n_test, len(self.splits().test[0]))} windows of the "
+            f"{files.get('test', '?')} test files of {self.inputs.data}",
+            window_bytes=t,
         )
         return val, test
 
@@ -256,12 +303,20 @@ def make_evaluator(cfg: SearchConfig, inputs: Inputs, data: SplitLoader, device,
         "val_limit": cfg.val_limit,
         "seed": inputs.seed,
         "calib_size": cfg.calib_size,
+        "data_opts": inputs.data_opts,
     }
     cache = out / "evals.json"
     if cfg.force and cache.exists():
         cache.unlink()
     return Evaluator(
-        inputs.model, data.val_calib, bn=cfg.bn, batch_size=cfg.batch_size, cache_path=cache, context=ctx, device=device
+        inputs.model,
+        data.val_calib,
+        bn=cfg.bn,
+        task=inputs.task,
+        batch_size=cfg.batch_size,
+        cache_path=cache,
+        context=ctx,
+        device=device,
     )
 
 
@@ -274,8 +329,9 @@ def ilp_candidates(cfg: SearchConfig, space: ilp.SearchSpace, cons: list) -> tup
     for s in at_budget:
         rows.append(ilp._row(space, np.asarray(s.unit_choice), source="ilp", budget=cons[0].limit, rank=s.rank))
     unif = ilp.uniform_choices(space)
-    for bit, uc in unif:
-        rows.append(ilp._row(space, np.asarray(uc), source="uniform", label=f"w{bit}a{bit}"))
+    for _, uc in unif:
+        w, a = space.choices[int(uc[0])]
+        rows.append(ilp._row(space, np.asarray(uc), source="uniform", label=f"w{bit_str(w)}a{bit_str(a)}"))
     return rows, [s.unit_choice for s in at_budget] + [uc for _, uc in unif]
 
 
@@ -313,7 +369,7 @@ def optuna_candidates(
 
     def fn(config):
         r = ev.evaluate(config)
-        return r.accuracy, r.loss
+        return r.value, r.loss
 
     so.log(f"[search] Optuna study {name!r}: {cfg.trials} trials ({cfg.optuna_sampler})", cfg.progress)
     study = run_study(
@@ -328,6 +384,7 @@ def optuna_candidates(
         seed=cfg.seed,
         seeds=seeds,
         progress=cfg.progress,
+        direction="maximize" if ev.metric.higher_is_better else "minimize",
     )
     return [
         ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))
@@ -336,13 +393,19 @@ def optuna_candidates(
 
 
 def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(candidates: every (config, source) row, distinct configs with on_front/fits), scores from the evaluator."""
+    """(candidates: every (config, source) row, distinct configs with on_front/fits), scores from the evaluator.
+
+    Score columns are named by the metric: ``accuracy``/``accuracy_se`` or ``bits_per_byte``/``bits_per_byte_se``
+    (plus ``loss`` in nats and ``metric``, the column's name); the front is taken in the metric's direction.
+    """
+    m = ev.metric
     cand = pd.DataFrame(rows)
     res = {d: ev.evaluate(space.config(uc), save=False) for d, uc in zip(cand.digest, cand.unit_choice, strict=True)}
     ev.save()
-    cand["accuracy"] = [res[d].accuracy for d in cand.digest]
-    cand["accuracy_se"] = [res[d].se for d in cand.digest]
+    cand[m.name] = [res[d].value for d in cand.digest]
+    cand[m.se_col] = [res[d].se for d in cand.digest]
     cand["loss"] = [res[d].loss for d in cand.digest]
+    cand["metric"] = m.name
     if "pick_at" not in cand:
         cand["pick_at"] = None
     cand.insert(0, "config_id", cand["digest"].str[:10])
@@ -357,17 +420,19 @@ def tabulate(rows: list[dict], space: ilp.SearchSpace, ev: Evaluator, cons: list
     picks = cand.dropna(subset=["pick_at"]).drop_duplicates("digest").set_index("digest").pick_at
     uniq["pick_at"] = uniq.digest.map(picks)
     uniq["sources"] = [",".join(sorted(set(cand.source[cand.digest == d]))) for d in uniq.digest]
-    uniq["on_front"] = pareto_mask(uniq.bitops.to_numpy(), uniq.accuracy.to_numpy())
+    uniq["on_front"] = pareto_mask(uniq.bitops.to_numpy(), m.oriented(uniq[m.name]))
     uniq["fits"] = [all(c.holds(r[c.metric]) for c in cons) for _, r in uniq.iterrows()]
     return cand, uniq.sort_values("bitops").reset_index(drop=True)
 
 
-def pick(uniq: pd.DataFrame) -> pd.Series:
-    """The most accurate config within every budget (ties: fewer BitOPs, then the lower proxy objective)."""
+def pick(uniq: pd.DataFrame, metric: Metric = METRICS["accuracy"]) -> pd.Series:
+    """The best config (highest accuracy, lowest bits per byte) within every budget (ties: fewer BitOPs, then the
+    lower proxy objective)."""
     feas = uniq[uniq.fits]
     if feas.empty:  # cannot happen: the ILP optimum at the budget is feasible
         raise ilp.InfeasibleError("no evaluated config meets the budget")
-    return feas.sort_values(["accuracy", "bitops", "objective"], ascending=[False, True, True]).iloc[0]
+    order = ["bitops", "objective"]
+    return feas.sort_values([metric.name, *order], ascending=[not metric.higher_is_better, True, True]).iloc[0]
 
 
 def search(cfg: SearchConfig, inputs: Inputs, budgets: list[Budget], device) -> dict:
@@ -391,20 +456,23 @@ def search(cfg: SearchConfig, inputs: Inputs, budgets: list[Budget], device) -> 
     if not cfg.no_optuna and cfg.trials > 0:
         rows += optuna_candidates(cfg, space, cons, ev, study_name(cfg, inputs, space, ev, budgets), seeds, out)
     cand, uniq = tabulate(rows, space, ev, cons)
-    best = pick(uniq)
+    best = pick(uniq, ev.metric)
     chosen = space.config(cand.unit_choice[cand.digest == best.digest].iloc[0])
     test = ev.score(chosen, data.test())
     val_info, test_info = data.info(int(ev.evaluate(chosen).n), test.n)
     scores = {
+        "metric": {"name": ev.metric.name, "higher_is_better": ev.metric.higher_is_better, "label": ev.metric.label},
         "validation": so.split_score(ev.evaluate(chosen), val_info, selected_on=True, n_candidates=len(uniq)),
         "test": so.split_score(test, test_info, selected_on=False),
-        "bn": {"mode": cfg.bn, "calibration_images": ev.calibration_images()},
+        "bn": ev.bn_info(),
     }
     return write_outputs(cfg, inputs, budgets, space, ev, cand, uniq, best, chosen, scores, t0)
 
 
 def bn_text(bn: dict) -> str:
     """How BN was handled, in words."""
+    if bn["mode"] == "none":
+        return "none: " + bn.get("note", "the model has no BatchNorm")
     if bn["mode"] == "recal":
         return f"re-calibrated per config on {bn['calibration_images']} calibration images (train subset)"
     return "stored statistics (Transitional BN / per-bit entries), not re-calibrated"
@@ -433,6 +501,9 @@ def tool_exports(model, chosen: BitConfig, folder: Path, deploy: Path) -> tuple[
     if shape is None:
         notes["nncf"] = "not written: the model has no example_input_shape (build it with hasb.models.build_model)"
         return hawq, notes
+    if callable(getattr(model, "example_input", None)):  # token-id inputs (the byte LMs), not float tensors
+        notes["nncf"] = notes["onnx"] = "not written: the model takes token ids; these exports describe float inputs"
+        return hawq, notes
     nncf = formats.nncf_config(model, chosen, shape)
     atomic_write_text(folder / "nncf_config.json", json.dumps(nncf, indent=2))
     notes["nncf"] = "nncf_config.json: NNCF's manual precision config (weights only; NNCF keeps 8-bit activations)"
@@ -455,7 +526,7 @@ def write_document(
     """config.json of the pick: its config, costs, validation and test scores (with SEs) and provenance."""
     spec = get_spec(inputs.model)
     hawq, notes = tool_exports(inputs.model, chosen, folder, deploy)
-    metrics = {k: float(best[k]) for k in sx.METRIC_KEYS}
+    metrics = {k: float(best[k]) for k in (*sx.COST_KEYS, scores["metric"]["name"], "loss")}
     doc = sx.make_document(
         model_name=inputs.model_name,
         build=build_record(inputs.model),
@@ -478,6 +549,8 @@ def write_document(
         },
         integer_checkpoint=deploy.name,
         scores=scores,
+        metric=scores["metric"],
+        weight_only_act=spec.act_bit if spec.weight_only else "tied",
         hawq_bit_config=hawq,
         tool_notes=notes,
     )
@@ -493,16 +566,20 @@ def _budget_binds(space, budgets) -> bool:
 
 
 def _chosen_summary(best, scores: dict) -> dict:
-    """The summary's ``chosen`` entry: the pick's id, config, source, costs, validation and test scores."""
+    """The summary's ``chosen`` entry: the pick's id, config, source, costs, validation and test scores (keys named
+    by the metric: ``accuracy``, ``accuracy_se``, ``test_accuracy`` or ``bits_per_byte`` ...)."""
+    name = scores["metric"]["name"]
     return {
         "config_id": best.config_id,
         "config": best.config,
         "source": best.source,
+        "metric": name,
         **{
             k: float(best[k])
-            for k in ("bitops", "gbitops", "avg_bit_equivalent", "size_bytes", "accuracy", "accuracy_se", "loss")
+            for k in ("bitops", "gbitops", "avg_bit_equivalent", "effective_bits", "size_bytes", name, f"{name}_se")
         },
-        "test_accuracy": scores["test"]["accuracy"],
+        "loss": float(best["loss"]),
+        f"test_{name}": scores["test"][name],
         "test_se": scores["test"]["se"],
     }
 
@@ -537,7 +614,7 @@ def write_outputs(
         **so.write_shared(out, cand, uniq),
     }
     paths["plot_png"], paths["plot_svg"] = so.plot(
-        uniq, best, scores["test"], budgets, inputs.cost, folder, inputs.model_name, scores["validation"]
+        uniq, best, scores["test"], budgets, inputs.cost, folder, inputs.model_name, scores["validation"], ev.metric
     )
     summary = {
         "model": inputs.model_name,
@@ -549,6 +626,7 @@ def write_outputs(
         "chosen": _chosen_summary(best, scores),
         "scores": scores,
         "bn": bn_text(scores["bn"]),
+        "metric": ev.metric.name,
         "monotone": so.monotone_note(uniq, folder.name),
         "n_candidates": int(len(uniq)),
         "n_front": int(uniq.on_front.sum()),
@@ -557,8 +635,10 @@ def write_outputs(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if not binds:
-        summary["note"] = "the budget does not bind: every config fits; picked the most accurate config overall"
-    so.print_table(uniq, best, summary, budgets, file=sys.stderr if cfg.json else sys.stdout, quiet=not cfg.progress)
+        summary["note"] = f"the budget does not bind: every config fits; picked the best {ev.metric.label} overall"
+    so.print_table(
+        uniq, best, summary, budgets, ev.metric, file=sys.stderr if cfg.json else sys.stdout, quiet=not cfg.progress
+    )
     return summary
 
 

@@ -24,7 +24,7 @@ SECTIONS = {
     "spectral_density": "3. Hessian eigenvalue spectral density",
     "bit_probabilities": "4. HASB bit-switching probabilities",
     "training": "5. Training curves",
-    "pareto": "6. Accuracy vs BitOPs: the Pareto front",
+    "pareto": "6. Accuracy (or bits per byte) vs BitOPs: the Pareto front",
     "bit_allocation": "7. Bit allocation of the chosen configs",
 }
 # Figures each section writes into report_figures/ (name → file stem).
@@ -74,7 +74,7 @@ budget = None    # which RUN/budget-<B>/ search folder to show; None = the newes
 import pandas as pd
 from IPython.display import Markdown, display
 
-from reports.artifacts import Run, budget_bitops, chosen_point, chosen_scores, config_from_record
+from reports.artifacts import Run, chosen_scores, config_from_record, pareto_view
 from reports.nbtools import Report
 from reports.plots import (
     plot_bit_allocation,
@@ -219,8 +219,9 @@ for stage in ("multi", "supernet"):
 ## {SECTIONS["pareto"]}
 
 **How to read it.** Every evaluated bit configuration is a point: x is its cost in BitOPs per sample (bottom,
-in G = 10⁹; top, the equivalent uniform bit-width), y its validation accuracy.  The green step line is the Pareto
-front — no config is both cheaper and more accurate than a point on it.  Squares are uniform configs (w8a8 …) for
+in G = 10⁹; top, the equivalent uniform bit-width), y its validation score: accuracy, or bits per byte for a
+language model (lower is better; the axis says which, on how many images or windows).  The green step line is the
+Pareto front — no config is both cheaper and better than a point on it.  Squares are uniform configs (w8a8 …) for
 reference: front points above and left of them are what mixed precision buys.  The dashed line is the budget and
 the star the config picked within it.
 """,
@@ -229,32 +230,18 @@ the star the config picked within it.
         "code",
         """
 with report.section("pareto"):
-    pts = run.pareto()
-    cand = run.candidates()
-    points = cand if cand is not None and len(cand) >= len(pts) else pts
-    front = pts[pts["on_front"].astype(str).str.lower().isin(["true", "1"])] if "on_front" in pts else None
-    uniform = pts[pts["source"] == "uniform"] if "source" in pts else None
-    try:
-        cost = run.cost_model()
-    except Exception as e:   # the top axis needs the model; the plot is still useful without it
-        print("no average-bit axis:", e)
-        cost = None
-    try:
-        chosen = run.chosen()
-    except Exception as e:
-        print("no chosen config:", e)
-        chosen = None
-    pick = chosen_point(chosen) if chosen is not None else None
-    limit = budget_bitops(chosen, cost) if (chosen is not None and cost is not None) else None
-    report.show(plot_pareto(points, front_df=front, uniform_df=uniform, chosen=pick, budget_bitops=limit,
-                            avg_bits_fn=cost), "pareto")
-    cols = [c for c in ("config_id", "source", "gbitops", "avg_bit_equivalent", "accuracy", "size_bytes") if c in pts]
-    if chosen is not None:
-        display(Markdown("**Scores of the chosen config** (accuracy as a fraction; se = its standard error, "
+    view = pareto_view(run)   # in the run's metric: accuracy, or bits per byte for a language model
+    for note in view["notes"]:
+        print(note)
+    report.show(plot_pareto(**view["plot"]), "pareto")
+    m = view["metric"]
+    if view["chosen"] is not None:
+        what = "accuracy as a fraction" if m.name == "accuracy" else f"{m.label}, lower is better; n counts windows"
+        display(Markdown(f"**Scores of the chosen config** ({what}; se = its standard error, "
                          "blank where config.json gives none)"))
-        display(chosen_scores(chosen))
-    display(Markdown("**Pareto front**"))
-    display((front if front is not None else pts)[cols].sort_values(cols[2] if len(cols) > 2 else cols[0]))
+        display(chosen_scores(view["chosen"]))
+    display(Markdown(f"**Pareto front** ({m.label})"))
+    display(view["front_table"])
 """,
     ),
     (

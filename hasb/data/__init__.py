@@ -72,14 +72,15 @@ def open_source(spec: str, data_dir: str | None = None, **opts) -> DataSource:
 
 
 def spec_task(spec: str) -> str | None:
-    """The task of a ``--data`` spec without opening it: ``"lm"`` for text sources, ``"classification"`` for the
-    image/array ones, None for user code (``pkg.module:callable``), whose task is known only once it runs."""
+    """The task of a ``--data`` spec without reading any data; None for a user callable (known once called)."""
     spec = (spec or "").strip()
-    prefix = spec.partition(":")[0]
-    if spec == "python-stdlib" or prefix == "text":
-        return "lm"
-    if spec in DATASETS or prefix in ("npz", "imagefolder"):
-        return "classification"
+    prefix, sep, _ = spec.partition(":")
+    if spec in DATASETS:
+        return IdxSource.task
+    if spec == "python-stdlib" or (sep and prefix == "text"):
+        return TextSource.task
+    if sep and prefix in _PREFIXED:
+        return TensorSource.task
     return None
 
 

@@ -145,3 +145,28 @@ def test_module_called_twice_counts_every_call(downsample, hw):
     c8, c4 = hasb.BitConfig({"shared": 8}), hasb.BitConfig({"shared": 4})
     assert cm.size_bytes(c8) - cm.size_bytes(c4) == 16 * (8 - 4) / 8  # its 16 weights, once
     assert cm.bitops(c8) - cm.bitops(c4) == shared.macs * (64 - 16)
+
+
+def test_effective_bits_exact_and_equal_to_a_size_budget():
+    """Effective bits = parameter-weighted mean weight bit of the searchable layers (grouped 288, dw 144 weights);
+    an effective-bits budget is the size budget uniform_size(e): the fixed layers and biases are the same in every
+    config."""
+    cm = hasb.CostModel.from_model(hand_model())
+    cfg = hasb.BitConfig({"grouped": 4, "dw": (2, 8)})
+    assert cm.effective_bits(cfg) == pytest.approx((288 * 4 + 144 * 2) / (288 + 144), rel=1e-12)
+    assert cm.summary(cfg)["effective_bits"] == cm.effective_bits(cfg)
+    assert cm.size_to_eff_bits(cm.size_bytes(cfg)) == pytest.approx(cm.effective_bits(cfg), rel=1e-12)
+    b = cm.parse_budget("3.5ebits")
+    assert (b.kind, b.value, b.limit) == ("eff_bits", 3.5, pytest.approx(cm.uniform_size(3.5), rel=1e-12))
+    assert cm.parse_budget("3.5", "eff_bits").limit == b.limit  # the explicit kind reads a bare number
+    cheap = hasb.BitConfig({"grouped": 4, "dw": 2})  # (288·4 + 144·2)/432 = 3.33 ≤ 3.5
+    dear = hasb.BitConfig({"grouped": 4, "dw": 4})  # 4 > 3.5
+    assert cm.within(cheap, b) and not cm.within(dear, b)
+    assert "effective bits ≤ 3.5" in b.describe()
+    assert cm.feasible_range("eff_bits") == (2.0, 8.0)
+    with pytest.raises(BudgetError, match=r"infeasible.*feasible effective bits range is 2–8"):
+        cm.parse_budget("1.5ebits")
+    with pytest.raises(BudgetError, match="size but an? effective-bits budget"):  # a size is not effective bits
+        cm.parse_budget("3MB", "eff_bits")
+    with pytest.raises(BudgetError, match=r"accepted: .*3\.5ebits"):  # the error lists every accepted unit
+        parse_budget_text("3.5bpw")

@@ -79,8 +79,9 @@ def test_deployment_reproduces_config_accuracy_exactly(trained_run, tmp_path):
     assert (test["split"], test["n"], test["selected_on"]) == ("test", 400, False)
     assert doc["scores"]["bn"] == {"mode": "recal", "calibration_images": 256}
     for sc, data in ((val, splits.val), (test, (splits.test[0][:400], splits.test[1][:400]))):
-        correct, _, n = score(deployed, data)
-        assert n == sc["n"]
+        r = score(deployed, data)
+        correct, n = r.correct, r.n
+        assert (r.metric, n) == ("accuracy", sc["n"]) and sc["metric"] == "accuracy"
         assert correct == sc["correct"]  # the same images classified correctly
         p = correct / n
         assert sc["se"] == pytest.approx((p * (1 - p) / n) ** 0.5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hasb
 from hasb.models import build_model
-from search.evaluate import Evaluator
+from search.evaluate import CACHE_VERSION, Evaluator
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_cache_memory_disk_and_context(setup, tmp_path):
     ev = Evaluator(m, data, cache_path=path, context={"checkpoint": "abc"})
     r = ev.evaluate(cfg)
     assert not r.cached and ev.evaluate(cfg).cached and len(calls) == 1
-    assert json.loads(path.read_text())["version"] == 1
+    assert json.loads(path.read_text())["version"] == CACHE_VERSION
     ev2 = Evaluator(m, data, cache_path=path, context={"checkpoint": "abc"})
     r2 = ev2.evaluate(cfg)
     assert r2.cached and r2.accuracy == r.accuracy and len(calls) == 1  # no data loaded when cached

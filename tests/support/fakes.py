@@ -116,3 +116,62 @@ def synthetic_accuracy(space, config) -> float:
     """A deterministic stand-in for accuracy: exp(−objective) of the config (higher = less perturbation)."""
     uc = space.unit_choice_of(config)
     return float(np.exp(-space.evaluate(uc)["objective"]))
+
+
+LM_WORDS = (
+    "def return self import class for while if else elif try except with as yield lambda none true false "
+    "and or not in is pass break continue global assert raise from print range len list dict set tuple"
+).split()
+
+
+def write_text_corpus(root: str | Path, n_files: int = 48, words: int = 120, seed: int = 0) -> Path:
+    """``n_files`` small deterministic text files (Python-like word soup) under ``root``; returns ``root``.
+
+    The text source splits whole files by a hash of their names, so 48 files give every split a few files.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = [" ".join(rng.choice(LM_WORDS, 8)) + ":" for _ in range(words // 8)]
+        (root / f"doc{i:03d}.txt").write_text("\n    ".join(lines) + "\n")
+    return root
+
+
+def make_fake_lm_run(
+    out: str | Path,
+    corpus: str | Path,
+    bits: Sequence[int] = (8, 4, 2),
+    *,
+    weight_only: bool = True,
+    act_bits: str | int = "fp",
+    context: int = 32,
+    seed: int = 0,
+    float_steps: int = 0,
+) -> tuple[Path, Path]:
+    """A quantized ``lm_tiny`` supernet as a training run would leave it: ``out/model.pt`` (its extra records the
+    training config: data ``text:<corpus>``, seed, val size) and a contract ``out/sensitivity.json``.
+
+    ``float_steps`` Adam steps (batch 32) on the float model first, so that fewer weight bits cost bits per byte.
+    """
+    from hasb.data import batches, loss_fn, open_source
+
+    torch.manual_seed(seed)
+    splits = open_source(f"text:{corpus}", context=context).splits(seed, calib_size=32)
+    net = build_model("lm_tiny", context=context)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for step, (x, y) in enumerate(batches(splits.train, 32, shuffle=True, generator=g, drop_last=True)):
+        if step >= float_steps:
+            break
+        opt.zero_grad()
+        loss_fn("lm", net(x), y).backward()
+        opt.step()
+    m = hasb.quantize_model(net, bits=bits, weight_only=weight_only, act_bits=act_bits)
+    hasb.init_quantizers(m, splits.calib[0].long())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = {"data": f"text:{corpus}", "seed": seed, "val_size": 5000}
+    ck = save_quantized(m, out / "model.pt", extra={"stage": "fake", "train_config": tc})
+    sp = hasb.atomic_write_text(out / "sensitivity.json", json.dumps(fake_sensitivity(m, seed), indent=1))
+    return ck, sp
