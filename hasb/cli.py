@@ -47,6 +47,8 @@ __all__ = [
     "data_dir_option",
     "seed_option",
     "threads_option",
+    "check_out_dir",
+    "out_lock",
     "DEFAULT_BITS_TEXT",
 ]
 
@@ -287,6 +289,19 @@ def seed_option(default: int = 0) -> Any:
 
 def threads_option() -> Any:
     return option(None, help="CPU threads for torch (default: the cores available to this process)", parse=int)
+
+
+def check_out_dir(out: str | Path, what: str = "--out") -> None:
+    """HasbError unless ``out`` is a folder or creatable as one (its nearest existing ancestor a writable folder);
+    creates nothing."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise HasbError(f"{what} {p} exists and is not a directory")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise HasbError(f"{what} {p} cannot be created or written ({anc} is not a writable folder)")
 
 
 LOCK_NAME = ".hasb.lock"

@@ -7,9 +7,11 @@ import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from . import alrs as A
 from .cli import (
+    check_out_dir,
     data_dir_option,
     data_option,
     device_option,
@@ -208,6 +210,8 @@ def validate_config(cfg: TrainConfig) -> list[int]:
         f"{', '.join(SCALE_CATEGORIES)}",
     )
     try:
+        if cfg.out is not None and not Path(cfg.out).is_file():  # a file: _open_checkpoint names it
+            check_out_dir(cfg.out)
         return parse_bits(cfg.bits)
     except HasbError as e:
         raise TrainError(str(e)) from None

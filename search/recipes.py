@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from analysis.sensitivity import SensitivityConfig, compute_sensitivity
-from hasb.cli import parse_bits, run_cli
+from hasb.cli import check_out_dir, parse_bits, run_cli
 from hasb.data import batches, load_dataset
 from hasb.errors import HasbError
 from hasb.export import read_checkpoint
@@ -184,6 +184,7 @@ def run_recipe(
         {"multi": Path, "supernet": Path (model.pt), "sensitivity": Path|None, "sampler": str, "seconds": {...}}
     """
     out = Path(out_dir)
+    check_out_dir(out)  # a file or an unwritable place: one line before any training
     t = {}
     multi_dir, sup_dir = out / "multi", out / "supernet"
     t0 = time.time()
@@ -249,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bits",
         default=None,
-        type=parse_bits,
         help="candidate bits, comma separated (default 8,6,4,2; e.g. 4,3,2; resnet20-gpu only)",
     )
     return p
@@ -274,7 +274,12 @@ def _print_result(r: dict) -> None:
 def main(argv=None) -> int:
     """``python -m search.recipes {demo,resnet20-gpu} --out DIR``: run a recipe end to end, print where it went."""
     a = build_parser().parse_args(argv)
-    return run_cli(lambda: _print_result(run_named(a.recipe, a.out, force=a.force, compile=a.compile, bits=a.bits)))
+    # --bits is parsed inside the exit-code policy: a bad value is one "error:" line, not argparse's usage + error
+    return run_cli(
+        lambda: _print_result(
+            run_named(a.recipe, a.out, force=a.force, compile=a.compile, bits=parse_bits(a.bits) if a.bits else None)
+        )
+    )
 
 
 __all__ = [
