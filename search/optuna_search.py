@@ -289,7 +289,9 @@ def reclaim_stale(study: optuna.Study, storage, everything: bool) -> list[int]:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # Optuna's own fail_stale_trials does this
         return [t.number for t in stale]
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
+    with warnings.catch_warnings():  # "experimental" in Optuna since 2.9; relied on knowingly, as the heartbeat
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
     return sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))})
 
 

@@ -218,9 +218,12 @@ def test_a_trial_killed_while_running_is_re_enqueued(tmp_path):
     # a configuration no trial has tried yet, suggested by a trial that is then "killed" (left RUNNING)
     every = (params_of(space, uc) for uc in itertools.product(range(len(space.choices)), repeat=space.n_units))
     fresh = next(p for p in every if tuple(sorted(p.items())) not in tried)
+    study.enqueue_trial(fresh)  # the next ask() takes these values
     killed = study.ask()
-    for name, value in fresh.items():
-        killed.suggest_categorical(name, [value])
+    labels = [params_of(space, [c] * space.n_units) for c in range(len(space.choices))]  # the objective's choices
+    for name in fresh:
+        killed.suggest_categorical(name, [lab[name] for lab in labels])
+    assert killed.params == fresh
     number = killed.number
     assert study.get_trials()[number].state == TrialState.RUNNING
 
