@@ -55,9 +55,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hasb
-from hasb import atomic_write_text
+from hasb import atomic_write_text, outset
 from hasb.cli import (
     add_options,
     config_from_args,
@@ -817,19 +815,12 @@ def check_out_dir(out: Path) -> None:
 
 
 def remove_stale_stages(out: Path) -> None:
-    """Remove temp folders a killed run left in ``out`` (named ``.sensitivity.*``)."""
-    if out.is_dir():
-        for p in out.glob(STAGE_PREFIX + "*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+    """Stage folders a killed run left in ``out`` (named ``.sensitivity.*``): committed ones rolled forward,
+    the others removed (hasb.outset.recover; other writers' temp files in a shared --out are left alone)."""
+    outset.recover(out, STAGE_PREFIX, temp_glob=None)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_file_digest = outset.file_digest
 
 
 def state_digest(model: nn.Module) -> str:
@@ -987,32 +978,22 @@ def validate(cfg: SensitivityCLIConfig) -> tuple[torch.device, Any, dict | None]
 
 def cached(out: Path, fp: str) -> bool:
     """True when the manifest (written last) has fingerprint ``fp`` and every output's sha256 still matches."""
-    try:
-        man = json.loads((out / MANIFEST).read_text())
-        return man.get("fingerprint") == fp and all(
-            (out / n).is_file() and _file_digest(out / n) == man["sha256"][n] for n in OUTPUTS
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    man = outset.verify(out, MANIFEST)
+    return man is not None and man.get("fingerprint") == fp and set(OUTPUTS) <= set(man["sha256"])
 
 
 def write_outputs(res: SensitivityResult, out: Path, title: str) -> Path:
-    """Write csv, png, json, then the manifest: rendered in a temp folder in ``out``, renamed in; the old manifest
-    is removed first, so a crash at any point leaves no manifest that vouches for a mixed set."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=STAGE_PREFIX) as tmp:
-        t = Path(tmp)
+    """Write csv, png and json as one set (hasb.outset: rendered in a stage folder in ``out``, renamed in, the
+    manifest last), so a crash at any point leaves no manifest that vouches for a mixed set."""
+    with outset.staged_set(out, MANIFEST, prefix=STAGE_PREFIX) as st:
+        t = st.path
         res.to_csv(t / "sensitivity.csv")
         fig = plot_traces(res.frame, value="trace_per_param", title=title)
         save_figure(fig, t / "sensitivity.png")
         plt.close(fig)
         res.to_json(t / "sensitivity.json")
-        digests = {n: _file_digest(t / n) for n in OUTPUTS}
-        (out / MANIFEST).unlink(missing_ok=True)
-        for name in OUTPUTS:
-            os.replace(t / name, out / name)
-    man = {"fingerprint": res.fingerprint, "sha256": digests}
-    return atomic_write_text(out / MANIFEST, json.dumps(man, indent=2))
+        st.meta["fingerprint"] = res.fingerprint
+    return out / MANIFEST
 
 
 def _batches_of(cfg: SensitivityCLIConfig, splits) -> list:

@@ -52,6 +52,8 @@ __all__ = [
     "parse_act_bits",
     "act_mode",
     "data_opts_option",
+    "check_out_dir",
+    "out_lock",
     "DEFAULT_BITS_TEXT",
 ]
 
@@ -335,6 +337,19 @@ def data_opts_option() -> Any:
         help="data source options, key=value pairs separated by commas (e.g. context=64,limit=2000000 for text; "
         "size=64,mean=0.5/0.5/0.5 for imagefolder)",
     )
+
+
+def check_out_dir(out: str | Path, what: str = "--out") -> None:
+    """HasbError unless ``out`` is a folder or creatable as one (its nearest existing ancestor a writable folder);
+    creates nothing."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise HasbError(f"{what} {p} exists and is not a directory")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise HasbError(f"{what} {p} cannot be created or written ({anc} is not a writable folder)")
 
 
 LOCK_NAME = ".hasb.lock"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +53,51 @@ def _save(obj: dict, path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` with one clear error for a missing or corrupt file."""
+    """``torch.load(weights_only=True)`` with one clear error for a missing, empty or corrupt file."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is an empty file (a write that never finished?)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        raise CheckpointError(
-            f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "Weights only load failed" in first:
+            first = "it holds objects other than tensors and plain containers (refused: weights_only=True)"
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {first[:200]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} is not a hasb checkpoint (top level is {type(obj).__name__})")
     return obj
+
+
+EXPORT_KEYS = ("spec", "build", "config", "layers", "rest")  # what every export holds (extra, bn_modes optional)
+
+
+def check_export(obj: dict, path: str | Path) -> dict:
+    """The parsed JSON fields (spec, build, config, extra) of an export dict, its structure checked first:
+    CheckpointError naming the first missing or malformed field (a truncated or hand-edited file)."""
+    missing = [k for k in EXPORT_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is a malformed hasb export: missing {missing}; re-export it")
+    if not isinstance(obj["layers"], dict) or not isinstance(obj["rest"], dict):
+        raise CheckpointError(f"{path} is a malformed hasb export: 'layers' and 'rest' must be dicts of tensors")
+    parsed = {}
+    for k in ("spec", "build", "config", "extra"):
+        try:
+            parsed[k] = json.loads(obj.get(k, "{}"))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path} is a malformed hasb export: its {k!r} field is not JSON") from None
+    for k in ("spec", "build", "extra"):
+        if not isinstance(parsed[k], dict):
+            raise CheckpointError(f"{path} is a malformed hasb export: its {k!r} field is not a JSON object")
+    try:
+        parsed["spec"] = QuantSpec.from_dict(parsed["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is a malformed hasb export: bad 'spec' ({type(e).__name__}: {e})") from None
+    return parsed
 
 
 def quantized_state(model: nn.Module) -> dict:
@@ -194,15 +227,19 @@ def load_quantized(
     obj = read_checkpoint(path)
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a hasb export (format={obj.get('format')!r}, expected {FORMAT!r})")
-    spec = QuantSpec.from_dict(json.loads(obj["spec"]))
+    parsed = check_export(obj, path)
     if model is None:
-        model = build_recorded(json.loads(obj["build"]), path, trusted_model)
+        model = build_recorded(parsed["build"], path, trusted_model)
     if getattr(model, "hasb_spec", None) is None:
-        quantize_like(model, spec)
-    load_quantized_state(model, obj)
+        quantize_like(model, parsed["spec"])
+    try:
+        load_quantized_state(model, obj)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # an entry missing or of the wrong shape
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise CheckpointError(f"{path} does not fit its recorded model: {type(e).__name__} {msg}") from None
     set_config(model, BitConfig.from_json(obj["config"]))
     model.eval()
-    return model, json.loads(obj.get("extra", "{}"))
+    return model, parsed["extra"]
 
 
 def _deployment_layers(model: nn.Module) -> dict[str, dict]:

@@ -656,8 +656,12 @@ def _mid_epoch_checkpoint(run: Run, epoch: int, step_in_epoch: int, loss_sum: di
     cfg = run.cfg
     at_max = cfg.max_steps is not None and run.global_step >= cfg.max_steps
     if (cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0) or at_max:
+        sums = loss_sum
+        if run.dist.world > 1:  # every rank resumes from the ranks' mean partial sum: the epoch mean stays the same
+            means = allreduce_mean([float(loss_sum[b]) for b in run.bits], run.dist.world)
+            sums = {b: torch.tensor(m, dtype=torch.float32) for b, m in zip(run.bits, means, strict=True)}
         if run.dist.main:
-            _save(run, epoch, step_in_epoch, loss_sum)
+            _save(run, epoch, step_in_epoch, sums)
     return at_max
 
 

@@ -7,10 +7,12 @@ import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from . import alrs as A
 from .cli import (
     act_bits_option,
+    check_out_dir,
     data_dir_option,
     data_option,
     data_opts_option,
@@ -228,6 +230,8 @@ def validate_config(cfg: TrainConfig) -> list[int]:
     try:
         bits = parse_bits(cfg.bits)
         act = parse_act_bits(cfg.act_bits)
+        if cfg.out is not None and not Path(cfg.out).is_file():  # a file: _open_checkpoint names it
+            check_out_dir(cfg.out)
     except HasbError as e:
         raise TrainError(str(e)) from None
     _check(

@@ -333,6 +333,8 @@ def build_report(cfg: BuildConfig) -> dict:
     check_out(outs)
     if cfg.threads is not None and cfg.threads < 1:
         raise BuildError(f"--threads must be ≥ 1, got {cfg.threads}")
+    if cfg.timeout < 1:  # nbclient reads 0 or a negative timeout as "no limit": say so instead of ignoring it
+        raise BuildError(f"--timeout must be ≥ 1 second per cell, got {cfg.timeout}")
     if deprecated:
         print(
             f"warning: --out {outs.html} (an .html file) is deprecated and goes in the next release; give a "

@@ -16,7 +16,7 @@ from pathlib import Path
 import hasb
 from hasb.config import atomic_write_text
 from hasb.cost import CostModel
-from hasb.data import find_data_dir
+from hasb.data import check_idx_dir
 from hasb.errors import HasbError
 from hasb.models import build_model
 from hasb.quantize import DEFAULT_BITS
@@ -66,7 +66,7 @@ def check_demo_args(model: str | None, data: str | None, sensitivity: str | None
         )
     if data not in (None, "fashion-mnist"):
         raise InputError(f"the built-in demo runs on fashion-mnist; --data {data} needs --checkpoint")
-    find_data_dir("fashion-mnist", data_dir)  # DataError (one line) before anything is trained
+    check_idx_dir("fashion-mnist", data_dir)  # DataError (one line) before anything is trained
 
 
 def skeleton_inputs(data_dir: str | None = None) -> Inputs:

@@ -7,13 +7,13 @@ input is one clear error before any candidate is evaluated.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hasb.cli import check_out_dir as cli_check_out_dir
 from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
 from hasb.data import open_source, parse_data_opts, spec_task
 from hasb.errors import HasbError
@@ -63,15 +63,11 @@ def check_size_unit(text: str) -> None:
 
 
 def check_out_dir(out: str | Path) -> None:
-    """--out must be a folder or creatable as one (its nearest existing ancestor a writable folder)."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"--out {p} exists and is not a directory")
-    anc = p
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
-        raise InputError(f"--out {p} cannot be created or written ({anc} is not a writable folder)")
+    """--out must be a folder or creatable as one (hasb.cli.check_out_dir; an InputError here)."""
+    try:
+        cli_check_out_dir(out)
+    except HasbError as e:
+        raise InputError(str(e)) from None
 
 
 def parse_budgets(

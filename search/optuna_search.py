@@ -26,9 +26,11 @@ negligible next to one sub-net evaluation (seconds).  ``--optuna-sampler nsga2``
 Storage: an SQLite file in the run directory by default (``optuna.db``).
 Interrupting a run (Ctrl-C) marks the running trial FAIL; the next run with the
 same study re-enqueues failed configurations and continues until the requested
-number of COMPLETE trials exists, so no trial is lost.  RDB storages run with a
-heartbeat, so a killed worker's trial is failed (and retried) after the grace
-period.  Several workers on several machines share one study through
+number of COMPLETE trials exists, so no trial is lost.  A trial left RUNNING by
+a killed run (kill -9) is failed and re-enqueued on the next start: at once when
+the caller is the storage's only writer (search's default SQLite file in its
+locked --out), else once its heartbeat is older than the grace period (RDB
+storages run with a heartbeat, so another worker's live trial is left alone).  Several workers on several machines share one study through
 ``postgresql://user@host/db`` (RDBStorage) or a journal file on a shared disk
 (``journal:/path/study.log``).
 """
@@ -234,8 +236,14 @@ def run_study(
     worker: str | None = None,
     progress: bool = False,
     direction: str = "maximize",
+    reclaim_running: bool = False,
 ) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials.
+
+    A trial left RUNNING by a killed process is failed and its configuration re-enqueued before new trials are
+    sampled: with ``reclaim_running`` every RUNNING trial (the caller is the storage's only writer, e.g. search
+    holding the lock on its ``--out`` with the default SQLite file there); otherwise those whose heartbeat is
+    older than the grace period (RDB storages: another worker's live trial is left alone).
 
     Args:
         space: the search space (units, choices, metrics) from :func:`search.ilp.build_space`.
@@ -266,6 +274,7 @@ def run_study(
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=smp)
         creator = False
+    reclaim_stale(study, storage, everything=reclaim_running)
     _enqueue_seeds(study, space, seeds, creator)
     objective = _objective(space, evaluate_fn, cons, worker)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -275,6 +284,21 @@ def run_study(
             objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False
         )
     return study
+
+
+def reclaim_stale(study: optuna.Study, storage, everything: bool) -> list[int]:
+    """Fail the trials a killed process left RUNNING (all of them when ``everything``, else the heartbeat-stale
+    ones), so :func:`_enqueue_seeds` re-enqueues their configurations; returns their numbers."""
+    if everything:
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # Optuna's own fail_stale_trials does this
+        return [t.number for t in stale]
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():  # "experimental" in Optuna since 2.9; relied on knowingly, as the heartbeat
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
+    return sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))})
 
 
 def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Sequence[int]], creator: bool) -> None:

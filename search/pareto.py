@@ -9,7 +9,10 @@ demo (small_cnn on real Fashion-MNIST) is trained and analysed on first use and 
 Outputs in ``--out`` (default ``runs/demo``): pareto.csv and candidates.csv (shared by every budget), caches
 evals.json and optuna.db; per budget in ``--out/budget-<budget>/`` (e.g. ``runs/demo/budget-3.5/``): config.json
 (validation score it was selected on and held-out test score, each with its standard error), deploy.pt (the
-scored network: ``hasb.export.load_deployment``), table.csv, pareto.png, pareto.svg.
+scored network: ``hasb.export.load_deployment``), table.csv, pareto.png, pareto.svg. The budget folder and the
+shared tables are each replaced as one set (:mod:`hasb.outset`, manifest ``search.manifest.json`` written last): a
+crash or kill leaves the old set or the new one, and the next run on ``--out`` (under its lock) finishes or drops
+what a killed run left.
 
 The Pareto math lives in :mod:`search.front` (re-exported here).
 """

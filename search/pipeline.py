@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 import hasb
+from hasb import outset
 from hasb.cli import (
     data_dir_option,
     device_option,
@@ -49,7 +50,7 @@ from hasb.cli import (
 )
 from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str
 from hasb.cost import Budget
-from hasb.data import DATASETS, find_data_dir, open_source, parse_data_opts
+from hasb.data import DATASETS, check_idx_dir, open_source, parse_data_opts
 from hasb.errors import HasbError
 from hasb.models import build_record
 from hasb.quantize import get_spec
@@ -71,6 +72,7 @@ from .onnx_export import deployment_to_onnx
 from .optuna_search import SAMPLERS, run_study, study_trials_frame, validate_storage
 
 DEFAULT_OUT = "runs/demo"
+SET_MANIFEST = "search.manifest.json"  # in --out (shared tables) and each budget folder: the set, written last
 # the demo scores on all 5,000 validation images (SE ≈ 0.45 points at 88%): its configs differ by up to 3 points
 USER_DEFAULTS = {"trials": 40, "sweep": 40, "calib_size": 1024, "val_limit": None}
 DEMO_DEFAULTS = {"trials": 24, "sweep": 20, "calib_size": 512, "val_limit": None}
@@ -217,7 +219,7 @@ def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
 def check_data(inputs: Inputs) -> None:
     """The data exists and reads: the IDX files are found, any other source is opened (and kept for the search)."""
     if inputs.data in DATASETS:
-        find_data_dir(inputs.data, inputs.data_dir)
+        check_idx_dir(inputs.data, inputs.data_dir)  # found, and every IDX file reads
     elif inputs.source is None:
         inputs.source = open_source(inputs.data, inputs.data_dir, **inputs.data_opts)
 
@@ -230,6 +232,7 @@ def run_search(cfg: SearchConfig) -> dict:
     device = resolve_device(cfg.device)
     pre, budgets = prepare(cfg)
     with out_lock(cfg.out):  # a second search on the same --out fails clearly instead of mixing outputs
+        recover_outputs(Path(cfg.out))
         inputs = demo.demo_inputs(Path(cfg.out), cfg.data_dir) if pre.demo else pre
         return search(cfg, inputs, budgets, device)
 
@@ -339,6 +342,8 @@ def earlier_picks(out: Path, space: ilp.SearchSpace, inputs: Inputs) -> list[dic
     """Rows of the configs picked at other budgets in ``out`` for the same supernet (monotone picks)."""
     rows = []
     for p in sorted(out.glob("budget-*/config.json")):
+        if outset.verify(p.parent, SET_MANIFEST) is None:
+            continue  # not a complete output set (a run that crashed while writing it)
         try:
             cfg, doc = sx.load(p)
             uc = space.unit_choice_of(cfg)
@@ -385,6 +390,8 @@ def optuna_candidates(
         seeds=seeds,
         progress=cfg.progress,
         direction="maximize" if ev.metric.higher_is_better else "minimize",
+        # the default SQLite file lies in --out, whose lock this run holds: a RUNNING trial there was killed
+        reclaim_running=cfg.storage is None,
     )
     return [
         ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))
@@ -597,25 +604,19 @@ def write_outputs(
     scores: dict,
     t0: float,
 ) -> dict:
-    """Shared tables at the top of ``out``; config.json, deploy.pt, table.csv and plots in the budget's folder."""
+    """Two output sets (hasb.outset: staged, renamed in, manifest last), so a crash leaves each one old or new:
+    the budget's folder (config.json, deploy.pt, model.onnx, nncf_config.json, table.csv, pareto.png/svg), then
+    the shared tables at the top of ``out`` (pareto.csv, candidates.csv; their manifest names the budget folder)."""
     out = Path(cfg.out)
     folder = out / so.budget_dir_name(budgets)
-    folder.mkdir(parents=True, exist_ok=True)
     binds = _budget_binds(space, budgets)
     uniq["chosen"] = uniq.digest == best.digest
-    with ev.calibrated(chosen) as scored:  # the BN statistics the score used, not the stored ones
-        deploy = sx.export_integer(
-            scored, chosen, folder / "deploy.pt", extra={"source": "search.pareto", "scores": scores}
-        )
-    paths = {
-        "config": write_document(cfg, inputs, budgets, binds, space, best, chosen, scores, folder, deploy),
-        "integer_checkpoint": deploy,
-        "table_csv": so.write_table(folder, uniq),
-        **so.write_shared(out, cand, uniq),
-    }
-    paths["plot_png"], paths["plot_svg"] = so.plot(
-        uniq, best, scores["test"], budgets, inputs.cost, folder, inputs.model_name, scores["validation"], ev.metric
-    )
+    with outset.staged_set(folder, SET_MANIFEST) as st:
+        staged = _write_budget_set(cfg, inputs, budgets, binds, space, ev, uniq, best, chosen, scores, st.path)
+    with outset.staged_set(out, SET_MANIFEST) as st:
+        staged.update(so.write_shared(st.path, cand, uniq))
+        st.meta["budget_folder"] = folder.name
+    paths = {k: (out if k in ("pareto_csv", "candidates_csv") else folder) / p.name for k, p in staged.items()}
     summary = {
         "model": inputs.model_name,
         "demo": inputs.demo,
@@ -640,6 +641,32 @@ def write_outputs(
         uniq, best, summary, budgets, ev.metric, file=sys.stderr if cfg.json else sys.stdout, quiet=not cfg.progress
     )
     return summary
+
+
+def _write_budget_set(
+    cfg: SearchConfig, inputs: Inputs, budgets, binds: bool, space, ev, uniq, best, chosen, scores, stage: Path
+) -> dict[str, Path]:
+    """The budget folder's files, written into its stage folder; returns their staged paths by summary key."""
+    with ev.calibrated(chosen) as scored:  # the BN statistics the score used, not the stored ones
+        deploy = sx.export_integer(
+            scored, chosen, stage / "deploy.pt", extra={"source": "search.pareto", "scores": scores}
+        )
+    paths = {
+        "config": write_document(cfg, inputs, budgets, binds, space, best, chosen, scores, stage, deploy),
+        "integer_checkpoint": deploy,
+        "table_csv": so.write_table(stage, uniq),
+    }
+    paths["plot_png"], paths["plot_svg"] = so.plot(
+        uniq, best, scores["test"], budgets, inputs.cost, stage, inputs.model_name, scores["validation"], ev.metric
+    )
+    return paths
+
+
+def recover_outputs(out: Path) -> None:
+    """On start, under the lock on ``out``: finish or drop the output sets a killed run left half-written (the
+    shared tables at the top, each budget folder) and remove temp files of interrupted atomic writes."""
+    for folder in [out, *sorted(p for p in out.glob("budget-*") if p.is_dir())]:
+        outset.recover(folder)
 
 
 __all__ = [

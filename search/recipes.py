@@ -15,7 +15,6 @@ The recipes chain training (hasb) → sensitivity (analysis), so they live in th
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -23,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from analysis.sensitivity import SensitivityConfig, compute_sensitivity
-from hasb.cli import parse_bits, run_cli
-from hasb.data import batches, load_dataset, loss_fn
+from hasb.cli import check_out_dir, parse_bits, run_cli
+from hasb.data import batches, load_dataset
 from hasb.errors import HasbError
 from hasb.export import read_checkpoint
 from hasb.metrics import METRIC_COLUMN
@@ -203,7 +202,7 @@ def sensitivity_for(
         model,
         calib,
         cfg,
-        loss_fn=functools.partial(loss_fn, splits.task),  # the task's loss: per example, or per byte for an LM
+        task=splits.task,  # the task's loss: per example, or per byte for an LM
         model_name=build_record(model)["name"],
         fingerprint=f"demo:{multi_pt.stat().st_mtime_ns}",
         measured_on={
@@ -291,6 +290,7 @@ def run_recipe(
         "sampler": str, "seconds": {...}, "measured": {stage: :func:`measured`}}
     """
     out = Path(out_dir)
+    check_out_dir(out)  # a file or an unwritable place: one line before any training
     t: dict[str, float] = {}
     paths: dict[str, Path] = {}
     init = {}
@@ -396,7 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bits",
         default=None,
-        type=parse_bits,
         help="candidate bits, comma separated (default 8,6,4,2 for resnet20-gpu, 8,4,2 for lm-cpu, 8,6,4,3,2 for "
         "lm-gpu; not for demo)",
     )
@@ -430,7 +429,12 @@ def _print_result(r: dict) -> None:
 def main(argv=None) -> int:
     """``python -m search.recipes {demo,resnet20-gpu} --out DIR``: run a recipe end to end, print where it went."""
     a = build_parser().parse_args(argv)
-    return run_cli(lambda: _print_result(run_named(a.recipe, a.out, force=a.force, compile=a.compile, bits=a.bits)))
+    # --bits is parsed inside the exit-code policy: a bad value is one "error:" line, not argparse's usage + error
+    return run_cli(
+        lambda: _print_result(
+            run_named(a.recipe, a.out, force=a.force, compile=a.compile, bits=parse_bits(a.bits) if a.bits else None)
+        )
+    )
 
 
 __all__ = [

@@ -29,7 +29,7 @@ from .core import (
     loss_fn,
     metric_name,
 )
-from .idx import DATASETS, FILES, MEAN, STD, IdxSource, find_data_dir, read_idx
+from .idx import DATASETS, FILES, MEAN, STD, IdxSource, check_idx_dir, find_data_dir, read_idx
 from .sources import callable_source, check_opts, imagefolder_source, npz_source
 from .text import TextSource, stdlib_source, text_source
 
@@ -169,6 +169,7 @@ __all__ = [
     "check_model_fits",
     "evaluate_metric",
     "find_data_dir",
+    "check_idx_dir",
     "imagefolder_source",
     "load_dataset",
     "loss_fn",

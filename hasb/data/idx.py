@@ -71,6 +71,49 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
 
 
+def _idx_dims(path: Path) -> list[int]:
+    """The header dims of an IDX file, checked against the file's length without reading the payload: for .gz the
+    gzip trailer's ISIZE (uncompressed length mod 2**32), else the file size. Catches a cut, foreign or re-cut file
+    in milliseconds; corruption of equal length is caught by the full read (gzip CRC)."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 and head[:3] == b"\x00\x00\x08" and 1 <= head[3] <= 4 else 0
+            rest = f.read(4 * ndim)
+        if ndim == 0 or len(rest) < 4 * ndim:
+            raise DataError(f"{path}: not an unsigned-byte IDX file (magic {head.hex() or 'missing'})")
+        dims = [int.from_bytes(rest[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+        want = 4 + 4 * ndim + int(np.prod(dims))
+        with open(path, "rb") as f:
+            if path.suffix == ".gz":
+                f.seek(-4, os.SEEK_END)
+                size, want = int.from_bytes(f.read(4), "little"), want % 2**32
+            else:
+                size = os.fstat(f.fileno()).st_size
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read it as an IDX file ({e}); it is truncated or corrupt") from None
+    if size != want:
+        raise DataError(
+            f"{path}: the IDX header's dims {dims} need {want} bytes, "
+            f"{'its gzip trailer records' if path.suffix == '.gz' else 'the file holds'} {size}; "
+            "it is truncated or corrupt"
+        )
+    return dims
+
+
+def check_idx_dir(name: str = "fashion-mnist", data_dir: str | None = None) -> Path:
+    """The dataset folder, its four IDX files checked cheaply (present, lengths match their headers, as many labels
+    as images) so a run fails with one DataError before it writes anything; the full read checks the rest."""
+    d = find_data_dir(name, data_dir)
+    for split in FILES:
+        pi, pl = (_file(d, s) for s in FILES[split])
+        xi, yl = _idx_dims(pi), _idx_dims(pl)
+        if len(xi) != 3 or len(yl) != 1 or xi[0] != yl[0]:
+            raise DataError(f"{pl}: labels {yl} do not match the images {xi} of {pi.name} (need [N] and [N, H, W])")
+    return d
+
+
 def find_data_dir(name: str = "fashion-mnist", data_dir: str | None = None) -> Path:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")

@@ -467,7 +467,11 @@ def test_cli_rejects_bad_input_before_any_work(case, tmp_path, capsys, monkeypat
 
 
 def test_crash_between_renames_never_reports_cached_and_stale_stages_go(tmp_path, capsys, monkeypatch):
+    """A crash between two renames of the set leaves it unvouched (no manifest); the next run rolls the committed
+    stage forward, so the set it then reports as cached is the crashed run's complete set (CSV equal to JSON);
+    an uncommitted stage is removed; a tampered file is never cached."""
     import analysis.sensitivity as S
+    from hasb import outset
 
     out = tmp_path / "run"
     assert _run(_TINY + ["--out", out], capsys)[0] == 0
@@ -484,17 +488,18 @@ def test_crash_between_renames_never_reports_cached_and_stale_stages_go(tmp_path
     monkeypatch.setattr(S.os, "replace", crash_after_first)
     assert _run(_TINY + ["--out", out, "--seed", "1"], capsys)[0] == 130
     assert len(calls) == 2 and not (out / "sensitivity.manifest.json").exists()
+    assert outset.verify(out, "sensitivity.manifest.json") is None  # the mixed files are vouched for by nothing
     monkeypatch.setattr(S.os, "replace", real)
-    (out / ".sensitivity.stale").mkdir()
-    # same settings as the crashed run: its CSV is in place but the set is not vouched for, so no "cached"
+    (out / ".sensitivity.stale").mkdir()  # an uncommitted stage (a run killed while rendering)
     code, o, e = _run(_TINY + ["--out", out, "--seed", "1"], capsys)
-    assert code == 0 and not o.startswith("cached"), o
+    assert code == 0 and o.startswith("cached"), o  # the committed stage was rolled forward: the whole new set
     assert not any(p.name.startswith(".sensitivity.") for p in out.iterdir())
     d = load_sensitivity(out)
     man = json.loads((out / "sensitivity.manifest.json").read_text())
     assert man["fingerprint"] == d["fingerprint"]
-    code, o, e = _run(_TINY + ["--out", out, "--seed", "1"], capsys)
-    assert code == 0 and o.startswith("cached")
+    csv = pd.read_csv(out / "sensitivity.csv")
+    traces = {r["layer"]: r["trace"] for r in d["layers"]}
+    assert set(csv.layer) == set(traces) and all(np.isclose(r.trace, traces[r.layer]) for r in csv.itertuples())
     (out / "sensitivity.csv").write_text("tampered")
     code, o, e = _run(_TINY + ["--out", out, "--seed", "1"], capsys)
     assert code == 0 and not o.startswith("cached")

@@ -360,6 +360,7 @@ def _bad_input(tmp_path: Path, case: str) -> list[str]:
         "out not writable": ["--out", "/proc/hasb-report-test"],  # unwritable for root too
         "unknown budget": ["--budget", "7"],
         "threads 0": ["--threads", "0"],
+        "timeout 0": ["--timeout", "0"],  # nbclient would read 0 as "no limit"
     }[case]
     return (["--run", str(run)] if "--run" not in argv else []) + argv
 
@@ -377,6 +378,7 @@ BAD = [
     "out not writable",
     "unknown budget",
     "threads 0",
+    "timeout 0",
 ]
 
 

@@ -1,5 +1,6 @@
 """search.optuna_search: interrupt/resume on SQLite loses no trial; two worker processes share a PostgreSQL study."""
 
+import itertools
 import os
 import shutil
 import socket
@@ -202,3 +203,36 @@ def test_a_joining_worker_waits_for_the_creators_seeds_instead_of_seeding_twice(
         assert _seeded_by_creator(study, wait_s=10)  # marked while waiting: the joiner does not seed
     finally:
         timer.cancel()
+
+
+def test_a_trial_killed_while_running_is_re_enqueued(tmp_path):
+    """A RUNNING trial left in SQLite by a killed run (no process will ever finish it): the next run that owns the
+    storage fails it and runs its configuration again; a run that does not own it leaves a live trial alone."""
+    space, cons, seeds = _setup()
+    ok = lambda cfg: (synthetic_accuracy(space, cfg), 0.0)
+    kw = dict(constraints=cons, out_dir=tmp_path, study_name="s", seeds=seeds, seed=1)
+    run_study(space, ok, n_trials=10, **kw)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name="s", storage=url)
+    tried = {tuple(sorted(t.params.items())) for t in study.get_trials()}
+    # a configuration no trial has tried yet, suggested by a trial that is then "killed" (left RUNNING)
+    every = (params_of(space, uc) for uc in itertools.product(range(len(space.choices)), repeat=space.n_units))
+    fresh = next(p for p in every if tuple(sorted(p.items())) not in tried)
+    study.enqueue_trial(fresh)  # the next ask() takes these values
+    killed = study.ask()
+    labels = [params_of(space, [c] * space.n_units) for c in range(len(space.choices))]  # the objective's choices
+    for name in fresh:
+        killed.suggest_categorical(name, [lab[name] for lab in labels])
+    assert killed.params == fresh
+    number = killed.number
+    assert study.get_trials()[number].state == TrialState.RUNNING
+
+    # a worker that does not own the storage: a trial with a fresh (or no) heartbeat may be another worker's
+    run_study(space, ok, n_trials=10, **kw)
+    assert optuna.load_study(study_name="s", storage=url).get_trials()[number].state == TrialState.RUNNING
+
+    done = run_study(space, ok, n_trials=11, reclaim_running=True, **kw).get_trials()
+    assert done[number].state == TrialState.FAIL
+    rerun = [t for t in done if t.number > number and t.params == done[number].params]
+    assert len(rerun) == 1 and rerun[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in done) == 11
