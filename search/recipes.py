@@ -194,9 +194,10 @@ def sensitivity_for(
     model = float_twin(qmodel).to(device)
     splits = load_dataset(**splits_kw)
     calib = list(batches(splits.calib, 256 if splits.task != "lm" else 64, device=device))[:2]
-    # layer-restricted Hutchinson (the measured default; see benchmarks/RESULTS.md), fixed layers skipped
+    # auto: exact per-sample traces where the net is piecewise linear, else layer-restricted Hutchinson; fixed
+    # layers skipped
     cfg = SensitivityConfig(
-        rtol=0.1, max_hvp=max_hvp, estimator="layer", bits=bits, include_fixed=False, backend=backend
+        rtol=0.1, max_hvp=max_hvp, estimator="auto", bits=bits, include_fixed=False, backend=backend
     )
     res = compute_sensitivity(
         model,
