@@ -318,6 +318,39 @@ def _build_sampler(cfg: TrainConfig, model: nn.Module, bits: list[int]) -> BitSa
         raise SensitivityError(f"--sensitivity {cfg.sensitivity}: {e}") from None
 
 
+def _load_splits(cfg: TrainConfig):
+    """The data source's splits; ``--augment`` (2-px shifts, flips) needs image batches ``[N, C, H, W]``."""
+    splits = load_dataset(
+        cfg.data,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        train_limit=cfg.train_limit,
+        val_limit=cfg.val_limit,
+        **cfg.data_opts,
+    )
+    if cfg.augment and len(splits.input_shape) != 3:
+        raise TrainError(
+            f"--augment shifts and flips images [C, H, W]; --data {cfg.data} gives inputs of shape "
+            f"{list(splits.input_shape)} ({splits.task}): leave --augment out"
+        )
+    return splits
+
+
+PSKD_MAX_BYTES = 8 << 30  # the per-sample PSKD record lives in host memory
+
+
+def _pskd_store(splits) -> torch.Tensor:
+    """Zeros for the per-sample top-bit softmax of the epoch: ``[N, K]`` or, per byte, ``[N, T, 256]``."""
+    shape = (len(splits.train[0]), *splits.train[1].shape[1:], splits.num_classes)
+    size = 4 * int(torch.Size(shape).numel())
+    if size > PSKD_MAX_BYTES:
+        raise TrainError(
+            f"--distill pskd would keep a softmax per training {'byte' if splits.task == 'lm' else 'example'} "
+            f"({size / 2**30:.1f} GiB for shape {list(shape)}); use --distill inplace or a smaller --train-limit"
+        )
+    return torch.zeros(shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -485,39 +518,6 @@ def _prepare(cfg: TrainConfig) -> Run:
     if ckpt is not None:
         _restore(run, ckpt)
     return run
-
-
-def _load_splits(cfg: TrainConfig):
-    """The data source's splits; ``--augment`` (2-px shifts, flips) needs image batches ``[N, C, H, W]``."""
-    splits = load_dataset(
-        cfg.data,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        train_limit=cfg.train_limit,
-        val_limit=cfg.val_limit,
-        **cfg.data_opts,
-    )
-    if cfg.augment and len(splits.input_shape) != 3:
-        raise TrainError(
-            f"--augment shifts and flips images [C, H, W]; --data {cfg.data} gives inputs of shape "
-            f"{list(splits.input_shape)} ({splits.task}): leave --augment out"
-        )
-    return splits
-
-
-PSKD_MAX_BYTES = 8 << 30  # the per-sample PSKD record lives in host memory
-
-
-def _pskd_store(splits) -> torch.Tensor:
-    """Zeros for the per-sample top-bit softmax of the epoch: ``[N, K]`` or, per byte, ``[N, T, 256]``."""
-    shape = (len(splits.train[0]), *splits.train[1].shape[1:], splits.num_classes)
-    size = 4 * int(torch.Size(shape).numel())
-    if size > PSKD_MAX_BYTES:
-        raise TrainError(
-            f"--distill pskd would keep a softmax per training {'byte' if splits.task == 'lm' else 'example'} "
-            f"({size / 2**30:.1f} GiB for shape {list(shape)}); use --distill inplace or a smaller --train-limit"
-        )
-    return torch.zeros(shape)
 
 
 def _restore(run: Run, ckpt: dict) -> None:

@@ -119,8 +119,9 @@ class TrainConfig:
     tbn: bool = option(True, negate="--no-tbn", help="supernet: keep per-bit BN instead of Transitional BN")
     init: str | None = option(
         None,
-        help="multi: a float state dict (torch.save, loaded with weights_only); "
-        "supernet: the multi-precision model.pt (or its run directory)",
+        help="float, multi: a float state dict (torch.save, loaded with weights_only; plain or under "
+        "'state_dict', e.g. the float stage's model.pt); supernet: the multi-precision model.pt (or its run "
+        "directory)",
     )
     distill: str = option(
         "inplace",

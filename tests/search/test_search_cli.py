@@ -360,4 +360,4 @@ def test_recipes_alias_forwards_to_search_recipes():
         text=True,
         timeout=300,
     )
-    assert r.returncode == 2 and r.stderr.strip() == "error: --bits and --compile apply to the resnet20-gpu recipe only"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --bits and --compile do not apply to the demo recipe"
