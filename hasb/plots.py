@@ -885,22 +885,25 @@ def _chosen_error_bars(
 
 # ---------------------------------------------------------------------------------------------- training
 def plot_training_curves(metrics: pd.DataFrame, title: str | None = None) -> Figure:
-    """Per-epoch training curves: accuracy per bit (``acc_w8a8``… columns) and loss.
+    """Per-epoch training curves: the validation metric per bit and the loss.
 
     Args:
-        metrics: one row per epoch; column ``epoch``, columns matching ``acc_*`` (fraction or %),
-            optional ``loss`` and ``lr*`` columns (learning rate per group, drawn log-scaled).
+        metrics: one row per epoch; column ``epoch``, the metric per config: ``acc_w8a8``… (accuracy, fraction
+            or %) or ``bpb_w8afp``… (bits per byte, language models; ``bpb_fp`` for the float stage), optional
+            ``loss`` and ``lr*`` columns (learning rate per group, drawn log-scaled).
     """
     if not isinstance(metrics, pd.DataFrame):
         metrics = pd.DataFrame(metrics)
     _need_columns(metrics, ["epoch"], "plot_training_curves")
-    acc_cols = [c for c in metrics.columns if str(c).startswith("acc")]
+    prefix = "bpb_" if any(str(c).startswith("bpb_") for c in metrics.columns) else "acc_"
+    acc_cols = [c for c in metrics.columns if str(c).startswith(prefix)]
     if metrics.empty or not acc_cols:
-        raise PlotError(f"plot_training_curves: need rows and acc_* columns; got {list(metrics.columns)}")
+        raise PlotError(f"plot_training_curves: need rows and acc_* or bpb_* columns; got {list(metrics.columns)}")
     fig = Figure(figsize=figure_size("training"), dpi=DPI, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     ep = metrics["epoch"].to_numpy(dtype=float)
-    scale = 100.0 if np.nanmax(metrics[acc_cols].to_numpy(dtype=float)) <= 1.0 + 1e-9 else 1.0
+    is_acc = prefix == "acc_"
+    scale = 100.0 if is_acc and np.nanmax(metrics[acc_cols].to_numpy(dtype=float)) <= 1.0 + 1e-9 else 1.0
 
     def bit_of(c: str) -> int | None:
         m = re.search(r"w(\d+|fp)a", c)
@@ -914,11 +917,11 @@ def plot_training_curves(metrics: pd.DataFrame, title: str | None = None) -> Fig
             marker="o",
             markersize=3,
             color=bit_color(b) if b is not None else None,
-            label=c.replace("acc_", ""),
+            label=c.replace(prefix, ""),
         )
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("validation accuracy  [%]")
-    ax1.set_title("Accuracy per bit-width")
+    ax1.set_ylabel("validation accuracy  [%]" if is_acc else "validation bits per byte  (lower is better)")
+    ax1.set_title(("Accuracy" if is_acc else "Bits per byte") + " per bit-width")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8, title="config", title_fontsize=8)
     if "loss" in metrics.columns:
@@ -926,7 +929,7 @@ def plot_training_curves(metrics: pd.DataFrame, title: str | None = None) -> Fig
             ep, metrics["loss"].to_numpy(dtype=float), color="black", marker="o", markersize=3, label="training loss"
         )
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("loss  [cross-entropy, nats]")
+    ax2.set_ylabel("loss  [cross-entropy, nats]" if is_acc else "loss  [cross-entropy, nats per byte]")
     ax2.set_title("Loss and learning rates")
     ax2.grid(alpha=0.3)
     lr_cols = [c for c in metrics.columns if str(c).startswith("lr")]

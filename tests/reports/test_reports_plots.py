@@ -157,6 +157,23 @@ def test_pareto_units_secondary_axis_uniform_labels_and_chosen(cost):
         P.plot_pareto(df, avg_bits_fn=42)
 
 
+def test_training_curves_of_a_language_model():
+    """LM metrics (bits per byte per weight-only config, lower is better) plot as they are, labelled as such."""
+    m = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "loss": [3.5, 3.0],
+            "bpb_w8afp": [5.1, 4.6],
+            "bpb_w2afp": [5.9, 5.2],
+            "se_bpb_w8afp": [0.05, 0.05],
+        }
+    )
+    fig = P.plot_training_curves(m)
+    assert "bits per byte" in fig.axes[0].get_ylabel()
+    assert [l.get_label() for l in fig.axes[0].lines] == ["w8afp", "w2afp"]
+    assert list(fig.axes[0].lines[0].get_ydata()) == [5.1, 4.6]  # not scaled to %
+
+
 def test_training_curves_and_save_figure(tmp_path):
     m = pd.DataFrame(
         {
