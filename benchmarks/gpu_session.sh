@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call that runs the LM recipe and the vision evidence side by side on one GPU (each leaves most of
+# the GPU idle), then flattens what comes back into $OUT. Usage (device tool): bash benchmarks/gpu_session.sh
+# Needs .whl (optuna and its pure-Python deps for the image's Python 3.12) and .data/fashion-mnist carried.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HASB_DATA_DIR=$PWD/.data/fashion-mnist
+LIMIT=${LIMIT:-540}
+mkdir -p "$OUT/ev" runs
+[ -d carry/ev ] && cp -r carry/ev/. "$OUT/ev/"  # cells of an earlier call: the evidence resumes
+[ -d carry/lm_gpu ] && cp -r carry/lm_gpu runs/lm_gpu
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+(timeout $((LIMIT + 15)) python3 -m hasb.recipes lm-gpu --out runs/lm_gpu > "$OUT/lm_gpu.log" 2>&1; echo "rc=$?" >> "$OUT/lm_gpu.log") &
+timeout $((LIMIT + 20)) python3 -m benchmarks.evidence --workload "${WORKLOAD:-mbv2-fmnist}" --out "$OUT/ev" \
+    --jobs "${JOBS:-6}" --time-limit "$LIMIT" > "$OUT/evidence.log" 2>&1
+wait
+for f in runs/lm_gpu/*/metrics.json runs/lm_gpu/*/metrics.csv runs/lm_gpu/*/sensitivity.json; do
+    [ -f "$f" ] && cp "$f" "$OUT/lm_$(basename "$(dirname "$f")")_$(basename "$f")"
+done
+tar -C runs -cf "$OUT/lm_gpu_small.tar" --exclude='*.pt' --exclude='*.tmp' lm_gpu 2>/dev/null
+cp "$OUT/ev/evidence.md" "$OUT/evidence.md" 2>/dev/null
+tar -C "$OUT" -cf "$OUT/ev_cells.tar" ev/cells ev/settings.json 2>/dev/null
+tail -5 "$OUT/lm_gpu.log"; tail -60 "$OUT/evidence.log"
