@@ -6,18 +6,18 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HASB_DATA_DIR=$PWD/.data/fashion-mnist
 LIMIT=${LIMIT:-540}
-mkdir -p "$OUT/ev" runs
-[ -d carry/ev ] && cp -r carry/ev/. "$OUT/ev/"  # cells of an earlier call: the evidence resumes
+mkdir -p ev_out runs
+[ -d carry/ev ] && cp -r carry/ev/. ev_out/  # cells of an earlier call: the evidence resumes
 [ -d carry/lm_gpu ] && cp -r carry/lm_gpu runs/lm_gpu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 (timeout $((LIMIT + 15)) python3 -m hasb.recipes lm-gpu --out runs/lm_gpu > "$OUT/lm_gpu.log" 2>&1; echo "rc=$?" >> "$OUT/lm_gpu.log") &
-timeout $((LIMIT + 20)) python3 -m benchmarks.evidence --workload "${WORKLOAD:-mbv2-fmnist}" --out "$OUT/ev" \
+timeout $((LIMIT + 20)) python3 -m benchmarks.evidence --workload "${WORKLOAD:-mbv2-fmnist}" --out ev_out \
     --jobs "${JOBS:-6}" --time-limit "$LIMIT" > "$OUT/evidence.log" 2>&1
 wait
 for f in runs/lm_gpu/*/metrics.json runs/lm_gpu/*/metrics.csv runs/lm_gpu/*/sensitivity.json; do
     [ -f "$f" ] && cp "$f" "$OUT/lm_$(basename "$(dirname "$f")")_$(basename "$f")"
 done
 tar -C runs -cf "$OUT/lm_gpu_small.tar" --exclude='*.pt' --exclude='*.tmp' lm_gpu 2>/dev/null
-cp "$OUT/ev/evidence.md" "$OUT/evidence.md" 2>/dev/null
-tar -C "$OUT" -cf "$OUT/ev_cells.tar" ev/cells ev/settings.json 2>/dev/null
+cp ev_out/evidence.md ev_out/evidence.json "$OUT/" 2>/dev/null
+tar -cf "$OUT/ev_cells.tar" -C ev_out cells settings.json 2>/dev/null
 tail -5 "$OUT/lm_gpu.log"; tail -60 "$OUT/evidence.log"
