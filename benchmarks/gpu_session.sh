@@ -17,6 +17,7 @@ wait
 for f in runs/lm_gpu/*/metrics.json runs/lm_gpu/*/metrics.csv runs/lm_gpu/*/sensitivity.json; do
     [ -f "$f" ] && cp "$f" "$OUT/lm_$(basename "$(dirname "$f")")_$(basename "$f")"
 done
+cp runs/lm_gpu/supernet/model.pt "$OUT/lm_supernet.pt" 2>/dev/null
 tar -C runs -cf "$OUT/lm_gpu_small.tar" --exclude='*.pt' --exclude='*.tmp' lm_gpu 2>/dev/null
 cp ev_out/evidence.md ev_out/evidence.json "$OUT/" 2>/dev/null
 tar -cf "$OUT/ev_cells.tar" -C ev_out cells settings.json 2>/dev/null
