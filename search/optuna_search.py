@@ -262,18 +262,7 @@ def run_study(
         storage = make_storage(storage, out_dir)
     optuna.logging.set_verbosity(logging.WARNING)
     smp = make_sampler(sampler, seed, _constraints_func, space.n_units)
-    try:  # the worker that creates the study seeds it (race-free: the storage enforces unique names)
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            sampler=smp,
-            directions=[direction, "minimize"],
-            load_if_exists=False,
-        )
-        creator = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=smp)
-        creator = False
+    study, creator = _create_or_join(study_name, storage, smp, direction)
     reclaim_stale(study, storage, everything=reclaim_running)
     _enqueue_seeds(study, space, seeds, creator)
     objective = _objective(space, evaluate_fn, cons, worker)
@@ -284,6 +273,21 @@ def run_study(
             objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False
         )
     return study
+
+
+def _create_or_join(study_name: str, storage, smp, direction: str) -> tuple[optuna.Study, bool]:
+    """(the study, whether this worker created it): the creator seeds it (race-free: names are unique)."""
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=smp,
+            directions=[direction, "minimize"],
+            load_if_exists=False,
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=smp), False
 
 
 def reclaim_stale(study: optuna.Study, storage, everything: bool) -> list[int]:

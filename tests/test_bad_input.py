@@ -197,7 +197,9 @@ def test_user_model_that_fails(fixtures, work, capsys, monkeypatch, cli, fn, nee
     assert "call it directly" in line  # the hint to see the user model's own traceback
 
 
-@pytest.mark.parametrize("argv,needle", [(["--bits", "8,8"], "twice"), (["--bits", "4,2"], "resnet20-gpu recipe only")])
+@pytest.mark.parametrize(
+    "argv,needle", [(["--bits", "8,8"], "twice"), (["--bits", "4,2"], "do not apply to the demo recipe")]
+)
 def test_recipes_bits(fixtures, work, capsys, argv, needle):
     """hasb.recipes parses --bits inside the exit-code policy: one error line, not argparse's usage + error."""
     _check_rejected("recipes", _argv("recipes", fixtures, work, argv), fixtures, work, capsys, needle)
