@@ -213,9 +213,12 @@ def needs(cell: str) -> list[str]:
     return []
 
 
-def leaf(cell: str) -> bool:
-    """No other cell needs this one (so it can wait while the dependency chain runs)."""
-    return cell in ("msb", "alrs_off") or cell.startswith("lsq")
+CHAIN = ("multi", "sens", "super_hasb", "search", "proxy")  # the longest dependency chain: started first
+
+
+def off_chain(cell: str) -> bool:
+    """Not on :data:`CHAIN`: can wait while the chain runs (nothing long waits for it)."""
+    return cell not in CHAIN
 
 
 def kind(cell: str) -> str:
@@ -551,7 +554,9 @@ class Scheduler:
                     del running[job]
                     self._finished(job, proc.exitcode == 0)
             # the chain multi → sens → supernets → search/proxy first; cells nothing waits for fill the gaps
-            ready = sorted((j for j in todo if j not in running and self.state(j) == "ready"), key=lambda j: leaf(j[0]))
+            ready = sorted(
+                (j for j in todo if j not in running and self.state(j) == "ready"), key=lambda j: off_chain(j[0])
+            )
             for job in ready[: max(0, self.jobs - len(running))]:
                 if not self.fits(job[0]):
                     self.skipped.add(job)

@@ -139,3 +139,16 @@ def test_random_unit_choices_keep_tied_layers_together_and_spread_the_bits():
         assert np.array_equal(space.unit_choice_of(space.config(uc)), uc)
     avg = [space.evaluate(uc)["avg_bit_equivalent"] for uc in ucs]
     assert max(avg) - min(avg) > 2.0  # per-config preferences spread the average bit (BitOPs-weighted)
+
+
+def test_a_failed_cell_blocks_its_dependents_and_fails_the_run(tmp_path, capsys, monkeypatch):
+    def boom(ctx, cell, seed):
+        raise RuntimeError(f"{cell} broke")
+
+    monkeypatch.setitem(E.CELL_FUNCS, "multi", boom)  # the kind of multi, msb and alrs_off
+    out = tmp_path / "ev"
+    rc = E.main(["--smoke", "--arms", "f", "--seeds", "0", "--device", "cpu", "--out", str(out)])
+    text = capsys.readouterr()
+    assert rc == 1 and "FAILED multi seed 0" in text.err and "multi broke" in text.err
+    # sens, super_hasb and proxy need multi: never started
+    assert "start sens" not in text.err and "0/4 cells finished" in text.out
