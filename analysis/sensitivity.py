@@ -76,6 +76,7 @@ from hasb.cli import (
     config_from_args,
     data_dir_option,
     data_option,
+    data_opts_option,
     device_option,
     force_option,
     model_option,
@@ -89,7 +90,7 @@ from hasb.cli import (
     threads_option,
 )
 from hasb.config import BitConfig
-from hasb.data import load_dataset, parse_data_opts
+from hasb.data import load_dataset
 from hasb.data import loss_fn as task_loss_fn
 from hasb.errors import HasbError
 from hasb.export import FORMAT, CheckpointError, load_quantized, read_checkpoint
@@ -687,13 +688,7 @@ class SensitivityCLIConfig:
     )
     data: str = data_option()
     data_dir: str | None = data_dir_option()
-    data_opt: dict = option(
-        None,
-        parse=parse_data_opts,
-        help="options of the --data source as key=value pairs, e.g. context=64,limit=200000 for text:/python-stdlib "
-        "(context: bytes per window, default the LM's own context; limit: bytes per split) or size=64 for "
-        "imagefolder:",
-    )
+    data_opt: dict = data_opts_option("context defaults to the LM's own")
     split: str = option(
         "calib",
         choices=("calib", "val", "train", "test"),

@@ -329,13 +329,15 @@ def _parse_data_opts(text: str) -> dict:
     return parse_data_opts(text)
 
 
-def data_opts_option() -> Any:
+def data_opts_option(note: str = "") -> Any:
+    """``--data-opt k=v,...`` (a dict field): the same spelling and parsing in every CLI; ``note`` adds what the
+    CLI does when it is not given."""
     return option(
         default_factory=dict,
         flag="--data-opt",
         parse=_parse_data_opts,
-        help="data source options, key=value pairs separated by commas (e.g. context=64,limit=2000000 for text; "
-        "size=64,mean=0.5/0.5/0.5 for imagefolder)",
+        help="data source options, key=value pairs separated by commas (e.g. context=64,limit=2000000 for text: "
+        "bytes per window, bytes per split; size=64,mean=0.5/0.5/0.5 for imagefolder)" + (f"; {note}" if note else ""),
     )
 
 

@@ -35,6 +35,7 @@ import hasb
 from hasb import outset
 from hasb.cli import (
     data_dir_option,
+    data_opts_option,
     device_option,
     force_option,
     model_option,
@@ -50,7 +51,7 @@ from hasb.cli import (
 )
 from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str
 from hasb.cost import Budget
-from hasb.data import DATASETS, check_idx_dir, open_source, parse_data_opts
+from hasb.data import DATASETS, check_idx_dir, open_source
 from hasb.errors import HasbError
 from hasb.models import build_record
 from hasb.quantize import get_spec
@@ -102,11 +103,7 @@ class SearchConfig:
         "package.module:callable (default: the checkpoint's training data)",
     )
     data_dir: str | None = data_dir_option()
-    data_opt: str | None = option(
-        None,
-        help="data source options as key=value pairs, e.g. context=64,limit=200000 (default: the training run's; "
-        "a text source's context defaults to the model's)",
-    )
+    data_opt: dict = data_opts_option("given ones update the training run's; a text context defaults to the model's")
     out: str = out_option("run directory; each budget's outputs go to OUT/budget-<budget>/", default=DEFAULT_OUT)
     bits: list | None = option(
         None,
@@ -208,7 +205,7 @@ def prepare(cfg: SearchConfig) -> tuple[Inputs, list[Budget]]:
             model=cfg.model,
             data=cfg.data,
             data_dir=cfg.data_dir,
-            data_opts=parse_data_opts(cfg.data_opt),
+            data_opts=cfg.data_opt,
         )
         check_data(pre)  # DataError (one line) before any candidate is evaluated
     budgets = parse_budgets(pre.cost, cfg.budget, cfg.size, cfg.avg_bits)
