@@ -73,6 +73,7 @@ import hasb
 from hasb import atomic_write_text, outset
 from hasb.cli import (
     add_options,
+    check_out_dir,
     config_from_args,
     data_dir_option,
     data_option,
@@ -81,6 +82,7 @@ from hasb.cli import (
     force_option,
     model_option,
     option,
+    out_lock,
     parse_bits,
     quiet_option,
     resolve_device,
@@ -798,17 +800,6 @@ def parse_at(text: str):
     return BitConfig.load(text)
 
 
-def check_out_dir(out: Path) -> None:
-    """SensitivityError unless ``out`` is (or can be created as) a writable folder; creates nothing."""
-    if out.exists() and not out.is_dir():
-        raise SensitivityError(f"--out {out} is a file; give a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SensitivityError(f"--out {out}: {probe} is not a writable folder")
-
-
 def remove_stale_stages(out: Path) -> None:
     """Stage folders a killed run left in ``out`` (named ``.sensitivity.*``): committed ones rolled forward,
     the others removed (hasb.outset.recover; other writers' temp files in a shared --out are left alone)."""
@@ -1028,11 +1019,16 @@ def _where(on: dict) -> str:
 def run_sensitivity(cfg: SensitivityCLIConfig) -> int:
     """The CLI's one library call: validate, load, reuse a verified cache or compute, write the set atomically."""
     device, at, obj = validate(cfg)
-    remove_stale_stages(cfg.out)
     n = cfg.batches * cfg.batch_size
     model, splits = load_model_and_data(cfg, obj, max(1024, n) if cfg.split == "calib" else 1024)
-    batches = _batches_of(cfg, splits)
-    model = model.to(device)
+    batches = _batches_of(cfg, splits)  # the last bad-input checks: nothing is written before them
+    # one writer per --out (rank 0 writes; a second run fails at once with one line instead of mixing sets)
+    with out_lock(cfg.out) if _is_rank0() else contextlib.nullcontext():
+        return _measure_and_write(cfg, device, at, model.to(device), splits, batches)
+
+
+def _measure_and_write(cfg: SensitivityCLIConfig, device, at, model, splits, batches) -> int:
+    remove_stale_stages(cfg.out)
     scfg = cfg.estimator_config(at)
     measured_on = cli_measured_on(cfg, splits)
     fp = fingerprint(model, cfg.checkpoint, measured_on, {"cfg": asdict(scfg), "at": str(cfg.at)})

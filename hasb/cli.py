@@ -346,7 +346,7 @@ def check_out_dir(out: str | Path, what: str = "--out") -> None:
     creates nothing."""
     p = Path(out)
     if p.exists() and not p.is_dir():
-        raise HasbError(f"{what} {p} exists and is not a directory")
+        raise HasbError(f"{what} {p} is a file, not a directory; give a folder")
     anc = p
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent

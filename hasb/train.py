@@ -32,6 +32,7 @@ takes its slice of the same global batch and gradients are all-reduced (averaged
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,6 +63,7 @@ from .cli import (
     add_options,
     config_from_args,
     default_threads,
+    out_lock,
     parse_bits,
     resolve_device,
     run_cli,
@@ -560,6 +562,16 @@ def train(cfg: TrainConfig) -> Path:
     before the run directory is touched. Raises a :class:`~hasb.errors.HasbError` on bad input.
     """
     run = _prepare(cfg)
+    # one writer per run folder (the main rank writes): a second run on it fails at once with one line
+    with out_lock(run.out) if run.dist.main else contextlib.nullcontext():
+        _run_epochs(run)
+    barrier(run.dist)
+    return run.out
+
+
+def _run_epochs(run: Run) -> None:
+    """The epochs from ``run.epoch0`` (a resumed run's), then the trained model written by the main rank."""
+    cfg = run.cfg
     _start(run)
     for epoch in range(run.epoch0, cfg.epochs):
         t0 = time.time()
@@ -576,8 +588,6 @@ def train(cfg: TrainConfig) -> Path:
             save_float(run.model, run.out / "model.pt", cfg, run.history)
         else:
             save_trained(run.model, run.out / "model.pt", cfg, run.bits, run.history, run.sampler)
-    barrier(run.dist)
-    return run.out
 
 
 def _train_epoch(run: Run, epoch: int) -> tuple[dict, int] | None:

@@ -184,6 +184,7 @@ def test_cli_runs_and_caches(tmp_path, capsys):
         "sensitivity.csv",
         "sensitivity.png",
         "sensitivity.manifest.json",
+        ".hasb.lock",  # the writer's lock (hasb.cli.out_lock): released by the OS when the run ends
     }
     d = load_sensitivity(out)
     assert d["model"] == "tiny_mlp" and [r["searchable"] for r in d["layers"]] == [False, True, False]
@@ -503,3 +504,14 @@ def test_crash_between_renames_never_reports_cached_and_stale_stages_go(tmp_path
     (out / "sensitivity.csv").write_text("tampered")
     code, o, e = _run(_TINY + ["--out", out, "--seed", "1"], capsys)
     assert code == 0 and not o.startswith("cached")
+
+
+def test_a_second_writer_on_the_same_out_fails_with_one_line(tmp_path, capsys):
+    """While one sensitivity run holds --out, another on it exits 2 with one line and writes nothing."""
+    from hasb.cli import out_lock
+
+    out = tmp_path / "run"
+    with out_lock(out):
+        code, o, e = _run([*_TINY, "--out", out], capsys)
+    assert code == 2 and "in use by another hasb run" in e and len(e.strip().splitlines()) == 1
+    assert {p.name for p in out.iterdir()} == {".hasb.lock"}

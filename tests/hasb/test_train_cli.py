@@ -307,3 +307,17 @@ def test_rounding_option_reaches_the_model_and_the_supernet_keeps_it(tmp_path, c
     assert "--rounding half_up differs from --init's msb" in capsys.readouterr().err
     assert main([*sup, "--out", str(tmp_path / "s2")]) == 0
     assert hasb.get_spec(load_quantized(tmp_path / "s2" / "model.pt")[0]).rounding == "msb"
+
+
+def test_a_second_run_on_the_same_out_fails_with_one_line(tmp_path, capsys):
+    """While one run holds the run folder (hasb.cli.out_lock), a second training run on it exits 2 with one line
+    and writes nothing there (before the lock, two runs interleaved checkpoints and metrics)."""
+    from hasb.cli import out_lock
+    from hasb.train import main
+
+    out = tmp_path / "run"
+    with out_lock(out):
+        rc = main(["--model", "tiny_mlp", "--out", str(out), "--train-limit", "128", "--val-limit", "32", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in use by another hasb run" in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name for p in out.iterdir()} == {".hasb.lock"}
