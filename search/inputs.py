@@ -170,9 +170,11 @@ def checkpoint_inputs(
         raise InputError("empty search space: the model has no searchable layer")
     sens = check_for_model(load_sensitivity(sens_path), name, layers, str(sens_path))
     tc = _train_config(extra)
+    # the recorded source options belong to the recorded source: another --data starts from none
+    recorded = recorded_data_opts(tc) if data in (None, tc.get("data")) else {}
     data = data or tc.get("data") or "fashion-mnist"
     data_dir = data_dir or tc.get("data_dir")
-    task, opts, source = data_setup(data, data_dir, {**recorded_data_opts(tc), **(data_opts or {})}, net)
+    task, opts, source = data_setup(data, data_dir, {**recorded, **(data_opts or {})}, net)
     return Inputs(
         model=net,
         model_name=name,
