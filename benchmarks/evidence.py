@@ -28,11 +28,9 @@ printed is the table (also ``OUT/evidence.md``; everything in ``OUT/evidence.jso
 
 Workloads (``--workload``): ``mbv2-fmnist`` (the zoo's MobileNetV2, small-input stem, on Fashion-MNIST, bits
 {8,6,4,2}: depthwise layers are fragile at low bits) and ``resnet20-narrow`` (the zoo's ``resnet20_narrow``,
-8/16/32 channels).  Data: Debian's /usr/share/datasets/fashion-mnist or ``HASB_DATA_DIR``.  A language-model
-workload needs only its entry in ``WORKLOADS`` once ``hasb.train`` trains ``--data python-stdlib``:
-``Workload("lm", model="lm_small", data="python-stdlib", metric="bpb", scale=1.0, unit="...")`` with
-``metric`` the prefix of the per-bit column that ``metrics.json`` then records (arms a-c read
-``<metric>_w<b>a<b>``; arms d-f score through ``search.evaluate.Evaluator``, which must be task-aware too).
+8/16/32 channels).  Data: Debian's /usr/share/datasets/fashion-mnist or ``HASB_DATA_DIR``.  And ``lm``
+(lm_small on python-stdlib, 256-byte windows, weight-only with fp activations, bits {8,6,4,3,2}): the unit is
+bits per byte, lower is better, and every pick and paired difference follows that direction.
 
 Sizing: ``WORKLOADS`` holds each workload's sizes, chosen so that its whole run (all arms, 3 seeds, 6 cells at
 a time) takes about 10 minutes on one H200 (estimate and its derivation, from measured per-epoch times, in
@@ -65,9 +63,10 @@ import torch
 
 import hasb
 from hasb.cli import add_options, config_from_args, device_option, option, out_option, resolve_device, run_cli
-from hasb.config import BitConfig, atomic_write_text
+from hasb.config import BitConfig, atomic_write_text, parse_bit
 from hasb.data import load_dataset
 from hasb.errors import HasbError
+from hasb.metrics import pass_name
 from hasb.sensitivity_file import check_for_model, load_sensitivity
 from hasb.train import TrainConfig, load_supernet, train
 from search import ilp
@@ -107,6 +106,9 @@ class Workload:
     metric: str = "acc"  # metrics.json column prefix of the per-bit score
     scale: float = 100.0  # reported unit = value · scale
     unit: str = "accuracy, points"
+    higher_is_better: bool = True  # the metric's direction (bits per byte: lower is better)
+    act_bits: str = "same"  # hasb.train --act-bits: "same" (W+A) or "fp"/N (weight-only, how LMs deploy)
+    data_opts: dict = field(default_factory=dict)  # hasb.train --data-opt (an LM's window length, corpus limit)
     est: dict = field(default_factory=dict)  # prior seconds per cell kind on the device (for --time-limit)
 
     def settings(self) -> dict:
@@ -135,15 +137,46 @@ WORKLOADS: dict[str, Workload] = {
         train_limit=40000,
         est={"multi": 150, "lsq": 50, "sens": 25, "super": 115, "search": 80, "proxy": 30},
     ),
+    # the lm-gpu recipe's model and data (benchmarks/RESULTS.md: one epoch of 24,576 windows ≈ 3 min per 5-pass
+    # multi run while sharing the GPU); weight-only with fp activations; not yet run
+    "lm": Workload(
+        "lm",
+        model="lm_small",
+        data="python-stdlib",
+        bits=(8, 6, 4, 3, 2),
+        epochs=1,
+        super_epochs=1,
+        batch_size=64,
+        lr=3e-4,
+        super_lr=2e-4,
+        augment=False,
+        train_limit=12_288,
+        val_limit=256,
+        eval_val=256,
+        calib=64,
+        test_limit=512,
+        n_search=30,
+        n_proxy=100,
+        max_hvp=64,
+        metric="bpb",
+        scale=1.0,
+        unit="bits per byte",
+        higher_is_better=False,
+        act_bits="fp",
+        data_opts={"context": 256},
+        est={"multi": 110, "lsq": 30, "sens": 60, "super": 60, "search": 120, "proxy": 60},
+    ),
 }
 
 
 def smoke(wl: Workload) -> Workload:
     """The same workload shrunk to seconds on a CPU: small_cnn at bits {4,2}, 128 training images, one epoch, few
     configs (every code path, none of the statistics)."""
+    lm = wl.model.startswith("lm_")
     return dataclasses.replace(
         wl,
-        model="small_cnn",
+        model="lm_tiny" if lm else "small_cnn",
+        data_opts={"context": 32, "limit": 200_000} if lm else wl.data_opts,
         bits=(4, 2),
         epochs=1,
         super_epochs=1,
@@ -158,7 +191,7 @@ def smoke(wl: Workload) -> Workload:
         n_search=3,
         n_proxy=12,
         n_mixed=2,
-        max_hvp=8,
+        max_hvp=64 if lm else 8,  # Hutchinson (LMs are not piecewise linear) needs ≥ 2 probes per layer
         hvp_backend="double_backward",
         est={},
     )
@@ -255,6 +288,8 @@ def _train_common(ctx: Ctx, seed: int) -> dict:
         data=wl.data,
         batch_size=wl.batch_size,
         augment=wl.augment,
+        act_bits=wl.act_bits,
+        data_opts=dict(wl.data_opts),
         train_limit=wl.train_limit,
         val_limit=wl.val_limit,
         device=ctx.device,
@@ -301,13 +336,27 @@ def train_resumable(cfg: TrainConfig) -> Path:
     return train(dataclasses.replace(cfg, overwrite=True))
 
 
+def label(wl: Workload, b: int) -> str:
+    """The per-bit column name training records: ``w4a4`` (W+A) or ``w4afp`` (weight-only, fp activations)."""
+    return pass_name(b, b if wl.act_bits == "same" else parse_bit(wl.act_bits))
+
+
+def best_index(wl: Workload, values) -> int:
+    """Index of the best score in the metric's direction."""
+    return int(np.argmax(values) if wl.higher_is_better else np.argmin(values))
+
+
+def better(wl: Workload, a: float, b: float) -> bool:
+    return a > b if wl.higher_is_better else a < b
+
+
 def cell_train(ctx: Ctx, cell: str, seed: int) -> dict:
     """Arms a-c: train, then the last epoch's per-bit validation score as the run recorded it (BN as trained)."""
     cfg = train_config(ctx, cell, seed)
     out = train_resumable(cfg)
     row = json.loads((out / "metrics.json").read_text())[-1]
     m, wl = ctx.wl.metric, ctx.wl
-    values = {f"w{b}a{b}": wl.scale * float(row[f"{m}_w{b}a{b}"]) for b in cfg.bits}
+    values = {label(wl, b): wl.scale * float(row[f"{m}_{label(wl, b)}"]) for b in cfg.bits}
     return {"values": values, "info": {"split": row.get("val_split"), "n": row.get("val_n"), "bn": row.get("bn")}}
 
 
@@ -316,7 +365,7 @@ def cell_sens(ctx: Ctx, cell: str, seed: int) -> dict:
     wl = ctx.wl
     out = ctx.run_dir(cell, seed)
     out.mkdir(parents=True, exist_ok=True)
-    splits_kw = {"name": wl.data, "train_limit": wl.train_limit, "val_limit": wl.val_limit}
+    splits_kw = {"name": wl.data, "train_limit": wl.train_limit, "val_limit": wl.val_limit, **wl.data_opts}
     multi_pt = ctx.run_dir("multi", seed) / "model.pt"
     p = sensitivity_for(multi_pt, out, splits_kw, max_hvp=wl.max_hvp, device=ctx.device, backend=wl.hvp_backend)
     if p is None:
@@ -337,7 +386,7 @@ class Scoring:
 def _scoring(ctx: Ctx, model_pt: Path) -> Scoring:
     wl = ctx.wl
     model = load_supernet(model_pt, trusted_model=wl.model).to(ctx.device)
-    splits = load_dataset(wl.data, val_limit=wl.eval_val, train_limit=wl.train_limit)
+    splits = load_dataset(wl.data, val_limit=wl.eval_val, train_limit=wl.train_limit, **wl.data_opts)
     calib = tuple(t[: wl.calib] for t in splits.calib)
     test = tuple(t[: wl.test_limit] for t in splits.test)
     ev = Evaluator(
@@ -345,6 +394,7 @@ def _scoring(ctx: Ctx, model_pt: Path) -> Scoring:
         (splits.val, calib),
         device=ctx.device,
         cache_path=model_pt.parent / "evals.json",
+        task=splits.task,
         context={"checkpoint": file_digest(model_pt), "val": len(splits.val[1]), "calib": len(calib[1])},
     )
     return Scoring(model, ev, test, len(splits.val[1]))
@@ -364,10 +414,10 @@ def cell_super(ctx: Ctx, cell: str, seed: int) -> dict:
     out = train_resumable(train_config(ctx, cell, seed))
     sc = _scoring(ctx, out / "model.pt")
     model, ev = sc.model, sc.ev
-    values = {f"w{b}a{b}": ctx.wl.scale * ev.evaluate(hasb.uniform_config(model, b)).accuracy for b in ctx.wl.bits}
+    values = {label(ctx.wl, b): ctx.wl.scale * ev.evaluate(hasb.uniform_config(model, b)).value for b in ctx.wl.bits}
     # the same configs for every sampler of this seed (the rng depends on the seed only): paired differences
     mixed = random_configs(hasb.searchable_layers(model), ctx.wl.bits, ctx.wl.n_mixed, random.Random(seed))
-    accs = [r.accuracy for r in ev.evaluate_many(mixed)]
+    accs = [r.value for r in ev.evaluate_many(mixed)]
     values["mixed"] = ctx.wl.scale * float(np.mean(accs))
     return {"values": values, "info": {"val_n": sc.val_n, "mixed_configs": len(mixed)}}
 
@@ -424,24 +474,27 @@ def _search_budget(ctx: Ctx, space, ev: Evaluator, test, b: float, seed: int) ->
     if fitting:
         picks["uniform"] = space.config(max(fitting, key=lambda t: t[0])[1])
     rand = [space.config(uc) for uc in random_within(space, limit, wl.n_search, np.random.default_rng(seed))]
-    rand_acc = [r.accuracy for r in ev.evaluate_many(rand)]
-    picks["random"] = rand[int(np.argmax(rand_acc))]
+    rand_acc = [r.value for r in ev.evaluate_many(rand)]
+    picks["random"] = rand[best_index(wl, rand_acc)]
     study = run_study(
         space,
-        lambda c: ((r := ev.evaluate(c)).accuracy, r.loss),
+        lambda c: ((r := ev.evaluate(c)).value, r.loss),
         constraints=cons,
         storage=f"sqlite:///{(ctx.run_dir('search', seed) / 'optuna.db').resolve()}",
         study_name=f"budget-{b}",
         n_trials=wl.n_search,
         seed=seed,
+        direction="maximize" if wl.higher_is_better else "minimize",
     )
     trials = study_trials_frame(study, space)
     feasible = trials[trials.feasible]
     if len(feasible):  # unseeded TPE may find none within a tight budget: then the row has no value for this seed
-        picks["optuna"] = space.config(feasible.sort_values("accuracy").iloc[-1].unit_choice)
-    ilp_val = ev.evaluate(picks["ilp"]).accuracy
-    vals = {f"{k}@{b}": wl.scale * ev.score(c, test).accuracy for k, c in picks.items()}
-    vals[f"ilp_beaten@{b}"] = 100.0 * float(np.mean([a > ilp_val for a in rand_acc]))
+        picks["optuna"] = space.config(
+            feasible.sort_values("value", ascending=not wl.higher_is_better).iloc[-1].unit_choice
+        )
+    ilp_val = ev.evaluate(picks["ilp"]).value
+    vals = {f"{k}@{b}": wl.scale * ev.score(c, test).value for k, c in picks.items()}
+    vals[f"ilp_beaten@{b}"] = 100.0 * float(np.mean([better(wl, a, ilp_val) for a in rand_acc]))
     vals[f"optuna_within@{b}"] = 100.0 * len(feasible) / max(len(trials), 1)
     vals[f"ilp_avgbit@{b}"] = float(space.cost.avg_bit_equivalent(picks["ilp"]))
     return vals
@@ -649,7 +702,7 @@ class Group:
 
 
 def groups(wl: Workload) -> list[Group]:
-    bitcols = [f"w{b}a{b}" for b in wl.bits]
+    bitcols = [label(wl, b) for b in wl.bits]
     passes = len(wl.bits) * wl.epochs
     same = lambda cell: lambda col: (cell, col)  # noqa: E731 - a row reading column `col` of one cell
     at = lambda method: lambda col: ("search", f"{method}@{col}")  # noqa: E731
@@ -697,7 +750,7 @@ def groups(wl: Workload) -> list[Group]:
         ),
         Group(
             "f",
-            f"f. proxy quality: Spearman ρ(Σ Ω, validation loss increase over w{wl.bits[0]}a{wl.bits[0]}) over "
+            f"f. proxy quality: Spearman ρ(Σ Ω, validation loss increase over {label(wl, wl.bits[0])}) over "
             f"{wl.n_proxy} random configs of the HASB supernet",
             ["rho"],
             None,
@@ -740,7 +793,7 @@ def render(results: dict, wl: Workload, arms: list[str], seeds: list[int], heade
         header,
         "",
         f"Each cell: mean over seeds ± half-width of the 95% confidence interval (t-distribution, n−1 df); "
-        f"'*' marks a paired difference whose interval excludes 0. Unit: {wl.unit} (higher is better) unless the "
+        f"'*' marks a paired difference whose interval excludes 0. Unit: {wl.unit} ({'higher' if wl.higher_is_better else 'lower'} is better) unless the "
         "block says otherwise. Arms a-c: the last epoch's validation score as the run recorded it "
         f"({wl.val_limit or 5000} images, per-bit BN as trained).",
         "",

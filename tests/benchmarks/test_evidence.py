@@ -152,3 +152,18 @@ def test_a_failed_cell_blocks_its_dependents_and_fails_the_run(tmp_path, capsys,
     assert rc == 1 and "FAILED multi seed 0" in text.err and "multi broke" in text.err
     # sens, super_hasb and proxy need multi: never started
     assert "start sens" not in text.err and "0/4 cells finished" in text.out
+
+
+def test_lm_workload_smoke_scores_bits_per_byte_lower_is_better(tmp_path, capsys):
+    """The language-model workload (weight-only, bits per byte) runs arms a and e end to end on the CPU: per-bit
+    columns are the weight-only passes, the unit says lower is better, and every score is a bits-per-byte value
+    (not an accuracy in points)."""
+    out = tmp_path / "ev"
+    argv = ["--workload", "lm", "--smoke", "--arms", "a,e", "--seeds", "0", "--device", "cpu", "--jobs", "1"]
+    assert E.main([*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "Unit: bits per byte (lower is better)" in table and "| w4afp | w2afp |" in table
+    lsq = json.loads((out / "cells" / "lsq4-s0.json").read_text())["values"]
+    assert set(lsq) == {"w4afp"} and 1.0 < lsq["w4afp"] < 8.5  # bits per byte of a barely trained byte LM
+    search = json.loads((out / "cells" / "search-s0.json").read_text())["values"]
+    assert all(1.0 < search[f"{k}@2.5"] < 8.5 for k in ("ilp", "random", "uniform"))
