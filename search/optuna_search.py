@@ -40,9 +40,10 @@ after all feasible trials, least excess first.  A pruned proposal with its exces
 "infeasible, this far over the budget".  NSGA-II learns from COMPLETE trials only (it still gets the repairs).
 Only inequality budgets are enforced; an equality budget (the paper's plain average) stays a soft constraint.
 
-``n_trials`` counts COMPLETE trials, i.e. evaluations; pruned proposals do not count.  So that a sampler stuck
-outside the budget cannot spin forever, one run prunes at most ``MAX_PRUNED_PER_TRIAL`` proposals per missing
-trial; the study then ends short of ``n_trials`` with a warning (a later run continues it).
+``n_trials`` counts COMPLETE trials, i.e. evaluations; pruned proposals do not count (trials are run in rounds
+of the missing number until the study holds ``n_trials`` COMPLETE ones).  So that a sampler stuck outside the
+budget cannot spin forever, a run stops once it has pruned ``MAX_PRUNED_PER_TRIAL`` proposals per trial that was
+missing when it started; the study then ends short of ``n_trials`` with a warning (a later run continues it).
 
 Storage: an SQLite file in the run directory by default (``optuna.db``).
 Interrupting a run (Ctrl-C) marks the running trial FAIL; the next run with the
@@ -255,7 +256,9 @@ def study_trials_frame(study: optuna.Study, space: SearchSpace):
                 "repair_of": t.user_attrs.get("repair_of"),
             }
         )
-    return pd.DataFrame(rows)
+    cols = ["trial", "value", "accuracy", "gbitops", "feasible", "loss", "digest", "unit_choice", "worker", "repair_of"]
+    # the columns (and a boolean "feasible") also when no trial is complete (skip mode stopped by its cap)
+    return pd.DataFrame(rows, columns=cols).astype({"feasible": bool})
 
 
 def proposal_counts(study: optuna.Study) -> tuple[int, int]:
@@ -317,26 +320,36 @@ def run_study(
     reclaim_stale(study, storage, everything=reclaim_running)
     _enqueue_seeds(study, space, seeds, creator)
     objective = _objective(space, evaluate_fn, cons, worker, infeasible)
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done < n_trials:
-        cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
-        # every trial of this call ends COMPLETE or PRUNED (an exception stops it): the extra allowance is the cap
-        # on pruned proposals, the callback stops it as soon as the study holds n_trials COMPLETE ones
-        cap = 0 if infeasible == "evaluate" else MAX_PRUNED_PER_TRIAL * (n_trials - done)
-        study.optimize(
-            objective, n_trials=n_trials - done + cap, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False
-        )
-        got = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if got < n_trials:
-            logging.getLogger(__name__).warning(
-                "Optuna study %r: %d of %d trials complete after %d proposals over the budget were pruned "
-                "(the cap); run again to continue",
-                study.study_name,
-                got,
-                n_trials,
-                cap,
-            )
+    _optimize(study, objective, n_trials, 0 if infeasible == "evaluate" else MAX_PRUNED_PER_TRIAL, progress)
     return study
+
+
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _optimize(study: optuna.Study, objective, n_trials: int, per_trial_cap: int, progress: bool) -> None:
+    """Run trials until the study holds ``n_trials`` COMPLETE ones (over all workers), in rounds of the missing
+    number: a pruned proposal does not count, so a round that pruned some is followed by one for the shortfall.
+    At most ``per_trial_cap`` × the trials missing at the start may be pruned by this call (then a warning)."""
+    missing = n_trials - _count(study, TrialState.COMPLETE)
+    cap, pruned0 = per_trial_cap * max(missing, 0), _count(study, TrialState.PRUNED)
+    cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
+    while missing > 0:
+        study.optimize(objective, n_trials=missing, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False)
+        missing = n_trials - _count(study, TrialState.COMPLETE)
+        pruned = _count(study, TrialState.PRUNED) - pruned0
+        if missing > 0 and pruned >= cap:
+            logging.getLogger(__name__).warning(
+                "Optuna study %r: %d of %d trials complete after %d proposals over the budget were pruned (the cap: "
+                "%d per missing trial); run again to continue",
+                study.study_name,
+                n_trials - missing,
+                n_trials,
+                pruned,
+                per_trial_cap,
+            )
+            return
 
 
 def _create_or_join(study_name: str, storage, smp, direction: str) -> tuple[optuna.Study, bool]:
