@@ -43,6 +43,10 @@ contains *more* than the truly feasible configs).  Limits are placed half-way
 between two achievable values when a metric lives on a grid (plain average bits,
 bytes), so such cuts are rare.  Frontier metric values within a relative 1e-9
 are one value (summation-order round-off).
+
+:func:`repair` lowers a config over the budget greedily (least Ω increase per
+unit of excess removed) until it fits: Optuna's proposals over the budget are
+repaired with it (``search.optuna_search``).
 """
 
 from __future__ import annotations
@@ -421,6 +425,44 @@ def infeasible_message(space: SearchSpace, cons: Sequence[Constraint]) -> str:
         parts.append(rng)
     what = " and ".join(c.describe() for c in cons)
     return f"no bit config meets {what}; feasible range: {'; '.join(parts)}"
+
+
+def repair(
+    space: SearchSpace, unit_choice: Sequence[int] | np.ndarray, constraints: Iterable = ()
+) -> np.ndarray | None:
+    """The config lowered greedily until it meets every inequality budget; None when no change can get it there.
+
+    Each step takes the one unit/choice change with the least increase of the objective (Σ Ω) per unit of budget
+    excess it removes; a config within the budgets comes back unchanged.  The excess removed is summed over the
+    constraints, each relative to its limit, and clipped at what is left to remove: for one budget that is the
+    BitOPs (bytes, bits) saved, so a change that overshoots the budget is credited only the part that was needed.
+    Equality budgets are not repaired (lowering cannot aim at an equality).  Every step lowers the summed excess,
+    so it ends.  Costs and objective are the space's own per-unit arrays (``unit_matrix``), no formula of its own.
+
+    Args:
+        unit_choice: choice index per unit [U].
+    Returns the repaired unit choices [U] (a new array), or None.
+    """
+    cons = [c for c in _as_constraints(constraints) if not c.equality]
+    allowed = space.unit_allowed()
+    obj = space.unit_matrix(space.objective)  # [U, C]
+    mats = [space.unit_matrix(space.metrics[c.metric]) for c in cons]
+    rows = np.arange(space.n_units)
+    uc = np.array(unit_choice, dtype=int)
+    while True:
+        vals = [space.offsets.get(c.metric, 0.0) + float(m[rows, uc].sum()) for c, m in zip(cons, mats, strict=True)]
+        if all(c.holds(v) for c, v in zip(cons, vals, strict=True)):
+            return uc
+        removed = np.zeros(allowed.shape)  # [U, C] excess removed by moving unit u to choice c
+        for c, m, v in zip(cons, mats, vals, strict=True):
+            after = v - m[rows, uc][:, None] + m
+            removed += (max(v - c.limit, 0.0) - np.maximum(after - c.limit, 0.0)) / max(abs(c.limit), 1e-300)
+        ok = allowed & (removed > 0)
+        if not ok.any():
+            return None
+        ratio = np.where(ok, (obj - obj[rows, uc][:, None]) / np.where(ok, removed, 1.0), np.inf)
+        u, ch = np.unravel_index(int(np.argmin(ratio)), ratio.shape)  # ties: the first unit, then the highest bit
+        uc[u] = ch
 
 
 # ----------------------------------------------------------------------------------------------------------

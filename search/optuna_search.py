@@ -23,6 +23,28 @@ under a tight budget are mostly infeasible or dominated by the seeds; TPE
 exploits the seeds at once.  TPE costs more per trial (3–5 vs 1.5 ms), which is
 negligible next to one sub-net evaluation (seconds).  ``--optuna-sampler nsga2`` remains.
 
+Proposals over the budget (``infeasible``; ``--optuna-infeasible`` of the search CLI), one of INFEASIBLE:
+
+* ``"repair"`` (default): the proposal is not evaluated.  It is told to the study as PRUNED with its
+  budget excess recorded, and its repaired config (:func:`search.ilp.repair`: bits lowered greedily, each step
+  the change with the least Ω increase per unit of budget excess removed, until within the budget) is
+  enqueued as a trial, so it is evaluated with the real metric next — unless that config was tried already.
+* ``"skip"``: the same, without the repair.
+* ``"evaluate"``: every proposal is evaluated; the budget is only the soft constraint (the old behaviour,
+  which at tight budgets spent every evaluation outside the budget: issue 14).
+
+Why PRUNED and not FAIL: Optuna 5's TPESampler builds its densities from COMPLETE and PRUNED trials only (a
+FAIL trial is invisible to it, so it would keep proposing the same region), and puts every trial whose
+constraint values (``Trial.set_constraint``) are > 0 into its infeasible group, whatever its state: ranked
+after all feasible trials, least excess first.  A pruned proposal with its excess is thus learnt from as
+"infeasible, this far over the budget".  NSGA-II learns from COMPLETE trials only (it still gets the repairs).
+Only inequality budgets are enforced; an equality budget (the paper's plain average) stays a soft constraint.
+
+``n_trials`` counts COMPLETE trials, i.e. evaluations; pruned proposals do not count (trials are run in rounds
+of the missing number until the study holds ``n_trials`` COMPLETE ones).  So that a sampler stuck outside the
+budget cannot spin forever, a run stops once it has pruned ``MAX_PRUNED_PER_TRIAL`` proposals per trial that was
+missing when it started; the study then ends short of ``n_trials`` with a warning (a later run continues it).
+
 Storage: an SQLite file in the run directory by default (``optuna.db``).
 Interrupting a run (Ctrl-C) marks the running trial FAIL; the next run with the
 same study re-enqueues failed configurations and continues until the requested
@@ -55,10 +77,13 @@ from optuna.trial import TrialState
 from hasb.config import BitConfig
 from hasb.errors import HasbError
 
-from .ilp import Constraint, SearchSpace, _as_constraints
+from .ilp import Constraint, SearchError, SearchSpace, _as_constraints, repair
 
 SAMPLERS = ("nsga2", "tpe")
 DEFAULT_SAMPLER = "tpe"
+INFEASIBLE = ("repair", "skip", "evaluate")
+DEFAULT_INFEASIBLE = "repair"
+MAX_PRUNED_PER_TRIAL = 20  # sampling a proposal costs milliseconds, one evaluation seconds
 HEARTBEAT_S = 10
 GRACE_S = 30
 
@@ -185,7 +210,7 @@ def param_names(space: SearchSpace) -> list[str]:
     return space.unit_names()
 
 
-def params_of(space: SearchSpace, unit_choice: Sequence[int]) -> dict:
+def params_of(space: SearchSpace, unit_choice: Sequence[int] | np.ndarray) -> dict:
     names = param_names(space)
     return {n: _choice_label(space.choices[int(c)]) for n, c in zip(names, unit_choice, strict=False)}
 
@@ -199,9 +224,21 @@ def _key(params: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in params.items()))
 
 
+def _trial_key(t: optuna.trial.FrozenTrial) -> tuple:
+    """The config of a trial; a WAITING (enqueued) trial has no params yet, only its fixed ones."""
+    return _key(t.params or t.system_attrs.get("fixed_params", {}))
+
+
+def _tried_keys(study: optuna.Study) -> set[tuple]:
+    """Configs of the trials that are evaluated, being evaluated or queued (the ones not to enqueue again)."""
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    return {_trial_key(t) for t in study.get_trials(deepcopy=False, states=states)}
+
+
 def study_trials_frame(study: optuna.Study, space: SearchSpace):
     """COMPLETE trials as rows (trial, value: the first objective (accuracy or the task's metric), gbitops, feasible,
-    loss, digest, unit_choice, worker); ``accuracy`` repeats ``value`` for older readers."""
+    loss, digest, unit_choice, worker, repair_of: the number of the pruned proposal it repairs, else None);
+    ``accuracy`` repeats ``value`` for older readers."""
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         uc = unit_choice_of_params(space, t.params)
@@ -216,9 +253,21 @@ def study_trials_frame(study: optuna.Study, space: SearchSpace):
                 "digest": t.user_attrs.get("digest"),
                 "unit_choice": tuple(int(c) for c in uc),
                 "worker": t.user_attrs.get("worker"),
+                "repair_of": t.user_attrs.get("repair_of"),
             }
         )
-    return pd.DataFrame(rows)
+    cols = ["trial", "value", "accuracy", "gbitops", "feasible", "loss", "digest", "unit_choice", "worker", "repair_of"]
+    # the columns (and a boolean "feasible") also when no trial is complete (skip mode stopped by its cap)
+    return pd.DataFrame(rows, columns=cols).astype({"feasible": bool})
+
+
+def proposal_counts(study: optuna.Study) -> tuple[int, int]:
+    """(proposals within every budget, all proposals): the sampler's and the seeds' configs, i.e. COMPLETE and
+    PRUNED trials that are not repairs; pruned ones were over the budget (``infeasible`` repair/skip)."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    own = [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("repair_of") is None]
+    within = sum(all(c <= 0 for c in t.user_attrs.get("constraint", [0.0])) for t in own)
+    return within, len(own)
 
 
 def run_study(
@@ -237,6 +286,7 @@ def run_study(
     progress: bool = False,
     direction: str = "maximize",
     reclaim_running: bool = False,
+    infeasible: str = DEFAULT_INFEASIBLE,
 ) -> optuna.Study:
     """Run (or resume, or join) a study until it holds ``n_trials`` COMPLETE trials.
 
@@ -255,8 +305,12 @@ def run_study(
         worker: a label recorded on each trial (which process ran it).
         direction: of the metric: ``"maximize"`` (accuracy) or ``"minimize"`` (bits per byte); part of the study,
             so a study is never resumed with the other direction (Optuna refuses that).
+        infeasible: what a proposal over an inequality budget gets: ``"repair"``, ``"skip"`` or ``"evaluate"``
+            (module docstring); pruned proposals do not count towards ``n_trials``.
     Returns the study.
     """
+    if infeasible not in INFEASIBLE:
+        raise SearchError(f"unknown infeasible mode {infeasible!r}; accepted: {', '.join(INFEASIBLE)}")
     cons = _as_constraints(constraints)
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = make_storage(storage, out_dir)
@@ -265,14 +319,37 @@ def run_study(
     study, creator = _create_or_join(study_name, storage, smp, direction)
     reclaim_stale(study, storage, everything=reclaim_running)
     _enqueue_seeds(study, space, seeds, creator)
-    objective = _objective(space, evaluate_fn, cons, worker)
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done < n_trials:
-        cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
-        study.optimize(
-            objective, n_trials=n_trials - done, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False
-        )
+    objective = _objective(space, evaluate_fn, cons, worker, infeasible)
+    _optimize(study, objective, n_trials, 0 if infeasible == "evaluate" else MAX_PRUNED_PER_TRIAL, progress)
     return study
+
+
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _optimize(study: optuna.Study, objective, n_trials: int, per_trial_cap: int, progress: bool) -> None:
+    """Run trials until the study holds ``n_trials`` COMPLETE ones (over all workers), in rounds of the missing
+    number: a pruned proposal does not count, so a round that pruned some is followed by one for the shortfall.
+    At most ``per_trial_cap`` × the trials missing at the start may be pruned by this call (then a warning)."""
+    missing = n_trials - _count(study, TrialState.COMPLETE)
+    cap, pruned0 = per_trial_cap * max(missing, 0), _count(study, TrialState.PRUNED)
+    cb = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
+    while missing > 0:
+        study.optimize(objective, n_trials=missing, callbacks=[cb], show_progress_bar=progress, gc_after_trial=False)
+        missing = n_trials - _count(study, TrialState.COMPLETE)
+        pruned = _count(study, TrialState.PRUNED) - pruned0
+        if missing > 0 and pruned >= cap:
+            logging.getLogger(__name__).warning(
+                "Optuna study %r: %d of %d trials complete after %d proposals over the budget were pruned (the cap: "
+                "%d per missing trial); run again to continue",
+                study.study_name,
+                n_trials - missing,
+                n_trials,
+                pruned,
+                per_trial_cap,
+            )
+            return
 
 
 def _create_or_join(study_name: str, storage, smp, direction: str) -> tuple[optuna.Study, bool]:
@@ -309,7 +386,7 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Sequ
     """Seeds once per study; failed trials (interrupted or killed) re-enqueued so none is lost."""
     seed_now = creator or not _seeded_by_creator(study)
     trials = study.get_trials(deepcopy=False)
-    live = {_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+    live = _tried_keys(study)
     todo: list[dict] = []
     if seed_now:
         todo += [params_of(space, s) for s in seeds]
@@ -336,35 +413,56 @@ def _seeded_by_creator(study: optuna.Study, wait_s: float = 60.0) -> bool:
     return True
 
 
+def _excess(ev: dict[str, float], cons: Sequence[Constraint]) -> list[float]:
+    """Normalised excess (metric − limit)/|limit| of each constraint (≤ 0 feasible; equality: |excess|)."""
+    out = [(ev[c.metric] - c.limit) / max(abs(c.limit), 1e-300) for c in cons]
+    return [abs(e) if c.equality else e for e, c in zip(out, cons, strict=True)] or [0.0]
+
+
+def _enqueue_repair(study: optuna.Study, space: SearchSpace, uc: np.ndarray, cons, number: int) -> None:
+    """Enqueue the repaired config of proposal ``number`` (over the budget) unless it was tried or queued."""
+    fixed = repair(space, uc, cons)
+    if fixed is None:  # the budget is below the cheapest config: nothing can be enqueued
+        return
+    params = params_of(space, fixed)
+    if _key(params) not in _tried_keys(study):
+        study.enqueue_trial(params, user_attrs={"repair_of": number}, skip_if_exists=False)
+
+
 def _objective(
     space: SearchSpace,
     evaluate_fn: Callable[[BitConfig], tuple[float, float]],
     cons: Sequence[Constraint],
     worker: str | None,
+    infeasible: str = DEFAULT_INFEASIBLE,
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
-    """The trial function: suggest one allowed choice per unit, record the constraint excess, score the config."""
+    """The trial function: suggest one allowed choice per unit, record the constraint excess, score the config
+    (or, over an inequality budget with ``infeasible`` repair/skip, prune it: see the module docstring)."""
     allowed = space.unit_allowed()
     pnames = param_names(space)
     labels = [[_choice_label(space.choices[c]) for c in np.flatnonzero(allowed[u])] for u in range(space.n_units)]
+    hard = [c for c in cons if not c.equality] if infeasible != "evaluate" else []
 
     def objective(trial: optuna.Trial):
         uc = np.array([labels[u].index(trial.suggest_categorical(pnames[u], labels[u])) for u in range(space.n_units)])
         # labels[u] lists allowed choices only: map back to the space's choice index
         uc = np.array([np.flatnonzero(allowed[u])[i] for u, i in enumerate(uc)])
-        cfg = space.config(uc)
         ev = space.evaluate(uc)
-        excess = [(ev[c.metric] - c.limit) / max(abs(c.limit), 1e-300) for c in cons] or [0.0]
-        # equality constraints (the paper's plain average) count |excess|
-        excess = [abs(e) if c.equality else e for e, c in zip(excess, cons, strict=False)] or excess
+        excess = _excess(ev, cons)
         trial.set_user_attr("constraint", excess)
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
         if _NEW_CONSTRAINTS:
             for i, e in enumerate(excess):
                 trial.set_constraint(f"c{i}", e)
+        if not all(c.holds(ev[c.metric]) for c in hard):
+            if infeasible == "repair":
+                _enqueue_repair(trial.study, space, uc, hard, trial.number)
+            raise optuna.TrialPruned(f"over the budget ({infeasible})")  # not evaluated; TPE learns its excess
+        cfg = space.config(uc)
         acc, loss = evaluate_fn(cfg)
         trial.set_user_attr("loss", float(loss))
         trial.set_user_attr("digest", cfg.digest())
-        if worker is not None:
-            trial.set_user_attr("worker", worker)
         return float(acc), ev["bitops"] / 1e9
 
     return objective

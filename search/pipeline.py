@@ -70,7 +70,7 @@ from .inputs import (
     parse_budgets,
 )
 from .onnx_export import deployment_to_onnx
-from .optuna_search import SAMPLERS, run_study, study_trials_frame, validate_storage
+from .optuna_search import INFEASIBLE, SAMPLERS, run_study, study_trials_frame, validate_storage
 
 DEFAULT_OUT = "runs/demo"
 SET_MANIFEST = "search.manifest.json"  # in --out (shared tables) and each budget folder: the set, written last
@@ -121,6 +121,12 @@ class SearchConfig:
         choices=SAMPLERS,
         aliases=("--sampler",),
         help="Optuna sampler (tpe: measured better than NSGA-II, see search.optuna_search)",
+    )
+    optuna_infeasible: str = option(
+        "repair",
+        choices=INFEASIBLE,
+        help="an Optuna proposal over the budget: repair (lowered greedily to fit, then evaluated), skip (not "
+        "evaluated) or evaluate (the budget only a soft constraint); see search.optuna_search",
     )
     k_best: int = option(3, help="ILP alternatives at the budget")
     sweep: int | None = option(None, help="budgets in the ILP frontier sweep (default 40, demo 20)")
@@ -352,11 +358,13 @@ def earlier_picks(out: Path, space: ilp.SearchSpace, inputs: Inputs) -> list[dic
 
 
 def study_name(cfg: SearchConfig, inputs: Inputs, space: ilp.SearchSpace, ev: Evaluator, budgets) -> str:
-    """One study per supernet, evaluation context, search space, budget, sampler and seed."""
+    """One study per supernet, evaluation context, search space, budget, sampler, infeasible mode and seed."""
     bkey = "_".join(f"{b.kind}{b.limit if b.kind != 'plain_avg' else b.value:.6g}" for b in budgets)
     # the study's parameters are the space's units and choices: a different space is a different study
     skey = hashlib.sha1(json.dumps([space.unit_names(), space.choices, space.objective_name]).encode()).hexdigest()[:8]
-    return f"hasb-{inputs.model_name}-{ev.context_key}-{skey}-{bkey}-{cfg.optuna_sampler}-s{cfg.seed}"
+    # a proposal over the budget is handled differently per mode: a different procedure is a different study
+    mode = cfg.optuna_sampler + ("" if cfg.optuna_infeasible == "evaluate" else f"-{cfg.optuna_infeasible}")
+    return f"hasb-{inputs.model_name}-{ev.context_key}-{skey}-{bkey}-{mode}-s{cfg.seed}"
 
 
 def optuna_candidates(
@@ -373,7 +381,11 @@ def optuna_candidates(
         r = ev.evaluate(config)
         return r.value, r.loss
 
-    so.log(f"[search] Optuna study {name!r}: {cfg.trials} trials ({cfg.optuna_sampler})", cfg.progress)
+    so.log(
+        f"[search] Optuna study {name!r}: {cfg.trials} trials ({cfg.optuna_sampler}, over the budget: "
+        f"{cfg.optuna_infeasible})",
+        cfg.progress,
+    )
     study = run_study(
         space,
         fn,
@@ -389,6 +401,7 @@ def optuna_candidates(
         direction="maximize" if ev.metric.higher_is_better else "minimize",
         # the default SQLite file lies in --out, whose lock this run holds: a RUNNING trial there was killed
         reclaim_running=cfg.storage is None,
+        infeasible=cfg.optuna_infeasible,
     )
     return [
         ilp._row(space, np.asarray(t.unit_choice), source="optuna", trial=int(t.trial))

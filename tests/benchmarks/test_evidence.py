@@ -166,4 +166,7 @@ def test_lm_workload_smoke_scores_bits_per_byte_lower_is_better(tmp_path, capsys
     lsq = json.loads((out / "cells" / "lsq4-s0.json").read_text())["values"]
     assert set(lsq) == {"w4afp"} and 1.0 < lsq["w4afp"] < 8.5  # bits per byte of a barely trained byte LM
     search = json.loads((out / "cells" / "search-s0.json").read_text())["values"]
-    assert all(1.0 < search[f"{k}@2.5"] < 8.5 for k in ("ilp", "random", "uniform"))
+    assert all(1.0 < search[f"{k}@2.5"] < 8.5 for k in ("ilp", "random", "uniform", "optuna"))
+    # Optuna's proposals over the budget are repaired before evaluation: every evaluated trial is within it
+    assert search["optuna_within@2.5"] == 100.0 and 0.0 <= search["optuna_proposed_within@2.5"] <= 100.0
+    assert "| best Optuna (repair) |" in table

@@ -116,6 +116,9 @@ def test_cli_end_to_end_and_warm_rerun(fake_run, tmp_path, capsys):
     assert sorted(pareto[pareto.source == "uniform"].label) == ["w2a2", "w4a4", "w6a6", "w8a8"]
     cand = pd.read_csv(out / "candidates.csv")
     assert len(cand) >= len(pareto) and set(cand.digest) == set(pareto.digest)
+    # Optuna's proposals over a budget are repaired before evaluation (the default --optuna-infeasible repair)
+    opt = cand[cand.source == "optuna"]
+    assert len(opt) and (opt.avg_bit_equivalent <= 5 + 1e-9).all() and (opt.size_bytes <= 20e3).all()
 
     # the integer checkpoint holds the chosen bits
     dep = torch.load(folder / "deploy.pt", weights_only=True)

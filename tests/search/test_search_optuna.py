@@ -30,8 +30,11 @@ def _setup(seed=0):
 
 
 def test_interrupt_and_resume_loses_no_trial(tmp_path):
+    """In the "evaluate" mode every proposal is evaluated (the seeds over the budget too); the repair mode's resume
+    is tested in test_search_optuna_infeasible.py."""
     space, cons, seeds = _setup()
     calls = []
+    kw = dict(constraints=cons, out_dir=tmp_path, study_name="s", seeds=seeds, infeasible="evaluate")
 
     def interrupting(cfg):
         calls.append(cfg.digest())
@@ -40,9 +43,7 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
         return synthetic_accuracy(space, cfg), 0.0
 
     with pytest.raises(KeyboardInterrupt):
-        run_study(
-            space, interrupting, constraints=cons, out_dir=tmp_path, study_name="s", n_trials=20, seeds=seeds, seed=1
-        )
+        run_study(space, interrupting, n_trials=20, seed=1, **kw)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     before = optuna.load_study(study_name="s", storage=url).get_trials()
     done_before = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
@@ -50,7 +51,7 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
     assert len(done_before) == 8 and len(failed) == 1
 
     ok = lambda cfg: (synthetic_accuracy(space, cfg), 0.0)
-    study = run_study(space, ok, constraints=cons, out_dir=tmp_path, study_name="s", n_trials=20, seeds=seeds, seed=1)
+    study = run_study(space, ok, n_trials=20, seed=1, **kw)
     trials = study.get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 20
@@ -68,7 +69,7 @@ def test_interrupt_and_resume_loses_no_trial(tmp_path):
     assert len(df) == 20 and df.trial.is_unique
     # resuming a finished study runs nothing
     n = len(study.get_trials())
-    run_study(space, ok, constraints=cons, out_dir=tmp_path, study_name="s", n_trials=20, seeds=seeds)
+    run_study(space, ok, n_trials=20, **kw)
     assert len(optuna.load_study(study_name="s", storage=url).get_trials()) == n
 
 
@@ -184,9 +185,12 @@ def test_two_workers_share_one_postgres_study(postgres, tmp_path):
     assert workers == {"w0", "w1"}
     assert len({t.number for t in complete}) == len(complete)
     space, cons, seeds = _setup()
-    enq = [t for t in study.get_trials() if t.system_attrs.get("fixed_params")]
+    enq = [t for t in study.get_trials() if t.system_attrs.get("fixed_params") and "repair_of" not in t.user_attrs]
     assert len(enq) == len(seeds)  # seeded once, by the worker that created the study
-    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    # a repair enqueued by one worker just before the other completed the n-th trial may be left queued
+    assert all("repair_of" in t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,)))
+    assert study_trials_frame(study, space).feasible.all()  # the default mode evaluates nothing over the budget
 
 
 def test_a_joining_worker_waits_for_the_creators_seeds_instead_of_seeding_twice():
@@ -215,9 +219,10 @@ def test_a_trial_killed_while_running_is_re_enqueued(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.load_study(study_name="s", storage=url)
     tried = {tuple(sorted(t.params.items())) for t in study.get_trials()}
-    # a configuration no trial has tried yet, suggested by a trial that is then "killed" (left RUNNING)
-    every = (params_of(space, uc) for uc in itertools.product(range(len(space.choices)), repeat=space.n_units))
-    fresh = next(p for p in every if tuple(sorted(p.items())) not in tried)
+    # a configuration within the budget no trial has tried yet, suggested by a trial that is then "killed"
+    every = itertools.product(range(len(space.choices)), repeat=space.n_units)
+    fits = (params_of(space, uc) for uc in every if cons[0].holds(space.evaluate(uc)["bitops"]))
+    fresh = next(p for p in fits if tuple(sorted(p.items())) not in tried)
     study.enqueue_trial(fresh)  # the next ask() takes these values
     killed = study.ask()
     labels = [params_of(space, [c] * space.n_units) for c in range(len(space.choices))]  # the objective's choices
