@@ -19,8 +19,18 @@ Backends (results agree to round-off; see tests):
 * ``"func"``: ``torch.func`` forward-over-reverse ``jvp(grad(L))`` ``vmap``-ped
   over the probe block (chunked to ``max_block`` and, on CUDA, to
   ``memory_limit``).  Needs forward-mode AD coverage of every op.
-* ``"auto"``: times both on the first batch with a small probe block and keeps
-  the faster; falls back to double backward if forward AD fails.
+* ``"ggn_block"``: block-diagonal products only (:meth:`HessianOperator.block_hvp`)
+  as Gauss–Newton blocks J_lᵀ ∇²L J_l v (:mod:`analysis.ggn`: one tangent forward
+  from layer l, the loss Hessian at the logits, one backward to W_l; no second-order
+  graph).  Equal to the Hessian block H_ll exactly where the network is piecewise
+  linear in W_l (:func:`analysis.linearity.layer_exactness`, checked at construction:
+  an HVPError names the first offending op otherwise).  Full probes
+  (:meth:`HessianOperator.hvp`) use the ``auto`` choice below.
+* ``"auto"``: block products by ``ggn_block`` when the exactness check passes for
+  every block, else like full probes; full probes by the faster of double backward
+  and func, timed on the first batch with a small probe block the first time a full
+  product is needed (never, when only block products are asked for); double
+  backward if forward AD fails.
 
 The model is put in **eval mode**: in train mode BatchNorm normalises with the
 statistics of the batch, so each sample's loss would depend on the whole batch
@@ -38,11 +48,9 @@ sample-weighted sums are all-reduced, so every rank holds the full-data result.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -50,78 +58,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
-from hasb.errors import HasbError
-from hasb.quantizer import composite_ops
+from .ggn import ggn_block_products
+from .linearity import layer_exactness
+from .params import HVPError, composite, eval_mode, layer_order, resolve_params, weight_params
+
+__all__ = [
+    "BACKENDS",
+    "HVPError",
+    "HessianOperator",
+    "composite",
+    "eval_mode",
+    "flatten",
+    "layer_order",
+    "rademacher",
+    "resolve_params",
+    "unflatten",
+    "weight_params",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Probes = list[torch.Tensor]  # one [k, *shape] tensor per block
-BACKENDS = ("auto", "double_backward", "func")
-
-
-class HVPError(HasbError):
-    """Bad arguments to the HVP engine (unknown backend, empty batches, unknown parameter names)."""
-
-
-# -- parameter selection ---------------------------------------------------------------------------------
-def layer_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
-    """Module paths of every Conv2d/Linear in execution order.
-
-    hasb quantized models carry the order in ``model.hasb_spec``; a float model is
-    traced once on ``example`` (shape [B, C, H, W]) when given, else definition
-    order is used.  A module called twice counts once.
-    """
-    spec = getattr(model, "hasb_spec", None)
-    if spec is not None:
-        return list(spec.order)
-    names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    if example is None:
-        return list(names.values())
-    calls: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append(n)) for m, n in names.items()]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(example)
-            model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
-    seen = list(dict.fromkeys(calls))
-    return seen + [n for n in names.values() if n not in seen]
-
-
-def weight_params(
-    model: nn.Module, include_fixed: bool = True, example: torch.Tensor | None = None
-) -> dict[str, nn.Parameter]:
-    """``{"<layer>.weight": parameter}`` of every Conv2d/Linear, execution order.
-
-    ``include_fixed=False`` drops hasb's fixed layers (first/last by default).
-    """
-    spec = getattr(model, "hasb_spec", None)
-    fixed = set(spec.fixed) if (spec is not None and not include_fixed) else set()
-    return {
-        f"{n}.weight": cast(nn.Parameter, model.get_submodule(n).weight)
-        for n in layer_order(model, example)
-        if n not in fixed
-    }
-
-
-def resolve_params(model: nn.Module, params: None | Sequence[str] | dict) -> dict[str, torch.Tensor]:
-    """Named parameter subset: ``None`` (default weights), a list of parameter names, or a name→tensor dict."""
-    if params is None:
-        return dict(weight_params(model))
-    if isinstance(params, dict):
-        return dict(params)
-    named = dict(model.named_parameters())
-    unknown = [n for n in params if n not in named]
-    if unknown:
-        raise HVPError(
-            f"unknown parameter name(s) {unknown[:5]}; accepted: names from model.named_parameters(), "
-            f"e.g. {list(named)[:3]}"
-        )
-    return {n: named[n] for n in params}
+BACKENDS = ("auto", "double_backward", "func", "ggn_block")
+FULL_BACKENDS = ("double_backward", "func")  # what full probes (hvp) can use
 
 
 # -- flat <-> block helpers --------------------------------------------------------------------------------
@@ -171,8 +130,8 @@ class HessianOperator:
         batches: list of (x [B, ...], y [B]) pairs; the loss is their sample-weighted mean.
         params: parameter subset (see :func:`resolve_params`); selected tensors get ``requires_grad``.
         loss_fn: (logits, targets) → scalar mean loss; default cross entropy.
-        backend: "auto", "double_backward" or "func".
-        max_block: most probes per ``vmap`` call (func backend).
+        backend: "auto", "double_backward", "func" or "ggn_block" (see the module docstring).
+        max_block: most probes per ``vmap`` call (func and ggn_block backends).
         memory_limit: bytes a func ``vmap`` chunk may use (CUDA only; calibrated on first use).
         cache_graphs: keep each batch's gradient graph between calls (double backward).  Default:
             only when this rank has a single batch (the graph of many batches may not fit).
@@ -180,7 +139,11 @@ class HessianOperator:
 
     Attributes:
         names, shapes, numels: per block.  ``n_hvp``: probe columns applied so far (each restricted or full
-        probe counts as one HVP).  ``backend``: the resolved backend.  ``calibration``: timings of "auto".
+        probe counts as one HVP).  ``backend``: the full-probe backend (resolved on first access under
+        "auto").  ``block_backend``: "ggn_block" or None (block products then use ``backend``).
+        ``exactness``: per block, why its Gauss–Newton block may differ from its Hessian block (checked
+        for "auto" and "ggn_block"; empty lists: equal).  ``calibration``: timings and choices of "auto".
+        :meth:`backends_used`: what actually computed products.
     """
 
     def __init__(
@@ -229,10 +192,14 @@ class HessianOperator:
         self.cache_graphs = (len(self.local) == 1) if cache_graphs is None else bool(cache_graphs)
         self._graphs: dict[int, list[torch.Tensor]] = {}
         self._chunk: int | None = None
+        self._fwd: dict[int, torch.Tensor] = {}
         self.n_hvp = 0
         self.calibration: dict = {}
+        self._used: dict[str, None] = {}
         self._warm_up()
-        self.backend = backend if backend != "auto" else self._calibrate()
+        self._backend = backend if backend in FULL_BACKENDS else None
+        self.exactness: dict[str, list[str]] | None = None
+        self.block_backend = self._choose_block_backend(backend)
 
     # -- data ------------------------------------------------------------------------------------------------
     def _batch(self, i: int) -> Batch:
@@ -245,6 +212,36 @@ class HessianOperator:
         if getattr(self.model, "hasb_spec", None) is not None and self.local:
             with torch.no_grad():
                 self.model(self._batch(0)[0])
+
+    def _choose_block_backend(self, backend: str) -> str | None:
+        """ "ggn_block" when requested or (auto) when every block's GGN block is its Hessian block; else None."""
+        if backend not in ("auto", "ggn_block"):
+            return None
+        named = dict(zip(self.names, self.params, strict=True))
+        self.exactness = layer_exactness(self.model, self._batch(0)[0][:1], named)
+        reasons = [f"{n}: {r}" for n, rs in self.exactness.items() for r in rs]
+        if self.distributed:  # every rank must take the same path (its collectives differ)
+            flag = torch.tensor([float(len(reasons))])
+            dist.all_reduce(flag)
+            reasons = reasons or (["another rank's check failed"] if flag.item() > 0 else [])
+        if reasons and backend == "ggn_block":
+            raise HVPError(
+                f"backend ggn_block gives the Hessian block only where the net is piecewise linear in the layer; "
+                f"not here: {reasons[0]}; use backend auto, double_backward or func"
+            )
+        self.calibration["block_backend"] = "ggn_block" if not reasons else f"not piecewise linear: {reasons[0]}"
+        return None if reasons else "ggn_block"
+
+    @property
+    def backend(self) -> str:
+        """The backend of full probes; under "auto" timed (:meth:`_calibrate`) on first access."""
+        if self._backend is None:
+            self._backend = self._calibrate()
+        return self._backend
+
+    def backends_used(self) -> str:
+        """The backends that computed products so far, joined by "+" ("none" before the first product)."""
+        return "+".join(self._used) or "none"
 
     # -- double backward ---------------------------------------------------------------------------------------
     def _grads(self, i: int) -> list[torch.Tensor]:
@@ -275,6 +272,19 @@ class HessianOperator:
             (h,) = torch.autograd.grad(g[l], self.params[l], grad_outputs=Vl[j], retain_graph=True, allow_unused=True)
             out.append(torch.zeros_like(self.params[l]) if h is None else h)
         return torch.stack(out)
+
+    # -- Gauss–Newton blocks -------------------------------------------------------------------------------------
+    def _ggn(self, i: int, V: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{l: G_ll V_l} of batch i (= H_ll V_l: checked piecewise linear), one forward graph for all blocks."""
+        x, y = self._batch(i)
+        z = self._fwd.get(i)
+        if z is None:
+            with torch.enable_grad(), composite():
+                z = self.model(x)
+            if self.cache_graphs:
+                self._fwd[i] = z
+        chunk = self.max_block
+        return ggn_block_products(self.model, x, y, z, self.names, self.params, V, self.loss_fn, chunk)
 
     # -- torch.func ---------------------------------------------------------------------------------------------
     def _func(self, i: int, idx: Sequence[int], V: Probes) -> Probes:
@@ -333,35 +343,44 @@ class HessianOperator:
         """H V for a block of k full-model probes: V[i] is [k, *shape_i]; returns the same shapes."""
         self._check(V, range(len(self.params)))
         acc = [torch.zeros_like(v) for v in V]
+        backend = self.backend
         for i in range(len(self.local)):
             w = float(len(self.local[i][1]))
-            if self.backend == "func":
+            if backend == "func":
                 hv = self._func(i, list(range(len(self.params))), V)
             else:
                 hv = self._db_full(self._grads(i), V)
             for a, h in zip(acc, hv, strict=False):
                 a.add_(h, alpha=w)
         self.n_hvp += V[0].shape[0]
+        self._used[backend] = None
         return self._reduce(acc)
 
     def block_hvp(self, V: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Block-diagonal products {l: H_ll V_l}: V_l is [k_l, *shape_l] supported on block l only.
 
-        All requested blocks share each batch's gradient graph (double backward) or forward pass
-        structure (func), so many layers' restricted probes cost one graph build per batch.
+        All requested blocks share each batch's gradient graph (double backward), forward graph
+        (ggn_block) or forward pass structure (func), so many layers' restricted probes cost one graph
+        build per batch.  The backend is :attr:`block_backend` when set, else :attr:`backend`.
         """
         keys = list(V)
         self._check([V[l] for l in keys], keys)
         acc = {l: torch.zeros_like(V[l]) for l in keys}
+        backend = self.block_backend or self.backend
+        todo = {l: V[l] for l in keys if V[l].shape[0] > 0}
         for i in range(len(self.local)):
             w = float(len(self.local[i][1]))
-            g = self._grads(i) if self.backend == "double_backward" else None
-            for l in keys:
-                if V[l].shape[0] == 0:
-                    continue
-                h = self._db_block(g, l, V[l]) if g is not None else self._func(i, [l], [V[l]])[0]
+            if backend == "ggn_block":
+                hv = self._ggn(i, todo)
+            elif backend == "double_backward":
+                g = self._grads(i)
+                hv = {l: self._db_block(g, l, v) for l, v in todo.items()}
+            else:
+                hv = {l: self._func(i, [l], [v])[0] for l, v in todo.items()}
+            for l, h in hv.items():
                 acc[l].add_(h, alpha=w)
         self.n_hvp += sum(V[l].shape[0] for l in keys)
+        self._used[backend] = None
         out = self._reduce([acc[l] for l in keys])
         return dict(zip(keys, out, strict=False))
 
@@ -377,8 +396,9 @@ class HessianOperator:
         return self._reduce(acc)
 
     def clear(self) -> None:
-        """Drop cached gradient graphs (frees their memory)."""
+        """Drop cached gradient and forward graphs (frees their memory)."""
         self._graphs.clear()
+        self._fwd.clear()
 
     def _check(self, V: Sequence[torch.Tensor], blocks: Iterable[int]) -> None:
         for v, b in zip(V, blocks, strict=False):
@@ -403,7 +423,6 @@ class HessianOperator:
         times: dict[str, float] = {}
         try:
             for b in ("double_backward", "func"):
-                self.backend = b
                 try:
                     for rep in range(2):
                         _sync(self.device)
@@ -433,22 +452,6 @@ class HessianOperator:
         return choice
 
 
-def composite() -> contextlib.AbstractContextManager:
-    """hasb's plain-op quantizer path (its fused kernels have no second derivative)."""
-    return composite_ops()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode inside, the previous mode restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)

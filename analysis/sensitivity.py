@@ -549,7 +549,7 @@ def _meta(res, op, outputs: dict, quantized_input: bool, n_total: int, n_batches
     return {
         "estimator": res.estimator,
         "total_hvp": int(res.total_hvp),
-        "backend": op.backend if op is not None else "per-sample-vjp",
+        "backend": op.backends_used() if op is not None else "per-sample-vjp",
         "calibration": op.calibration if op is not None else None,
         "settings": res.settings,
         "quantized_input": quantized_input,
@@ -749,7 +749,8 @@ class SensitivityCLIConfig:
     backend: str = option(
         "auto",
         choices=BACKENDS,
-        help="HVP backend: auto (time both on the first batch), double_backward, func (vmap(jvp(grad)))",
+        help="HVP backend: auto (ggn_block for layer-restricted probes on piecewise-linear nets, else the faster of "
+        "the next two, timed on the first batch), double_backward, func (vmap(jvp(grad))), ggn_block (J_lᵀ∇²L J_l v)",
     )
     top_k: int = option(0, help="also compute the top-k Hessian eigenvalues (Lanczos)")
     density: bool = option(False, help="also compute the eigenvalue density (SLQ)")
