@@ -254,3 +254,35 @@ def test_one_graph_for_every_config_in_data_mode():
     compiled(x).sum().backward()
     assert dat.c1.act_scales["4"].grad is not None and dat.c1.act_scales["8"].grad is None
     torch._dynamo.reset()
+
+
+def test_train_compile_runs_multi_and_supernet_as_one_graph_with_the_uncompiled_result(tmp_path, monkeypatch):
+    """--compile: bits as data on and the whole model compiled (here by dynamo's counting eager backend): one graph
+    for the 4 bits of every multi step and the sampled mixed configs of every supernet step; the trained weights
+    equal those of the uncompiled run."""
+    from hasb.export import read_checkpoint
+    from hasb.train import TrainConfig, train
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
+    base = dict(model="small_cnn", epochs=1, batch_size=32, train_limit=64, val_limit=32, lr=3e-3, progress=False)
+    stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
+    for stage, kw in stages.items():
+        outs = {}
+        for compile_ in (False, True):
+            torch._dynamo.reset()
+            counter.frame_count = 0
+            if stage == "supernet":
+                kw["init"] = str(tmp_path / f"multi-{compile_}" / "model.pt")
+            with Q.composite_ops():  # the uncompiled reference: the int path's composite ops (no ATen LSQ kernel)
+                outs[compile_] = train(
+                    TrainConfig(out=str(tmp_path / f"{stage}-{compile_}"), compile=compile_, **base, **kw)
+                )
+            assert counter.frame_count == int(compile_), stage
+        a, b = (read_checkpoint(outs[c] / "model.pt") for c in (False, True))
+        for k, v in a["layers"].items():
+            for t in ("w_int", "w_scale", "act_scales"):
+                assert str(v.get(t)) == str(b["layers"][k].get(t)), f"{stage} {k} {t}"
+        assert all(torch.equal(v, b["rest"][k]) for k, v in a["rest"].items()), f"{stage}: BN entries differ"
+    torch._dynamo.reset()
