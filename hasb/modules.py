@@ -91,6 +91,9 @@ class QuantMixin(_MixinBase):
     bits_data: bool = False
     _w_bit: int | None = None
     _a_bit: int | None = None
+    _w_bit_t: torch.Tensor  # data-mode buffers: weight bit, activation bit (0 = fp), index into candidate_bits
+    _a_bit_t: torch.Tensor
+    _a_idx_t: torch.Tensor
 
     def _init_quant(
         self,
@@ -182,7 +185,10 @@ class QuantMixin(_MixinBase):
         self._sync_w()
         self._sync_a()
         for b in self.candidate_bits:
-            self._data_hooks += _only_selected_grads(self.act_scales[str(b)], lambda b=b: self._a_bit == b)
+            self._data_hooks += _only_selected_grads(self.act_scales[str(b)], self._a_is(b))
+
+    def _a_is(self, b: int) -> Callable[[], bool]:
+        return lambda: self._a_bit == b
 
     def missing_act_bits(self, required: Iterable[int]) -> list[int]:
         """The bits of ``required`` whose activation scale is not initialised yet (one device sync)."""
@@ -355,6 +361,7 @@ class SwitchBatchNorm(nn.Module):
         self._prev: list = []
 
     bits_data: bool = False
+    _lut: torch.Tensor  # data mode: [9 * 9] int64, (predecessor bit code, producer bit code) → entry index
 
     def _key_for(self, prev: str, cur: str) -> str:
         """The entry used when the predecessor runs at ``prev`` and the producer at ``cur`` (bit keys or 'fp')."""
@@ -403,17 +410,20 @@ class SwitchBatchNorm(nn.Module):
         keys = list(self.bns.keys())
         codes = [FP] + [str(b) for b in range(1, _CODES)]
         lut = [[keys.index(self._key_for(p, c)) for c in codes] for p in codes]
-        ref = next(iter(self.bns.values())).running_mean
+        first = next(iter(self.bns.values()))
+        ref = next(iter(first.buffers()), next(iter(first.parameters()), None))
         dev = ref.device if ref is not None else None
         self.register_buffer("_lut", torch.tensor(lut, dtype=torch.long, device=dev).reshape(-1), persistent=False)
         for h in self._data_hooks:
             h.remove()
         self._data_hooks = []
         for k, m in self.bns.items():
-            for p in (m.weight, m.bias):
-                if p is not None:
-                    self._data_hooks += _only_selected_grads(p, lambda k=k: self.key == k)
+            for p in m.parameters(recurse=False):  # weight and bias (none without affine)
+                self._data_hooks += _only_selected_grads(p, self._key_is(k))
         self._data_sig = self._signature()
+
+    def _key_is(self, k: str) -> Callable[[], bool]:
+        return lambda: self.key == k
 
     def _index(self) -> torch.Tensor:
         """The active entry's index, shape [1] int64, from the producers' bit tensors (no Python bit read)."""
