@@ -3,7 +3,7 @@
 A quantized layer keeps its float master weight (parameter names unchanged, so
 torchvision state dicts still load), one per-channel weight scale ``w_scale``
 shared by all bits (Double Rounding), and one activation scale per candidate bit
-(``act_scales[str(b)]``).  Its active bits (``w_bit``, ``a_bit``) are plain
+(``act_scales[str(b)]``).  Its active bits (``w_bit``, ``a_bit``) are Python
 attributes switched at run time: no weights are copied.  ``None`` means full
 precision (``fp``).
 
@@ -172,6 +172,7 @@ class QuantMixin(_MixinBase):
         if not on:
             for n in ("_w_bit_t", "_a_bit_t", "_a_idx_t"):
                 self._buffers.pop(n, None)
+                self._non_persistent_buffers_set.discard(n)
             self.bits_data = False
             return
         dev = self.weight.device
@@ -184,8 +185,18 @@ class QuantMixin(_MixinBase):
         self.bits_data = True
         self._sync_w()
         self._sync_a()
+        self._attach_grad_hooks()
+
+    def _attach_grad_hooks(self) -> None:
+        self._data_hooks = []
         for b in self.candidate_bits:
             self._data_hooks += _only_selected_grads(self.act_scales[str(b)], self._a_is(b))
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy / pickle: Parameters are copied without their hooks; put them back on the copies
+        super().__setstate__(state)
+        if self.bits_data:
+            self._attach_grad_hooks()
 
     def _a_is(self, b: int) -> Callable[[], bool]:
         return lambda: self._a_bit == b
@@ -337,6 +348,12 @@ class SwitchBatchNorm(nn.Module):
     The producer layers are found by tracing one forward pass in
     :func:`hasb.quantize_model`; ``key`` is recomputed from their live bits at
     every forward, so switching a config never touches BN.
+
+    With bits as data the entry is an index computed from the producers' bit tensors (a lookup table), the
+    selected entry's affine parameters and running statistics are picked from stacks by that index, and in
+    training the running statistics (and ``num_batches_tracked``) of that entry alone are updated, through a 0/1
+    mask over the entries; momentum ``None`` (cumulative average) is supported.  Entries in different train/eval
+    states or with different momenta (BN re-calibration) take the Python path.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, keys: Iterable[str]):
@@ -399,6 +416,7 @@ class SwitchBatchNorm(nn.Module):
         self._data_hooks: list[Any] = []
         self.bits_data = False
         self._buffers.pop("_lut", None)
+        self._non_persistent_buffers_set.discard("_lut")
         if on:
             self._refresh_data()
             self.bits_data = True
@@ -421,6 +439,12 @@ class SwitchBatchNorm(nn.Module):
             for p in m.parameters(recurse=False):  # weight and bias (none without affine)
                 self._data_hooks += _only_selected_grads(p, self._key_is(k))
         self._data_sig = self._signature()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.bits_data:  # copy.deepcopy / pickle: Parameters are copied without their hooks
+            self._data_hooks = []
+            self._refresh_data()
 
     def _key_is(self, k: str) -> Callable[[], bool]:
         return lambda: self.key == k

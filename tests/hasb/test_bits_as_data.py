@@ -143,6 +143,8 @@ def test_data_mode_trains_exactly_as_the_int_path(rounding, pair):
     """Adam steps over uniform and mixed configs: outputs, every gradient, weights and running stats stay equal."""
     ref, x, y = _model(rounding, pair)
     dat = bits_as_data(copy.deepcopy(ref))
+    if pair:  # a copy of a data-mode model: its parameters get the gradient hooks again
+        dat = copy.deepcopy(dat)
     assert uses_bits_as_data(dat) and not uses_bits_as_data(ref)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-4) for m in (ref, dat)]
     for conf in _configs(ref):
