@@ -2,12 +2,13 @@
 
 For each model: the float step (eager and ``torch.compile``), one hasb W4A4 pass (eager through the composite ops,
 eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and the 4-pass multi-precision step
-(one forward/backward per candidate bit, one optimizer step), eager with kernels and compiled.  Compile cost:
+(one forward/backward per candidate bit, one optimizer step), eager with kernels, compiled, and compiled with
+bits as data (``hasb.bits_as_data``: the active bits are tensors, one graph for every config).  Compile cost:
 seconds spent in the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while
-the active bits are Python ints on the layers).
+the active bits are Python ints on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
-CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3   (smoke)
+CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3 --backend aot_eager  (smoke)
 """
 
 from __future__ import annotations
@@ -89,20 +90,24 @@ def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool):
 
 
 class GraphCounter:
-    """A torch.compile backend that counts the graphs it is given and hands them to inductor."""
+    """A torch.compile backend that counts the graphs it is given and hands them to ``backend`` (inductor: the
+    real measurement; ``eager``/``aot_eager`` for a quick smoke run without code generation)."""
 
-    def __init__(self):
+    def __init__(self, backend: str = "inductor"):
         self.graphs = 0
+        self.backend = backend
 
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
-        return compile_fx(gm, example_inputs)
+        if self.backend == "inductor":
+            return compile_fx(gm, example_inputs)
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
 
 
 def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool) -> dict:
-    counter = GraphCounter()
+    counter = GraphCounter(args.backend)
     run = torch.compile(model, backend=counter) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     ms, first = timed(train_step(run, x, y, loss_fn, opt, bits, args.bf16), args.iters, args.warmup, dev)
@@ -128,6 +133,9 @@ def row(spec: str, args, dev: torch.device) -> dict:
     r["w4_c"] = measure(qmodel, x, y, loss_fn, [None], args, dev, True)
     r["multi_c"] = measure(qmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, True)
     torch._dynamo.reset()
+    dmodel = hasb.bits_as_data(copy.deepcopy(qmodel))  # the same weights, bits as tensors
+    r["multi_data_c"] = measure(dmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, True)
+    torch._dynamo.reset()
     print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
     return r
 
@@ -140,16 +148,18 @@ def print_table(rows: list[dict], args, dev: torch.device) -> None:
     )
     print(
         "| model | float eager ms | float compiled ms | W4A4 eager composite | W4A4 eager kernels | W4A4 compiled "
-        "| 4-pass eager kernels ÷ eager float | 4-pass compiled ÷ compiled float | compile s float / 4-pass (graphs) |"
+        "| 4-pass eager kernels ÷ eager float | 4-pass compiled ÷ compiled float | 4-pass compiled, bits as data "
+        "÷ compiled float | compile s float / 4-pass / 4-pass bits as data (graphs) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fe, fc = r["float"]["ms"], r["float_c"]["ms"]
         print(
             f"| {r['model']} | {fe:.2f} | {fc:.2f} | {r['w4_composite']['ms'] / fe:.2f}x | "
             f"{r['w4_kernels']['ms'] / fe:.2f}x | {r['w4_c']['ms'] / fc:.2f}x | {r['multi_kernels']['ms'] / fe:.2f}x | "
-            f"{r['multi_c']['ms'] / fc:.2f}x | {r['float_c']['first_s']:.0f} / {r['multi_c']['first_s']:.0f} "
-            f"({r['float_c']['graphs']} / {r['multi_c']['graphs']}) |"
+            f"{r['multi_c']['ms'] / fc:.2f}x | {r['multi_data_c']['ms'] / fc:.2f}x | "
+            f"{r['float_c']['first_s']:.0f} / {r['multi_c']['first_s']:.0f} / {r['multi_data_c']['first_s']:.0f} "
+            f"({r['float_c']['graphs']} / {r['multi_c']['graphs']} / {r['multi_data_c']['graphs']}) |"
         )
 
 
@@ -159,6 +169,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=8, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation happens here)")
+    ap.add_argument(
+        "--backend", default="inductor", help="torch.compile backend behind the graph counter (aot_eager: CPU smoke)"
+    )
     ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default on CUDA: bf16)")
     args = ap.parse_args()
     dev = torch.device(args.device)

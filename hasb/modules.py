@@ -3,15 +3,23 @@
 A quantized layer keeps its float master weight (parameter names unchanged, so
 torchvision state dicts still load), one per-channel weight scale ``w_scale``
 shared by all bits (Double Rounding), and one activation scale per candidate bit
-(``act_scales[str(b)]``).  Its active bits (``w_bit``, ``a_bit``) are plain
+(``act_scales[str(b)]``).  Its active bits (``w_bit``, ``a_bit``) are Python
 attributes switched at run time: no weights are copied.  ``None`` means full
 precision (``fp``).
+
+Bits as data (:func:`hasb.quantize.bits_as_data`): every layer also mirrors its active bits in 0-dim tensor
+buffers, updated in place whenever the bits change, and its forward reads only those (through
+:func:`hasb.quantizer.quantize_weight_t` / :func:`~hasb.quantizer.quantize_activation_t`); SwitchBatchNorm picks its
+entry by a tensor index.  ``torch.compile`` then traces one graph for every bit config (only a switch to or from
+``fp`` changes a Python value the graph depends on).  Values and gradients are those of the int path; the unused
+per-bit parameters (activation scales of other bits, BN entries of other keys) keep ``grad = None`` as there, by
+a pair of gradient hooks, so that Adam and weight decay leave them alone as well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -19,6 +27,7 @@ import torch.nn.functional as F
 
 from . import kernels as K
 from . import quantizer as Q
+from .errors import HasbError
 
 FP = "fp"
 
@@ -36,6 +45,33 @@ else:
 _Size2 = tuple[int, int]
 
 
+def _bit_code(bit: int | None) -> int:
+    """The value a bit tensor holds: the bit, or 0 for full precision (never a bit: bits are 1..8)."""
+    return 0 if bit is None else int(bit)
+
+
+def _only_selected_grads(p: nn.Parameter, selected: Callable[[], bool]) -> list[Any]:
+    """Hooks that leave ``p.grad`` None after a backward in which ``p`` was not selected and had no gradient yet.
+
+    In data mode the per-bit parameters are all inputs of the graph (a stack indexed by a tensor), so autograd gives
+    the unselected ones zero gradients where the int path gives none; an optimizer would then move them (Adam's
+    momentum, weight decay).  The pre-hook notes whether ``p.grad`` was None before this backward's accumulation;
+    the post-accumulate hook restores None if so and ``p`` is not selected by the bits now active (so gradients
+    accumulated over several passes keep the real contributions).
+    """
+    fresh = [False]
+
+    def pre(g: torch.Tensor) -> torch.Tensor:
+        fresh[0] = p.grad is None
+        return g
+
+    def post(param: torch.Tensor) -> None:
+        if fresh[0] and not selected():
+            param.grad = None
+
+    return [p.register_hook(pre), p.register_post_accumulate_grad_hook(post)]
+
+
 class QuantMixin(_MixinBase):
     """Shared state and logic of QConv2d and QLinear."""
 
@@ -50,9 +86,14 @@ class QuantMixin(_MixinBase):
     candidate_bits: tuple[int, ...]
     high_bit: int
     rounding: Q.Rounding
-    w_bit: int | None
-    a_bit: int | None
     fixed: bool
+    # bits as data (off by default; hasb.quantize.bits_as_data switches it)
+    bits_data: bool = False
+    _w_bit: int | None = None
+    _a_bit: int | None = None
+    _w_bit_t: torch.Tensor  # data-mode buffers: weight bit, activation bit (0 = fp), index into candidate_bits
+    _a_bit_t: torch.Tensor
+    _a_idx_t: torch.Tensor
 
     def _init_quant(
         self,
@@ -90,6 +131,28 @@ class QuantMixin(_MixinBase):
         return self
 
     # -- bit switching -------------------------------------------------------
+    @property
+    def w_bit(self) -> int | None:
+        """Active weight bit (None = fp)."""
+        return self._w_bit
+
+    @w_bit.setter
+    def w_bit(self, bit: int | None) -> None:
+        self._w_bit = bit
+        if self.bits_data:
+            self._sync_w()
+
+    @property
+    def a_bit(self) -> int | None:
+        """Active activation bit (None = fp)."""
+        return self._a_bit
+
+    @a_bit.setter
+    def a_bit(self, bit: int | None) -> None:
+        self._a_bit = bit
+        if self.bits_data:
+            self._sync_a()
+
     def set_bits(self, w_bit: int | None, a_bit: int | None) -> None:
         for b in (w_bit, a_bit):
             if b is not None and b not in self.candidate_bits:
@@ -99,8 +162,84 @@ class QuantMixin(_MixinBase):
                 )
         self.w_bit, self.a_bit = w_bit, a_bit
 
+    # -- bits as data ------------------------------------------------------------
+    def set_bits_as_data(self, on: bool, required: Iterable[int] = ()) -> None:
+        """Switch data mode (see the module docstring); ``required``: the activation bits this layer may run at,
+        whose scales must be initialised (checked now, and again after a state dict is loaded)."""
+        for h in getattr(self, "_data_hooks", []):
+            h.remove()
+        self._data_hooks: list[Any] = []
+        if not on:
+            for n in ("_w_bit_t", "_a_bit_t", "_a_idx_t"):
+                self._buffers.pop(n, None)
+                self._non_persistent_buffers_set.discard(n)
+            self.bits_data = False
+            return
+        dev = self.weight.device
+        self.register_buffer("_w_bit_t", torch.zeros((), device=dev), persistent=False)
+        self.register_buffer("_a_bit_t", torch.zeros((), device=dev), persistent=False)
+        self.register_buffer("_a_idx_t", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
+        self._data_required = tuple(sorted({int(b) for b in required}))
+        self._data_ready = False
+        self._check_data_ready()
+        self.bits_data = True
+        self._sync_w()
+        self._sync_a()
+        self._attach_grad_hooks()
+
+    def _attach_grad_hooks(self) -> None:
+        self._data_hooks = []
+        for b in self.candidate_bits:
+            self._data_hooks += _only_selected_grads(self.act_scales[str(b)], self._a_is(b))
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy / pickle: Parameters are copied without their hooks; put them back on the copies
+        super().__setstate__(state)
+        if self.bits_data:
+            self._attach_grad_hooks()
+
+    def _a_is(self, b: int) -> Callable[[], bool]:
+        return lambda: self._a_bit == b
+
+    def missing_act_bits(self, required: Iterable[int]) -> list[int]:
+        """The bits of ``required`` whose activation scale is not initialised yet (one device sync)."""
+        done = self.act_init.tolist()
+        return [b for b in sorted(set(required)) if not done[self.candidate_bits.index(b)]]
+
+    @torch.compiler.disable
+    def _check_data_ready(self) -> None:
+        missing = self.missing_act_bits(self._data_required)
+        if missing:
+            raise HasbError(
+                f"bits as data needs the activation scales of bits {missing} initialised: run "
+                "hasb.init_quantizers(model, batch) (one calibration forward per candidate bit) first"
+            )
+        self._data_signed = int(self.act_signed) > 0
+        self._data_ready = True
+
+    def _sync_w(self) -> None:
+        with torch.no_grad():
+            self._w_bit_t.fill_(_bit_code(self._w_bit))
+        self._w_fp = self._w_bit is None
+
+    def _sync_a(self) -> None:
+        b = self._a_bit
+        if b is not None and b not in self._data_required:
+            raise HasbError(
+                f"activation bit {b} of this layer was not initialised for bits as data (initialised: "
+                f"{list(self._data_required)}); switch data mode off first or run hasb.init_quantizers"
+            )
+        with torch.no_grad():
+            self._a_bit_t.fill_(_bit_code(b))
+            self._a_idx_t.fill_(0 if b is None else self.candidate_bits.index(b))
+        self._a_fp = b is None
+
     # -- quantization ----------------------------------------------------------
     def quant_weight(self, bit: int | None = None) -> torch.Tensor:
+        if bit is None and self.bits_data:
+            if self._w_fp:
+                return self.weight
+            return Q.quantize_weight_t(self.weight, self.w_scale, self._w_bit_t, self.high_bit, self.rounding)
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
@@ -116,6 +255,8 @@ class QuantMixin(_MixinBase):
             return w_h.to(torch.int8 if self.high_bit <= 8 else torch.int32)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits_data:
+            return self._quant_input_data(x)
         b = self.a_bit
         if b is None:
             return x
@@ -123,6 +264,14 @@ class QuantMixin(_MixinBase):
         if b not in self._ready:  # python-side cache: no device sync once initialised
             self._lazy_init(x, b)
         return K.quantize_activation(x, scale, b, self._ready[b])
+
+    def _quant_input_data(self, x: torch.Tensor) -> torch.Tensor:
+        if self._a_fp:
+            return x
+        if not self._data_ready:  # a state dict was loaded: re-check (and re-read the sign) once
+            self._check_data_ready()
+        scales = torch.stack([self.act_scales[str(b)] for b in self.candidate_bits])
+        return Q.quantize_activation_t(x, scales, self._a_idx_t, self._a_bit_t, self._data_signed)
 
     @torch.compiler.disable
     def _lazy_init(self, x: torch.Tensor, b: int) -> None:
@@ -137,6 +286,7 @@ class QuantMixin(_MixinBase):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._ready = {}
+        self._data_ready = False
         super()._load_from_state_dict(*args, **kwargs)
 
     def bit_str(self) -> str:
@@ -198,6 +348,12 @@ class SwitchBatchNorm(nn.Module):
     The producer layers are found by tracing one forward pass in
     :func:`hasb.quantize_model`; ``key`` is recomputed from their live bits at
     every forward, so switching a config never touches BN.
+
+    With bits as data the entry is an index computed from the producers' bit tensors (a lookup table), the
+    selected entry's affine parameters and running statistics are picked from stacks by that index, and in
+    training the running statistics (and ``num_batches_tracked``) of that entry alone are updated, through a 0/1
+    mask over the entries; momentum ``None`` (cumulative average) is supported.  Entries in different train/eval
+    states or with different momenta (BN re-calibration) take the Python path.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, keys: Iterable[str]):
@@ -221,24 +377,146 @@ class SwitchBatchNorm(nn.Module):
         self._producer: list = []
         self._prev: list = []
 
-    @property
-    def key(self) -> str:
+    bits_data: bool = False
+    _lut: torch.Tensor  # data mode: [9 * 9] int64, (predecessor bit code, producer bit code) → entry index
+
+    def _key_for(self, prev: str, cur: str) -> str:
+        """The entry used when the predecessor runs at ``prev`` and the producer at ``cur`` (bit keys or 'fp')."""
         if self.override is not None:
             return self.override
-        cur = bit_key(self._producer[0].w_bit) if self._producer else FP
         if self.mode == "pair":
-            prev = bit_key(self._prev[0].w_bit) if self._prev else FP
             k = f"{prev}-{cur}"
             if k in self.bns:
                 return k
         return cur if cur in self.bns else next(iter(self.bns))
 
     @property
+    def key(self) -> str:
+        cur = bit_key(self._producer[0].w_bit) if self._producer else FP
+        prev = bit_key(self._prev[0].w_bit) if self._prev else FP
+        return self._key_for(prev, cur)
+
+    @property
     def active(self) -> nn.Module:
         return self.bns[self.key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits_data:
+            return self._forward_data(x)
         return self.bns[self.key](x)
+
+    # -- bits as data ------------------------------------------------------------------------------------------
+    def _signature(self) -> tuple:
+        return (self.mode, self.override, tuple(self.bns.keys()))
+
+    def set_bits_as_data(self, on: bool) -> None:
+        """Switch data mode: the entry is picked by index from a lookup table of the producers' bit tensors."""
+        for h in getattr(self, "_data_hooks", []):
+            h.remove()
+        self._data_hooks: list[Any] = []
+        self.bits_data = False
+        self._buffers.pop("_lut", None)
+        self._non_persistent_buffers_set.discard("_lut")
+        if on:
+            self._refresh_data()
+            self.bits_data = True
+
+    @torch.compiler.disable
+    def _refresh_data(self) -> None:
+        """(Re)build the lookup table [9 x 9] (predecessor bit code, producer bit code) → entry index, and the
+        gradient hooks of every entry (entries added later, e.g. by Transitional BN, get theirs here)."""
+        keys = list(self.bns.keys())
+        codes = [FP] + [str(b) for b in range(1, _CODES)]
+        lut = [[keys.index(self._key_for(p, c)) for c in codes] for p in codes]
+        first = next(iter(self.bns.values()))
+        ref = next(iter(first.buffers()), next(iter(first.parameters()), None))
+        dev = ref.device if ref is not None else None
+        self.register_buffer("_lut", torch.tensor(lut, dtype=torch.long, device=dev).reshape(-1), persistent=False)
+        for h in self._data_hooks:
+            h.remove()
+        self._data_hooks = []
+        for k, m in self.bns.items():
+            for p in m.parameters(recurse=False):  # weight and bias (none without affine)
+                self._data_hooks += _only_selected_grads(p, self._key_is(k))
+        self._data_sig = self._signature()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.bits_data:  # copy.deepcopy / pickle: Parameters are copied without their hooks
+            self._data_hooks = []
+            self._refresh_data()
+
+    def _key_is(self, k: str) -> Callable[[], bool]:
+        return lambda: self.key == k
+
+    def _index(self) -> torch.Tensor:
+        """The active entry's index, shape [1] int64, from the producers' bit tensors (no Python bit read)."""
+        cur = self._producer[0]._w_bit_t if self._producer else None
+        prev = self._prev[0]._w_bit_t if self._prev else None
+        zero = self._lut.new_zeros(())
+        code = (zero if prev is None else prev.long()) * _CODES + (zero if cur is None else cur.long())
+        return self._lut.index_select(0, code.reshape(1))
+
+    def _forward_data(self, x: torch.Tensor) -> torch.Tensor:
+        if self._data_sig != self._signature():  # keys, mode or override changed since data mode was switched on
+            self._refresh_data()
+        entries = cast("list[nn.modules.batchnorm._BatchNorm]", list(self.bns.values()))
+        if len({m.training for m in entries}) > 1 or len({m.momentum for m in entries}) > 1:
+            return self.bns[self.key](x)  # entries in different states (BN re-calibration): the Python path
+        e = entries[0]
+        e._check_input_dim(x)
+        idx = self._index()
+        w = _pick([cast(torch.Tensor, m.weight) for m in entries], idx) if e.affine else None
+        b = _pick([cast(torch.Tensor, m.bias) for m in entries], idx) if e.affine else None
+        if not e.track_running_stats:
+            return F.batch_norm(x, None, None, w, b, True, 0.0, e.eps)
+        rm = _pick([cast(torch.Tensor, m.running_mean) for m in entries], idx)
+        rv = _pick([cast(torch.Tensor, m.running_var) for m in entries], idx)
+        if not e.training:
+            return F.batch_norm(x, rm, rv, w, b, False, 0.0, e.eps)
+        return _train_and_update(x, entries, idx, w, b)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, mode={self.mode}, keys={list(self.bns.keys())}"
+
+
+# bit codes 0 (fp) .. 8: the lookup table's side
+_CODES = 9
+
+
+def _pick(ts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """``ts[idx]`` for a [1] int64 index tensor: a stack and an index_select (no device sync, one graph)."""
+    return torch.stack(ts).index_select(0, idx).squeeze(0)
+
+
+def _train_and_update(
+    x: torch.Tensor,
+    entries: list[nn.modules.batchnorm._BatchNorm],
+    idx: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+) -> torch.Tensor:
+    """Train-mode BN with batch statistics; running statistics of entry ``idx`` only updated, as BatchNorm does.
+
+    F.batch_norm updates the picked copies in place with the entry's momentum (the native update, bit for bit);
+    momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch statistics) and
+    mixes by the selected entry's count as a tensor.  Every entry is written back through a 0/1 mask.
+    """
+    e = entries[0]
+    mask = torch.arange(len(entries), device=idx.device) == idx  # [K] bool
+    rms = [cast(torch.Tensor, m.running_mean) for m in entries]
+    rvs = [cast(torch.Tensor, m.running_var) for m in entries]
+    nbts = [cast(torch.Tensor, m.num_batches_tracked) for m in entries]
+    rm, rv = _pick(rms, idx), _pick(rvs, idx)
+    out = F.batch_norm(x, rm, rv, w, b, True, 1.0 if e.momentum is None else e.momentum, e.eps)
+    with torch.no_grad():
+        for k, n in enumerate(nbts):
+            n.add_(mask[k].to(n.dtype))
+        if e.momentum is None:
+            f = 1.0 / _pick(nbts, idx).double()
+            rm = ((1.0 - f) * _pick(rms, idx).double() + f * rm.double()).to(rm.dtype)
+            rv = ((1.0 - f) * _pick(rvs, idx).double() + f * rv.double()).to(rv.dtype)
+        for k in range(len(entries)):
+            rms[k].copy_(torch.where(mask[k], rm, rms[k]))
+            rvs[k].copy_(torch.where(mask[k], rv, rvs[k]))
+    return out

@@ -377,6 +377,13 @@ def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
     layer by layer and the low-bit scales come out far too large — on a {4,3,2} ResNet-20 ×4 per layer, 10⁹ at the
     last block, so every activation quantized to 0 and, at ALRS's small low-bit learning rates, stayed there.
     """
+    if uses_bits_as_data(model):  # calibrate through the int path (its lazy init), then back to data mode
+        bits_as_data(model, False)
+        try:
+            init_quantizers(model, batch)
+        finally:
+            bits_as_data(model, True)
+        return
     was = model.training
     saved = get_config(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -396,8 +403,60 @@ def init_quantizers(model: nn.Module, batch: torch.Tensor) -> None:
         model.train(was)
 
 
+def _act_bits_needed(spec: QuantSpec, name: str) -> set[int]:
+    """The activation bits layer ``name`` can run at under any config of ``spec`` (fp excluded)."""
+    if name in spec.fixed:
+        bits = {spec.fixed_bit}
+    else:
+        bits = {spec.pair(b)[1] for b in spec.bits}
+    return {b for b in bits if b is not None}
+
+
+def bits_as_data(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch "bits as data" on (or off) for every quantized layer and SwitchBatchNorm of ``model``; returns it.
+
+    On, each layer mirrors its active bits in 0-dim tensor buffers (non-persistent: the state dict is unchanged)
+    that :func:`set_config`, :func:`set_fp`, :func:`use_config` and ``layer.w_bit = b`` update in place, its
+    forward reads only those (:func:`hasb.quantizer.quantize_weight_t` / ``quantize_activation_t``), and every
+    SwitchBatchNorm picks its entry by a tensor index.  ``torch.compile(model)`` then compiles ONE graph for all bit
+    configs (uniform or mixed); only switching a layer to or from ``fp`` recompiles (a Python branch).  Outputs and
+    gradients equal the int path's (the composite reference: no fused Triton kernels in this mode).
+
+    Every activation scale a config can use must be initialised first (raises :class:`ConfigError` saying so):
+    call :func:`init_quantizers` (one calibration forward per candidate bit) before switching it on.
+    """
+    spec = get_spec(model)
+    layers = quantized_layers(model)
+    if not on:
+        for bn in batchnorms(model).values():
+            bn.set_bits_as_data(False)
+        for m in layers.values():
+            m.set_bits_as_data(False)
+        return model
+    need = {n: _act_bits_needed(spec, n) for n in layers}
+    missing = {n: miss for n, m in layers.items() if (miss := m.missing_act_bits(need[n]))}
+    if missing:
+        first = next(iter(missing))
+        raise ConfigError(
+            f"bits_as_data needs every activation scale initialised ({len(missing)} layer(s) miss some, e.g. "
+            f"{first} bits {missing[first]}): run hasb.init_quantizers(model, batch) on one batch first"
+        )
+    for n, m in layers.items():
+        m.set_bits_as_data(True, need[n])
+    for bn in batchnorms(model).values():
+        bn.set_bits_as_data(True)
+    return model
+
+
+def uses_bits_as_data(model: nn.Module) -> bool:
+    """Whether :func:`bits_as_data` is on for ``model``."""
+    return any(m.bits_data for m in quantized_layers(model).values())
+
+
 __all__ = [
     "QuantSpec",
+    "bits_as_data",
+    "uses_bits_as_data",
     "quantize_model",
     "get_spec",
     "quantized_layers",

@@ -126,7 +126,7 @@ def derive_int(w_h: torch.Tensor, bit: int, high_bit: int, rounding: Rounding = 
     return torch.clamp(round_shift(w_h, high_bit - bit, rounding), qn, qp)
 
 
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+def grad_scale(x: torch.Tensor, g: float | torch.Tensor) -> torch.Tensor:
     """Value of ``x``, gradient multiplied by ``g`` (LSQ's gradient scaling)."""
     xg = x * g
     return x.detach() + (xg - xg.detach())  # value exactly x (no float round-off), gradient g
@@ -226,6 +226,95 @@ def quantize_activation(
         s1 = scale.reshape(1).float()
         return torch._fake_quantize_learnable_per_tensor_affine(x, s1, torch.zeros_like(s1), qn, qp, g)
     s = grad_scale(scale, g)
+    q = torch.clamp(x / s, qn, qp)
+    return (q + (torch.round(q) - q).detach()) * s
+
+
+# -- bits as data: the same math with the bit a 0-dim tensor (one compiled graph for every bit config) -------------
+#
+# The int versions above specialise on the bit (Python ints: torch.compile guards on each value and recompiles per
+# config).  These take the active bit as a 0-dim float32 tensor holding an integer 1..8 and compute every constant
+# from it, so the graph is the same whatever bit the tensor holds.  Values and gradients equal the composite path of
+# the int versions bit for bit (tested); full precision ('fp') is not a bit here: callers branch on it in Python.
+
+
+def int_range_t(bit: torch.Tensor, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`int_range` of a 0-dim float bit tensor: (Qn, Qp) as 0-dim tensors (exp2 is exact at integers)."""
+    if signed:
+        half = torch.exp2(bit - 1)
+        return -half, half - 1
+    return torch.zeros_like(bit), torch.exp2(bit) - 1
+
+
+def lsq_g_t(n: int, qp: torch.Tensor) -> torch.Tensor:
+    """LSQ's g = 1/sqrt(n · max(Qp, 1)), 0-dim float32.
+
+    Computed in float64 and rounded once to float32: the value the int path's Python float g takes when it
+    multiplies a float32 tensor, so gradients match bit for bit.
+    """
+    return (1.0 / torch.sqrt(qp.double().clamp_min(1.0) * n)).float()
+
+
+def round_shift_t(w_int: torch.Tensor, pow2: torch.Tensor, rounding: Rounding = "half_up") -> torch.Tensor:
+    """:func:`round_shift` of a float tensor of integers by ``pow2`` = 2^Δ (0-dim tensor; Δ = 0 is the identity)."""
+    x = w_int / pow2  # exact: division by a power of two
+    if rounding == "half_up":
+        return torch.floor(x + 0.5)
+    if rounding == "half_even":
+        return torch.round(x)
+    if rounding == "msb":
+        return torch.floor(x)
+    raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+
+
+def quantize_weight_t(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bit: torch.Tensor,
+    high_bit: int,
+    rounding: Rounding = "half_up",
+) -> torch.Tensor:
+    """:func:`quantize_weight` (composite path) with the target bit as data.
+
+    Args:
+        w: float weight, shape [C_out, ...].
+        scale: per-output-channel step s_h, shape [C_out], positive.
+        bit: target bit l as a 0-dim float32 tensor holding an integer in 1..high_bit (not checked: no sync).
+        high_bit: h, the bit of the stored integers (a Python int: fixed per layer).
+    Returns:
+        Ŵ_l = W_l · s_h · 2^Δ, same shape as ``w``; the STE / per-channel LSQ gradients of :func:`quantize_weight`
+        with 2^Δ = exp2(h - l) and g = 1/sqrt(N_c · max(Qp_l, 1)) as tensors.
+    """
+    pow2 = torch.exp2(high_bit - bit)
+    qn, qp = int_range_t(bit)
+    s_eff = _per_channel(grad_scale(scale, lsq_g_t(w[0].numel(), qp)), w) * pow2
+    with torch.no_grad():
+        w_l = torch.clamp(round_shift_t(stored_int(w, scale, high_bit), pow2, rounding), qn, qp)
+    q = torch.clamp(w / s_eff, qn, qp)
+    t = (q + (w_l - q).detach()) * s_eff
+    return w_l * s_eff.detach() + (t - t.detach())
+
+
+def quantize_activation_t(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    index: torch.Tensor,
+    bit: torch.Tensor,
+    signed: bool,
+) -> torch.Tensor:
+    """:func:`quantize_activation` (composite path) with the bit and its step picked by data.
+
+    Args:
+        x: any shape.
+        scales: the per-bit steps stacked, shape [K] (e.g. ``torch.stack`` of a layer's ``act_scales``).
+        index: 0-dim int64, which entry of ``scales`` is the active bit's step; only that entry gets a gradient
+            (the others get zeros: an index_select, no device sync).
+        bit: the active bit as a 0-dim float32 tensor (an integer in 1..8).
+        signed: signed or unsigned range (a Python bool: fixed per layer once initialised).
+    """
+    scale = scales.index_select(0, index.reshape(1)).reshape(())
+    qn, qp = int_range_t(bit, signed)
+    s = grad_scale(scale, lsq_g_t(x.numel(), qp))
     q = torch.clamp(x / s, qn, qp)
     return (q + (torch.round(q) - q).detach()) * s
 

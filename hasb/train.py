@@ -87,6 +87,7 @@ from .metrics import BN_NOTE, metric_fields, pass_name, summary_line, write_metr
 from .models import UnknownModelError, build_model, build_record, model_task, state_dict_mismatch
 from .modules import QUANT_TYPES
 from .quantize import (
+    bits_as_data,
     get_spec,
     init_quantizers,
     quantize_like,
@@ -547,12 +548,10 @@ def _start(run: Run) -> None:
     if run.dist.world > 1:
         broadcast_state(run.model)
     if run.cfg.compile:
-        if run.cfg.stage in ("float", "multi"):
-            run.ctx.fwd = torch.compile(run.model)
-        else:  # per-layer configs vary every pass: compile leaves (≤ one graph per bit each) not the whole net
-            for m in run.model.modules():
-                if isinstance(m, QUANT_TYPES):
-                    m.compile()
+        if run.cfg.stage != "float":
+            # every pass switches the bit config: as data (tensor buffers), one graph serves them all
+            bits_as_data(run.model)
+        run.ctx.fwd = torch.compile(run.model)
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -142,7 +142,7 @@ class TrainConfig:
     device: str = device_option()
     bf16: bool = option(False, help="bfloat16 autocast (GPU)")
     compile: bool = option(
-        False, help="torch.compile (whole model in the multi stage, each quantized layer in the supernet stage)"
+        False, help="torch.compile the whole model (multi/supernet: with bits as data, one graph for every bit config)"
     )
     checkpoint_every: int = option(0, help="also checkpoint every N steps (0: end of each epoch only)")
     resume: bool = option(False, help="continue DIR/checkpoint.pt exactly (same options)")
