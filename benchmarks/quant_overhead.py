@@ -114,28 +114,38 @@ def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool) -> dict:
     return {"ms": ms, "first_s": first, "graphs": counter.graphs}
 
 
+SETTINGS = ("float", "float_c", "w4_composite", "w4_kernels", "multi_kernels", "w4_c", "multi_c", "multi_data_c")
+
+
 def row(spec: str, args, dev: torch.device) -> dict:
+    """Every setting of ``args.settings`` for one model (a subset keeps a device call short)."""
     name, size, batch = parse_model(spec)
     fmodel, x, y, loss_fn = make(name, size, batch, dev)
     qmodel = hasb.quantize_model(copy.deepcopy(fmodel), bits=(8, 6, 4, 2), example_input=x[:2])
     hasb.init_quantizers(qmodel, x[:8])
     qmodel.train()
-    r = {"model": spec}
-    r["float"] = measure(fmodel, x, y, loss_fn, [None], args, dev, False)
-    r["float_c"] = measure(copy.deepcopy(fmodel), x, y, loss_fn, [None], args, dev, True)
+    want = set(args.settings)
+    plan = [  # (key, model factory, bit passes, compiled, kernels on)
+        ("float", lambda: fmodel, [None], False, True),
+        ("float_c", lambda: copy.deepcopy(fmodel), [None], True, True),
+        ("w4_composite", lambda: qmodel, [None], False, False),
+        ("w4_kernels", lambda: qmodel, [None], False, True),
+        ("multi_kernels", lambda: qmodel, [8, 6, 4, 2], False, True),
+        ("w4_c", lambda: qmodel, [None], True, True),
+        ("multi_c", lambda: qmodel, [8, 6, 4, 2], True, True),
+        # the same weights, bits as tensors: one graph for every config
+        ("multi_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
+    ]
+    r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)
-    K.enable(False)
-    r["w4_composite"] = measure(qmodel, x, y, loss_fn, [None], args, dev, False)
+    for key, model, bits, compiled, kernels in plan:
+        if key not in want:
+            continue
+        K.enable(kernels)
+        torch._dynamo.reset()  # every compiled setting counts its own graphs and compile seconds
+        r[key] = measure(model(), x, y, loss_fn, bits, args, dev, compiled)
+        hasb.set_config(qmodel, 4)
     K.enable(True)
-    r["w4_kernels"] = measure(qmodel, x, y, loss_fn, [None], args, dev, False)
-    r["multi_kernels"] = measure(qmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, False)
-    torch._dynamo.reset()
-    r["w4_c"] = measure(qmodel, x, y, loss_fn, [None], args, dev, True)
-    r["multi_c"] = measure(qmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, True)
-    torch._dynamo.reset()
-    dmodel = hasb.bits_as_data(copy.deepcopy(qmodel))  # the same weights, bits as tensors
-    r["multi_data_c"] = measure(dmodel, x, y, loss_fn, [8, 6, 4, 2], args, dev, True)
-    torch._dynamo.reset()
     print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
     return r
 
@@ -153,14 +163,34 @@ def print_table(rows: list[dict], args, dev: torch.device) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fe, fc = r["float"]["ms"], r["float_c"]["ms"]
-        print(
-            f"| {r['model']} | {fe:.2f} | {fc:.2f} | {r['w4_composite']['ms'] / fe:.2f}x | "
-            f"{r['w4_kernels']['ms'] / fe:.2f}x | {r['w4_c']['ms'] / fc:.2f}x | {r['multi_kernels']['ms'] / fe:.2f}x | "
-            f"{r['multi_c']['ms'] / fc:.2f}x | {r['multi_data_c']['ms'] / fc:.2f}x | "
-            f"{r['float_c']['first_s']:.0f} / {r['multi_c']['first_s']:.0f} / {r['multi_data_c']['first_s']:.0f} "
-            f"({r['float_c']['graphs']} / {r['multi_c']['graphs']} / {r['multi_data_c']['graphs']}) |"
-        )
+        print(table_line(r))
+
+
+def table_line(r: dict) -> str:
+    """One markdown row; '–' for a setting that was not run."""
+
+    def ms(k: str) -> float:
+        return r[k]["ms"] if k in r else float("nan")
+
+    def ratio(k: str, base: str) -> str:
+        return f"{ms(k) / ms(base):.2f}x" if k in r and base in r else "–"
+
+    def comp(k: str, what: str) -> str:
+        return f"{r[k][what]:.0f}" if k in r else "–"
+
+    cols = [
+        f"{ms('float'):.2f}",
+        f"{ms('float_c'):.2f}",
+        ratio("w4_composite", "float"),
+        ratio("w4_kernels", "float"),
+        ratio("w4_c", "float_c"),
+        ratio("multi_kernels", "float"),
+        ratio("multi_c", "float_c"),
+        ratio("multi_data_c", "float_c"),
+        " / ".join(comp(k, "first_s") for k in ("float_c", "multi_c", "multi_data_c"))
+        + f" ({' / '.join(comp(k, 'graphs') for k in ('float_c', 'multi_c', 'multi_data_c'))})",
+    ]
+    return f"| {r['model']} | " + " | ".join(cols) + " |"
 
 
 def main() -> None:
@@ -172,8 +202,12 @@ def main() -> None:
     ap.add_argument(
         "--backend", default="inductor", help="torch.compile backend behind the graph counter (aot_eager: CPU smoke)"
     )
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
     ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default on CUDA: bf16)")
     args = ap.parse_args()
+    args.settings = args.settings.split(",")
+    if unknown := sorted(set(args.settings) - set(SETTINGS)):
+        ap.error(f"unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(SETTINGS)}")
     dev = torch.device(args.device)
     args.bf16 = args.bf16 and dev.type == "cuda"
     torch.backends.cudnn.benchmark = dev.type == "cuda"
