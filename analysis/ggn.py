@@ -83,7 +83,7 @@ def ggn_block_products(
             Jv = output_tangents(model, x, names[l], params[l], Vl[s : s + chunk])
             U = loss_hessian_product(loss_fn, z, y, Jv)
             with torch.enable_grad():
-                (h,) = torch.autograd.grad(z, params[l], U, retain_graph=True, is_grads_batched=True)
-            parts.append(h)
+                (h,) = torch.autograd.grad(z, params[l], U, retain_graph=True, is_grads_batched=True, allow_unused=True)
+            parts.append(torch.zeros_like(Vl[s : s + chunk]) if h is None else h)  # None: z does not use W_l
         out[l] = torch.cat(parts) if parts else torch.zeros_like(Vl)
     return out

@@ -133,7 +133,8 @@ class HessianOperator:
         backend: "auto", "double_backward", "func" or "ggn_block" (see the module docstring).
         max_block: most probes per ``vmap`` call (func and ggn_block backends).
         memory_limit: bytes a func ``vmap`` chunk may use (CUDA only; calibrated on first use).
-        cache_graphs: keep each batch's gradient graph between calls (double backward).  Default:
+        cache_graphs: keep each batch's gradient graph (double backward) or forward graph (ggn_block)
+            between calls.  Default:
             only when this rank has a single batch (the graph of many batches may not fit).
         distributed: shard batches over ranks and all-reduce; default: when torch.distributed is initialised.
 

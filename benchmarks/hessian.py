@@ -99,8 +99,9 @@ def _column_fn(col: str, model, data, V, P: int, dev):
     x, y = data[0]
     if col == "pyhessian":
         return _pyhessian_fn(model, x, y, P, dev), P
-    if col == "ggn_block":  # every layer's restricted probes in one call: L·P products
+    if col == "ggn_block":  # every layer's restricted probes in one call: L·P products (warmed up on 1 per layer)
         gop = HessianOperator(model, data, backend="ggn_block", max_block=P, cache_graphs=False)
+        gop.block_hvp({l: v[:1] for l, v in enumerate(V)})
         Vb = dict(enumerate(V))
         return (lambda: gop.block_hvp(Vb)), P * len(V)
     backend = "func" if col == "func" else "double_backward"
@@ -111,7 +112,10 @@ def _column_fn(col: str, model, data, V, P: int, dev):
 
 
 def cost_row(name: str, args, dev, columns: list[str]) -> dict:
-    """One model's row: gradient time, then per column the seconds per HVP ÷ one gradient and peak GiB."""
+    """One model's row: gradient time, then per column the seconds per HVP ÷ one gradient and peak GiB.
+
+    The divisor is the faster of the first gradient timing and one taken right after the column (the load of
+    a shared machine drifts between columns; the faster one is the closer to the unloaded cost)."""
     torch.manual_seed(0)
     model = build_model(name, in_channels=args.in_channels, image_size=args.image_size).to(dev).eval()
     data = [_random_batch(args, dev, args.batch)]
@@ -126,8 +130,10 @@ def cost_row(name: str, args, dev, columns: list[str]) -> dict:
         t0 = time.perf_counter()
         try:
             fn, n = _column_fn(col, model, data, V, P, dev)
-            t, m = _timed(fn, dev, args.reps)
-            res[col], res[f"{col}_GiB"] = t / n / t_grad, m
+            ggn = col == "ggn_block"  # one call is already an average over L·P products, and L times longer
+            t, m = _timed(fn, dev, 1 if ggn else args.reps, warm=not ggn)
+            t_g, _ = _timed(op.gradient, dev, args.reps, warm=False)  # paired: a shared machine's load drifts
+            res[col], res[f"{col}_GiB"] = t / n / min(t_g, t_grad), m
         except (RuntimeError, ImportError, HVPError) as e:  # missing forward AD, not piecewise linear, no pyhessian
             res[col] = res[f"{col}_GiB"] = float("nan")
             _log(f"[{name}] {col} unavailable: {str(e).splitlines()[0][:150]}")
