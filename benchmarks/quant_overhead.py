@@ -114,7 +114,17 @@ def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool) -> dict:
     return {"ms": ms, "first_s": first, "graphs": counter.graphs}
 
 
-SETTINGS = ("float", "float_c", "w4_composite", "w4_kernels", "multi_kernels", "w4_c", "multi_c", "multi_data_c")
+SETTINGS = (
+    "float",
+    "float_c",
+    "w4_composite",
+    "w4_kernels",
+    "multi_kernels",
+    "w4_c",
+    "w4_data_c",
+    "multi_c",
+    "multi_data_c",
+)
 
 
 def row(spec: str, args, dev: torch.device) -> dict:
@@ -133,6 +143,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
         ("multi_kernels", lambda: qmodel, [8, 6, 4, 2], False, True),
         ("w4_c", lambda: qmodel, [None], True, True),
         ("multi_c", lambda: qmodel, [8, 6, 4, 2], True, True),
+        ("w4_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [None], True, True),
         # the same weights, bits as tensors: one graph for every config
         ("multi_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
     ]
@@ -158,10 +169,11 @@ def print_table(rows: list[dict], args, dev: torch.device) -> None:
     )
     print(
         "| model | float eager ms | float compiled ms | W4A4 eager composite | W4A4 eager kernels | W4A4 compiled "
+        "| W4A4 compiled, bits as data "
         "| 4-pass eager kernels ÷ eager float | 4-pass compiled ÷ compiled float | 4-pass compiled, bits as data "
         "÷ compiled float | compile s float / 4-pass / 4-pass bits as data (graphs) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(table_line(r))
 
@@ -184,6 +196,7 @@ def table_line(r: dict) -> str:
         ratio("w4_composite", "float"),
         ratio("w4_kernels", "float"),
         ratio("w4_c", "float_c"),
+        ratio("w4_data_c", "float_c"),
         ratio("multi_kernels", "float"),
         ratio("multi_c", "float_c"),
         ratio("multi_data_c", "float_c"),

@@ -9,7 +9,8 @@ precision (``fp``).
 
 Bits as data (:func:`hasb.quantize.bits_as_data`): every layer also mirrors its active bits in 0-dim tensor
 buffers, updated in place whenever the bits change, and its forward reads only those (through
-:func:`hasb.quantizer.quantize_weight_t` / :func:`~hasb.quantizer.quantize_activation_t`); SwitchBatchNorm picks its
+:func:`hasb.quantizer.quantize_weight_c` / :func:`~hasb.quantizer.quantize_activation_c`, the ``*_t`` functions
+with the active bit's constants precomputed into small buffers at every switch); SwitchBatchNorm picks its
 entry by a tensor index.  ``torch.compile`` then traces one graph for every bit config (only a switch to or from
 ``fp`` changes a Python value the graph depends on).  Values and gradients are those of the int path; the unused
 per-bit parameters (activation scales of other bits, BN entries of other keys) keep ``grad = None`` as there, by
@@ -43,6 +44,10 @@ else:
     _MixinBase = object
 
 _Size2 = tuple[int, int]
+
+# bit codes 0 (fp) .. 8: the side of the lookup tables (SwitchBatchNorm's entry, a layer's per-bit constants)
+_CODES = 9
+_DATA_BUFFERS = ("_w_bit_t", "_a_bit_t", "_a_idx_t", "_w_tab", "_w_c", "_a_tab", "_a_c")
 
 
 def _bit_code(bit: int | None) -> int:
@@ -94,6 +99,10 @@ class QuantMixin(_MixinBase):
     _w_bit_t: torch.Tensor  # data-mode buffers: weight bit, activation bit (0 = fp), index into candidate_bits
     _a_bit_t: torch.Tensor
     _a_idx_t: torch.Tensor
+    _w_c: torch.Tensor  # [4] (Qn, Qp, 2^Δ, g) of the active weight bit, copied from the row of _w_tab at a switch
+    _a_c: torch.Tensor  # [2] (Qn, Qp) of the active activation bit, copied from the row of _a_tab at a switch
+    _w_tab: torch.Tensor  # [9, 4] per bit code (row 0, fp: unused)
+    _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
 
     def _init_quant(
         self,
@@ -170,7 +179,7 @@ class QuantMixin(_MixinBase):
             h.remove()
         self._data_hooks: list[Any] = []
         if not on:
-            for n in ("_w_bit_t", "_a_bit_t", "_a_idx_t"):
+            for n in _DATA_BUFFERS:
                 self._buffers.pop(n, None)
                 self._non_persistent_buffers_set.discard(n)
             self.bits_data = False
@@ -179,6 +188,12 @@ class QuantMixin(_MixinBase):
         self.register_buffer("_w_bit_t", torch.zeros((), device=dev), persistent=False)
         self.register_buffer("_a_bit_t", torch.zeros((), device=dev), persistent=False)
         self.register_buffer("_a_idx_t", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
+        per_ch = self.weight[0].numel()
+        w_tab = [(1.0, 1.0, 1.0, 1.0)] + [Q.weight_consts(b, self.high_bit, per_ch) for b in range(1, _CODES)]
+        self.register_buffer("_w_tab", torch.tensor(w_tab, device=dev), persistent=False)
+        self.register_buffer("_w_c", self._w_tab[0].clone(), persistent=False)
+        self.register_buffer("_a_tab", torch.zeros(_CODES, 2, device=dev), persistent=False)
+        self.register_buffer("_a_c", torch.zeros(2, device=dev), persistent=False)
         self._data_required = tuple(sorted({int(b) for b in required}))
         self._data_ready = False
         self._check_data_ready()
@@ -216,10 +231,16 @@ class QuantMixin(_MixinBase):
             )
         self._data_signed = int(self.act_signed) > 0
         self._data_ready = True
+        if "_a_tab" in self._buffers:  # the (Qn, Qp) rows depend on the sign just read
+            rows = [(0.0, 0.0)] + [tuple(map(float, Q.int_range(b, self._data_signed))) for b in range(1, _CODES)]
+            self._a_tab.copy_(torch.tensor(rows))
+            if self.bits_data:
+                self._sync_a()
 
     def _sync_w(self) -> None:
         with torch.no_grad():
             self._w_bit_t.fill_(_bit_code(self._w_bit))
+            self._w_c.copy_(self._w_tab[_bit_code(self._w_bit)])
         self._w_fp = self._w_bit is None
 
     def _sync_a(self) -> None:
@@ -232,6 +253,7 @@ class QuantMixin(_MixinBase):
         with torch.no_grad():
             self._a_bit_t.fill_(_bit_code(b))
             self._a_idx_t.fill_(0 if b is None else self.candidate_bits.index(b))
+            self._a_c.copy_(self._a_tab[_bit_code(b)])
         self._a_fp = b is None
 
     # -- quantization ----------------------------------------------------------
@@ -239,7 +261,7 @@ class QuantMixin(_MixinBase):
         if bit is None and self.bits_data:
             if self._w_fp:
                 return self.weight
-            return Q.quantize_weight_t(self.weight, self.w_scale, self._w_bit_t, self.high_bit, self.rounding)
+            return Q.quantize_weight_c(self.weight, self.w_scale, self._w_c, self.high_bit, self.rounding)
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
@@ -271,7 +293,7 @@ class QuantMixin(_MixinBase):
         if not self._data_ready:  # a state dict was loaded: re-check (and re-read the sign) once
             self._check_data_ready()
         scales = torch.stack([self.act_scales[str(b)] for b in self.candidate_bits])
-        return Q.quantize_activation_t(x, scales, self._a_idx_t, self._a_bit_t, self._data_signed)
+        return Q.quantize_activation_c(x, scales, self._a_idx_t, self._a_c)
 
     @torch.compiler.disable
     def _lazy_init(self, x: torch.Tensor, b: int) -> None:
@@ -478,10 +500,6 @@ class SwitchBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, mode={self.mode}, keys={list(self.bns.keys())}"
-
-
-# bit codes 0 (fp) .. 8: the lookup table's side
-_CODES = 9
 
 
 def _pick(ts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

@@ -287,7 +287,29 @@ def quantize_weight_t(
     """
     pow2 = torch.exp2(high_bit - bit)
     qn, qp = int_range_t(bit)
-    s_eff = _per_channel(grad_scale(scale, lsq_g_t(w[0].numel(), qp)), w) * pow2
+    consts = torch.stack([qn, qp, pow2, lsq_g_t(w[0].numel(), qp)])
+    return quantize_weight_c(w, scale, consts, high_bit, rounding)
+
+
+def weight_consts(bit: int, high_bit: int, n: int) -> tuple[float, float, float, float]:
+    """(Qn, Qp, 2^Δ, g) of :func:`quantize_weight` at ``bit`` for ``n`` weights per output channel: the numbers the
+    int path uses (stored in a float32 tensor, g rounds as the int path's multiply by a Python float rounds it)."""
+    qn, qp = int_range(bit)
+    return float(qn), float(qp), float(2 ** (high_bit - bit)), 1.0 / math.sqrt(n * max(qp, 1))
+
+
+def quantize_weight_c(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    consts: torch.Tensor,
+    high_bit: int,
+    rounding: Rounding = "half_up",
+) -> torch.Tensor:
+    """:func:`quantize_weight_t` with the bit's constants precomputed: ``consts`` [4] float32 = (Qn, Qp, 2^Δ, g)
+    (:func:`weight_consts`).  A compiled kernel then only loads them: computed from a bit tensor inside the graph,
+    inductor recomputes exp2 and a float64 sqrt for every vector of weights (measured on CPU)."""
+    qn, qp, pow2, g = consts.unbind()
+    s_eff = _per_channel(grad_scale(scale, g), w) * pow2
     with torch.no_grad():
         w_l = torch.clamp(round_shift_t(stored_int(w, scale, high_bit), pow2, rounding), qn, qp)
     q = torch.clamp(w / s_eff, qn, qp)
@@ -312,8 +334,15 @@ def quantize_activation_t(
         bit: the active bit as a 0-dim float32 tensor (an integer in 1..8).
         signed: signed or unsigned range (a Python bool: fixed per layer once initialised).
     """
-    scale = scales.index_select(0, index.reshape(1)).reshape(())
     qn, qp = int_range_t(bit, signed)
+    return quantize_activation_c(x, scales, index, torch.stack([qn, qp]))
+
+
+def quantize_activation_c(x: torch.Tensor, scales: torch.Tensor, index: torch.Tensor, qrange: torch.Tensor):
+    """:func:`quantize_activation_t` with the active bit's range precomputed: ``qrange`` [2] float32 = (Qn, Qp)
+    (no exp2 of the bit inside the compiled kernels); ``scales``, ``index`` as there."""
+    scale = scales.index_select(0, index.reshape(1)).reshape(())
+    qn, qp = qrange.unbind()
     s = grad_scale(scale, lsq_g_t(x.numel(), qp))
     q = torch.clamp(x / s, qn, qp)
     return (q + (torch.round(q) - q).detach()) * s
