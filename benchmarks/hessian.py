@@ -13,17 +13,17 @@
    (measured gradient-equivalents, forwards included), per-sample VJPs ÷ batch (counted), and whether every
    layer's trace is the Hessian's (piecewise linear).
 3. HVPs needed for 5% relative SE (--rtol) on every layer whose |trace| ≥ 1% (--floor) of the largest
-   (--count-model, '' skips it): full-model Hutchinson vs layer-restricted vs Hutch++ deflation per block.
+   (--count-model, 'none' skips it): full-model Hutchinson vs layer-restricted vs Hutch++ deflation per block.
    Each estimator runs adaptively up to --max-hvp; the projected count extrapolates from its per-layer
    sample variances (full: max_l need_l probes; restricted: Σ_l min(need_l, n_l) with the exact switch;
    hutchpp adds 2·sketch).
 
-CPU default:   python -m benchmarks.hessian --models resnet20 --batch 128 --count-model ''
+CPU default:   python -m benchmarks.hessian --models resnet20 --batch 128 --count-model none
 GPU, one model per call (each ≤ 3 min):
     python -m benchmarks.hessian --models resnet18 --image-size 224 --in-channels 3 --batch 64 --device cuda \\
-        --skip-exact --count-model ''
+        --skip-exact --count-model none
     python -m benchmarks.hessian --skip-cost --models resnet18 --image-size 224 --in-channels 3 --batch 1024 \\
-        --device cuda --count-model ''
+        --device cuda --count-model none
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=4, help="probes per block (vmap width / graph reuse)")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (median)")
     p.add_argument("--columns", default=",".join(COLUMNS), help=f"cost-table columns, from {','.join(COLUMNS)}")
-    p.add_argument("--count-model", default="resnet20", help="model of the HVP-count table ('' skips it)")
+    p.add_argument("--count-model", default="resnet20", help="model of the HVP-count table ('none' or '' skips it)")
     p.add_argument("--count-batch", type=int, default=128, help="calibration images for the count table")
     p.add_argument("--pretrain-steps", type=int, default=100, help="SGD steps on Fashion-MNIST before counting")
     p.add_argument("--rtol", type=float, default=0.05)
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         print_cost_table(a, dev, columns)
     if not a.skip_exact:
         print_exact_table(a, dev)
-    if a.count_model:
+    if a.count_model.strip("'\" ").lower() not in ("", "none"):  # a quoted '' from a shell variable too
         print_count_table(a, dev)
     return 0
 
