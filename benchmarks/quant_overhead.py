@@ -106,12 +106,42 @@ class GraphCounter:
         return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
 
 
-def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool) -> dict:
+def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "") -> dict:
     counter = GraphCounter(args.backend)
     run = torch.compile(model, backend=counter) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    ms, first = timed(train_step(run, x, y, loss_fn, opt, bits, args.bf16), args.iters, args.warmup, dev)
+    step = train_step(run, x, y, loss_fn, opt, bits, args.bf16)
+    ms, first = timed(step, args.iters, args.warmup, dev)
+    if args.profile:
+        profile(step, f"{key} ({ms:.2f} ms/step)", args.profile, dev)
     return {"ms": ms, "first_s": first, "graphs": counter.graphs}
+
+
+def profile(step, title: str, top: int, dev: torch.device, steps: int = 3) -> None:
+    """Where a (warm) step spends device time: the ``top`` kernels by total time over ``steps`` steps, per step,
+    and the kernel launches per step (the question of issue 15: what does bits as data add to a compiled step)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if dev.type == "cuda":  # kernels only: the CPU-side ops would count their kernels twice
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) / steps / 1000
+    launches = sum(e.count for e in events) / steps
+    print(
+        f"\n[profile] {title}: {total:.2f} ms of {'kernels' if dev.type == 'cuda' else 'CPU ops'} per step, "
+        f"{launches:.0f} launches per step; top {top}:"
+    )
+    for e in events[:top]:
+        print(f"  {getattr(e, attr) / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key[:110]}")
 
 
 SETTINGS = (
@@ -154,7 +184,8 @@ def row(spec: str, args, dev: torch.device) -> dict:
             continue
         K.enable(kernels)
         torch._dynamo.reset()  # every compiled setting counts its own graphs and compile seconds
-        r[key] = measure(model(), x, y, loss_fn, bits, args, dev, compiled)
+        r[key] = measure(model(), x, y, loss_fn, bits, args, dev, compiled, key)
+        print(f"[{spec}] {key}: {r[key]}", flush=True)  # a run cut short still leaves its finished settings
         hasb.set_config(qmodel, 4)
     K.enable(True)
     print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
@@ -216,6 +247,9 @@ def main() -> None:
         "--backend", default="inductor", help="torch.compile backend behind the graph counter (aot_eager: CPU smoke)"
     )
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="after timing, print each setting's N top kernels"
+    )
     ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default on CUDA: bf16)")
     args = ap.parse_args()
     args.settings = args.settings.split(",")

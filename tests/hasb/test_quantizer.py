@@ -217,3 +217,30 @@ def test_one_bit_weights_signed_minus_one_zero_with_finite_gradients():
         wq.sum().backward()
         assert torch.isfinite(w.grad).all() and torch.isfinite(s.grad).all()
         w.grad = s.grad = None
+
+
+def test_memory_order_views_and_activation_quantizer_keeps_layout_and_values():
+    """The activation quantizer works on the memory-order view (a coalesced scale-gradient sum when compiled):
+    same values and layout as the logical-order computation, gradients equal up to the sum's round-off."""
+    torch.manual_seed(5)
+    x_c = torch.randn(3, 5, 4, 6) * 2
+    x_l = x_c.to(memory_format=torch.channels_last)
+    view, back = Q.memory_order(x_l)
+    assert view.is_contiguous() and view.shape == (3, 4, 6, 5)
+    assert view.permute(back).stride() == x_l.stride() and torch.equal(view.permute(back), x_c)
+    same, ident = Q.memory_order(x_c)
+    assert same is x_c and ident == [0, 1, 2, 3]
+    odd = x_c[:, :, ::2]  # not a permutation of a contiguous layout: left as it is
+    assert Q.memory_order(odd)[0] is odd
+    gout = torch.randn_like(x_c)
+    outs, grads = [], []
+    for x0 in (x_c, x_l):
+        x, s = x0.clone().requires_grad_(), torch.tensor(0.3, requires_grad=True)
+        with Q.composite_ops():
+            out = Q.quantize_activation(x, s, 4, signed=True)
+        assert out.stride() == x0.stride()
+        (out * gout).sum().backward()
+        outs.append(out)
+        grads.append((x.grad, s.grad))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=0)  # float32 sums in two orders
