@@ -73,11 +73,13 @@ def timed(step, iters: int, warmup: int, dev: torch.device) -> tuple[float, floa
     return 1000 * statistics.median(times), first
 
 
-def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool):
+def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool, cudagraphs: bool = False):
     """One optimizer step over one forward/backward per entry of ``bits`` (None: the model as it is)."""
 
     def step():
         for b in bits:
+            if cudagraphs:  # each pass is a new step for CUDA-graph trees: the last pass's outputs are done
+                torch.compiler.cudagraph_mark_step_begin()
             if b is not None:
                 hasb.set_config(model, b)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -93,24 +95,25 @@ class GraphCounter:
     """A torch.compile backend that counts the graphs it is given and hands them to ``backend`` (inductor: the
     real measurement; ``eager``/``aot_eager`` for a quick smoke run without code generation)."""
 
-    def __init__(self, backend: str = "inductor"):
+    def __init__(self, backend: str = "inductor", cudagraphs: bool = False):
         self.graphs = 0
         self.backend = backend
+        self.cudagraphs = cudagraphs  # inductor's CUDA graphs (mode="reduce-overhead"): no per-kernel host launches
 
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
         if self.backend == "inductor":
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": self.cudagraphs})
         return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
 
 
 def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "") -> dict:
-    counter = GraphCounter(args.backend)
+    counter = GraphCounter(args.backend, cudagraphs=key.endswith("_cg"))
     run = torch.compile(model, backend=counter) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    step = train_step(run, x, y, loss_fn, opt, bits, args.bf16)
+    step = train_step(run, x, y, loss_fn, opt, bits, args.bf16, counter.cudagraphs)
     ms, first = timed(step, args.iters, args.warmup, dev)
     if args.profile:
         profile(step, f"{key} ({ms:.2f} ms/step)", args.profile, dev)
@@ -142,6 +145,14 @@ def profile(step, title: str, top: int, dev: torch.device, steps: int = 3) -> No
     )
     for e in events[:top]:
         print(f"  {getattr(e, attr) / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key[:110]}")
+    if dev.type == "cuda":  # host side: what keeps the GPU waiting (syncs, copies, Python between launches)
+        host = sorted(
+            (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+            key=lambda e: -e.self_cpu_time_total,
+        )
+        print(f"  host, by self CPU time (top {top}):")
+        for e in host[:top]:
+            print(f"  {e.self_cpu_time_total / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key[:110]}")
 
 
 SETTINGS = (
@@ -154,6 +165,8 @@ SETTINGS = (
     "w4_data_c",
     "multi_c",
     "multi_data_c",
+    "w4_data_cg",
+    "multi_data_cg",
 )
 
 
@@ -176,6 +189,9 @@ def row(spec: str, args, dev: torch.device) -> dict:
         ("w4_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [None], True, True),
         # the same weights, bits as tensors: one graph for every config
         ("multi_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
+        # bits as data and CUDA graphs: the data-mode graph's many small kernels without their host launch cost
+        ("w4_data_cg", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [None], True, True),
+        ("multi_data_cg", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
     ]
     r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)
