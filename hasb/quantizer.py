@@ -241,7 +241,8 @@ def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     the order of that sum (its float round-off) follows memory.  Tensors that are not a permutation of a
     contiguous layout come back as they are.
     """
-    perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # stable: ties (size-1 dims) keep their order
+    strides = x.stride()
+    perm = sorted(range(x.dim()), key=lambda d: -strides[d])  # stable: ties (size-1 dims) keep their order
     view = x.permute(perm)
     if perm == list(range(x.dim())) or not view.is_contiguous():
         return x, list(range(x.dim()))
