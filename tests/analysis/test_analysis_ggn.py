@@ -10,7 +10,7 @@ import torch
 import hasb
 from analysis.hvp import HessianOperator, HVPError, rademacher
 from analysis.trace import estimate_traces
-from tests.analysis.test_analysis_exact import (
+from tests.support.exact_nets import (
     DT,
     GeluNet,
     ResBlockNet,
