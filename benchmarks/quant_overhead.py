@@ -73,8 +73,9 @@ def timed(step, iters: int, warmup: int, dev: torch.device) -> tuple[float, floa
     return 1000 * statistics.median(times), first
 
 
-def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool, cudagraphs: bool = False):
-    """One optimizer step over one forward/backward per entry of ``bits`` (None: the model as it is)."""
+def train_step(model: nn.Module, loss_of, opt, bits, cudagraphs: bool = False):
+    """One optimizer step over one forward/backward per entry of ``bits`` (None: the model as it is);
+    ``loss_of()`` runs one pass's forward and loss."""
 
     def step():
         for b in bits:
@@ -82,9 +83,7 @@ def train_step(model: nn.Module, x, y, loss_fn, opt, bits, bf16: bool, cudagraph
                 torch.compiler.cudagraph_mark_step_begin()
             if b is not None:
                 hasb.set_config(model, b)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(model(x), y)
-            loss.backward()
+            loss_of().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -111,9 +110,17 @@ class GraphCounter:
 
 def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "") -> dict:
     counter = GraphCounter(args.backend, cudagraphs=key.endswith("_cg"))
-    run = torch.compile(model, backend=counter) if compiled else model
+    run = torch.compile(model, backend=counter) if compiled and not counter.cudagraphs else model
+
+    def loss_of():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return loss_fn(run(x), y)
+
+    if counter.cudagraphs:  # forward and loss in one CUDA graph: the logits never leave it (the 4-pass step
+        # failed with only the model compiled: CUDA-graph trees found the saved logits overwritten)
+        loss_of = torch.compile(loss_of, backend=counter)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    step = train_step(run, x, y, loss_fn, opt, bits, args.bf16, counter.cudagraphs)
+    step = train_step(model, loss_of, opt, bits, counter.cudagraphs)
     ms, first = timed(step, args.iters, args.warmup, dev)
     if args.profile:
         profile(step, f"{key} ({ms:.2f} ms/step)", args.profile, dev)
