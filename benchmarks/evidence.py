@@ -739,27 +739,7 @@ def groups(wl: Workload) -> list[Group]:
             Row("uniform sampler", same("super_uniform")),
             [Row("HASB sampler", same("super_hasb")), Row("tempered sampler", same("super_tempered"))],
         ),
-        Group(
-            "e",
-            f"e. search on the HASB supernet per average-bit budget: picks made on validation ({wl.eval_val} images), "
-            f"scored once on test ({wl.test_limit or 10000} images); random = best of {wl.n_search} within the "
-            f"budget, Optuna = best of "
-            f"{wl.n_search} TPE trials (proposals over the budget: {OPTUNA_INFEASIBLE})",
-            [str(b) for b in wl.budgets],
-            Row("uniform at or below the budget", at("uniform")),
-            [
-                Row("Ω-ILP pick", at("ilp")),
-                Row("best random", at("random")),
-                Row(f"best Optuna ({OPTUNA_INFEASIBLE})", at("optuna")),
-            ],
-            headers=[f"≤ {b} bits" for b in wl.budgets],
-            extra=[
-                Row("% of random configs beating the ILP pick (val)", at("ilp_beaten")),
-                Row("% of Optuna trials (evaluated) within the budget", at("optuna_within")),
-                Row("% of Optuna's proposals within the budget (as proposed)", at("optuna_proposed_within")),
-                Row("average-bit equivalent of the ILP pick", at("ilp_avgbit")),
-            ],
-        ),
+        _search_group(wl, at),
         Group(
             "f",
             f"f. proxy quality: Spearman ρ(Σ Ω, validation loss increase over {label(wl, wl.bits[0])}) over "
@@ -770,6 +750,31 @@ def groups(wl: Workload) -> list[Group]:
             headers=["ρ"],
         ),
     ]
+
+
+def _search_group(wl: Workload, at) -> Group:
+    """Group e: the searches on the HASB supernet per average-bit budget."""
+    return Group(
+        "e",
+        f"e. search on the HASB supernet per average-bit budget: picks made on validation ({wl.eval_val} images), "
+        f"scored once on test ({wl.test_limit or 10000} images); random = best of {wl.n_search} within the "
+        f"budget, Optuna = best of "
+        f"{wl.n_search} TPE trials (proposals over the budget: {OPTUNA_INFEASIBLE})",
+        [str(b) for b in wl.budgets],
+        Row("uniform at or below the budget", at("uniform")),
+        [
+            Row("Ω-ILP pick", at("ilp")),
+            Row("best random", at("random")),
+            Row(f"best Optuna ({OPTUNA_INFEASIBLE})", at("optuna")),
+        ],
+        headers=[f"≤ {b} bits" for b in wl.budgets],
+        extra=[
+            Row("% of random configs beating the ILP pick (val)", at("ilp_beaten")),
+            Row("% of Optuna trials (evaluated) within the budget", at("optuna_within")),
+            Row("% of Optuna's proposals within the budget (as proposed)", at("optuna_proposed_within")),
+            Row("average-bit equivalent of the ILP pick", at("ilp_avgbit")),
+        ],
+    )
 
 
 def values(results: dict, row: Row, col: str, seeds: list[int]) -> dict[int, float]:

@@ -129,13 +129,9 @@ def bench_frontdoor() -> list[tuple[str, str]]:
 
 
 def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]]:
-    import optuna
-
     import hasb
     from hasb.models import build_model
     from search import ilp
-    from search.optuna_search import run_study
-    from search.pareto import hypervolume
     from tests.support.fakes import fake_sensitivity
 
     m = hasb.quantize_model(build_model("resnet20"))
@@ -144,42 +140,10 @@ def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]
     budget = cm.parse_budget("3.5")
     cons = [ilp.constraint_from_budget(budget)]
     seeds = [s.unit_choice for s in ilp.k_best(space, cons, 3)] + [uc for _, uc in ilp.uniform_choices(space)]
-    scale = space.evaluate(ilp.uniform_choices(space)[-1][1])["objective"]  # Ω of all-2-bit
     out = []
     for sampler in ("nsga2", "tpe"):
-        hvs, ms = [], []
-        for seed in range(n_seeds):
-            rng = np.random.default_rng(1000 + seed)
-
-            def fn(cfg, rng=rng):
-                o = space.evaluate(space.unit_choice_of(cfg))["objective"]
-                # proxy accuracy in [0, 1]: less perturbation → higher, plus evaluation noise (s.d. 0.005)
-                return float(np.exp(-3 * o / scale) + rng.normal(0, 0.005)), 0.0
-
-            t = time.perf_counter()
-            st = run_study(
-                space,
-                fn,
-                constraints=cons,
-                storage=optuna.storages.InMemoryStorage(),
-                study_name="b",
-                n_trials=n_trials,
-                sampler=sampler,
-                seed=seed,
-                seeds=seeds,
-            )
-            ms.append((time.perf_counter() - t) / n_trials * 1e3)
-            pts = np.array(
-                [
-                    [t.values[1], t.values[0]]
-                    for t in st.get_trials()
-                    if t.values and all(c <= 0 for c in t.user_attrs["constraint"])
-                ]
-            )
-            lo = cm.uniform_bitops(2) / 1e9
-            hv = hypervolume(pts[:, 0], pts[:, 1], budget.limit / 1e9, 0.0) / ((budget.limit / 1e9 - lo) * 1.0)
-            hvs.append(hv)
-        hvs = np.array(hvs)
+        runs = [_sampler_run(space, cm, budget, cons, seeds, sampler, seed, n_trials) for seed in range(n_seeds)]
+        hvs, ms = np.array([hv for hv, _ in runs]), [t for _, t in runs]
         out.append(
             (
                 f"Optuna {sampler}: normalised hypervolume after {n_trials} trials "
@@ -189,6 +153,41 @@ def bench_samplers(n_trials: int = 80, n_seeds: int = 5) -> list[tuple[str, str]
             )
         )
     return out
+
+
+def _sampler_run(space, cm, budget, cons, seeds, sampler: str, seed: int, n_trials: int) -> tuple[float, float]:
+    """One seeded Optuna study on a noisy proxy accuracy: (normalised hypervolume, ms per trial)."""
+    import optuna
+
+    from search import ilp
+    from search.optuna_search import run_study
+    from search.pareto import hypervolume
+
+    scale = space.evaluate(ilp.uniform_choices(space)[-1][1])["objective"]  # Ω of all-2-bit
+    rng = np.random.default_rng(1000 + seed)
+
+    def fn(cfg):
+        o = space.evaluate(space.unit_choice_of(cfg))["objective"]
+        # proxy accuracy in [0, 1]: less perturbation → higher, plus evaluation noise (s.d. 0.005)
+        return float(np.exp(-3 * o / scale) + rng.normal(0, 0.005)), 0.0
+
+    t = time.perf_counter()
+    st = run_study(
+        space,
+        fn,
+        constraints=cons,
+        storage=optuna.storages.InMemoryStorage(),
+        study_name="b",
+        n_trials=n_trials,
+        sampler=sampler,
+        seed=seed,
+        seeds=seeds,
+    )
+    ms = (time.perf_counter() - t) / n_trials * 1e3
+    feasible = [t for t in st.get_trials() if t.values and all(c <= 0 for c in t.user_attrs["constraint"])]
+    pts = np.array([[t.values[1], t.values[0]] for t in feasible])
+    lo = cm.uniform_bitops(2) / 1e9
+    return hypervolume(pts[:, 0], pts[:, 1], budget.limit / 1e9, 0.0) / ((budget.limit / 1e9 - lo) * 1.0), ms
 
 
 def main() -> int:
