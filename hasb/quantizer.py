@@ -236,10 +236,10 @@ def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     permutation that undoes it (``view.permute(back)`` is ``x`` again, same strides).
 
     Why: the scale gradient of an activation quantizer sums over every element, and inductor lowers a full
-    reduction in logical order; over a channels_last activation that reads memory with a stride of C and took
-    1.4 ms per 51 M-element layer on the H200 (≈ 10x a coalesced read).  Elementwise results are unchanged; only
-    the order of that sum (its float round-off) follows memory.  Tensors that are not a permutation of a
-    contiguous layout come back as they are.
+    reduction in logical order; over a channels_last activation that reads memory with a stride of C (1.4 ms
+    per 51 M-element layer on the H200; 0.8 ms in memory order, benchmarks/RESULTS.md).  Elementwise results are
+    unchanged; only the order of that sum (its float round-off) follows memory.  Tensors that are not a
+    permutation of a contiguous layout come back as they are.
     """
     strides = x.stride()
     perm = sorted(range(x.dim()), key=lambda d: -strides[d])  # stable: ties (size-1 dims) keep their order

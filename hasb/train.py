@@ -552,7 +552,7 @@ def _start(run: Run) -> None:
             # every step samples new mixed configs: with bits as data (tensor buffers) one graph serves them all.
             # Multi-precision keeps one specialised graph per uniform bit: on an H200 its compiled 4-pass
             # ResNet-18@224 step costs 6.0x a compiled float step against 9.0x with bits as data (session 6)
-            # (benchmarks/RESULTS.md), which repays the longer compile (176 vs 82 s) within a few thousand steps.
+            # (benchmarks/RESULTS.md), which repays the longer compile (126 vs ~74 s) after about a thousand steps.
             bits_as_data(run.model)
         run.ctx.fwd = torch.compile(run.model)
 
