@@ -496,7 +496,7 @@ class SwitchBatchNorm(nn.Module):
         rv = _pick([cast(torch.Tensor, m.running_var) for m in entries], idx)
         if not e.training:
             return F.batch_norm(x, rm, rv, w, b, False, 0.0, e.eps)
-        return _train_and_update(x, entries, idx, w, b)
+        return _train_and_update(x, entries, idx, w, b, rm, rv)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, mode={self.mode}, keys={list(self.bns.keys())}"
@@ -513,19 +513,21 @@ def _train_and_update(
     idx: torch.Tensor,
     w: torch.Tensor | None,
     b: torch.Tensor | None,
+    rm: torch.Tensor,
+    rv: torch.Tensor,
 ) -> torch.Tensor:
     """Train-mode BN with batch statistics; running statistics of entry ``idx`` only updated, as BatchNorm does.
 
-    F.batch_norm updates the picked copies in place with the entry's momentum (the native update, bit for bit);
-    momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch statistics) and
-    mixes by the selected entry's count as a tensor.  Every entry is written back through a 0/1 mask.
+    ``rm``, ``rv``: the picked copies of the entry's running statistics (fresh tensors, not the buffers).
+    F.batch_norm updates them in place with the entry's momentum (the native update, bit for bit); momentum None
+    (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch statistics) and mixes by the
+    selected entry's count as a tensor.  Every entry is written back through a 0/1 mask.
     """
     e = entries[0]
     mask = torch.arange(len(entries), device=idx.device) == idx  # [K] bool
     rms = [cast(torch.Tensor, m.running_mean) for m in entries]
     rvs = [cast(torch.Tensor, m.running_var) for m in entries]
     nbts = [cast(torch.Tensor, m.num_batches_tracked) for m in entries]
-    rm, rv = _pick(rms, idx), _pick(rvs, idx)
     out = F.batch_norm(x, rm, rv, w, b, True, 1.0 if e.momentum is None else e.momentum, e.eps)
     with torch.no_grad():
         for k, n in enumerate(nbts):
