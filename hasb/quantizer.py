@@ -225,6 +225,13 @@ def quantize_activation(
         # ATen's fused LSQ kernel: same forward (round-half-even) and the same x / scale gradients
         s1 = scale.reshape(1).float()
         return torch._fake_quantize_learnable_per_tensor_affine(x, s1, torch.zeros_like(s1), qn, qp, g)
+    return lsq_fake_quant(x, scale, g, qn, qp)
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> torch.Tensor:
+    """round(clip(x / s, Qn, Qp)) · s with LSQ's gradients (STE for x, g-scaled for the step), computed on the
+    memory-order view of ``x`` (:func:`memory_order`) and returned in its layout.  ``scale``: 0-dim step s;
+    ``g``, ``qn``, ``qp``: Python numbers (int path) or 0-dim tensors (bits as data)."""
     xm, back = memory_order(x)
     s = grad_scale(scale, g)
     q = torch.clamp(xm / s, qn, qp)
@@ -362,10 +369,7 @@ def quantize_activation_c(x: torch.Tensor, scales: torch.Tensor, index: torch.Te
     (no exp2 of the bit inside the compiled kernels); ``scales``, ``index`` as there."""
     scale = scales.index_select(0, index.reshape(1)).reshape(())
     qn, qp = qrange.unbind()
-    xm, back = memory_order(x)  # a coalesced scale-gradient sum (see memory_order)
-    s = grad_scale(scale, lsq_g_t(x.numel(), qp))
-    q = torch.clamp(xm / s, qn, qp)
-    return ((q + (torch.round(q) - q).detach()) * s).permute(back)
+    return lsq_fake_quant(x, scale, lsq_g_t(x.numel(), qp), qn, qp)
 
 
 def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:
