@@ -2,10 +2,12 @@
 
 For each model: the float step (eager and ``torch.compile``), one hasb W4A4 pass (eager through the composite ops,
 eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and the 4-pass multi-precision step
-(one forward/backward per candidate bit, one optimizer step), eager with kernels, compiled, and compiled with
-bits as data (``hasb.bits_as_data``: the active bits are tensors, one graph for every config).  Compile cost:
-seconds spent in the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while
-the active bits are Python ints on the layers; with bits as data it should not).
+(one forward/backward and one optimizer step per candidate bit, as hasb's trainer runs Alg. A.2; until session 6
+the benchmark took one optimizer step per 4 passes), eager with kernels, compiled, and compiled with bits as data
+(``hasb.bits_as_data``: the active bits are tensors, one graph for every config); every compiled setting also with
+inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compile cost: seconds spent in the first steps
+and the number of graphs dynamo compiled (switching bit configs recompiles while the active bits are Python ints
+on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
 CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3 --backend aot_eager  (smoke)
@@ -73,19 +75,19 @@ def timed(step, iters: int, warmup: int, dev: torch.device) -> tuple[float, floa
     return 1000 * statistics.median(times), first
 
 
-def train_step(model: nn.Module, loss_of, opt, bits, cudagraphs: bool = False):
-    """One optimizer step over one forward/backward per entry of ``bits`` (None: the model as it is);
-    ``loss_of()`` runs one pass's forward and loss."""
+def train_step(model: nn.Module, loss_of, opt, bits):
+    """One forward/backward and optimizer step per entry of ``bits`` (None: the model as it is), as hasb's
+    trainer runs Alg. A.2 (each precision updates the shared weights in turn); ``loss_of()`` runs one pass's
+    forward and loss.  Gradients are cleared before each backward, so none outlives its pass: CUDA-graph trees
+    may then reuse a pass's output memory for the next pass."""
 
     def step():
         for b in bits:
-            if cudagraphs:  # each pass is a new step for CUDA-graph trees: the last pass's outputs are done
-                torch.compiler.cudagraph_mark_step_begin()
             if b is not None:
                 hasb.set_config(model, b)
+            opt.zero_grad(set_to_none=True)
             loss_of().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            opt.step()
 
     return step
 
@@ -110,21 +112,28 @@ class GraphCounter:
 
 def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "") -> dict:
     counter = GraphCounter(args.backend, cudagraphs=key.endswith("_cg"))
-    run = torch.compile(model, backend=counter) if compiled and not counter.cudagraphs else model
+    run = torch.compile(model, backend=counter) if compiled else model
 
-    def loss_of():
+    def loss_of():  # the model compiled, the loss eager: as ``hasb train --compile`` runs it
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             return loss_fn(run(x), y)
 
-    if counter.cudagraphs:  # forward and loss in one CUDA graph: the logits never leave it (the 4-pass step
-        # failed with only the model compiled: CUDA-graph trees found the saved logits overwritten)
-        loss_of = torch.compile(loss_of, backend=counter)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    step = train_step(model, loss_of, opt, bits, counter.cudagraphs)
+    step = train_step(model, loss_of, opt, bits)
+    skips = _cudagraph_skips()
     ms, first = timed(step, args.iters, args.warmup, dev)
     if args.profile:
         profile(step, f"{key} ({ms:.2f} ms/step)", args.profile, dev)
-    return {"ms": ms, "first_s": first, "graphs": counter.graphs}
+    out = {"ms": ms, "first_s": first, "graphs": counter.graphs}
+    if counter.cudagraphs and dev.type == "cuda":  # graphs inductor compiled but would not capture
+        out["cudagraph_skips"] = _cudagraph_skips() - skips
+    return out
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def profile(step, title: str, top: int, dev: torch.device, steps: int = 3) -> None:
@@ -162,19 +171,22 @@ def profile(step, title: str, top: int, dev: torch.device, steps: int = 3) -> No
             print(f"  {e.self_cpu_time_total / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key[:110]}")
 
 
-SETTINGS = (
-    "float",
-    "float_c",
-    "w4_composite",
-    "w4_kernels",
-    "multi_kernels",
-    "w4_c",
-    "w4_data_c",
-    "multi_c",
-    "multi_data_c",
-    "w4_data_cg",
-    "multi_data_cg",
-)
+# key → (weights: float / int bits / bits as data, bit passes, compiled, fused kernels on); a ``_cg`` key is its
+# ``_c`` twin with inductor's CUDA graphs (what ``mode="reduce-overhead"`` and ``hasb train --compile`` on CUDA use)
+MULTI = [8, 6, 4, 2]
+PLAN: dict[str, tuple[str, list, bool, bool]] = {
+    "float": ("float", [None], False, True),
+    "float_c": ("float", [None], True, True),
+    "w4_composite": ("int", [None], False, False),
+    "w4_kernels": ("int", [None], False, True),
+    "multi_kernels": ("int", MULTI, False, True),
+    "w4_c": ("int", [None], True, True),
+    "multi_c": ("int", MULTI, True, True),
+    "w4_data_c": ("data", [None], True, True),  # the same weights, bits as tensors: one graph for every config
+    "multi_data_c": ("data", MULTI, True, True),
+}
+PLAN.update({k[:-2] + "_cg": v for k, v in PLAN.items() if k.endswith("_c")})
+SETTINGS = tuple(PLAN)
 
 
 def row(spec: str, args, dev: torch.device) -> dict:
@@ -184,30 +196,18 @@ def row(spec: str, args, dev: torch.device) -> dict:
     qmodel = hasb.quantize_model(copy.deepcopy(fmodel), bits=(8, 6, 4, 2), example_input=x[:2])
     hasb.init_quantizers(qmodel, x[:8])
     qmodel.train()
-    want = set(args.settings)
-    plan = [  # (key, model factory, bit passes, compiled, kernels on)
-        ("float", lambda: fmodel, [None], False, True),
-        ("float_c", lambda: copy.deepcopy(fmodel), [None], True, True),
-        ("w4_composite", lambda: qmodel, [None], False, False),
-        ("w4_kernels", lambda: qmodel, [None], False, True),
-        ("multi_kernels", lambda: qmodel, [8, 6, 4, 2], False, True),
-        ("w4_c", lambda: qmodel, [None], True, True),
-        ("multi_c", lambda: qmodel, [8, 6, 4, 2], True, True),
-        ("w4_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [None], True, True),
-        # the same weights, bits as tensors: one graph for every config
-        ("multi_data_c", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
-        # bits as data and CUDA graphs: the data-mode graph's many small kernels without their host launch cost
-        ("w4_data_cg", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [None], True, True),
-        ("multi_data_cg", lambda: hasb.bits_as_data(copy.deepcopy(qmodel)), [8, 6, 4, 2], True, True),
-    ]
+    factory = {
+        "float": lambda: copy.deepcopy(fmodel),
+        "int": lambda: qmodel,
+        "data": lambda: hasb.bits_as_data(copy.deepcopy(qmodel)),
+    }
     r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)
-    for key, model, bits, compiled, kernels in plan:
-        if key not in want:
-            continue
+    for key in (k for k in SETTINGS if k in set(args.settings)):
+        weights, bits, compiled, kernels = PLAN[key]
         K.enable(kernels)
         torch._dynamo.reset()  # every compiled setting counts its own graphs and compile seconds
-        r[key] = measure(model(), x, y, loss_fn, bits, args, dev, compiled, key)
+        r[key] = measure(factory[weights](), x, y, loss_fn, bits, args, dev, compiled, key)
         print(f"[{spec}] {key}: {r[key]}", flush=True)  # a run cut short still leaves its finished settings
         hasb.set_config(qmodel, 4)
     K.enable(True)
@@ -230,6 +230,14 @@ def print_table(rows: list[dict], args, dev: torch.device) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(table_line(r))
+    if any(k.endswith("_cg") for r in rows for k in r):
+        print(
+            "\nWith CUDA graphs (inductor's, as mode='reduce-overhead'), ratios ÷ the compiled float step with CUDA "
+            "graphs (÷ without them in brackets)\n| model | float compiled ms | float, CUDA graphs ms | W4A4 "
+            "| W4A4 bits as data | 4-pass | 4-pass bits as data |\n|---|---|---|---|---|---|---|"
+        )
+        for r in rows:
+            print(cudagraph_line(r))
 
 
 def table_line(r: dict) -> str:
@@ -257,6 +265,22 @@ def table_line(r: dict) -> str:
         " / ".join(comp(k, "first_s") for k in ("float_c", "multi_c", "multi_data_c"))
         + f" ({' / '.join(comp(k, 'graphs') for k in ('float_c', 'multi_c', 'multi_data_c'))})",
     ]
+    return f"| {r['model']} | " + " | ".join(cols) + " |"
+
+
+def cudagraph_line(r: dict) -> str:
+    """One markdown row of the CUDA-graph table; '–' for a setting that was not run."""
+
+    def ms(k: str) -> str:
+        return f"{r[k]['ms']:.2f}" if k in r else "–"
+
+    def ratio(k: str) -> str:
+        if k not in r or "float_cg" not in r:
+            return "–"
+        plain = f" ({r[k]['ms'] / r['float_c']['ms']:.2f}x)" if "float_c" in r else ""
+        return f"{r[k]['ms'] / r['float_cg']['ms']:.2f}x{plain}"
+
+    cols = [ms("float_c"), ms("float_cg")] + [ratio(k) for k in ("w4_cg", "w4_data_cg", "multi_cg", "multi_data_cg")]
     return f"| {r['model']} | " + " | ".join(cols) + " |"
 
 

@@ -554,7 +554,10 @@ def _start(run: Run) -> None:
             # ResNet-18@224 step costs 6.0x a compiled float step against 9.0x with bits as data (session 6)
             # (benchmarks/RESULTS.md), which repays the longer compile (126 vs ~74 s) after about a thousand steps.
             bits_as_data(run.model)
-        run.ctx.fwd = torch.compile(run.model)
+        # CUDA graphs on CUDA: a bits-as-data pass is host-bound without them (2.2-2.5x a compiled float step on
+        # an H200, 1.36x with them; benchmarks/RESULTS.md). Safe here: every pass clears the gradients before
+        # its backward and consumes its outputs before the next pass replays the graphs over their memory.
+        run.ctx.fwd = torch.compile(run.model, mode="reduce-overhead" if run.device.type == "cuda" else None)
 
 
 def train(cfg: TrainConfig) -> Path:

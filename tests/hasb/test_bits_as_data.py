@@ -292,3 +292,54 @@ def test_train_compile_multi_specialises_and_supernet_is_one_graph_with_the_unco
             assert all(torch.equal(s, w["act_scales"][bit]) for bit, s in v["act_scales"].items()), f"{stage} {k}"
         assert all(torch.equal(v, b["rest"][k]) for k, v in a["rest"].items()), f"{stage}: BN entries differ"
     torch._dynamo.reset()
+
+
+def _tensors(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested checkpoint dict, by dotted name."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_tensors(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_train_compile_on_cuda_uses_cuda_graphs_and_trains_the_same_weights(tmp_path, monkeypatch):
+    """On CUDA, --compile captures the compiled passes in CUDA graphs (mode="reduce-overhead"): no graph is
+    skipped, and the trained weights are bit-identical to the same compile without CUDA graphs (the same kernels
+    replayed), for multi-precision (one graph per bit) and the supernet (bits as data)."""
+    from torch._dynamo.utils import counters
+
+    from hasb.export import read_checkpoint
+    from hasb.train import TrainConfig, train
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same conv algorithms in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    base = dict(model="small_cnn", epochs=1, batch_size=32, train_limit=128, val_limit=32, lr=3e-3, progress=False)
+    base.update(device="cuda", compile=True)
+    stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
+    for stage, kw in stages.items():
+        outs = {}
+        for graphs in (False, True):
+            modes: list = []
+
+            def compile_(m, mode=None, graphs=graphs, modes=modes, **k):
+                modes.append(mode)  # what train asked for; the reference run compiles without CUDA graphs
+                return real_compile(m, mode=mode if graphs else None, **k)
+
+            monkeypatch.setattr(torch, "compile", compile_)
+            torch._dynamo.reset()
+            skips = counters["inductor"]["cudagraph_skips"]
+            if stage == "supernet":
+                kw["init"] = str(tmp_path / f"multi-{graphs}" / "model.pt")
+            outs[graphs] = train(TrainConfig(out=str(tmp_path / f"{stage}-{graphs}"), **base, **kw))
+            assert modes == ["reduce-overhead"], "train --compile asks for CUDA graphs on CUDA"
+            assert counters["inductor"]["cudagraph_skips"] == skips, "a compiled graph was not captured"
+        a, b = (_tensors(read_checkpoint(outs[g] / "model.pt")) for g in (False, True))
+        assert a.keys() == b.keys() and len(a) > 10
+        for k, v in a.items():
+            assert torch.equal(v, b[k]), f"{stage}: {k} differs with CUDA graphs"
+    torch._dynamo.reset()
