@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -318,8 +319,11 @@ def test_train_compile_on_cuda_uses_cuda_graphs_and_trains_the_same_weights(tmp_
     real_compile = torch.compile
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same conv algorithms in both runs
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    base = dict(model="small_cnn", epochs=1, batch_size=32, train_limit=128, val_limit=32, lr=3e-3, progress=False)
-    base.update(device="cuda", compile=True)
+    gen = torch.Generator().manual_seed(0)  # random images: GPU machines need not have Fashion-MNIST
+    data = tmp_path / "images.npz"
+    np.savez(data, x=torch.rand(320, 1, 28, 28, generator=gen).numpy(), y=np.arange(320) % 10)
+    base = dict(model="small_cnn", data=f"npz:{data}", epochs=1, batch_size=32, val_size=64, lr=3e-3)
+    base.update(device="cuda", compile=True, progress=False)
     stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
     for stage, kw in stages.items():
         outs = {}
