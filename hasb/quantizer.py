@@ -238,6 +238,40 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> torch.Ten
     return ((q + (torch.round(q) - q).detach()) * s).permute(back)
 
 
+def lsq_fake_quant_one_sum(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> torch.Tensor:  # g, qn, qp: 0-dim
+    """:func:`lsq_fake_quant` through :class:`_LSQCompiled`: the same values, the gradients up to round-off,
+    the backward one pass with one sum.  What compiled bits-as-data graphs use (measured on the H200,
+    ResNet-18@224 b256 W4A4 with CUDA graphs, one process: 20.31 vs 21.61 ms per step; with int bits inductor
+    fuses the composite better, 19.09 / 19.56 vs 18.40 / 18.95 ms, so that path keeps it)."""
+    xm, back = memory_order(x)
+    return _LSQCompiled.apply(xm, scale, g, qn, qp).permute(back)
+
+
+class _LSQCompiled(torch.autograd.Function):
+    """:func:`lsq_fake_quant`'s composite as one Function, for inductor.
+
+    Same forward values (round(q)·s equals the composite's (q + (round(q) - q))·s exactly: for q in [Qn, Qp] the
+    difference round(q) - q is exact by Sterbenz's lemma and adding it back gives the integer).  Gradients up to
+    float round-off: ∂L/∂x = ∂L/∂y · 1[Qn ≤ x/s ≤ Qp] (the composite's (∂L/∂y · s) / s) and
+    ∂L/∂s = g · Σ ∂L/∂y · (round(q) - q inside, clip(q) outside) as one sum, where the composite's autograd
+    makes two sums (in the bits-as-data graph inductor then read each large activation three times).
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, g, qn, qp):  # g, qn, qp: 0-dim tensors (bits as data)
+        ctx.save_for_backward(x, s, g, qn, qp)
+        return torch.round(torch.clamp(x / s, qn, qp)) * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, g, qn, qp = ctx.saved_tensors
+        q = x / s
+        inside = (q >= qn) & (q <= qp)
+        inner = torch.where(inside, torch.round(q) - q, torch.clamp(q, qn, qp))
+        grad_s = (grad.float() * inner.float()).sum() * g
+        return grad * inside, grad_s.to(s.dtype), None, None, None
+
+
 def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """``x`` as a view whose logical order is its memory order (NHWC for a channels_last batch), and the
     permutation that undoes it (``view.permute(back)`` is ``x`` again, same strides).
@@ -369,7 +403,9 @@ def quantize_activation_c(x: torch.Tensor, scales: torch.Tensor, index: torch.Te
     (no exp2 of the bit inside the compiled kernels); ``scales``, ``index`` as there."""
     scale = scales.index_select(0, index.reshape(1)).reshape(())
     qn, qp = qrange.unbind()
-    return lsq_fake_quant(x, scale, lsq_g_t(x.numel(), qp), qn, qp)
+    # compiled: one backward sum; the composite's two sums made inductor read a large activation three times
+    compiled = torch.compiler.is_compiling() and not getattr(_state, "composite", False)
+    return (lsq_fake_quant_one_sum if compiled else lsq_fake_quant)(x, scale, lsq_g_t(x.numel(), qp), qn, qp)
 
 
 def init_weight_scale(w: torch.Tensor, high_bit: int) -> torch.Tensor:

@@ -250,3 +250,40 @@ def test_memory_order_views_and_activation_quantizer_keeps_layout_and_values():
     g = 1 / math.sqrt(x_c.numel() * 7)
     bound = 2 * (x_c.numel() - 1) * 2**-24 * g * float((gout.double() * t).abs().sum())
     assert abs(float(grads[0][1]) - float(grads[1][1])) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_sum_activation_lsq_equals_the_composite(dtype):
+    """The compiled bits-as-data path's LSQ Function (one backward sum): the composite's values bit for bit
+    (round(q) − q is exact for q in range, Sterbenz), ∂L/∂x = ∂L/∂y·1[inside] where the composite computes
+    (∂L/∂y·s)/s (two roundings: ≤ 2 ulp of the dtype apart), ∂L/∂s within float32 summation error; and the
+    compiled data path takes it."""
+    torch.manual_seed(11)
+    x0 = (torch.randn(4, 6, 5, 5) * 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    gout = torch.randn_like(x0)
+    qn, qp, s0 = torch.tensor(-8.0), torch.tensor(7.0), 0.3
+    g = torch.tensor(1 / math.sqrt(x0.numel() * 7))
+    res = []
+    for fn in (Q.lsq_fake_quant, Q.lsq_fake_quant_one_sum):
+        x, s = x0.clone().requires_grad_(), torch.tensor(s0, requires_grad=True)
+        out = fn(x, s, g, qn, qp)
+        assert out.stride() == x0.stride() and out.dtype == dtype
+        res.append((out, *torch.autograd.grad(out, (x, s), gout)))
+    (a, ax, as_), (b, bx, bs) = res
+    assert torch.equal(a, b)
+    ulp = torch.finfo(dtype).eps * ax.abs().double()  # eps = 2 ulp at magnitude |v| ∈ [1, 2)·2^k
+    assert ((ax.double() - bx.double()).abs() <= ulp).all()
+    q = (x0.double() / s0).clamp(-8, 7)
+    t = torch.where((q > -8) & (q < 7), q.round() - q, q)
+    # each of the composite's two float32 sums and the Function's one: ≤ (n − 1)·2⁻²⁴·Σ|terms|; per-term
+    # rounding in the dtype of x (bf16: q carries 2⁻⁸ relative error, times |q| ≤ 8 per term)
+    u = 2**-24 if dtype == torch.float32 else 2**-8 * 8
+    terms = float((gout.double().abs() * (t.abs() + q.abs())).sum())
+    assert abs(float(as_) - float(bs)) <= 3 * (x0.numel() * 2**-24 + u) * float(g) * terms
+    scales, idx, qrange = torch.tensor([0.5, s0], requires_grad=True), torch.tensor(1), torch.stack([qn, qp])
+    comp = torch.compile(Q.quantize_activation_c, backend="aot_eager", fullgraph=True)
+    out = comp(x0, scales, idx, qrange)
+    torch._dynamo.reset()
+    assert torch.equal(out, a)
+    (gs,) = torch.autograd.grad(out, (scales,), gout)
+    assert gs[0] == 0 and torch.equal(gs[1], bs)  # the one-sum value (aot_eager runs the same eager ops)
