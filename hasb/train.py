@@ -550,13 +550,13 @@ def _start(run: Run) -> None:
     if run.cfg.compile:
         if run.cfg.stage == "supernet":
             # every step samples new mixed configs: with bits as data (tensor buffers) one graph serves them all.
-            # Multi-precision keeps one specialised graph per uniform bit: on an H200 its compiled 4-pass
-            # ResNet-18@224 step costs 6.0x a compiled float step against 9.0x with bits as data (session 6)
-            # (benchmarks/RESULTS.md), which repays the longer compile (126 vs ~74 s) after about a thousand steps.
+            # Multi-precision keeps one specialised graph per uniform bit: on an H200 with CUDA graphs its 4-pass
+            # ResNet-18@224 step costs 4.63x a float step against 5.31x with bits as data (session 7,
+            # benchmarks/RESULTS.md), which repays the longer compile (156 vs ~70 s) after a few thousand steps.
             bits_as_data(run.model)
         # CUDA graphs on CUDA: a bits-as-data pass is host-bound without them (2.2-2.5x a compiled float step on
-        # an H200, 1.36x with them; benchmarks/RESULTS.md). Safe here: every pass clears the gradients before
-        # its backward and consumes its outputs before the next pass replays the graphs over their memory.
+        # an H200, 1.37-1.45x with them). Safe here: every pass clears the gradients before its backward and
+        # consumes its outputs before the next pass replays the graphs over their memory (tested on a GPU).
         run.ctx.fwd = torch.compile(run.model, mode="reduce-overhead" if run.device.type == "cuda" else None)
 
 
