@@ -8,10 +8,13 @@ default 256x64x56x56 = 51 M elements) and a random upstream gradient; each varia
 - ``relu``: ReLU forward + backward, the floor (reads x and the gradient, writes ∂L/∂x);
 - ``composite``: :func:`hasb.quantizer.lsq_fake_quant` (the path compiled steps take), memory-order view;
 - ``composite_logical``: the same on the logical (NCHW) view (the code before session 6);
-- ``function``: the same math as one autograd.Function whose backward writes ∂L/∂s as one sum of one term;
-- ``function_rows``: that sum split by hand into rows of 8192 elements, then the row sums.
+- ``one_sum``: :func:`hasb.quantizer.lsq_fake_quant_one_sum` (compiled bits-as-data graphs: one backward sum).
 
-    python -m benchmarks.act_quant_reduce [--iters 20]   (CUDA only; TORCH_LOGS=output_code shows the kernels)
+Measured in session 7 (benchmarks/RESULTS.md): alone, inductor reorders the logical reduction itself, so this
+isolated kernel is no guide to the training step; it shows what a variant costs against the floor.
+
+    python -m benchmarks.act_quant_reduce [--iters 20]   (TORCH_LOGS=output_code shows the kernels)
+    python -m benchmarks.act_quant_reduce --device cpu --backend aot_eager --shape 2,4,6,6 --iters 1  (smoke)
 
 GB/s counts the bytes every variant must move: read x, read ∂L/∂y, write ∂L/∂x (forward output: + write y).
 """
@@ -27,28 +30,6 @@ import torch
 from hasb import quantizer as Q
 
 
-class _LSQ(torch.autograd.Function):
-    """round(clip(x/s)) · s, STE for x, LSQ for s (the composite's values and gradients up to the sum's order)."""
-
-    @staticmethod
-    def forward(ctx, x, s, g, qn, qp, rows):
-        q = torch.clamp(x / s, qn, qp)
-        ctx.save_for_backward(x, s, g, qn, qp)
-        ctx.rows = rows
-        return torch.round(q) * s
-
-    @staticmethod
-    def backward(ctx, gout):
-        x, s, g, qn, qp = ctx.saved_tensors
-        q = x / s
-        inside = (q >= qn) & (q <= qp)
-        inner = torch.where(inside, torch.round(q) - q, torch.clamp(q, qn, qp)).float() * gout.float()
-        if ctx.rows:
-            inner = inner.reshape(-1, ctx.rows).sum(1)
-        gs = inner.sum() * g
-        return gout * inside, gs.to(s.dtype), None, None, None, None
-
-
 def variants():
     def relu(x, s, gout):
         y = torch.relu(x)
@@ -59,17 +40,16 @@ def variants():
         y = Q.lsq_fake_quant(x, s, g, qn, qp) if order else _logical(x, s, g, qn, qp)
         return torch.autograd.grad(y, (x, s), gout)
 
-    def function(x, s, gout, rows=0):
+    def one_sum(x, s, gout):
         c = [torch.tensor(v, device=x.device) for v in (1.0 / (x.numel() * 15) ** 0.5, 0.0, 15.0)]
-        y = _LSQ.apply(x, s, *c, rows)
+        y = Q.lsq_fake_quant_one_sum(x, s, *c)
         return torch.autograd.grad(y, (x, s), gout)
 
     return {
         "relu": relu,
         "composite": composite,
         "composite_logical": lambda x, s, g: composite(x, s, g, order=False),
-        "function": function,
-        "function_rows": lambda x, s, g: function(x, s, g, rows=8192),
+        "one_sum": one_sum,
     }
 
 
@@ -83,27 +63,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="256,64,56,56", help="N,C,H,W of the bf16 channels_last activation")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick smoke run)")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     shape = [int(v) for v in args.shape.split(",")]
     x = torch.randn(shape, device=dev).relu().to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     s = torch.tensor(0.1, device=dev, requires_grad=True)
     gout = torch.randn_like(x)
     moved = 3 * x.numel() * x.element_size()
-    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, x {tuple(shape)} bf16 channels_last")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"{where}, torch {torch.__version__}, x {tuple(shape)} bf16 channels_last")
     print("| variant | ms | GB/s of 3 passes | ∂L/∂s |")
     print("|---|---|---|---|")
     for name, fn in variants().items():
-        f = torch.compile(fn)
+        f = torch.compile(fn, backend=args.backend)
         for _ in range(3):
             gx, gs = f(x, s, gout)
-        torch.cuda.synchronize()
+        sync()
         times = []
         for _ in range(args.iters):
             t = time.perf_counter()
             f(x, s, gout)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         ms = 1000 * statistics.median(times)
         print(f"| {name} | {ms:.3f} | {moved / ms / 1e6:.0f} | {float(gs):.4g} |", flush=True)
