@@ -142,7 +142,9 @@ class TrainConfig:
     device: str = device_option()
     bf16: bool = option(False, help="bfloat16 autocast (GPU)")
     compile: bool = option(
-        False, help="torch.compile the whole model (multi/supernet: with bits as data, one graph for every bit config)"
+        False,
+        help="torch.compile the whole model, with CUDA graphs on CUDA (multi: one graph per bit; supernet: bits as "
+        "data, one graph for every config)",
     )
     checkpoint_every: int = option(0, help="also checkpoint every N steps (0: end of each epoch only)")
     resume: bool = option(False, help="continue DIR/checkpoint.pt exactly (same options)")
