@@ -523,8 +523,8 @@ def _train_and_update(
     for bit); momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch
     statistics) and mixes by the selected entry's count as a tensor.  All entries are written back by one
     foreach copy from a ``where`` over each stack (the selected row new, the others as they were): a few graph
-    nodes whatever K (the compile of a ResNet-20 bits-as-data step on the CPU: 70-72 s with a where and a copy
-    per entry, 64-65 s so).
+    nodes whatever K (the first compiled step of a ResNet-20 bits-as-data model on the CPU: 71-73 s with a where
+    and a copy per entry, 66-68 s so; benchmarks/RESULTS.md).
     """
     e = entries[0]
     rms, rvs = stats
