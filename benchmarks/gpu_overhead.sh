@@ -6,8 +6,9 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 Q="python3 -m benchmarks.quant_overhead --iters 6"
 GPUS=$(nvidia-smi -L | wc -l)
-job0() {  # MobileNetV2 with bits as data and CUDA graphs (did not finish in session 7)
-  timeout 400 $Q --models mobilenet_v2@224:b128 --settings float_cg,w4_data_cg,multi_data_cg > "$OUT/mbv2.log" 2>&1
+job0() {  # ResNet-18@224 again: the 4-pass step was 4.63x in session 7 and 5.36x in session 8 (shared host CPUs)
+  timeout 450 $Q --models resnet18@224:b256 --settings float_cg,w4_cg,multi_cg,w4_data_cg,multi_data_cg \
+    > "$OUT/r18.log" 2>&1
 }
 job1() {  # compile seconds on cold caches, one process each (the target: bits as data <= 2x float), then
   # the CUDA-graph training test with the final code
@@ -15,8 +16,8 @@ job1() {  # compile seconds on cold caches, one process each (the issue's target
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) timeout 150 $Q --models resnet18@224:b256 \
       --iters 4 --settings $s > "$OUT/cold_$s.log" 2>&1
   done
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/hasb/test_bits_as_data.py -k cuda \
-    > "$OUT/test.log" 2>&1
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/hasb/test_bits_as_data.py tests/hasb/test_kernels.py \
+    -k "cuda or compiled" > "$OUT/test.log" 2>&1
 }
 if [ "$GPUS" -ge 2 ]; then
   (CUDA_VISIBLE_DEVICES=0 job0) &

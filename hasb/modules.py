@@ -521,25 +521,25 @@ def _train_and_update(
     ``stats``: every entry's running mean and variance stacked, [K, C] each (fresh tensors, not the buffers).
     F.batch_norm updates the picked entry's copies in place with the entry's momentum (the native update, bit
     for bit); momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch
-    statistics) and mixes by the selected entry's count as a tensor.  All entries are written back by one
-    foreach copy from a ``where`` over each stack (the selected row new, the others as they were): a few graph
-    nodes whatever K (the first compiled step of a ResNet-20 bits-as-data model on the CPU: 71-73 s with a where
-    and a copy per entry, 66-68 s so; benchmarks/RESULTS.md).
+    statistics) and mixes by the selected entry's count as a tensor.  Every entry is written back through a 0/1
+    mask, one in-place op per buffer.  Not foreach ops: inductor's CUDA combo kernel for a _foreach_add_ (or
+    _foreach_copy_) of the counts computed the index in one sub-kernel while the others read it from memory in
+    the same launch, so counts went to stale entries (torch 2.11, H200; benchmarks/RESULTS.md, session 8).
     """
     e = entries[0]
     rms, rvs = stats
     rm, rv = (t.index_select(0, idx).squeeze(0) for t in stats)
     mask = torch.arange(len(entries), device=idx.device) == idx  # [K] bool
-    nbts = [cast(torch.Tensor, m.num_batches_tracked) for m in entries]
     out = F.batch_norm(x, rm, rv, w, b, True, 1.0 if e.momentum is None else e.momentum, e.eps)
     with torch.no_grad():
-        torch._foreach_add_(nbts, list(mask.to(nbts[0].dtype).unbind()))
+        nbts = [cast(torch.Tensor, m.num_batches_tracked) for m in entries]
+        for k, n in enumerate(nbts):
+            n.add_(mask[k].to(n.dtype))
         if e.momentum is None:
             f = 1.0 / _pick(nbts, idx).double()
             rm = ((1.0 - f) * rms.index_select(0, idx).squeeze(0).double() + f * rm.double()).to(rm.dtype)
             rv = ((1.0 - f) * rvs.index_select(0, idx).squeeze(0).double() + f * rv.double()).to(rv.dtype)
-        keep = mask.unsqueeze(1)
-        targets = [cast(torch.Tensor, t) for m in entries for t in (m.running_mean, m.running_var)]
-        new = torch.stack([torch.where(keep, rm, rms), torch.where(keep, rv, rvs)], 1)  # [K, 2, C]
-        torch._foreach_copy_(targets, list(new.flatten(0, 1).unbind()))
+        for k, m in enumerate(entries):
+            cast(torch.Tensor, m.running_mean).copy_(torch.where(mask[k], rm, rms[k]))
+            cast(torch.Tensor, m.running_var).copy_(torch.where(mask[k], rv, rvs[k]))
     return out

@@ -72,9 +72,14 @@ def composite_ops() -> Iterator[None]:
         _state.composite = prev
 
 
+def composite_requested() -> bool:
+    """Whether the caller is inside :func:`composite_ops` (plain differentiable ops only)."""
+    return getattr(_state, "composite", False)
+
+
 def _use_fused() -> bool:
     # inductor fuses the composite ops with their neighbours; in eager the fused kernel saves ~4 passes
-    return not getattr(_state, "composite", False) and not torch.compiler.is_compiling()
+    return not composite_requested() and not torch.compiler.is_compiling()
 
 
 def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
@@ -404,7 +409,7 @@ def quantize_activation_c(x: torch.Tensor, scales: torch.Tensor, index: torch.Te
     scale = scales.index_select(0, index.reshape(1)).reshape(())
     qn, qp = qrange.unbind()
     # compiled: one backward sum; the composite's two sums made inductor read a large activation three times
-    compiled = torch.compiler.is_compiling() and not getattr(_state, "composite", False)
+    compiled = torch.compiler.is_compiling() and not composite_requested()
     return (lsq_fake_quant_one_sum if compiled else lsq_fake_quant)(x, scale, lsq_g_t(x.numel(), qp), qn, qp)
 
 
