@@ -16,8 +16,8 @@ job1() {  # compile seconds on cold caches, one process each (the issue's target
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) timeout 150 $Q --models resnet18@224:b256 \
       --iters 4 --settings $s > "$OUT/cold_$s.log" 2>&1
   done
-  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/hasb/test_bits_as_data.py tests/hasb/test_kernels.py \
-    -k "cuda or compiled" > "$OUT/test.log" 2>&1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/hasb/test_bits_as_data.py tests/hasb/test_kernels.py \
+    > "$OUT/test.log" 2>&1
 }
 if [ "$GPUS" -ge 2 ]; then
   (CUDA_VISIBLE_DEVICES=0 job0) &
