@@ -495,7 +495,7 @@ class SwitchBatchNorm(nn.Module):
         rms = torch.stack([cast(torch.Tensor, m.running_mean) for m in entries])  # [K, C]
         rvs = torch.stack([cast(torch.Tensor, m.running_var) for m in entries])
         if not e.training:
-            rm, rv = (t.index_select(0, idx).squeeze(0) for t in (rms, rvs))
+            rm, rv = _row(rms, idx), _row(rvs, idx)
             return F.batch_norm(x, rm, rv, w, b, False, 0.0, e.eps)
         return _train_and_update(x, entries, idx, w, b, (rms, rvs))
 
@@ -503,9 +503,14 @@ class SwitchBatchNorm(nn.Module):
         return f"{self.num_features}, mode={self.mode}, keys={list(self.bns.keys())}"
 
 
+def _row(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for a [1] int64 index tensor: an index_select (no device sync, one graph)."""
+    return t.index_select(0, idx).squeeze(0)
+
+
 def _pick(ts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-    """``ts[idx]`` for a [1] int64 index tensor: a stack and an index_select (no device sync, one graph)."""
-    return torch.stack(ts).index_select(0, idx).squeeze(0)
+    """``ts[idx]`` for a [1] int64 index tensor: a stack and :func:`_row`."""
+    return _row(torch.stack(ts), idx)
 
 
 def _train_and_update(
@@ -528,7 +533,7 @@ def _train_and_update(
     """
     e = entries[0]
     rms, rvs = stats
-    rm, rv = (t.index_select(0, idx).squeeze(0) for t in stats)
+    rm, rv = _row(rms, idx), _row(rvs, idx)
     mask = torch.arange(len(entries), device=idx.device) == idx  # [K] bool
     out = F.batch_norm(x, rm, rv, w, b, True, 1.0 if e.momentum is None else e.momentum, e.eps)
     with torch.no_grad():
@@ -537,8 +542,8 @@ def _train_and_update(
             n.add_(mask[k].to(n.dtype))
         if e.momentum is None:
             f = 1.0 / _pick(nbts, idx).double()
-            rm = ((1.0 - f) * rms.index_select(0, idx).squeeze(0).double() + f * rm.double()).to(rm.dtype)
-            rv = ((1.0 - f) * rvs.index_select(0, idx).squeeze(0).double() + f * rv.double()).to(rv.dtype)
+            rm = ((1.0 - f) * _row(rms, idx).double() + f * rm.double()).to(rm.dtype)
+            rv = ((1.0 - f) * _row(rvs, idx).double() + f * rv.double()).to(rv.dtype)
         for k, m in enumerate(entries):
             cast(torch.Tensor, m.running_mean).copy_(torch.where(mask[k], rm, rms[k]))
             cast(torch.Tensor, m.running_var).copy_(torch.where(mask[k], rv, rvs[k]))
