@@ -258,9 +258,8 @@ class _LSQCompiled(torch.autograd.Function):
     Same forward values (round(q)·s equals the composite's (q + (round(q) - q))·s exactly: for q in [Qn, Qp] the
     difference round(q) - q is exact by Sterbenz's lemma and adding it back gives the integer).  Gradients up to
     float round-off: ∂L/∂x = ∂L/∂y · 1[Qn ≤ x/s ≤ Qp] (the composite's (∂L/∂y · s) / s) and
-    ∂L/∂s = g · Σ ∂L/∂y · (round(q) - q inside, clip(q) outside) as one sum (:func:`row_sum`), where the
-    composite's autograd makes two sums (in the bits-as-data graph inductor then read each large activation three
-    times).
+    ∂L/∂s = g · Σ ∂L/∂y · (round(q) - q inside, clip(q) outside) as one sum, where the composite's autograd
+    makes two sums (in the bits-as-data graph inductor then read each large activation three times).
     """
 
     @staticmethod
@@ -274,18 +273,8 @@ class _LSQCompiled(torch.autograd.Function):
         q = x / s
         inside = (q >= qn) & (q <= qp)
         inner = torch.where(inside, torch.round(q) - q, torch.clamp(q, qn, qp))
-        grad_s = row_sum(grad.float() * inner.float()) * g
+        grad_s = (grad.float() * inner.float()).sum() * g
         return grad * inside, grad_s.to(s.dtype), None, None, None
-
-
-def row_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ of every element of ``t`` (0-dim), summed first along its last dim (per row), then over the rows.
-
-    Why: in the compiled bits-as-data step inductor fused this sum into the backward's pointwise kernel; as one
-    full sum that kernel took 1.49 ms for ResNet-18's two largest activations (51 M elements each, H200), summed
-    per row first 0.56 ms: the row sums read the innermost (contiguous) dim of the memory-order view
-    (benchmarks/RESULTS.md, session 9).  Only the order of the float32 sum changes."""
-    return t.reshape(-1, t.shape[-1]).sum(1).sum() if t.dim() >= 2 else t.sum()
 
 
 def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
