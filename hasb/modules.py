@@ -31,6 +31,9 @@ from . import quantizer as Q
 from .errors import HasbError
 
 FP = "fp"
+# data mode's stacked BN statistics (SwitchBatchNorm._stack_stats): entry buffer name → stack buffer name
+_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+_STAT_STACKS = ("_rm", "_rv", "_nbt")
 
 
 def bit_key(bit: int | None) -> str:
@@ -374,7 +377,8 @@ class SwitchBatchNorm(nn.Module):
     With bits as data the entry is an index computed from the producers' bit tensors (a lookup table), the
     selected entry's affine parameters and running statistics are picked from stacks by that index, and in
     training the running statistics (and ``num_batches_tracked``) of that entry alone are updated, through a 0/1
-    mask over the entries; momentum ``None`` (cumulative average) is supported.  Entries in different train/eval
+    mask over the entries; momentum ``None`` (cumulative average) is supported.  The statistics are stored stacked
+    in data mode, the entries' buffers being rows of the stacks (:meth:`_stack_stats`).  Entries in different train/eval
     states or with different momenta (BN re-calibration) take the Python path.
     """
 
@@ -401,6 +405,9 @@ class SwitchBatchNorm(nn.Module):
 
     bits_data: bool = False
     _lut: torch.Tensor  # data mode: [9 * 9] int64, (predecessor bit code, producer bit code) → entry index
+    _rm: torch.Tensor  # data mode: the entries' running means [K, C], variances [K, C] and counts [K] stacked
+    _rv: torch.Tensor
+    _nbt: torch.Tensor
 
     def _key_for(self, prev: str, cur: str) -> str:
         """The entry used when the predecessor runs at ``prev`` and the producer at ``cur`` (bit keys or 'fp')."""
@@ -436,9 +443,16 @@ class SwitchBatchNorm(nn.Module):
         for h in getattr(self, "_data_hooks", []):
             h.remove()
         self._data_hooks: list[Any] = []
+        was = self.bits_data
         self.bits_data = False
-        self._buffers.pop("_lut", None)
-        self._non_persistent_buffers_set.discard("_lut")
+        for n in ("_lut", *_STAT_STACKS):
+            self._buffers.pop(n, None)
+            self._non_persistent_buffers_set.discard(n)
+        if was and not on:  # entries own their statistics again (no longer rows of a dropped stack)
+            for m in self.bns.values():
+                for n in _STAT_NAMES:
+                    if getattr(m, n, None) is not None:
+                        setattr(m, n, getattr(m, n).clone())
         if on:
             self._refresh_data()
             self.bits_data = True
@@ -454,6 +468,7 @@ class SwitchBatchNorm(nn.Module):
         ref = next(iter(first.buffers()), next(iter(first.parameters()), None))
         dev = ref.device if ref is not None else None
         self.register_buffer("_lut", torch.tensor(lut, dtype=torch.long, device=dev).reshape(-1), persistent=False)
+        self._stack_stats()
         for h in self._data_hooks:
             h.remove()
         self._data_hooks = []
@@ -461,6 +476,36 @@ class SwitchBatchNorm(nn.Module):
             for p in m.parameters(recurse=False):  # weight and bias (none without affine)
                 self._data_hooks += _only_selected_grads(p, self._key_is(k))
         self._data_sig = self._signature()
+
+    def _stack_stats(self) -> None:
+        """Data mode's storage of the running statistics: each of ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` stacked over the entries ([K, C], [K, C], [K]; non-persistent buffers), and every
+        entry's buffer made a row (a view) of its stack.  Why: the compiled train step then reads and updates
+        three tensors per layer instead of 3·K (fewer graph inputs and kernels to compile), while everything that
+        works on an entry (its forward in BN re-calibration, ``reset_running_stats``, the state dict and
+        ``load_state_dict``, which copy in place) still reads and writes the same memory."""
+        entries = list(self.bns.values())
+        if not all(getattr(m, "track_running_stats", False) for m in entries):
+            return
+        for n, stack in zip(_STAT_NAMES, _STAT_STACKS, strict=True):
+            rows = torch.stack([getattr(m, n) for m in entries])
+            self.register_buffer(stack, rows, persistent=False)
+            for k, m in enumerate(entries):
+                setattr(m, n, rows[k])
+
+    def _stats_linked(self) -> bool:
+        """Whether every entry's statistics are still rows of data mode's stacks (``_stack_stats``)."""
+        return all(
+            getattr(m, n)._base is self._buffers.get(stack)
+            for n, stack in zip(_STAT_NAMES, _STAT_STACKS, strict=True)
+            for m in self.bns.values()
+        )
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): entries and stacks are converted one by one
+        out = super()._apply(fn, recurse)
+        if self.bits_data:
+            self._refresh_data()  # re-stack from the entries' converted statistics
+        return out
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -482,6 +527,8 @@ class SwitchBatchNorm(nn.Module):
     def _forward_data(self, x: torch.Tensor) -> torch.Tensor:
         if self._data_sig != self._signature():  # keys, mode or override changed since data mode was switched on
             self._refresh_data()
+        elif not torch.compiler.is_compiling() and "_rm" in self._buffers and not self._stats_linked():
+            self._refresh_data()  # an entry's statistics were replaced (load_state_dict(assign=True)): re-stack
         entries = cast("list[nn.modules.batchnorm._BatchNorm]", list(self.bns.values()))
         if len({m.training for m in entries}) > 1 or len({m.momentum for m in entries}) > 1:
             return self.bns[self.key](x)  # entries in different states (BN re-calibration): the Python path
@@ -492,12 +539,10 @@ class SwitchBatchNorm(nn.Module):
         b = _pick([cast(torch.Tensor, m.bias) for m in entries], idx) if e.affine else None
         if not e.track_running_stats:
             return F.batch_norm(x, None, None, w, b, True, 0.0, e.eps)
-        rms = torch.stack([cast(torch.Tensor, m.running_mean) for m in entries])  # [K, C]
-        rvs = torch.stack([cast(torch.Tensor, m.running_var) for m in entries])
         if not e.training:
-            rm, rv = _row(rms, idx), _row(rvs, idx)
+            rm, rv = _row(self._rm, idx), _row(self._rv, idx)
             return F.batch_norm(x, rm, rv, w, b, False, 0.0, e.eps)
-        return _train_and_update(x, entries, idx, w, b, (rms, rvs))
+        return _train_and_update(x, e, idx, w, b, (self._rm, self._rv, self._nbt))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, mode={self.mode}, keys={list(self.bns.keys())}"
@@ -515,36 +560,33 @@ def _pick(ts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
 
 def _train_and_update(
     x: torch.Tensor,
-    entries: list[nn.modules.batchnorm._BatchNorm],
+    e: nn.modules.batchnorm._BatchNorm,
     idx: torch.Tensor,
     w: torch.Tensor | None,
     b: torch.Tensor | None,
-    stats: tuple[torch.Tensor, torch.Tensor],
+    stacks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """Train-mode BN with batch statistics; running statistics of entry ``idx`` only updated, as BatchNorm does.
 
-    ``stats``: every entry's running mean and variance stacked, [K, C] each (fresh tensors, not the buffers).
-    F.batch_norm updates the picked entry's copies in place with the entry's momentum (the native update, bit
-    for bit); momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the batch
-    statistics) and mixes by the selected entry's count as a tensor.  Every entry is written back through a 0/1
-    mask, one in-place op per buffer.  Not foreach ops: inductor's CUDA combo kernel for a _foreach_add_ (or
-    _foreach_copy_) of the counts computed the index in one sub-kernel while the others read it from memory in
-    the same launch, so counts went to stale entries (torch 2.11, H200; benchmarks/RESULTS.md, session 8).
+    ``stacks``: the running means, variances ([K, C] each) and counts ([K]) of every entry, updated in place
+    (:meth:`SwitchBatchNorm._stack_stats`; the entries' buffers are their rows).  ``e``: any entry (eps,
+    momentum).  F.batch_norm updates copies of the picked entry's rows with the entry's momentum (the native
+    update, bit for bit); momentum None (cumulative average, 1/num_batches_tracked) runs it with momentum 1 (the
+    batch statistics) and mixes by the selected entry's count as a tensor.  Each stack is written once, through
+    a 0/1 mask over the entries (one in-place op per stack: no foreach ops, whose CUDA combo kernel raced on the
+    index in torch 2.11, benchmarks/RESULTS.md, session 8).
     """
-    e = entries[0]
-    rms, rvs = stats
+    rms, rvs, nbts = stacks
     rm, rv = _row(rms, idx), _row(rvs, idx)
-    mask = torch.arange(len(entries), device=idx.device) == idx  # [K] bool
+    mask = torch.arange(rms.shape[0], device=idx.device) == idx  # [K] bool
     out = F.batch_norm(x, rm, rv, w, b, True, 1.0 if e.momentum is None else e.momentum, e.eps)
     with torch.no_grad():
-        nbts = [cast(torch.Tensor, m.num_batches_tracked) for m in entries]
-        for k, n in enumerate(nbts):
-            n.add_(mask[k].to(n.dtype))
+        nbts.add_(mask.to(nbts.dtype))
         if e.momentum is None:
-            f = 1.0 / _pick(nbts, idx).double()
+            f = 1.0 / _row(nbts, idx).double()
             rm = ((1.0 - f) * _row(rms, idx).double() + f * rm.double()).to(rm.dtype)
             rv = ((1.0 - f) * _row(rvs, idx).double() + f * rv.double()).to(rv.dtype)
-        for k, m in enumerate(entries):
-            cast(torch.Tensor, m.running_mean).copy_(torch.where(mask[k], rm, rms[k]))
-            cast(torch.Tensor, m.running_var).copy_(torch.where(mask[k], rv, rvs[k]))
+        rows = mask.unsqueeze(1)  # [K, 1]
+        rms.copy_(torch.where(rows, rm, rms))
+        rvs.copy_(torch.where(rows, rv, rvs))
     return out
