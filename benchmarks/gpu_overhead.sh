@@ -6,12 +6,13 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 Q="python3 -m benchmarks.quant_overhead --iters 6"
 GPUS=$(nvidia-smi -L | wc -l)
-job0() {  # ResNet-18@224 again: the 4-pass step was 4.63x in session 7 and 5.36x in session 8 (shared host CPUs)
+job0() {  # ResNet-18@224 again: the 4-pass step was 4.63x (session 7), 5.36x (session 8), 4.78x (session 9)
   timeout 450 $Q --models resnet18@224:b256 --settings float_cg,w4_cg,multi_cg,w4_data_cg,multi_data_cg \
     > "$OUT/r18.log" 2>&1
 }
-job1() {  # compile seconds on cold caches, one process each (the target: bits as data <= 2x float), then
-  # the CUDA-graph training test with the final code
+job1() {  # compile seconds on cold caches, one process each (the target: bits as data <= 2x float; session 9
+  # stacked the BN statistics of data mode: 2.5-2.8x on the H200 before it), then every CUDA test of bits as data
+  # (compiled BN statistics, CUDA-graph training: not yet run on the stacked storage) and of the kernels
   for s in float_c w4_data_cg; do
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) timeout 150 $Q --models resnet18@224:b256 \
       --iters 4 --settings $s > "$OUT/cold_$s.log" 2>&1
