@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 Q="python3 -m benchmarks.quant_overhead --iters 6"
 GPUS=$(nvidia-smi -L | wc -l)
 job0() {  # ResNet-18@224 again: the 4-pass step was 4.63x (session 7), 5.36x (session 8), 4.78x (session 9)
-  timeout 450 $Q --models resnet18@224:b256 --settings float_cg,w4_cg,multi_cg,w4_data_cg,multi_data_cg \
+  timeout 450 $Q --models resnet18@224:b256 --settings float_cg,w4_cg,multi_cg,w4_data_cg,multi_data_cg --rounds 5 \
     > "$OUT/r18.log" 2>&1
 }
 job1() {  # compile seconds on cold caches, one process each (the target: bits as data <= 2x float; session 9

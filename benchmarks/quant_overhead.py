@@ -10,6 +10,8 @@ and the number of graphs dynamo compiled (switching bit configs recompiles while
 on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
+      (``--rounds 5``: then time every setting again in 5 interleaved rounds and print each ratio with a 95% CI;
+      identical settings measured one after the other differed by up to 5% on a shared host)
 CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3 --backend aot_eager  (smoke)
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -127,7 +130,57 @@ def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = ""
     out = {"ms": ms, "first_s": first, "graphs": counter.graphs}
     if counter.cudagraphs and dev.type == "cuda":  # graphs inductor compiled but would not capture
         out["cudagraph_skips"] = _cudagraph_skips() - skips
+    if args.rounds:
+        STEPS[key] = (step, model, bits)  # kept (compiled) for the interleaved rounds
     return out
+
+
+# --rounds: every measured setting's step, by key, to time again round-robin (see :func:`interleaved`)
+STEPS: dict[str, tuple] = {}
+
+
+def base_of(key: str) -> str:
+    """The float setting a setting is divided by: the same mode (eager, compiled, compiled with CUDA graphs)."""
+    return "float_cg" if key.endswith("_cg") else "float_c" if key.endswith("_c") else "float"
+
+
+def interleaved(rounds: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
+    """Median ms of ``iters`` steps of every kept setting, per round, the settings taking turns in each round
+    (order rotated every round), so that a slow phase of the host (another job, clocks) falls on all of them."""
+    keys = list(STEPS)
+    per: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            step, model, bits = STEPS[k]
+            weights, _, _, kernels = PLAN[k]
+            K.enable(kernels)
+            if bits == [None] and weights != "float":  # a 4-pass step may have run since: back to W4A4
+                hasb.set_config(model, 4)
+            per[k].append(timed(step, iters, 1, dev)[0])  # one untimed step: a switch may re-record CUDA graphs
+    return per
+
+
+def ratio_ci(ms: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of the per-round ratios ms/base and its 95% t-interval (rounds are paired: same phase)."""
+    from scipy import stats
+
+    logs = [math.log(a / b) for a, b in zip(ms, base, strict=True)]
+    mean = statistics.fmean(logs)
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def print_rounds(spec: str, per: dict[str, list[float]]) -> None:
+    rounds = len(next(iter(per.values())))
+    print(f"\n{spec}: {rounds} interleaved rounds; ratio = geometric mean of the per-round ratios")
+    print("| setting | median ms over rounds | ÷ float of its mode | 95% CI |\n|---|---|---|---|")
+    for k, ms in per.items():
+        base = base_of(k)
+        if k == base or base not in per:
+            print(f"| {k} | {statistics.median(ms):.2f} | – | – |")
+            continue
+        m, lo, hi = ratio_ci(ms, per[base])
+        print(f"| {k} | {statistics.median(ms):.2f} | {m:.3f}x ÷ {base} | [{lo:.3f}, {hi:.3f}] |")
 
 
 def _cudagraph_skips() -> int:
@@ -203,13 +256,21 @@ def row(spec: str, args, dev: torch.device) -> dict:
     }
     r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)
-    for key in (k for k in SETTINGS if k in set(args.settings)):
-        weights, bits, compiled, kernels = PLAN[key]
-        K.enable(kernels)
-        torch._dynamo.reset()  # every compiled setting counts its own graphs and compile seconds
-        r[key] = measure(factory[weights](), x, y, loss_fn, bits, args, dev, compiled, key)
-        print(f"[{spec}] {key}: {r[key]}", flush=True)  # a run cut short still leaves its finished settings
-        hasb.set_config(qmodel, 4)
+    STEPS.clear()
+    # with --rounds every setting's graphs stay cached on the same code objects (16 for all settings at once):
+    # past dynamo's default limit of 8 a setting would silently run eager
+    with torch._dynamo.config.patch(recompile_limit=64 if args.rounds else torch._dynamo.config.recompile_limit):
+        for key in (k for k in SETTINGS if k in set(args.settings)):
+            weights, bits, compiled, kernels = PLAN[key]
+            K.enable(kernels)
+            if not args.rounds:  # every compiled setting counts its own graphs and compile seconds; with --rounds
+                torch._dynamo.reset()  # the steps must stay valid (a later setting may reuse a cached graph)
+            r[key] = measure(factory[weights](), x, y, loss_fn, bits, args, dev, compiled, key)
+            print(f"[{spec}] {key}: {r[key]}", flush=True)  # a run cut short still leaves its finished settings
+            hasb.set_config(qmodel, 4)
+        if args.rounds:
+            print_rounds(spec, interleaved(args.rounds, args.iters, dev))
+    STEPS.clear()
     K.enable(True)
     print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
     return r
@@ -298,7 +359,17 @@ def main() -> None:
         "--profile", type=int, default=0, metavar="N", help="after timing, print each setting's N top kernels"
     )
     ap.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default on CUDA: bf16)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        metavar="R",
+        help="after the settings are measured, time them again in R interleaved rounds (fused kernels on or off "
+        "as in their first run) and print each ratio with a 95%% CI over the rounds (R >= 2)",
+    )
     args = ap.parse_args()
+    if args.rounds == 1 or args.rounds < 0:
+        ap.error(f"--rounds {args.rounds}: a confidence interval needs at least 2 rounds (0: no rounds)")
     args.settings = args.settings.split(",")
     if unknown := sorted(set(args.settings) - set(SETTINGS)):
         ap.error(f"unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(SETTINGS)}")

@@ -2,6 +2,7 @@
 runs, bits as data compiles one graph for the 4-pass step where int bits compile one per bit, and --profile
 prints each setting's top ops."""
 
+import math
 import re
 import sys
 
@@ -28,3 +29,38 @@ def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
     assert len(re.findall(r"\[profile\] \w+ \(.* ms/step\): .* per step, \d+ launches per step; top 3:", out)) == 7
     row = next(line for line in out.splitlines() if line.startswith("| small_cnn@28:b8 |"))
     assert row.count("|") == 12 and "x" in row.split("|")[6]  # W4A4 compiled ÷ compiled float, measured
+
+
+def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_intervals(monkeypatch, capsys):
+    """--rounds: the compiled steps stay valid and compiled (9 graphs on one forward: past dynamo's default limit
+    of 8), then every setting is timed again round-robin and its ratio to the float step of its mode printed with
+    a 95% interval that contains it."""
+    argv = ["quant_overhead", "--device", "cpu", "--backend", "aot_eager", "--models", "small_cnn@28:b8"]
+    argv += ["--iters", "1", "--warmup", "1", "--rounds", "3"]
+    argv += ["--settings", "float,float_c,w4_c,multi_c,multi_data_c,float_cg,w4_cg"]
+    monkeypatch.setattr(sys, "argv", argv)
+    QO.main()
+    out = capsys.readouterr().out
+    graphs = {k: int(v) for k, v in re.findall(r"\] (\w+): \{[^}]*'graphs': (\d+)\}", out)}
+    assert graphs == {"float": 0, "float_c": 1, "w4_c": 1, "multi_c": 4, "multi_data_c": 1, "float_cg": 1, "w4_cg": 1}
+    rows = re.findall(r"\| (\w+) \| [\d.]+ \| ([\d.]+)x ÷ (\w+) \| \[([\d.]+), ([\d.]+)\] \|", out)
+    assert {r[0]: r[2] for r in rows} == {
+        "w4_c": "float_c",
+        "multi_c": "float_c",
+        "multi_data_c": "float_c",
+        "w4_cg": "float_cg",
+    }
+    for _, m, _, lo, hi in rows:
+        assert float(lo) <= float(m) <= float(hi)
+
+
+def test_ratio_interval():
+    """Paired rounds: a constant ratio has a zero-width interval; the interval is the t-interval of the log
+    ratios (n = 3: t = 4.303), mapped back."""
+    assert QO.ratio_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 2.0)
+    m, lo, hi = QO.ratio_ci([1.0, math.e, math.e**2], [1.0, 1.0, 1.0])  # logs 0, 1, 2: mean 1, sd 1
+    assert abs(m - math.e) < 1e-12
+    assert (
+        abs(math.log(hi) - 1 - 4.302653 / math.sqrt(3)) < 1e-5
+        and abs(math.log(lo) - 1 + 4.302653 / math.sqrt(3)) < 1e-5
+    )
