@@ -9,14 +9,18 @@ import sys
 from benchmarks import quant_overhead as QO
 
 
-def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
+def _run(monkeypatch, capsys, settings: str, *extra: str) -> tuple[str, dict[str, int]]:
+    """The benchmark's output for small_cnn on the CPU (one timed step), and the graphs each setting compiled."""
     argv = ["quant_overhead", "--device", "cpu", "--backend", "aot_eager", "--models", "small_cnn@28:b8"]
-    argv += ["--iters", "1", "--warmup", "1", "--profile", "3"]
-    argv += ["--settings", "float,float_c,w4_c,multi_c,multi_data_c,w4_data_cg,multi_data_cg"]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", argv + ["--iters", "1", "--warmup", "1", "--settings", settings, *extra])
     QO.main()
     out = capsys.readouterr().out
-    graphs = {k: int(v) for k, v in re.findall(r"\] (\w+): \{[^}]*'graphs': (\d+)\}", out)}
+    return out, {k: int(v) for k, v in re.findall(r"\] (\w+): \{[^}]*'graphs': (\d+)\}", out)}
+
+
+def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
+    settings = "float,float_c,w4_c,multi_c,multi_data_c,w4_data_cg,multi_data_cg"
+    out, graphs = _run(monkeypatch, capsys, settings, "--profile", "3")
     assert graphs == {
         "float": 0,
         "float_c": 1,
@@ -35,13 +39,7 @@ def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_interval
     """--rounds: the compiled steps stay valid and compiled (9 graphs on one forward: past dynamo's default limit
     of 8), then every setting is timed again round-robin and its ratio to the float step of its mode printed with
     a 95% interval that contains it."""
-    argv = ["quant_overhead", "--device", "cpu", "--backend", "aot_eager", "--models", "small_cnn@28:b8"]
-    argv += ["--iters", "1", "--warmup", "1", "--rounds", "3"]
-    argv += ["--settings", "float,float_c,w4_c,multi_c,multi_data_c,float_cg,w4_cg"]
-    monkeypatch.setattr(sys, "argv", argv)
-    QO.main()
-    out = capsys.readouterr().out
-    graphs = {k: int(v) for k, v in re.findall(r"\] (\w+): \{[^}]*'graphs': (\d+)\}", out)}
+    out, graphs = _run(monkeypatch, capsys, "float,float_c,w4_c,multi_c,multi_data_c,float_cg,w4_cg", "--rounds", "3")
     assert graphs == {"float": 0, "float_c": 1, "w4_c": 1, "multi_c": 4, "multi_data_c": 1, "float_cg": 1, "w4_cg": 1}
     rows = re.findall(r"\| (\w+) \| [\d.]+ \| ([\d.]+)x ÷ (\w+) \| \[([\d.]+), ([\d.]+)\] \|", out)
     assert {r[0]: r[2] for r in rows} == {
