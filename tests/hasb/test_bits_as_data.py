@@ -300,6 +300,15 @@ def test_one_graph_for_every_config_in_data_mode():
     torch._dynamo.reset()
 
 
+def _random_images(tmp_path, n: int) -> str:
+    """An npz of ``n`` random 1x28x28 images and labels, as a ``--data`` value: a training run that any machine
+    can make (GPU machines need not have Fashion-MNIST), for tests that compare two runs of the same data."""
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "images.npz"
+    np.savez(path, x=torch.rand(n, 1, 28, 28, generator=gen).numpy(), y=np.arange(n) % 10)
+    return f"npz:{path}"
+
+
 def test_train_compile_multi_specialises_and_supernet_is_one_graph_with_the_uncompiled_result(tmp_path, monkeypatch):
     """--compile compiles the whole model (here by dynamo's counting eager backend): multi-precision with one
     specialised graph per candidate bit (int bits; faster steps, measured), the supernet with bits as data, so its
@@ -310,7 +319,8 @@ def test_train_compile_multi_specialises_and_supernet_is_one_graph_with_the_unco
     counter = CompileCounterWithBackend("eager")
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
-    base = dict(model="small_cnn", epochs=1, batch_size=32, train_limit=64, val_limit=32, lr=3e-3, progress=False)
+    data = _random_images(tmp_path, 96)
+    base = dict(model="small_cnn", data=data, epochs=1, batch_size=32, val_size=32, lr=3e-3, progress=False)
     stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
     for stage, kw in stages.items():
         outs = {}
@@ -400,10 +410,7 @@ def test_train_compile_on_cuda_uses_cuda_graphs_and_trains_the_same_weights(tmp_
     real_compile = torch.compile
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same conv algorithms in both runs
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    gen = torch.Generator().manual_seed(0)  # random images: GPU machines need not have Fashion-MNIST
-    data = tmp_path / "images.npz"
-    np.savez(data, x=torch.rand(320, 1, 28, 28, generator=gen).numpy(), y=np.arange(320) % 10)
-    base = dict(model="small_cnn", data=f"npz:{data}", epochs=1, batch_size=32, val_size=64, lr=3e-3)
+    base = dict(model="small_cnn", data=_random_images(tmp_path, 320), epochs=1, batch_size=32, val_size=64, lr=3e-3)
     base.update(device="cuda", compile=True, progress=False)
     stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
     for stage, kw in stages.items():
