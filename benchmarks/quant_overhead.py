@@ -99,22 +99,24 @@ class GraphCounter:
     """A torch.compile backend that counts the graphs it is given and hands them to ``backend`` (inductor: the
     real measurement; ``eager``/``aot_eager`` for a quick smoke run without code generation)."""
 
-    def __init__(self, backend: str = "inductor", cudagraphs: bool = False):
+    def __init__(self, backend: str = "inductor", cudagraphs: bool = False, patches: dict | None = None):
         self.graphs = 0
         self.backend = backend
         self.cudagraphs = cudagraphs  # inductor's CUDA graphs (mode="reduce-overhead"): no per-kernel host launches
+        self.patches = patches or {}  # more inductor config for these graphs (benchmarks/inductor_knobs.py)
 
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
         if self.backend == "inductor":
-            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": self.cudagraphs})
+            patches = {"triton.cudagraphs": self.cudagraphs, **self.patches}
+            return compile_fx(gm, example_inputs, config_patches=patches)
         return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
 
 
-def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "") -> dict:
-    counter = GraphCounter(args.backend, cudagraphs=key.endswith("_cg"))
+def measure(model, x, y, loss_fn, bits, args, dev, compiled: bool, key: str = "", patches=None) -> dict:
+    counter = GraphCounter(args.backend, cudagraphs=key.endswith("_cg"), patches=patches)
     run = torch.compile(model, backend=counter) if compiled else model
 
     def loss_of():  # the model compiled, the loss eager: as ``hasb train --compile`` runs it
@@ -144,20 +146,27 @@ def base_of(key: str) -> str:
     return "float_cg" if key.endswith("_cg") else "float_c" if key.endswith("_c") else "float"
 
 
-def interleaved(rounds: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
-    """Median ms of ``iters`` steps of every kept setting, per round, the settings taking turns in each round
-    (order rotated every round), so that a slow phase of the host (another job, clocks) falls on all of them."""
-    keys = list(STEPS)
+def interleaved(rounds: int, iters: int, dev: torch.device, steps: dict | None = None, prepare=None) -> dict:
+    """Median ms of ``iters`` steps of every kept step, per round: {key: [ms per round]}.  The steps take turns in
+    each round (order rotated every round), so that a slow phase of the host (another job, clocks) falls on all
+    of them.  ``steps``: {key: (step, model, bits)} (default: the settings kept by :func:`measure`);
+    ``prepare(key, model, bits)`` runs before each key's turn (default: that setting's kernels and W4A4)."""
+    steps = STEPS if steps is None else steps
+    keys = list(steps)
     per: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(rounds):
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            step, model, bits = STEPS[k]
-            weights, _, _, kernels = PLAN[k]
-            K.enable(kernels)
-            if bits == [None] and weights != "float":  # a 4-pass step may have run since: back to W4A4
-                hasb.set_config(model, 4)
+            step, model, bits = steps[k]
+            (prepare or _prepare_setting)(k, model, bits)
             per[k].append(timed(step, iters, 1, dev)[0])  # one untimed step: a switch may re-record CUDA graphs
     return per
+
+
+def _prepare_setting(key: str, model, bits) -> None:
+    weights, _, _, kernels = PLAN[key]
+    K.enable(kernels)
+    if bits == [None] and weights != "float":  # a 4-pass step may have run since: back to W4A4
+        hasb.set_config(model, 4)
 
 
 def ratio_ci(ms: list[float], base: list[float]) -> tuple[float, float, float]:
