@@ -49,14 +49,15 @@ def known(patch: dict) -> bool:
     return True
 
 
-def dump_kernels(prefix: str, dest: Path) -> int:
-    """Copy every generated source file in inductor's cache that defines a kernel named ``prefix...`` to
-    ``dest``; returns how many."""
+def dump_kernels(prefix: str, dest: Path, seen: set[Path]) -> int:
+    """Copy every generated source file in inductor's cache that defines a kernel named ``prefix...`` and is not
+    in ``seen`` (an earlier knob's) to ``dest``; returns how many.  ``seen`` gets every file looked at."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     dest.mkdir(parents=True, exist_ok=True)
     n = 0
-    for f in Path(cache_dir()).rglob("*.py"):
+    for f in sorted(set(Path(cache_dir()).rglob("*.py")) - seen):
+        seen.add(f)
         try:
             text = f.read_text()
         except (OSError, UnicodeDecodeError):
@@ -104,7 +105,8 @@ def run(args, knobs: list[str]) -> None:
     hasb.init_quantizers(qmodel, x[:8])
     qmodel.train()
     weights, bits, _, _ = QO.PLAN[args.setting]
-    steps = {}
+    steps: dict[str, tuple] = {}
+    seen: set[Path] = set()
     with torch._dynamo.config.patch(recompile_limit=64):  # every knob's graphs stay cached on the same code
         for knob in knobs:
             if not known(KNOBS[knob]):
@@ -116,7 +118,7 @@ def run(args, knobs: list[str]) -> None:
             steps[knob] = QO.STEPS.pop(args.setting)
             print(f"{knob}: {r}", flush=True)
             if args.dump:
-                print(f"  {dump_kernels(args.kernel, Path(args.dump) / knob)} source file(s) dumped", flush=True)
+                print(f"  {dump_kernels(args.kernel, Path(args.dump) / knob, seen)} source file(s) dumped", flush=True)
         per = QO.interleaved(args.rounds, args.iters, dev, steps=steps, prepare=_w4a4)
     print_table(per, args)
 
