@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -49,9 +50,10 @@ def known(patch: dict) -> bool:
     return True
 
 
-def dump_kernels(prefix: str, dest: Path, seen: set[Path]) -> int:
-    """Copy every generated source file in inductor's cache that defines a kernel named ``prefix...`` and is not
-    in ``seen`` (an earlier knob's) to ``dest``; returns how many.  ``seen`` gets every file looked at."""
+def dump_kernels(part: str, dest: Path, seen: set[Path]) -> int:
+    """Copy every generated source file in inductor's cache that defines a Triton kernel whose name contains
+    ``part`` (persistent ``triton_per_`` or looped ``triton_red_`` alike) and is not in ``seen`` (an earlier
+    knob's) to ``dest``; returns how many.  ``seen`` gets every file looked at."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def dump_kernels(prefix: str, dest: Path, seen: set[Path]) -> int:
             text = f.read_text()
         except (OSError, UnicodeDecodeError):
             continue
-        if f"def {prefix}" in text:
+        if re.search(rf"def triton_\w*{re.escape(part)}", text):
             shutil.copy(f, dest / f.name)
             n += 1
     return n
@@ -79,7 +81,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (>= 2)")
     ap.add_argument("--dump", default=None, help="folder for the generated source of the --kernel kernels")
-    ap.add_argument("--kernel", default="triton_per_fused_add_clamp_div_ge_le", help="kernel name prefix to dump")
+    ap.add_argument(
+        "--kernel",
+        default="fused_add_clamp_div_ge_le_logical_and_mul_neg_permute_round_sub_sum",
+        help="part of the name of the Triton kernels to dump (default: the activation step's gradient sum)",
+    )
     args = ap.parse_args()
     knobs = args.knobs.split(",")
     if bad := [k for k in knobs if k not in KNOBS]:

@@ -34,3 +34,18 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, extra, says):
 
 def test_known_reads_nested_inductor_config():
     assert IK.known({"triton.persistent_reductions": False}) and not IK.known({"triton.no_such_knob": 1})
+
+
+def test_dump_copies_the_named_kernels_each_once(tmp_path, monkeypatch):
+    """--dump: a persistent or looped kernel whose name contains the part is copied, other kernels are not, and a
+    file an earlier knob dumped is not copied again."""
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "red.py").write_text("def triton_red_fused_add_clamp_sum_where_3(in_ptr0):\n    pass\n")
+    (cache / "ab" / "per.py").write_text("def triton_per_fused_add_clamp_sum_7(in_ptr0):\n    pass\n")
+    (cache / "ab" / "poi.py").write_text("def triton_poi_fused_relu_1(in_ptr0):\n    pass\n")
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.cache_dir", lambda: str(cache))
+    seen: set = set()
+    assert IK.dump_kernels("fused_add_clamp_sum", tmp_path / "first", seen) == 2
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["per.py", "red.py"]
+    assert IK.dump_kernels("fused_add_clamp_sum", tmp_path / "second", seen) == 0
