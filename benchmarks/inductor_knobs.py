@@ -18,7 +18,6 @@ import argparse
 import copy
 import re
 import shutil
-import statistics
 from pathlib import Path
 
 import torch
@@ -120,38 +119,18 @@ def run(args, knobs: list[str]) -> None:
                 continue
             model = copy.deepcopy(qmodel) if weights == "int" else hasb.bits_as_data(copy.deepcopy(qmodel))
             hasb.set_config(model, 4)
-            r = QO.measure(model, x, y, loss_fn, bits, _keep(args), dev, True, args.setting, patches=KNOBS[knob])
+            r = QO.measure(model, x, y, loss_fn, bits, args, dev, True, args.setting, patches=KNOBS[knob])
             steps[knob] = QO.STEPS.pop(args.setting)
             print(f"{knob}: {r}", flush=True)
             if args.dump:
                 print(f"  {dump_kernels(args.kernel, Path(args.dump) / knob, seen)} source file(s) dumped", flush=True)
         per = QO.interleaved(args.rounds, args.iters, dev, steps=steps, prepare=_w4a4)
-    print_table(per, args)
-
-
-def _keep(args) -> argparse.Namespace:
-    """``args`` with ``rounds`` set, so that QO.measure keeps the compiled step in QO.STEPS."""
-    return argparse.Namespace(**{**vars(args), "rounds": max(args.rounds, 2)})
+    QO.print_rounds(f"{args.model} {args.setting}, rounds of {args.iters} steps", per, base=lambda k: "default")
 
 
 def _w4a4(knob: str, model, bits) -> None:
     if bits == [None]:  # one W4A4 pass per step: the config the setting is defined by
         hasb.set_config(model, 4)
-
-
-def print_table(per: dict[str, list[float]], args) -> None:
-    base = per.get("default")
-    print(
-        f"\n{args.model} {args.setting}, {args.rounds} interleaved rounds of {args.iters} steps; ratio to the "
-        "default compile = geometric mean of the per-round ratios, 95% t-interval"
-    )
-    print("| knob | median ms over rounds | ÷ default | 95% CI |\n|---|---|---|---|")
-    for k, ms in per.items():
-        if base is None or k == "default":
-            print(f"| {k} | {statistics.median(ms):.2f} | – | – |")
-            continue
-        m, lo, hi = QO.ratio_ci(ms, base)
-        print(f"| {k} | {statistics.median(ms):.2f} | {m:.3f}x | [{lo:.3f}, {hi:.3f}] |")
 
 
 if __name__ == "__main__":

@@ -179,17 +179,18 @@ def ratio_ci(ms: list[float], base: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def print_rounds(spec: str, per: dict[str, list[float]]) -> None:
+def print_rounds(title: str, per: dict[str, list[float]], base=base_of) -> None:
+    """The rounds' table: each key's median ms and its ratio to ``base(key)`` (a key of ``per``) with a 95% CI."""
     rounds = len(next(iter(per.values())))
-    print(f"\n{spec}: {rounds} interleaved rounds; ratio = geometric mean of the per-round ratios")
-    print("| setting | median ms over rounds | ÷ float of its mode | 95% CI |\n|---|---|---|---|")
+    print(f"\n{title}: {rounds} interleaved rounds; ratio = geometric mean of the per-round ratios, 95% t-interval")
+    print("| setting | median ms over rounds | ratio | 95% CI |\n|---|---|---|---|")
     for k, ms in per.items():
-        base = base_of(k)
-        if k == base or base not in per:
+        b = base(k)
+        if k == b or b not in per:
             print(f"| {k} | {statistics.median(ms):.2f} | – | – |")
             continue
-        m, lo, hi = ratio_ci(ms, per[base])
-        print(f"| {k} | {statistics.median(ms):.2f} | {m:.3f}x ÷ {base} | [{lo:.3f}, {hi:.3f}] |")
+        m, lo, hi = ratio_ci(ms, per[b])
+        print(f"| {k} | {statistics.median(ms):.2f} | {m:.3f}x ÷ {b} | [{lo:.3f}, {hi:.3f}] |")
 
 
 def _cudagraph_skips() -> int:

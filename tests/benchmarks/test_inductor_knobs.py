@@ -17,7 +17,9 @@ def test_cpu_smoke_every_knob_timed_against_the_default(monkeypatch, capsys):
     IK.main()
     out = capsys.readouterr().out
     assert re.search(r"^default: \{.*'graphs': 1", out, re.M) and re.search(r"^looped: \{.*'graphs': 1", out, re.M)
-    m, lo, hi = map(float, re.search(r"\| looped \| [\d.]+ \| ([\d.]+)x \| \[([\d.]+), ([\d.]+)\] \|", out).groups())
+    m, lo, hi = map(
+        float, re.search(r"\| looped \| [\d.]+ \| ([\d.]+)x ÷ default \| \[([\d.]+), ([\d.]+)\] \|", out).groups()
+    )
     assert lo <= m <= hi
 
 
