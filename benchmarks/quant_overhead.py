@@ -222,8 +222,8 @@ def profile(step, title: str, top: int, dev: torch.device, steps: int = 3) -> No
         f"\n[profile] {title}: {total:.2f} ms of {'kernels' if dev.type == 'cuda' else 'CPU ops'} per step, "
         f"{launches:.0f} launches per step; top {top}:"
     )
-    for e in events[:top]:
-        print(f"  {getattr(e, attr) / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key[:110]}")
+    for e in events[:top]:  # whole names: a Triton kernel's numeric suffix finds its source in inductor's cache
+        print(f"  {getattr(e, attr) / steps / 1000:8.3f} ms  {e.count / steps:6.0f}x  {e.key}")
     if dev.type == "cuda":  # host side: what keeps the GPU waiting (syncs, copies, Python between launches)
         host = sorted(
             (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),

@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -237,10 +237,10 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> torch.Ten
     """round(clip(x / s, Qn, Qp)) · s with LSQ's gradients (STE for x, g-scaled for the step), computed on the
     memory-order view of ``x`` (:func:`memory_order`) and returned in its layout.  ``scale``: 0-dim step s;
     ``g``, ``qn``, ``qp``: Python numbers (int path) or 0-dim tensors (bits as data)."""
-    xm, back = memory_order(x)
+    xm, restore = memory_order(x)
     s = grad_scale(scale, g)
     q = torch.clamp(xm / s, qn, qp)
-    return ((q + (torch.round(q) - q).detach()) * s).permute(back)
+    return restore((q + (torch.round(q) - q).detach()) * s)
 
 
 def lsq_fake_quant_one_sum(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> torch.Tensor:  # g, qn, qp: 0-dim
@@ -248,8 +248,8 @@ def lsq_fake_quant_one_sum(x: torch.Tensor, scale: torch.Tensor, g, qn, qp) -> t
     the backward one pass with one sum.  What compiled bits-as-data graphs use (measured on the H200,
     ResNet-18@224 b256 W4A4 with CUDA graphs, one process: 20.31 vs 21.61 ms per step; with int bits inductor
     fuses the composite better, 19.09 / 19.56 vs 18.40 / 18.95 ms, so that path keeps it)."""
-    xm, back = memory_order(x)
-    return _LSQCompiled.apply(xm, scale, g, qn, qp).permute(back)
+    xm, restore = memory_order(x)
+    return restore(_LSQCompiled.apply(xm, scale, g, qn, qp))
 
 
 class _LSQCompiled(torch.autograd.Function):
@@ -277,22 +277,32 @@ class _LSQCompiled(torch.autograd.Function):
         return grad * inside, grad_s.to(s.dtype), None, None, None
 
 
-def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """``x`` as a view whose logical order is its memory order (NHWC for a channels_last batch), and the
-    permutation that undoes it (``view.permute(back)`` is ``x`` again, same strides).
+def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` as a 1-D view in memory order (NHWC for a channels_last batch), and the function that gives a result
+    of that view back in ``x``'s shape and layout (``restore(view)`` is ``x`` again, same strides).
 
     Why: the scale gradient of an activation quantizer sums over every element, and inductor lowers a full
     reduction in logical order; over a channels_last activation that reads memory with a stride of C (1.4 ms
-    per 51 M-element layer on the H200; 0.8 ms in memory order, benchmarks/RESULTS.md).  Elementwise results are
-    unchanged; only the order of that sum (its float round-off) follows memory.  Tensors that are not a
-    permutation of a contiguous layout come back as they are.
+    per 51 M-element layer on the H200).  A 4-D permuted view fixed that order but not the layout of the tensor
+    inductor saves for the backward (x / s): its layout optimisation gives every 4-D intermediate of a conv graph
+    the channels_last strides of its *logical* dims, which for an NHWC view is a transpose, and the backward's
+    sum gathered it with a stride of H (0.79 ms per launch, about 20x its memory traffic; benchmarks/RESULTS.md,
+    session 10).  A 1-D view has one layout.  Elementwise results are unchanged; only the order of the sum (its
+    float round-off) follows memory.  Tensors that are not a permutation of a contiguous layout come back as they
+    are.
     """
     strides = x.stride()
     perm = sorted(range(x.dim()), key=lambda d: -strides[d])  # stable: ties (size-1 dims) keep their order
     view = x.permute(perm)
-    if perm == list(range(x.dim())) or not view.is_contiguous():
-        return x, list(range(x.dim()))
-    return view, [perm.index(d) for d in range(x.dim())]
+    if not view.is_contiguous():
+        return x, _same
+    back = [perm.index(d) for d in range(x.dim())]
+    shape = view.shape
+    return view.view(-1), lambda y: y.view(shape).permute(back)
+
+
+def _same(y: torch.Tensor) -> torch.Tensor:
+    return y
 
 
 # -- bits as data: the same math with the bit a 0-dim tensor (one compiled graph for every bit config) -------------

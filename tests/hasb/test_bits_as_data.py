@@ -320,7 +320,9 @@ def test_train_compile_multi_specialises_and_supernet_is_one_graph_with_the_unco
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
     data = _random_images(tmp_path, 96)
+    # the CPU on any machine: bit-equal weights need deterministic kernels (cuDNN's are not; the CUDA twin below)
     base = dict(model="small_cnn", data=data, epochs=1, batch_size=32, val_size=32, lr=3e-3, progress=False)
+    base["device"] = "cpu"
     stages = {"multi": {}, "supernet": dict(stage="supernet", sampler="uniform", sigma=0.9, warmup_epochs=0)}
     for stage, kw in stages.items():
         outs = {}

@@ -220,16 +220,17 @@ def test_one_bit_weights_signed_minus_one_zero_with_finite_gradients():
 
 
 def test_memory_order_views_and_activation_quantizer_keeps_layout_and_values():
-    """The activation quantizer works on the memory-order view (a coalesced scale-gradient sum when compiled):
+    """The activation quantizer works on the 1-D memory-order view (a coalesced scale-gradient sum when compiled):
     same values and layout as the logical-order computation, gradients equal up to the sum's round-off."""
     torch.manual_seed(5)
     x_c = torch.randn(3, 5, 4, 6) * 2
     x_l = x_c.to(memory_format=torch.channels_last)
-    view, back = Q.memory_order(x_l)
-    assert view.is_contiguous() and view.shape == (3, 4, 6, 5)
-    assert view.permute(back).stride() == x_l.stride() and torch.equal(view.permute(back), x_c)
-    same, ident = Q.memory_order(x_c)
-    assert same is x_c and ident == [0, 1, 2, 3]
+    view, restore = Q.memory_order(x_l)  # 1-D in memory order: NHWC
+    assert view.dim() == 1 and view.data_ptr() == x_l.data_ptr()
+    assert torch.equal(view, x_c.permute(0, 2, 3, 1).reshape(-1))
+    assert restore(view).stride() == x_l.stride() and torch.equal(restore(view), x_c)
+    flat, restore = Q.memory_order(x_c)
+    assert torch.equal(flat, x_c.reshape(-1)) and restore(flat).stride() == x_c.stride()
     odd = x_c[:, :, ::2]  # not a permutation of a contiguous layout: left as it is
     assert Q.memory_order(odd)[0] is odd
     gout = torch.randn_like(x_c)
@@ -289,3 +290,46 @@ def test_one_sum_activation_lsq_equals_the_composite(dtype):
     assert torch.equal(out, a)
     (gs,) = torch.autograd.grad(out, (scales,), gout)
     assert gs[0] == 0 and torch.equal(gs[1], bs)  # the one-sum value (aot_eager runs the same eager ops)
+
+
+@pytest.mark.parametrize("data", [False, True], ids=["int_bits", "bits_as_data"])
+def test_compiled_backward_reads_the_saved_activation_in_memory_order(data):
+    """What inductor (C++ here; Triton on CUDA does the same) hands the backward of a channels_last conv graph:
+    every saved activation-sized tensor is stored in the activation's memory order (NHWC), so the scale
+    gradient's sum reads it coalesced.  A 4-D permuted view of the activation failed this: inductor's layout
+    optimisation gave the saved x / s channels_last strides of its *permuted* dims, a transpose (H fastest),
+    which the H200 read at about 1/20 of its bandwidth (benchmarks/RESULTS.md, session 10).  Sizes are
+    distinct so each dim is known by its size."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    n, c, h, w = 2, 8, 6, 10
+    conv1, conv2 = torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.Conv2d(c, 4, 3, padding=1)
+    scale = torch.tensor(0.1, requires_grad=True)
+    cl = torch.channels_last
+
+    def f(x):
+        a = torch.nn.functional.max_pool2d(torch.relu(conv1(x)), 2)  # as ResNet's stem: x / s gets saved
+        if data:
+            t = torch.tensor
+            a = Q.lsq_fake_quant_one_sum(a, scale, t(0.01), t(0.0), t(15.0))
+        else:
+            a = Q.lsq_fake_quant(a, scale, 0.01, 0, 15)
+        return conv2(a).sum()
+
+    conv1.to(memory_format=cl), conv2.to(memory_format=cl)
+    x = torch.randn(n, 3, 2 * h, 2 * w).to(memory_format=cl)
+    torch._dynamo.reset()
+    compiled = torch.compile(f)
+    _, codes = run_and_get_code(lambda: compiled(x).backward())
+    torch._dynamo.reset()
+    label = {n: "N", c: "C", h: "H", w: "W"}
+    saved = re.findall(r"assert_size_stride\((\w+), \(([\d, ]+)\), \(([\d, ]+)\), 'input'\)", codes[-1])
+    orders = {}
+    for name, size, stride in saved:
+        size, stride = [int(v) for v in size.split(",") if v.strip()], [int(v) for v in stride.split(",") if v.strip()]
+        if math.prod(size) == n * c * h * w and len(size) == 4:
+            orders[name] = "".join(label[size[d]] for d in sorted(range(4), key=lambda d: -stride[d]))
+    assert saved and all(o == "NHWC" for o in orders.values()), orders
+    assert scale.grad is not None and torch.isfinite(scale.grad)
