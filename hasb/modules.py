@@ -397,6 +397,7 @@ class SwitchBatchNorm(nn.Module):
             )
             b.load_state_dict(bn.state_dict())
             self.bns[k] = b
+        self.register_load_state_dict_post_hook(_restack_after_load)
         self.mode = "bit"  # "bit" (per-bit, multi-precision) or "pair" (Transitional BN)
         self.override: str | None = None
         # producer / predecessor layers: plain references (not submodules), set by quantize_model
@@ -527,8 +528,6 @@ class SwitchBatchNorm(nn.Module):
     def _forward_data(self, x: torch.Tensor) -> torch.Tensor:
         if self._data_sig != self._signature():  # keys, mode or override changed since data mode was switched on
             self._refresh_data()
-        elif not torch.compiler.is_compiling() and "_rm" in self._buffers and not self._stats_linked():
-            self._refresh_data()  # an entry's statistics were replaced (load_state_dict(assign=True)): re-stack
         entries = cast("list[nn.modules.batchnorm._BatchNorm]", list(self.bns.values()))
         if len({m.training for m in entries}) > 1 or len({m.momentum for m in entries}) > 1:
             return self.bns[self.key](x)  # entries in different states (BN re-calibration): the Python path
@@ -551,6 +550,14 @@ class SwitchBatchNorm(nn.Module):
 def _row(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t[idx]`` for a [1] int64 index tensor: an index_select (no device sync, one graph)."""
     return t.index_select(0, idx).squeeze(0)
+
+
+def _restack_after_load(bn: SwitchBatchNorm, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (after the entries are loaded): ``assign=True`` replaces the entries'
+    statistics with the loaded tensors, which are no rows of data mode's stacks; re-stack them.  Loading in place
+    (the default) keeps the rows, and this checks and returns."""
+    if bn.bits_data and "_rm" in bn._buffers and not bn._stats_linked():
+        bn._refresh_data()
 
 
 def _pick(ts: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

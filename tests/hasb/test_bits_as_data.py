@@ -232,10 +232,9 @@ def test_stacked_statistics_are_the_entries_memory():
         for conf in _configs(ref):
             hasb.set_config(ref, conf)
             ref(x)
-    dat.load_state_dict(ref.state_dict(), assign=True)  # replaces the entries' buffers: re-stacked at the forward
-    assert not all(b._stats_linked() for b in _switch_bns(dat))
-    _eval_equal(ref, dat, x)
+    dat.load_state_dict(ref.state_dict(), assign=True)  # replaces the entries' buffers: re-stacked by a post-hook
     assert all(b._stats_linked() for b in _switch_bns(dat))
+    _eval_equal(ref, dat, x)
     bits_as_data(dat, False)
     for b in _switch_bns(dat):
         assert "_rm" not in dict(b.named_buffers()) and all(m.running_mean._base is None for m in b.bns.values())
