@@ -17,7 +17,11 @@ run once per seed.  Arms (``--arms``, default all):
      evaluated; random and Optuna pick on validation, every pick is scored once on held-out test images; plus the
      share of the random configs that beat the ILP pick on validation and of Optuna's proposals within the budget;
   f  proxy quality: Spearman ρ between Σ Ω (the ILP's objective) and the measured validation loss increase over
-     the top-bit config, over ≥ 200 random configs of the HASB supernet.
+     the top-bit config, over ≥ 200 random configs of the HASB supernet;
+  g  ``hasb.train --compile`` vs eager (issue 15: "training curves unchanged"): multi-precision, then the uniform
+     supernet from it, each pipeline as a user runs it (compiled: specialised graphs per bit, then bits as data;
+     CUDA graphs on CUDA), scored as arms a-d score; the same seed gives both pipelines the same initial weights
+     and data order.
 
 Resumable: each (cell, seed) writes ``OUT/cells/<cell>-s<seed>.json`` atomically when it finishes, and a rerun
 skips finished cells (training runs continue from their last epoch checkpoint; the search cell reuses its
@@ -75,7 +79,8 @@ from search.evaluate import Evaluator, file_digest
 from search.optuna_search import proposal_counts, run_study, study_trials_frame
 from search.recipes import sensitivity_for
 
-ARMS = ("a", "b", "c", "d", "e", "f")
+ARMS = ("a", "b", "c", "d", "e", "f", "g")
+COMPILED = "_compiled"  # a training cell's name + this: the same run with ``compile=True`` (arm g)
 # arm e's Optuna: a proposal over the budget is repaired (lowered greedily to fit), then evaluated; with
 # "evaluate" (the budget a soft constraint) unseeded TPE spent every trial outside the 2.5-3.5-bit budgets
 OPTUNA_INFEASIBLE = "repair"
@@ -237,10 +242,13 @@ def arm_cells(arm: str, wl: Workload) -> list[str]:
         "d": ["super_hasb", "super_uniform", "super_tempered"],
         "e": ["search"],
         "f": ["proxy"],
+        "g": ["multi", "super_uniform", "multi" + COMPILED, "super_uniform" + COMPILED],
     }[arm]
 
 
 def needs(cell: str) -> list[str]:
+    if cell.endswith(COMPILED):  # a compiled pipeline: its own compiled stages
+        return [d + COMPILED for d in needs(cell.removesuffix(COMPILED))]
     if cell == "sens" or cell == "super_uniform":
         return ["multi"]
     if cell.startswith("super_"):
@@ -260,6 +268,7 @@ def off_chain(cell: str) -> bool:
 
 def kind(cell: str) -> str:
     """The cell's kind (its function and its time estimate)."""
+    cell = cell.removesuffix(COMPILED)
     if cell.startswith("lsq"):
         return "lsq"
     if cell.startswith("super_"):
@@ -307,7 +316,10 @@ def _train_common(ctx: Ctx, seed: int) -> dict:
 def train_config(ctx: Ctx, cell: str, seed: int) -> TrainConfig:
     """The TrainConfig of a training cell (multi, msb, alrs_off, lsq<b>, super_<sampler>)."""
     wl = ctx.wl
-    kw: dict = dict(stage="multi", epochs=wl.epochs, lr=wl.lr, bits=list(wl.bits))
+    run = ctx.run_dir(cell, seed)
+    compiled = cell.endswith(COMPILED)
+    cell = cell.removesuffix(COMPILED)
+    kw: dict = dict(stage="multi", epochs=wl.epochs, lr=wl.lr, bits=list(wl.bits), compile=compiled)
     if cell == "msb":
         kw["rounding"] = "msb"
     elif cell == "alrs_off":
@@ -317,10 +329,10 @@ def train_config(ctx: Ctx, cell: str, seed: int) -> TrainConfig:
     elif cell.startswith("super_"):
         sampler = cell[len("super_") :]
         kw.update(stage="supernet", epochs=wl.super_epochs, lr=wl.super_lr, sampler=sampler, warmup_epochs=0)
-        kw["init"] = str(ctx.run_dir("multi", seed) / "model.pt")
+        kw["init"] = str(ctx.run_dir("multi" + (COMPILED if compiled else ""), seed) / "model.pt")
         if sampler != "uniform":
             kw["sensitivity"] = str(sens_path(ctx, seed))
-    return TrainConfig(**_train_common(ctx, seed), out=str(ctx.run_dir(cell, seed)), **kw)
+    return TrainConfig(**_train_common(ctx, seed), out=str(run), **kw)
 
 
 def sens_path(ctx: Ctx, seed: int) -> Path:
@@ -749,6 +761,21 @@ def groups(wl: Workload) -> list[Group]:
             [Row("Spearman ρ", same("proxy"))],
             headers=["ρ"],
         ),
+        Group(
+            "g",
+            f"g. `--compile` vs eager, multi-precision ({wl.epochs} epoch(s), the last epoch's validation score)",
+            bitcols,
+            Row("eager", same("multi")),
+            [Row("compiled", same("multi" + COMPILED))],
+        ),
+        Group(
+            "g",
+            f"g. `--compile` vs eager, uniform-sampler supernet ({wl.super_epochs} epoch(s)) from that pipeline's "
+            f"multi-precision model; scored as arm d",
+            [*bitcols, "mixed"],
+            Row("eager", same("super_uniform")),
+            [Row("compiled", same("super_uniform" + COMPILED))],
+        ),
     ]
 
 
@@ -829,7 +856,7 @@ def _csv(text: str) -> list[str]:
 @dataclass
 class EvidenceConfig:
     workload: str = option("mbv2-fmnist", choices=list(WORKLOADS), help="what to train and score")
-    arms: list = option(default_factory=lambda: list(ARMS), parse=_csv, help="comma-separated subset of a,b,c,d,e,f")
+    arms: list = option(default_factory=lambda: list(ARMS), parse=_csv, help="comma-separated subset of a,b,c,d,e,f,g")
     seeds: list = option(default_factory=lambda: [0, 1, 2], parse=_csv, help="comma-separated seeds (≥ 3 for CIs)")
     out: str = out_option("results folder (cells/, runs/, logs/, evidence.md, evidence.json)", required=True)
     device: str = device_option()

@@ -59,6 +59,42 @@ def test_smoke_two_arms_table_has_cis_and_resume_skips_finished_cells(tmp_path, 
     assert "10/10 cells finished (1 in this call" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not have_fmnist(), reason="needs Fashion-MNIST (see README setup)")
+def test_smoke_arm_g_compiled_pipeline_against_eager(tmp_path, capsys, monkeypatch):
+    """Arm g trains the same seed eager and with ``compile=True`` (here through dynamo's eager backend: the
+    compiled graphs' ops without code generation, seconds on the CPU), the compiled supernet from the compiled
+    multi-precision model, and prints both blocks with paired differences and their intervals."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter))
+    out = tmp_path / "ev"
+    argv = ["--smoke", "--arms", "g", "--seeds", "0,1", "--device", "cpu", "--jobs", "1", "--out", str(out)]
+    assert E.main(argv) == 0
+    text = capsys.readouterr().out
+    assert counter.frame_count > 0
+    for cell in ("multi", "super_uniform"):
+        for s in (0, 1):
+            eager, comp = (
+                json.loads((out / "runs" / f"{c}-s{s}" / "train_config.json").read_text())
+                for c in (cell, cell + E.COMPILED)
+            )
+            assert (eager["compile"], comp["compile"]) == (False, True)
+            assert (eager["seed"], {k: v for k, v in comp.items() if k not in ("compile", "out", "init")}) == (
+                s,
+                {k: v for k, v in eager.items() if k not in ("compile", "out", "init")},
+            )
+            if cell == "super_uniform":
+                assert comp["init"].endswith(f"multi{E.COMPILED}-s{s}/model.pt")
+    for col, cell in (("w2a2", "multi"), ("mixed", "super_uniform")):
+        m, h = _paired_ci(out, cell + E.COMPILED, cell, col, (0, 1))
+        block = text[text.index("g. `--compile` vs eager, " + ("multi" if cell == "multi" else "uniform")) :]
+        diff = next(l for l in block.splitlines() if l.startswith("| compiled − eager (paired)"))
+        assert f"{m:+.2f} ± {h:.2f}" in diff
+
+
 def test_time_limit_starts_nothing_that_cannot_finish_and_reports_incomplete(tmp_path, capsys, monkeypatch):
     # a prior estimate of an hour per training cell against a 60-second limit: nothing may start
     monkeypatch.setitem(
@@ -106,6 +142,8 @@ def test_mean_ci_is_the_t_interval():
 def test_plan_adds_dependencies_first():
     wl = E.WORKLOADS["mbv2-fmnist"]
     assert E.plan(["f"], wl) == ["multi", "sens", "super_hasb", "proxy"]
+    assert E.plan(["g"], wl) == ["multi", "super_uniform", "multi_compiled", "super_uniform_compiled"]
+    assert E.needs("super_uniform_compiled") == ["multi_compiled"] and E.kind("multi_compiled") == "multi"
     assert E.plan(["a", "d"], wl) == [
         "multi",
         *[f"lsq{b}" for b in wl.bits],
