@@ -247,8 +247,8 @@ def arm_cells(arm: str, wl: Workload) -> list[str]:
 
 
 def needs(cell: str) -> list[str]:
-    if cell.endswith(COMPILED):  # a compiled pipeline: its own compiled stages
-        return [d + COMPILED for d in needs(cell.removesuffix(COMPILED))]
+    if cell == "super_uniform" + COMPILED:  # arm g: the compiled pipeline's supernet from its own multi model
+        return ["multi" + COMPILED]
     if cell == "sens" or cell == "super_uniform":
         return ["multi"]
     if cell.startswith("super_"):
