@@ -11,7 +11,7 @@ and runs it as two CUDA launches per layer and step:
 * backward (one launch, one program per output channel):
   ∂L/∂W = ∂L/∂Ŵ · 1[Qn ≤ q ≤ Qp] and the per-channel LSQ scale gradient
   ∂L/∂s_h[c] = g · 2^Δ · Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)),
-  with q = W / (s_h 2^Δ) and g = 1/sqrt(K · Qp_l), reduced inside the kernel.
+  with q = W / (s_h 2^Δ) and g = 1/sqrt(K · max(Qp_l, 1)), reduced inside the kernel.
 
 The PyTorch composite stays the reference: it is used off CUDA, for non-float32
 weights, inside :func:`hasb.quantizer.composite_ops` (the Hessian engine),
@@ -31,7 +31,6 @@ bf16/fp16 inputs, whose dtype rounding it reproduces.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -93,6 +92,65 @@ if triton is not None:
         return tl.minimum(tl.maximum(r, qn), qp)
 
     @triton.jit
+    def _wq_fwd_block(
+        w_ptr,
+        out_ptr,
+        base,
+        offs,
+        K,
+        s,
+        qn_h,
+        qp_h,
+        qn,
+        qp,
+        inv_pow,
+        pow2,
+        HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
+        DELTA0: tl.constexpr,
+    ):
+        """Ŵ_l of the lanes ``offs`` (< K) of the channel whose K values start at ``base``."""
+        mask = offs < K
+        w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+        w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
+        tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
+
+    @triton.jit
+    def _wq_bwd_channel(
+        w_ptr,
+        go_ptr,
+        gw_ptr,
+        base,
+        K,
+        s,
+        qn_h,
+        qp_h,
+        qn,
+        qp,
+        inv_pow,
+        pow2,
+        HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
+        DELTA0: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Writes one channel's ∂L/∂W and returns Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)) (before g · 2^Δ)."""
+        s_eff = s * pow2
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+            go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
+            q = tl.div_rn(w, s_eff)
+            inside = (q >= qn) & (q <= qp)
+            tl.store(gw_ptr + base + offs, tl.where(inside, go, 0.0), mask=mask)
+            inner = tl.where(inside, w_l - q, tl.minimum(tl.maximum(q, qn), qp))
+            acc += go * inner  # masked lanes carry go = 0
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
     def _wq_fwd_kernel(
         w_ptr,
         s_ptr,
@@ -111,12 +169,10 @@ if triton is not None:
     ):
         c = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < K
-        base = c.to(tl.int64) * K
-        w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
         s = tl.load(s_ptr + c)
-        w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
-        tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
+        _wq_fwd_block(
+            w_ptr, out_ptr, c.to(tl.int64) * K, offs, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, DELTA0
+        )
 
     @triton.jit
     def _wq_bwd_kernel(
@@ -139,22 +195,101 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0)
-        base = c.to(tl.int64) * K
         s = tl.load(s_ptr + c)
-        s_eff = s * pow2
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        total = _wq_bwd_channel(
+            w_ptr,
+            go_ptr,
+            gw_ptr,
+            c.to(tl.int64) * K,
+            K,
+            s,
+            qn_h,
+            qp_h,
+            qn,
+            qp,
+            inv_pow,
+            pow2,
+            HALF_EVEN,
+            TRUNC,
+            DELTA0,
+            BLOCK,
+        )
+        tl.store(gs_ptr + c, total * gfac)
+
+    # Many layers in one launch (a model's forward pass): one program per output channel of any layer.  Channel
+    # c's K[c] values start at off[c] of the flat (memory-order) buffers; its layer's constants are row layer[c]
+    # of par [L, 8] = (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0).  Δ = 0 takes the general path: an integer
+    # code rounds to itself, so the values are the per-layer kernels' bit for bit.
+    @triton.jit
+    def _layer_consts(par_ptr, layer_ptr, c):
+        p = par_ptr + tl.load(layer_ptr + c).to(tl.int64) * 8
+        return (
+            tl.load(p),
+            tl.load(p + 1),
+            tl.load(p + 2),
+            tl.load(p + 3),
+            tl.load(p + 4),
+            tl.load(p + 5),
+            tl.load(p + 6),
+        )
+
+    @triton.jit
+    def _wq_fwd_many_kernel(
+        w_ptr,
+        s_ptr,
+        out_ptr,
+        off_ptr,
+        k_ptr,
+        layer_ptr,
+        par_ptr,
+        HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        base, K, s = tl.load(off_ptr + c), tl.load(k_ptr + c), tl.load(s_ptr + c)
+        qn_h, qp_h, qn, qp, inv_pow, pow2, _ = _layer_consts(par_ptr, layer_ptr, c)
         for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            mask = offs < K
-            w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
-            go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
-            q = tl.div_rn(w, s_eff)
-            inside = (q >= qn) & (q <= qp)
-            tl.store(gw_ptr + base + offs, tl.where(inside, go, 0.0), mask=mask)
-            inner = tl.where(inside, w_l - q, tl.minimum(tl.maximum(q, qn), qp))
-            acc += go * inner  # masked lanes carry go = 0
-        tl.store(gs_ptr + c, tl.sum(acc, axis=0) * gfac)
+            _wq_fwd_block(
+                w_ptr,
+                out_ptr,
+                base,
+                k0 + tl.arange(0, BLOCK),
+                K,
+                s,
+                qn_h,
+                qp_h,
+                qn,
+                qp,
+                inv_pow,
+                pow2,
+                HALF_EVEN,
+                TRUNC,
+                False,
+            )
+
+    @triton.jit
+    def _wq_bwd_many_kernel(
+        w_ptr,
+        s_ptr,
+        go_ptr,
+        gw_ptr,
+        gs_ptr,
+        off_ptr,
+        k_ptr,
+        layer_ptr,
+        par_ptr,
+        HALF_EVEN: tl.constexpr,
+        TRUNC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        base, K, s = tl.load(off_ptr + c), tl.load(k_ptr + c), tl.load(s_ptr + c)
+        qn_h, qp_h, qn, qp, inv_pow, pow2, gfac = _layer_consts(par_ptr, layer_ptr, c)
+        total = _wq_bwd_channel(
+            w_ptr, go_ptr, gw_ptr, base, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, False, BLOCK
+        )
+        tl.store(gs_ptr + c, total * gfac)
 
     @triton.jit
     def _aq_fwd_kernel(x_ptr, s_ptr, out_ptr, N, qn, qp, LOWP: tl.constexpr, BLOCK: tl.constexpr):
@@ -277,18 +412,32 @@ def _composite_grads(ctx, inputs, grad_out, fn, *args):
     """The composite path's gradients w.r.t. ``inputs`` as a differentiable graph (for double backward)."""
     with Q.composite_ops():
         out = fn(*inputs, *args)
-    needs = ctx.needs_input_grad[: len(inputs)]
+    grads = _composite_grads_of(inputs, ctx.needs_input_grad[: len(inputs)], [out], [grad_out])
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(inputs))
+
+
+def _composite_grads_of(inputs, needs, outs, grad_outs) -> tuple:
+    """∂(outs · grad_outs)/∂inputs with ``create_graph``; None where ``needs`` is False."""
     want = [t for t, need in zip(inputs, needs, strict=True) if need]
-    grads = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in needs) + (None,) * (len(ctx.needs_input_grad) - len(inputs))
+    grads = iter(torch.autograd.grad(outs, want, grad_outs, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def fused_applies(w: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether :func:`quantize_weight` takes the kernel path for these tensors in the current context."""
+    return batch_applies() and weights_fit(w, scale)
+
+
+def batch_applies() -> bool:
+    """Whether the kernels may run in the current context (on, Triton present, eager, not inside
+    :func:`hasb.quantizer.composite_ops`); :func:`weights_fit` then decides per tensor."""
+    return _enabled and triton is not None and Q._use_fused()
+
+
+def weights_fit(w: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether a weight and its per-channel step are tensors the weight kernels take (dense float32 CUDA)."""
     return (
-        _enabled
-        and triton is not None
-        and w.is_cuda
+        w.is_cuda
         and w.dtype == torch.float32
         and scale.dtype == torch.float32
         and w.dim() >= 1
@@ -297,7 +446,6 @@ def fused_applies(w: torch.Tensor, scale: torch.Tensor) -> bool:
         and scale.is_contiguous()
         and scale.device == w.device
         and _dense(w)
-        and Q._use_fused()
     )
 
 
@@ -319,8 +467,125 @@ def quantize_weight(
         raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
     if rounding not in KERNEL_ROUNDINGS or not fused_applies(w, scale):
         return _reference_weight(w, scale, bit, high_bit, rounding)
-    g = 1.0 / math.sqrt(w[0].numel() * Q.int_range(bit)[1])
+    g = Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
     return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
+
+
+# -- many layers per launch: a model's weights in one forward and one backward launch per pass -----------------
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _channel_tables(ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start offset int64, K int32, layer index int32), each [ΣC], of every output channel in the flat buffer of
+    ``ws`` (the weights' memory-order views, concatenated); cached by shapes and device (they never change)."""
+    key = (ws[0].device, tuple((w.shape[0], w.numel()) for w in ws))
+    if (tables := _TABLES.get(key)) is None:
+        off: list[int] = []
+        ks: list[int] = []
+        layer: list[int] = []
+        start = 0
+        for i, w in enumerate(ws):
+            c, k = w.shape[0], w.numel() // w.shape[0]
+            off += range(start, start + c * k, k)
+            ks += [k] * c
+            layer += [i] * c
+            start += c * k
+        dev = ws[0].device
+        i64, i32 = torch.int64, torch.int32
+        tables = (
+            torch.tensor(off, dtype=i64, device=dev),
+            torch.tensor(ks, dtype=i32, device=dev),
+            torch.tensor(layer, dtype=i32, device=dev),
+        )
+        if len(_TABLES) >= 32:  # a long-lived process that builds many models
+            _TABLES.clear()
+        _TABLES[key] = tables
+    return tables
+
+
+def _layer_params(ws: list[torch.Tensor], bits: list[int], high_bits: list[int]) -> torch.Tensor:
+    """[L, 8] float32 on the weights' device: (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0) per layer, the numbers
+    the per-layer launches pass; copied from pinned memory without blocking the host (one copy per pass)."""
+    rows: list[float] = []
+    for w, bit, high in zip(ws, bits, high_bits, strict=True):
+        g = Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
+        rows += [*_consts(bit, high), g * 2.0 ** (high - bit), 0.0]
+    return torch.tensor(rows, dtype=torch.float32, pin_memory=True).view(-1, 8).to(ws[0].device, non_blocking=True)
+
+
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' memory-order 1-D views, concatenated (each dense, output channel first)."""
+    return torch.cat([Q.memory_order(t)[0] for t in ts])
+
+
+def _unflat(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` in the shapes and strides of ``likes`` (the inverse of :func:`_flat`)."""
+    chunks = flat.split([t.numel() for t in likes])
+    return [Q.memory_order(t)[1](chunk) for t, chunk in zip(likes, chunks, strict=True)]
+
+
+class FusedDoubleRoundLSQMany(torch.autograd.Function):
+    """Ŵ of L layers through one forward and one backward launch; per layer the values and gradients of
+    :class:`FusedDoubleRoundLSQ`, bit for bit.
+
+    Inputs: ``meta`` = (bits, high_bits, rounding), then w_1..w_L (dense float32 CUDA) and s_1..s_L ([C_i]).
+    """
+
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        bits, high_bits, rounding = meta
+        n = len(tensors) // 2
+        ws, scales = list(tensors[:n]), list(tensors[n:])
+        off, ks, layer = _channel_tables(ws)
+        par = _layer_params(ws, bits, high_bits)
+        flat_w, flat_s = _flat(ws), torch.cat(scales)
+        ctx.save_for_backward(*tensors, flat_w, flat_s, par)
+        ctx.meta = meta
+        out = torch.empty_like(flat_w)
+        flags = {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
+        _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
+        return tuple(_unflat(out, ws))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        *tensors, flat_w, flat_s, par = ctx.saved_tensors
+        n = len(tensors) // 2
+        ws = tensors[:n]
+        bits, high_bits, rounding = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
+            with Q.composite_ops():
+                outs = [
+                    Q.quantize_weight(w, s, b, h, rounding)
+                    for w, s, b, h in zip(ws, tensors[n:], bits, high_bits, strict=True)
+                ]
+            return (None, *_composite_grads_of(tensors, ctx.needs_input_grad[1:], outs, grads))
+        off, ks, layer = _channel_tables(ws)
+        flat_g = _flat([_like(g, w) for g, w in zip(grads, ws, strict=True)])
+        grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
+        flags = {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
+        _wq_bwd_many_kernel[(flat_s.numel(),)](
+            flat_w, flat_s, flat_g, grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
+        )
+        return (None, *_unflat(grad_w, ws), *grad_s.split([w.shape[0] for w in ws]))
+
+
+def quantize_weights(
+    ws: list[torch.Tensor], scales: list[torch.Tensor], bits: list[int], high_bits: list[int], rounding: Q.Rounding
+) -> list[torch.Tensor]:
+    """Ŵ of many layers at once: :func:`quantize_weight` per layer (same values and gradients, bit for bit), as
+    one launch for the forward and one for the backward.  Every pair must satisfy :func:`fused_applies`.
+
+    Args:
+        ws: L weights [C_i, ...]; scales: their steps s_h [C_i]; bits, high_bits: l_i ≤ h_i per layer.
+        rounding: one of :data:`KERNEL_ROUNDINGS`, shared by the L layers.
+    """
+    if not ws:
+        return []
+    if rounding not in KERNEL_ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(KERNEL_ROUNDINGS)}")
+    if any(b > h for b, h in zip(bits, high_bits, strict=True)):
+        raise ValueError(f"a bit exceeds its layer's highest candidate bit: bits {bits}, highest {high_bits}")
+    return list(FusedDoubleRoundLSQMany.apply((list(bits), list(high_bits), rounding), *ws, *scales))
 
 
 # -- activations: per-tensor LSQ ------------------------------------------------------------------------------
@@ -400,5 +665,5 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: 
     """
     if not act_fused_applies(x, scale):
         return _reference_activation(x, scale, bit, signed)
-    g = 1.0 / math.sqrt(x.numel() * max(Q.int_range(bit, signed)[1], 1))
+    g = Q.lsq_g(x.numel(), Q.int_range(bit, signed)[1])
     return FusedLSQActivation.apply(x, scale, bit, signed, g)

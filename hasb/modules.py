@@ -106,6 +106,7 @@ class QuantMixin(_MixinBase):
     _a_c: torch.Tensor  # [2] (Qn, Qp) of the active activation bit, copied from the row of _a_tab at a switch
     _w_tab: torch.Tensor  # [9, 4] per bit code (row 0, fp: unused)
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
+    _w_pass: tuple[int, torch.Tensor] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
 
     def _init_quant(
         self,
@@ -268,8 +269,19 @@ class QuantMixin(_MixinBase):
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
+        if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from prequantize_weights
+            return self._w_pass[1]
         # the fused Triton kernels where they apply (CUDA eager), else the composite reference
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
+
+    def _weight_batchable(self) -> bool:
+        """Whether :func:`prequantize_weights` may quantize this layer's weight with the others of the pass."""
+        return (
+            not self.bits_data
+            and self._w_bit is not None
+            and self.rounding in K.KERNEL_ROUNDINGS
+            and K.weights_fit(self.weight, self.w_scale)
+        )
 
     def int_weight(self, bit: int | None = None) -> torch.Tensor:
         """Integer weights (int8 tensor) at ``bit`` (default the stored high bit)."""
@@ -362,6 +374,48 @@ class QLinear(QuantMixin, nn.Linear):
 
 
 QUANT_TYPES = (QConv2d, QLinear)
+
+
+# -- a pass's weights in one launch (CUDA eager) -----------------------------------------------------------------
+def prequantize_weights(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a quantized model (registered by :func:`hasb.quantize_model`).
+
+    Where the weight kernels apply (CUDA eager), every layer's weight is quantized at its active bit in one
+    forward launch and one backward launch (per rounding and device) instead of one autograd Function per layer;
+    values and gradients are the per-layer kernels' bit for bit.  Why: an eager quantized step is bound by the
+    host, and each per-layer Function costs about 0.25 ms of Python, autograd and launch on the H200's host, more
+    than its kernels (benchmarks/RESULTS.md, session 11).  Each layer takes its Ŵ in ``quant_weight``;
+    :func:`release_weights` drops them after the forward, so every forward builds its own graph.
+    """
+    if torch.compiler.is_compiling() or not K.batch_applies():
+        return
+    layers = model.__dict__.get("_hasb_qlayers")
+    if layers is None:  # the layers never change after quantize_model; walking the modules costs ~0.2 ms
+        layers = model.__dict__["_hasb_qlayers"] = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    groups: dict[tuple, list[QuantMixin]] = {}
+    for m in layers:
+        if m._weight_batchable():
+            groups.setdefault((m.rounding, m.weight.device), []).append(m)
+    if not groups or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):  # a captured graph
+        return  # would bake the pinned copy of the layer constants: the per-layer launches take their numbers
+    done: list[QuantMixin] = []
+    for (rounding, _), ms in groups.items():
+        bits = [cast(int, m.w_bit) for m in ms]
+        outs = K.quantize_weights(
+            [m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding
+        )
+        for m, bit, w in zip(ms, bits, outs, strict=True):
+            m._w_pass = (bit, w)
+        done += ms
+    model.__dict__["_hasb_passed"] = done
+
+
+def release_weights(model: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (always called, also after an exception): the layers drop this forward's Ŵ."""
+    if torch.compiler.is_compiling():
+        return
+    for m in model.__dict__.pop("_hasb_passed", ()):
+        m._w_pass = None
 
 
 class SwitchBatchNorm(nn.Module):

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .cli import parse_bits
 from .config import Bit, BitConfig, BitLike, ConfigError, bit_str, parse_bit
 from .models import build_model, build_record
-from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, bit_key
+from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, bit_key, prequantize_weights, release_weights
 from .quantizer import ROUNDINGS
 
 DEFAULT_BITS = (8, 6, 4, 2)
@@ -215,6 +215,8 @@ def quantize_model(
     )
     _set_attr(model, "hasb_spec", spec)
     link_batchnorms(model)
+    model.register_forward_pre_hook(prequantize_weights)
+    model.register_forward_hook(release_weights, always_call=True)
     return model
 
 

@@ -89,6 +89,14 @@ def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def lsq_g(n: int, qp: int) -> float:
+    """LSQ's gradient scale g = 1/sqrt(n · max(Qp, 1)) for ``n`` values sharing one step.
+
+    At 1 bit the signed range is two's complement [-1, 0] (Qp = 0): the top bit of the stored integer, which keeps
+    Double Rounding's nesting; g then uses the range's magnitude 1, not 1/0."""
+    return 1.0 / math.sqrt(n * max(qp, 1))
+
+
 def round_shift(w_int: torch.Tensor, delta: int, rounding: Rounding = "half_up") -> torch.Tensor:
     """R(w_int / 2^delta) for integer-valued ``w_int`` (any float or int dtype).
 
@@ -165,9 +173,7 @@ def quantize_weight(
     delta = high_bit - bit
     qn, qp = int_range(bit)
     n_per_channel = w[0].numel()
-    # at 1 bit the signed range is two's complement [-1, 0] (Qp = 0): the top bit of the stored integer, which
-    # keeps Double Rounding's nesting; LSQ's g then uses the range's magnitude 1 (as activations do), not 1/0
-    g = 1.0 / math.sqrt(n_per_channel * max(qp, 1))
+    g = lsq_g(n_per_channel, qp)
     if _use_fused():
         return _DoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
     s_h = _per_channel(grad_scale(scale, g), w)
@@ -225,7 +231,7 @@ def quantize_activation(
         signed: signed range [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b - 1].
     """
     qn, qp = int_range(bit, signed)
-    g = 1.0 / math.sqrt(x.numel() * max(qp, 1))
+    g = lsq_g(x.numel(), qp)
     if _use_fused():
         # ATen's fused LSQ kernel: same forward (round-half-even) and the same x / scale gradients
         s1 = scale.reshape(1).float()
@@ -370,7 +376,7 @@ def weight_consts(bit: int, high_bit: int, n: int) -> tuple[float, float, float,
     """(Qn, Qp, 2^Δ, g) of :func:`quantize_weight` at ``bit`` for ``n`` weights per output channel: the numbers the
     int path uses (stored in a float32 tensor, g rounds as the int path's multiply by a Python float rounds it)."""
     qn, qp = int_range(bit)
-    return float(qn), float(qp), float(2 ** (high_bit - bit)), 1.0 / math.sqrt(n * max(qp, 1))
+    return float(qn), float(qp), float(2 ** (high_bit - bit)), lsq_g(n, qp)
 
 
 def quantize_weight_c(

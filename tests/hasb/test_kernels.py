@@ -102,6 +102,116 @@ def test_fused_weight_channels_last_and_eager_function():
     _check_weight_scale_grad(gs, ref, w, scale, 4, 8, "half_up", grad)
 
 
+# (shape, bit, high_bit, channels_last): Δ = 0, 1-bit, K below / above the blocks, a channels_last conv weight
+MANY = [((64, 3, 7, 7), 8, 8, False), ((37, 5, 3, 3), 4, 8, True), ((10, 512), 2, 8, False),
+        ((1000, 513), 1, 8, False), ((3, 4607), 3, 6, False), ((5, 1), 6, 8, False), ((96, 32, 3, 3), 4, 8, True)]  # fmt: skip
+
+
+@cuda
+@pytest.mark.parametrize("rounding", K.KERNEL_ROUNDINGS)
+def test_many_layers_in_one_launch_equal_the_per_layer_kernels(rounding):
+    """One launch for a pass's weights gives each layer's Ŵ, ∂W and ∂s_h of its own launch bit for bit: the same
+    arithmetic in the same order (Δ = 0 through the general path, where an integer code rounds to itself)."""
+    per, many = [], []
+    for i, (shape, bit, high, cl) in enumerate(MANY):
+        w, scale, grad = _case(shape, high, "cuda", seed=i)
+        if cl:
+            w = w.detach().to(memory_format=torch.channels_last).requires_grad_()
+        per.append((w, scale, grad, bit, high))
+        many.append(
+            (
+                w.detach().clone(memory_format=torch.preserve_format).requires_grad_(),
+                scale.detach().clone().requires_grad_(),
+            )
+        )
+    ref = []
+    for w, scale, grad, bit, high in per:
+        out = K.quantize_weight(w, scale, bit, high, rounding)
+        out.backward(grad)
+        ref.append((out, w.grad, scale.grad))
+    outs = K.quantize_weights(
+        [w for w, _ in many], [s for _, s in many], [p[3] for p in per], [p[4] for p in per], rounding
+    )
+    assert type(outs[0].grad_fn).__name__.startswith("FusedDoubleRoundLSQMany")
+    torch.autograd.backward(outs, [p[2] for p in per])
+    for (out, gw, gs), got, (w, s) in zip(ref, outs, many, strict=True):
+        assert got.stride() == out.stride()
+        assert torch.equal(got, out) and torch.equal(w.grad, gw) and torch.equal(s.grad, gs)
+
+
+@cuda
+def test_many_layers_double_backward_is_the_composites():
+    w1, s1, g1 = _case((16, 8, 3, 3), 8, "cuda", seed=3)
+    w2, s2, g2 = _case((12, 20), 8, "cuda", seed=4)
+
+    def second(fn):
+        outs = fn()
+        grads = torch.autograd.grad(outs, (w1, s1, w2, s2), (g1, g2), create_graph=True)
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), (w1, s1, w2, s2))
+
+    with Q.composite_ops():
+        ref = second(lambda: (Q.quantize_weight(w1, s1, 4, 8), Q.quantize_weight(w2, s2, 2, 8)))
+    got = second(lambda: K.quantize_weights([w1, w2], [s1, s2], [4, 2], [8, 8], "half_up"))
+    for u, v in zip(got, ref, strict=True):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_a_pass_quantizes_its_weights_together_and_releases_them(monkeypatch):
+    """The model's forward pre-hook hands every layer with a weight bit to one ``quantize_weights`` call per pass
+    (the kernels' entry point, replaced here by the per-layer reference so the plumbing runs on the CPU); the
+    layers use those Ŵ and no per-layer quantizer; the forward hook releases them, also after an exception; the
+    outputs and gradients are the per-layer path's."""
+    import hasb
+    from hasb.models import build_model
+    from hasb.modules import QuantMixin
+
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet20"), bits=(8, 6, 4, 2))
+    x = torch.randn(8, 1, 28, 28)
+    hasb.init_quantizers(model, x)
+    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    for i, m in enumerate(layers):  # mixed bits; the fixed first/last layers stay fp (no weight bit)
+        if m.w_bit is not None:
+            m.set_bits((8, 6, 4, 2)[i % 4], m.a_bit)
+    quantized = [m for m in layers if m.w_bit is not None]
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = run()  # the per-layer path (no kernels on the CPU)
+    calls = []
+
+    def many(ws, scales, bits, high_bits, rounding):
+        calls.append(list(bits))
+        return [Q.quantize_weight(w, s, b, h, rounding) for w, s, b, h in zip(ws, scales, bits, high_bits, strict=True)]
+
+    def per_layer(*args, **kwargs):
+        raise AssertionError("a layer quantized its own weight inside the batched pass")
+
+    monkeypatch.setattr(K, "batch_applies", lambda: True)
+    monkeypatch.setattr(K, "weights_fit", lambda w, s: True)
+    monkeypatch.setattr(K, "quantize_weights", many)
+    monkeypatch.setattr(K, "quantize_weight", per_layer)
+    out, grads = run()
+    assert calls == [[m.w_bit for m in quantized]]
+    assert all(m._w_pass is None for m in layers)
+    assert torch.equal(out, ref_out) and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    # two forwards, one backward (gradient accumulation): each forward has its own Ŵ and graph
+    model.zero_grad()
+    (model(x).sum() + model(x).sum()).backward()
+    assert len(calls) == 3
+    # an exception inside the forward still releases the pass's Ŵ
+    handle = quantized[len(quantized) // 2].register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(x)
+    handle.remove()
+    assert len(calls) == 4 and all(m._w_pass is None for m in layers)
+
+
 def _second_derivatives(fn, x, scale, grad, *args):
     out = fn(x, scale, *args)
     gx, gs = torch.autograd.grad(out, (x, scale), grad, create_graph=True)
@@ -237,9 +347,9 @@ def test_quantized_model_uses_kernels_with_the_composite_values(bit):
     hasb.set_config(model, bit)
     model.eval()
     launched = []
-    orig = K._launch_forward
-    try:
-        K._launch_forward = lambda *a: launched.append(1) or orig(*a)
+    orig = K.quantize_weights
+    try:  # the layers' weights go through the one-launch-per-pass entry point
+        K.quantize_weights = lambda *a: launched.append(1) or orig(*a)
         results = []
         for on in (True, False):
             prev = K.enable(on)
@@ -253,8 +363,8 @@ def test_quantized_model_uses_kernels_with_the_composite_values(bit):
             finally:
                 K.enable(prev)
     finally:
-        K._launch_forward = orig
-    assert launched  # the kernel path ran while enabled
+        K.quantize_weights = orig
+    assert launched == [1]  # the kernel path ran while enabled, once for the pass
     (o1, g1), (o2, g2) = results
     assert torch.equal(o1, o2)
     assert g1.keys() == g2.keys()
