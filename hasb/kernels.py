@@ -21,6 +21,13 @@ with a differentiable graph, so second derivatives are the composite's).
 Forward-mode AD (``torch.func.jvp``) is not supported by the fused Function;
 run it inside ``composite_ops()`` as the Hessian engine does.
 
+:func:`quantize_weights` runs the same math for all layers of a forward pass
+in one launch forward and one backward (one program per output channel of any
+layer, the layers' constants read from a table): a quantized model's forward
+pre-hook (:func:`hasb.modules.prequantize_weights`) uses it, because an eager
+step is bound by the host's ~0.2 ms per autograd Function and launch, not by
+these kernels.
+
 :func:`quantize_activation` does the same for per-tensor LSQ activations (one
 launch forward; backward = one launch writing ∂L/∂x and per-block partial sums
 of the scale gradient, then one deterministic sum), with the values and
@@ -526,7 +533,9 @@ def _unflat(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]
 
 class FusedDoubleRoundLSQMany(torch.autograd.Function):
     """Ŵ of L layers through one forward and one backward launch; per layer the values and gradients of
-    :class:`FusedDoubleRoundLSQ`, bit for bit.
+    :class:`FusedDoubleRoundLSQ`: Ŵ and ∂W bit for bit; ∂s_h the same sum, whose order within a channel follows the
+    register layout the compiler picks for each kernel (equal bit for bit under Triton's interpreter; within the
+    per-layer kernel's round-off bound on the H200).
 
     Inputs: ``meta`` = (bits, high_bits, rounding), then w_1..w_L (dense float32 CUDA) and s_1..s_L ([C_i]).
     """
@@ -572,7 +581,7 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
 def quantize_weights(
     ws: list[torch.Tensor], scales: list[torch.Tensor], bits: list[int], high_bits: list[int], rounding: Q.Rounding
 ) -> list[torch.Tensor]:
-    """Ŵ of many layers at once: :func:`quantize_weight` per layer (same values and gradients, bit for bit), as
+    """Ŵ of many layers at once: :func:`quantize_weight` per layer (see :class:`FusedDoubleRoundLSQMany`), as
     one launch for the forward and one for the backward.  Every pair must satisfy :func:`fused_applies`.
 
     Args:

@@ -47,7 +47,7 @@ def _weight_terms(w, scale, bit, high_bit, rounding, grad):
     """float64 [C, K] terms g·2^Δ·grad·(W_l - q | clip(q)) of the scale gradient, q the float32 quotient."""
     delta = high_bit - bit
     qn, qp = Q.int_range(bit)
-    g = 1.0 / math.sqrt(w[0].numel() * qp)
+    g = Q.lsq_g(w[0].numel(), qp)
     c = w.shape[0]
     with torch.no_grad():
         w_l = Q.derive_int(Q.stored_int(w, scale, high_bit), bit, high_bit, rounding).reshape(c, -1).double()
@@ -59,11 +59,13 @@ def _weight_terms(w, scale, bit, high_bit, rounding, grad):
 def _check_weight_scale_grad(got, ref, w, scale, bit, high_bit, rounding, grad):
     terms, q = _weight_terms(w, scale, bit, high_bit, rounding, grad)
     k = terms.shape[1]
-    # kernel: one rounding per product, ceil(K/512) sequential adds per lane, a 9-level tree, the final scaling
-    tight = (math.ceil(k / 512) + 9 + 3) * U * terms.abs().sum(1)
+    # kernel: one rounding per product, ceil(K/512) sequential adds per lane, then the 512 lanes' sum: at most
+    # 512/(32·warps) - 1 sequential adds per thread and log2(32·warps) tree levels, ≤ 20 for any warp count (the
+    # compiler picks the layout, so the order varies between launches of different shapes), the final scaling
+    tight = (math.ceil(k / 512) + 20 + 3) * U * terms.abs().sum(1)
     assert bool(((got.double() - terms.sum(1)).abs() <= tight).all())
     # composite: a few round-offs relative to |grad|·(|q| + |W_l| + 1) per term, any summation order (γ_K)
-    g = 2.0 ** (high_bit - bit) / math.sqrt(k * Q.int_range(bit)[1])
+    g = 2.0 ** (high_bit - bit) * Q.lsq_g(k, Q.int_range(bit)[1])
     mag = (grad.reshape(w.shape[0], -1).double().abs() * (q.abs() + 2 ** (bit - 1) + 1)).sum(1)
     loose = 2 * (k + 8) * U * g * mag + tight
     assert bool(((got.double() - ref.double()).abs() <= loose).all())
@@ -110,33 +112,31 @@ MANY = [((64, 3, 7, 7), 8, 8, False), ((37, 5, 3, 3), 4, 8, True), ((10, 512), 2
 @cuda
 @pytest.mark.parametrize("rounding", K.KERNEL_ROUNDINGS)
 def test_many_layers_in_one_launch_equal_the_per_layer_kernels(rounding):
-    """One launch for a pass's weights gives each layer's Ŵ, ∂W and ∂s_h of its own launch bit for bit: the same
-    arithmetic in the same order (Δ = 0 through the general path, where an integer code rounds to itself)."""
+    """One launch for a pass's weights gives each layer's Ŵ and ∂W of its own launch bit for bit (Δ = 0 through
+    the general path, where an integer code rounds to itself).  ∂s_h is a sum whose order within a channel follows
+    the layout the compiler picks (the per-layer kernel knows K's alignment, the pass kernel reads K from a table),
+    so it is held to the per-layer kernel's own bound against the exact sum."""
     per, many = [], []
     for i, (shape, bit, high, cl) in enumerate(MANY):
         w, scale, grad = _case(shape, high, "cuda", seed=i)
         if cl:
             w = w.detach().to(memory_format=torch.channels_last).requires_grad_()
         per.append((w, scale, grad, bit, high))
-        many.append(
-            (
-                w.detach().clone(memory_format=torch.preserve_format).requires_grad_(),
-                scale.detach().clone().requires_grad_(),
-            )
-        )
+        many.append((w.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()))
     ref = []
     for w, scale, grad, bit, high in per:
         out = K.quantize_weight(w, scale, bit, high, rounding)
         out.backward(grad)
-        ref.append((out, w.grad, scale.grad))
-    outs = K.quantize_weights(
-        [w for w, _ in many], [s for _, s in many], [p[3] for p in per], [p[4] for p in per], rounding
-    )
+        ref.append((out, w.grad))
+    bits, highs = [p[3] for p in per], [p[4] for p in per]
+    outs = K.quantize_weights([w for w, _ in many], [s for _, s in many], bits, highs, rounding)
     assert type(outs[0].grad_fn).__name__.startswith("FusedDoubleRoundLSQMany")
     torch.autograd.backward(outs, [p[2] for p in per])
-    for (out, gw, gs), got, (w, s) in zip(ref, outs, many, strict=True):
-        assert got.stride() == out.stride()
-        assert torch.equal(got, out) and torch.equal(w.grad, gw) and torch.equal(s.grad, gs)
+    for (out, gw), got, (w, s), (_, _, grad, bit, high) in zip(ref, outs, many, per, strict=True):
+        assert got.stride() == out.stride() == w.stride()
+        assert torch.equal(got, out) and torch.equal(w.grad, gw)
+        composite_gs = _composite(Q.quantize_weight, w, s, grad, bit, high, rounding)[2]
+        _check_weight_scale_grad(s.grad, composite_gs, w, s, bit, high, rounding, grad)
 
 
 @cuda
