@@ -382,10 +382,10 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
 
     Where the weight kernels apply (CUDA eager), every layer's weight is quantized at its active bit in one
     forward launch and one backward launch (per rounding and device) instead of one autograd Function per layer;
-    values and ∂W are the per-layer kernels' bit for bit, ∂s_h up to its summation order.  Why: an eager quantized step is bound by the
-    host, and each per-layer Function costs about 0.25 ms of Python, autograd and launch on the H200's host, more
-    than its kernels (benchmarks/RESULTS.md, session 11).  Each layer takes its Ŵ in ``quant_weight``;
-    :func:`release_weights` drops them after the forward, so every forward builds its own graph.
+    Ŵ and ∂W are the per-layer kernels' bit for bit, ∂s_h up to its summation order.  Why: an eager quantized
+    step is bound by the host, and each per-layer Function costs about 0.25 ms of Python, autograd and launch on
+    the H200's host, more than its kernels (benchmarks/RESULTS.md, session 11).  Each layer takes its Ŵ in
+    ``quant_weight``; :func:`release_weights` drops them after the forward, so every forward builds its own graph.
     """
     if torch.compiler.is_compiling() or not K.batch_applies():
         return
