@@ -340,6 +340,16 @@ def _consts(bit: int, high_bit: int) -> tuple[float, ...]:
     return float(qn_h), float(qp_h), float(qn), float(qp), 2.0**-delta, 2.0**delta
 
 
+def _rounding_flags(rounding: str) -> dict[str, bool]:
+    """The weight kernels' compile-time rounding switches for Eq. 2 (half-up is neither)."""
+    return {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
+
+
+def _weight_g(w: torch.Tensor, bit: int) -> float:
+    """LSQ's g of a weight [C, ...] at ``bit``: one step per output channel of w.numel() / C values."""
+    return Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Row-major or channels-last storage: each output channel's K values are one contiguous block."""
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
@@ -361,8 +371,7 @@ def _launch_forward(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: in
         out,
         k,
         *_consts(bit, high_bit),
-        HALF_EVEN=rounding == "half_even",
-        TRUNC=rounding == "msb",
+        **_rounding_flags(rounding),
         DELTA0=bit == high_bit,
         BLOCK=_BLOCK_FWD,
     )
@@ -384,8 +393,7 @@ def _launch_backward(w, scale, grad, bit, high_bit, rounding, g):
         k,
         *_consts(bit, high_bit),
         gfac,
-        HALF_EVEN=rounding == "half_even",
-        TRUNC=rounding == "msb",
+        **_rounding_flags(rounding),
         DELTA0=bit == high_bit,
         BLOCK=_BLOCK_BWD,
     )
@@ -474,8 +482,7 @@ def quantize_weight(
         raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
     if rounding not in KERNEL_ROUNDINGS or not fused_applies(w, scale):
         return _reference_weight(w, scale, bit, high_bit, rounding)
-    g = Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
-    return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, g)
+    return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, _weight_g(w, bit))
 
 
 # -- many layers per launch: a model's weights in one forward and one backward launch per pass -----------------
@@ -515,8 +522,7 @@ def _layer_params(ws: list[torch.Tensor], bits: list[int], high_bits: list[int])
     the per-layer launches pass; copied from pinned memory without blocking the host (one copy per pass)."""
     rows: list[float] = []
     for w, bit, high in zip(ws, bits, high_bits, strict=True):
-        g = Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
-        rows += [*_consts(bit, high), g * 2.0 ** (high - bit), 0.0]
+        rows += [*_consts(bit, high), _weight_g(w, bit) * 2.0 ** (high - bit), 0.0]
     return torch.tensor(rows, dtype=torch.float32, pin_memory=True).view(-1, 8).to(ws[0].device, non_blocking=True)
 
 
@@ -545,13 +551,13 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         bits, high_bits, rounding = meta
         n = len(tensors) // 2
         ws, scales = list(tensors[:n]), list(tensors[n:])
-        off, ks, layer = _channel_tables(ws)
+        off, ks, layer = ctx.tables = _channel_tables(ws)
         par = _layer_params(ws, bits, high_bits)
         flat_w, flat_s = _flat(ws), torch.cat(scales)
         ctx.save_for_backward(*tensors, flat_w, flat_s, par)
         ctx.meta = meta
         out = torch.empty_like(flat_w)
-        flags = {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
+        flags = _rounding_flags(rounding)
         _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
         return tuple(_unflat(out, ws))
 
@@ -568,10 +574,10 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
                     for w, s, b, h in zip(ws, tensors[n:], bits, high_bits, strict=True)
                 ]
             return (None, *_composite_grads_of(tensors, ctx.needs_input_grad[1:], outs, grads))
-        off, ks, layer = _channel_tables(ws)
+        off, ks, layer = ctx.tables
         flat_g = _flat([_like(g, w) for g, w in zip(grads, ws, strict=True)])
         grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
-        flags = {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
+        flags = _rounding_flags(rounding)
         _wq_bwd_many_kernel[(flat_s.numel(),)](
             flat_w, flat_s, flat_g, grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
         )
