@@ -39,6 +39,7 @@ bf16/fp16 inputs, whose dtype rounding it reproduces.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -487,54 +488,80 @@ def quantize_weight(
 
 # -- many layers per launch: a model's weights in one forward and one backward launch per pass -----------------
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_PARAMS: dict[tuple, torch.Tensor] = {}
+_ROWS: dict[tuple[int, int, int], list[float]] = {}
 
 
-def _channel_tables(ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _remember(cache: dict, key, value):
+    """``cache[key] = value``, emptied first past 64 entries (a long-lived process that builds many models, or a
+    supernet that samples a new configuration every pass)."""
+    if len(cache) >= 64:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _shapes(ws: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """(C_i, numel_i) per weight: what the channel tables and the layer constants depend on."""
+    return tuple((w.shape[0], w.numel()) for w in ws)
+
+
+def _channel_tables(shapes: tuple[tuple[int, int], ...], dev: torch.device) -> tuple[torch.Tensor, ...]:
     """(start offset int64, K int32, layer index int32), each [ΣC], of every output channel in the flat buffer of
-    ``ws`` (the weights' memory-order views, concatenated); cached by shapes and device (they never change)."""
-    key = (ws[0].device, tuple((w.shape[0], w.numel()) for w in ws))
-    if (tables := _TABLES.get(key)) is None:
-        off: list[int] = []
-        ks: list[int] = []
-        layer: list[int] = []
-        start = 0
-        for i, w in enumerate(ws):
-            c, k = w.shape[0], w.numel() // w.shape[0]
-            off += range(start, start + c * k, k)
-            ks += [k] * c
-            layer += [i] * c
-            start += c * k
-        dev = ws[0].device
-        i64, i32 = torch.int64, torch.int32
-        tables = (
-            torch.tensor(off, dtype=i64, device=dev),
-            torch.tensor(ks, dtype=i32, device=dev),
-            torch.tensor(layer, dtype=i32, device=dev),
-        )
-        if len(_TABLES) >= 32:  # a long-lived process that builds many models
-            _TABLES.clear()
-        _TABLES[key] = tables
-    return tables
+    the weights of ``shapes`` (:func:`_shapes`), concatenated; cached (they never change)."""
+    if (tables := _TABLES.get((dev, shapes))) is not None:
+        return tables
+    off: list[int] = []
+    ks: list[int] = []
+    layer: list[int] = []
+    start = 0
+    for i, (c, n) in enumerate(shapes):
+        k = n // c
+        off += range(start, start + n, k)
+        ks += [k] * c
+        layer += [i] * c
+        start += n
+    i64, i32 = torch.int64, torch.int32
+    tables = (
+        torch.tensor(off, dtype=i64, device=dev),
+        torch.tensor(ks, dtype=i32, device=dev),
+        torch.tensor(layer, dtype=i32, device=dev),
+    )
+    return _remember(_TABLES, (dev, shapes), tables)
 
 
-def _layer_params(ws: list[torch.Tensor], bits: list[int], high_bits: list[int]) -> torch.Tensor:
-    """[L, 8] float32 on the weights' device: (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0) per layer, the numbers
-    the per-layer launches pass; copied from pinned memory without blocking the host (one copy per pass)."""
-    rows: list[float] = []
-    for w, bit, high in zip(ws, bits, high_bits, strict=True):
-        rows += [*_consts(bit, high), _weight_g(w, bit) * 2.0 ** (high - bit), 0.0]
-    return torch.tensor(rows, dtype=torch.float32, pin_memory=True).view(-1, 8).to(ws[0].device, non_blocking=True)
+def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
+    """(Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0) of a layer of K values per channel: the per-layer launches'
+    numbers."""
+    if (row := _ROWS.get((k, bit, high_bit))) is None:
+        g = Q.lsq_g(k, Q.int_range(bit)[1])
+        row = _remember(_ROWS, (k, bit, high_bit), [*_consts(bit, high_bit), g * 2.0 ** (high_bit - bit), 0.0])
+    return row
+
+
+def _layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device) -> torch.Tensor:
+    """[L, 8] float32 on ``dev``: :func:`_layer_row` per layer, cached per configuration (read-only on the device);
+    a new one is copied from pinned memory without blocking the host."""
+    key = (dev, shapes, tuple(bits), tuple(high_bits))
+    if (par := _PARAMS.get(key)) is None:
+        rows: list[float] = []
+        for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
+            rows += _layer_row(n // c, bit, high)
+        host = torch.tensor(rows, dtype=torch.float32, pin_memory=True)
+        par = _remember(_PARAMS, key, host.view(-1, 8).to(dev, non_blocking=True))
+    return par
 
 
 def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' memory-order 1-D views, concatenated (each dense, output channel first)."""
-    return torch.cat([Q.memory_order(t)[0] for t in ts])
+    """The tensors' storage spans, concatenated: each is dense (:func:`_dense`: its values fill one span, output
+    channel first), so its span read as 1-D is its memory order, one view instead of a permutation."""
+    return torch.cat([t.as_strided((t.numel(),), (1,)) for t in ts])
 
 
 def _unflat(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]:
     """Views of ``flat`` in the shapes and strides of ``likes`` (the inverse of :func:`_flat`)."""
     chunks = flat.split([t.numel() for t in likes])
-    return [Q.memory_order(t)[1](chunk) for t, chunk in zip(likes, chunks, strict=True)]
+    return [chunk.as_strided(t.shape, t.stride()) for t, chunk in zip(likes, chunks, strict=True)]
 
 
 class FusedDoubleRoundLSQMany(torch.autograd.Function):
@@ -551,8 +578,9 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         bits, high_bits, rounding = meta
         n = len(tensors) // 2
         ws, scales = list(tensors[:n]), list(tensors[n:])
-        off, ks, layer = ctx.tables = _channel_tables(ws)
-        par = _layer_params(ws, bits, high_bits)
+        shapes, dev = _shapes(ws), ws[0].device
+        off, ks, layer = ctx.tables = _channel_tables(shapes, dev)
+        par = _layer_params(shapes, bits, high_bits, dev)
         flat_w, flat_s = _flat(ws), torch.cat(scales)
         ctx.save_for_backward(*tensors, flat_w, flat_s, par)
         ctx.meta = meta
@@ -600,7 +628,7 @@ def quantize_weights(
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(KERNEL_ROUNDINGS)}")
     if any(b > h for b, h in zip(bits, high_bits, strict=True)):
         raise ValueError(f"a bit exceeds its layer's highest candidate bit: bits {bits}, highest {high_bits}")
-    return list(FusedDoubleRoundLSQMany.apply((list(bits), list(high_bits), rounding), *ws, *scales))
+    return list(FusedDoubleRoundLSQMany.apply((tuple(bits), tuple(high_bits), rounding), *ws, *scales))
 
 
 # -- activations: per-tensor LSQ ------------------------------------------------------------------------------
@@ -618,7 +646,9 @@ def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) 
 
 
 def _launch_act_backward(x, scale, grad, qn, qp, g):
-    """(∂L/∂x like ``x``, ∂L/∂s shaped like ``scale``): per-block partial sums, then one deterministic sum."""
+    """(∂L/∂x like ``x``, ∂L/∂s shaped like ``scale``, float32): per-block partial sums, then one deterministic
+    sum.  Each eager layer pays this function's host time (see :func:`hasb.modules.prequantize_weights`), so no
+    reshape or cast runs where none is needed."""
     grad_x = torch.empty_like(x)
     n = x.numel()
     blocks = triton.cdiv(n, _BLOCK_ACT)
@@ -626,7 +656,8 @@ def _launch_act_backward(x, scale, grad, qn, qp, g):
     _aq_bwd_kernel[(blocks,)](
         x, scale, grad, grad_x, partial, n, float(qn), float(qp), g, LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
     )
-    return grad_x, partial.sum().reshape(scale.shape).to(scale.dtype)
+    total = partial.sum()  # 0-dim float32
+    return grad_x, total if scale.dim() == 0 else total.view(scale.shape)
 
 
 class FusedLSQActivation(torch.autograd.Function):
@@ -649,8 +680,8 @@ class FusedLSQActivation(torch.autograd.Function):
         bit, signed, qn, qp, g = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             return _composite_grads(ctx, (x, scale), grad_out, Q.quantize_activation, bit, signed)
-        xd = x.detach() if _dense(x) else x.detach().contiguous()
-        grad_x, grad_s = _launch_act_backward(xd, scale.detach(), _like(grad_out, xd), qn, qp, g)
+        xd = x if _dense(x) else x.contiguous()  # no graph is recorded here (grad mode is off): no detach
+        grad_x, grad_s = _launch_act_backward(xd, scale, _like(grad_out, xd), qn, qp, g)
         return grad_x, grad_s, None, None, None
 
 

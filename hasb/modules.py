@@ -405,7 +405,7 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
             [m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding
         )
         for m, bit, w in zip(ms, bits, outs, strict=True):
-            m._w_pass = (bit, w)
+            m.__dict__["_w_pass"] = (bit, w)  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host
         done += ms
     model.__dict__["_hasb_passed"] = done
 
@@ -415,7 +415,7 @@ def release_weights(model: nn.Module, args: Any, output: Any) -> None:
     if torch.compiler.is_compiling():
         return
     for m in model.__dict__.pop("_hasb_passed", ()):
-        m._w_pass = None
+        m.__dict__["_w_pass"] = None
 
 
 class SwitchBatchNorm(nn.Module):
