@@ -191,6 +191,8 @@ def print_rounds(title: str, per: dict[str, list[float]], base=base_of) -> None:
             continue
         m, lo, hi = ratio_ci(ms, per[b])
         print(f"| {k} | {statistics.median(ms):.2f} | {m:.3f}x ÷ {b} | [{lo:.3f}, {hi:.3f}] |")
+    for k, ms in per.items():  # the rounds themselves: a wide interval shows whether one phase or all rounds vary
+        print(f"  {k} per round (ms): " + " ".join(f"{v:.2f}" for v in ms))
 
 
 def _cudagraph_skips() -> int:

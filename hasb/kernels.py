@@ -341,6 +341,11 @@ def _consts(bit: int, high_bit: int) -> tuple[float, ...]:
     return float(qn_h), float(qp_h), float(qn), float(qp), 2.0**-delta, 2.0**delta
 
 
+def _scale_grad_factor(g: float, bit: int, high_bit: int) -> float:
+    """g · 2^Δ: the factor of a weight's per-channel scale gradient (Ŵ_l carries s_h · 2^Δ, Δ = high_bit - bit)."""
+    return g * 2.0 ** (high_bit - bit)
+
+
 def _rounding_flags(rounding: str) -> dict[str, bool]:
     """The weight kernels' compile-time rounding switches for Eq. 2 (half-up is neither)."""
     return {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
@@ -384,7 +389,7 @@ def _launch_backward(w, scale, grad, bit, high_bit, rounding, g):
     grad_w = torch.empty_like(w)
     grad_s = torch.empty_like(scale)
     c, k = w.shape[0], w[0].numel()
-    gfac = g * 2.0 ** (high_bit - bit)
+    gfac = _scale_grad_factor(g, bit, high_bit)
     _wq_bwd_kernel[(c,)](
         w,
         scale,
@@ -533,9 +538,10 @@ def _channel_tables(shapes: tuple[tuple[int, int], ...], dev: torch.device) -> t
 def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
     """(Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0) of a layer of K values per channel: the per-layer launches'
     numbers."""
-    if (row := _ROWS.get((k, bit, high_bit))) is None:
+    key = (k, bit, high_bit)
+    if (row := _ROWS.get(key)) is None:
         g = Q.lsq_g(k, Q.int_range(bit)[1])
-        row = _remember(_ROWS, (k, bit, high_bit), [*_consts(bit, high_bit), g * 2.0 ** (high_bit - bit), 0.0])
+        row = _remember(_ROWS, key, [*_consts(bit, high_bit), _scale_grad_factor(g, bit, high_bit), 0.0])
     return row
 
 
@@ -547,7 +553,7 @@ def _layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: to
         rows: list[float] = []
         for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
             rows += _layer_row(n // c, bit, high)
-        host = torch.tensor(rows, dtype=torch.float32, pin_memory=True)
+        host = torch.tensor(rows, dtype=torch.float32, pin_memory=dev.type == "cuda")
         par = _remember(_PARAMS, key, host.view(-1, 8).to(dev, non_blocking=True))
     return par
 

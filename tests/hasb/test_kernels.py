@@ -156,6 +156,35 @@ def test_many_layers_double_backward_is_the_composites():
         assert torch.allclose(u, v, rtol=1e-5, atol=1e-7)
 
 
+def test_a_pass_flattens_weights_by_their_storage_spans_and_restores_their_layouts():
+    """The pass kernels read each weight's storage span as its 1-D memory order; the inverse gives views of the flat
+    buffer with the weights' own shapes and strides (channels_last, a storage offset, 2-D)."""
+    torch.manual_seed(0)
+    conv = torch.randn(4, 3, 3, 3)
+    cl = torch.randn(5, 2, 3, 3).to(memory_format=torch.channels_last)
+    offset = torch.randn(6, 7)[1:]  # rows 1..5: dense, starting 7 values into its storage
+    lin = torch.randn(3, 8)
+    ts = [conv, cl, offset, lin]
+    flat = K._flat(ts)
+    in_memory_order = [conv.reshape(-1), cl.permute(0, 2, 3, 1).reshape(-1), offset.reshape(-1), lin.reshape(-1)]
+    assert torch.equal(flat, torch.cat(in_memory_order))
+    back = K._unflat(flat * 2, ts)
+    for t, b in zip(ts, back, strict=True):
+        assert b.shape == t.shape and b.stride() == t.stride()
+        assert torch.equal(b, t * 2)
+
+
+def test_a_pass_layer_constants_are_the_per_layer_launch_numbers_cached_per_configuration():
+    shapes = K._shapes([torch.empty(4, 3, 3, 3), torch.empty(10, 16)])
+    cpu = torch.device("cpu")
+    p = K._layer_params(shapes, (4, 2), (8, 8), cpu)
+    assert K._layer_params(shapes, [4, 2], [8, 8], cpu) is p  # the same configuration: no new copy
+    other = K._layer_params(shapes, (2, 4), (8, 8), cpu)
+    for row, k, bit in ((p[0], 27, 4), (p[1], 16, 2), (other[0], 27, 2), (other[1], 16, 4)):
+        g = Q.lsq_g(k, Q.int_range(bit)[1])
+        assert row.tolist() == pytest.approx([*K._consts(bit, 8), g * 2.0 ** (8 - bit), 0.0], rel=1e-7)
+
+
 def test_a_pass_quantizes_its_weights_together_and_releases_them(monkeypatch):
     """The model's forward pre-hook hands every layer with a weight bit to one ``quantize_weights`` call per pass
     (the kernels' entry point, replaced here by the per-layer reference so the plumbing runs on the CPU); the
