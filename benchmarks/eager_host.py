@@ -1,0 +1,165 @@
+"""Where an eager quantized training step's extra time goes (issue 15's eager targets): the float step against the
+quantized model with its weights, its activations or both at 4 bits, in interleaved rounds, as ms and as extra µs
+per quantized layer.  On a GPU the activations can also go through ATen's learnable fake-quant op (``--aten``: a
+C++ autograd node instead of hasb's Triton Function).
+
+``--emulate`` measures the host side without a GPU: on the CPU, every Triton launch of hasb.kernels becomes a
+no-op, the kernel path's CUDA checks are told the tensors are on CUDA and a concatenation returns an empty
+buffer (on a GPU it is one launch), so what is left is the Python, autograd and aten-call cost the eager kernel
+path adds per layer.  Use a tiny image (8 px) there so that the convolutions themselves cost little, and a model
+with few parameters: the CPU still makes the copies a GPU does in microseconds (weight gradients into the
+weights' layout, the optimizer's update), which swamp a ResNet-18's rows.  The emulation patches torch and hasb
+in this process: run it as its own process, never imported into another.
+
+    python -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 [--aten]   # a GPU
+    python -m benchmarks.eager_host --emulate --models mobilenet_v2@8:b2                        # any CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import types
+
+import torch
+
+import hasb
+from benchmarks.quant_overhead import make, parse_model, train_step
+from hasb import kernels as K
+from hasb import modules as M
+
+VARIANTS = ("float", "q_fp", "q_w4", "q_a4", "q_w4a4")
+
+
+def emulate_launches() -> None:
+    """Turn this process's kernel path into its host cost alone (see the module docstring)."""
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return _count_launch
+
+    for name in ("_wq_fwd_kernel", "_wq_bwd_kernel", "_wq_fwd_many_kernel", "_wq_bwd_many_kernel"):
+        setattr(K, name, _NoLaunch())
+    for name in ("_aq_fwd_kernel", "_aq_bwd_kernel"):  # (defined only where Triton imports)
+        setattr(K, name, _NoLaunch())
+    K.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
+    torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[assignment, method-assign]
+    fake = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+    real_tensor = torch.tensor
+    fake.tensor = lambda *a, pin_memory=False, **kw: real_tensor(*a, **kw)
+    fake.cat = lambda ts: torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype)
+    fake.cuda = types.SimpleNamespace(is_available=lambda: False)
+    K.torch = fake  # type: ignore[attr-defined]
+
+
+LAUNCHES = [0]  # no-op launches so far (--emulate): shows that the steps took the kernel path
+
+
+def _count_launch(*args, **kwargs) -> None:
+    LAUNCHES[0] += 1
+
+
+def steps_of(spec: str, dev: torch.device, aten: bool) -> tuple[dict, int]:
+    """{variant: step()} for one model and the number of its quantized layers."""
+    name, size, batch = parse_model(spec)
+    fmodel, x, y, loss_fn = make(name, size, batch, dev)
+
+    def quantized(w: bool, a: bool) -> torch.nn.Module:
+        q = hasb.quantize_model(copy.deepcopy(fmodel), bits=(8, 6, 4, 2), example_input=x[:2])
+        hasb.init_quantizers(q, x[: min(8, batch)])
+        q.train()
+        hasb.set_config(q, 4)
+        for m in q.modules():
+            if isinstance(m, M.QuantMixin):
+                m.w_bit, m.a_bit = (m.w_bit if w else None), (m.a_bit if a else None)
+        return q
+
+    def step(model: torch.nn.Module, use_aten: bool = False):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+
+        def loss_of():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                return loss_fn(model(x), y)
+
+        inner = train_step(model, loss_of, opt, [None])
+
+        def run():  # the activation path of this variant (the kernels' own test, or ATen's op through the fallback)
+            K.act_fused_applies = (lambda x, s: False) if use_aten else _act_fused_applies
+            inner()
+
+        return run
+
+    models = {"q_fp": (0, 0), "q_w4": (1, 0), "q_a4": (0, 1), "q_w4a4": (1, 1)}
+    steps = {"float": step(copy.deepcopy(fmodel))} | {k: step(quantized(*wa)) for k, wa in models.items()}
+    if aten:
+        steps["q_w4a4_aten"] = step(quantized(1, 1), use_aten=True)
+    # layers that W4A4 quantizes (a model's first and last layers may stay at full precision)
+    layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in quantized(1, 1).modules())
+    return steps, layers
+
+
+_act_fused_applies = K.act_fused_applies
+
+
+def rounds(steps: dict, n: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
+    """Median ms of ``iters`` steps per variant and round; the variants take turns in every round."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    per: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            for _ in range(2):
+                step()
+            sync()
+            times = []
+            for _ in range(iters):
+                t = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t)
+            per[k].append(1000 * statistics.median(times))
+    return per
+
+
+def print_table(spec: str, per: dict[str, list[float]], layers: int, where: str) -> None:
+    base = statistics.median(per["float"])
+    print(f"\n{spec} on {where}: {layers} quantized layers, median over {len(per['float'])} rounds")
+    print("| variant | ms | ÷ float | extra µs per quantized layer | rounds (ms) |\n|---|---|---|---|---|")
+    for k, ms in per.items():
+        m = statistics.median(ms)
+        extra = (m - base) / layers * 1000
+        print(f"| {k} | {m:.2f} | {m / base:.3f}x | {extra:.0f} | {' '.join(f'{v:.2f}' for v in ms)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mobilenet_v2@224:b128,resnet18@224:b256", help="name@size:bBATCH, ...")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=6, help="timed steps per round (median)")
+    ap.add_argument("--aten", action="store_true", help="also W4A4 with ATen's learnable fake-quant activations")
+    ap.add_argument("--emulate", action="store_true", help="CPU: the kernel path's host cost, launches as no-ops")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.iters < 1:
+        ap.error(f"--rounds {args.rounds} --iters {args.iters}: both must be at least 1")
+    if not args.emulate and not torch.cuda.is_available():
+        ap.error("no GPU here: the eager kernel path runs on CUDA; --emulate measures its host cost on the CPU")
+    if args.emulate and args.aten:
+        ap.error("--aten needs a GPU (ATen's op would run on the CPU in the emulation)")
+    if args.emulate:
+        torch.set_num_threads(1)
+        emulate_launches()
+    dev = torch.device("cpu" if args.emulate else "cuda")
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
+    where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
+    for spec in args.models.split(","):
+        steps, layers = steps_of(spec, dev, args.aten)
+        print_table(spec, rounds(steps, args.rounds, args.iters, dev), layers, where)
+        if args.emulate:  # a layer that fell back to the composite would launch nothing
+            LAUNCHES[0] = 0
+            steps["q_w4a4"]()
+            print(f"kernel launches per W4A4 step: {LAUNCHES[0]} (2 per activation, 2 for all the weights)")
+
+
+if __name__ == "__main__":
+    main()
