@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import types
 
 import torch
 
 import hasb
-from benchmarks.quant_overhead import make, parse_model, train_step
+from benchmarks.quant_overhead import interleaved, make, parse_model, train_step
 from hasb import kernels as K
 from hasb import modules as M
 
@@ -103,23 +102,8 @@ def steps_of(spec: str, dev: torch.device, aten: bool) -> tuple[dict, int]:
 _act_fused_applies = K.act_fused_applies
 
 
-def rounds(steps: dict, n: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
-    """Median ms of ``iters`` steps per variant and round; the variants take turns in every round."""
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    per: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(n):
-        for k, step in steps.items():
-            for _ in range(2):
-                step()
-            sync()
-            times = []
-            for _ in range(iters):
-                t = time.perf_counter()
-                step()
-                sync()
-                times.append(time.perf_counter() - t)
-            per[k].append(1000 * statistics.median(times))
-    return per
+def _no_prepare(key: str, model, bits) -> None:
+    """Each variant's step sets its own activation path (see :func:`steps_of`)."""
 
 
 def print_table(spec: str, per: dict[str, list[float]], layers: int, where: str) -> None:
@@ -154,7 +138,9 @@ def main() -> None:
     where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
     for spec in args.models.split(","):
         steps, layers = steps_of(spec, dev, args.aten)
-        print_table(spec, rounds(steps, args.rounds, args.iters, dev), layers, where)
+        # the variants take turns in every round (order rotated), each timed after one untimed step
+        per = interleaved(args.rounds, args.iters, dev, {k: (s, None, None) for k, s in steps.items()}, _no_prepare)
+        print_table(spec, per, layers, where)
         if args.emulate:  # a layer that fell back to the composite would launch nothing
             LAUNCHES[0] = 0
             steps["q_w4a4"]()
