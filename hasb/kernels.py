@@ -38,6 +38,7 @@ bf16/fp16 inputs, whose dtype rounding it reproduces.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -641,29 +642,36 @@ def quantize_weights(
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: float, qp: float) -> torch.Tensor:
     """round(clip(x / s)) · s of a dense ``x`` (any of _ACT_DTYPES), ``scale`` a one-element float32 tensor."""
     out = torch.empty_like(x)
     n = x.numel()
-    _aq_fwd_kernel[(triton.cdiv(n, _BLOCK_ACT),)](
-        x, scale, out, n, float(qn), float(qp), LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
-    )
+    blocks = (n + _BLOCK_ACT - 1) // _BLOCK_ACT
+    _aq_fwd_kernel[(blocks,)](x, scale, out, n, qn, qp, LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT)
     return out
 
 
-def _launch_act_backward(x, scale, grad, qn, qp, g):
+def _launch_act_backward(x, scale, grad, qn: float, qp: float, g: float):
     """(∂L/∂x like ``x``, ∂L/∂s shaped like ``scale``, float32): per-block partial sums, then one deterministic
     sum.  Each eager layer pays this function's host time (see :func:`hasb.modules.prequantize_weights`), so no
     reshape or cast runs where none is needed."""
     grad_x = torch.empty_like(x)
     n = x.numel()
-    blocks = triton.cdiv(n, _BLOCK_ACT)
+    blocks = (n + _BLOCK_ACT - 1) // _BLOCK_ACT
     partial = torch.empty(blocks, device=x.device, dtype=torch.float32)
     _aq_bwd_kernel[(blocks,)](
-        x, scale, grad, grad_x, partial, n, float(qn), float(qp), g, LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
+        x, scale, grad, grad_x, partial, n, qn, qp, g, LOWP=x.dtype != torch.float32, BLOCK=_BLOCK_ACT
     )
     total = partial.sum()  # 0-dim float32
     return grad_x, total if scale.dim() == 0 else total.view(scale.shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _act_consts(bit: int, signed: bool, n: int) -> tuple[float, float, float]:
+    """(Qn, Qp, g) of an activation of ``n`` values at ``bit``, as the kernels take them (one lookup per call: an
+    eager step pays this path's host time once per layer)."""
+    qn, qp = Q.int_range(bit, signed)
+    return float(qn), float(qp), Q.lsq_g(n, qp)
 
 
 class FusedLSQActivation(torch.autograd.Function):
@@ -671,23 +679,26 @@ class FusedLSQActivation(torch.autograd.Function):
 
     Low-precision ``x`` (bf16/fp16) reproduces the composite's dtype semantics: the step is rounded to x's dtype
     (type promotion of a 0-dim float32 tensor), and x/s and the output are rounded to x's dtype.
+
+    Inputs: x, scale (see :func:`quantize_activation`), then the Python scalars bit, signed and
+    ``consts`` = :func:`_act_consts` (bit, signed, x.numel()).
     """
 
     @staticmethod
-    def forward(ctx, x, scale, bit, signed, g):
-        qn, qp = Q.int_range(bit, signed)
+    def forward(ctx, x, scale, bit, signed, consts):
+        dense = _dense(x)
         ctx.save_for_backward(x, scale)
-        ctx.meta = (bit, signed, qn, qp, g)
-        return _launch_act_forward(x if _dense(x) else x.contiguous(), scale, qn, qp)
+        ctx.meta = (bit, signed, consts, dense)
+        return _launch_act_forward(x if dense else x.contiguous(), scale, consts[0], consts[1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, scale = ctx.saved_tensors
-        bit, signed, qn, qp, g = ctx.meta
+        bit, signed, consts, dense = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             return _composite_grads(ctx, (x, scale), grad_out, Q.quantize_activation, bit, signed)
-        xd = x if _dense(x) else x.contiguous()  # no graph is recorded here (grad mode is off): no detach
-        grad_x, grad_s = _launch_act_backward(xd, scale, _like(grad_out, xd), qn, qp, g)
+        xd = x if dense else x.contiguous()  # no graph is recorded here (grad mode is off): no detach
+        grad_x, grad_s = _launch_act_backward(xd, scale, _like(grad_out, xd), *consts)
         return grad_x, grad_s, None, None, None
 
 
@@ -717,5 +728,4 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: 
     """
     if not act_fused_applies(x, scale):
         return _reference_activation(x, scale, bit, signed)
-    g = Q.lsq_g(x.numel(), Q.int_range(bit, signed)[1])
-    return FusedLSQActivation.apply(x, scale, bit, signed, g)
+    return FusedLSQActivation.apply(x, scale, bit, signed, _act_consts(bit, bool(signed), x.numel()))
