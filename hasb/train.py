@@ -78,6 +78,7 @@ from .distributed import (
     allreduce_mean,
     barrier,
     broadcast_state,
+    close_dist,
     gather_rows,
     init_dist,
 )
@@ -808,7 +809,10 @@ def _run(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    return run_cli(lambda: _run(ns))
+    try:
+        return run_cli(lambda: _run(ns))
+    finally:
+        close_dist()
 
 
 __all__ = [
