@@ -548,8 +548,10 @@ def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
 
 def _layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device) -> torch.Tensor:
     """[L, 8] float32 on ``dev``: :func:`_layer_row` per layer, cached per configuration (read-only on the device);
-    a new one is copied from pinned memory without blocking the host."""
-    key = (dev, shapes, tuple(bits), tuple(high_bits))
+    a new one is copied from pinned memory without blocking the host, on the current stream, so the cache is also
+    per stream (a pass on another stream must not read it before that copy is done)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (dev, stream, shapes, tuple(bits), tuple(high_bits))
     if (par := _PARAMS.get(key)) is None:
         rows: list[float] = []
         for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
