@@ -352,9 +352,9 @@ def _rounding_flags(rounding: str) -> dict[str, bool]:
     return {"HALF_EVEN": rounding == "half_even", "TRUNC": rounding == "msb"}
 
 
-def _weight_g(w: torch.Tensor, bit: int) -> float:
-    """LSQ's g of a weight [C, ...] at ``bit``: one step per output channel of w.numel() / C values."""
-    return Q.lsq_g(w.numel() // w.shape[0], Q.int_range(bit)[1])
+def _weight_g(k: int, bit: int) -> float:
+    """LSQ's g of a weight at ``bit`` with K = ``k`` values per output channel (one step per channel)."""
+    return Q.lsq_g(k, Q.int_range(bit)[1])
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -489,7 +489,7 @@ def quantize_weight(
         raise ValueError(f"bit {bit} exceeds the highest candidate bit {high_bit}")
     if rounding not in KERNEL_ROUNDINGS or not fused_applies(w, scale):
         return _reference_weight(w, scale, bit, high_bit, rounding)
-    return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, _weight_g(w, bit))
+    return FusedDoubleRoundLSQ.apply(w, scale, bit, high_bit, rounding, _weight_g(w.numel() // w.shape[0], bit))
 
 
 # -- many layers per launch: a model's weights in one forward and one backward launch per pass -----------------
@@ -541,7 +541,7 @@ def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
     numbers."""
     key = (k, bit, high_bit)
     if (row := _ROWS.get(key)) is None:
-        g = Q.lsq_g(k, Q.int_range(bit)[1])
+        g = _weight_g(k, bit)
         row = _remember(_ROWS, key, [*_consts(bit, high_bit), _scale_grad_factor(g, bit, high_bit), 0.0])
     return row
 
