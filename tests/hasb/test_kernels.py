@@ -313,6 +313,25 @@ def test_fused_activation_equals_composite(shape, channels_last, bit, signed, dt
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_activation_step_gradient_of_a_large_tensor(dtype):
+    """4.2 M values (2,050 blocks): the step's gradient is the float64 sum of its terms within the summation
+    bound (the fp16 composite itself overflows to inf here), the same bits in a second run, and a second backward
+    over the retained graph adds the same value again."""
+    x, scale, grad = _act_case((2050, 2048), 8, False, dtype, seed=3)
+    out = K.quantize_activation(x, scale, 8, False)
+    out.backward(grad, retain_graph=True)
+    first = scale.grad.clone()
+    terms = _act_terms(x, scale, 8, False, grad)
+    assert abs(first.double() - terms.sum()) <= (11 + 2050 + 4) * U * terms.abs().sum()
+    out.backward(grad)
+    assert torch.equal(scale.grad, 2 * first)
+    scale.grad = None
+    K.quantize_activation(x, scale, 8, False).backward(grad)
+    assert torch.equal(scale.grad, first)
+
+
+@cuda
 def test_composite_contexts_take_the_reference():
     w, scale, _ = _case((8, 4), 8, "cuda")
     x = torch.randn(3, 5, device="cuda")
