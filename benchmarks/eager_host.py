@@ -1,7 +1,8 @@
 """Where an eager quantized training step's extra time goes (issue 15's eager targets): the float step against the
 quantized model with its weights, its activations or both at 4 bits, in interleaved rounds, as ms and as extra µs
 per quantized layer.  On a GPU the activations can also go through ATen's learnable fake-quant op (``--aten``: a
-C++ autograd node instead of hasb's Triton Function).
+C++ autograd node instead of hasb's Triton Function), and W4A4 can run with hasb's launches as no-ops
+(``--host-share``: the extra time left is the host's share, the rest the kernels').
 
 ``--emulate`` measures the host side without a GPU: on the CPU, every Triton launch of hasb.kernels becomes a
 no-op, the kernel path's CUDA checks are told the tensors are on CUDA and a concatenation returns an empty
@@ -11,7 +12,7 @@ with few parameters: the CPU still makes the copies a GPU does in microseconds (
 weights' layout, the optimizer's update), which swamp a ResNet-18's rows.  The emulation patches torch and hasb
 in this process: run it as its own process, never imported into another.
 
-    python -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 [--aten]   # a GPU
+    python -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 [--aten] [--host-share]  # GPU
     python -m benchmarks.eager_host --emulate --models mobilenet_v2@8:b2                        # any CPU
 """
 
@@ -32,16 +33,28 @@ from hasb import modules as M
 VARIANTS = ("float", "q_fp", "q_w4", "q_a4", "q_w4a4")
 
 
+# hasb's Triton kernels by attribute (the activation ones are defined only where Triton imports)
+KERNELS = (
+    "_wq_fwd_kernel",
+    "_wq_bwd_kernel",
+    "_wq_fwd_many_kernel",
+    "_wq_bwd_many_kernel",
+    "_aq_fwd_kernel",
+    "_aq_bwd_kernel",
+)
+
+
+class _NoLaunch:
+    """A Triton kernel's stand-in: ``kernel[grid](...)`` launches nothing (and counts the call)."""
+
+    def __getitem__(self, grid):
+        return _count_launch
+
+
 def emulate_launches() -> None:
     """Turn this process's kernel path into its host cost alone (see the module docstring)."""
 
-    class _NoLaunch:
-        def __getitem__(self, grid):
-            return _count_launch
-
-    for name in ("_wq_fwd_kernel", "_wq_bwd_kernel", "_wq_fwd_many_kernel", "_wq_bwd_many_kernel"):
-        setattr(K, name, _NoLaunch())
-    for name in ("_aq_fwd_kernel", "_aq_bwd_kernel"):  # (defined only where Triton imports)
+    for name in KERNELS:
         setattr(K, name, _NoLaunch())
     K.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
     torch.Tensor.is_cuda = property(lambda self: True)  # type: ignore[assignment, method-assign]
@@ -60,7 +73,28 @@ def _count_launch(*args, **kwargs) -> None:
     LAUNCHES[0] += 1
 
 
-def steps_of(spec: str, dev: torch.device, aten: bool) -> tuple[dict, int]:
+def without_launches(step):
+    """``step`` with every hasb kernel launch a no-op (the outputs are left unwritten): on a GPU, what is left of
+    the step's extra time is the host's share (Python, autograd, ATen calls), the rest is the kernels' (their GPU
+    time and driver launches).  The kernels are back after each call, also after an exception."""
+
+    def run():
+        real = {name: getattr(K, name, None) for name in KERNELS}  # None: not defined (no Triton here)
+        for name in KERNELS:
+            setattr(K, name, _NoLaunch())
+        try:
+            step()
+        finally:
+            for name, kernel in real.items():
+                if kernel is None:
+                    delattr(K, name)
+                else:
+                    setattr(K, name, kernel)
+
+    return run
+
+
+def steps_of(spec: str, dev: torch.device, aten: bool, host_share: bool = False) -> tuple[dict, int]:
     """{variant: step()} for one model and the number of its quantized layers."""
     name, size, batch = parse_model(spec)
     fmodel, x, y, loss_fn = make(name, size, batch, dev)
@@ -94,6 +128,8 @@ def steps_of(spec: str, dev: torch.device, aten: bool) -> tuple[dict, int]:
     steps = {"float": step(copy.deepcopy(fmodel))} | {k: step(quantized(*wa)) for k, wa in models.items()}
     if aten:
         steps["q_w4a4_aten"] = step(quantized(1, 1), use_aten=True)
+    if host_share:  # its own model: unwritten outputs and gradients would poison the others' parameters
+        steps["q_w4a4_host"] = without_launches(step(quantized(1, 1)))
     # layers that W4A4 quantizes (a model's first and last layers may stay at full precision)
     layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in quantized(1, 1).modules())
     return steps, layers
@@ -123,6 +159,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6, help="timed steps per round (median)")
     ap.add_argument("--aten", action="store_true", help="also W4A4 with ATen's learnable fake-quant activations")
     ap.add_argument("--emulate", action="store_true", help="CPU: the kernel path's host cost, launches as no-ops")
+    ap.add_argument(
+        "--host-share", action="store_true", help="also W4A4 with hasb's launches as no-ops (the host's share)"
+    )
     args = ap.parse_args()
     if args.rounds < 1 or args.iters < 1:
         ap.error(f"--rounds {args.rounds} --iters {args.iters}: both must be at least 1")
@@ -130,6 +169,8 @@ def main() -> None:
         ap.error("no GPU here: the eager kernel path runs on CUDA; --emulate measures its host cost on the CPU")
     if args.emulate and args.aten:
         ap.error("--aten needs a GPU (ATen's op would run on the CPU in the emulation)")
+    if args.emulate and args.host_share:
+        ap.error("--host-share needs a GPU (in the emulation every launch is a no-op already)")
     if args.emulate:
         torch.set_num_threads(1)
         emulate_launches()
@@ -137,7 +178,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
     for spec in args.models.split(","):
-        steps, layers = steps_of(spec, dev, args.aten)
+        steps, layers = steps_of(spec, dev, args.aten, args.host_share)
         # the variants take turns in every round (order rotated), each timed after one untimed step
         per = interleaved(args.rounds, args.iters, dev, {k: (s, None, None) for k, s in steps.items()}, _no_prepare)
         print_table(spec, per, layers, where)

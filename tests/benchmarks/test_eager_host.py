@@ -34,3 +34,37 @@ def test_without_a_gpu_the_real_measurement_is_refused_in_one_line():
     assert out.returncode == 2
     assert "no GPU here" in out.stderr and "--emulate" in out.stderr
     assert out.stdout == ""
+
+
+def test_host_share_steps_launch_nothing_and_put_the_kernels_back(monkeypatch):
+    """``--host-share``'s step runs with every hasb launch a no-op, and the kernels are back afterwards, also when
+    the step raises (a kernel left patched would turn every later measurement into a no-op)."""
+    import pytest
+
+    from benchmarks import eager_host as E
+    from hasb import kernels as K
+
+    sentinel = object()
+    monkeypatch.setattr(K, "_aq_fwd_kernel", sentinel, raising=False)
+    monkeypatch.delattr(K, "_aq_bwd_kernel", raising=False)
+    seen = []
+
+    def step():
+        seen.append([type(getattr(K, n)).__name__ for n in E.KERNELS])
+        K._aq_fwd_kernel[(1,)]()  # a launch through the stand-in: nothing runs
+
+    E.without_launches(step)()
+    assert seen == [["_NoLaunch"] * len(E.KERNELS)]
+    assert K._aq_fwd_kernel is sentinel and not hasattr(K, "_aq_bwd_kernel")
+
+    def boom():
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError):
+        E.without_launches(boom)()
+    assert K._aq_fwd_kernel is sentinel and not hasattr(K, "_aq_bwd_kernel")
+
+
+def test_host_share_in_the_emulation_is_refused_in_one_line():
+    out = _run("--emulate", "--host-share", "--models", "resnet20@8:b2")
+    assert out.returncode == 2 and "--host-share needs a GPU" in out.stderr and out.stdout == ""
