@@ -30,9 +30,6 @@ from benchmarks.quant_overhead import interleaved, make, parse_model, train_step
 from hasb import kernels as K
 from hasb import modules as M
 
-VARIANTS = ("float", "q_fp", "q_w4", "q_a4", "q_w4a4")
-
-
 # hasb's Triton kernels by attribute (the activation ones are defined only where Triton imports)
 KERNELS = (
     "_wq_fwd_kernel",
@@ -53,7 +50,6 @@ class _NoLaunch:
 
 def emulate_launches() -> None:
     """Turn this process's kernel path into its host cost alone (see the module docstring)."""
-
     for name in KERNELS:
         setattr(K, name, _NoLaunch())
     K.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))

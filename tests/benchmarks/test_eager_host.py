@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,8 +41,6 @@ def test_without_a_gpu_the_real_measurement_is_refused_in_one_line():
 def test_host_share_steps_launch_nothing_and_put_the_kernels_back(monkeypatch):
     """``--host-share``'s step runs with every hasb launch a no-op, and the kernels are back afterwards, also when
     the step raises (a kernel left patched would turn every later measurement into a no-op)."""
-    import pytest
-
     from benchmarks import eager_host as E
     from hasb import kernels as K
 
