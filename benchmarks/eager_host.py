@@ -2,7 +2,8 @@
 quantized model with its weights, its activations or both at 4 bits, in interleaved rounds, as ms and as extra µs
 per quantized layer.  On a GPU the activations can also go through ATen's learnable fake-quant op (``--aten``: a
 C++ autograd node instead of hasb's Triton Function), and W4A4 can run with hasb's launches as no-ops
-(``--host-share``: the extra time left is the host's share, the rest the kernels').
+(``--host-share``: the extra time left is the host's share, the rest the kernels'), or with the pass's Ŵ in
+float32 and cast by autocast in every layer (``--float32-pass``: what those casts cost).
 
 ``--emulate`` measures the host side without a GPU: on the CPU, every Triton launch of hasb.kernels becomes a
 no-op, the kernel path's CUDA checks are told the tensors are on CUDA and a concatenation returns an empty
@@ -90,7 +91,26 @@ def without_launches(step):
     return run
 
 
-def steps_of(spec: str, dev: torch.device, aten: bool, host_share: bool = False) -> tuple[dict, int]:
+def with_float32_pass(step):
+    """``step`` with the pass's Ŵ in float32 even under autocast, so that every layer casts its own (hasb before
+    session 13): the difference to W4A4 is what those casts cost."""
+
+    def run():
+        real = K.quantize_weights
+        K.quantize_weights = lambda ws, scales, bits, highs, rounding, out_dtype=None: real(
+            ws, scales, bits, highs, rounding
+        )
+        try:
+            step()
+        finally:
+            K.quantize_weights = real
+
+    return run
+
+
+def steps_of(
+    spec: str, dev: torch.device, aten: bool, host_share: bool = False, float32_pass: bool = False
+) -> tuple[dict, int]:
     """{variant: step()} for one model and the number of its quantized layers."""
     name, size, batch = parse_model(spec)
     fmodel, x, y, loss_fn = make(name, size, batch, dev)
@@ -126,6 +146,8 @@ def steps_of(spec: str, dev: torch.device, aten: bool, host_share: bool = False)
         steps["q_w4a4_aten"] = step(quantized(1, 1), use_aten=True)
     if host_share:  # its own model: unwritten outputs and gradients would poison the others' parameters
         steps["q_w4a4_host"] = without_launches(step(quantized(1, 1)))
+    if float32_pass:
+        steps["q_w4a4_f32pass"] = with_float32_pass(step(quantized(1, 1)))
     # layers that W4A4 quantizes (a model's first and last layers may stay at full precision)
     layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in quantized(1, 1).modules())
     return steps, layers
@@ -158,6 +180,7 @@ def main() -> None:
     ap.add_argument(
         "--host-share", action="store_true", help="also W4A4 with hasb's launches as no-ops (the host's share)"
     )
+    ap.add_argument("--float32-pass", action="store_true", help="also W4A4 with float32 Ŵ cast per layer by autocast")
     args = ap.parse_args()
     if args.rounds < 1 or args.iters < 1:
         ap.error(f"--rounds {args.rounds} --iters {args.iters}: both must be at least 1")
@@ -174,7 +197,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
     for spec in args.models.split(","):
-        steps, layers = steps_of(spec, dev, args.aten, args.host_share)
+        steps, layers = steps_of(spec, dev, args.aten, args.host_share, args.float32_pass)
         # the variants take turns in every round (order rotated), each timed after one untimed step
         per = interleaved(args.rounds, args.iters, dev, {k: (s, None, None) for k, s in steps.items()}, _no_prepare)
         print_table(spec, per, layers, where)

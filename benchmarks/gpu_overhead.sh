@@ -8,7 +8,7 @@ Q="python3 -m benchmarks.quant_overhead --iters 6"
 # 1. the kernel tests
 timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/hasb/test_kernels.py > "$OUT/test.log" 2>&1
 # 2. where the eager step's extra time goes, and its host share (session 13: 137 of 216 µs per layer for MobileNetV2's activations)
-timeout 200 python3 -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 --rounds 6 --host-share \
+timeout 200 python3 -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 --rounds 6 --host-share --float32-pass \
   > "$OUT/eager_host.log" 2>&1
 # 3. the targets: eager W4A4 ÷ eager float (session 12: ResNet-18 1.190x, MobileNetV2 1.626x)
 timeout 200 $Q --models mobilenet_v2@224:b128 --rounds 16 --settings float,w4_kernels > "$OUT/mbv2.log" 2>&1

@@ -122,7 +122,8 @@ if triton is not None:
         mask = offs < K
         w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
         w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
-        tl.store(out_ptr + base + offs, w_l * (s * pow2), mask=mask)
+        # out_ptr float32, or autocast's dtype (a pass under autocast): rounded to nearest even, as autocast's cast
+        tl.store(out_ptr + base + offs, (w_l * (s * pow2)).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _wq_bwd_channel(
@@ -579,12 +580,13 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
     register layout the compiler picks for each kernel (equal bit for bit under Triton's interpreter; within the
     per-layer kernel's round-off bound on the H200).
 
-    Inputs: ``meta`` = (bits, high_bits, rounding), then w_1..w_L (dense float32 CUDA) and s_1..s_L ([C_i]).
+    Inputs: ``meta`` = (bits, high_bits, rounding, out_dtype), then w_1..w_L (dense float32 CUDA) and s_1..s_L
+    ([C_i]).  Ŵ comes out in ``out_dtype`` (None: float32), and its gradients are read in that dtype.
     """
 
     @staticmethod
     def forward(ctx, meta, *tensors):
-        bits, high_bits, rounding = meta
+        bits, high_bits, rounding, out_dtype = meta
         n = len(tensors) // 2
         ws, scales = list(tensors[:n]), list(tensors[n:])
         shapes, dev = _shapes(ws), ws[0].device
@@ -593,7 +595,7 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         flat_w, flat_s = _flat(ws), torch.cat(scales)
         ctx.save_for_backward(*tensors, flat_w, flat_s, par)
         ctx.meta = meta
-        out = torch.empty_like(flat_w)
+        out = torch.empty_like(flat_w) if out_dtype is None else torch.empty_like(flat_w, dtype=out_dtype)
         flags = _rounding_flags(rounding)
         _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
         return tuple(_unflat(out, ws))
@@ -603,11 +605,11 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         *tensors, flat_w, flat_s, par = ctx.saved_tensors
         n = len(tensors) // 2
         ws = tensors[:n]
-        bits, high_bits, rounding = ctx.meta
+        bits, high_bits, rounding, out_dtype = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             with Q.composite_ops():
                 outs = [
-                    Q.quantize_weight(w, s, b, h, rounding)
+                    Q.quantize_weight(w, s, b, h, rounding).to(out_dtype or w.dtype)
                     for w, s, b, h in zip(ws, tensors[n:], bits, high_bits, strict=True)
                 ]
             return (None, *_composite_grads_of(tensors, ctx.needs_input_grad[1:], outs, grads))
@@ -622,7 +624,12 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
 
 
 def quantize_weights(
-    ws: list[torch.Tensor], scales: list[torch.Tensor], bits: list[int], high_bits: list[int], rounding: Q.Rounding
+    ws: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    bits: list[int],
+    high_bits: list[int],
+    rounding: Q.Rounding,
+    out_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Ŵ of many layers at once: :func:`quantize_weight` per layer (see :class:`FusedDoubleRoundLSQMany`), as
     one launch for the forward and one for the backward.  Every pair must satisfy :func:`fused_applies`.
@@ -630,6 +637,8 @@ def quantize_weights(
     Args:
         ws: L weights [C_i, ...]; scales: their steps s_h [C_i]; bits, high_bits: l_i ≤ h_i per layer.
         rounding: one of :data:`KERNEL_ROUNDINGS`, shared by the L layers.
+        out_dtype: Ŵ's dtype (None: float32).  Under autocast, autocast's: the layers' convolutions then skip
+            their weight casts (a launch and an autograd node each way per layer), with the same values.
     """
     if not ws:
         return []
@@ -637,7 +646,8 @@ def quantize_weights(
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(KERNEL_ROUNDINGS)}")
     if any(b > h for b, h in zip(bits, high_bits, strict=True)):
         raise ValueError(f"a bit exceeds its layer's highest candidate bit: bits {bits}, highest {high_bits}")
-    return list(FusedDoubleRoundLSQMany.apply((tuple(bits), tuple(high_bits), rounding), *ws, *scales))
+    meta = (tuple(bits), tuple(high_bits), rounding, out_dtype)
+    return list(FusedDoubleRoundLSQMany.apply(meta, *ws, *scales))
 
 
 # -- activations: per-tensor LSQ ------------------------------------------------------------------------------

@@ -270,7 +270,9 @@ class QuantMixin(_MixinBase):
         if bit is None:
             return self.weight
         if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from prequantize_weights
-            return self._w_pass[1]
+            w_hat = self._w_pass[1]  # in autocast's dtype if the pass ran under autocast: only there it serves
+            if w_hat.dtype == torch.float32 or torch.is_autocast_enabled("cuda"):
+                return w_hat
         # the fused Triton kernels where they apply (CUDA eager), else the composite reference
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
@@ -386,6 +388,8 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
     step is bound by the host, and each per-layer Function costs about 0.25 ms of Python, autograd and launch on
     the H200's host, more than its kernels (benchmarks/RESULTS.md, session 11).  Each layer takes its Ŵ in
     ``quant_weight``; :func:`release_weights` drops them after the forward, so every forward builds its own graph.
+    Under autocast Ŵ is made in autocast's dtype, the values autocast's cast would give, so no layer casts its
+    weight (a launch and an autograd node each way); a layer running with autocast off quantizes its own.
     """
     if torch.compiler.is_compiling() or not K.batch_applies():
         return
@@ -399,10 +403,12 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
     if not groups or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):  # a captured graph
         return  # would bake the pinned copy of the layer constants: the per-layer launches take their numbers
     done: list[QuantMixin] = []
+    # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
+    low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     for (rounding, _), ms in groups.items():
         bits = [cast(int, m.w_bit) for m in ms]
         outs = K.quantize_weights(
-            [m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding
+            [m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding, low
         )
         for m, bit, w in zip(ms, bits, outs, strict=True):
             m.__dict__["_w_pass"] = (bit, w)  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host

@@ -68,3 +68,18 @@ def test_host_share_steps_launch_nothing_and_put_the_kernels_back(monkeypatch):
 def test_host_share_in_the_emulation_is_refused_in_one_line():
     out = _run("--emulate", "--host-share", "--models", "resnet20@8:b2")
     assert out.returncode == 2 and "--host-share needs a GPU" in out.stderr and out.stdout == ""
+
+
+def test_float32_pass_steps_drop_the_autocast_dtype_and_put_the_pass_back():
+    from benchmarks import eager_host as E
+    from hasb import kernels as K
+
+    real, seen = K.quantize_weights, []
+    try:
+        K.quantize_weights = lambda *args: seen.append(args) or []
+        patched = K.quantize_weights
+        E.with_float32_pass(lambda: K.quantize_weights([], [], [], [], "half_up", "bf16"))()
+        assert seen == [([], [], [], [], "half_up")]  # no out_dtype: float32 Ŵ
+        assert K.quantize_weights is patched
+    finally:
+        K.quantize_weights = real

@@ -213,8 +213,9 @@ def test_a_pass_quantizes_its_weights_together_and_releases_them(monkeypatch):
     ref_out, ref_grads = run()  # the per-layer path (no kernels on the CPU)
     calls = []
 
-    def many(ws, scales, bits, high_bits, rounding):
+    def many(ws, scales, bits, high_bits, rounding, out_dtype):
         calls.append(list(bits))
+        assert out_dtype is None  # no autocast here: Ŵ in float32
         return [Q.quantize_weight(w, s, b, h, rounding) for w, s, b, h in zip(ws, scales, bits, high_bits, strict=True)]
 
     def per_layer(*args, **kwargs):
@@ -239,6 +240,85 @@ def test_a_pass_quantizes_its_weights_together_and_releases_them(monkeypatch):
         model(x)
     handle.remove()
     assert len(calls) == 4 and all(m._w_pass is None for m in layers)
+
+
+def test_a_pass_under_autocast_hands_out_autocasts_dtype_and_only_where_autocast_is_on(monkeypatch):
+    """Under autocast the pass makes Ŵ in autocast's dtype (what each layer's conv would cast it to); a layer
+    running with autocast off (a user's ``autocast(enabled=False)`` block) quantizes its own float32 Ŵ instead.
+    Plumbing on the CPU: autocast's state is faked, the pass is the per-layer reference cast to that dtype."""
+    import hasb
+    from hasb import modules as M
+    from hasb.models import build_model
+
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet20"), bits=(8, 6, 4, 2))
+    hasb.init_quantizers(model, torch.randn(8, 1, 28, 28))
+    hasb.set_config(model, 4)
+    quantized = [m for m in model.modules() if isinstance(m, M.QuantMixin) and m.w_bit is not None]
+    dtypes, own = [], []
+
+    def many(ws, scales, bits, high_bits, rounding, out_dtype):
+        dtypes.append(out_dtype)
+        args = zip(ws, scales, bits, high_bits, strict=True)
+        return [Q.quantize_weight(w, s, b, h, rounding).to(out_dtype) for w, s, b, h in args]
+
+    def per_layer(w, scale, bit, high_bit, rounding):
+        own.append(bit)
+        return Q.quantize_weight(w, scale, bit, high_bit, rounding)
+
+    autocast = {"on": True}
+    monkeypatch.setattr(K, "batch_applies", lambda: True)
+    monkeypatch.setattr(K, "weights_fit", lambda w, s: True)
+    monkeypatch.setattr(K, "quantize_weights", many)
+    monkeypatch.setattr(K, "quantize_weight", per_layer)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: autocast["on"])
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type=None: torch.bfloat16)
+    M.prequantize_weights(model, None)
+    assert dtypes == [torch.bfloat16]
+    assert all(m.quant_weight().dtype == torch.bfloat16 for m in quantized) and own == []
+    autocast["on"] = False  # inside a layer that turned autocast off
+    first = quantized[0]
+    w_hat = first.quant_weight()
+    assert w_hat.dtype == torch.float32 and own == [first.w_bit]
+    assert torch.equal(w_hat.to(torch.bfloat16), first._w_pass[1])  # the same values, before autocast's cast
+    M.release_weights(model, None, None)
+
+
+@cuda
+def test_a_pass_under_autocast_equals_autocasts_cast_of_the_float32_pass(monkeypatch):
+    """A quantized model under bf16 autocast: the pass's bf16 Ŵ (no cast per layer) gives the output and every
+    parameter gradient of the float32 pass followed by autocast's casts, bit for bit."""
+    import hasb
+    from hasb.models import build_model
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same conv algorithms in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet20"), bits=(8, 6, 4, 2)).cuda()
+    x = torch.randn(16, 1, 28, 28, device="cuda")
+    hasb.init_quantizers(model, x)
+    hasb.set_config(model, 4)
+    orig, seen = K.quantize_weights, []
+    results = []
+    for low in (True, False):
+
+        def many(*args, low=low):  # out_dtype dropped: the float32 pass, cast by autocast in each layer
+            seen.append(args[5])
+            return orig(*args) if low else orig(*args[:5])
+
+        K.quantize_weights = many
+        try:
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().sum().backward()
+        finally:
+            K.quantize_weights = orig
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    (o1, g1), (o2, g2) = results
+    assert o1.dtype == torch.bfloat16 and torch.equal(o1, o2)
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
 
 
 def _second_derivatives(fn, x, scale, grad, *args):
