@@ -3,7 +3,8 @@ quantized model with its weights, its activations or both at 4 bits, in interlea
 per quantized layer.  On a GPU the activations can also go through ATen's learnable fake-quant op (``--aten``: a
 C++ autograd node instead of hasb's Triton Function), and W4A4 can run with hasb's launches as no-ops
 (``--host-share``: the extra time left is the host's share, the rest the kernels'), or with the pass's Ŵ in
-float32 and cast by autocast in every layer (``--float32-pass``: what those casts cost).
+float32 and cast by autocast in every layer (``--float32-pass``: what those casts cost), or with every launch
+through Triton's JIT (``--jit-launches``: what hasb's direct launches save).
 
 ``--emulate`` measures the host side without a GPU: on the CPU, every Triton launch of hasb.kernels becomes a
 no-op, the kernel path's CUDA checks are told the tensors are on CUDA and a concatenation returns an empty
@@ -59,7 +60,7 @@ def emulate_launches() -> None:
     real_tensor = torch.tensor
     fake.tensor = lambda *a, pin_memory=False, **kw: real_tensor(*a, **kw)
     fake.cat = lambda ts: torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype)
-    fake.cuda = types.SimpleNamespace(is_available=lambda: False)
+    fake.cuda = types.SimpleNamespace(is_available=lambda: False, current_device=lambda: 0)
     K.torch = fake  # type: ignore[attr-defined]
 
 
@@ -91,25 +92,44 @@ def without_launches(step):
     return run
 
 
-def with_float32_pass(step):
-    """``step`` with the pass's Ŵ in float32 even under autocast, so that every layer casts its own (hasb before
-    session 13): the difference to W4A4 is what those casts cost."""
+def _with_patched(attr: str, make, step):
+    """``step`` with ``hasb.kernels.<attr>`` replaced by ``make(real)``; the real one is back after each call, also
+    after an exception."""
 
     def run():
-        real = K.quantize_weights
-        K.quantize_weights = lambda ws, scales, bits, highs, rounding, out_dtype=None: real(
-            ws, scales, bits, highs, rounding
-        )
+        real = getattr(K, attr)
+        setattr(K, attr, make(real))
         try:
             step()
         finally:
-            K.quantize_weights = real
+            setattr(K, attr, real)
 
     return run
 
 
+def with_float32_pass(step):
+    """``step`` with the pass's Ŵ in float32 even under autocast, so that every layer casts its own (hasb before
+    session 13): the difference to W4A4 is what those casts cost."""
+    return _with_patched(
+        "quantize_weights",
+        lambda real: lambda ws, scales, bits, highs, rounding, out_dtype=None: real(ws, scales, bits, highs, rounding),
+        step,
+    )
+
+
+def with_jit_launches(step):
+    """``step`` with every activation launch through Triton's JIT (hasb before session 14): the difference to W4A4
+    is what :func:`hasb.kernels.launch` saves."""
+    return _with_patched("launch", lambda real: lambda kernel, blocks, *args: kernel[(blocks,)](*args), step)
+
+
 def steps_of(
-    spec: str, dev: torch.device, aten: bool, host_share: bool = False, float32_pass: bool = False
+    spec: str,
+    dev: torch.device,
+    aten: bool,
+    host_share: bool = False,
+    float32_pass: bool = False,
+    jit_launches: bool = False,
 ) -> tuple[dict, int]:
     """{variant: step()} for one model and the number of its quantized layers."""
     name, size, batch = parse_model(spec)
@@ -148,6 +168,8 @@ def steps_of(
         steps["q_w4a4_host"] = without_launches(step(quantized(1, 1)))
     if float32_pass:
         steps["q_w4a4_f32pass"] = with_float32_pass(step(quantized(1, 1)))
+    if jit_launches:
+        steps["q_w4a4_jit"] = with_jit_launches(step(quantized(1, 1)))
     # layers that W4A4 quantizes (a model's first and last layers may stay at full precision)
     layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in quantized(1, 1).modules())
     return steps, layers
@@ -181,6 +203,7 @@ def main() -> None:
         "--host-share", action="store_true", help="also W4A4 with hasb's launches as no-ops (the host's share)"
     )
     ap.add_argument("--float32-pass", action="store_true", help="also W4A4 with float32 Ŵ cast per layer by autocast")
+    ap.add_argument("--jit-launches", action="store_true", help="also W4A4 with every launch through Triton's JIT")
     args = ap.parse_args()
     if args.rounds < 1 or args.iters < 1:
         ap.error(f"--rounds {args.rounds} --iters {args.iters}: both must be at least 1")
@@ -197,7 +220,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
     for spec in args.models.split(","):
-        steps, layers = steps_of(spec, dev, args.aten, args.host_share, args.float32_pass)
+        steps, layers = steps_of(spec, dev, args.aten, args.host_share, args.float32_pass, args.jit_launches)
         # the variants take turns in every round (order rotated), each timed after one untimed step
         per = interleaved(args.rounds, args.iters, dev, {k: (s, None, None) for k, s in steps.items()}, _no_prepare)
         print_table(spec, per, layers, where)

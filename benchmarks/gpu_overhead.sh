@@ -7,10 +7,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 Q="python3 -m benchmarks.quant_overhead --iters 6"
 # 1. the kernel tests
 timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/hasb/test_kernels.py > "$OUT/test.log" 2>&1
-# 2. where the eager step's extra time goes, and its host share (session 13: 137 of 216 µs per layer for MobileNetV2's activations)
-timeout 200 python3 -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 --rounds 6 --host-share --float32-pass \
+# 2. where the eager step's extra time goes, its host share (session 13: 137 of 216 µs per layer for MobileNetV2's
+#    activations) and what the direct launches save (--jit-launches: every launch through Triton's JIT)
+timeout 200 python3 -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 --rounds 8 --host-share --jit-launches \
   > "$OUT/eager_host.log" 2>&1
-# 3. the targets: eager W4A4 ÷ eager float (session 12: ResNet-18 1.190x, MobileNetV2 1.626x)
+# 3. the targets: eager W4A4 ÷ eager float (session 13: ResNet-18 1.183x, MobileNetV2 1.64–1.87x)
 timeout 200 $Q --models mobilenet_v2@224:b128 --rounds 16 --settings float,w4_kernels > "$OUT/mbv2.log" 2>&1
 timeout 120 $Q --models resnet18@224:b256 --rounds 10 --settings float,w4_kernels > "$OUT/r18.log" 2>&1
 grep -E "passed|failed" "$OUT/test.log" | tail -3

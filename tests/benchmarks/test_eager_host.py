@@ -83,3 +83,22 @@ def test_float32_pass_steps_drop_the_autocast_dtype_and_put_the_pass_back():
         assert K.quantize_weights is patched
     finally:
         K.quantize_weights = real
+
+
+def test_jit_launch_steps_index_the_kernel_and_put_the_launcher_back():
+    from benchmarks import eager_host as E
+    from hasb import kernels as K
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args: seen.append((grid, args))
+
+    real, seen = K.launch, []
+
+    def boom():
+        K.launch(Kernel(), 3, "x", 1)
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError):
+        E.with_jit_launches(boom)()
+    assert seen == [((3,), ("x", 1))] and K.launch is real

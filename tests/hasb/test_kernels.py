@@ -412,6 +412,61 @@ def test_fused_activation_step_gradient_of_a_large_tensor(dtype):
     assert torch.equal(scale.grad, first)
 
 
+def test_launch_key_separates_what_triton_specializes_on():
+    """A compiled kernel is reused only where Triton would pick the same one: a different dtype, address mod 16
+    or int value (1 and multiples of 16 are specialized; i32 vs i64) gives another key; a float's value does not."""
+    buf = torch.zeros(64)
+    a, b = buf[:32], buf[4:36]  # b starts 16 bytes in (aligned), c 4 bytes in
+    c = buf[1:33]
+    key = K.launch_key
+    assert key((a, 32, 0.5, True)) == key((b, 32, 0.25, True))
+    assert key((a, 32, 0.5, True)) != key((c, 32, 0.5, True))
+    assert key((a,)) != key((a.to(torch.bfloat16),))
+    assert key((a, 32)) != key((a, 33)) and key((a, 1)) != key((a, 2)) and key((a, 2**31)) != key((a, 2**31 + 16))
+    assert key((a, True)) != key((a, False)) and key((a, 0.5)) != key((a, 1))  # a float is not an int
+
+
+class _CountingKernel:
+    """A Triton kernel that counts its JIT launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.jit = kernel, 0
+
+    def __getitem__(self, grid):
+        self.jit += 1
+        return self.kernel[grid]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_direct_launches_equal_the_jit_launches(dtype):
+    """The second launch of a key skips the JIT and writes what a JIT launch writes, also at odd sizes, at
+    addresses off 16 bytes (a view) and with other float arguments (Qn, Qp, g) than the first launch's."""
+    fwd, seen = _CountingKernel(K._aq_fwd_kernel), set()
+    for n in (1, 7, 2048, 4097):
+        for off in (0, 1, 8):
+            x = torch.randn(n + off, device="cuda").to(dtype)[off:]
+            s = torch.tensor(0.05, device="cuda")
+            blocks = math.ceil(n / 2048)
+            lowp = dtype != torch.float32
+            seen.add((n, x.data_ptr() % 16))  # the outputs are fresh allocations: aligned
+            for qn, qp in ((0.0, 15.0), (-8.0, 7.0)):
+                want = torch.empty_like(x)
+                K._aq_fwd_kernel[(blocks,)](x, s, want, n, qn, qp, LOWP=lowp, BLOCK=2048)
+                for _ in range(2):
+                    got = torch.full_like(x, float("nan"))
+                    K.launch(fwd, blocks, x, s, got, n, qn, qp, lowp, 2048)
+                    assert torch.equal(got, want)
+    assert fwd.jit == len(seen)  # one JIT launch per size and x's alignment; the float values share it
+    g = torch.randn(4097, device="cuda").to(dtype)
+    x = torch.randn(4097, device="cuda").to(dtype)
+    s = torch.tensor(0.05, device="cuda")
+    want = K._launch_act_backward(x, s, g, -8.0, 7.0, 0.01)
+    for _ in range(2):
+        got = K._launch_act_backward(x, s, g, -8.0, 7.0, 0.01)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @cuda
 def test_composite_contexts_take_the_reference():
     w, scale, _ = _case((8, 4), 8, "cuda")
