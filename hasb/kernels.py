@@ -752,8 +752,8 @@ class FusedLSQActivation(torch.autograd.Function):
         return grad_x, grad_s, None, None, None
 
 
-def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether :func:`quantize_activation` takes the kernel path for these tensors in the current context."""
+def _act_kernel_fits(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the activation kernels take these tensors (kernels on, Triton, CUDA, their dtypes)."""
     return (
         _enabled
         and triton is not None
@@ -763,8 +763,65 @@ def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
         and scale.numel() == 1
         and scale.device == x.device
         and x.numel() > 0
-        and Q._use_fused()
     )
+
+
+def act_fused_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`quantize_activation` takes the kernel path for these tensors in the current context."""
+    return _act_kernel_fits(x, scale) and Q._use_fused()
+
+
+def act_compiled_applies(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`quantize_activation`, traced by torch.compile, keeps the composite forward but puts one
+    backward kernel in the graph (:class:`_LSQCompiledKernel`)."""
+    return torch.compiler.is_compiling() and not Q.composite_requested() and _act_kernel_fits(x, scale)
+
+
+@torch.library.custom_op("hasb::lsq_act_backward", mutates_args=())
+def lsq_act_backward(
+    x: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, qn: float, qp: float, g: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂x, ∂L/∂s) of per-tensor LSQ as one op of a compiled graph: :func:`_launch_act_backward` (one read of
+    ``x`` and ``grad``, one write of ∂L/∂x, one sum of the blocks' partials).  ``x`` dense, ``scale`` one float32
+    element; ∂L/∂s comes shaped like ``scale``."""
+    return _launch_act_backward(x, scale, _like(grad, x), qn, qp, g)
+
+
+@lsq_act_backward.register_fake
+def _lsq_act_backward_fake(x, scale, grad, qn, qp, g):
+    return torch.empty_like(x), torch.empty_like(scale)
+
+
+class _LSQCompiledKernel(torch.autograd.Function):
+    """Per-tensor LSQ inside a compiled graph (int bits): the composite's forward, which inductor fuses into the
+    activation's producer, and the backward as one :func:`lsq_act_backward` call.  Why: inductor fuses the
+    composite's backward badly with batch norm's; the step gradient sums over every element while BN's
+    reductions run per channel, so it either builds a slow joint reduction or writes the masked gradient out and
+    sums it in passes of their own (MobileNetV2@224: +3.4 ms per step; benchmarks/RESULTS.md, session 13).
+
+    Forward values are the composite's (round(q) · s equals (q + (round(q) - q)) · s exactly); the gradients are
+    the eager kernels' (:class:`FusedLSQActivation`).  ``x``: the 1-D memory-order view
+    (:func:`hasb.quantizer.memory_order`); ``qn``, ``qp``, ``g``: Python floats.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, qn, qp, g):
+        ctx.save_for_backward(x, scale)
+        ctx.consts = (qn, qp, g)
+        return torch.round(torch.clamp(x / scale, qn, qp)) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        grad_x, grad_s = lsq_act_backward(x, scale, grad, *ctx.consts)
+        return grad_x, grad_s, None, None, None
+
+
+def _compiled_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool) -> torch.Tensor:
+    """:func:`quantize_activation` as traced by torch.compile where the kernels fit (:func:`act_compiled_applies`)."""
+    qn, qp = Q.int_range(bit, signed)
+    xm, restore = Q.memory_order(x)
+    return restore(_LSQCompiledKernel.apply(xm, scale, float(qn), float(qp), Q.lsq_g(x.numel(), qp)))
 
 
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool) -> torch.Tensor:
@@ -777,5 +834,7 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: 
         round(clip(x / s, Qn, Qp)) · s, shape and dtype of ``x``; ∂/∂s is LSQ's with g = 1/sqrt(numel · Qp).
     """
     if not act_fused_applies(x, scale):
+        if act_compiled_applies(x, scale):
+            return _compiled_activation(x, scale, bit, signed)
         return _reference_activation(x, scale, bit, signed)
     return FusedLSQActivation.apply(x, scale, bit, signed, _act_consts(bit, bool(signed), x.numel()))

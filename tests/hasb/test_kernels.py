@@ -467,6 +467,66 @@ def test_direct_launches_equal_the_jit_launches(dtype):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def _backward_math(calls):
+    """The activation backward kernel's math in torch ops (CPU): (∂L/∂x, ∂L/∂s), and each call noted."""
+
+    def run(x, scale, grad, qn, qp, g):
+        calls.append(x.shape)
+        q = x / scale
+        inside = (q >= qn) & (q <= qp)
+        qc = q.clamp(qn, qp)
+        inner = torch.where(inside, torch.round(qc) - qc, qc)
+        grad_s = ((grad.double() * inner.double()).sum() * g).float().reshape(scale.shape)
+        return torch.where(inside, grad, torch.zeros_like(grad)), grad_s
+
+    return run
+
+
+def test_compiled_quantizer_keeps_the_composite_forward_and_calls_one_backward_op(monkeypatch):
+    """Traced by torch.compile where the kernels fit, the quantizer's forward is the composite's and its backward
+    one ``hasb::lsq_act_backward`` call on the 1-D memory-order view; results come back in x's layout.  On the CPU
+    the fit is forced and the op's launch replaced by the kernel's math in torch ops."""
+    calls: list = []
+    monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
+    monkeypatch.setattr(K, "_launch_act_backward", _backward_math(calls))
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, 5, 5, generator=gen) * 2).relu().to(memory_format=torch.channels_last)
+    scale = 0.8 * Q.init_activation_scale(x, 4, False)
+    grad = torch.randn(4, 8, 5, 5, generator=gen)
+    ref_out, ref_gx, ref_gs = _composite(Q.quantize_activation, x, scale, grad, 4, False)
+    xa, sa = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    f = torch.compile(lambda x, s: K.quantize_activation(x, s, 4, False), backend="aot_eager", fullgraph=True)
+    out = f(xa, sa)
+    out.backward(grad)
+    assert calls == [(x.numel(),)]
+    assert torch.equal(out, ref_out) and out.stride() == x.stride()
+    assert torch.allclose(xa.grad, ref_gx, rtol=4 * U, atol=0) and xa.grad.stride() == x.stride()
+    assert torch.allclose(sa.grad, ref_gs, rtol=1e-5)  # float64 sum here vs the composite's float32 sum
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_quantizer_gradients_are_the_eager_kernels(dtype, monkeypatch):
+    """Compiled by inductor on CUDA: one backward kernel call per backward, whose gradients equal the eager kernel
+    path's bit for bit (the same kernel on the same x and ∂L/∂y); the forward is inductor's, within one step of
+    eager's everywhere (its division may round differently at a .5 boundary)."""
+    real, calls = K._launch_act_backward, []
+    monkeypatch.setattr(K, "_launch_act_backward", lambda *a: calls.append(1) or real(*a))
+    x, scale, grad = _act_case((16, 24, 14, 14), 4, False, dtype, channels_last=True)
+    ref = K.quantize_activation(x, scale, 4, False)
+    ref.backward(grad)
+    ref_gx, ref_gs = x.grad.clone(), scale.grad.clone()
+    x.grad = scale.grad = None
+    calls.clear()
+    out = torch.compile(lambda x, s: K.quantize_activation(x, s, 4, False), fullgraph=True)(x, scale)
+    out.backward(grad)
+    assert calls == [1]
+    assert torch.equal(x.grad, ref_gx) and torch.equal(scale.grad, ref_gs)
+    step = float(scale.detach().to(dtype))
+    assert out.dtype == dtype and out.stride() == x.stride()
+    assert ((out.float() - ref.float()).abs() <= step * (1 + UNIT[dtype])).all()
+
+
 @cuda
 def test_composite_contexts_take_the_reference():
     w, scale, _ = _case((8, 4), 8, "cuda")
