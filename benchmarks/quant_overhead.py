@@ -5,7 +5,9 @@ eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and th
 (one forward/backward and one optimizer step per candidate bit, as hasb's trainer runs Alg. A.2; until session 6
 the benchmark took one optimizer step per 4 passes), eager with kernels, compiled, and compiled with bits as data
 (``hasb.bits_as_data``: the active bits are tensors, one graph for every config); every compiled setting also with
-inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compile cost: seconds spent in the first steps
+inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4 puts one backward kernel per
+activation quantizer in the graph (``hasb.kernels.lsq_act_backward``); ``w4_inductor_c`` is the same step with
+the kernels off, so inductor makes that backward too (hasb before session 14).  Compile cost: seconds spent in the first steps
 and the number of graphs dynamo compiled (switching bit configs recompiles while the active bits are Python ints
 on the layers; with bits as data it should not).
 
@@ -246,6 +248,7 @@ PLAN: dict[str, tuple[str, list, bool, bool]] = {
     "w4_kernels": ("int", [None], False, True),
     "multi_kernels": ("int", MULTI, False, True),
     "w4_c": ("int", [None], True, True),
+    "w4_inductor_c": ("int", [None], True, False),  # kernels off: inductor also makes the activations' backward
     "multi_c": ("int", MULTI, True, True),
     "w4_data_c": ("data", [None], True, True),  # the same weights, bits as tensors: one graph for every config
     "multi_data_c": ("data", MULTI, True, True),

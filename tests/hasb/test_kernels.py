@@ -509,7 +509,8 @@ def test_compiled_quantizer_keeps_the_composite_forward_and_calls_one_backward_o
 def test_compiled_quantizer_gradients_are_the_eager_kernels(dtype, monkeypatch):
     """Compiled by inductor on CUDA: one backward kernel call per backward, whose gradients equal the eager kernel
     path's bit for bit (the same kernel on the same x and ∂L/∂y); the forward is inductor's, within one step of
-    eager's everywhere (its division may round differently at a .5 boundary)."""
+    eager's everywhere (its x / s, in float32 where eager rounds to x's dtype, may round the other way at a .5
+    boundary), plus each output's own rounding to x's dtype."""
     real, calls = K._launch_act_backward, []
     monkeypatch.setattr(K, "_launch_act_backward", lambda *a: calls.append(1) or real(*a))
     x, scale, grad = _act_case((16, 24, 14, 14), 4, False, dtype, channels_last=True)
@@ -524,7 +525,8 @@ def test_compiled_quantizer_gradients_are_the_eager_kernels(dtype, monkeypatch):
     assert torch.equal(x.grad, ref_gx) and torch.equal(scale.grad, ref_gs)
     step = float(scale.detach().to(dtype))
     assert out.dtype == dtype and out.stride() == x.stride()
-    assert ((out.float() - ref.float()).abs() <= step * (1 + UNIT[dtype])).all()
+    bound = step * (1 + UNIT[dtype]) + UNIT[dtype] * (out.float().abs() + ref.float().abs())
+    assert ((out.float() - ref.float()).abs() <= bound).all()
 
 
 @cuda
