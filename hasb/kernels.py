@@ -33,7 +33,12 @@ launch forward; backward = one launch writing ∂L/∂x and per-block partial su
 of the scale gradient, then one deterministic sum), with the values and
 gradients of the composite path of :func:`hasb.quantizer.quantize_activation`
 (x / s, not ATen's x · (1/s) of its fused fake-quant kernel), also for
-bf16/fp16 inputs, whose dtype rounding it reproduces.
+bf16/fp16 inputs, whose dtype rounding it reproduces.  Traced by torch.compile
+(int bits), the activation keeps the composite forward, which inductor fuses
+into its producer, and its backward is that backward kernel as one custom op
+(:func:`lsq_act_backward`); inductor's own backward fused badly with batch
+norm's (:class:`_LSQCompiledKernel`).  Activation launches skip Triton's
+per-call argument binding after the first (:func:`launch`).
 """
 
 from __future__ import annotations
