@@ -7,9 +7,9 @@ the benchmark took one optimizer step per 4 passes), eager with kernels, compile
 (``hasb.bits_as_data``: the active bits are tensors, one graph for every config); every compiled setting also with
 inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4 puts one backward kernel per
 activation quantizer in the graph (``hasb.kernels.lsq_act_backward``); ``w4_inductor_c`` is the same step with
-the kernels off, so inductor makes that backward too (hasb before session 14).  Compile cost: seconds spent in the first steps
-and the number of graphs dynamo compiled (switching bit configs recompiles while the active bits are Python ints
-on the layers; with bits as data it should not).
+the kernels off, so inductor makes that backward too (hasb before session 14).  Compile cost: seconds spent in
+the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while the active bits
+are Python ints on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
       (``--rounds 5``: then time every setting again in 5 interleaved rounds and print each ratio with a 95% CI;

@@ -664,9 +664,11 @@ def launch_key(args: Sequence) -> tuple:
     """What a compiled Triton kernel is specialized on, as a key at least as fine as Triton's own: each tensor's
     dtype and address mod 16, each int's (and bool's: constexprs) value, each float's type (Triton does not
     specialize floats on their value)."""
-    return tuple(
-        (a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a if isinstance(a, int) else type(a)
-        for a in args
+    return tuple(  # a list, not a generator: 1.4 vs 1.7 µs a key, twice per eager activation
+        [
+            (a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a if isinstance(a, int) else type(a)
+            for a in args
+        ]
     )
 
 
