@@ -12,8 +12,9 @@ timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/hasb/
 timeout 200 python3 -m benchmarks.eager_host --models mobilenet_v2@224:b128,resnet18@224:b256 --rounds 8 --host-share --jit-launches \
   > "$OUT/eager_host.log" 2>&1
 # 3. the targets: eager W4A4 ÷ eager float (session 14: ResNet-18 1.168x; MobileNetV2 1.529x [1.424, 1.641] over
-#    16 rounds, its host's state moves it: 40 rounds narrow the interval)
-timeout 300 $Q --models mobilenet_v2@224:b128 --rounds 40 --settings float,w4_kernels > "$OUT/mbv2.log" 2>&1
+#    16 rounds; session 15: 1.600x [1.551, 1.650] over 60 rounds, 78 s; the host's state moves it, so many rounds).
+#    The time limits add up to 570 s, inside one 600 s device call.
+timeout 150 $Q --models mobilenet_v2@224:b128 --rounds 60 --settings float,w4_kernels > "$OUT/mbv2.log" 2>&1
 timeout 120 $Q --models resnet18@224:b256 --rounds 10 --settings float,w4_kernels > "$OUT/r18.log" 2>&1
 grep -E "passed|failed" "$OUT/test.log" | tail -3
 grep "^|\|quantized layers" "$OUT/eager_host.log"
