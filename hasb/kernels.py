@@ -833,17 +833,22 @@ def _compiled_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed:
     return restore(_LSQCompiledKernel.apply(xm, scale, float(qn), float(qp), Q.lsq_g(x.numel(), qp)))
 
 
-def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool) -> torch.Tensor:
+def quantize_activation(
+    x: torch.Tensor, scale: torch.Tensor, bit: int, signed: bool, backward_op: bool = True
+) -> torch.Tensor:
     """Drop-in for :func:`hasb.quantizer.quantize_activation` with the values/gradients of its composite path.
 
     Args:
         x: any shape, float32/bf16/fp16 CUDA for the kernel path.
         scale: the step s_b, a one-element float32 tensor.
+        backward_op: in a compiled graph, the backward as one kernel op (:class:`_LSQCompiledKernel`); False
+            leaves it to inductor, which fuses it well into a max pool's or a residual add's backward (ResNet-18,
+            benchmarks/RESULTS.md, session 15) and badly into batch norm's.
     Returns:
         round(clip(x / s, Qn, Qp)) · s, shape and dtype of ``x``; ∂/∂s is LSQ's with g = 1/sqrt(numel · Qp).
     """
     if not act_fused_applies(x, scale):
-        if act_compiled_applies(x, scale):
+        if backward_op and act_compiled_applies(x, scale):
             return _compiled_activation(x, scale, bit, signed)
         return _reference_activation(x, scale, bit, signed)
     return FusedLSQActivation.apply(x, scale, bit, signed, _act_consts(bit, bool(signed), x.numel()))

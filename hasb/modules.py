@@ -107,6 +107,9 @@ class QuantMixin(_MixinBase):
     _w_tab: torch.Tensor  # [9, 4] per bit code (row 0, fp: unused)
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
     _w_pass: tuple[int, torch.Tensor] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
+    # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
+    # .quantize_activation); quantize_model sets it False where the input does not come from a norm layer
+    act_backward_op: bool = True
 
     def _init_quant(
         self,
@@ -302,7 +305,7 @@ class QuantMixin(_MixinBase):
         scale = self.act_scales[str(b)]
         if b not in self._ready:  # python-side cache: no device sync once initialised
             self._lazy_init(x, b)
-        return K.quantize_activation(x, scale, b, self._ready[b])
+        return K.quantize_activation(x, scale, b, self._ready[b], self.act_backward_op)
 
     def _quant_input_data(self, x: torch.Tensor) -> torch.Tensor:
         if self._a_fp:

@@ -78,23 +78,52 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _trace_order(model: nn.Module, example_input, types) -> list[tuple[str, nn.Module]]:
+# autograd nodes of pointwise activations, looked through when asking what made a layer's input
+_ACTIVATIONS = frozenset(
+    f"{n}Backward0"
+    for n in ("Relu", "Hardtanh", "Gelu", "Silu", "Hardswish", "LeakyRelu", "Elu", "Sigmoid", "Tanh", "ClampMin")
+) | {"ClampBackward1"}
+_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeLayerNorm", "NativeGroupNorm")
+
+
+def _normalized(x) -> bool | None:
+    """Whether ``x`` (a layer's input, with autograd history) is a normalization layer's output, directly or
+    through pointwise activations (BN-ReLU6 in MobileNetV2, BN-ReLU in ResNet's blocks); None where it has no
+    history (the network's input, frozen weights)."""
+    fn = x.grad_fn if isinstance(x, torch.Tensor) else None
+    if fn is None:
+        return None
+    while type(fn).__name__ in _ACTIVATIONS and fn.next_functions and fn.next_functions[0][0] is not None:
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__.startswith(_NORMS)
+
+
+def _trace_order(model: nn.Module, example_input, types) -> tuple[list[tuple[str, nn.Module]], dict[str, bool | None]]:
+    """One forward of ``example_input`` (eval mode: no BatchNorm statistic moves; with autograd, to see what made
+    each input): the modules of ``types`` in call order, and {path: :func:`_normalized` of its first input} of
+    the Conv2d/Linear layers among them."""
     calls: list[tuple[str, nn.Module]] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, inp, n=n: calls.append((n, mod)))
-        for n, m in model.named_modules()
-        if isinstance(m, types)
-    ]
+    normalized: dict[str, bool | None] = {}
+
+    def hook(name: str):
+        def note(module, inputs) -> None:  # returns None: the inputs go on unchanged
+            calls.append((name, module))
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                normalized.setdefault(name, _normalized(inputs[0]) if inputs else None)
+
+        return note
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, types)]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.enable_grad():
             model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return calls
+    return calls, normalized
 
 
 def _example(model: nn.Module, example_input):
@@ -198,10 +227,12 @@ def quantize_model(
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
-    calls = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+    calls, normalized = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = _layer_order(calls)
     fixed_set = _fixed_layers(fixed, layer_order)
     _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit)
+    for n in layer_order:  # compiled graphs: the activation backward as hasb's kernel op only after a norm layer
+        model.get_submodule(n).act_backward_op = normalized.get(n) is not False
     producers = _swap_batchnorms(model, calls, bit_list, fbit)
     spec = QuantSpec(
         bits=bit_list,

@@ -11,6 +11,7 @@ import hasb
 import hasb.export
 from hasb.config import ConfigError
 from hasb.models import MODELS, UnknownModelError, build_model
+from hasb.modules import QuantMixin
 
 
 def _mixed(model, rng):
@@ -269,3 +270,25 @@ def test_rounding_modes_export_load_and_deploy_bit_exact(tmp_path, rounding):
             assert torch.equal(load_deployment(path)(x), model(x)), f"deployment differs at w{b}"
     if rounding == "msb":  # the deployed integers are the top bits: W_2 = W_8 >> 6
         assert torch.equal(derive_from_export(w8, 2, 8, "msb"), (w8.to(torch.int32) >> 6).to(torch.int8))
+
+
+def _no_backward_op(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, QuantMixin) and not m.act_backward_op}
+
+
+def test_activation_backward_op_only_after_norm_layers():
+    """quantize_model marks the layers whose input comes from a norm layer (directly or through a pointwise
+    activation) for the compiled activation backward op; the others (after a max pool, a residual add, an
+    attention product or a Linear-GELU) leave that backward to inductor."""
+    r18 = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=224))
+    want = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}  # after the max pool or add-ReLU
+    want |= {f"layer{i}.0.downsample.0" for i in range(2, 5)} | {"fc"}  # after add-ReLU; after the average pool
+    assert _no_backward_op(r18) == want
+    mbv2 = hasb.quantize_model(build_model("mobilenet_v2", num_classes=10, in_channels=3, image_size=224))
+    feats, paths = list(mbv2.features), dict(mbv2.named_modules())
+    # a block's expand conv reads the block before it: a residual add's output where that block has one
+    after_add = {f"features.{i}.conv.0.0" for i in range(1, len(feats)) if getattr(feats[i - 1], "use_res", False)}
+    assert after_add and after_add <= paths.keys()
+    assert _no_backward_op(mbv2) == after_add | {"classifier.1"}
+    lm = hasb.quantize_model(build_model("lm_tiny"))
+    assert _no_backward_op(lm) == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.o", "fc2")}
