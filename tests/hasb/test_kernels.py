@@ -12,8 +12,11 @@ import math
 import pytest
 import torch
 
+import hasb
 from hasb import kernels as K
 from hasb import quantizer as Q
+from hasb.models import build_model
+from hasb.modules import QuantMixin
 
 cuda = pytest.mark.skipif(not K.available(), reason="needs CUDA and Triton")
 
@@ -503,6 +506,43 @@ def test_compiled_quantizer_keeps_the_composite_forward_and_calls_one_backward_o
     assert torch.allclose(xa.grad, ref_gx, rtol=4 * U, atol=0) and xa.grad.stride() == x.stride()
     terms = _act_terms(x, scale, 4, False, grad)  # float64; the op's math sums in float64 too: the float32
     assert abs(sa.grad.double() - terms.sum()) <= 4 * U * terms.abs().sum()  # rounding of g and of the result
+
+
+def test_compiled_quantizer_leaves_the_backward_to_inductor_where_asked(monkeypatch):
+    """``backward_op=False``: no op in the compiled graph, and the results are the composite's."""
+    calls: list = []
+    monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
+    monkeypatch.setattr(K, "_launch_act_backward", _backward_math(calls))
+    x = (torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(1)) * 2).relu()
+    scale = 0.8 * Q.init_activation_scale(x, 4, False)
+    grad = torch.randn_like(x)
+    ref_out, ref_gx, ref_gs = _composite(Q.quantize_activation, x, scale, grad, 4, False)
+    xa, sa = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    f = torch.compile(lambda x, s: K.quantize_activation(x, s, 4, False, False), backend="aot_eager", fullgraph=True)
+    out = f(xa, sa)
+    out.backward(grad)
+    assert calls == []
+    assert torch.equal(out, ref_out) and torch.equal(xa.grad, ref_gx) and torch.equal(sa.grad, ref_gs)
+
+
+def test_compiled_model_takes_the_backward_op_where_quantize_model_marked_it(monkeypatch):
+    """A compiled quantized ResNet calls the backward op once per quantized activation marked
+    ``act_backward_op`` (after a norm layer) and leaves the others (after a residual add) to inductor."""
+    calls: list = []
+    monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
+    monkeypatch.setattr(K, "act_fused_applies", lambda x, s: False)  # eager passes take the composite
+    monkeypatch.setattr(K, "_launch_act_backward", _backward_math(calls))
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=64))
+    x = torch.randn(2, 3, 64, 64)
+    hasb.init_quantizers(model, x)
+    model.train()
+    hasb.set_config(model, 4)
+    acts = [m for m in model.modules() if isinstance(m, QuantMixin) and m.a_bit is not None]
+    marked = [m for m in acts if m.act_backward_op]
+    assert 0 < len(marked) < len(acts)
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert len(calls) == len(marked)
 
 
 @cuda
