@@ -159,8 +159,11 @@ def _swap_layers(
     rounding: str,
     act_signed: bool | None,
     fbit: Bit,
+    normalized: dict[str, bool | None],
 ) -> None:
-    """Replace each Conv2d/Linear of ``layer_order`` in place by its QConv2d/QLinear twin (same training mode)."""
+    """Replace each Conv2d/Linear of ``layer_order`` in place by its QConv2d/QLinear twin (same training mode).
+    ``normalized`` (:func:`_trace_order`): in compiled graphs only a layer whose input may come from a norm layer
+    takes the activation backward as hasb's kernel op (``act_backward_op``)."""
     for name in layer_order:
         m = model.get_submodule(name)
         is_fixed = name in fixed_set
@@ -168,6 +171,7 @@ def _swap_layers(
             q = QConv2d.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
         else:
             q = QLinear.from_float(cast(nn.Linear, m), bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
+        q.act_backward_op = normalized.get(name) is not False
         _set_submodule(model, name, q.train(m.training))
 
 
@@ -230,9 +234,7 @@ def quantize_model(
     calls, normalized = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = _layer_order(calls)
     fixed_set = _fixed_layers(fixed, layer_order)
-    _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit)
-    for n in layer_order:  # compiled graphs: the activation backward as hasb's kernel op only after a norm layer
-        model.get_submodule(n).act_backward_op = normalized.get(n) is not False
+    _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit, normalized)
     producers = _swap_batchnorms(model, calls, bit_list, fbit)
     spec = QuantSpec(
         bits=bit_list,
