@@ -298,13 +298,25 @@ def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor]
     are.
     """
     strides = x.stride()
-    perm = sorted(range(x.dim()), key=lambda d: -strides[d])  # stable: ties (size-1 dims) keep their order
+    if torch.compiler.is_compiling():
+        perm = _traced_perm(x)  # dynamo cannot sort on strides once shapes are dynamic (a batch-size change)
+    else:
+        perm = sorted(range(x.dim()), key=lambda d: -strides[d])  # stable: ties (size-1 dims) keep their order
     view = x.permute(perm)
     if not view.is_contiguous():
         return x, _same
     back = [perm.index(d) for d in range(x.dim())]
     shape = view.shape
     return view.view(-1), lambda y: y.view(shape).permute(back)
+
+
+def _traced_perm(x: torch.Tensor) -> list[int]:
+    """:func:`memory_order`'s permutation as traced by torch.compile, where the strides may be symbolic and dynamo
+    cannot sort on them: the two layouts of real activations, contiguous and 4-D channels_last, tested (and
+    guarded) by dynamo; for any other the identity, which :func:`memory_order` then returns unchanged."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return [0, 2, 3, 1]
+    return list(range(x.dim()))
 
 
 def _same(y: torch.Tensor) -> torch.Tensor:

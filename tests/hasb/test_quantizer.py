@@ -219,6 +219,24 @@ def test_one_bit_weights_signed_minus_one_zero_with_finite_gradients():
         w.grad = s.grad = None
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_compiled_activation_quantizers_survive_a_batch_size_change(channels_last):
+    """A compiled model meets a new batch size (the last, smaller batch of an evaluation): dynamo recompiles with
+    symbolic shapes, where it cannot sort on strides.  The quantizers (int bits and bits as data) still trace as
+    one graph each, with eager's values and x's layout."""
+    f_int = torch.compile(Q.quantize_activation, backend="aot_eager", fullgraph=True)
+    f_data = torch.compile(Q.quantize_activation_c, backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(4, 8, 5, 5), (3, 8, 5, 5), (2, 8, 6, 6)]:
+        x = (torch.randn(*shape, generator=gen) * 2).relu()
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        scales, index, qrange = torch.tensor([0.2, 0.1, 0.05]), torch.tensor(1), torch.tensor([0.0, 15.0])
+        ref = Q.quantize_activation(x, scales[1], 4, False)
+        for out in (f_int(x, scales[1], 4, False), f_data(x, scales, index, qrange)):
+            assert out.stride() == x.stride() and torch.equal(out, ref), shape
+    torch._dynamo.reset()
+
+
 def test_memory_order_views_and_activation_quantizer_keeps_layout_and_values():
     """The activation quantizer works on the 1-D memory-order view (a coalesced scale-gradient sum when compiled):
     same values and layout as the logical-order computation, gradients equal up to the sum's round-off."""
