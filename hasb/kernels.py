@@ -805,8 +805,11 @@ class _LSQCompiledKernel(torch.autograd.Function):
     composite's backward badly with batch norm's; the step gradient sums over every element while BN's
     reductions run per channel, so it either builds a slow joint reduction or writes the masked gradient out and
     sums it in passes of their own (MobileNetV2@224: +3.4 ms per step; benchmarks/RESULTS.md, session 13).
-    Where the gradient goes into a max pool's or a residual add's backward, inductor's own fusion is cheaper: the
-    op costs ResNet-18@224 3-4% of a step (session 15), and MobileNetV2 gains 5% (session 14).
+    Where the gradient goes into a max pool's or a residual add's backward, inductor's own fusion is cheaper:
+    everywhere, the op cost ResNet-18@224 3-4% of a step (session 15), so :func:`hasb.quantize_model` marks only
+    layers fed by a norm layer (``QuantMixin.act_backward_op``).  With that rule ResNet-18 runs 1.118x the float
+    step against 1.146x with the op everywhere and 1.116x with none; MobileNetV2 1.259x against 1.270x (session
+    16; with none 1.338x, session 14).
 
     Forward values are the composite's (round(q) · s equals (q + (round(q) - q)) · s exactly); the gradients are
     the eager kernels' (:class:`FusedLSQActivation`).  ``x``: the 1-D memory-order view
@@ -843,7 +846,7 @@ def quantize_activation(
         scale: the step s_b, a one-element float32 tensor.
         backward_op: in a compiled graph, the backward as one kernel op (:class:`_LSQCompiledKernel`); False
             leaves it to inductor, which fuses it well into a max pool's or a residual add's backward (ResNet-18,
-            benchmarks/RESULTS.md, session 15) and badly into batch norm's.
+            benchmarks/RESULTS.md, sessions 15-16) and badly into batch norm's.
     Returns:
         round(clip(x / s, Qn, Qp)) · s, shape and dtype of ``x``; ∂/∂s is LSQ's with g = 1/sqrt(numel · Qp).
     """
