@@ -508,6 +508,26 @@ def test_compiled_quantizer_keeps_the_composite_forward_and_calls_one_backward_o
     assert abs(sa.grad.double() - terms.sum()) <= 4 * U * terms.abs().sum()  # rounding of g and of the result
 
 
+def test_compiled_quantizer_keeps_the_memory_order_view_after_a_batch_size_change(monkeypatch):
+    """Recompiled with dynamic shapes (a new batch size), the channels_last activation still reaches the backward op
+    as its 1-D memory-order view, once per step, with the composite's values."""
+    calls: list = []
+    monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
+    monkeypatch.setattr(K, "_launch_act_backward", _backward_math(calls))
+    f = torch.compile(lambda x, s: K.quantize_activation(x, s, 4, False), backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(4, 8, 5, 5), (3, 8, 5, 5), (2, 8, 6, 6)]:
+        x = (torch.randn(*shape, generator=gen) * 2).relu().to(memory_format=torch.channels_last)
+        scale = (0.8 * Q.init_activation_scale(x, 4, False)).requires_grad_()
+        out = f(x.requires_grad_(), scale)
+        out.backward(torch.ones_like(out))
+        assert calls.pop() == (x.numel(),) and not calls
+        assert out.stride() == x.stride() and torch.equal(
+            out, Q.quantize_activation(x.detach(), scale.detach(), 4, False)
+        )
+    torch._dynamo.reset()
+
+
 def test_compiled_quantizer_leaves_the_backward_to_inductor_where_asked(monkeypatch):
     """``backward_op=False``: no op in the compiled graph, and the results are the composite's."""
     calls: list = []
