@@ -6,8 +6,9 @@ eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and th
 the benchmark took one optimizer step per 4 passes), eager with kernels, compiled, and compiled with bits as data
 (``hasb.bits_as_data``: the active bits are tensors, one graph for every config); every compiled setting also with
 inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4 puts one backward kernel per
-activation quantizer in the graph (``hasb.kernels.lsq_act_backward``); ``w4_inductor_c`` is the same step with
-the kernels off, so inductor makes that backward too (hasb before session 14).  Compile cost: seconds spent in
+activation quantizer whose input comes from a norm layer in the graph (``hasb.kernels.lsq_act_backward``;
+``quantize_model`` marks them) and leaves the others to inductor; ``w4_allop_c`` puts the op on every layer
+(sessions 14-15), ``w4_inductor_c`` on none, with the kernels off (hasb before session 14).  Compile cost: seconds spent in
 the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while the active bits
 are Python ints on the layers; with bits as data it should not).
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 import hasb
 from hasb import kernels as K
 from hasb.models import build_model
+from hasb.modules import QuantMixin
 
 DEFAULT_MODELS = "resnet18@224:b256,mobilenet_v2@224:b128,resnet18@32:b256,lm_small@256:b64"
 
@@ -249,12 +251,22 @@ PLAN: dict[str, tuple[str, list, bool, bool]] = {
     "multi_kernels": ("int", MULTI, False, True),
     "w4_c": ("int", [None], True, True),
     "w4_inductor_c": ("int", [None], True, False),  # kernels off: inductor also makes the activations' backward
+    "w4_allop_c": ("int_allop", [None], True, True),  # the backward op on every layer, not only after norm layers
     "multi_c": ("int", MULTI, True, True),
     "w4_data_c": ("data", [None], True, True),  # the same weights, bits as tensors: one graph for every config
     "multi_data_c": ("data", MULTI, True, True),
 }
 PLAN.update({k[:-2] + "_cg": v for k, v in PLAN.items() if k.endswith("_c")})
 SETTINGS = tuple(PLAN)
+
+
+def backward_op_everywhere(model: nn.Module) -> nn.Module:
+    """``model`` with every quantized layer's compiled activation backward as hasb's kernel op, where
+    ``quantize_model`` marks only the layers fed by a norm layer (``QuantMixin.act_backward_op``)."""
+    for m in model.modules():
+        if isinstance(m, QuantMixin):
+            m.act_backward_op = True
+    return model
 
 
 def row(spec: str, args, dev: torch.device) -> dict:
@@ -268,6 +280,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
         "float": lambda: copy.deepcopy(fmodel),
         "int": lambda: qmodel,
         "data": lambda: hasb.bits_as_data(copy.deepcopy(qmodel)),
+        "int_allop": lambda: backward_op_everywhere(copy.deepcopy(qmodel)),
     }
     r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)

@@ -19,18 +19,19 @@ def _run(monkeypatch, capsys, settings: str, *extra: str) -> tuple[str, dict[str
 
 
 def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
-    settings = "float,float_c,w4_c,multi_c,multi_data_c,w4_data_cg,multi_data_cg"
+    settings = "float,float_c,w4_c,w4_allop_c,multi_c,multi_data_c,w4_data_cg,multi_data_cg"
     out, graphs = _run(monkeypatch, capsys, settings, "--profile", "3")
     assert graphs == {
         "float": 0,
         "float_c": 1,
         "w4_c": 1,
+        "w4_allop_c": 1,
         "multi_c": 4,
         "multi_data_c": 1,
         "w4_data_cg": 1,
         "multi_data_cg": 1,
     }
-    assert len(re.findall(r"\[profile\] \w+ \(.* ms/step\): .* per step, \d+ launches per step; top 3:", out)) == 7
+    assert len(re.findall(r"\[profile\] \w+ \(.* ms/step\): .* per step, \d+ launches per step; top 3:", out)) == 8
     row = next(line for line in out.splitlines() if line.startswith("| small_cnn@28:b8 |"))
     assert row.count("|") == 12 and "x" in row.split("|")[6]  # W4A4 compiled ÷ compiled float, measured
 
@@ -62,3 +63,20 @@ def test_ratio_interval():
         abs(math.log(hi) - 1 - 4.302653 / math.sqrt(3)) < 1e-5
         and abs(math.log(lo) - 1 + 4.302653 / math.sqrt(3)) < 1e-5
     )
+
+
+def test_backward_op_everywhere_overrides_quantize_models_marks():
+    """``w4_allop_c``'s model: quantize_model leaves a ResNet's layers after residual adds to inductor; the
+    setting's copy puts the op on all of them and leaves the measured model's marks alone."""
+    import copy
+
+    import hasb
+    from hasb.models import build_model
+    from hasb.modules import QuantMixin
+
+    q = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=32))
+    marks = [m.act_backward_op for m in q.modules() if isinstance(m, QuantMixin)]
+    assert not all(marks)
+    allop = QO.backward_op_everywhere(copy.deepcopy(q))
+    assert all(m.act_backward_op for m in allop.modules() if isinstance(m, QuantMixin))
+    assert [m.act_backward_op for m in q.modules() if isinstance(m, QuantMixin)] == marks
