@@ -6,9 +6,10 @@ eager through the fused Triton kernels of ``hasb/kernels.py``, compiled), and th
 the benchmark took one optimizer step per 4 passes), eager with kernels, compiled, and compiled with bits as data
 (``hasb.bits_as_data``: the active bits are tensors, one graph for every config); every compiled setting also with
 inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4 puts one backward kernel per
-activation quantizer whose input comes from a norm layer in the graph (``hasb.kernels.lsq_act_backward``;
+activation quantizer whose input comes from a batch norm in the graph (``hasb.kernels.lsq_act_backward``;
 ``quantize_model`` marks them) and leaves the others to inductor; ``w4_allop_c`` puts the op on every layer
-(sessions 14-15), ``w4_inductor_c`` on none, with the kernels off (hasb before session 14).  Compile cost:
+(sessions 14-15), ``w4_inductor_c`` (and the 4-pass ``multi_inductor_c``) on none, with the kernels off (hasb
+before session 14).  Compile cost:
 seconds spent in the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while
 the active bits are Python ints on the layers; with bits as data it should not).
 
@@ -251,8 +252,9 @@ PLAN: dict[str, tuple[str, list, bool, bool]] = {
     "multi_kernels": ("int", MULTI, False, True),
     "w4_c": ("int", [None], True, True),
     "w4_inductor_c": ("int", [None], True, False),  # kernels off: inductor also makes the activations' backward
-    "w4_allop_c": ("int_allop", [None], True, True),  # the backward op on every layer, not only after norm layers
+    "w4_allop_c": ("int_allop", [None], True, True),  # the backward op on every layer, not only after batch norms
     "multi_c": ("int", MULTI, True, True),
+    "multi_inductor_c": ("int", MULTI, True, False),  # the 4-pass step with inductor's activation backward only
     "w4_data_c": ("data", [None], True, True),  # the same weights, bits as tensors: one graph for every config
     "multi_data_c": ("data", MULTI, True, True),
 }
@@ -262,7 +264,7 @@ SETTINGS = tuple(PLAN)
 
 def backward_op_everywhere(model: nn.Module) -> nn.Module:
     """``model`` with every quantized layer's compiled activation backward as hasb's kernel op, where
-    ``quantize_model`` marks only the layers fed by a norm layer (``QuantMixin.act_backward_op``)."""
+    ``quantize_model`` marks only the layers fed by a batch norm (``QuantMixin.act_backward_op``)."""
     for m in model.modules():
         if isinstance(m, QuantMixin):
             m.act_backward_op = True

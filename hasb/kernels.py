@@ -807,9 +807,10 @@ class _LSQCompiledKernel(torch.autograd.Function):
     sums it in passes of their own (MobileNetV2@224: +3.4 ms per step; benchmarks/RESULTS.md, session 13).
     Where the gradient goes into a max pool's or a residual add's backward, inductor's own fusion is cheaper:
     everywhere, the op cost ResNet-18@224 3-4% of a step (session 15), so :func:`hasb.quantize_model` marks only
-    layers fed by a norm layer (``QuantMixin.act_backward_op``).  With that rule ResNet-18 runs 1.118x the float
+    layers fed by a batch norm (``QuantMixin.act_backward_op``).  With that rule ResNet-18 runs 1.118x the float
     step against 1.146x with the op everywhere and 1.116x with none; MobileNetV2 1.259x against 1.270x (session
-    16; with none 1.338x, session 14).
+    16; with none 1.338x, session 14).  After LayerNorm, too, inductor's fusion is cheaper: the byte LM's pass
+    1.282x without the op, 1.324x with it (session 17).
 
     Forward values are the composite's (round(q) · s equals (q + (round(q) - q)) · s exactly); the gradients are
     the eager kernels' (:class:`FusedLSQActivation`).  ``x``: the 1-D memory-order view

@@ -108,8 +108,8 @@ class QuantMixin(_MixinBase):
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
     _w_pass: tuple[int, torch.Tensor] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
     # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
-    # .quantize_activation); quantize_model sets it False where the input does not come from a norm layer
-    # (there inductor's own fusion of the backward is cheaper; benchmarks/RESULTS.md, session 16)
+    # .quantize_activation); quantize_model sets it False where the input does not come from a batch norm
+    # (there inductor's own fusion of the backward is cheaper; benchmarks/RESULTS.md, sessions 16-17)
     act_backward_op: bool = True
 
     def _init_quant(

@@ -83,33 +83,38 @@ _ACTIVATIONS = frozenset(
     f"{n}Backward0"
     for n in ("Relu", "Hardtanh", "Gelu", "Silu", "Hardswish", "LeakyRelu", "Elu", "Sigmoid", "Tanh", "ClampMin")
 ) | {"ClampBackward1"}
-_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeLayerNorm", "NativeGroupNorm")
+# batch norm's autograd nodes: where a layer's input comes from one, inductor fuses the activation quantizer's
+# backward badly (the step gradient's sum over every element meets BN's per-channel sums), and hasb's kernel op
+# pays.  Not LayerNorm: its backward reduces per token, and inductor's own fusion is cheaper there (the byte LM,
+# one pass 1.282x against 1.324x with the op after LN; benchmarks/RESULTS.md, session 17).  GroupNorm (per sample
+# and group, like LayerNorm) is not in the list either: no zoo model has it, so it is not measured.
+_BATCH_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm")
 
 
-def _normalized(x) -> bool | None:
-    """Whether ``x`` (a layer's input, with autograd history) is a normalization layer's output, directly or
-    through pointwise activations (BN-ReLU6 in MobileNetV2, BN-ReLU in ResNet's blocks); None where it has no
-    history (the network's input, frozen weights)."""
+def _after_batch_norm(x) -> bool | None:
+    """Whether ``x`` (a layer's input, with autograd history) is a batch norm's output, directly or through
+    pointwise activations (BN-ReLU6 in MobileNetV2, BN-ReLU in ResNet's blocks); None where it has no history
+    (the network's input, frozen weights)."""
     fn = x.grad_fn if isinstance(x, torch.Tensor) else None
     if fn is None:
         return None
     while type(fn).__name__ in _ACTIVATIONS and fn.next_functions and fn.next_functions[0][0] is not None:
         fn = fn.next_functions[0][0]
-    return type(fn).__name__.startswith(_NORMS)
+    return type(fn).__name__.startswith(_BATCH_NORMS)
 
 
 def _trace_order(model: nn.Module, example_input, types) -> tuple[list[tuple[str, nn.Module]], dict[str, bool | None]]:
     """One forward of ``example_input`` (eval mode: no BatchNorm statistic moves; with autograd, to see what made
-    each input): the modules of ``types`` in call order, and {path: :func:`_normalized` of its first input} of
-    the Conv2d/Linear layers among them."""
+    each input): the modules of ``types`` in call order, and {path: :func:`_after_batch_norm` of its first input}
+    of the Conv2d/Linear layers among them."""
     calls: list[tuple[str, nn.Module]] = []
-    normalized: dict[str, bool | None] = {}
+    after_bn: dict[str, bool | None] = {}
 
     def hook(name: str):
         def note(module, inputs) -> None:  # returns None: the inputs go on unchanged
             calls.append((name, module))
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                normalized.setdefault(name, _normalized(inputs[0]) if inputs else None)
+                after_bn.setdefault(name, _after_batch_norm(inputs[0]) if inputs else None)
 
         return note
 
@@ -123,7 +128,7 @@ def _trace_order(model: nn.Module, example_input, types) -> tuple[list[tuple[str
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return calls, normalized
+    return calls, after_bn
 
 
 def _example(model: nn.Module, example_input):
@@ -159,10 +164,10 @@ def _swap_layers(
     rounding: str,
     act_signed: bool | None,
     fbit: Bit,
-    normalized: dict[str, bool | None],
+    after_bn: dict[str, bool | None],
 ) -> None:
     """Replace each Conv2d/Linear of ``layer_order`` in place by its QConv2d/QLinear twin (same training mode).
-    ``normalized`` (:func:`_trace_order`): in compiled graphs only a layer whose input may come from a norm layer
+    ``after_bn`` (:func:`_trace_order`): in compiled graphs only a layer whose input may come from a batch norm
     takes the activation backward as hasb's kernel op (``act_backward_op``)."""
     for name in layer_order:
         m = model.get_submodule(name)
@@ -171,7 +176,7 @@ def _swap_layers(
             q = QConv2d.from_float(m, bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
         else:
             q = QLinear.from_float(cast(nn.Linear, m), bit_list, rounding, act_signed, fixed_bit=fbit, fixed=is_fixed)
-        q.act_backward_op = normalized.get(name) is not False
+        q.act_backward_op = after_bn.get(name) is not False
         _set_submodule(model, name, q.train(m.training))
 
 
@@ -231,10 +236,10 @@ def quantize_model(
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
-    calls, normalized = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+    calls, after_bn = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = _layer_order(calls)
     fixed_set = _fixed_layers(fixed, layer_order)
-    _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit, normalized)
+    _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit, after_bn)
     producers = _swap_batchnorms(model, calls, bit_list, fbit)
     spec = QuantSpec(
         bits=bit_list,

@@ -547,7 +547,7 @@ def test_compiled_quantizer_leaves_the_backward_to_inductor_where_asked(monkeypa
 
 def test_compiled_model_takes_the_backward_op_where_quantize_model_marked_it(monkeypatch):
     """A compiled quantized ResNet calls the backward op once per quantized activation marked
-    ``act_backward_op`` (after a norm layer) and leaves the others (after a residual add) to inductor."""
+    ``act_backward_op`` (after a batch norm) and leaves the others (after a residual add) to inductor."""
     calls: list = []
     monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
     monkeypatch.setattr(K, "act_fused_applies", lambda x, s: False)  # eager passes take the composite
