@@ -8,10 +8,9 @@ the benchmark took one optimizer step per 4 passes), eager with kernels, compile
 inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4 puts one backward kernel per
 activation quantizer whose input comes from a batch norm in the graph (``hasb.kernels.lsq_act_backward``;
 ``quantize_model`` marks them) and leaves the others to inductor; ``w4_allop_c`` puts the op on every layer
-(sessions 14-15), ``w4_inductor_c`` (and the 4-pass ``multi_inductor_c``) on none, with the kernels off (hasb
-before session 14).  Compile cost:
-seconds spent in the first steps and the number of graphs dynamo compiled (switching bit configs recompiles while
-the active bits are Python ints on the layers; with bits as data it should not).
+(sessions 14-15), ``w4_inductor_c`` (and the 4-pass ``multi_inductor_c``) on none, with the kernels off (hasb before
+session 14).  Compile cost: seconds spent in the first steps and the number of graphs dynamo compiled (switching bit
+configs recompiles while the active bits are Python ints on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
       (``--rounds 5``: then time every setting again in 5 interleaved rounds and print each ratio with a 95% CI;
