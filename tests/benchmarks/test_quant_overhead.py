@@ -2,11 +2,15 @@
 runs, bits as data compiles one graph for the 4-pass step where int bits compile one per bit, and --profile
 prints each setting's top ops."""
 
+import copy
 import math
 import re
 import sys
 
+import hasb
 from benchmarks import quant_overhead as QO
+from hasb.models import build_model
+from hasb.modules import QuantMixin
 
 
 def _run(monkeypatch, capsys, settings: str, *extra: str) -> tuple[str, dict[str, int]]:
@@ -69,12 +73,6 @@ def test_ratio_interval():
 def test_backward_op_everywhere_overrides_quantize_models_marks():
     """``w4_allop_c``'s model: quantize_model leaves a ResNet's layers after residual adds to inductor; the
     setting's copy puts the op on all of them and leaves the measured model's marks alone."""
-    import copy
-
-    import hasb
-    from hasb.models import build_model
-    from hasb.modules import QuantMixin
-
     q = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=32))
     marks = [m.act_backward_op for m in q.modules() if isinstance(m, QuantMixin)]
     assert not all(marks)
