@@ -169,6 +169,7 @@ def interleaved(rounds: int, iters: int, dev: torch.device, steps: dict | None =
 def _prepare_setting(key: str, model, bits) -> None:
     weights, _, _, kernels = PLAN[key]
     K.enable(kernels)
+    weights_per_layer(weights == "int_layerw")
     if bits == [None] and weights != "float":  # a 4-pass step may have run since: back to W4A4
         hasb.set_config(model, 4)
 
@@ -252,13 +253,25 @@ PLAN: dict[str, tuple[str, list, bool, bool]] = {
     "w4_c": ("int", [None], True, True),
     "w4_inductor_c": ("int", [None], True, False),  # kernels off: inductor also makes the activations' backward
     "w4_allop_c": ("int_allop", [None], True, True),  # the backward op on every layer, not only after batch norms
+    "w4_layerw_c": ("int_layerw", [None], True, True),  # each layer's weight by inductor (hasb before session 18)
     "multi_c": ("int", MULTI, True, True),
     "multi_inductor_c": ("int", MULTI, True, False),  # the 4-pass step with inductor's activation backward only
+    "multi_layerw_c": ("int_layerw", MULTI, True, True),
     "w4_data_c": ("data", [None], True, True),  # the same weights, bits as tensors: one graph for every config
     "multi_data_c": ("data", MULTI, True, True),
 }
 PLAN.update({k[:-2] + "_cg": v for k, v in PLAN.items() if k.endswith("_c")})
 SETTINGS = tuple(PLAN)
+
+
+_TRACED_BATCH = K.traced_batch_applies
+
+
+def weights_per_layer(on: bool) -> None:
+    """Compiled graphs traced from now on quantize each layer's weight by inductor's composite (``on``) or the
+    pass's weights as one op each way (hasb's default, :func:`hasb.kernels.quantize_weights_traced`).  A graph
+    traced either way is kept: dynamo guards on the function, so switching back reuses it."""
+    K.traced_batch_applies = (lambda: False) if on else _TRACED_BATCH
 
 
 def backward_op_everywhere(model: nn.Module) -> nn.Module:
@@ -282,6 +295,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
         "int": lambda: qmodel,
         "data": lambda: hasb.bits_as_data(copy.deepcopy(qmodel)),
         "int_allop": lambda: backward_op_everywhere(copy.deepcopy(qmodel)),
+        "int_layerw": lambda: copy.deepcopy(qmodel),
     }
     r: dict = {"model": spec}
     hasb.set_config(qmodel, 4)
@@ -292,6 +306,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
         for key in (k for k in SETTINGS if k in set(args.settings)):
             weights, bits, compiled, kernels = PLAN[key]
             K.enable(kernels)
+            weights_per_layer(weights == "int_layerw")
             if not args.rounds:  # every compiled setting counts its own graphs and compile seconds; with --rounds
                 torch._dynamo.reset()  # the steps must stay valid (a later setting may reuse a cached graph)
             r[key] = measure(factory[weights](), x, y, loss_fn, bits, args, dev, compiled, key)
@@ -301,6 +316,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
             print_rounds(spec, interleaved(args.rounds, args.iters, dev))
     STEPS.clear()
     K.enable(True)
+    weights_per_layer(False)
     print(spec, {k: v for k, v in r.items() if k != "model"}, flush=True)
     return r
 

@@ -527,6 +527,11 @@ def _channel_tables(shapes: tuple[tuple[int, int], ...], dev: torch.device) -> t
     the weights of ``shapes`` (:func:`_shapes`), concatenated; cached (they never change)."""
     if (tables := _TABLES.get((dev, shapes))) is not None:
         return tables
+    return _remember(_TABLES, (dev, shapes), tuple(t.to(dev) for t in _host_channel_tables(shapes)))
+
+
+def _host_channel_tables(shapes: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, ...]:
+    """:func:`_channel_tables` in host memory."""
     off: list[int] = []
     ks: list[int] = []
     layer: list[int] = []
@@ -538,12 +543,7 @@ def _channel_tables(shapes: tuple[tuple[int, int], ...], dev: torch.device) -> t
         layer += [i] * c
         start += n
     i64, i32 = torch.int64, torch.int32
-    tables = (
-        torch.tensor(off, dtype=i64, device=dev),
-        torch.tensor(ks, dtype=i32, device=dev),
-        torch.tensor(layer, dtype=i32, device=dev),
-    )
-    return _remember(_TABLES, (dev, shapes), tables)
+    return torch.tensor(off, dtype=i64), torch.tensor(ks, dtype=i32), torch.tensor(layer, dtype=i32)
 
 
 def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
@@ -657,6 +657,163 @@ def quantize_weights(
         raise ValueError(f"a bit exceeds its layer's highest candidate bit: bits {bits}, highest {high_bits}")
     meta = (tuple(bits), tuple(high_bits), rounding, out_dtype)
     return list(FusedDoubleRoundLSQMany.apply(meta, *ws, *scales))
+
+
+# -- the same in a compiled graph: one custom op each way for all layers of a pass ------------------------------
+# A captured CUDA graph reads these tables at every replay, so, unlike the eager caches, none is ever dropped: one
+# entry per (layer shapes, bits) that a compiled graph quantizes (each bit configuration is a graph of its own).
+_GRAPH_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _pairs(shapes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """[C_1, N_1, C_2, N_2, ...] (an op's int list) → ((C_1, N_1), ...), as :func:`_shapes` gives them."""
+    return tuple(zip(shapes[::2], shapes[1::2], strict=True))
+
+
+def _graph_tables(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device) -> tuple:
+    """(offset, K, layer, par) as :func:`_channel_tables` and :func:`_layer_params` make them, kept for good.
+
+    Inductor's CUDA graphs run every graph once before capturing it, so the entry exists before a capture reads
+    it.  That first run allocates from the graphs' private memory pool, which must hold only tracked outputs: the
+    tables are allocated on a stream of their own, outside the pool."""
+    key = (dev, shapes, tuple(bits), tuple(high_bits))
+    if (tables := _GRAPH_TABLES.get(key)) is not None:
+        return tables
+    rows: list[float] = []
+    for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
+        rows += _layer_row(n // c, bit, high)
+    host = (*_host_channel_tables(shapes), torch.tensor(rows, dtype=torch.float32).view(-1, 8))
+    if dev.type != "cuda":
+        tables = host
+    elif torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("hasb::quantize_weights_forward: first run inside a CUDA graph capture; run it once first")
+    else:
+        side = torch.cuda.Stream(dev)
+        with torch.cuda.stream(side):
+            tables = tuple(t.to(dev) for t in host)  # from pageable memory: done when .to returns
+        torch.cuda.current_stream(dev).wait_stream(side)
+    _GRAPH_TABLES[key] = tables
+    return tables
+
+
+def _spans(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Each layer's [C, K] block of a flat memory-order buffer (output channel first)."""
+    return [t.view(c, n // c) for t, (c, n) in zip(flat.split([n for _, n in shapes]), shapes, strict=True)]
+
+
+@torch.library.custom_op("hasb::quantize_weights_forward", mutates_args=())
+def quantize_weights_forward(
+    flat_w: torch.Tensor,
+    flat_s: torch.Tensor,
+    shapes: list[int],
+    bits: list[int],
+    high_bits: list[int],
+    rounding: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Ŵ of L layers from their weights' memory-order spans concatenated (``flat_w``, float32) and their steps
+    (``flat_s`` [ΣC]); ``shapes`` = [C_1, N_1, ...].  Out: the flat Ŵ in ``out_dtype``.  CUDA: one launch of the
+    many-layer kernel; elsewhere each layer's composite (the CPU tests of the traced path)."""
+    pairs = _pairs(shapes)
+    out = torch.empty_like(flat_w, dtype=out_dtype)
+    if flat_w.is_cuda and triton is not None:
+        off, ks, layer, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
+        flags = _rounding_flags(rounding)
+        _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
+        return out
+    scales = flat_s.split([c for c, _ in pairs])
+    for w, s, o, bit, high in zip(_spans(flat_w, pairs), scales, _spans(out, pairs), bits, high_bits, strict=True):
+        o.copy_(_reference_weight(w, s, bit, high, rounding))  # type: ignore[arg-type]
+    return out
+
+
+@quantize_weights_forward.register_fake
+def _quantize_weights_forward_fake(flat_w, flat_s, shapes, bits, high_bits, rounding, out_dtype):
+    return torch.empty_like(flat_w, dtype=out_dtype)
+
+
+@torch.library.custom_op("hasb::quantize_weights_backward", mutates_args=())
+def quantize_weights_backward(
+    flat_w: torch.Tensor,
+    flat_s: torch.Tensor,
+    grad: torch.Tensor,
+    shapes: list[int],
+    bits: list[int],
+    high_bits: list[int],
+    rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂flat_w, ∂L/∂flat_s) of :func:`quantize_weights_forward`, given ∂L/∂Ŵ (``grad``, flat, Ŵ's dtype)."""
+    pairs = _pairs(shapes)
+    if flat_w.is_cuda and triton is not None:
+        off, ks, layer, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
+        grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
+        flags = _rounding_flags(rounding)
+        _wq_bwd_many_kernel[(flat_s.numel(),)](
+            flat_w, flat_s, grad.contiguous(), grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
+        )
+        return grad_w, grad_s
+    grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
+    spans = zip(_spans(flat_w, pairs), flat_s.split([c for c, _ in pairs]), _spans(grad, pairs), bits, high_bits)
+    for (w, s, go, bit, high), gw, gs in zip(spans, _spans(grad_w, pairs), grad_s.split([c for c, _ in pairs])):
+        w_l = Q.derive_int(Q.stored_int(w, s, high), bit, high, rounding)  # type: ignore[arg-type]
+        gw_l, gs_l = Q.double_round_grads(w, s, w_l, go.float(), bit, high - bit, _weight_g(w.shape[1], bit))
+        gw.copy_(gw_l)
+        gs.copy_(gs_l)
+    return grad_w, grad_s
+
+
+@quantize_weights_backward.register_fake
+def _quantize_weights_backward_fake(flat_w, flat_s, grad, shapes, bits, high_bits, rounding):
+    return torch.empty_like(flat_w), torch.empty_like(flat_s)
+
+
+def _quantize_weights_setup(ctx, inputs, output) -> None:
+    flat_w, flat_s, shapes, bits, high_bits, rounding, _ = inputs
+    ctx.save_for_backward(flat_w, flat_s)
+    ctx.meta = (shapes, bits, high_bits, rounding)
+
+
+def _quantize_weights_grad(ctx, grad):
+    flat_w, flat_s = ctx.saved_tensors
+    grad_w, grad_s = quantize_weights_backward(flat_w, flat_s, grad, *ctx.meta)
+    return grad_w, grad_s, None, None, None, None, None
+
+
+quantize_weights_forward.register_autograd(_quantize_weights_grad, setup_context=_quantize_weights_setup)
+
+
+def traced_batch_applies() -> bool:
+    """Whether a compiled graph quantizes the pass's weights through :func:`quantize_weights_traced` (kernels on,
+    Triton present, traced by torch.compile, not inside :func:`hasb.quantizer.composite_ops`);
+    :func:`weights_fit` then decides per tensor."""
+    return _enabled and triton is not None and torch.compiler.is_compiling() and not Q.composite_requested()
+
+
+def quantize_weights_traced(
+    ws: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    bits: Sequence[int],
+    high_bits: Sequence[int],
+    rounding: Q.Rounding,
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """:func:`quantize_weights` as torch.compile traces it: the weights' memory-order views concatenated, one
+    :func:`quantize_weights_forward` op (its backward one :func:`quantize_weights_backward`), each layer's Ŵ a view
+    of the result.  Why: inductor makes each layer's composite a forward kernel and one or two backward kernels,
+    small ones whose fixed cost adds up over a model's layers; here a pass has one launch each way."""
+    views = [Q.memory_order(w) for w in ws]
+    shapes = [d for w in ws for d in (w.shape[0], w.numel())]
+    out = quantize_weights_forward(
+        torch.cat([v for v, _ in views]),
+        torch.cat(scales),
+        shapes,
+        list(bits),
+        list(high_bits),
+        rounding,
+        out_dtype or torch.float32,
+    )
+    chunks = out.split([w.numel() for w in ws])
+    return [restore(chunk) for (_, restore), chunk in zip(views, chunks, strict=True)]
 
 
 # -- launches without Triton's per-call argument binding ------------------------------------------------------

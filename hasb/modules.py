@@ -394,35 +394,45 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
     ``quant_weight``; :func:`release_weights` drops them after the forward, so every forward builds its own graph.
     Under autocast Ŵ is made in autocast's dtype, the values autocast's cast would give, so no layer casts its
     weight (a launch and an autograd node each way); a layer running with autocast off quantizes its own.
+    Traced by torch.compile (CUDA, int bits), the same launches are one custom op each way in the graph
+    (:func:`hasb.kernels.quantize_weights_traced`), where inductor would make small kernels per layer.
     """
-    if torch.compiler.is_compiling() or not K.batch_applies():
+    traced = torch.compiler.is_compiling()
+    if not (K.traced_batch_applies() if traced else K.batch_applies()):
         return
-    layers = model.__dict__.get("_hasb_qlayers")
-    if layers is None:  # the layers never change after quantize_model; walking the modules costs ~0.2 ms
+    if traced:  # dynamo unrolls the walk once per graph
+        layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    elif (layers := model.__dict__.get("_hasb_qlayers")) is None:  # the layers never change after quantize_model
         layers = model.__dict__["_hasb_qlayers"] = [m for m in model.modules() if isinstance(m, QuantMixin)]
     groups: dict[tuple, list[QuantMixin]] = {}
     for m in layers:
         if m._weight_batchable():
             groups.setdefault((m.rounding, m.weight.device), []).append(m)
-    if not groups or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):  # a captured graph
-        return  # would bake the pinned copy of the layer constants: the per-layer launches take their numbers
-    done: list[QuantMixin] = []
+    if not groups or (not traced and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return  # a captured graph would bake the pinned copy of the layer constants: the per-layer launches instead
+    quantize = K.quantize_weights_traced if traced else K.quantize_weights
     # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
     low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    done: list[QuantMixin] = []
     for (rounding, _), ms in groups.items():
         bits = [cast(int, m.w_bit) for m in ms]
-        outs = K.quantize_weights(
-            [m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding, low
-        )
+        outs = quantize([m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding, low)
         for m, bit, w in zip(ms, bits, outs, strict=True):
-            m.__dict__["_w_pass"] = (bit, w)  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host
+            if traced:  # an attribute write dynamo records (it does not trace writes into __dict__)
+                m._w_pass = (bit, w)
+            else:  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host
+                m.__dict__["_w_pass"] = (bit, w)
         done += ms
-    model.__dict__["_hasb_passed"] = done
+    if not traced:
+        model.__dict__["_hasb_passed"] = done
 
 
 def release_weights(model: nn.Module, args: Any, output: Any) -> None:
     """Forward hook (always called, also after an exception): the layers drop this forward's Ŵ."""
     if torch.compiler.is_compiling():
+        for m in model.modules():
+            if isinstance(m, QuantMixin) and m._w_pass is not None:
+                m._w_pass = None
         return
     for m in model.__dict__.pop("_hasb_passed", ()):
         m.__dict__["_w_pass"] = None

@@ -207,14 +207,23 @@ class _DoubleRoundLSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         w, scale, w_l = ctx.saved_tensors
-        bit, delta, g = ctx.meta
-        qn, qp = int_range(bit)
-        q = w / (_per_channel(scale, w) * float(2**delta))
-        inside = (q >= qn) & (q <= qp)
-        grad_w = grad_out * inside
-        inner = torch.where(inside, w_l - q, q.clamp(qn, qp))
-        grad_s = (grad_out * inner).reshape(w.shape[0], -1).sum(1) * (g * 2**delta)
-        return grad_w, grad_s.to(scale.dtype), None, None, None, None
+        return (*double_round_grads(w, scale, w_l, grad_out, *ctx.meta), None, None, None, None)
+
+
+def double_round_grads(
+    w: torch.Tensor, scale: torch.Tensor, w_l: torch.Tensor, grad_out: torch.Tensor, bit: int, delta: int, g: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂W, ∂L/∂s_h) of Ŵ_l = W_l · s_h · 2^Δ (Eq. 3, LSQ): STE inside the clip range, the step's gradient
+    g · 2^Δ · Σ_k ∂L/∂Ŵ · (W_l - q inside, clip(q) outside) per output channel, q = W / (s_h 2^Δ).
+
+    w, w_l (the INT-l code as float), grad_out: [C, ...]; scale: [C]; bit l, Δ = h - l; g LSQ's factor."""
+    qn, qp = int_range(bit)
+    q = w / (_per_channel(scale, w) * float(2**delta))
+    inside = (q >= qn) & (q <= qp)
+    grad_w = grad_out * inside
+    inner = torch.where(inside, w_l - q, q.clamp(qn, qp))
+    grad_s = (grad_out * inner).reshape(w.shape[0], -1).sum(1) * (g * 2**delta)
+    return grad_w, grad_s.to(scale.dtype)
 
 
 def quantize_activation(
