@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -674,8 +675,8 @@ def _graph_tables(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: to
     """(offset, K, layer, par) as :func:`_channel_tables` and :func:`_layer_params` make them, kept for good.
 
     Inductor's CUDA graphs run every graph once before capturing it, so the entry exists before a capture reads
-    it.  That first run allocates from the graphs' private memory pool, which must hold only tracked outputs: the
-    tables are allocated on a stream of their own, outside the pool."""
+    it.  During that first run the calling thread allocates from the graphs' private memory pool, which must hold
+    only the graphs' tracked outputs: the tables are copied to the device by a thread of their own."""
     key = (dev, shapes, tuple(bits), tuple(high_bits))
     if (tables := _GRAPH_TABLES.get(key)) is not None:
         return tables
@@ -687,11 +688,9 @@ def _graph_tables(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: to
         tables = host
     elif torch.cuda.is_current_stream_capturing():
         raise RuntimeError("hasb::quantize_weights_forward: first run inside a CUDA graph capture; run it once first")
-    else:
-        side = torch.cuda.Stream(dev)
-        with torch.cuda.stream(side):
-            tables = tuple(t.to(dev) for t in host)  # from pageable memory: done when .to returns
-        torch.cuda.current_stream(dev).wait_stream(side)
+    else:  # from pageable memory: each copy is done when .to returns
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tables = pool.submit(lambda: tuple(t.to(dev) for t in host)).result()
     _GRAPH_TABLES[key] = tables
     return tables
 
