@@ -107,6 +107,7 @@ class QuantMixin(_MixinBase):
     _w_tab: torch.Tensor  # [9, 4] per bit code (row 0, fp: unused)
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
     _w_pass: tuple[int, torch.Tensor] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
+    _pass_layers: list | None = None  # the model's quantized layers (set by quantize_model): see quantize_pass
     # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
     # .quantize_activation); quantize_model sets it False where the input does not come from a batch norm
     # (there inductor's own fusion of the backward is cheaper; benchmarks/RESULTS.md, sessions 16-17)
@@ -273,7 +274,9 @@ class QuantMixin(_MixinBase):
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
-        if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from prequantize_weights
+        if self._w_pass is None and self._pass_layers and K.traced_batch_applies() and self._weight_batchable():
+            quantize_pass(self._pass_layers)  # compiled: the first layer of a forward quantizes all of them
+        if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from quantize_pass
             w_hat = self._w_pass[1]  # in autocast's dtype if the pass ran under autocast: only there it serves
             if w_hat.dtype == torch.float32 or torch.is_autocast_enabled("cuda"):
                 return w_hat
@@ -394,22 +397,31 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
     ``quant_weight``; :func:`release_weights` drops them after the forward, so every forward builds its own graph.
     Under autocast Ŵ is made in autocast's dtype, the values autocast's cast would give, so no layer casts its
     weight (a launch and an autograd node each way); a layer running with autocast off quantizes its own.
-    Traced by torch.compile (CUDA, int bits), the same launches are one custom op each way in the graph
-    (:func:`hasb.kernels.quantize_weights_traced`), where inductor would make small kernels per layer.
+    (Traced by torch.compile, the first layer's ``quant_weight`` does this instead: see :func:`quantize_pass`.)
     """
-    traced = torch.compiler.is_compiling()
-    if not (K.traced_batch_applies() if traced else K.batch_applies()):
+    if torch.compiler.is_compiling() or not K.batch_applies():
         return
-    if traced:  # dynamo unrolls the walk once per graph
-        layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
-    elif (layers := model.__dict__.get("_hasb_qlayers")) is None:  # the layers never change after quantize_model
+    layers = model.__dict__.get("_hasb_qlayers")
+    if layers is None:  # the layers never change after quantize_model; walking the modules costs ~0.2 ms
         layers = model.__dict__["_hasb_qlayers"] = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # a captured graph would bake
+        return  # the pinned copy of the layer constants: the per-layer launches take their numbers
+    model.__dict__["_hasb_passed"] = quantize_pass(layers)
+
+
+def quantize_pass(layers: list[QuantMixin]) -> list[QuantMixin]:
+    """Ŵ of every batchable layer of ``layers`` at its active bit, as one op each way per rounding and device; each
+    layer finds its Ŵ in ``_w_pass``.  Returns the layers served.
+
+    Eager (from :func:`prequantize_weights`): :func:`hasb.kernels.quantize_weights`.  Traced by torch.compile
+    (from the first quantized layer's ``quant_weight``, inside the forward's frame: a pre-hook is a frame of its
+    own when a module is compiled, and Ŵ passed between two graphs cost the byte LM 7% of a step on the H200,
+    benchmarks/RESULTS.md, session 18): :func:`hasb.kernels.quantize_weights_traced`."""
+    traced = torch.compiler.is_compiling()
     groups: dict[tuple, list[QuantMixin]] = {}
     for m in layers:
         if m._weight_batchable():
             groups.setdefault((m.rounding, m.weight.device), []).append(m)
-    if not groups or (not traced and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return  # a captured graph would bake the pinned copy of the layer constants: the per-layer launches instead
     quantize = K.quantize_weights_traced if traced else K.quantize_weights
     # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
     low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
@@ -423,8 +435,7 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
             else:  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host
                 m.__dict__["_w_pass"] = (bit, w)
         done += ms
-    if not traced:
-        model.__dict__["_hasb_passed"] = done
+    return done
 
 
 def release_weights(model: nn.Module, args: Any, output: Any) -> None:

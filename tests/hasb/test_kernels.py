@@ -7,6 +7,7 @@ terms carries round-off relative to |q|, and its reduction order is PyTorch's).
 """
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -322,6 +323,113 @@ def test_a_pass_under_autocast_equals_autocasts_cast_of_the_float32_pass(monkeyp
     (o1, g1), (o2, g2) = results
     assert o1.dtype == torch.bfloat16 and torch.equal(o1, o2)
     assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+
+
+def _traced_pass(monkeypatch, device):
+    """MANY's weights, steps and output gradients on ``device``, and :func:`hasb.kernels.quantize_weights_traced`
+    compiled (aot_eager: the op's own implementation runs, the kernel on CUDA and each layer's composite
+    elsewhere), with the graphs' forward op calls counted."""
+    cases = []
+    for i, (shape, bit, high, cl) in enumerate(MANY):
+        w, scale, grad = _case(shape, high, device, seed=i)
+        if cl:
+            w = w.detach().to(memory_format=torch.channels_last).requires_grad_()
+        cases.append((w, scale, grad, bit, high))
+    ops: list = []
+
+    def backend(gm, example_inputs):
+        ops.extend(n for n in gm.graph.nodes if n.target is torch.ops.hasb.quantize_weights_forward.default)
+        return gm.forward
+
+    def run(rounding, out_dtype=None):
+        f = torch.compile(K.quantize_weights_traced, backend=backend, fullgraph=True)
+        ws, ss = [c[0] for c in cases], [c[1] for c in cases]
+        return f(ws, ss, [c[3] for c in cases], [c[4] for c in cases], rounding, out_dtype)
+
+    return cases, ops, run
+
+
+@pytest.mark.parametrize("rounding", Q.ROUNDINGS)
+def test_a_traced_pass_is_one_op_each_way_with_each_layers_composite_values(rounding, monkeypatch):
+    """Traced by torch.compile, a pass's weights are one forward op (and its backward one op): each layer's Ŵ in
+    the weight's own layout, equal to its composite; ∂W within the composite's round-off; ∂s_h within the bound
+    of the float64 sum of its terms.  On the CPU the ops run each layer's composite on its memory-order span."""
+    cases, ops, run = _traced_pass(monkeypatch, "cpu")
+    grads_of = []
+    monkeypatch.setattr(Q, "double_round_grads", lambda *a, f=Q.double_round_grads: grads_of.append(1) or f(*a))
+    outs = run(rounding)
+    torch.autograd.backward(outs, [c[2] for c in cases])
+    assert len(ops) == 1 and len(grads_of) == len(cases)  # one backward op: each layer's gradient once
+    for out, (w, scale, grad, bit, high) in zip(outs, cases, strict=True):
+        ref_out, ref_gw, ref_gs = _composite(Q.quantize_weight, w, scale, grad, bit, high, rounding)
+        assert out.stride() == w.stride() and torch.equal(out, ref_out)
+        assert torch.allclose(w.grad, ref_gw, rtol=4 * U, atol=0)
+        _check_weight_scale_grad(scale.grad, ref_gs, w, scale, bit, high, rounding, grad)
+
+
+@cuda
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_a_traced_pass_equals_the_eager_pass_kernels(out_dtype, monkeypatch):
+    """On CUDA the traced pass's ops launch the pass kernels: Ŵ (float32 or autocast's bf16) and ∂W equal the
+    eager per-layer kernels' bit for bit, ∂s_h within the kernels' own bound (session 18 ran this check on the
+    H200 as a script: equal, ∂s within 2e-7 relative)."""
+    cases, ops, run = _traced_pass(monkeypatch, "cuda")
+    outs = run("half_up", out_dtype)
+    torch.autograd.backward(outs, [c[2].to(out_dtype or torch.float32) for c in cases])
+    assert len(ops) == 1
+    for out, (w, scale, grad, bit, high) in zip(outs, cases, strict=True):
+        wr, sr = w.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
+        ref = K.quantize_weight(wr, sr, bit, high, "half_up")
+        ref = ref if out_dtype is None else ref.to(out_dtype)
+        ref.backward(grad.to(ref.dtype))
+        assert out.stride() == w.stride() and torch.equal(out, ref) and torch.equal(w.grad, wr.grad)
+        composite_gs = _composite(Q.quantize_weight, w, scale, grad.to(ref.dtype).float(), bit, high, "half_up")[2]
+        _check_weight_scale_grad(scale.grad, composite_gs, w, scale, bit, high, "half_up", grad.to(ref.dtype).float())
+
+
+@pytest.mark.parametrize("whole_call", [False, True])
+def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call, monkeypatch):
+    """A compiled quantized model (the module, or a function that calls it, hooks and all) is one graph with one
+    weight op, made by the first quantized layer's forward; the steps after the first reuse it (no recompile);
+    loss and gradients are those of the per-layer composites compiled; no Ŵ outlives a forward.  The gate is
+    forced open on the CPU (it asks for Triton and CUDA tensors)."""
+    import hasb
+    from hasb.models import build_model
+
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("lm_tiny", context=16), bits=(8, 6, 4, 2))
+    x, y = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))
+    hasb.init_quantizers(model, x)
+    model.train()
+    hasb.set_config(model, 4)
+    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    monkeypatch.setattr(K, "weights_fit", lambda w, s: w.dtype == torch.float32 and s.numel() == w.shape[0])
+    results, graphs = [], []
+    for batched in (True, False):
+        monkeypatch.setattr(K, "traced_batch_applies", lambda on=batched: on and torch.compiler.is_compiling())
+        m = copy.deepcopy(model)
+        n_ops = []
+
+        def backend(gm, example_inputs, n_ops=n_ops):
+            n_ops.append(sum(n.target is torch.ops.hasb.quantize_weights_forward.default for n in gm.graph.nodes))
+            return gm.forward
+
+        torch._dynamo.reset()
+        f = torch.compile((lambda x, m=m: m(x)) if whole_call else m, backend=backend)
+        for _ in range(2):
+            m.zero_grad()
+            loss = torch.nn.functional.cross_entropy(f(x).flatten(0, 1), y.flatten())
+            loss.backward()
+        graphs.append(n_ops)
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+        assert all(q._w_pass is None for q in m.modules() if isinstance(q, QuantMixin))
+    assert graphs == [[1], [0]]  # one graph each, compiled once; the weight op only where the gate is open
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2) and g1.keys() == g2.keys()
+    for n in g1:  # Ŵ are equal, so ∂W are too up to the step gradient's summation order and one product
+        assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-6 * float(g2[n].abs().max())), n
+    torch._dynamo.reset()
+    assert len(layers) == 13
 
 
 def _second_derivatives(fn, x, scale, grad, *args):
