@@ -9,7 +9,9 @@ inductor's CUDA graphs (``*_cg``, as ``mode="reduce-overhead"``).  Compiled W4A4
 activation quantizer whose input comes from a batch norm in the graph (``hasb.kernels.lsq_act_backward``;
 ``quantize_model`` marks them) and leaves the others to inductor; ``w4_allop_c`` puts the op on every layer
 (sessions 14-15), ``w4_inductor_c`` (and the 4-pass ``multi_inductor_c``) on none, with the kernels off (hasb before
-session 14).  Compile cost: seconds spent in the first steps and the number of graphs dynamo compiled (switching bit
+session 14).  Compiled, a pass's weights are one op each way (``hasb.kernels.quantize_weights_traced``);
+``w4_layerw_c`` and ``multi_layerw_c`` leave each layer's weight to inductor (hasb before session 18).  Compile
+cost: seconds spent in the first steps and the number of graphs dynamo compiled (switching bit
 configs recompiles while the active bits are Python ints on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda

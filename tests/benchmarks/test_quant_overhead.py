@@ -9,6 +9,7 @@ import sys
 
 import hasb
 from benchmarks import quant_overhead as QO
+from hasb import kernels as K
 from hasb.models import build_model
 from hasb.modules import QuantMixin
 
@@ -23,20 +24,24 @@ def _run(monkeypatch, capsys, settings: str, *extra: str) -> tuple[str, dict[str
 
 
 def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
-    settings = "float,float_c,w4_c,w4_allop_c,multi_c,multi_inductor_c,multi_data_c,w4_data_cg,multi_data_cg"
+    settings = (
+        "float,float_c,w4_c,w4_allop_c,w4_layerw_c,multi_c,multi_inductor_c,multi_data_c,w4_data_cg,multi_data_cg"
+    )
     out, graphs = _run(monkeypatch, capsys, settings, "--profile", "3")
+    assert K.traced_batch_applies is QO._TRACED_BATCH  # w4_layerw_c's switch is undone after the row
     assert graphs == {
         "float": 0,
         "float_c": 1,
         "w4_c": 1,
         "w4_allop_c": 1,
+        "w4_layerw_c": 1,
         "multi_c": 4,
         "multi_inductor_c": 4,
         "multi_data_c": 1,
         "w4_data_cg": 1,
         "multi_data_cg": 1,
     }
-    assert len(re.findall(r"\[profile\] \w+ \(.* ms/step\): .* per step, \d+ launches per step; top 3:", out)) == 9
+    assert len(re.findall(r"\[profile\] \w+ \(.* ms/step\): .* per step, \d+ launches per step; top 3:", out)) == 10
     row = next(line for line in out.splitlines() if line.startswith("| small_cnn@28:b8 |"))
     assert row.count("|") == 12 and "x" in row.split("|")[6]  # W4A4 compiled ÷ compiled float, measured
 

@@ -402,7 +402,6 @@ def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call,
     hasb.init_quantizers(model, x)
     model.train()
     hasb.set_config(model, 4)
-    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
     monkeypatch.setattr(K, "weights_fit", lambda w, s: w.dtype == torch.float32 and s.numel() == w.shape[0])
     results, graphs = [], []
     for batched in (True, False):
@@ -429,7 +428,6 @@ def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call,
     for n in g1:  # Ŵ are equal, so ∂W are too up to the step gradient's summation order and one product
         assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-6 * float(g2[n].abs().max())), n
     torch._dynamo.reset()
-    assert len(layers) == 13
 
 
 def _second_derivatives(fn, x, scale, grad, *args):
