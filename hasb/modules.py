@@ -386,6 +386,20 @@ QUANT_TYPES = (QConv2d, QLinear)
 
 
 # -- a pass's weights in one launch (CUDA eager) -----------------------------------------------------------------
+def attach_weight_pass(model: nn.Module) -> None:
+    """Let ``model``'s forward quantize all its layers' weights at once: the hooks of the eager pass
+    (:func:`prequantize_weights`, :func:`release_weights`), and in every quantized layer the list of the model's
+    quantized layers (what a compiled forward's first layer quantizes, :func:`quantize_pass`) and an empty slot
+    for its Ŵ in its own ``__dict__`` (else the first compiled pass adds it and dynamo recompiles on the second).
+    Plain attributes, not submodules: the state dict and ``modules()`` do not change."""
+    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    for m in layers:
+        m.__dict__["_pass_layers"] = layers
+        m.__dict__["_w_pass"] = None
+    model.register_forward_pre_hook(prequantize_weights)
+    model.register_forward_hook(release_weights, always_call=True)
+
+
 def prequantize_weights(model: nn.Module, args: Any) -> None:
     """Forward pre-hook of a quantized model (registered by :func:`hasb.quantize_model`).
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .cli import parse_bits
 from .config import Bit, BitConfig, BitLike, ConfigError, bit_str, parse_bit
 from .models import build_model, build_record
-from .modules import FP, QConv2d, QLinear, QuantMixin, SwitchBatchNorm, bit_key, prequantize_weights, release_weights
+from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, attach_weight_pass, bit_key
 from .quantizer import ROUNDINGS
 
 DEFAULT_BITS = (8, 6, 4, 2)
@@ -253,12 +253,7 @@ def quantize_model(
     )
     _set_attr(model, "hasb_spec", spec)
     link_batchnorms(model)
-    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
-    for m in layers:  # plain attributes, not submodules: what a compiled forward quantizes at once, and the
-        m.__dict__["_pass_layers"] = layers  # slot of a pass's Ŵ in each layer's own __dict__ from the start
-        m.__dict__["_w_pass"] = None  # (else the first compiled pass adds it and dynamo recompiles on the second)
-    model.register_forward_pre_hook(prequantize_weights)
-    model.register_forward_hook(release_weights, always_call=True)
+    attach_weight_pass(model)
     return model
 
 
