@@ -392,7 +392,7 @@ def attach_weight_pass(model: nn.Module) -> None:
     quantized layers (what a compiled forward's first layer quantizes, :func:`quantize_pass`) and an empty slot
     for its Ŵ in its own ``__dict__`` (else the first compiled pass adds it and dynamo recompiles on the second).
     Plain attributes, not submodules: the state dict and ``modules()`` do not change."""
-    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    layers = model.__dict__["_hasb_qlayers"] = [m for m in model.modules() if isinstance(m, QuantMixin)]
     for m in layers:
         m.__dict__["_pass_layers"] = layers
         m.__dict__["_w_pass"] = None
@@ -413,19 +413,18 @@ def prequantize_weights(model: nn.Module, args: Any) -> None:
     weight (a launch and an autograd node each way); a layer running with autocast off quantizes its own.
     (Traced by torch.compile, the first layer's ``quant_weight`` does this instead: see :func:`quantize_pass`.)
     """
+    layers = _layers_of(model)
+    release_weights(model, args, None)  # Ŵ left by a layer compiled and called on its own (no release after it)
     if torch.compiler.is_compiling() or not K.batch_applies():
         return
-    layers = model.__dict__.get("_hasb_qlayers")
-    if layers is None:  # the layers never change after quantize_model; walking the modules costs ~0.2 ms
-        layers = model.__dict__["_hasb_qlayers"] = [m for m in model.modules() if isinstance(m, QuantMixin)]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # a captured graph would bake
         return  # the pinned copy of the layer constants: the per-layer launches take their numbers
-    model.__dict__["_hasb_passed"] = quantize_pass(layers)
+    quantize_pass(layers)
 
 
-def quantize_pass(layers: list[QuantMixin]) -> list[QuantMixin]:
+def quantize_pass(layers: list[QuantMixin]) -> None:
     """Ŵ of every batchable layer of ``layers`` at its active bit, as one op each way per rounding and device; each
-    layer finds its Ŵ in ``_w_pass``.  Returns the layers served.
+    layer finds its Ŵ in ``_w_pass`` (:func:`release_weights` empties it after the forward).
 
     Eager (from :func:`prequantize_weights`): :func:`hasb.kernels.quantize_weights`.  Traced by torch.compile
     (from the first quantized layer's ``quant_weight``, inside the forward's frame: a pre-hook is a frame of its
@@ -439,7 +438,6 @@ def quantize_pass(layers: list[QuantMixin]) -> list[QuantMixin]:
     quantize = K.quantize_weights_traced if traced else K.quantize_weights
     # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
     low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    done: list[QuantMixin] = []
     for (rounding, _), ms in groups.items():
         bits = [cast(int, m.w_bit) for m in ms]
         outs = quantize([m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding, low)
@@ -448,19 +446,24 @@ def quantize_pass(layers: list[QuantMixin]) -> list[QuantMixin]:
                 m._w_pass = (bit, w)
             else:  # not nn.Module.__setattr__: ~10 µs per layer on the H200's host
                 m.__dict__["_w_pass"] = (bit, w)
-        done += ms
-    return done
 
 
 def release_weights(model: nn.Module, args: Any, output: Any) -> None:
     """Forward hook (always called, also after an exception): the layers drop this forward's Ŵ."""
-    if torch.compiler.is_compiling():
-        for m in model.modules():
-            if isinstance(m, QuantMixin) and m._w_pass is not None:
+    traced = torch.compiler.is_compiling()
+    for m in _layers_of(model):
+        if m._w_pass is not None:
+            if traced:  # an attribute write dynamo records
                 m._w_pass = None
-        return
-    for m in model.__dict__.pop("_hasb_passed", ()):
-        m.__dict__["_w_pass"] = None
+            else:
+                m.__dict__["_w_pass"] = None
+
+
+def _layers_of(model: nn.Module) -> list[QuantMixin]:
+    """The model's quantized layers, as :func:`attach_weight_pass` listed them (they never change after
+    quantize_model; walking the modules costs ~0.2 ms of an eager step)."""
+    layers = model.__dict__.get("_hasb_qlayers")
+    return [m for m in model.modules() if isinstance(m, QuantMixin)] if layers is None else layers
 
 
 class SwitchBatchNorm(nn.Module):

@@ -430,6 +430,36 @@ def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call,
     torch._dynamo.reset()
 
 
+def test_a_compiled_layer_called_on_its_own_leaves_no_weights_for_the_next_forward(monkeypatch):
+    """A quantized layer compiled and called outside its model's forward makes a pass nobody releases; the model's
+    next forward drops those Ŵ first (its pre-hook), so it quantizes the weights as they are now."""
+    import hasb
+    from hasb.models import build_model
+
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("lm_tiny", context=16), bits=(8, 6, 4, 2))
+    x = torch.randint(0, 256, (4, 16))
+    hasb.init_quantizers(model, x)
+    hasb.set_config(model, 4)
+    monkeypatch.setattr(K, "weights_fit", lambda w, s: w.dtype == torch.float32 and s.numel() == w.shape[0])
+    monkeypatch.setattr(K, "traced_batch_applies", lambda: torch.compiler.is_compiling())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x)
+    layer = model.blocks[0].attn.k  # q is the first layer: full precision
+    torch.compile(layer, backend="aot_eager")(torch.randn(4, 16, 64))
+    assert all(m._w_pass is not None for m in model.modules() if isinstance(m, QuantMixin) and m.w_bit is not None)
+    with torch.no_grad():  # new weights: the Ŵ left behind are stale
+        for m in model.modules():
+            if isinstance(m, QuantMixin):
+                m.weight.mul_(1.5)
+    out = compiled(x)
+    with Q.composite_ops():
+        ref = model(x)
+    assert torch.equal(out, ref)
+    torch._dynamo.reset()
+
+
 def _second_derivatives(fn, x, scale, grad, *args):
     out = fn(x, scale, *args)
     gx, gs = torch.autograd.grad(out, (x, scale), grad, create_graph=True)
