@@ -654,12 +654,17 @@ def quantize_weights(
     """
     if not ws:
         return []
+    _check_pass(bits, high_bits, rounding)
+    meta = (tuple(bits), tuple(high_bits), rounding, out_dtype)
+    return list(FusedDoubleRoundLSQMany.apply(meta, *ws, *scales))
+
+
+def _check_pass(bits: Sequence[int], high_bits: Sequence[int], rounding: str) -> None:
+    """A pass's arguments as the pass kernels take them (the per-layer launch checks the same)."""
     if rounding not in KERNEL_ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(KERNEL_ROUNDINGS)}")
     if any(b > h for b, h in zip(bits, high_bits, strict=True)):
         raise ValueError(f"a bit exceeds its layer's highest candidate bit: bits {bits}, highest {high_bits}")
-    meta = (tuple(bits), tuple(high_bits), rounding, out_dtype)
-    return list(FusedDoubleRoundLSQMany.apply(meta, *ws, *scales))
 
 
 # -- the same in a compiled graph: one custom op each way for all layers of a pass ------------------------------
@@ -814,6 +819,9 @@ def quantize_weights_traced(
     small ones whose fixed cost adds up over a model's layers; here a pass has one launch each way.  On the H200
     with CUDA graphs (benchmarks/RESULTS.md, session 18): ResNet-18@224 W4A4 1.106x the float step against 1.115x
     per layer, the byte LM 1.254x against 1.274x and its 4-pass step 4.689x against 4.752x."""
+    if not ws:
+        return []
+    _check_pass(bits, high_bits, rounding)
     views = [Q.memory_order(w) for w in ws]
     shapes = [d for w in ws for d in (w.shape[0], w.numel())]
     out = quantize_weights_forward(

@@ -773,6 +773,11 @@ def test_bad_arguments_rejected():
         K.quantize_weight(w, scale, 4, 8, "stochastic")
     with pytest.raises(ValueError, match="exceeds"):
         K.quantize_weight(w, scale, 8, 4)
+    for many in (K.quantize_weights, K.quantize_weights_traced):  # a pass: eager or as torch.compile traces it
+        with pytest.raises(ValueError, match="rounding"):
+            many([w], [scale], [4], [8], "stochastic")
+        with pytest.raises(ValueError, match="exceeds"):
+            many([w], [scale], [8], [4], "half_up")
 
 
 @cuda
