@@ -566,12 +566,17 @@ def _layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: to
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
     key = (dev, stream, shapes, tuple(bits), tuple(high_bits))
     if (par := _PARAMS.get(key)) is None:
-        rows: list[float] = []
-        for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
-            rows += _layer_row(n // c, bit, high)
-        host = torch.tensor(rows, dtype=torch.float32, pin_memory=dev.type == "cuda")
-        par = _remember(_PARAMS, key, host.view(-1, 8).to(dev, non_blocking=True))
+        host = _host_layer_params(shapes, bits, high_bits, pin=dev.type == "cuda")
+        par = _remember(_PARAMS, key, host.to(dev, non_blocking=True))
     return par
+
+
+def _host_layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], pin: bool = False) -> torch.Tensor:
+    """:func:`_layer_params` in host memory (pinned if ``pin``)."""
+    rows: list[float] = []
+    for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
+        rows += _layer_row(n // c, bit, high)
+    return torch.tensor(rows, dtype=torch.float32, pin_memory=pin).view(-1, 8)
 
 
 def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -687,10 +692,7 @@ def _graph_tables(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: to
     key = (dev, shapes, tuple(bits), tuple(high_bits))
     if (tables := _GRAPH_TABLES.get(key)) is not None:
         return tables
-    rows: list[float] = []
-    for (c, n), bit, high in zip(shapes, bits, high_bits, strict=True):
-        rows += _layer_row(n // c, bit, high)
-    host = (*_host_channel_tables(shapes), torch.tensor(rows, dtype=torch.float32).view(-1, 8))
+    host = (*_host_channel_tables(shapes), _host_layer_params(shapes, bits, high_bits))
     if dev.type != "cuda":
         tables = host
     elif torch.cuda.is_current_stream_capturing():
@@ -750,15 +752,14 @@ def quantize_weights_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂L/∂flat_w, ∂L/∂flat_s) of :func:`quantize_weights_forward`, given ∂L/∂Ŵ (``grad``, flat, Ŵ's dtype)."""
     pairs = _pairs(shapes)
+    grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
     if flat_w.is_cuda and triton is not None:
         off, ks, layer, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
-        grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
         flags = _rounding_flags(rounding)
         _wq_bwd_many_kernel[(flat_s.numel(),)](
             flat_w, flat_s, grad.contiguous(), grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
         )
         return grad_w, grad_s
-    grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
     channels = [c for c, _ in pairs]
     layers = zip(
         _spans(flat_w, pairs),
