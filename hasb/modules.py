@@ -106,7 +106,7 @@ class QuantMixin(_MixinBase):
     _a_c: torch.Tensor  # [2] (Qn, Qp) of the active activation bit, copied from the row of _a_tab at a switch
     _w_tab: torch.Tensor  # [9, 4] per bit code (row 0, fp: unused)
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
-    _w_pass: tuple[int, torch.Tensor] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
+    _w_pass: tuple[int, torch.Tensor | None] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
     _pass_layers: list | None = None  # the model's quantized layers (set by quantize_model): see quantize_pass
     # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
     # .quantize_activation); quantize_model sets it False where the input does not come from a batch norm
@@ -278,7 +278,9 @@ class QuantMixin(_MixinBase):
             quantize_pass(self._pass_layers)  # compiled: the first layer of a forward quantizes all of them
         if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from quantize_pass
             w_hat = self._w_pass[1]  # in autocast's dtype if the pass ran under autocast: only there it serves
-            if w_hat.dtype == torch.float32 or torch.is_autocast_enabled("cuda"):
+            if w_hat is not None and (w_hat.dtype == torch.float32 or torch.is_autocast_enabled("cuda")):
+                if torch.compiler.is_compiling():  # taken: a Ŵ left in the attribute would leave the graph
+                    self._w_pass = _TAKEN
                 return w_hat
         # the fused Triton kernels where they apply (CUDA eager), else the composite reference
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
@@ -383,6 +385,13 @@ class QLinear(QuantMixin, nn.Linear):
 
 
 QUANT_TYPES = (QConv2d, QLinear)
+
+# A compiled forward's layer marks its Ŵ taken (a constant, not None: the pass is not made again if the layer is
+# called twice).  Why: dynamo makes a traced attribute write as the value at the frame's end; a Ŵ still held
+# there is an output of the graph, and when a module is compiled the model's release hook is a frame of its own,
+# so every layer's Ŵ left the graph and was rebuilt as a view at each call (lm_small on the H200: the W4A4 step
+# 1.51x the float step against 1.30x with each layer's weight left to inductor; benchmarks/RESULTS.md, session 19).
+_TAKEN: tuple[int, None] = (0, None)
 
 
 # -- a pass's weights in one launch (CUDA eager) -----------------------------------------------------------------

@@ -390,7 +390,7 @@ def test_a_traced_pass_equals_the_eager_pass_kernels(out_dtype, monkeypatch):
 @pytest.mark.parametrize("whole_call", [False, True])
 def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call, monkeypatch):
     """A compiled quantized model (the module, or a function that calls it, hooks and all) is one graph with one
-    weight op, made by the first quantized layer's forward; the steps after the first reuse it (no recompile);
+    weight op, made by the first quantized layer's forward, and one output; the steps after the first reuse it (no recompile);
     loss and gradients are those of the per-layer composites compiled; no Ŵ outlives a forward.  The gate is
     forced open on the CPU (it asks for Triton and CUDA tensors)."""
     import hasb
@@ -411,6 +411,8 @@ def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call,
 
         def backend(gm, example_inputs, n_ops=n_ops):
             n_ops.append(sum(n.target is torch.ops.hasb.quantize_weights_forward.default for n in gm.graph.nodes))
+            (out,) = (n for n in gm.graph.nodes if n.op == "output")
+            assert len(out.args[0]) == 1  # the logits only: no Ŵ leaves the graph (each layer marks its taken)
             return gm.forward
 
         torch._dynamo.reset()
