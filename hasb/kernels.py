@@ -818,8 +818,8 @@ def quantize_weights_traced(
     :func:`quantize_weights_forward` op (its backward one :func:`quantize_weights_backward`), each layer's Ŵ a view
     of the result.  Why: inductor makes each layer's composite a forward kernel and one or two backward kernels,
     small ones whose fixed cost adds up over a model's layers; here a pass has one launch each way.  On the H200
-    with CUDA graphs (benchmarks/RESULTS.md, session 18): ResNet-18@224 W4A4 1.106x the float step against 1.115x
-    per layer, the byte LM 1.254x against 1.274x and its 4-pass step 4.689x against 4.752x."""
+    with CUDA graphs, the module compiled (benchmarks/RESULTS.md, session 19): ResNet-18@224 W4A4 1.094x the float
+    step against 1.106x per layer; the byte LM 1.319x against 1.317x, its 4-pass step 4.792x against 4.893x."""
     if not ws:
         return []
     _check_pass(bits, high_bits, rounding)
