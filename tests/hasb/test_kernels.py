@@ -432,6 +432,43 @@ def test_a_compiled_model_quantizes_its_weights_in_its_forward_graph(whole_call,
     torch._dynamo.reset()
 
 
+class _SharedLayerNet(torch.nn.Module):
+    """Four linears, the middle two called twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.c(self.b(self.a(x))))))
+
+
+def test_a_compiled_layer_called_twice_takes_the_pass_once_then_quantizes_its_own(monkeypatch):
+    """A layer called twice in one compiled forward uses the pass's Ŵ once (then marked taken) and quantizes its
+    own weight the second time: one weight op, the composite's output, no Ŵ left after the forward."""
+    torch.manual_seed(0)
+    model = hasb.quantize_model(_SharedLayerNet(), bits=(8, 6, 4, 2), example_input=torch.randn(2, 16))
+    x = torch.randn(4, 16)
+    hasb.init_quantizers(model, x)
+    hasb.set_config(model, 4)
+    assert [m.w_bit for m in (model.b, model.c)] == [4, 4]  # the first and last layers stay at full precision
+    monkeypatch.setattr(K, "weights_fit", lambda w, s: w.dtype == torch.float32 and s.numel() == w.shape[0])
+    monkeypatch.setattr(K, "traced_batch_applies", lambda: torch.compiler.is_compiling())
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.append(sum(n.target is torch.ops.hasb.quantize_weights_forward.default for n in gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend)(x)
+    with Q.composite_ops():
+        ref = model(x)
+    assert ops == [1] and torch.equal(out, ref)
+    assert all(m._w_pass is None for m in model.modules() if isinstance(m, QuantMixin))
+    torch._dynamo.reset()
+
+
 def test_a_compiled_layer_called_on_its_own_leaves_no_weights_for_the_next_forward(monkeypatch):
     """A quantized layer compiled and called outside its model's forward makes a pass nobody releases; the model's
     next forward drops those Ŵ first (its pre-hook), so it quantizes the weights as they are now."""
