@@ -7,7 +7,9 @@ the entries whose integer code (round(value / step)) differs:
 
 - ``act random``: per-tensor LSQ activation (:func:`hasb.quantizer.lsq_fake_quant`), 4 bits, ``--n`` normal values;
 - ``act ties``: the same at values (k + ½)·s, where x / s must round exactly (Triton's approximate division may not);
-- ``act ties, ATen op``: ATen's learnable fake-quant op, the eager path's default (not compiled), on those ties;
+- ``act ties, ATen op``: ATen's learnable fake-quant op (eager, not compiled), on those ties: the eager path on the
+  CPU and wherever hasb's activation kernel does not apply;
+- ``act ties, hasb eager``: :func:`hasb.kernels.quantize_activation` eager on those ties (its CUDA kernel on a GPU);
 - ``weight bit l``: one layer's weight composite (:func:`hasb.quantizer.quantize_weight`), 512×512, h = 8, ∂W too;
 - ``pass op bit l``: the same weight through :func:`hasb.kernels.quantize_weights_traced` (the op compiled passes
   take; its kernels on CUDA, the composite on the CPU).  Its ∂W is ∂L/∂Ŵ inside the clip range exactly, where the
@@ -60,11 +62,15 @@ def cases(n: int, dev: torch.device) -> dict[str, Case]:
         s1 = s.reshape(1)
         return torch._fake_quantize_learnable_per_tensor_affine(x, s1, torch.zeros_like(s1), qn, qp, g)
 
+    def hasb_eager(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # its CUDA kernel where it applies
+        return K.quantize_activation(x, s, 4, True)
+
     ties = (torch.randint(qn, qp, (n,), device=dev, generator=gen).float() + 0.5) * s
     out = {
         "act random": Case(act, act, (torch.randn(n, device=dev, generator=gen), s), s),
         "act ties": Case(act, act, (ties, s), s),
         "act ties, ATen op": Case(aten, act, (ties, s), s, eager=True),
+        "act ties, hasb eager": Case(hasb_eager, act, (ties, s), s, eager=True),
     }
     w = torch.randn(512, 512, device=dev, generator=gen) * 0.05
     scale = w.abs().amax(1) / 127
