@@ -168,6 +168,34 @@ def interleaved(rounds: int, iters: int, dev: torch.device, steps: dict | None =
     return per
 
 
+def host_times(step, iters: int, dev: torch.device) -> tuple[float, float]:
+    """(mean ms the host spends in one ``step()`` call, ms per step to the device's end) over ``iters`` steps
+    run back to back with no synchronization between them.  A step is bound by the host when the first reaches
+    the second: its kernels then wait for their launches, and a faster GPU would not shorten it (the byte LM's
+    compiled quantized passes on the H200, benchmarks/RESULTS.md, session 20)."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step()  # a switch of setting may re-record CUDA graphs
+    sync()
+    t0 = time.perf_counter()
+    host = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t)
+    sync()
+    return 1000 * sum(host) / iters, 1000 * (time.perf_counter() - t0) / iters
+
+
+def print_host(title: str, iters: int, dev: torch.device) -> None:
+    """Every kept setting's :func:`host_times` (prepared as for the rounds), one table."""
+    print(f"\n{title}: the host's time per step, {iters} steps back to back with no synchronization between them")
+    print("| setting | host ms per step | ms per step to the device's end | host ÷ device end |\n|---|---|---|---|")
+    for k, (step, model, bits) in STEPS.items():
+        _prepare_setting(k, model, bits)
+        host, end = host_times(step, iters, dev)
+        print(f"| {k} | {host:.2f} | {end:.2f} | {host / end:.2f} |")
+
+
 def _prepare_setting(key: str, model, bits) -> None:
     weights, _, _, kernels = PLAN[key]
     K.enable(kernels)
@@ -316,6 +344,7 @@ def row(spec: str, args, dev: torch.device) -> dict:
             hasb.set_config(qmodel, 4)
         if args.rounds:
             print_rounds(spec, interleaved(args.rounds, args.iters, dev))
+            print_host(spec, args.iters, dev)
     STEPS.clear()
     K.enable(True)
     weights_per_layer(False)

@@ -49,7 +49,7 @@ def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
 def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_intervals(monkeypatch, capsys):
     """--rounds: the compiled steps stay valid and compiled (9 graphs on one forward: past dynamo's default limit
     of 8), then every setting is timed again round-robin and its ratio to the float step of its mode printed with
-    a 95% interval that contains it."""
+    a 95% interval that contains it; then each setting's host time per step against its time back to back."""
     out, graphs = _run(monkeypatch, capsys, "float,float_c,w4_c,multi_c,multi_data_c,float_cg,w4_cg", "--rounds", "3")
     assert graphs == {"float": 0, "float_c": 1, "w4_c": 1, "multi_c": 4, "multi_data_c": 1, "float_cg": 1, "w4_cg": 1}
     rows = re.findall(r"\| (\w+) \| [\d.]+ \| ([\d.]+)x ÷ (\w+) \| \[([\d.]+), ([\d.]+)\] \|", out)
@@ -61,6 +61,9 @@ def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_interval
     }
     for _, m, _, lo, hi in rows:
         assert float(lo) <= float(m) <= float(hi)
+    host = dict(re.findall(r"\| (\w+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", out.split("the host's time per step")[1]))
+    assert set(host) == set(graphs)  # every kept setting; on the CPU the steps run on the host: the whole time
+    assert all(0.5 < float(v) <= 1.0 for v in host.values())  # the host's part of a total: at most all of it
 
 
 def test_ratio_interval():
