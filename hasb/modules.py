@@ -156,7 +156,7 @@ class QuantMixin(_MixinBase):
 
     @w_bit.setter
     def w_bit(self, bit: int | None) -> None:
-        self._w_bit = bit
+        object.__setattr__(self, "_w_bit", bit)  # a plain attribute: nn.Module.__setattr__'s checks cost ~3 µs
         if self.bits_data:
             self._sync_w()
 
@@ -167,7 +167,7 @@ class QuantMixin(_MixinBase):
 
     @a_bit.setter
     def a_bit(self, bit: int | None) -> None:
-        self._a_bit = bit
+        object.__setattr__(self, "_a_bit", bit)
         if self.bits_data:
             self._sync_a()
 
@@ -178,7 +178,9 @@ class QuantMixin(_MixinBase):
                     f"bit {b} is not a candidate of this layer; accepted: "
                     f"{', '.join(map(str, self.candidate_bits))} or 'fp'"
                 )
-        self.w_bit, self.a_bit = w_bit, a_bit
+        # the properties' setters called directly: ``self.w_bit = …`` would first run nn.Module.__setattr__
+        type(self).w_bit.fset(self, w_bit)  # type: ignore[attr-defined]
+        type(self).a_bit.fset(self, a_bit)  # type: ignore[attr-defined]
 
     # -- bits as data ------------------------------------------------------------
     def set_bits_as_data(self, on: bool, required: Iterable[int] = ()) -> None:

@@ -293,3 +293,29 @@ def test_activation_backward_op_only_after_batch_norms():
     lm = hasb.quantize_model(build_model("lm_tiny"))  # q, k, v, fc1 and the head read a LayerNorm's output
     assert _no_backward_op(lm) == {n for n, m in lm.named_modules() if isinstance(m, QuantMixin)}
     assert len(_no_backward_op(lm)) == 2 * 6 + 1
+
+
+def test_layer_lookup_by_path_matches_get_submodule_and_keeps_its_error():
+    """set_config resolves each layer through ``_modules`` (fast); the same objects as ``get_submodule``, and a path
+    that is not there fails as ``get_submodule`` does (an AttributeError naming the missing part)."""
+    from hasb.quantize import _quant_layer, get_spec
+
+    q = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=32))
+    names = get_spec(q).order
+    assert any("." in n for n in names)
+    assert all(_quant_layer(q, n) is q.get_submodule(n) for n in names)
+    with pytest.raises(AttributeError, match="nope"):
+        _quant_layer(q, "layer1.nope.conv1")
+
+
+def test_set_config_switches_every_searchable_layer_and_keeps_fixed_ones():
+    """set_config writes both bits of every searchable layer (weight and activation, through the layers' setters)
+    and leaves the fixed layers at theirs, config after config."""
+    q = hasb.quantize_model(build_model("resnet20"), bits=(8, 4, 2), fixed_bits=8)
+    layers = hasb.quantized_layers(q)
+    fixed = hasb.get_spec(q).fixed
+    assert fixed and len(layers) > len(fixed)
+    for bit in (2, 4, 8, 2):
+        hasb.set_config(q, bit)
+        assert {(m.w_bit, m.a_bit) for n, m in layers.items() if n not in fixed} == {(bit, bit)}
+        assert {(layers[n].w_bit, layers[n].a_bit) for n in fixed} == {(8, 8)}
