@@ -178,9 +178,14 @@ class QuantMixin(_MixinBase):
                     f"bit {b} is not a candidate of this layer; accepted: "
                     f"{', '.join(map(str, self.candidate_bits))} or 'fp'"
                 )
-        # the properties' setters called directly: ``self.w_bit = …`` would first run nn.Module.__setattr__
-        type(self).w_bit.fset(self, w_bit)  # type: ignore[attr-defined]
-        type(self).a_bit.fset(self, a_bit)  # type: ignore[attr-defined]
+        self.put_bits(w_bit, a_bit)
+
+    def put_bits(self, w_bit: int | None, a_bit: int | None) -> None:
+        """Both active bits, unchecked (:meth:`set_bits` checks them): the properties' setters called directly,
+        where ``self.w_bit = …`` would first run nn.Module.__setattr__ (a multi-precision step switches every
+        layer between its passes, while a compiled step's GPU waits; benchmarks/switch_cost.py)."""
+        QuantMixin.w_bit.fset(self, w_bit)  # type: ignore[attr-defined]
+        QuantMixin.a_bit.fset(self, a_bit)  # type: ignore[attr-defined]
 
     # -- bits as data ------------------------------------------------------------
     def set_bits_as_data(self, on: bool, required: Iterable[int] = ()) -> None:

@@ -385,14 +385,14 @@ def set_config(model: nn.Module, config: BitConfig | dict | BitLike) -> None:
 def set_fp(model: nn.Module) -> None:
     """Every layer, fixed ones included, at full precision: the float model (BN 'fp' entries)."""
     for m in quantized_layers(model).values():
-        m.w_bit = m.a_bit = None
+        m.put_bits(None, None)
 
 
 def restore_fixed(model: nn.Module) -> None:
     spec = get_spec(model)
     for n in spec.fixed:
         m = _quant_layer(model, n)
-        m.w_bit = m.a_bit = spec.fixed_bit
+        m.put_bits(spec.fixed_bit, spec.fixed_bit)
 
 
 @contextlib.contextmanager
@@ -405,7 +405,7 @@ def use_config(model: nn.Module, config) -> Iterator[nn.Module]:
         yield model
     finally:
         for n, (w, a) in saved.items():
-            layers[n].w_bit, layers[n].a_bit = w, a
+            layers[n].put_bits(w, a)
 
 
 def uniform_config(model: nn.Module, bit: BitLike) -> BitConfig:
