@@ -70,10 +70,11 @@ def _set_attr(obj: nn.Module, name: str, value: object) -> None:
 
 
 def _quant_layer(model: nn.Module, name: str) -> QConv2d | QLinear:
-    """The layer at dotted path ``name``, read through each module's ``_modules`` (``get_submodule``'s checks
-    cost a 4-pass step's ``set_config`` ~0.09 ms per pass on a 37-layer byte LM, between passes where a
-    compiled step's GPU waits for the host; benchmarks/RESULTS.md, session 20); ``get_submodule`` words the
-    error of a path that is not there."""
+    """The layer at dotted path ``name``, read through each module's ``_modules``; ``get_submodule`` words the
+    error of a path that is not there.  Why: a multi-precision step calls ``set_config`` between passes, where a
+    compiled step's GPU waits for the host, and ``get_submodule``'s checks with ``nn.Module.__setattr__``'s made
+    most of its time (byte LM, 37 layers, CPU: 489 → 90 µs per call with :meth:`QuantMixin.put_bits`;
+    benchmarks/switch_cost.py, benchmarks/RESULTS.md, session 20)."""
     m = model
     try:
         for part in name.split("."):
