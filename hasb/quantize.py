@@ -79,7 +79,7 @@ def _quant_layer(model: nn.Module, name: str) -> QConv2d | QLinear:
     try:
         for part in name.split("."):
             m = m._modules[part]  # type: ignore[assignment]
-    except KeyError:
+    except (KeyError, AttributeError):  # a missing part, or a None entry on the way
         m = model.get_submodule(name)
     return cast("QConv2d | QLinear", m)
 
