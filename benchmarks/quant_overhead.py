@@ -187,13 +187,20 @@ def host_times(step, iters: int, dev: torch.device) -> tuple[float, float]:
 
 
 def print_host(title: str, iters: int, dev: torch.device) -> None:
-    """Every kept setting's :func:`host_times` (prepared as for the rounds), one table."""
+    """Every kept setting's :func:`host_times` (prepared as for the rounds), one table, with the same steps timed
+    synchronized as the rounds time them.  Synced minus back to back is the time per step that the device waits
+    for the host: a step starts with nothing queued, so its first kernels wait for their launches (the byte LM's
+    4-pass step waits about 1.9 ms at its start and not between its passes; benchmarks/RESULTS.md, session 21)."""
     print(f"\n{title}: the host's time per step, {iters} steps back to back with no synchronization between them")
-    print("| setting | host ms per step | ms per step to the device's end | host ÷ device end |\n|---|---|---|---|")
+    print(
+        "| setting | host ms per step | ms per step to the device's end | host ÷ device end | synced ms per step "
+        "| synced − back to back ms |\n|---|---|---|---|---|---|"
+    )
     for k, (step, model, bits) in STEPS.items():
         _prepare_setting(k, model, bits)
         host, end = host_times(step, iters, dev)
-        print(f"| {k} | {host:.2f} | {end:.2f} | {host / end:.2f} |")
+        synced = timed(step, iters, 1, dev)[0]
+        print(f"| {k} | {host:.2f} | {end:.2f} | {host / end:.2f} | {synced:.2f} | {synced - end:+.2f} |")
 
 
 def _prepare_setting(key: str, model, bits) -> None:

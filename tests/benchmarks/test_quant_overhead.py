@@ -61,9 +61,14 @@ def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_interval
     }
     for _, m, _, lo, hi in rows:
         assert float(lo) <= float(m) <= float(hi)
-    host = dict(re.findall(r"\| (\w+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", out.split("the host's time per step")[1]))
+    table = out.split("the host's time per step")[1]
+    host = dict(re.findall(r"\| (\w+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", table))
     assert set(host) == set(graphs)  # every kept setting; on the CPU the steps run on the host: the whole time
     assert all(0.5 < float(v) <= 1.0 for v in host.values())  # the host's part of a total: at most all of it
+    waits = re.findall(r"\| \w+ \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| ([+-][\d.]+) \|", table)
+    assert len(waits) == len(graphs)  # the synced time and the wait, for every setting
+    for end, synced, wait in waits:  # the last column is the synced step less the back-to-back one
+        assert float(synced) > 0 and abs(float(synced) - float(end) - float(wait)) <= 0.016  # three roundings to 0.01
 
 
 def test_ratio_interval():
