@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +23,11 @@ class ConfigError(HasbError):
 
 def parse_bit(b: BitLike, where: str = "") -> Bit:
     """``8``, ``"8"``, ``"fp"``/``None``/``32`` → int or None; anything else → ConfigError."""
-    at = f" for layer {where!r}" if where else ""
     if b is None:
         return None
+    if type(b) is int and 1 <= b <= MAX_BITS:  # the common case first: a config is parsed at every bit switch
+        return b
+    at = f" for layer {where!r}" if where else ""
     if isinstance(b, str):
         s = b.strip().lower()
         if s in ("fp", "fp32", "float", "32"):
@@ -114,7 +116,7 @@ class BitConfig:
     # -- validation --------------------------------------------------------------
     def validate(
         self,
-        allowed: Mapping[str, Iterable[int]],
+        allowed: Mapping[str, Collection[int]],
         fixed: Mapping[str, Bit] = {},
         complete: bool = True,
         allow_fp: bool = True,
@@ -139,12 +141,12 @@ class BitConfig:
                 raise ConfigError(
                     f"unknown layer {name!r}; searchable layers are: {near}{', ...' if len(allowed) > 6 else ''}"
                 )
-            cands = sorted(allowed[name])
+            cands = allowed[name]
             for kind, b in (("weight", w), ("activation", a)):
                 if (b is None and not allow_fp) or (b is not None and b not in cands):
                     raise ConfigError(
                         f"layer {name!r}: {kind} bit {bit_str(b)} is not a candidate; accepted: "
-                        f"{', '.join(map(str, cands))}{' or fp' if allow_fp else ''}"
+                        f"{', '.join(map(str, sorted(cands)))}{' or fp' if allow_fp else ''}"
                     )
         if complete:
             missing = [n for n in allowed if n not in self.layers]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import hasb
 import hasb.export
-from hasb.config import ConfigError
+from hasb.config import ConfigError, parse_bit
 from hasb.models import MODELS, UnknownModelError, build_model
 from hasb.modules import QuantMixin
 
@@ -77,6 +77,15 @@ def test_fixed_layers_8bit_option_and_config_validation():
         hasb.BitConfig({"conv2": "x"})
     with pytest.raises(ConfigError, match="candidate bits must be integers in 1..8"):
         hasb.quantize_model(build_model("small_cnn"), bits=(16, 4))
+
+
+def test_parse_bit_accepts_exactly_1_to_16_fp_and_their_strings():
+    """The int fast path of ``parse_bit`` (a config is parsed at every bit switch) keeps the accepted set: ints
+    1..16 as themselves, 32/"fp"/None as full precision; bools, 0 and 17 rejected, naming the layer."""
+    assert [parse_bit(b) for b in (1, 16, "8", " 4 ", 32, "32", "fp", "FP32", None)] == [1, 16, 8, 4] + [None] * 5
+    for bad in (0, 17, -4, True, False, 4.0, "x", "", "4.5"):
+        with pytest.raises(ConfigError, match=r"bad bit .* for layer 'fc': accepted an integer 1\.\.16 or 'fp'"):
+            parse_bit(bad, "fc")
 
 
 def test_bitconfig_json_round_trip(tmp_path):
