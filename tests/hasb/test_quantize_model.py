@@ -328,3 +328,10 @@ def test_set_config_switches_every_searchable_layer_and_keeps_fixed_ones():
         hasb.set_config(q, bit)
         assert {(m.w_bit, m.a_bit) for n, m in layers.items() if n not in fixed} == {(bit, bit)}
         assert {(layers[n].w_bit, layers[n].a_bit) for n in fixed} == {(8, 8)}
+        by_int = {n: (m.w_bit, m.a_bit) for n, m in layers.items()}
+        hasb.set_config(q, hasb.BitConfig.uniform(hasb.searchable_layers(q), bit))  # the general path: the same
+        assert {n: (m.w_bit, m.a_bit) for n, m in layers.items()} == by_int
+    # an int that is not a candidate takes the general path's error and leaves every bit as it was
+    with pytest.raises(ConfigError, match="bit 6 is not a candidate; accepted: 2, 4, 8"):
+        hasb.set_config(q, 6)
+    assert {n: (m.w_bit, m.a_bit) for n, m in layers.items()} == by_int
