@@ -15,7 +15,8 @@ cost: seconds spent in the first steps and the number of graphs dynamo compiled 
 configs recompiles while the active bits are Python ints on the layers; with bits as data it should not).
 
 GPU:  python -m benchmarks.quant_overhead --device cuda
-      (``--rounds 5``: then time every setting again in 5 interleaved rounds and print each ratio with a 95% CI;
+      (``--rounds 5``: then time every setting again in 5 interleaved rounds, each step synchronized and then the
+      steps back to back as a training loop runs them, and print each ratio with a 95% CI;
       identical settings measured one after the other differed by up to 5% on a shared host)
 CPU:  python -m benchmarks.quant_overhead --device cpu --models resnet20@28:b32 --iters 3 --backend aot_eager  (smoke)
 """
@@ -87,15 +88,18 @@ def timed(step, iters: int, warmup: int, dev: torch.device) -> tuple[float, floa
 def train_step(model: nn.Module, loss_of, opt, bits):
     """One forward/backward and optimizer step per entry of ``bits`` (None: the model as it is), as hasb's
     trainer runs Alg. A.2 (each precision updates the shared weights in turn); ``loss_of()`` runs one pass's
-    forward and loss.  Gradients are cleared before each backward, so none outlives its pass: CUDA-graph trees
-    may then reuse a pass's output memory for the next pass."""
+    forward and loss.  Gradients are cleared where the trainer clears them (``hasb.train_step._optimizer_pass``):
+    after the forward, before the backward.  The host's zero_grad then runs while the forward's kernels do: the
+    compiled float step of the byte LM 0.977x [0.968, 0.986] against clearing before the forward, its 4-pass step
+    unchanged (H200, synced steps; benchmarks/RESULTS.md, session 22)."""
 
     def step():
         for b in bits:
             if b is not None:
                 hasb.set_config(model, b)
+            loss = loss_of()
             opt.zero_grad(set_to_none=True)
-            loss_of().backward()
+            loss.backward()
             opt.step()
 
     return step
@@ -152,11 +156,15 @@ def base_of(key: str) -> str:
     return "float_cg" if key.endswith("_cg") else "float_c" if key.endswith("_c") else "float"
 
 
-def interleaved(rounds: int, iters: int, dev: torch.device, steps: dict | None = None, prepare=None) -> dict:
+def interleaved(
+    rounds: int, iters: int, dev: torch.device, steps: dict | None = None, prepare=None, back_to_back: bool = False
+) -> dict:
     """Median ms of ``iters`` steps of every kept step, per round: {key: [ms per round]}.  The steps take turns in
     each round (order rotated every round), so that a slow phase of the host (another job, clocks) falls on all
     of them.  ``steps``: {key: (step, model, bits)} (default: the settings kept by :func:`measure`);
-    ``prepare(key, model, bits)`` runs before each key's turn (default: that setting's kernels and W4A4)."""
+    ``prepare(key, model, bits)`` runs before each key's turn (default: that setting's kernels and W4A4).
+    ``back_to_back``: a round's time is instead the ms per step of ``iters`` steps run with no synchronization
+    between them (:func:`host_times`), as a training loop runs them: no step then starts on an idle device."""
     steps = STEPS if steps is None else steps
     keys = list(steps)
     per: dict[str, list[float]] = {k: [] for k in keys}
@@ -164,7 +172,10 @@ def interleaved(rounds: int, iters: int, dev: torch.device, steps: dict | None =
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             step, model, bits = steps[k]
             (prepare or _prepare_setting)(k, model, bits)
-            per[k].append(timed(step, iters, 1, dev)[0])  # one untimed step: a switch may re-record CUDA graphs
+            if back_to_back:
+                per[k].append(host_times(step, iters, dev)[1])
+            else:  # one untimed step: a switch may re-record CUDA graphs
+                per[k].append(timed(step, iters, 1, dev)[0])
     return per
 
 
@@ -350,7 +361,9 @@ def row(spec: str, args, dev: torch.device) -> dict:
             print(f"[{spec}] {key}: {r[key]}", flush=True)  # a run cut short still leaves its finished settings
             hasb.set_config(qmodel, 4)
         if args.rounds:
-            print_rounds(spec, interleaved(args.rounds, args.iters, dev))
+            print_rounds(f"{spec}, each step synchronized", interleaved(args.rounds, args.iters, dev))
+            b2b = interleaved(args.rounds, args.iters, dev, back_to_back=True)
+            print_rounds(f"{spec}, steps back to back (ms per step to the device's end)", b2b)
             print_host(spec, args.iters, dev)
     STEPS.clear()
     K.enable(True)

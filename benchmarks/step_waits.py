@@ -1,7 +1,7 @@
 """Where, inside one synchronized training step, the device waits for the host (issue 15's 4-pass target).
 
-Each pass of a ``quant_overhead`` setting's step is cut at its region boundaries (set_config, zero_grad, the
-model's call, the loss, backward, the optimizer step).  At each boundary the host's time since the step began
+Each pass of a ``quant_overhead`` setting's step is cut at its region boundaries (set_config, the model's
+call, the loss, zero_grad, backward, the optimizer step).  At each boundary the host's time since the step began
 is read, and on CUDA an event is recorded there: its device time is when the device reached that point.
 Where the two are equal, nothing was queued and the device had waited for the host.  Where the device's time
 is larger, it was that far behind, busy.  The byte LM's compiled 4-pass step waits about 1.9 ms at its start and
@@ -71,13 +71,13 @@ def marked_step(model, run, x, y, loss_fn, opt, bits, bf16: bool):
             if b is not None:
                 hasb.set_config(model, b)
             clock.mark(f"{tag}: set_config")
-            opt.zero_grad(set_to_none=True)
-            clock.mark(f"{tag}: zero_grad")
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = run(x)
                 clock.mark(f"{tag}: model call")
                 loss = loss_fn(out, y)
             clock.mark(f"{tag}: loss")
+            opt.zero_grad(set_to_none=True)
+            clock.mark(f"{tag}: zero_grad")
             loss.backward()
             clock.mark(f"{tag}: backward")
             opt.step()

@@ -7,6 +7,9 @@ import math
 import re
 import sys
 
+import torch
+import torch.nn.functional as F
+
 import hasb
 from benchmarks import quant_overhead as QO
 from hasb import kernels as K
@@ -49,10 +52,14 @@ def test_cpu_smoke_graph_counts_and_profile(monkeypatch, capsys):
 def test_interleaved_rounds_keep_every_compiled_setting_and_print_ratio_intervals(monkeypatch, capsys):
     """--rounds: the compiled steps stay valid and compiled (9 graphs on one forward: past dynamo's default limit
     of 8), then every setting is timed again round-robin and its ratio to the float step of its mode printed with
-    a 95% interval that contains it; then each setting's host time per step against its time back to back."""
+    a 95% interval that contains it, once with each step synchronized and once with the steps back to back; then
+    each setting's host time per step against its time back to back."""
     out, graphs = _run(monkeypatch, capsys, "float,float_c,w4_c,multi_c,multi_data_c,float_cg,w4_cg", "--rounds", "3")
     assert graphs == {"float": 0, "float_c": 1, "w4_c": 1, "multi_c": 4, "multi_data_c": 1, "float_cg": 1, "w4_cg": 1}
     rows = re.findall(r"\| (\w+) \| [\d.]+ \| ([\d.]+)x ÷ (\w+) \| \[([\d.]+), ([\d.]+)\] \|", out)
+    rounds = out.split("each step synchronized: 3 interleaved rounds")[1].split("the host's time per step")[0]
+    synced, b2b = rounds.split(", steps back to back (")
+    assert len(rows) == 8 and synced.count("x ÷ ") == b2b.count("x ÷ ") == 4  # both tables, all rows
     assert {r[0]: r[2] for r in rows} == {
         "w4_c": "float_c",
         "multi_c": "float_c",
@@ -92,3 +99,34 @@ def test_backward_op_everywhere_overrides_quantize_models_marks():
     allop = QO.backward_op_everywhere(copy.deepcopy(q))
     assert all(m.act_backward_op for m in allop.modules() if isinstance(m, QuantMixin))
     assert [m.act_backward_op for m in q.modules() if isinstance(m, QuantMixin)] == marks
+
+
+class _SeesGrads(torch.nn.Module):
+    """A linear layer that records, at each forward, whether its weight still holds a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(self.lin.weight.grad is not None)
+        return self.lin(x)
+
+
+def test_train_step_clears_gradients_where_hasbs_trainer_does():
+    """The benchmark's step clears gradients after the forward, as ``hasb.train_step._optimizer_pass`` does: the
+    second pass's forward still sees the first pass's gradient in both, and both steps give the same weights."""
+    from hasb.train_step import Batch, StepContext, float_step
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    bench, trainer = _SeesGrads(), _SeesGrads()
+    trainer.load_state_dict(bench.state_dict())
+    opt = torch.optim.SGD(bench.parameters(), lr=0.1)
+    QO.train_step(bench, lambda: F.cross_entropy(bench(x), y), opt, [None, None])()
+    topt = torch.optim.SGD([{"params": list(trainer.parameters()), "name": "all"}], lr=0.1)
+    ctx = StepContext(trainer, trainer, topt, {"all": 0.1}, {}, distill="none")
+    for _ in range(2):
+        float_step(ctx, Batch(x, y), 1.0)
+    assert bench.seen == trainer.seen == [False, True]
+    assert torch.equal(bench.lin.weight, trainer.lin.weight)
