@@ -63,7 +63,7 @@ def make(name: str, size: int, batch: int, dev: torch.device):
     classes = 1000 if size >= 64 else 10
     model = build_model(name, num_classes=classes, in_channels=3, image_size=size).to(dev)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     return model, x, torch.randint(0, classes, (batch,), device=dev), F.cross_entropy
 
 
