@@ -172,9 +172,10 @@ def interleaved(
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             step, model, bits = steps[k]
             (prepare or _prepare_setting)(k, model, bits)
+            # either way one untimed step first: a switch may re-record CUDA graphs
             if back_to_back:
                 per[k].append(host_times(step, iters, dev)[1])
-            else:  # one untimed step: a switch may re-record CUDA graphs
+            else:
                 per[k].append(timed(step, iters, 1, dev)[0])
     return per
 
@@ -201,7 +202,7 @@ def print_host(title: str, iters: int, dev: torch.device) -> None:
     """Every kept setting's :func:`host_times` (prepared as for the rounds), one table, with the same steps timed
     synchronized as the rounds time them.  Synced minus back to back is the time per step that the device waits
     for the host: a step starts with nothing queued, so its first kernels wait for their launches (the byte LM's
-    4-pass step waits about 1.9 ms at its start and not between its passes; benchmarks/RESULTS.md, session 21)."""
+    4-pass step waits 1.0-1.5 ms at its start and not between its passes; benchmarks/RESULTS.md, session 22)."""
     print(f"\n{title}: the host's time per step, {iters} steps back to back with no synchronization between them")
     print(
         "| setting | host ms per step | ms per step to the device's end | host ÷ device end | synced ms per step "

@@ -4,8 +4,8 @@ Each pass of a ``quant_overhead`` setting's step is cut at its region boundaries
 call, the loss, zero_grad, backward, the optimizer step).  At each boundary the host's time since the step began
 is read, and on CUDA an event is recorded there: its device time is when the device reached that point.
 Where the two are equal, nothing was queued and the device had waited for the host.  Where the device's time
-is larger, it was that far behind, busy.  The byte LM's compiled 4-pass step waits about 1.9 ms at its start and
-not between its passes (H200; benchmarks/RESULTS.md, session 21).
+is larger, it was that far behind, busy.  The byte LM's compiled 4-pass step waits 1.0-1.5 ms at its start and
+not between its passes (H200; benchmarks/RESULTS.md, sessions 21-22).
 
 GPU:  python -m benchmarks.step_waits --model lm_small@256:b64 --setting multi_cg --iters 30
 CPU:  python -m benchmarks.step_waits --device cpu --backend aot_eager --model small_cnn@28:b8 --setting multi_c
