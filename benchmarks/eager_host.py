@@ -131,7 +131,7 @@ def steps_of(
     float32_pass: bool = False,
     jit_launches: bool = False,
 ) -> tuple[dict, int]:
-    """{variant: step()} for one model and the number of its quantized layers."""
+    """({variant: step()} for one model, the number of its quantized layers, how many of them share an input)."""
     name, size, batch = parse_model(spec)
     fmodel, x, y, loss_fn = make(name, size, batch, dev)
 
@@ -170,9 +170,11 @@ def steps_of(
         steps["q_w4a4_f32pass"] = with_float32_pass(step(quantized(1, 1)))
     if jit_launches:
         steps["q_w4a4_jit"] = with_jit_launches(step(quantized(1, 1)))
-    # layers that W4A4 quantizes (a model's first and last layers may stay at full precision)
-    layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in quantized(1, 1).modules())
-    return steps, layers
+    # layers that W4A4 quantizes (a model's first and last layers may stay at full precision), and how many of
+    # them take the x̂ of another layer fed the same input (hasb.quantize_model's shared inputs)
+    w4a4 = quantized(1, 1)
+    layers = sum(isinstance(m, M.QuantMixin) and m.w_bit is not None for m in w4a4.modules())
+    return steps, layers, sum(len(g) - 1 for g in w4a4.hasb_spec.shared_inputs)
 
 
 _act_fused_applies = K.act_fused_applies
@@ -220,14 +222,17 @@ def main() -> None:
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     where = "CPU, launches emulated (1 thread)" if args.emulate else torch.cuda.get_device_name(dev)
     for spec in args.models.split(","):
-        steps, layers = steps_of(spec, dev, args.aten, args.host_share, args.float32_pass, args.jit_launches)
+        steps, layers, shared = steps_of(spec, dev, args.aten, args.host_share, args.float32_pass, args.jit_launches)
         # the variants take turns in every round (order rotated), each timed after one untimed step
         per = interleaved(args.rounds, args.iters, dev, {k: (s, None, None) for k, s in steps.items()}, _no_prepare)
         print_table(spec, per, layers, where)
         if args.emulate:  # a layer that fell back to the composite would launch nothing
             LAUNCHES[0] = 0
             steps["q_w4a4"]()
-            print(f"kernel launches per W4A4 step: {LAUNCHES[0]} (2 per activation, 2 for all the weights)")
+            print(
+                f"kernel launches per W4A4 step: {LAUNCHES[0]} (2 per quantized input: {layers} layers, {shared} "
+                "of them sharing another's; 2 for all the weights)"
+            )
 
 
 if __name__ == "__main__":

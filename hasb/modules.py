@@ -108,6 +108,8 @@ class QuantMixin(_MixinBase):
     _a_tab: torch.Tensor  # [9, 2] per bit code, for the layer's activation sign
     _w_pass: tuple[int, torch.Tensor | None] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
     _pass_layers: list | None = None  # the model's quantized layers (set by quantize_model): see quantize_pass
+    _group: list | None = None  # the layers fed the same input tensor, in call order (share_input_quantizer)
+    _a_shared: tuple | None = None  # on a group's first layer during a forward: (x, bit, x̂); see quant_input
     # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
     # .quantize_activation); quantize_model sets it False where the input does not come from a batch norm
     # (there inductor's own fusion of the backward is cheaper; benchmarks/RESULTS.md, sessions 16-17)
@@ -220,6 +222,8 @@ class QuantMixin(_MixinBase):
 
     def _attach_grad_hooks(self) -> None:
         self._data_hooks = []
+        if self._group is not None and self._group[0] is not self:  # shared steps: the group's first layer hooks
+            return
         for b in self.candidate_bits:
             self._data_hooks += _only_selected_grads(self.act_scales[str(b)], self._a_is(b))
 
@@ -230,7 +234,9 @@ class QuantMixin(_MixinBase):
             self._attach_grad_hooks()
 
     def _a_is(self, b: int) -> Callable[[], bool]:
-        return lambda: self._a_bit == b
+        """Whether the step of bit ``b`` is in use: by this layer, or by any layer that shares its steps."""
+        group = self._group or [self]
+        return lambda: any(m._a_bit == b for m in group)
 
     def missing_act_bits(self, required: Iterable[int]) -> list[int]:
         """The bits of ``required`` whose activation scale is not initialised yet (one device sync)."""
@@ -315,10 +321,36 @@ class QuantMixin(_MixinBase):
         b = self.a_bit
         if b is None:
             return x
+        if self._group is not None:
+            return self._quant_shared_input(x, b)
+        return self._quantize_input(x, b)
+
+    def _quantize_input(self, x: torch.Tensor, b: int) -> torch.Tensor:
         scale = self.act_scales[str(b)]
         if b not in self._ready:  # python-side cache: no device sync once initialised
             self._lazy_init(x, b)
         return K.quantize_activation(x, scale, b, self._ready[b], self.act_backward_op)
+
+    def _quant_shared_input(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """x̂ of a layer whose input feeds other layers too (:func:`share_input_quantizer`): the first of them to
+        run at bit ``b`` quantizes ``x`` and leaves (x, b, x̂) on the group's first layer; the others at ``b`` take
+        that x̂, so autograd sums their gradients into one quantizer backward.  The group's last layer clears the
+        slot: a compiled forward then ends with nothing held (a tensor left in an attribute would be an output of
+        the graph; see ``_TAKEN``), and an eager one drops it in :func:`release_weights` at the latest."""
+        group = cast(list, self._group)
+        owner = group[0]
+        slot = owner._a_shared
+        # eager also checks x's version: an in-place op on x between two layers makes a new x̂ (traced, dynamo
+        # sees the op and quantize_model's trace grouped no layers around one: see _input_groups)
+        version = 0 if torch.compiler.is_compiling() else x._version
+        if slot is not None and slot[0] is x and slot[1] == b and slot[3] == version:
+            out = slot[2]
+        else:
+            out = self._quantize_input(x, b)
+            object.__setattr__(owner, "_a_shared", (x, b, out, version))
+        if self is group[-1]:
+            object.__setattr__(owner, "_a_shared", None)
+        return out
 
     def _quant_input_data(self, x: torch.Tensor) -> torch.Tensor:
         if self._a_fp:
@@ -337,7 +369,11 @@ class QuantMixin(_MixinBase):
             if not bool(self.act_init[i]):
                 self.act_scales[str(b)].copy_(Q.init_activation_scale(x, b, bool(self.act_signed)))
                 self.act_init[i] = True
-        self._ready[b] = bool(self.act_signed)
+            for m in self._group or ():  # shared steps: the others see this sign and this initialised step
+                m.act_signed.copy_(self.act_signed)
+                m.act_init[i] = True
+        for m in self._group or (self,):
+            m._ready[b] = bool(self.act_signed)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._ready = {}
@@ -462,10 +498,34 @@ def quantize_pass(layers: list[QuantMixin]) -> None:
 
 
 def release_weights(model: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook (always called, also after an exception): the layers drop this forward's Ŵ."""
+    """Forward hook (always called, also after an exception): the layers drop this forward's Ŵ and shared x̂."""
     for m in _layers_of(model):
         if m._w_pass is not None:
             _set_pass(m, None)
+        if m._a_shared is not None:
+            object.__setattr__(m, "_a_shared", None)
+
+
+def share_input_quantizer(layers: list[QuantMixin]) -> None:
+    """Let ``layers`` (non-fixed, same candidate bits, fed one input tensor; call order) quantize that input as
+    one quantizer: one step per bit, the first layer's (the others' ``act_scales`` become the same ParameterDict,
+    so the state dict keeps every key and each holds the shared value), and within a forward one x̂ per bit,
+    made by the first of them to run at that bit (``QuantMixin._quant_shared_input``).
+
+    Why: an integer deployment quantizes a tensor once for all its consumers (NNCF places one quantizer on a
+    branching activation; a fused QKV GEMM needs one input step), and a training pass then quantizes it once:
+    with the byte LM's q, k and v sharing, its compiled 4-pass step took 0.945x as long, 4.41x the float step
+    against 4.67x (H200, benchmarks/RESULTS.md, session 23).  Layers at different bits keep their own x̂, each with
+    the shared step of its bit; weights and bits are untouched, so the search space and BitOPs are too.
+    """
+    owner = layers[0]
+    for m in layers:
+        if m.candidate_bits != owner.candidate_bits or m.fixed:
+            raise ValueError("layers sharing an input quantizer must be searchable and have the same candidate bits")
+        m.__dict__["_group"] = layers
+        m.__dict__["_a_shared"] = None
+        if m is not owner:
+            m.act_scales = owner.act_scales
 
 
 def _set_pass(m: QuantMixin, value: tuple[int, torch.Tensor | None] | None) -> None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .cli import parse_bits
 from .config import Bit, BitConfig, BitLike, ConfigError, bit_str, parse_bit
 from .models import build_model, build_record
-from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, attach_weight_pass, bit_key
+from .modules import FP, QConv2d, QLinear, SwitchBatchNorm, attach_weight_pass, bit_key, share_input_quantizer
 from .quantizer import ROUNDINGS
 
 DEFAULT_BITS = (8, 6, 4, 2)
@@ -33,6 +33,9 @@ class QuantSpec:
     # off (the default, and the paper's W=A setting for vision), activations follow the weight bit.
     weight_only: bool = False
     act_bit: int | None = None
+    # layers fed one input tensor that quantize it as one quantizer (modules.share_input_quantizer), each group in
+    # call order; () for exports written before shared inputs: their layers keep one quantizer each
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     def pair(self, w_bit: Bit) -> tuple[Bit, Bit]:
         """(weight bits, activation bits) of a searchable layer whose weights run at ``w_bit``."""
@@ -48,6 +51,7 @@ class QuantSpec:
         d = asdict(self)
         d["bits"] = list(self.bits)
         d["fixed"], d["order"] = list(self.fixed), list(self.order)
+        d["shared_inputs"] = [list(g) for g in self.shared_inputs]
         return d
 
     @classmethod
@@ -61,6 +65,7 @@ class QuantSpec:
             bn_producers=dict(d["bn_producers"]),
             weight_only=bool(d.get("weight_only", False)),  # exports written before weight-only mode: off
             act_bit=d.get("act_bit"),
+            shared_inputs=tuple(tuple(g) for g in d.get("shared_inputs", ())),
         )
 
 
@@ -114,18 +119,23 @@ def _after_batch_norm(x) -> bool | None:
     return type(fn).__name__.startswith(_BATCH_NORMS)
 
 
-def _trace_order(model: nn.Module, example_input, types) -> tuple[list[tuple[str, nn.Module]], dict[str, bool | None]]:
+def _trace_order(
+    model: nn.Module, example_input, types
+) -> tuple[list[tuple[str, nn.Module]], dict[str, bool | None], list[list[str]]]:
     """One forward of ``example_input`` (eval mode: no BatchNorm statistic moves; with autograd, to see what made
-    each input): the modules of ``types`` in call order, and {path: :func:`_after_batch_norm` of its first input}
-    of the Conv2d/Linear layers among them."""
+    each input): the modules of ``types`` in call order, {path: :func:`_after_batch_norm` of its first input}
+    of the Conv2d/Linear layers among them, and those layers grouped by their first input (:func:`_input_groups`)."""
     calls: list[tuple[str, nn.Module]] = []
     after_bn: dict[str, bool | None] = {}
+    inputs_of: dict[str, tuple] = {}
 
     def hook(name: str):
         def note(module, inputs) -> None:  # returns None: the inputs go on unchanged
             calls.append((name, module))
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 after_bn.setdefault(name, _after_batch_norm(inputs[0]) if inputs else None)
+                if inputs and isinstance(inputs[0], torch.Tensor):  # held: no later input can reuse its id
+                    inputs_of.setdefault(name, (inputs[0], inputs[0]._version))
 
         return note
 
@@ -139,7 +149,17 @@ def _trace_order(model: nn.Module, example_input, types) -> tuple[list[tuple[str
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return calls, after_bn
+    return calls, after_bn, _input_groups(inputs_of)
+
+
+def _input_groups(inputs_of: dict[str, tuple]) -> list[list[str]]:
+    """Layer paths grouped by their input, in call order: one group per tensor object that two or more layers
+    took, unchanged in between (same ``_version``: an in-place op between two calls makes another input).
+    ``inputs_of``: path → (input tensor, its version at the call), the tensors still held."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, (x, version) in inputs_of.items():
+        groups.setdefault((id(x), version), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _example(model: nn.Module, example_input):
@@ -220,6 +240,7 @@ def quantize_model(
     act_signed: bool | None = None,
     weight_only: bool = False,
     act_bits: BitLike = "fp",
+    share_inputs: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place (and return it).
 
@@ -239,6 +260,7 @@ def quantize_model(
             layer from data (signed when its first input has negatives).
         weight_only: only the weights switch bits; activations of searchable layers run at ``act_bits``
             (``"fp"``, the default, or one of ``bits``) in every config.  How language models are deployed.
+        share_inputs: layers fed one tensor (q, k, v) quantize it as one (:func:`hasb.modules.share_input_quantizer`).
     """
     if getattr(model, "hasb_spec", None) is not None:
         raise ValueError("model is already quantized (it has hasb_spec)")
@@ -247,7 +269,7 @@ def quantize_model(
     ex = _example(model, example_input)
     if getattr(model, "example_input_shape", None) is None and isinstance(ex, torch.Tensor):
         _set_attr(model, "example_input_shape", tuple(ex.shape[1:]))  # so later tracing (cost model) needs no input
-    calls, after_bn = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+    calls, after_bn, inputs = _trace_order(model, ex, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
     layer_order = _layer_order(calls)
     fixed_set = _fixed_layers(fixed, layer_order)
     _swap_layers(model, layer_order, fixed_set, bit_list, rounding, act_signed, fbit, after_bn)
@@ -261,6 +283,7 @@ def quantize_model(
         bn_producers=producers,
         weight_only=weight_only,
         act_bit=abit,
+        shared_inputs=_share_inputs(model, inputs, fixed_set) if share_inputs else (),
     )
     _set_attr(model, "hasb_spec", spec)
     link_batchnorms(model)
@@ -272,7 +295,7 @@ def quantize_like(model: nn.Module, spec: QuantSpec | dict) -> nn.Module:
     """Quantize a float ``model`` as ``spec`` (a :class:`QuantSpec` or its dict) describes: how exports and
     checkpoints are rebuilt."""
     s = spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
-    return quantize_model(
+    model = quantize_model(
         model,
         s.bits,
         fixed=list(s.fixed) or "none",
@@ -280,7 +303,26 @@ def quantize_like(model: nn.Module, spec: QuantSpec | dict) -> nn.Module:
         rounding=s.rounding,
         weight_only=s.weight_only,
         act_bits=bit_str(s.act_bit),
+        share_inputs=bool(s.shared_inputs),
     )
+    if get_spec(model).shared_inputs != s.shared_inputs:  # a model whose forward differs from the spec's
+        raise ConfigError(
+            f"the spec's layers sharing an input {[list(g) for g in s.shared_inputs]} are not this model's "
+            f"{[list(g) for g in get_spec(model).shared_inputs]}: rebuild the model the spec was written for"
+        )
+    return model
+
+
+def _share_inputs(model: nn.Module, inputs: list[list[str]], fixed: set[str]) -> tuple[tuple[str, ...], ...]:
+    """Make each group of searchable layers fed one input (:func:`_input_groups`) share its quantizer; returns the
+    groups (two or more layers each, call order), as ``QuantSpec.shared_inputs`` records them."""
+    groups = []
+    for names in inputs:
+        searchable = [n for n in names if n not in fixed]
+        if len(searchable) > 1:
+            share_input_quantizer([_quant_layer(model, n) for n in searchable])
+            groups.append(tuple(searchable))
+    return tuple(groups)
 
 
 def _check_quantize_args(bits: Sequence[int], rounding: str, fixed_bits: BitLike) -> tuple[tuple[int, ...], Bit]:
@@ -487,7 +529,10 @@ def bits_as_data(model: nn.Module, on: bool = True) -> nn.Module:
     forward reads only those (:func:`hasb.quantizer.quantize_weight_t` / ``quantize_activation_t``), and every
     SwitchBatchNorm picks its entry by a tensor index.  ``torch.compile(model)`` then compiles ONE graph for all bit
     configs (uniform or mixed); only switching a layer to or from ``fp`` recompiles (a Python branch).  Outputs and
-    gradients equal the int path's (the composite reference: no fused Triton kernels in this mode).
+    gradients equal the int path's (the composite reference: no fused Triton kernels in this mode), with one
+    exception: layers sharing an input (``QuantSpec.shared_inputs``) quantize it once per layer here, since no
+    Python bit is read, where the int path quantizes it once per bit; the input's gradient then sums their parts
+    in another order (float round-off).
 
     Every activation scale a config can use must be initialised first (raises :class:`ConfigError` saying so):
     call :func:`init_quantizers` (one calibration forward per candidate bit) before switching it on.

@@ -23,9 +23,11 @@ def test_emulation_times_every_variant_of_a_model():
     out = _run("--emulate", "--models", "resnet20@8:b2", "--rounds", "1", "--iters", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     layers = re.search(r"resnet20@8:b2 on CPU, launches emulated .*: (\d+) quantized layers", out.stdout)
-    launches = re.search(r"kernel launches per W4A4 step: (\d+)", out.stdout)
+    launches = re.search(r"kernel launches per W4A4 step: (\d+) \(2 per quantized input: \d+ layers, (\d+)", out.stdout)
     assert layers and launches
-    assert int(launches[1]) == 2 * int(layers[1]) + 2  # every layer on the kernel path, the weights in one pass
+    assert int(launches[2]) == 2  # ResNet-20's two downsampling blocks: the 1x1 shortcut shares conv1's input
+    # every input quantized once on the kernel path, the weights in one pass
+    assert int(launches[1]) == 2 * (int(layers[1]) - int(launches[2])) + 2
     rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|", out.stdout, re.M))
     assert set(rows) == {"float", "q_fp", "q_w4", "q_a4", "q_w4a4"}
     assert all(math.isfinite(float(v)) and float(v) > 0 for v in rows.values())

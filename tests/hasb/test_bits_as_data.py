@@ -141,8 +141,9 @@ def _step_both(ref, dat, x, y, conf, opts):
 
 @pytest.mark.parametrize("rounding,pair", [("half_up", False), ("half_even", False), ("msb", False), ("half_up", True)])
 def test_data_mode_trains_exactly_as_the_int_path(rounding, pair):
-    """Adam steps over uniform and mixed configs: outputs, every gradient, weights and running stats stay equal."""
-    ref, x, y = _model(rounding, pair)
+    """Adam steps over uniform and mixed configs: outputs, every gradient, weights and running stats stay equal.
+    (One quantizer per layer: with a shared input, see the next test.)"""
+    ref, x, y = _model(rounding, pair, share_inputs=False)
     dat = bits_as_data(copy.deepcopy(ref))
     if pair:  # a copy of a data-mode model: its parameters get the gradient hooks again
         dat = copy.deepcopy(dat)
@@ -151,6 +152,10 @@ def test_data_mode_trains_exactly_as_the_int_path(rounding, pair):
     for conf in _configs(ref):
         _step_both(ref, dat, x, y, conf, opts)
     _assert_same_state(ref, dat)  # Adam would move a scale or BN entry given a zero gradient instead of None
+    _assert_same_eval(ref, dat, x)
+
+
+def _assert_same_eval(ref, dat, x):
     ref.eval()
     dat.eval()
     for conf in _configs(ref):
@@ -158,6 +163,33 @@ def test_data_mode_trains_exactly_as_the_int_path(rounding, pair):
         hasb.set_config(dat, conf)
         with Q.composite_ops(), torch.no_grad():
             assert torch.equal(ref(x), dat(x)), f"eval outputs differ at {conf}"
+
+
+def test_data_mode_with_a_shared_input_trains_as_the_int_path_up_to_round_off():
+    """c1 and the 1x1 shortcut take one input. The int path quantizes it once per bit and forward; data mode (one
+    graph for every config, so no Python bit is read) once per layer, with the same step. Outputs are equal; a
+    gradient through that input sums the two layers' parts before the quantizer's backward on one path and after
+    it on the other: equal up to float32 round-off (plain SGD, which does not divide by a gradient's size)."""
+    ref, x, y = _model()
+    assert ref.hasb_spec.shared_inputs == (("c1", "sc"),)
+    dat = bits_as_data(copy.deepcopy(ref))
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9) for m in (ref, dat)]
+    for conf in _configs(ref):
+        hasb.set_config(ref, conf)
+        hasb.set_config(dat, conf)
+        with Q.composite_ops():
+            out_r, out_d = ref(x), dat(x)
+            assert torch.equal(out_r, out_d), f"outputs differ at {conf}"
+            for out, opt in zip((out_r, out_d), opts, strict=True):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(out, y).backward()
+        for (n, p), q in zip(ref.named_parameters(), dat.parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None), f"{n}: grad None on one path only"
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=f"{n} at {conf}")
+        for opt in opts:
+            opt.step()
+    _assert_same_state(ref, dat, exact=False)
 
 
 def test_fp_weight_only_fixed_bits_and_switching_back_off():
