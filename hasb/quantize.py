@@ -322,7 +322,25 @@ def _share_inputs(model: nn.Module, inputs: list[list[str]], fixed: set[str]) ->
         if len(searchable) > 1:
             share_input_quantizer([_quant_layer(model, n) for n in searchable])
             groups.append(tuple(searchable))
+    if groups:
+        model.register_load_state_dict_pre_hook(_check_shared_steps)
     return tuple(groups)
+
+
+def _check_shared_steps(model: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook of a model with shared inputs: each group's layers must come with one step per
+    bit.  A state dict saved with one quantizer per layer has a step each, and loading it would silently keep the
+    last layer's for all of them (their keys name one tensor here)."""
+    spec = get_spec(model)
+    for group in spec.shared_inputs:
+        for b in spec.bits:
+            steps = [state_dict.get(f"{prefix}{n}.act_scales.{b}") for n in group]
+            if any(s is not None and steps[0] is not None and not torch.equal(s, steps[0]) for s in steps):
+                raise ConfigError(
+                    f"the state dict has different {b}-bit activation steps for {', '.join(group)}, which share "
+                    "one input quantizer in this model: it was saved with one quantizer per layer; quantize the "
+                    "model with share_inputs=False (or hasb.quantize_like with the spec it was saved with) to load it"
+                )
 
 
 def _check_quantize_args(bits: Sequence[int], rounding: str, fixed_bits: BitLike) -> tuple[tuple[int, ...], Bit]:

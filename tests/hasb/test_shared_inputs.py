@@ -191,3 +191,14 @@ def test_specs_round_trip_and_older_specs_rebuild_separate_quantizers():
     wrong = dict(spec, shared_inputs=[["blocks.1.attn.q", "blocks.1.attn.k"]])
     with pytest.raises(ConfigError, match="sharing an input"):
         hasb.quantize.quantize_like(build_model("lm_tiny", context=32), wrong)
+
+
+def test_a_state_dict_with_a_step_per_layer_is_refused_where_the_layers_share_one():
+    shared, separate, x = _lm_pair()
+    with torch.no_grad():
+        quantized_layers(separate)["blocks.1.attn.k"].act_scales["4"].mul_(1.5)  # its own step now
+    for model in (shared, copy.deepcopy(shared)):  # a deep copy (as the trainer makes) keeps the check
+        with pytest.raises(ConfigError, match=r"different 4-bit activation steps for blocks.1.attn.q, blocks.1.attn.k"):
+            model.load_state_dict(separate.state_dict())
+    separate.load_state_dict(shared.state_dict())  # the other way: every layer takes the shared step
+    shared.load_state_dict(copy.deepcopy(shared).state_dict())
