@@ -121,29 +121,31 @@ def test_a_forward_quantizes_a_shared_input_once_per_bit(monkeypatch):
     assert all(m._a_shared is None for m in quantized_layers(shared).values())  # nothing held after a forward
 
 
-def _traced_rounds(model, x) -> tuple[int, torch.Tensor]:
-    """round ops in the forward graph AOT autograd traces of ``model``, and the compiled output."""
-    seen = []
+def _traced_rounds(model, x) -> tuple[int, int, torch.Tensor]:
+    """(round ops in the forward graph AOT autograd traces of ``model``, outputs of dynamo's graph, the output)."""
+    seen, outputs = [], []
 
     def forward_compiler(gm, _):
         seen.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "round" in str(n.target)))
         return make_boxed_func(gm.forward)
 
     def backend(gm, inputs):
+        outputs.append(len(next(n for n in gm.graph.nodes if n.op == "output").args[0]))
         return aot_module_simplified(gm, inputs, fw_compiler=forward_compiler, bw_compiler=make_boxed_func)
 
     torch._dynamo.reset()
     out = torch.compile(model, backend=backend)(x)
-    return seen[0], out
+    return seen[0], outputs[0], out
 
 
 def test_a_traced_forward_quantizes_a_shared_input_once():
     shared, separate, x = _lm_pair()
     for m in (shared, separate):
         hasb.set_config(m, 4)
-    n_shared, out = _traced_rounds(shared, x)
-    n_separate, _ = _traced_rounds(separate, x)
+    n_shared, outputs_shared, out = _traced_rounds(shared, x)
+    n_separate, outputs_separate, _ = _traced_rounds(separate, x)
     assert n_separate - n_shared == sum(len(g) - 1 for g in LM_GROUPS)
+    assert outputs_shared == outputs_separate  # no x̂ left in an attribute at the frame's end (an extra output)
     assert torch.equal(out, shared(x))
     assert all(m._a_shared is None for m in quantized_layers(shared).values())
 
