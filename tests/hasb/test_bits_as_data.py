@@ -68,11 +68,13 @@ def _configs(m):
     ]
 
 
-def _assert_same_grads(a: nn.Module, b: nn.Module):
+def _assert_same_grads(a: nn.Module, b: nn.Module, exact=True):
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), f"{n}: grad None on one path only"
-        if p.grad is not None:
+        if p.grad is not None and exact:
             assert torch.equal(p.grad, q.grad), n
+        elif p.grad is not None:  # float32 round-off of sums made in another order
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module, exact=True):
@@ -125,7 +127,7 @@ def test_quantize_activation_t_equals_int_version_and_grads_reach_only_the_picke
 
 
 # -- whole models ------------------------------------------------------------------------------------------------
-def _step_both(ref, dat, x, y, conf, opts):
+def _step_both(ref, dat, x, y, conf, opts, exact=True):
     hasb.set_config(ref, conf)
     hasb.set_config(dat, conf)
     with Q.composite_ops():
@@ -134,7 +136,7 @@ def _step_both(ref, dat, x, y, conf, opts):
         for out, opt in zip((out_r, out_d), opts, strict=True):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(out, y).backward()
-    _assert_same_grads(ref, dat)
+    _assert_same_grads(ref, dat, exact)
     for opt in opts:
         opt.step()
 
@@ -175,20 +177,7 @@ def test_data_mode_with_a_shared_input_trains_as_the_int_path_up_to_round_off():
     dat = bits_as_data(copy.deepcopy(ref))
     opts = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9) for m in (ref, dat)]
     for conf in _configs(ref):
-        hasb.set_config(ref, conf)
-        hasb.set_config(dat, conf)
-        with Q.composite_ops():
-            out_r, out_d = ref(x), dat(x)
-            assert torch.equal(out_r, out_d), f"outputs differ at {conf}"
-            for out, opt in zip((out_r, out_d), opts, strict=True):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(out, y).backward()
-        for (n, p), q in zip(ref.named_parameters(), dat.parameters(), strict=True):
-            assert (p.grad is None) == (q.grad is None), f"{n}: grad None on one path only"
-            if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=f"{n} at {conf}")
-        for opt in opts:
-            opt.step()
+        _step_both(ref, dat, x, y, conf, opts, exact=False)
     _assert_same_state(ref, dat, exact=False)
 
 
