@@ -109,7 +109,7 @@ class QuantMixin(_MixinBase):
     _w_pass: tuple[int, torch.Tensor | None] | None = None  # (bit, Ŵ) during a forward: see prequantize_weights
     _pass_layers: list | None = None  # the model's quantized layers (set by quantize_model): see quantize_pass
     _group: list | None = None  # the layers fed the same input tensor, in call order (share_input_quantizer)
-    _a_shared: tuple | None = None  # on a group's first layer during a forward: (x, bit, x̂); see quant_input
+    _a_shared: tuple | None = None  # on a group's first layer in a forward: (x, bit, x̂, x's version); quant_input
     # compiled graphs on CUDA: whether this layer's activation backward is hasb's kernel op (hasb.kernels
     # .quantize_activation); quantize_model sets it False where the input does not come from a batch norm
     # (there inductor's own fusion of the backward is cheaper; benchmarks/RESULTS.md, sessions 16-17)
@@ -319,11 +319,9 @@ class QuantMixin(_MixinBase):
         if self.bits_data:
             return self._quant_input_data(x)
         b = self.a_bit
-        if b is None:
-            return x
-        if self._group is not None:
+        if self._group is not None:  # also at fp: the group's last layer clears the slot whatever its bit
             return self._quant_shared_input(x, b)
-        return self._quantize_input(x, b)
+        return x if b is None else self._quantize_input(x, b)
 
     def _quantize_input(self, x: torch.Tensor, b: int) -> torch.Tensor:
         scale = self.act_scales[str(b)]
@@ -331,7 +329,7 @@ class QuantMixin(_MixinBase):
             self._lazy_init(x, b)
         return K.quantize_activation(x, scale, b, self._ready[b], self.act_backward_op)
 
-    def _quant_shared_input(self, x: torch.Tensor, b: int) -> torch.Tensor:
+    def _quant_shared_input(self, x: torch.Tensor, b: int | None) -> torch.Tensor:
         """x̂ of a layer whose input feeds other layers too (:func:`share_input_quantizer`): the first of them to
         run at bit ``b`` quantizes ``x`` and leaves (x, b, x̂) on the group's first layer; the others at ``b`` take
         that x̂, so autograd sums their gradients into one quantizer backward.  The group's last layer clears the
@@ -343,7 +341,9 @@ class QuantMixin(_MixinBase):
         # eager also checks x's version: an in-place op on x between two layers makes a new x̂ (traced, dynamo
         # sees the op and quantize_model's trace grouped no layers around one: see _input_groups)
         version = 0 if torch.compiler.is_compiling() else x._version
-        if slot is not None and slot[0] is x and slot[1] == b and slot[3] == version:
+        if b is None:
+            out = x
+        elif slot is not None and slot[0] is x and slot[1] == b and slot[3] == version:
             out = slot[2]
         else:
             out = self._quantize_input(x, b)

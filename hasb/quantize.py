@@ -334,8 +334,8 @@ def _check_shared_steps(model: nn.Module, state_dict: dict, prefix: str, *_) -> 
     spec = get_spec(model)
     for group in spec.shared_inputs:
         for b in spec.bits:
-            steps = [state_dict.get(f"{prefix}{n}.act_scales.{b}") for n in group]
-            if any(s is not None and steps[0] is not None and not torch.equal(s, steps[0]) for s in steps):
+            steps = [s for n in group if (s := state_dict.get(f"{prefix}{n}.act_scales.{b}")) is not None]
+            if any(not torch.equal(s, steps[0]) for s in steps[1:]):
                 raise ConfigError(
                     f"the state dict has different {b}-bit activation steps for {', '.join(group)}, which share "
                     "one input quantizer in this model: it was saved with one quantizer per layer; quantize the "

@@ -204,3 +204,17 @@ def test_a_state_dict_with_a_step_per_layer_is_refused_where_the_layers_share_on
             model.load_state_dict(separate.state_dict())
     separate.load_state_dict(shared.state_dict())  # the other way: every layer takes the shared step
     shared.load_state_dict(copy.deepcopy(shared).state_dict())
+
+
+def test_the_last_layer_of_a_group_clears_the_slot_at_any_bit():
+    """Called without the model's release hook (the attention block alone), the group's last layer leaves no x̂
+    behind, also when it runs its input at full precision."""
+    shared, _, _ = _lm_pair()
+    hasb.set_config(shared, 4)
+    layers = quantized_layers(shared)
+    attn = shared.blocks[1].attn
+    h = torch.randn(2, 32, 64)
+    for v_bit in (4, None):
+        layers["blocks.1.attn.v"].put_bits(4, v_bit)
+        attn(h)
+        assert layers["blocks.1.attn.q"]._a_shared is None, v_bit
