@@ -186,7 +186,7 @@ def load_quantized_state(model: nn.Module, obj: dict) -> None:
                 m.act_scales[k].copy_(v)
             m.act_signed.copy_(e["act_signed"])
             m.act_init.copy_(e["act_init"])
-            m._ready = {}
+            m.ready_from_buffers()
     rest = obj["rest"]
     _ensure_bn_keys(model, rest, json.loads(obj.get("bn_modes", "{}")))
     missing, unexpected = model.load_state_dict(rest, strict=False)

@@ -376,9 +376,22 @@ class QuantMixin(_MixinBase):
             m._ready[b] = bool(self.act_signed)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._ready = {}
         self._data_ready = False
         super()._load_from_state_dict(*args, **kwargs)
+        self.ready_from_buffers()
+
+    def ready_from_buffers(self) -> None:
+        """``_ready`` as the buffers say now: the bits whose step ``act_init`` marks initialised, with the sign in
+        ``act_signed`` (read on the host, once per load).  Why not leave it empty for :meth:`_lazy_init` to refill: that
+        call is where a compiled forward stops (``torch.compiler.disable``), so the first compiled call after a
+        load broke its graph at every layer (ResNet-18 on the CPU: 28 graphs instead of 1; on the H200 with CUDA
+        graphs the step stayed at 2.3x the float step, benchmarks/RESULTS.md, session 24)."""
+        self._ready = {}
+        if self.act_signed.is_meta or int(self.act_signed) < 0:  # the sign is read from the first input
+            return
+        for b, done in zip(self.candidate_bits, self.act_init.tolist(), strict=True):
+            if done:
+                self._ready[b] = bool(self.act_signed)
 
     def bit_str(self) -> str:
         return f"w{bit_key(self.w_bit)}a{bit_key(self.a_bit)}"

@@ -335,3 +335,32 @@ def test_set_config_switches_every_searchable_layer_and_keeps_fixed_ones():
     with pytest.raises(ConfigError, match="bit 6 is not a candidate; accepted: 2, 4, 8"):
         hasb.set_config(q, 6)
     assert {n: (m.w_bit, m.a_bit) for n, m in layers.items()} == by_int
+
+
+def test_a_loaded_state_dict_marks_its_initialised_steps_ready_so_a_compiled_forward_is_one_graph():
+    """After ``load_state_dict`` the steps the buffers mark initialised are ready at once, with the loaded sign;
+    the others still initialise lazily from their first input.  Before, a load emptied that cache and the first
+    compiled forward stopped at ``_lazy_init`` (``torch.compiler.disable``) in every layer: a graph each."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    src = hasb.quantize_model(build_model("small_cnn"))
+    hasb.set_config(src, 8)
+    with torch.no_grad():
+        src(x)  # only bit 8's steps are initialised
+    dst = hasb.quantize_model(build_model("small_cnn"))
+    dst.load_state_dict(src.state_dict())
+    for name in hasb.searchable_layers(src):
+        s, d = src.get_submodule(name), dst.get_submodule(name)
+        assert d._ready == s._ready == {8: bool(s.act_signed)}
+    hasb.set_config(dst, 4)
+    hasb.set_config(src, 4)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))  # bit 4: initialised lazily on both, from the same input
+    hasb.set_config(dst, 8)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    torch.compile(dst, backend=counter)(x).sum().backward()
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
