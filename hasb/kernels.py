@@ -989,7 +989,8 @@ class _LSQCompiledKernel(torch.autograd.Function):
     layers fed by a batch norm (``QuantMixin.act_backward_op``).  With that rule ResNet-18 runs 1.118x the float
     step against 1.146x with the op everywhere and 1.116x with none; MobileNetV2 1.259x against 1.270x (session
     16; with none 1.338x, session 14).  After LayerNorm, too, inductor's fusion is cheaper: the byte LM's pass
-    1.282x without the op, 1.324x with it (session 17).
+    1.282x without the op, 1.324x with it (session 17).  A group of convolutions that share an input quantizer
+    takes the op wherever its input comes from (:func:`hasb.modules.share_input_quantizer`, session 24).
 
     Forward values are the composite's (round(q) · s equals (q + (round(q) - q)) · s exactly); the gradients are
     the eager kernels' (:class:`FusedLSQActivation`).  ``x``: the 1-D memory-order view

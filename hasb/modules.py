@@ -530,8 +530,16 @@ def share_input_quantizer(layers: list[QuantMixin]) -> None:
     with the byte LM's q, k and v sharing, its compiled 4-pass step took 0.945x as long, 4.41x the float step
     against 4.67x (H200, benchmarks/RESULTS.md, session 23).  Layers at different bits keep their own x̂, each with
     the shared step of its bit; weights and bits are untouched, so the search space and BitOPs are too.
+
+    A group of convolutions takes its compiled activation backward as hasb's kernel op (``act_backward_op``),
+    whatever feeds it: there inductor joined the shared step's sum with the producer's batch-norm backward in one
+    slow reduction (ResNet-18@224 b256 W4A4 on the H200, blocks' conv1 and 1x1 shortcut after the add-ReLU: 1.110x
+    the float step with the op, 1.130x without, 1.104x with one quantizer per layer).  A group of linears (the
+    LM's q, k, v after a LayerNorm) keeps inductor's fusion: 1.196x against 1.208x with the op
+    (benchmarks/RESULTS.md, session 24).
     """
     owner = layers[0]
+    convs = all(isinstance(m, QConv2d) for m in layers)
     for m in layers:
         if m.candidate_bits != owner.candidate_bits or m.fixed:
             raise ValueError("layers sharing an input quantizer must be searchable and have the same candidate bits")
@@ -539,6 +547,8 @@ def share_input_quantizer(layers: list[QuantMixin]) -> None:
         m.__dict__["_a_shared"] = None
         if m is not owner:
             m.act_scales = owner.act_scales
+        if convs:
+            m.act_backward_op = True
 
 
 def _set_pass(m: QuantMixin, value: tuple[int, torch.Tensor | None] | None) -> None:

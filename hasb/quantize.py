@@ -199,7 +199,8 @@ def _swap_layers(
 ) -> None:
     """Replace each Conv2d/Linear of ``layer_order`` in place by its QConv2d/QLinear twin (same training mode).
     ``after_bn`` (:func:`_trace_order`): in compiled graphs only a layer whose input may come from a batch norm
-    takes the activation backward as hasb's kernel op (``act_backward_op``)."""
+    takes the activation backward as hasb's kernel op (``act_backward_op``; a group of convolutions sharing an
+    input takes it too, :func:`hasb.modules.share_input_quantizer`)."""
     for name in layer_order:
         m = model.get_submodule(name)
         is_fixed = name in fixed_set

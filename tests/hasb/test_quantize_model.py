@@ -1,5 +1,6 @@
 """quantize_model on every zoo model; BitConfig validation and JSON; export/load round trip; data errors."""
 
+import copy
 import json
 import random
 
@@ -288,11 +289,18 @@ def _no_backward_op(model) -> set[str]:
 def test_activation_backward_op_only_after_batch_norms():
     """quantize_model marks the layers whose input comes from a batch norm (directly or through a pointwise
     activation) for the compiled activation backward op; the others (after a max pool, a residual add, a
-    LayerNorm, an attention product or a Linear-GELU) leave that backward to inductor."""
-    r18 = hasb.quantize_model(build_model("resnet18", num_classes=10, in_channels=3, image_size=224))
+    LayerNorm, an attention product or a Linear-GELU) leave that backward to inductor; so does a group of linears
+    sharing an input, where a group of convolutions sharing one takes the op."""
+    r18 = build_model("resnet18", num_classes=10, in_channels=3, image_size=224)
+    shared = hasb.quantize_model(copy.deepcopy(r18))
+    r18 = hasb.quantize_model(r18, share_inputs=False)
     want = {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)}  # after the max pool or add-ReLU
     want |= {f"layer{i}.0.downsample.0" for i in range(2, 5)} | {"fc"}  # after add-ReLU; after the average pool
     assert _no_backward_op(r18) == want
+    # a downsampling block's conv1 and 1x1 shortcut share their input: a group of convolutions takes the op
+    groups = {n for g in shared.hasb_spec.shared_inputs for n in g}
+    assert groups == {f"layer{i}.0.{n}" for i in range(2, 5) for n in ("conv1", "downsample.0")}
+    assert _no_backward_op(shared) == want - groups
     mbv2 = hasb.quantize_model(build_model("mobilenet_v2", num_classes=10, in_channels=3, image_size=224))
     feats, paths = list(mbv2.features), dict(mbv2.named_modules())
     # a block's expand conv reads the block before it: a residual add's output where that block has one
