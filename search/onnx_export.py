@@ -16,7 +16,8 @@ Activation ranges below 8 bits: ONNX's QuantizeLinear saturates to the full uint
 ``Clip`` to [0, 2^b−1] (unsigned) or [−2^(b−1), 2^(b−1)−1] (signed) on the *integer* tensor sits between Q and
 DQ; clamp(clamp(r, 0, 255), 0, 15) = clamp(r, 0, 15), so the pair equals hasb's clamp.  At 8 bits the
 saturation is the range and no Clip is written.  Layers whose weights (or input) are fp keep a float
-initializer (or a plain input).
+initializer (or a plain input).  Layers that read one tensor with one step and range (a shared input quantizer,
+``QuantSpec.shared_inputs``, at one bit) read one Q/[Clip]/DQ chain.
 
 Rounding: ONNX QuantizeLinear rounds half to even; so do hasb's activation quantizers (the fused LSQ kernel and
 ``torch.fake_quantize_per_tensor_affine`` use ``nearbyint``, the composite path ``torch.round``).  Weights are
@@ -100,11 +101,13 @@ class QDQLayer(nn.Module):
 
     Buffers (the ONNX initializers ``<layer>.w_int``, ``.w_scale``, ``.w_zero_point``): W_l int8 [C_out, ...],
     its step float32 [C_out], zeros int8 [C_out].  Input [N, C, H, W] (conv) or [N, F] (linear), as the layer's.
+    ``seen``: the quantized inputs of this forward, shared by the model's layers (see :meth:`quantized_input`).
     """
 
-    def __init__(self, layer: DeployedConv2d | DeployedLinear, entry: dict):
+    def __init__(self, layer: DeployedConv2d | DeployedLinear, entry: dict, seen: dict | None = None):
         super().__init__()
         self.layer = layer
+        self.seen = {} if seen is None else seen
         self.has_int = "w_int" in entry
         # a Python float fixed at build time: a constant of the graph, not a traced tensor
         self.a_scale = None if layer.a_bits is None else float(layer.a_scale)
@@ -113,10 +116,23 @@ class QDQLayer(nn.Module):
             self.register_buffer("w_scale", entry["w_scale"].reshape(-1).to(torch.float32).clone())
             self.register_buffer("w_zero_point", torch.zeros(self.w_int.shape[0], dtype=torch.int8))
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x's Q/DQ at this layer's step and range, made once per forward for every layer that reads the same
+        tensor (unchanged: same version) with the same step and range: layers that share an input quantizer
+        (``QuantSpec.shared_inputs``, e.g. a block's conv1 and 1x1 shortcut, or q, k and v) then read one
+        QuantizeLinear → [Clip] → DequantizeLinear in the file, as a runtime quantizes that tensor once."""
+        key = (id(x), x._version, self.a_scale, *self.layer.a_range)
+        hit = self.seen.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = _FakeQuantInput.apply(x, self.a_scale, *self.layer.a_range)
+        self.seen[key] = (x, out)  # x held: its id cannot be reused while the entry lives
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.layer
         if self.a_scale is not None:
-            x = _FakeQuantInput.apply(x, self.a_scale, *m.a_range)
+            x = self.quantized_input(x)
         w = _DequantWeight.apply(self.w_int, self.w_scale, self.w_zero_point) if self.has_int else m.weight
         if isinstance(m, DeployedConv2d):
             return m._conv_forward(x, w, m.bias)
@@ -130,10 +146,13 @@ def qdq_module(deploy_path: str | Path, model: nn.Module | None = None) -> nn.Mo
     """
     net = load_deployment(deploy_path, model)
     layers = read_checkpoint(deploy_path)["layers"]
+    seen: dict = {}  # one forward's quantized inputs, emptied before and after every forward
     for name, entry in layers.items():
         parent, _, leaf = name.rpartition(".")
         owner = net.get_submodule(parent) if parent else net
-        setattr(owner, leaf, QDQLayer(net.get_submodule(name), entry))
+        setattr(owner, leaf, QDQLayer(net.get_submodule(name), entry, seen))
+    net.register_forward_pre_hook(lambda *_: seen.clear())
+    net.register_forward_hook(lambda *_: seen.clear(), always_call=True)
     return net.eval()
 
 

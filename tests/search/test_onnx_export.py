@@ -142,3 +142,39 @@ def test_missing_onnx_is_one_clear_error(models, tmp_path, monkeypatch):
     with pytest.raises(OnnxExportError, match=r"pip install 'hasb\[onnx\]'"):
         export_onnx(nets["small_cnn"], 4, tmp_path / "m.onnx", x[:1])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_shared_input_is_one_qdq_chain_per_bit(tmp_path):
+    """resnet20_narrow: each downsampling block's conv1 and 1x1 shortcut share their input quantizer.  At one
+    activation bit they read one QuantizeLinear → Clip → DequantizeLinear; at different bits, one chain each.
+    onnxruntime reproduces the fake-quant outputs either way (tolerance as in the test above)."""
+    torch.manual_seed(0)
+    model = hasb.quantize_model(build_model("resnet20_narrow"), bits=(8, 6, 4, 2))
+    groups = model.hasb_spec.shared_inputs
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+    _distinct_batchnorms(model)
+    hasb.init_quantizers(model, torch.randn(64, 1, 28, 28))
+    model.eval()
+    x = torch.randn(128, 1, 28, 28)
+    n_layers = len(searchable_layers(model))
+    split = {**_uniform(model, 4), groups[0][0]: (4, 2)}  # group 0's two layers at two activation bits
+    for config, chains in ((4, n_layers - 2), (split, n_layers - 1)):
+        path = export_onnx(model, config, tmp_path / "m.onnx", x[:1])
+        graph = onnx.load(str(path)).graph
+        producer, _ = _graph_index(graph)
+        with torch.no_grad(), use_config(model, config):
+            ref = model(x).numpy()
+        assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == chains
+        for g in groups:
+            ins = [producer[_compute_node(graph, f"{n}.w_int").input[0]].output[0] for n in g]
+            with use_config(model, config):
+                same_bit = len({model.get_submodule(n).a_bit for n in g}) == 1
+            assert (ins[0] == ins[1]) == same_bit  # one DequantizeLinear output feeds both convolutions
+        out = _run(path, x)
+        row_err = np.abs(out - ref).max(1)
+        assert (row_err <= 1e-5 * np.abs(ref).max()).mean() >= 0.99
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def _uniform(model, bit: int) -> dict:
+    return {name: (bit, bit) for name in searchable_layers(model)}
