@@ -381,17 +381,22 @@ class QuantMixin(_MixinBase):
         self.ready_from_buffers()
 
     def ready_from_buffers(self) -> None:
-        """``_ready`` as the buffers say now: the bits whose step ``act_init`` marks initialised, with the sign in
-        ``act_signed`` (read on the host, once per load).  Why not leave it empty for :meth:`_lazy_init` to refill: that
-        call is where a compiled forward stops (``torch.compiler.disable``), so the first compiled call after a
-        load broke its graph at every layer (ResNet-18 on the CPU: 28 graphs instead of 1; on the H200 with CUDA
+        """``_ready`` (and in data mode ``_data_ready``) as the buffers say now: the bits whose step ``act_init``
+        marks initialised, with the sign in ``act_signed`` (read on the host, once per load).
+
+        Why not leave them for :meth:`_lazy_init` and :meth:`_check_data_ready` to refill: those calls are where a
+        compiled forward stops (``torch.compiler.disable``), so the first compiled call after a load broke its
+        graph at every layer (ResNet-18 on the CPU: 28 graphs instead of 1, 25 in data mode; on the H200 with CUDA
         graphs the step stayed at 2.3x the float step, benchmarks/RESULTS.md, session 24)."""
         self._ready = {}
-        if self.act_signed.is_meta or int(self.act_signed) < 0:  # the sign is read from the first input
+        if self.act_signed.is_meta:
             return
+        signed = int(self.act_signed)  # -1: not known yet, read from the first input
         for b, done in zip(self.candidate_bits, self.act_init.tolist(), strict=True):
-            if done:
-                self._ready[b] = bool(self.act_signed)
+            if done and signed >= 0:
+                self._ready[b] = bool(signed)
+        if self.bits_data and not self.missing_act_bits(self._data_required):  # data mode: the same, for its
+            self._check_data_ready()  # check (else the first forward raises what to do, as before)
 
     def bit_str(self) -> str:
         return f"w{bit_key(self.w_bit)}a{bit_key(self.a_bit)}"

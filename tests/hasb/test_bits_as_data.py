@@ -320,6 +320,22 @@ def test_one_graph_for_every_config_in_data_mode():
     torch._dynamo.reset()
 
 
+
+def test_a_loaded_data_mode_model_is_one_graph_from_its_first_compiled_call():
+    """A state dict loaded into a data-mode model is checked and its signs read at the load, not in the first
+    forward: ``_check_data_ready`` is where a compiled forward stops, so that forward broke its graph at every
+    layer.  A model whose steps are not all initialised still raises what to do at its first forward."""
+    ref, x, _ = _model(pair=True)
+    dat = bits_as_data(copy.deepcopy(ref))
+    dat.load_state_dict(ref.state_dict())
+    assert _frames(dat, x, _configs(ref)) == 1
+    fresh = hasb.quantize_model(TinyRes(), BITS, x[:2])  # nothing calibrated: its state dict marks no step
+    enable_tbn(fresh)
+    late = bits_as_data(copy.deepcopy(ref))
+    late.load_state_dict(fresh.state_dict())  # the load itself does not raise
+    with pytest.raises(HasbError, match=r"init_quantizers\(model, batch\)"):
+        late(x)
+
 def _random_images(tmp_path, n: int) -> str:
     """An npz of ``n`` random 1x28x28 images and labels, as a ``--data`` value: a training run that any machine
     can make (GPU machines need not have Fashion-MNIST), for tests that compare two runs of the same data."""
