@@ -320,7 +320,6 @@ def test_one_graph_for_every_config_in_data_mode():
     torch._dynamo.reset()
 
 
-
 def test_a_loaded_data_mode_model_is_one_graph_from_its_first_compiled_call():
     """A state dict loaded into a data-mode model is checked and its signs read at the load, not in the first
     forward: ``_check_data_ready`` is where a compiled forward stops, so that forward broke its graph at every
@@ -335,6 +334,7 @@ def test_a_loaded_data_mode_model_is_one_graph_from_its_first_compiled_call():
     late.load_state_dict(fresh.state_dict())  # the load itself does not raise
     with pytest.raises(HasbError, match=r"init_quantizers\(model, batch\)"):
         late(x)
+
 
 def _random_images(tmp_path, n: int) -> str:
     """An npz of ``n`` random 1x28x28 images and labels, as a ``--data`` value: a training run that any machine
