@@ -722,7 +722,8 @@ def test_compiled_quantizer_leaves_the_backward_to_inductor_where_asked(monkeypa
 
 def test_compiled_model_takes_the_backward_op_where_quantize_model_marked_it(monkeypatch):
     """A compiled quantized ResNet calls the backward op once per quantized activation marked
-    ``act_backward_op`` (after a batch norm) and leaves the others (after a residual add) to inductor."""
+    ``act_backward_op`` (after a batch norm, or shared by convolutions: one call per shared input) and leaves the
+    others (after a residual add or the max pool) to inductor."""
     calls: list = []
     monkeypatch.setattr(K, "_act_kernel_fits", lambda x, s: True)
     monkeypatch.setattr(K, "act_fused_applies", lambda x, s: False)  # eager passes take the composite
@@ -736,8 +737,10 @@ def test_compiled_model_takes_the_backward_op_where_quantize_model_marked_it(mon
     acts = [m for m in model.modules() if isinstance(m, QuantMixin) and m.a_bit is not None]
     marked = [m for m in acts if m.act_backward_op]
     assert 0 < len(marked) < len(acts)
+    inputs = [m for m in marked if m._group is None or m._group[0] is m]  # a group's others take its first's x̂
+    assert len(marked) - len(inputs) == len(model.hasb_spec.shared_inputs) == 3
     torch.compile(model, backend="aot_eager", fullgraph=True)(x).sum().backward()
-    assert len(calls) == len(marked)
+    assert len(calls) == len(inputs)
 
 
 @cuda
