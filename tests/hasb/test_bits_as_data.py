@@ -385,7 +385,7 @@ def test_train_compile_multi_specialises_and_supernet_is_one_graph_with_the_unco
         assert all(torch.equal(v, b["rest"][k]) for k, v in a["rest"].items()), f"{stage}: BN entries differ"
     # --resume rebuilds the model and loads its state: its steps are ready at once, so the compile is again one
     # graph per bit (before, a load left them to _lazy_init, where every layer broke the graph)
-    killed = dict(out=str(tmp_path / "multi-killed"), compile=True, **base)
+    killed = dict(out=str(tmp_path / "multi-killed"), compile=True, **(base | {"epochs": 2}))  # 1 step per epoch
     train(TrainConfig(max_steps=1, **killed))
     torch._dynamo.reset()
     counter.frame_count = 0
