@@ -392,11 +392,12 @@ class QuantMixin(_MixinBase):
         if self.act_signed.is_meta:
             return
         signed = int(self.act_signed)  # -1: not known yet, read from the first input
-        for b, done in zip(self.candidate_bits, self.act_init.tolist(), strict=True):
-            if done and signed >= 0:
-                self._ready[b] = bool(signed)
-        if self.bits_data and not self.missing_act_bits(self._data_required):  # data mode: the same, for its
-            self._check_data_ready()  # check (else the first forward raises what to do, as before)
+        if signed >= 0:
+            done = self.act_init.tolist()
+            self._ready = {b: bool(signed) for b, d in zip(self.candidate_bits, done, strict=True) if d}
+        # data mode: its check now; with a step missing, the first forward raises what to do, as before
+        if self.bits_data and not self.missing_act_bits(self._data_required):
+            self._check_data_ready()
 
     def bit_str(self) -> str:
         return f"w{bit_key(self.w_bit)}a{bit_key(self.a_bit)}"

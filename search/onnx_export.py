@@ -123,10 +123,10 @@ class QDQLayer(nn.Module):
         QuantizeLinear → [Clip] → DequantizeLinear in the file, as a runtime quantizes that tensor once."""
         key = (id(x), x._version, self.a_scale, *self.layer.a_range)
         hit = self.seen.get(key)
-        if hit is not None and hit[0] is x:
+        if hit is not None:
             return hit[1]
         out = _FakeQuantInput.apply(x, self.a_scale, *self.layer.a_range)
-        self.seen[key] = (x, out)  # x held: its id cannot be reused while the entry lives
+        self.seen[key] = (x, out)  # x held: no other tensor can take its id while the entry lives
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
