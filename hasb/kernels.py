@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -851,29 +851,76 @@ def launch_key(args: Sequence) -> tuple:
     )
 
 
-def launch(kernel, blocks: int, *args) -> None:
+def act_launch_key(x: torch.Tensor, n: int, *others: torch.Tensor) -> tuple:
+    """A key at least as fine as :func:`launch_key` of an activation kernel's arguments, from what varies between
+    its launches: ``x``'s dtype (which also sets the LOWP constexpr), ``n`` and every tensor's address mod 16.
+    The other tensors' dtypes are x's or float32 (the callers add any that could differ); Qn, Qp and g are
+    floats; BLOCK is fixed.  Why not the general key: it looks at each of the 8 or 11 arguments in turn, 2.0 µs
+    against 0.7 on the CPU, twice per eager activation."""
+    return (x.dtype, n, x.data_ptr() % 16, *[t.data_ptr() % 16 for t in others])
+
+
+def _direct_launcher(compiled, hooks, stream_of: Callable[[int], int]) -> Callable[[int, int, tuple], None]:
+    """``go(blocks, device, args)``: ``compiled[(blocks, 1, 1)](*args)`` as one call of its C launch function.
+
+    Triton's runner (``CompiledKernel.__getitem__``) makes a closure, looks up the device, stream, launch
+    metadata and hooks, and goes through ``CudaLauncher.__call__``'s scratch checks in Python on every launch;
+    ``go`` looks them up once, here, and asks ``stream_of`` (``device``) for the current stream per call (torch's
+    stream, as the runner does).  A kernel that needs scratch memory, a launcher without the attributes read here
+    (another Triton) and any launch while ``hooks`` (``triton.knobs.runtime``) has a launch hook set (a profiler)
+    take the runner instead."""
+    run = compiled.run
+    try:
+        fn, function, meta = run.launch, compiled.function, compiled.packed_metadata
+        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+        plain = run.global_scratch_size == 0 and run.profile_scratch_size == 0
+    except AttributeError:
+        plain = False
+
+    def runner(blocks: int, device: int, args: tuple) -> None:
+        compiled[(blocks, 1, 1)](*args)
+
+    if not plain:
+        return runner
+
+    def go(blocks: int, device: int, args: tuple) -> None:
+        if hooks.launch_enter_hook is not None or hooks.launch_exit_hook is not None:
+            return runner(blocks, device, args)
+        # the C launch's arguments: grid, stream, function, cooperative, PDL, the two scratch buffers (none),
+        # the packed metadata, the launch metadata (only hooks read it) and the two hooks, then the kernel's
+        fn(blocks, 1, 1, stream_of(device), function, coop, pdl, None, None, meta, None, None, None, *args)
+
+    return go
+
+
+def launch(kernel, blocks: int, *args, key: tuple | None = None) -> None:
     """``kernel[(blocks,)](*args)`` (every argument positional, constexprs too, in the kernel's order).
 
     Triton binds and specializes the arguments of each JIT launch in Python, about 10 µs of host time per launch;
     an eager step pays it twice per quantized activation (session 14 on the H200: 101 → 81 µs per activation
-    quantizer, forward and backward).  The first launch of each :func:`launch_key` (and current device) goes
-    through the JIT, which compiles where needed, and its compiled kernel is kept; later launches with that key
-    call the compiled kernel, as ``triton.compile(...)[grid](*args)`` does.
+    quantizer, forward and backward).  The first launch of each key (``key``, at least as fine as
+    :func:`launch_key` (args), which is the default, and the current device) goes through the JIT, which compiles
+    where needed, and its compiled kernel is kept; later launches with that key call the compiled kernel's C
+    launch function (:func:`_direct_launcher`).
     """
-    cache = getattr(kernel, "_hasb_compiled", None)  # {key: compiled kernel, or None: a JIT launch every time}
+    cache = getattr(kernel, "_hasb_compiled", None)  # {key: launcher, or None: a JIT launch every time}
     if cache is None:  # kept on the kernel object: a kernel patched in (tests, benchmarks) has its own
         cache = kernel._hasb_compiled = {}
-    key = (torch.cuda.current_device(), *launch_key(args))
-    compiled = cache.get(key, False)
-    if compiled is False:
+    device = torch.cuda.current_device()
+    key = (device, *(launch_key(args) if key is None else key))
+    go = cache.get(key, False)
+    if go is False:
         if len(cache) >= 4096:  # e.g. a new batch size every step: keep the cache bounded
             cache.clear()
         done = kernel[(blocks,)](*args)
-        cache[key] = done if isinstance(done, _LAUNCHABLE) else None
-    elif compiled is None:
+        if isinstance(done, _LAUNCHABLE):
+            cache[key] = _direct_launcher(done, triton.knobs.runtime, torch._C._cuda_getCurrentRawStream)
+        else:
+            cache[key] = None
+    elif go is None:
         kernel[(blocks,)](*args)
     else:
-        compiled[(blocks, 1, 1)](*args)
+        go(blocks, device, args)
 
 
 # -- activations: per-tensor LSQ ------------------------------------------------------------------------------
@@ -885,7 +932,8 @@ def _launch_act_forward(x: torch.Tensor, scale: torch.Tensor, qn: float, qp: flo
     out = torch.empty_like(x)
     n = x.numel()
     blocks = (n + _BLOCK_ACT - 1) // _BLOCK_ACT
-    launch(_aq_fwd_kernel, blocks, x, scale, out, n, qn, qp, x.dtype != torch.float32, _BLOCK_ACT)
+    key = act_launch_key(x, n, scale, out)
+    launch(_aq_fwd_kernel, blocks, x, scale, out, n, qn, qp, x.dtype != torch.float32, _BLOCK_ACT, key=key)
     return out
 
 
@@ -897,17 +945,20 @@ def _launch_act_backward(x, scale, grad, qn: float, qp: float, g: float):
     n = x.numel()
     blocks = (n + _BLOCK_ACT - 1) // _BLOCK_ACT
     partial = torch.empty(blocks, device=x.device, dtype=torch.float32)
-    launch(_aq_bwd_kernel, blocks, x, scale, grad, grad_x, partial, n, qn, qp, g, x.dtype != torch.float32, _BLOCK_ACT)
+    key = (grad.dtype, *act_launch_key(x, n, scale, grad, grad_x, partial))  # grad: x's dtype in autograd
+    lowp = x.dtype != torch.float32
+    launch(_aq_bwd_kernel, blocks, x, scale, grad, grad_x, partial, n, qn, qp, g, lowp, _BLOCK_ACT, key=key)
     total = partial.sum()  # 0-dim float32
     return grad_x, total if scale.dim() == 0 else total.view(scale.shape)
 
 
 @functools.lru_cache(maxsize=512)
-def _act_consts(bit: int, signed: bool, n: int) -> tuple[float, float, float]:
-    """(Qn, Qp, g) of an activation of ``n`` values at ``bit``, as the kernels take them (one lookup per call: an
-    eager step pays this path's host time once per layer)."""
+def _act_meta(bit: int, signed: bool, n: int) -> tuple[int, bool, float, float, float]:
+    """(bit, signed, Qn, Qp, g) of an activation of ``n`` values at ``bit``, the floats as the kernels take them:
+    :class:`FusedLSQActivation`'s one Python argument, from one lookup per call (an eager step pays this path's
+    host time once per layer)."""
     qn, qp = Q.int_range(bit, signed)
-    return float(qn), float(qp), Q.lsq_g(n, qp)
+    return bit, signed, float(qn), float(qp), Q.lsq_g(n, qp)
 
 
 class FusedLSQActivation(torch.autograd.Function):
@@ -916,26 +967,26 @@ class FusedLSQActivation(torch.autograd.Function):
     Low-precision ``x`` (bf16/fp16) reproduces the composite's dtype semantics: the step is rounded to x's dtype
     (type promotion of a 0-dim float32 tensor), and x/s and the output are rounded to x's dtype.
 
-    Inputs: x, scale (see :func:`quantize_activation`), then the Python scalars bit, signed and
-    ``consts`` = :func:`_act_consts` (bit, signed, x.numel()).
+    Inputs: x, scale (see :func:`quantize_activation`) and ``meta`` = :func:`_act_meta` (bit, signed, x.numel()),
+    one tuple: each argument of ``apply`` costs the host time of every eager layer.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, bit, signed, consts):
+    def forward(ctx, x, scale, meta):
         dense = _dense(x)
         ctx.save_for_backward(x, scale)
-        ctx.meta = (bit, signed, consts, dense)
-        return _launch_act_forward(x if dense else x.contiguous(), scale, consts[0], consts[1])
+        ctx.meta = meta, dense
+        return _launch_act_forward(x if dense else x.contiguous(), scale, meta[2], meta[3])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, scale = ctx.saved_tensors
-        bit, signed, consts, dense = ctx.meta
+        (bit, signed, qn, qp, g), dense = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             return _composite_grads(ctx, (x, scale), grad_out, Q.quantize_activation, bit, signed)
         xd = x if dense else x.contiguous()  # no graph is recorded here (grad mode is off): no detach
-        grad_x, grad_s = _launch_act_backward(xd, scale, _like(grad_out, xd), *consts)
-        return grad_x, grad_s, None, None, None
+        grad_x, grad_s = _launch_act_backward(xd, scale, _like(grad_out, xd), qn, qp, g)
+        return grad_x, grad_s, None
 
 
 def _act_kernel_fits(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -1035,4 +1086,4 @@ def quantize_activation(
         if backward_op and act_compiled_applies(x, scale):
             return _compiled_activation(x, scale, bit, signed)
         return _reference_activation(x, scale, bit, signed)
-    return FusedLSQActivation.apply(x, scale, bit, signed, _act_consts(bit, bool(signed), x.numel()))
+    return FusedLSQActivation.apply(x, scale, _act_meta(bit, bool(signed), x.numel()))

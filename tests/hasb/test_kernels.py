@@ -604,6 +604,59 @@ def test_launch_key_separates_what_triton_specializes_on():
     assert key((a, True)) != key((a, False)) and key((a, 0.5)) != key((a, 1))  # a float is not an int
 
 
+def test_activation_launch_key_is_at_least_as_fine_as_the_general_key():
+    """Two forward launches with one activation key have one general key (so one compiled kernel serves both):
+    over dtypes, sizes (1, multiples of 16, odd) and addresses 0, 4 or 16 bytes off, for each tensor."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        buf = torch.zeros(200, dtype=dtype)
+        sbuf = torch.zeros(8)
+        for n in (1, 16, 17, 32):
+            for xo, so, oo in ((0, 0, 0), (1, 0, 0), (8, 0, 0), (0, 1, 0), (0, 4, 0), (0, 0, 1), (2, 1, 3)):
+                x, s, out = buf[xo : xo + n], sbuf[so], buf[100 + oo : 100 + oo + n]
+                args = (x, s, out, n, -8.0, 7.0, dtype != torch.float32, 2048)
+                cases.append((K.act_launch_key(x, n, s, out), K.launch_key(args)))
+    general_of: dict = {}
+    for act, general in cases:
+        assert general_of.setdefault(act, general) == general
+    assert len(general_of) > 3 * 4 * 3  # the cases do differ in what Triton specializes on
+
+
+class _FakeCompiled:
+    """A compiled kernel's stand-in with the attributes :func:`hasb.kernels._direct_launcher` reads: its C
+    launch function and its runner note their calls."""
+
+    def __init__(self, scratch=0, launcher=True):
+        self.calls = []
+        launch = lambda *a: self.calls.append(("c", a))  # noqa: E731
+        fields = dict(launch_cooperative_grid=False, launch_pdl=True, global_scratch_size=scratch)
+        fields |= dict(profile_scratch_size=0, launch=staticmethod(launch)) if launcher else {}
+        self.run = type("Launcher", (), fields)()
+        self.function, self.packed_metadata = 1234, (4, 1, 0)
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("runner", grid, args))
+
+
+def test_direct_launcher_calls_the_c_launch_with_the_runners_arguments():
+    """One call of the C launch function with what Triton's runner passes it (grid, the device's current
+    stream, function, flags, no scratch, the metadata, no hooks, then the kernel's arguments); the runner where
+    a hook is set or the kernel needs scratch memory, or where the launcher lacks what the direct call reads."""
+    hooks = type("Hooks", (), dict(launch_enter_hook=None, launch_exit_hook=None))()
+    fake = _FakeCompiled()
+    go = K._direct_launcher(fake, hooks, lambda device: 100 + device)
+    go(5, 2, ("x", 7, 0.5))
+    assert fake.calls == [
+        ("c", (5, 1, 1, 102, 1234, False, True, None, None, (4, 1, 0), None, None, None, "x", 7, 0.5))
+    ]
+    hooks.launch_exit_hook = print
+    go(5, 2, ("x",))
+    assert fake.calls[-1] == ("runner", (5, 1, 1), ("x",))
+    for other in (_FakeCompiled(scratch=64), _FakeCompiled(launcher=False)):
+        K._direct_launcher(other, hooks, lambda device: 0)(3, 0, ("y",))
+        assert other.calls == [("runner", (3, 1, 1), ("y",))]
+
+
 class _CountingKernel:
     """A Triton kernel that counts its JIT launches (``kernel[grid](...)``)."""
 
@@ -643,6 +696,26 @@ def test_direct_launches_equal_the_jit_launches(dtype):
     for _ in range(2):
         got = K._launch_act_backward(x, s, g, -8.0, 7.0, 0.01)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@cuda
+def test_a_launch_hook_sees_every_direct_launch():
+    """While a launch hook is set (a profiler's), a key's later launches go through Triton's runner, which calls
+    it, and write the same values; once it is unset, the direct call is back (and calls no hook)."""
+    import triton
+
+    x, s = torch.randn(5000, device="cuda"), torch.tensor(0.05, device="cuda")
+    want = K._launch_act_forward(x, s, -8.0, 7.0)  # the key's first launch (the JIT)
+    runtime, seen = triton.knobs.runtime, []
+    old = runtime.launch_enter_hook
+    runtime.launch_enter_hook = seen.append
+    try:
+        for _ in range(2):
+            assert torch.equal(K._launch_act_forward(x, s, -8.0, 7.0), want)
+    finally:
+        runtime.launch_enter_hook = old
+    assert len(seen) == 2
+    assert torch.equal(K._launch_act_forward(x, s, -8.0, 7.0), want) and len(seen) == 2
 
 
 def _backward_math(calls):
