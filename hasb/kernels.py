@@ -860,6 +860,12 @@ def act_launch_key(x: torch.Tensor, n: int, *others: torch.Tensor) -> tuple:
     return (x.dtype, n, x.data_ptr() % 16, *[t.data_ptr() % 16 for t in others])
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set: a function, or a non-empty ``HookChain`` (Triton 3.6 keeps an empty
+    chain where older versions keep None, and its runner then builds the launch metadata for every launch)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _direct_launcher(compiled, hooks, stream_of: Callable[[int], int]) -> Callable[[int, int, tuple], None]:
     """``go(blocks, device, args)``: ``compiled[(blocks, 1, 1)](*args)`` as one call of its C launch function.
 
@@ -884,7 +890,7 @@ def _direct_launcher(compiled, hooks, stream_of: Callable[[int], int]) -> Callab
         return runner
 
     def go(blocks: int, device: int, args: tuple) -> None:
-        if hooks.launch_enter_hook is not None or hooks.launch_exit_hook is not None:
+        if _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
             return runner(blocks, device, args)
         # the C launch's arguments: grid, stream, function, cooperative, PDL, the two scratch buffers (none),
         # the packed metadata, the launch metadata (only hooks read it) and the two hooks, then the kernel's
@@ -907,7 +913,7 @@ def launch(kernel, blocks: int, *args, key: tuple | None = None) -> None:
     if cache is None:  # kept on the kernel object: a kernel patched in (tests, benchmarks) has its own
         cache = kernel._hasb_compiled = {}
     device = torch.cuda.current_device()
-    key = (device, *(launch_key(args) if key is None else key))
+    key = (device, launch_key(args) if key is None else key)
     go = cache.get(key, False)
     if go is False:
         if len(cache) >= 4096:  # e.g. a new batch size every step: keep the cache bounded

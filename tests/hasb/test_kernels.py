@@ -649,9 +649,16 @@ def test_direct_launcher_calls_the_c_launch_with_the_runners_arguments():
     assert fake.calls == [
         ("c", (5, 1, 1, 102, 1234, False, True, None, None, (4, 1, 0), None, None, None, "x", 7, 0.5))
     ]
-    hooks.launch_exit_hook = print
+    hooks.launch_enter_hook = type("HookChain", (), dict(calls=[]))()  # Triton 3.6: an empty chain, no hook
+    go(5, 2, ("x",))
+    assert fake.calls[-1][0] == "c"
+    hooks.launch_enter_hook.calls.append(print)
     go(5, 2, ("x",))
     assert fake.calls[-1] == ("runner", (5, 1, 1), ("x",))
+    hooks.launch_enter_hook = None
+    hooks.launch_exit_hook = print
+    go(5, 2, ("x",))
+    assert fake.calls[-2:] == [("runner", (5, 1, 1), ("x",))] * 2
     for other in (_FakeCompiled(scratch=64), _FakeCompiled(launcher=False)):
         K._direct_launcher(other, hooks, lambda device: 0)(3, 0, ("y",))
         assert other.calls == [("runner", (3, 1, 1), ("y",))]
