@@ -40,7 +40,7 @@ bf16/fp16 inputs, whose dtype rounding it reproduces.  Traced by torch.compile
 into its producer, and its backward is that backward kernel as one custom op
 (:func:`lsq_act_backward`); inductor's own backward fused badly with batch
 norm's (:class:`_LSQCompiledKernel`).  Activation launches skip Triton's
-per-call argument binding after the first (:func:`launch`).
+per-call argument binding and its Python runner after the first (:func:`launch`).
 """
 
 from __future__ import annotations
