@@ -983,7 +983,8 @@ class FusedLSQActivation(torch.autograd.Function):
         dense = _dense(x)
         ctx.save_for_backward(x, scale)
         ctx.meta = meta, dense
-        return _launch_act_forward(x if dense else x.contiguous(), scale, meta[2], meta[3])
+        _, _, qn, qp, _ = meta
+        return _launch_act_forward(x if dense else x.contiguous(), scale, qn, qp)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -606,7 +606,7 @@ def test_launch_key_separates_what_triton_specializes_on():
 
 def test_activation_launch_key_is_at_least_as_fine_as_the_general_key():
     """Two forward launches with one activation key have one general key (so one compiled kernel serves both):
-    over dtypes, sizes (1, multiples of 16, odd) and addresses 0, 4 or 16 bytes off, for each tensor."""
+    over dtypes, sizes (1, multiples of 16, odd) and addresses off by 1 to 8 elements, for each tensor."""
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         buf = torch.zeros(200, dtype=dtype)
@@ -708,7 +708,7 @@ def test_direct_launches_equal_the_jit_launches(dtype):
 @cuda
 def test_a_launch_hook_sees_every_direct_launch():
     """While a launch hook is set (a profiler's), a key's later launches go through Triton's runner, which calls
-    it, and write the same values; once it is unset, the direct call is back (and calls no hook)."""
+    it, and write the same values; once it is unset, a launch calls it no more."""
     import triton
 
     x, s = torch.randn(5000, device="cuda"), torch.tensor(0.05, device="cuda")
