@@ -158,7 +158,7 @@ def quantizer_rows(args, device) -> list[tuple[str, str, float, float]]:
 @contextlib.contextmanager
 def fused_layers(activations: bool):
     """Route QConv2d/QLinear weight (and activation) quantization through hasb.kernels (this script only)."""
-    original = QuantMixin.quant_weight, Q.quantize_activation, QuantMixin._weight_batchable
+    original = QuantMixin.quant_weight, Q.quantize_activation, QuantMixin._batch_weights
 
     def quant_weight(self, bit=None):
         bit = self.w_bit if bit is None else bit
@@ -167,13 +167,13 @@ def fused_layers(activations: bool):
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
     QuantMixin.quant_weight = quant_weight
-    QuantMixin._weight_batchable = lambda self: False  # per-layer launches: no pass kernel (hasb's default) beside
+    QuantMixin._batch_weights = lambda self: None  # per-layer launches: no pass kernel (hasb's default) beside
     if activations:  # modules.py calls Q.quantize_activation; hasb.kernels keeps its own handle on the original
         Q.quantize_activation = K.quantize_activation
     try:
         yield
     finally:
-        QuantMixin.quant_weight, Q.quantize_activation, QuantMixin._weight_batchable = original
+        QuantMixin.quant_weight, Q.quantize_activation, QuantMixin._batch_weights = original
 
 
 def train_step(model: nn.Module, x, y, opt):

@@ -115,6 +115,7 @@ if triton is not None:
     @triton.jit
     def _wq_fwd_block(
         w_ptr,
+        w_base,
         out_ptr,
         base,
         offs,
@@ -130,9 +131,10 @@ if triton is not None:
         TRUNC: tl.constexpr,
         DELTA0: tl.constexpr,
     ):
-        """Ŵ_l of the lanes ``offs`` (< K) of the channel whose K values start at ``base``."""
+        """Ŵ_l of the lanes ``offs`` (< K) of the channel whose K values start at ``w_base`` of ``w_ptr`` and at
+        ``base`` of ``out_ptr``."""
         mask = offs < K
-        w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+        w = tl.load(w_ptr + w_base + offs, mask=mask, other=0.0)
         w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
         # out_ptr float32, or autocast's dtype (a pass under autocast): rounded to nearest even, as autocast's cast
         tl.store(out_ptr + base + offs, (w_l * (s * pow2)).to(out_ptr.dtype.element_ty), mask=mask)
@@ -140,6 +142,7 @@ if triton is not None:
     @triton.jit
     def _wq_bwd_channel(
         w_ptr,
+        w_base,
         go_ptr,
         gw_ptr,
         base,
@@ -156,13 +159,14 @@ if triton is not None:
         DELTA0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Writes one channel's ∂L/∂W and returns Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)) (before g · 2^Δ)."""
+        """Writes one channel's ∂L/∂W and returns Σ_k ∂L/∂Ŵ · (W_l - q if inside else clip(q)) (before g · 2^Δ);
+        its K weights start at ``w_base`` of ``w_ptr``, its gradients at ``base`` of ``go_ptr`` and ``gw_ptr``."""
         s_eff = s * pow2
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
-            w = tl.load(w_ptr + base + offs, mask=mask, other=0.0)
+            w = tl.load(w_ptr + w_base + offs, mask=mask, other=0.0)
             go = tl.load(go_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             w_l = _double_round(w, s, qn_h, qp_h, qn, qp, inv_pow, HALF_EVEN, TRUNC, DELTA0)
             q = tl.div_rn(w, s_eff)
@@ -192,8 +196,9 @@ if triton is not None:
         c = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         s = tl.load(s_ptr + c)
+        base = c.to(tl.int64) * K
         _wq_fwd_block(
-            w_ptr, out_ptr, c.to(tl.int64) * K, offs, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, DELTA0
+            w_ptr, base, out_ptr, base, offs, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, DELTA0
         )
 
     @triton.jit
@@ -218,11 +223,13 @@ if triton is not None:
     ):
         c = tl.program_id(0)
         s = tl.load(s_ptr + c)
+        base = c.to(tl.int64) * K
         total = _wq_bwd_channel(
             w_ptr,
+            base,
             go_ptr,
             gw_ptr,
-            c.to(tl.int64) * K,
+            base,
             K,
             s,
             qn_h,
@@ -239,9 +246,12 @@ if triton is not None:
         tl.store(gs_ptr + c, total * gfac)
 
     # Many layers in one launch (a model's forward pass): one program per output channel of any layer.  Channel
-    # c's K[c] values start at off[c] of the flat (memory-order) buffers; its layer's constants are row layer[c]
-    # of par [L, 8] = (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0).  Δ = 0 takes the general path: an integer
-    # code rounds to itself, so the values are the per-layer kernels' bit for bit.
+    # c's K[c] values start at off[c] of the flat (memory-order) output buffers; its layer's constants are row
+    # layer[c] of par [L, 8] = (Qn_h, Qp_h, Qn_l, Qp_l, 2^-Δ, 2^Δ, g·2^Δ, 0).  Δ = 0 takes the general path: an
+    # integer code rounds to itself, so the values are the per-layer kernels' bit for bit.  The weights and steps
+    # are read from flat buffers too (TABLE False: a compiled graph's concatenations), or in place (TABLE True: the
+    # eager pass): w_ptr and s_ptr are then [L] int64 tables of each layer's weight and step addresses, and
+    # channel c is channel lch[c] of its layer.
     @triton.jit
     def _layer_consts(par_ptr, layer_ptr, c):
         p = par_ptr + tl.load(layer_ptr + c).to(tl.int64) * 8
@@ -256,6 +266,18 @@ if triton is not None:
         )
 
     @triton.jit
+    def _channel_source(w_ptr, s_ptr, layer_ptr, lch_ptr, c, base, K, TABLE: tl.constexpr):
+        """(pointer, offset) of channel c's K weights and its step s_h: in the flat buffers, or in place."""
+        if TABLE:
+            layer = tl.load(layer_ptr + c).to(tl.int64)
+            j = tl.load(lch_ptr + c).to(tl.int64)
+            w_src = tl.load(w_ptr + layer).to(tl.pointer_type(tl.float32))
+            s = tl.load(tl.load(s_ptr + layer).to(tl.pointer_type(tl.float32)) + j)
+            return w_src, j * K, s
+        else:
+            return w_ptr, base, tl.load(s_ptr + c)
+
+    @triton.jit
     def _wq_fwd_many_kernel(
         w_ptr,
         s_ptr,
@@ -263,17 +285,21 @@ if triton is not None:
         off_ptr,
         k_ptr,
         layer_ptr,
+        lch_ptr,
         par_ptr,
         HALF_EVEN: tl.constexpr,
         TRUNC: tl.constexpr,
+        TABLE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0)
-        base, K, s = tl.load(off_ptr + c), tl.load(k_ptr + c), tl.load(s_ptr + c)
+        base, K = tl.load(off_ptr + c), tl.load(k_ptr + c)
+        w_src, w_base, s = _channel_source(w_ptr, s_ptr, layer_ptr, lch_ptr, c, base, K, TABLE)
         qn_h, qp_h, qn, qp, inv_pow, pow2, _ = _layer_consts(par_ptr, layer_ptr, c)
         for k0 in range(0, K, BLOCK):
             _wq_fwd_block(
-                w_ptr,
+                w_src,
+                w_base,
                 out_ptr,
                 base,
                 k0 + tl.arange(0, BLOCK),
@@ -300,16 +326,19 @@ if triton is not None:
         off_ptr,
         k_ptr,
         layer_ptr,
+        lch_ptr,
         par_ptr,
         HALF_EVEN: tl.constexpr,
         TRUNC: tl.constexpr,
+        TABLE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0)
-        base, K, s = tl.load(off_ptr + c), tl.load(k_ptr + c), tl.load(s_ptr + c)
+        base, K = tl.load(off_ptr + c), tl.load(k_ptr + c)
+        w_src, w_base, s = _channel_source(w_ptr, s_ptr, layer_ptr, lch_ptr, c, base, K, TABLE)
         qn_h, qp_h, qn, qp, inv_pow, pow2, gfac = _layer_consts(par_ptr, layer_ptr, c)
         total = _wq_bwd_channel(
-            w_ptr, go_ptr, gw_ptr, base, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, False, BLOCK
+            w_src, w_base, go_ptr, gw_ptr, base, K, s, qn_h, qp_h, qn, qp, inv_pow, pow2, HALF_EVEN, TRUNC, False, BLOCK
         )
         tl.store(gs_ptr + c, total * gfac)
 
@@ -376,8 +405,14 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``ref``'s strides (the kernels index both through one flat offset)."""
-    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+    """``t`` (shaped like ``ref``, which is dense) in ``ref``'s memory order: the kernels index both through one
+    flat offset.  Strides need only agree on the dimensions longer than 1: a 1×1 or depthwise convolution's
+    weight gradient comes with other strides in its size-1 dimensions than the channels_last weight, in the same
+    memory order (copied before session 26: 51 device copies per eager MobileNetV2 step)."""
+    same = zip(t.stride(), ref.stride(), ref.shape, strict=True)
+    if t.stride() == ref.stride() or all(a == b for a, b, n in same if n > 1):
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
 def _launch_forward(w: torch.Tensor, scale: torch.Tensor, bit: int, high_bit: int, rounding: str) -> torch.Tensor:
@@ -506,8 +541,9 @@ def quantize_weight(
 
 
 # -- many layers per launch: a model's weights in one forward and one backward launch per pass -----------------
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _PARAMS: dict[tuple, torch.Tensor] = {}
+_ADDRESSES: dict[tuple, torch.Tensor] = {}
 _ROWS: dict[tuple[int, int, int], list[float]] = {}
 
 
@@ -526,8 +562,9 @@ def _shapes(ws: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
 
 
 def _channel_tables(shapes: tuple[tuple[int, int], ...], dev: torch.device) -> tuple[torch.Tensor, ...]:
-    """(start offset int64, K int32, layer index int32), each [ΣC], of every output channel in the flat buffer of
-    the weights of ``shapes`` (:func:`_shapes`), concatenated; cached (they never change)."""
+    """(start offset int64, K int32, layer index int32, channel index in its layer int32), each [ΣC], of every
+    output channel in the flat buffer of the weights of ``shapes`` (:func:`_shapes`), concatenated; cached (they
+    never change)."""
     if (tables := _TABLES.get((dev, shapes))) is not None:
         return tables
     return _remember(_TABLES, (dev, shapes), tuple(t.to(dev) for t in _host_channel_tables(shapes)))
@@ -538,15 +575,50 @@ def _host_channel_tables(shapes: tuple[tuple[int, int], ...]) -> tuple[torch.Ten
     off: list[int] = []
     ks: list[int] = []
     layer: list[int] = []
+    lch: list[int] = []
     start = 0
     for i, (c, n) in enumerate(shapes):
         k = n // c
         off += range(start, start + n, k)
         ks += [k] * c
         layer += [i] * c
+        lch += range(c)
         start += n
     i64, i32 = torch.int64, torch.int32
-    return torch.tensor(off, dtype=i64), torch.tensor(ks, dtype=i32), torch.tensor(layer, dtype=i32)
+    return (
+        torch.tensor(off, dtype=i64),
+        torch.tensor(ks, dtype=i32),
+        torch.tensor(layer, dtype=i32),
+        torch.tensor(lch, dtype=i32),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(shapes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], int, int]:
+    """(each layer's start in the flat buffer, its length ΣN, the channels ΣC) of the weights of ``shapes``."""
+    starts, total = [], 0
+    for _, n in shapes:
+        starts.append(total)
+        total += n
+    return tuple(starts), total, sum(c for c, _ in shapes)
+
+
+def _stream(dev: torch.device) -> int:
+    """The handle of ``dev``'s current stream (0 off CUDA): a key of the caches of device tables."""
+    return torch._C._cuda_getCurrentRawStream(dev.index) if dev.type == "cuda" else 0
+
+
+def _addresses(ts: Sequence[torch.Tensor], dev: torch.device, stream: int) -> torch.Tensor:
+    """[L] int64 on ``dev``: each tensor's address, what a TABLE launch of the pass kernels reads them through
+    (instead of a concatenated copy: on the H200's host the copy of 52 weights cost 0.27 ms a call, session 26).
+    Cached per (stream, addresses): a model's parameters keep theirs from step to step, so the copy to the device
+    (from pinned memory, without blocking the host, on ``stream``: the cache is per stream, as _layer_params')
+    runs once.  The key is the tensors' live addresses, so a table is never read for tensors moved since."""
+    key = (dev, stream, tuple([t.data_ptr() for t in ts]))
+    if (table := _ADDRESSES.get(key)) is None:
+        host = torch.tensor(key[2], dtype=torch.int64, pin_memory=dev.type == "cuda")
+        table = _remember(_ADDRESSES, key, host.to(dev, non_blocking=True))
+    return table
 
 
 def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
@@ -559,11 +631,15 @@ def _layer_row(k: int, bit: int, high_bit: int) -> list[float]:
     return row
 
 
-def _layer_params(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device) -> torch.Tensor:
+def _layer_params(
+    shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device, stream: int | None = None
+) -> torch.Tensor:
     """[L, 8] float32 on ``dev``: :func:`_layer_row` per layer, cached per configuration (read-only on the device);
-    a new one is copied from pinned memory without blocking the host, on the current stream, so the cache is also
-    per stream (a pass on another stream must not read it before that copy is done)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    a new one is copied from pinned memory without blocking the host, on the current stream (``stream``: its
+    handle, if the caller has it), so the cache is also per stream (a pass on another stream must not read it
+    before that copy is done)."""
+    if stream is None:
+        stream = _stream(dev)
     key = (dev, stream, shapes, tuple(bits), tuple(high_bits))
     if (par := _PARAMS.get(key)) is None:
         host = _host_layer_params(shapes, bits, high_bits, pin=dev.type == "cuda")
@@ -585,17 +661,18 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.as_strided((t.numel(),), (1,)) for t in ts])
 
 
-def _unflat(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flat`` in the shapes and strides of ``likes`` (the inverse of :func:`_flat`)."""
-    chunks = flat.split([t.numel() for t in likes])
-    return [chunk.as_strided(t.shape, t.stride()) for t, chunk in zip(likes, chunks, strict=True)]
+def _unflat(flat: torch.Tensor, likes: Sequence[torch.Tensor], starts: Sequence[int]) -> list[torch.Tensor]:
+    """Views of ``flat`` in the shapes and strides of ``likes``, the i-th at ``starts[i]`` (the inverse of
+    :func:`_flat`; one view each, no split)."""
+    return [flat.as_strided(t.shape, t.stride(), o) for t, o in zip(likes, starts, strict=True)]
 
 
 class FusedDoubleRoundLSQMany(torch.autograd.Function):
     """Ŵ of L layers through one forward and one backward launch; per layer the values and gradients of
     :class:`FusedDoubleRoundLSQ`: Ŵ and ∂W bit for bit; ∂s_h the same sum, whose order within a channel follows the
     register layout the compiler picks for each kernel (equal bit for bit under Triton's interpreter; within the
-    per-layer kernel's round-off bound on the H200).
+    per-layer kernel's round-off bound on the H200).  The kernels read the weights and steps in place, through
+    tables of their addresses (:func:`_addresses`).
 
     Inputs: ``meta`` = (bits, high_bits, rounding, out_dtype), then w_1..w_L (dense float32 CUDA) and s_1..s_L
     ([C_i]).  Ŵ comes out in ``out_dtype`` (None: float32), and its gradients are read in that dtype.
@@ -605,39 +682,45 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
     def forward(ctx, meta, *tensors):
         bits, high_bits, rounding, out_dtype = meta
         n = len(tensors) // 2
-        ws, scales = list(tensors[:n]), list(tensors[n:])
+        ws, scales = tensors[:n], tensors[n:]
         shapes, dev = _shapes(ws), ws[0].device
-        off, ks, layer = ctx.tables = _channel_tables(shapes, dev)
-        par = _layer_params(shapes, bits, high_bits, dev)
-        flat_w, flat_s = _flat(ws), torch.cat(scales)
-        ctx.save_for_backward(*tensors, flat_w, flat_s, par)
-        ctx.meta = meta
-        out = torch.empty_like(flat_w) if out_dtype is None else torch.empty_like(flat_w, dtype=out_dtype)
+        stream = _stream(dev)
+        tables = _channel_tables(shapes, dev)
+        par = _layer_params(shapes, bits, high_bits, dev, stream)
+        starts, total, channels = _starts(shapes)
+        # every input is saved: the backward reads them in place, and unpacking checks they were not changed since
+        ctx.save_for_backward(*tensors, par)
+        ctx.meta = meta, tables, stream
+        out = torch.empty(total, device=dev, dtype=out_dtype or torch.float32)
+        w_tab, s_tab = _addresses(ws, dev, stream), _addresses(scales, dev, stream)
         flags = _rounding_flags(rounding)
-        _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
-        return tuple(_unflat(out, ws))
+        _wq_fwd_many_kernel[(channels,)](w_tab, s_tab, out, *tables, par, **flags, TABLE=True, BLOCK=_BLOCK_FWD)
+        return tuple(_unflat(out, ws, starts))
 
     @staticmethod
     def backward(ctx, *grads):
-        *tensors, flat_w, flat_s, par = ctx.saved_tensors
+        *tensors, par = ctx.saved_tensors
         n = len(tensors) // 2
-        ws = tensors[:n]
-        bits, high_bits, rounding, out_dtype = ctx.meta
+        ws, scales = tensors[:n], tensors[n:]
+        (bits, high_bits, rounding, out_dtype), tables, stream = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             with Q.composite_ops():
                 outs = [
                     Q.quantize_weight(w, s, b, h, rounding).to(out_dtype or w.dtype)
-                    for w, s, b, h in zip(ws, tensors[n:], bits, high_bits, strict=True)
+                    for w, s, b, h in zip(ws, scales, bits, high_bits, strict=True)
                 ]
             return (None, *_composite_grads_of(tensors, ctx.needs_input_grad[1:], outs, grads))
-        off, ks, layer = ctx.tables
+        dev = ws[0].device
+        starts, total, channels = _starts(_shapes(ws))
         flat_g = _flat([_like(g, w) for g, w in zip(grads, ws, strict=True)])
-        grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
+        grad_w = torch.empty(total, device=dev)
+        grad_s = torch.empty(channels, device=dev)
+        w_tab, s_tab = _addresses(ws, dev, stream), _addresses(scales, dev, stream)
         flags = _rounding_flags(rounding)
-        _wq_bwd_many_kernel[(flat_s.numel(),)](
-            flat_w, flat_s, flat_g, grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
+        _wq_bwd_many_kernel[(channels,)](
+            w_tab, s_tab, flat_g, grad_w, grad_s, *tables, par, **flags, TABLE=True, BLOCK=_BLOCK_BWD
         )
-        return (None, *_unflat(grad_w, ws), *grad_s.split([w.shape[0] for w in ws]))
+        return (None, *_unflat(grad_w, ws, starts), *grad_s.split([w.shape[0] for w in ws]))
 
 
 def quantize_weights(
@@ -684,7 +767,8 @@ def _pairs(shapes: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 def _graph_tables(shapes, bits: Sequence[int], high_bits: Sequence[int], dev: torch.device) -> tuple:
-    """(offset, K, layer, par) as :func:`_channel_tables` and :func:`_layer_params` make them, kept for good.
+    """(offset, K, layer, channel in layer, par) as :func:`_channel_tables` and :func:`_layer_params` make them,
+    kept for good.
 
     Inductor's CUDA graphs run every graph once before capturing it, so the entry exists before a capture reads
     it.  During that first run the calling thread allocates from the graphs' private memory pool, which must hold
@@ -725,9 +809,11 @@ def quantize_weights_forward(
     pairs = _pairs(shapes)
     out = torch.empty_like(flat_w, dtype=out_dtype)
     if flat_w.is_cuda and triton is not None:
-        off, ks, layer, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
+        *tables, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
         flags = _rounding_flags(rounding)
-        _wq_fwd_many_kernel[(flat_s.numel(),)](flat_w, flat_s, out, off, ks, layer, par, **flags, BLOCK=_BLOCK_FWD)
+        _wq_fwd_many_kernel[(flat_s.numel(),)](
+            flat_w, flat_s, out, *tables, par, **flags, TABLE=False, BLOCK=_BLOCK_FWD
+        )
         return out
     scales = flat_s.split([c for c, _ in pairs])
     for w, s, o, bit, high in zip(_spans(flat_w, pairs), scales, _spans(out, pairs), bits, high_bits, strict=True):
@@ -754,10 +840,10 @@ def quantize_weights_backward(
     pairs = _pairs(shapes)
     grad_w, grad_s = torch.empty_like(flat_w), torch.empty_like(flat_s)
     if flat_w.is_cuda and triton is not None:
-        off, ks, layer, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
+        *tables, par = _graph_tables(pairs, bits, high_bits, flat_w.device)
         flags = _rounding_flags(rounding)
         _wq_bwd_many_kernel[(flat_s.numel(),)](
-            flat_w, flat_s, grad.contiguous(), grad_w, grad_s, off, ks, layer, par, **flags, BLOCK=_BLOCK_BWD
+            flat_w, flat_s, grad.contiguous(), grad_w, grad_s, *tables, par, **flags, TABLE=False, BLOCK=_BLOCK_BWD
         )
         return grad_w, grad_s
     channels = [c for c, _ in pairs]

@@ -287,7 +287,7 @@ class QuantMixin(_MixinBase):
         bit = self.w_bit if bit is None else bit
         if bit is None:
             return self.weight
-        if self._w_pass is None and self._pass_layers and K.traced_batch_applies() and self._weight_batchable():
+        if self._w_pass is None and self._pass_layers and K.traced_batch_applies() and self._batch_weights():
             quantize_pass(self._pass_layers)  # compiled: the first layer of a forward quantizes all of them
         if self._w_pass is not None and self._w_pass[0] == bit:  # this forward's, from quantize_pass
             w_hat = self._w_pass[1]  # in autocast's dtype if the pass ran under autocast: only there it serves
@@ -298,14 +298,13 @@ class QuantMixin(_MixinBase):
         # the fused Triton kernels where they apply (CUDA eager), else the composite reference
         return K.quantize_weight(self.weight, self.w_scale, bit, self.high_bit, self.rounding)
 
-    def _weight_batchable(self) -> bool:
-        """Whether :func:`prequantize_weights` may quantize this layer's weight with the others of the pass."""
-        return (
-            not self.bits_data
-            and self._w_bit is not None
-            and self.rounding in K.KERNEL_ROUNDINGS
-            and K.weights_fit(self.weight, self.w_scale)
-        )
+    def _batch_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, w_scale) if :func:`quantize_pass` may quantize this layer's weight with the others of the pass,
+        else None (each read once: a parameter's attribute lookup costs every eager step, once per layer)."""
+        if self.bits_data or self._w_bit is None or self.rounding not in K.KERNEL_ROUNDINGS:
+            return None
+        w, s = self.weight, self.w_scale
+        return (w, s) if K.weights_fit(w, s) else None
 
     def int_weight(self, bit: int | None = None) -> torch.Tensor:
         """Integer weights (int8 tensor) at ``bit`` (default the stored high bit)."""
@@ -502,16 +501,18 @@ def quantize_pass(layers: list[QuantMixin]) -> None:
     own when a module is compiled, and Ŵ passed between two graphs cost the byte LM 7% of a step on the H200,
     benchmarks/RESULTS.md, session 18): :func:`hasb.kernels.quantize_weights_traced`."""
     traced = torch.compiler.is_compiling()
-    groups: dict[tuple, list[QuantMixin]] = {}
+    groups: dict[tuple, tuple[list, list, list]] = {}  # (rounding, device) → (layers, weights, steps)
     for m in layers:
-        if m._weight_batchable():
-            groups.setdefault((m.rounding, m.weight.device), []).append(m)
+        if (pair := m._batch_weights()) is not None:
+            group = groups.setdefault((m.rounding, pair[0].get_device()), ([], [], []))
+            for i, item in enumerate((m, *pair)):
+                group[i].append(item)
     quantize = K.quantize_weights_traced if traced else K.quantize_weights
     # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
     low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    for (rounding, _), ms in groups.items():
-        bits = [cast(int, m.w_bit) for m in ms]
-        outs = quantize([m.weight for m in ms], [m.w_scale for m in ms], bits, [m.high_bit for m in ms], rounding, low)
+    for (rounding, _), (ms, ws, scales) in groups.items():
+        bits = [cast(int, m._w_bit) for m in ms]
+        outs = quantize(ws, scales, bits, [m.high_bit for m in ms], rounding, low)
         for m, bit, w in zip(ms, bits, outs, strict=True):
             _set_pass(m, (bit, w))
 

@@ -172,10 +172,47 @@ def test_a_pass_flattens_weights_by_their_storage_spans_and_restores_their_layou
     flat = K._flat(ts)
     in_memory_order = [conv.reshape(-1), cl.permute(0, 2, 3, 1).reshape(-1), offset.reshape(-1), lin.reshape(-1)]
     assert torch.equal(flat, torch.cat(in_memory_order))
-    back = K._unflat(flat * 2, ts)
+    starts, total, channels = K._starts(K._shapes(ts))
+    assert (total, channels) == (flat.numel(), 4 + 5 + 5 + 3)
+    back = K._unflat(flat * 2, ts, starts)
     for t, b in zip(ts, back, strict=True):
         assert b.shape == t.shape and b.stride() == t.stride()
         assert torch.equal(b, t * 2)
+
+
+def test_gradients_in_the_weights_memory_order_are_not_copied():
+    """``_like`` keeps a tensor whose strides differ from the weight's only in size-1 dimensions (a 1×1 or depthwise
+    convolution's weight gradient against its channels_last weight: the same memory order), and copies one in
+    another order into the weight's strides."""
+    for shape in ((8, 4, 1, 1), (8, 1, 3, 3)):
+        w = torch.randn(shape).to(memory_format=torch.channels_last)
+        g = torch.randn(shape)  # contiguous: other strides, same memory order
+        assert g.stride() != w.stride() and K._like(g, w) is g
+        assert torch.equal(K._flat([g]), K._flat([w.detach().copy_(g)]))
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    g = torch.randn(8, 4, 3, 3)
+    moved = K._like(g, w)
+    assert moved is not g and moved.stride() == w.stride() and torch.equal(moved, g)
+
+
+def test_a_pass_reads_each_channel_in_place_where_the_flat_buffer_has_it():
+    """The channel tables of the in-place (TABLE) launches: channel c of the flat buffer, at off[c], is channel
+    lch[c] of layer layer[c], whose K[c] values start lch[c] · K[c] values into that layer's weight; the address
+    tables hold each tensor's address and are rebuilt when one moves."""
+    torch.manual_seed(0)
+    ts = [torch.randn(4, 3, 3, 3), torch.randn(5, 2, 3, 3).to(memory_format=torch.channels_last), torch.randn(3, 8)]
+    flat = K._flat(ts)
+    off, ks, layer, lch = K._host_channel_tables(K._shapes(ts))
+    for c in range(len(off)):
+        t = ts[int(layer[c])]
+        span = t.as_strided((t.numel(),), (1,))  # the weight's values in memory order
+        k, j = int(ks[c]), int(lch[c])
+        assert torch.equal(flat[int(off[c]) : int(off[c]) + k], span[j * k : (j + 1) * k])
+    cpu = torch.device("cpu")
+    table = K._addresses(ts, cpu, 0)
+    assert table.tolist() == [t.data_ptr() for t in ts] and K._addresses(ts, cpu, 0) is table
+    moved = [ts[0], ts[1].contiguous(), ts[2]]
+    assert K._addresses(moved, cpu, 0).tolist() == [t.data_ptr() for t in moved]
 
 
 def test_a_pass_layer_constants_are_the_per_layer_launch_numbers_cached_per_configuration():
