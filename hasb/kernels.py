@@ -687,10 +687,10 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         stream = _stream(dev)
         tables = _channel_tables(shapes, dev)
         par = _layer_params(shapes, bits, high_bits, dev, stream)
-        starts, total, channels = _starts(shapes)
+        starts, total, channels = layout = _starts(shapes)
         # every input is saved: the backward reads them in place, and unpacking checks they were not changed since
         ctx.save_for_backward(*tensors, par)
-        ctx.meta = meta, tables, stream
+        ctx.meta = meta, tables, layout
         out = torch.empty(total, device=dev, dtype=out_dtype or torch.float32)
         w_tab, s_tab = _addresses(ws, dev, stream), _addresses(scales, dev, stream)
         flags = _rounding_flags(rounding)
@@ -702,7 +702,7 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
         *tensors, par = ctx.saved_tensors
         n = len(tensors) // 2
         ws, scales = tensors[:n], tensors[n:]
-        (bits, high_bits, rounding, out_dtype), tables, stream = ctx.meta
+        (bits, high_bits, rounding, out_dtype), tables, (starts, total, channels) = ctx.meta
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             with Q.composite_ops():
                 outs = [
@@ -711,7 +711,7 @@ class FusedDoubleRoundLSQMany(torch.autograd.Function):
                 ]
             return (None, *_composite_grads_of(tensors, ctx.needs_input_grad[1:], outs, grads))
         dev = ws[0].device
-        starts, total, channels = _starts(_shapes(ws))
+        stream = _stream(dev)  # the backward's own: the address tables' cache is per stream
         flat_g = _flat([_like(g, w) for g, w in zip(grads, ws, strict=True)])
         grad_w = torch.empty(total, device=dev)
         grad_s = torch.empty(channels, device=dev)
