@@ -1,13 +1,16 @@
-"""Where, inside one synchronized training step, the device waits for the host (issue 15's 4-pass target).
+"""Where, inside one synchronized training step, the device waits for the host (issue 15's 4-pass and eager
+targets).
 
 Each pass of a ``quant_overhead`` setting's step is cut at its region boundaries (set_config, the model's
 call, the loss, zero_grad, backward, the optimizer step).  At each boundary the host's time since the step began
 is read, and on CUDA an event is recorded there: its device time is when the device reached that point.
 Where the two are equal, nothing was queued and the device had waited for the host.  Where the device's time
 is larger, it was that far behind, busy.  The byte LM's compiled 4-pass step waits 1.0-1.5 ms at its start and
-not between its passes (H200; benchmarks/RESULTS.md, sessions 21-22).
+not between its passes (H200; benchmarks/RESULTS.md, sessions 21-22).  Eager settings run the model as it is:
+MobileNetV2's eager W4A4 forward is bound by the host and the last part of its backward by the device (session 26).
 
 GPU:  python -m benchmarks.step_waits --model lm_small@256:b64 --setting multi_cg --iters 30
+      python -m benchmarks.step_waits --model mobilenet_v2@224:b128 --setting w4_kernels
 CPU:  python -m benchmarks.step_waits --device cpu --backend aot_eager --model small_cnn@28:b8 --setting multi_c
       (host times only: the CPU has no events)
 """
@@ -26,10 +29,8 @@ import torch
 import hasb
 from benchmarks import quant_overhead as QO
 
-# the compiled settings of the float model and of int bits (kernels on), with and without CUDA graphs
-COMPILED = tuple(
-    k for k, (w, _, compiled, kernels) in QO.PLAN.items() if compiled and kernels and w in ("float", "int")
-)
+# the settings of the float model and of int bits with the kernels on: eager, compiled, compiled with CUDA graphs
+SETTINGS = tuple(k for k, (w, _, _, kernels) in QO.PLAN.items() if kernels and w in ("float", "int"))
 
 
 class Clock:
@@ -90,14 +91,18 @@ def waits(spec: str, setting: str, iters: int, backend: str, dev: torch.device) 
     """(point, median host ms, median device ms) over ``iters`` synced steps after three warm-up (compile) steps."""
     name, size, batch = QO.parse_model(spec)
     fmodel, x, y, loss_fn = QO.make(name, size, batch, dev)
-    weights, bits, _, _ = QO.PLAN[setting]
+    weights, bits, compiled, _ = QO.PLAN[setting]
     model = fmodel
     if weights != "float":
         model = hasb.quantize_model(copy.deepcopy(fmodel), bits=tuple(QO.MULTI), example_input=x[:2])
         hasb.init_quantizers(model, x[:8])
         model.train()
         hasb.set_config(model, 4)
-    run = torch.compile(model, backend=QO.GraphCounter(backend, cudagraphs=setting.endswith("_cg")))
+    run = (
+        torch.compile(model, backend=QO.GraphCounter(backend, cudagraphs=setting.endswith("_cg")))
+        if compiled
+        else model
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     step = marked_step(model, run, x, y, loss_fn, opt, bits, bf16=dev.type == "cuda")
     clock = Clock(dev.type == "cuda")
@@ -115,13 +120,13 @@ def waits(spec: str, setting: str, iters: int, backend: str, dev: torch.device) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lm_small@256:b64", help="name@size:bBATCH")
-    ap.add_argument("--setting", default="multi_cg", help=f"a compiled setting: {', '.join(COMPILED)}")
+    ap.add_argument("--setting", default="multi_cg", help=f"one of {', '.join(SETTINGS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a CPU smoke run)")
     ap.add_argument("--iters", type=int, default=30, help="synced steps timed (median per point)")
     args = ap.parse_args()
-    if args.setting not in COMPILED:
-        ap.error(f"--setting {args.setting}: accepted: {', '.join(COMPILED)}")
+    if args.setting not in SETTINGS:
+        ap.error(f"--setting {args.setting}: accepted: {', '.join(SETTINGS)}")
     if args.iters < 1:
         ap.error(f"--iters {args.iters}: need at least 1")
     dev = torch.device(args.device)

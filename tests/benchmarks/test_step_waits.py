@@ -1,5 +1,5 @@
-"""benchmarks/step_waits.py on the CPU (dynamo with aot_eager): every pass's regions are timed in order, and a
-setting that is not a compiled one is refused before any work."""
+"""benchmarks/step_waits.py on the CPU (dynamo with aot_eager): every pass's regions are timed in order, compiled
+or eager, and a setting outside the list is refused before any work."""
 
 import re
 import sys
@@ -37,8 +37,26 @@ def test_float_setting_one_pass(monkeypatch, capsys):
     ]
 
 
-def test_a_setting_that_is_not_compiled_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["step_waits", "--device", "cpu", "--setting", "w4_kernels"])
+def test_an_eager_setting_runs_the_model_uncompiled(monkeypatch, capsys):
+    """The eager settings time the same regions, and no graph is compiled for them."""
+    compiled = []
+    monkeypatch.setattr(SW.torch, "compile", lambda *a, **k: compiled.append(a) or a[0])
+    out = _run(monkeypatch, capsys, "w4_kernels")
+    assert compiled == []
+    assert [r for r in re.findall(r"^\| float: ([\w. ]+) \|", out, re.M)] == [
+        "set_config",
+        "model call",
+        "loss",
+        "zero_grad",
+        "backward",
+        "opt.step",
+    ]
+
+
+def test_a_setting_outside_the_list_is_refused(monkeypatch, capsys):
+    """The composite's settings and the layer-wise variants are not step_waits'; the error lists what is."""
+    monkeypatch.setattr(sys, "argv", ["step_waits", "--device", "cpu", "--setting", "w4_composite"])
     with pytest.raises(SystemExit) as e:
         SW.main()
-    assert e.value.code == 2 and "--setting w4_kernels: accepted: float_c, w4_c, multi_c" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--setting w4_composite: accepted: float, float_c, w4_kernels," in err
