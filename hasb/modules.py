@@ -504,9 +504,11 @@ def quantize_pass(layers: list[QuantMixin]) -> None:
     groups: dict[tuple, tuple[list, list, list]] = {}  # (rounding, device) → (layers, weights, steps)
     for m in layers:
         if (pair := m._batch_weights()) is not None:
-            group = groups.setdefault((m.rounding, pair[0].get_device()), ([], [], []))
-            for i, item in enumerate((m, *pair)):
-                group[i].append(item)
+            w, s = pair
+            ms, ws, scales = groups.setdefault((m.rounding, w.get_device()), ([], [], []))
+            ms.append(m)
+            ws.append(w)
+            scales.append(s)
     quantize = K.quantize_weights_traced if traced else K.quantize_weights
     # under autocast Ŵ comes out in autocast's dtype: what each layer's conv / linear would cast it to
     low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
