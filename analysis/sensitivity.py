@@ -96,7 +96,7 @@ from hasb.data import load_dataset
 from hasb.data import loss_fn as task_loss_fn
 from hasb.errors import HasbError
 from hasb.export import FORMAT, CheckpointError, load_quantized, read_checkpoint
-from hasb.models import build_model, build_record
+from hasb.models import build_model, build_record, check_model_name
 from hasb.plots import plot_traces, save_figure
 from hasb.quantize import (
     DEFAULT_BITS,
@@ -953,6 +953,7 @@ def validate(cfg: SensitivityCLIConfig) -> tuple[torch.device, Any, dict | None]
         raise SensitivityError(f"--rtol must be finite ≥ 0 and --floor in [0, 1) (got {cfg.rtol}, {cfg.floor})")
     if not 0 < cfg.max_confidence <= 1:
         raise SensitivityError(f"--max-confidence must be in (0, 1], got {cfg.max_confidence}")
+    check_model_name(cfg.model)
     check_out_dir(cfg.out)
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)

@@ -85,7 +85,14 @@ from .distributed import (
 from .errors import HasbError
 from .export import CheckpointError, load_quantized, read_checkpoint
 from .metrics import BN_NOTE, metric_fields, pass_name, summary_line, write_metrics
-from .models import UnknownModelError, build_model, build_record, model_task, state_dict_mismatch
+from .models import (
+    UnknownModelError,
+    build_model,
+    build_record,
+    check_model_name,
+    model_task,
+    state_dict_mismatch,
+)
 from .modules import QUANT_TYPES
 from .quantize import (
     bits_as_data,
@@ -471,6 +478,7 @@ def _open_checkpoint(cfg: TrainConfig, out: Path) -> dict | None:
 def _prepare(cfg: TrainConfig) -> Run:
     """Validate everything (options, device, checkpoint, data, model, sensitivity) and build the run; writes nothing."""
     bits = validate_config(cfg)
+    check_model_name(cfg.model)  # a typo in --model: one line before the data are opened
     check_model_fits(cfg.model, cfg.data)  # an LM on images (or a CNN on text): one line before any work
     device, dist_ = _pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -18,7 +18,7 @@ from hasb.cost import _NUM, _UNITS_SIZE, Budget, BudgetError, CostModel
 from hasb.data import open_source, parse_data_opts, spec_task
 from hasb.errors import HasbError
 from hasb.export import load_quantized
-from hasb.models import MODELS, UnknownModelError, build_record
+from hasb.models import build_record
 from hasb.quantize import searchable_layers
 from hasb.sensitivity_file import check_for_model, load_sensitivity
 
@@ -85,12 +85,6 @@ def parse_budgets(
             "(effective bits), --size 1.2MB or --avg-bits 3"
         )
     return out
-
-
-def check_model_name(model: str | None) -> None:
-    """A --model that is neither a zoo name nor package.module:callable is an error before anything is loaded."""
-    if model is not None and ":" not in model and model not in MODELS:
-        raise UnknownModelError(f"unknown model {model!r}; accepted: {', '.join(MODELS)} or package.module:callable")
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -199,7 +193,6 @@ __all__ = [
     "parse_budgets",
     "check_size_unit",
     "check_out_dir",
-    "check_model_name",
     "checkpoint_file",
     "checkpoint_inputs",
     "data_setup",

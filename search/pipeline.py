@@ -53,7 +53,7 @@ from hasb.config import BitConfig, ConfigError, atomic_write_text, bit_str
 from hasb.cost import Budget
 from hasb.data import DATASETS, check_idx_dir, open_source
 from hasb.errors import HasbError
-from hasb.models import build_record
+from hasb.models import build_record, check_model_name
 from hasb.quantize import get_spec
 
 from . import demo, formats, ilp
@@ -64,7 +64,6 @@ from .front import pareto_mask
 from .inputs import (
     InputError,
     Inputs,
-    check_model_name,
     check_out_dir,
     checkpoint_inputs,
     parse_budgets,

@@ -82,6 +82,13 @@ def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
         ) from None
 
 
+def check_model_name(name: str | None) -> None:
+    """An :class:`UnknownModelError` for a --model that is neither a zoo name nor ``package.module:callable``: a
+    check of the name alone, so every CLI makes it before it opens data or a checkpoint."""
+    if name is not None and ":" not in name and name not in MODELS:
+        raise UnknownModelError(f"unknown model {name!r}; accepted: {', '.join(MODELS)} or package.module:callable")
+
+
 def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs) -> nn.Module:
     """Build a zoo model (or ``package.module:callable``) and tag it with ``example_input_shape``.
 
@@ -96,8 +103,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_si
                 "data has another shape: reshape it, or bring a model as package.module:callable"
             )
         kwargs.setdefault("small_input", image_size is not None and image_size < 64)
-        if name not in MODELS:
-            raise UnknownModelError(f"unknown model {name!r}; accepted: {', '.join(MODELS)} or package.module:callable")
+        check_model_name(name)
         model = MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {name!r} did not return an nn.Module")
@@ -127,6 +133,7 @@ __all__ = [
     "LM_MODELS",
     "build_model",
     "build_record",
+    "check_model_name",
     "model_task",
     "state_dict_mismatch",
     "UnknownModelError",

@@ -413,7 +413,7 @@ def _bad_cases(tmp_path):
         "bad at": (["--at", "nonsense"], "--at"),
         "at on a float model": (["--at", "4"], "needs a hasb export"),
         "bad rtol": (["--rtol", "nan"], "--rtol"),
-        "unknown model": (["--model", "nope"], "nope"),
+        "unknown model": (["--model", "nope", "--data-dir", tmp_path / "no-data"], "nope"),  # before the data
         "missing checkpoint": (["--checkpoint", tmp_path / "missing.pt"], "missing.pt"),
         "checkpoint not torch": (["--checkpoint", tmp_path / "afile"], "checkpoint"),
         "too many images": (["--batches", "100000"], "exceeds"),

@@ -15,7 +15,10 @@ from hasb.models import build_model
 def write_idx(path, arr, gz=True):
     arr = np.asarray(arr, dtype=np.uint8)
     raw = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
-    (gzip.open if gz else open)(path, "wb").write(raw)
+    # closed here, not left to the finalizer: under Python 3.12 (the lent H200's) an unclosed GzipFile had not
+    # yet written its trailer when the test read the file back
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
     return path
 
 

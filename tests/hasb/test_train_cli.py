@@ -78,9 +78,12 @@ def _untouched(out):
     assert (out / "train_config.json").read_text() == "precious"
 
 
-def test_unknown_model(existing_out):
+def test_unknown_model(existing_out, tmp_path):
+    """Reported from the name alone: with no data where --data-dir points, the model's line still comes first."""
     _assert_error(
-        run("--model", "resnet21", "--out", str(existing_out), "--train-limit", "64"),
+        run(
+            "--model", "resnet21", "--out", str(existing_out), "--train-limit", "64", "--data-dir", str(tmp_path / "no")
+        ),
         "unknown model 'resnet21'",
         "accepted:",
     )
