@@ -63,12 +63,13 @@ class Clock:
         return [(lab, 1000 * (t - self.t0), self.e0.elapsed_time(e) if e else nan) for lab, t, e in self.points]
 
 
-def marked_step(model, run, x, y, loss_fn, opt, bits, bf16: bool):
-    """``quant_overhead.train_step``'s passes (same order), with ``clock.mark`` after each region."""
+def marked_step(model, run, x, y, loss_fn, opt, bits, bf16: bool, as_set: str = "float"):
+    """``quant_overhead.train_step``'s passes (same order), with ``clock.mark`` after each region; a pass that
+    runs the model as it is set (bit None) is tagged ``as_set``."""
 
     def step(clock: Clock) -> None:
         for b in bits:
-            tag = "float" if b is None else f"{b}-bit"
+            tag = as_set if b is None else f"{b}-bit"
             if b is not None:
                 hasb.set_config(model, b)
             clock.mark(f"{tag}: set_config")
@@ -104,7 +105,8 @@ def waits(spec: str, setting: str, iters: int, backend: str, dev: torch.device) 
         else model
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    step = marked_step(model, run, x, y, loss_fn, opt, bits, bf16=dev.type == "cuda")
+    as_set = "float" if weights == "float" else "4-bit"  # the quantized model runs as set above
+    step = marked_step(model, run, x, y, loss_fn, opt, bits, bf16=dev.type == "cuda", as_set=as_set)
     clock = Clock(dev.type == "cuda")
     per: dict[str, list[tuple[float, float]]] = defaultdict(list)
     with torch._dynamo.config.patch(recompile_limit=64):

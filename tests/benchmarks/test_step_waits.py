@@ -37,7 +37,7 @@ def test_an_eager_setting_runs_the_model_uncompiled(monkeypatch, capsys):
     monkeypatch.setattr(SW.torch, "compile", lambda *a, **k: compiled.append(a) or a[0])
     out = _run(monkeypatch, capsys, "w4_kernels")
     assert compiled == []
-    assert re.findall(r"^\| float: ([\w. ]+) \|", out, re.M) == REGIONS
+    assert re.findall(r"^\| 4-bit: ([\w. ]+) \|", out, re.M) == REGIONS  # the model as set: W4A4, not float
 
 
 def test_a_setting_outside_the_list_is_refused(monkeypatch, capsys):
