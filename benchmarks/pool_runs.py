@@ -77,7 +77,7 @@ def pool(runs: list[Run]) -> Pooled:
 
 
 def parse_run(text: str) -> Run:
-    """``RATIO:LOW:HIGH:ROUNDS`` → :class:`Run` (argparse type: a ValueError becomes one usage line, exit 2)."""
+    """``RATIO:LOW:HIGH:ROUNDS`` → :class:`Run` (an argparse type: its errors become argparse's, exit 2)."""
     parts = text.split(":")
     if len(parts) != 4:
         raise argparse.ArgumentTypeError(f"{text!r}: expected RATIO:LOW:HIGH:ROUNDS, e.g. 1.47:1.44:1.51:80")

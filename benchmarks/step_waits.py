@@ -93,19 +93,20 @@ def waits(spec: str, setting: str, iters: int, backend: str, dev: torch.device) 
     name, size, batch = QO.parse_model(spec)
     fmodel, x, y, loss_fn = QO.make(name, size, batch, dev)
     weights, bits, compiled, _ = QO.PLAN[setting]
-    model = fmodel
+    model, as_set = fmodel, "float"
     if weights != "float":
         model = hasb.quantize_model(copy.deepcopy(fmodel), bits=tuple(QO.MULTI), example_input=x[:2])
         hasb.init_quantizers(model, x[:8])
         model.train()
-        hasb.set_config(model, 4)
+        bit = 4  # W4A4: the single-pass settings run the model as set here
+        hasb.set_config(model, bit)
+        as_set = f"{bit}-bit"
     run = (
         torch.compile(model, backend=QO.GraphCounter(backend, cudagraphs=setting.endswith("_cg")))
         if compiled
         else model
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    as_set = "float" if weights == "float" else "4-bit"  # the quantized model runs as set above
     step = marked_step(model, run, x, y, loss_fn, opt, bits, bf16=dev.type == "cuda", as_set=as_set)
     clock = Clock(dev.type == "cuda")
     per: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -1,11 +1,14 @@
 """benchmarks/pool_runs.py: runs' intervals read back to standard errors and pooled, against closed forms."""
 
 import math
+import random
+import statistics
 
 import pytest
 from scipy import stats
 
 from benchmarks import pool_runs as P
+from benchmarks import quant_overhead as QO
 
 
 def _run(ratio: float, se: float, rounds: int) -> P.Run:
@@ -14,9 +17,15 @@ def _run(ratio: float, se: float, rounds: int) -> P.Run:
     return P.Run(ratio, ratio * math.exp(-t * se), ratio * math.exp(t * se), rounds)
 
 
-def test_standard_error_read_back_from_the_t_interval():
-    assert _run(1.4, 0.02, 24).log_se() == pytest.approx(0.02, rel=1e-12)
-    assert _run(1.4, 0.02, 5).log_se() == pytest.approx(0.02, rel=1e-12)  # few rounds: a wider interval, same SE
+@pytest.mark.parametrize("rounds", [5, 24])
+def test_standard_error_read_back_from_the_interval_quant_overhead_prints(rounds):
+    """The SE of the mean log ratio, from the interval :func:`benchmarks.quant_overhead.ratio_ci` makes of rounds."""
+    g = random.Random(rounds)
+    base = [g.uniform(20, 30) for _ in range(rounds)]
+    ms = [b * 1.45 * math.exp(g.gauss(0, 0.05)) for b in base]
+    logs = [math.log(a / b) for a, b in zip(ms, base, strict=True)]
+    run = P.Run(*QO.ratio_ci(ms, base), rounds)
+    assert run.log_se() == pytest.approx(statistics.stdev(logs) / math.sqrt(rounds), rel=1e-9)
 
 
 def test_identical_runs_pool_to_the_same_ratio_with_a_sqrt_k_narrower_interval():
